@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Install covshift and what it needs on a fresh machine.
+#
+#   bash scripts/install.sh          # the package, its dependencies and Fashion-MNIST
+#   bash scripts/install.sh --test   # the same, plus the test and lint tools
+#
+# torch is pinned to the CPU build that lies on this machine's disk (2.13.0): an open
+# requirement would let pip pull a several-GB CUDA build. Override with TORCH_SPEC,
+# e.g. TORCH_SPEC="torch==2.5.1" on a machine with its own wheel.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras=""
+if [[ "${1:-}" == "--test" ]]; then
+  extras="[test]"
+fi
+
+PYTHON="${PYTHON:-python3}"
+"$PYTHON" -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
+"$PYTHON" -m pip install --quiet -e ".${extras}"
+
+# Fashion-MNIST (the default dataset) comes from Debian's dataset-fashion-mnist.
+if [[ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]]; then
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+    echo "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  else
+    echo "note: Fashion-MNIST is missing; as root run: apt-get install -y dataset-fashion-mnist" >&2
+    echo "      (or point --data-dir / COVSHIFT_DATA_DIR at a folder with the IDX files)" >&2
+  fi
+fi
+echo "covshift installed: $("$PYTHON" -c 'import covshift; print(covshift.__version__)')"

@@ -1,0 +1,78 @@
+"""Callbacks of the training loop: recording to the store, and a progress bar."""
+
+from __future__ import annotations
+
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from covshift.probe import ProbeRecord
+from covshift.store import Store
+from covshift.train import TrainState
+
+__all__ = ["ProgressBar", "StoreRecorder", "make_progress"]
+
+
+class StoreRecorder:
+    """Writes evaluations and probe records of one run to the store, and closes the
+    run with the loop's final status (finished / interrupted / failed)."""
+
+    def __init__(self, store: Store, run_id: int) -> None:
+        self.store = store
+        self.run_id = run_id
+
+    def on_eval(self, state: TrainState, metrics: dict[str, float]) -> None:
+        self.store.log_scalars(self.run_id, state.step, metrics)
+
+    def probe_sink(self, record: ProbeRecord) -> None:
+        """Pass as ``ShiftProbe(sink=...)``: records go straight to the store."""
+        self.store.log_probe(self.run_id, record.step, record.layer, record.stats)
+
+    def on_train_end(self, state: TrainState, status: str) -> None:
+        error = None if status != "failed" else "training raised an exception"
+        self.store.finish_run(self.run_id, status, error)
+
+
+def make_progress(*, transient: bool = False, disable: bool = False) -> Progress:
+    """A rich progress display with steps, bar, ETA and the latest test accuracy."""
+    return Progress(
+        TextColumn("[bold]{task.description:<14}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("acc {task.fields[acc]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        transient=transient,
+        disable=disable,
+    )
+
+
+class ProgressBar:
+    """Advances a task of a rich :class:`Progress` as training steps go by.
+
+    Updating the display every step would cost more than the step itself for small
+    models, so it advances every ``refresh_every`` steps.
+    """
+
+    def __init__(
+        self, progress: Progress, description: str, total: int, refresh_every: int = 50
+    ) -> None:
+        self.progress = progress
+        self.task: TaskID = progress.add_task(description, total=total, acc="-")
+        self.refresh_every = refresh_every
+        self._shown = 0
+
+    def on_step_end(self, state: TrainState) -> None:
+        if state.step - self._shown >= self.refresh_every:
+            self.progress.update(self.task, completed=state.step)
+            self._shown = state.step
+
+    def on_eval(self, state: TrainState, metrics: dict[str, float]) -> None:
+        self.progress.update(self.task, completed=state.step, acc=f"{metrics['test_accuracy']:.4f}")

@@ -1,0 +1,275 @@
+"""The one training loop every experiment uses.
+
+Deterministic for a given model, data, config and seed on the same machine: the
+batches come from a seeded :class:`~covshift.data.BatchSampler`, and nothing else
+draws random numbers unless the model does. The step itself is what a hand-written
+PyTorch loop does (index the resident dataset, forward, cross-entropy, backward,
+SGD step); the loss is accumulated on the device and read back only at evaluation
+points, so the loop adds no synchronization per step. Callbacks see every step and
+every evaluation (probes, logging, progress bars).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from covshift.data import BatchSampler, Dataset
+
+__all__ = [
+    "Callback",
+    "TrainConfig",
+    "TrainResult",
+    "TrainState",
+    "evaluate",
+    "resolve_device",
+    "train",
+]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of :func:`train`.
+
+    Attributes:
+        steps: number of SGD steps.
+        batch_size: examples per step.
+        lr: learning rate.
+        momentum: SGD momentum (0 = plain SGD).
+        weight_decay: L2 penalty coefficient.
+        eval_every: evaluate on the full test set every this many steps (and at step
+            0 and at the last step); 0 disables periodic evaluation.
+        seed: seed of the batch sampler.
+    """
+
+    steps: int
+    batch_size: int = 60
+    lr: float = 0.5
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    eval_every: int = 500
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.eval_every < 0:
+            raise ValueError(
+                f"eval_every must be >= 0 (0 = only at the end), got {self.eval_every}"
+            )
+
+
+@dataclass
+class TrainState:
+    """What callbacks see: the live objects and where the loop is."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    data: Dataset
+    config: TrainConfig
+    device: torch.device
+    step: int = 0
+    loss: torch.Tensor | None = None  # last step's loss, on the device (no sync)
+    metrics: dict[str, float] = field(default_factory=dict)  # of the last evaluation
+
+
+class Callback(Protocol):
+    """Hooks into :func:`train`; implement any subset (missing methods are skipped)."""
+
+    def on_train_start(self, state: TrainState) -> None: ...
+    def on_step_end(self, state: TrainState) -> None: ...
+    def on_eval(self, state: TrainState, metrics: dict[str, float]) -> None: ...
+    def on_train_end(self, state: TrainState, status: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Evaluation history and timing of a finished run."""
+
+    history: dict[int, dict[str, float]]
+    seconds: float
+    steps: int
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.history[max(self.history)]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else the CPU; anything else must exist."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:i]', got {device!r}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device; use 'cpu'")
+    return resolved
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 10_000
+) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of ``model`` (in eval mode) on ``(x, y)``."""
+    was_training = model.training
+    model.eval()
+    try:
+        correct = torch.zeros((), dtype=torch.int64, device=x.device)
+        loss = torch.zeros((), dtype=torch.float64, device=x.device)
+        for start in range(0, len(x), chunk):
+            logits = model(x[start : start + chunk])
+            target = y[start : start + chunk]
+            correct += (logits.argmax(dim=1) == target).sum()
+            loss += F.cross_entropy(logits, target, reduction="sum").double()
+    finally:
+        model.train(was_training)
+    return {"test_accuracy": correct.item() / len(x), "test_loss": loss.item() / len(x)}
+
+
+def _call(callbacks: Sequence[object], method: str, *args: object) -> None:
+    for cb in callbacks:
+        fn = getattr(cb, method, None)
+        if fn is not None:
+            fn(*args)
+
+
+def train(
+    model: nn.Module,
+    data: Dataset,
+    config: TrainConfig,
+    *,
+    callbacks: Sequence[object] = (),
+    device: str | torch.device = "auto",
+    checkpoint: str | os.PathLike[str] | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``data`` with SGD and cross-entropy.
+
+    Evaluates on the whole test set at step 0, every ``eval_every`` steps and at the
+    last step; each evaluation also reports ``train_loss``, the mean training loss
+    since the previous evaluation.
+
+    With ``checkpoint``, the model, optimizer, sampler and random states are saved to
+    that file (atomically) at every evaluation, and if the file exists when training
+    starts, training continues from it: an interrupted run resumed this way ends with
+    the same numbers as an uninterrupted one.
+
+    On Ctrl-C or an error, callbacks get ``on_train_end(state, "interrupted" | "failed")``
+    and the exception propagates; what callbacks recorded stays recorded.
+    """
+    dev = resolve_device(device)
+    data = data if data.x_train.device == dev else data.to(dev)
+    model.to(dev).train()
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    sampler = BatchSampler(len(data.x_train), config.batch_size, config.seed)
+    state = TrainState(model, optimizer, data, config, dev)
+    history: dict[int, dict[str, float]] = {}
+    loss_sum = torch.zeros((), device=dev)
+    since_eval = 0
+    first_step = 1
+    if checkpoint is not None and Path(checkpoint).exists():
+        state.step, history = _load_checkpoint(Path(checkpoint), model, optimizer, sampler, dev)
+        first_step = state.step + 1
+
+    def run_eval() -> None:
+        nonlocal since_eval
+        metrics = evaluate(model, data.x_test, data.y_test)
+        if since_eval:
+            metrics["train_loss"] = loss_sum.item() / since_eval
+            loss_sum.zero_()
+            since_eval = 0
+        history[state.step] = metrics
+        state.metrics = metrics
+        _call(callbacks, "on_eval", state, metrics)
+        if checkpoint is not None and state.step < config.steps:
+            _save_checkpoint(Path(checkpoint), state, sampler, history)
+
+    start = time.perf_counter()
+    try:
+        _call(callbacks, "on_train_start", state)
+        if first_step == 1:  # a resumed run has this evaluation in its history already
+            run_eval()
+        for step in range(first_step, config.steps + 1):
+            idx = sampler.next().to(dev, non_blocking=True)
+            x, y = data.x_train[idx], data.y_train[idx]
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach()
+            since_eval += 1
+            state.step, state.loss = step, loss
+            _call(callbacks, "on_step_end", state)
+            if step == config.steps or (config.eval_every and step % config.eval_every == 0):
+                run_eval()
+    except KeyboardInterrupt:
+        _call(callbacks, "on_train_end", state, "interrupted")
+        raise
+    except BaseException:
+        _call(callbacks, "on_train_end", state, "failed")
+        raise
+    _call(callbacks, "on_train_end", state, "finished")
+    if checkpoint is not None:
+        Path(checkpoint).unlink(missing_ok=True)
+    return TrainResult(history, time.perf_counter() - start, config.steps)
+
+
+def _save_checkpoint(
+    path: Path, state: TrainState, sampler: BatchSampler, history: dict[int, dict[str, float]]
+) -> None:
+    """Write the resumable state; write-then-rename so a crash never leaves half a file."""
+    payload = {
+        "step": state.step,
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "sampler": sampler.state_dict(),
+        "cpu_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "history": history,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sampler: BatchSampler,
+    device: torch.device,
+) -> tuple[int, dict[int, dict[str, float]]]:
+    try:
+        payload = torch.load(path, map_location=device, weights_only=False)
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+    except Exception as e:
+        raise ValueError(
+            f"checkpoint {path} cannot be resumed for this model: {e}; delete it to start over"
+        ) from None
+    sampler.load_state_dict(payload["sampler"])
+    torch.set_rng_state(payload["cpu_rng"].cpu())
+    if payload["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in payload["cuda_rng"]])
+    return int(payload["step"]), dict(payload["history"])

@@ -1,0 +1,222 @@
+"""The training loop: correctness against a plain loop, determinism, callbacks,
+interruption and resumption."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from covshift.data import BatchSampler, Dataset
+from covshift.models import build_mlp
+from covshift.train import TrainConfig, evaluate, resolve_device, train
+
+
+def test_matches_a_plain_pytorch_loop(small_data: Dataset) -> None:
+    config = TrainConfig(steps=40, batch_size=30, lr=0.3, momentum=0.5, eval_every=0, seed=4)
+    ours = build_mlp(784, 10, width=16, norm="batch", seed=1)
+    train(ours, small_data, config, device="cpu")
+
+    plain = build_mlp(784, 10, width=16, norm="batch", seed=1)
+    opt = torch.optim.SGD(plain.parameters(), lr=0.3, momentum=0.5)
+    sampler = BatchSampler(len(small_data.x_train), 30, seed=4)
+    for _ in range(40):
+        idx = sampler.next()
+        loss = F.cross_entropy(plain(small_data.x_train[idx]), small_data.y_train[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for (name, a), b in zip(ours.state_dict().items(), plain.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_deterministic(small_data: Dataset) -> None:
+    config = TrainConfig(steps=60, batch_size=20, lr=0.5, eval_every=20, seed=2)
+    results, weights = [], []
+    for _ in range(2):
+        net = build_mlp(784, 10, width=12, norm="batch", seed=0)
+        results.append(train(net, small_data, config, device="cpu").history)
+        weights.append(net.state_dict())
+    assert results[0] == results[1]
+    for a, b in zip(weights[0].values(), weights[1].values(), strict=True):
+        assert torch.equal(a, b)
+    other = build_mlp(784, 10, width=12, norm="batch", seed=0)
+    changed = train(
+        other,
+        small_data,
+        TrainConfig(steps=60, batch_size=20, lr=0.5, eval_every=20, seed=3),
+        device="cpu",
+    )
+    assert changed.history != results[0]
+
+
+def test_evaluation_schedule_and_values(small_data: Dataset) -> None:
+    net = build_mlp(784, 10, width=12, seed=0)
+    result = train(
+        net, small_data, TrainConfig(steps=25, batch_size=10, eval_every=10), device="cpu"
+    )
+    assert sorted(result.history) == [0, 10, 20, 25]
+    assert "train_loss" not in result.history[0] and "train_loss" in result.history[25]
+    manual = evaluate(net, small_data.x_test, small_data.y_test)
+    assert manual == {k: v for k, v in result.final.items() if k != "train_loss"}
+    logits = net(small_data.x_test)
+    acc = (logits.argmax(1) == small_data.y_test).float().mean().item()
+    assert abs(manual["test_accuracy"] - acc) < 1e-6
+    assert net.training  # evaluation restored the training mode
+
+
+def test_learns(small_data: Dataset) -> None:
+    net = build_mlp(784, 10, width=32, norm="batch", seed=0)
+    result = train(
+        net, small_data, TrainConfig(steps=150, batch_size=30, lr=0.5, eval_every=0), device="cpu"
+    )
+    assert result.history[0]["test_accuracy"] < 0.3
+    assert result.final["test_accuracy"] > 0.9
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def on_train_start(self, state) -> None:
+        self.events.append(("start", state.step))
+
+    def on_step_end(self, state) -> None:
+        self.events.append(("step", state.step))
+
+    def on_eval(self, state, metrics) -> None:
+        self.events.append(("eval", state.step))
+
+    def on_train_end(self, state, status) -> None:
+        self.events.append(("end", status))
+
+
+class StopAt:
+    def __init__(self, step: int, exc: type[BaseException]) -> None:
+        self.step, self.exc = step, exc
+
+    def on_step_end(self, state) -> None:
+        if state.step == self.step:
+            raise self.exc()
+
+
+def test_callbacks_order(small_data: Dataset) -> None:
+    rec = Recorder()
+    train(
+        build_mlp(784, 10, width=8),
+        small_data,
+        TrainConfig(steps=4, batch_size=10, eval_every=2),
+        callbacks=[rec],
+        device="cpu",
+    )
+    assert rec.events == [
+        ("start", 0),
+        ("eval", 0),
+        ("step", 1),
+        ("step", 2),
+        ("eval", 2),
+        ("step", 3),
+        ("step", 4),
+        ("eval", 4),
+        ("end", "finished"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("exc", "status"), [(KeyboardInterrupt, "interrupted"), (RuntimeError, "failed")]
+)
+def test_interruption_reaches_callbacks(small_data: Dataset, exc: type, status: str) -> None:
+    rec = Recorder()
+    with pytest.raises(exc):
+        train(
+            build_mlp(784, 10, width=8),
+            small_data,
+            TrainConfig(steps=10, batch_size=10),
+            callbacks=[StopAt(3, exc), rec],
+            device="cpu",
+        )
+    assert rec.events[-1] == ("end", status)
+
+
+def test_resume_from_checkpoint_gives_the_same_numbers(small_data: Dataset, tmp_path: Path) -> None:
+    config = TrainConfig(steps=50, batch_size=20, lr=0.4, momentum=0.9, eval_every=10, seed=1)
+    straight_net = build_mlp(784, 10, width=12, norm="batch", seed=0)
+    straight = train(straight_net, small_data, config, device="cpu")
+
+    ckpt = tmp_path / "run.pt"
+    net = build_mlp(784, 10, width=12, norm="batch", seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            net,
+            small_data,
+            config,
+            device="cpu",
+            checkpoint=ckpt,
+            callbacks=[StopAt(27, KeyboardInterrupt)],
+        )
+    assert ckpt.exists()
+    resumed_net = build_mlp(784, 10, width=12, norm="batch", seed=0)
+    rec = Recorder()
+    resumed = train(resumed_net, small_data, config, device="cpu", checkpoint=ckpt, callbacks=[rec])
+    assert rec.events[0] == ("start", 20)  # continued from the last evaluation
+    assert resumed.history == straight.history
+    for a, b in zip(
+        resumed_net.state_dict().values(), straight_net.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
+    assert not ckpt.exists()  # removed once the run finished
+
+
+def test_foreign_checkpoint_is_refused(small_data: Dataset, tmp_path: Path) -> None:
+    ckpt = tmp_path / "run.pt"
+    net = build_mlp(784, 10, width=12, seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            net,
+            small_data,
+            TrainConfig(steps=20, batch_size=10, eval_every=5),
+            device="cpu",
+            checkpoint=ckpt,
+            callbacks=[StopAt(7, KeyboardInterrupt)],
+        )
+    with pytest.raises(ValueError, match="cannot be resumed for this model"):
+        train(
+            build_mlp(784, 10, width=13, seed=0),
+            small_data,
+            TrainConfig(steps=20, batch_size=10, eval_every=5),
+            device="cpu",
+            checkpoint=ckpt,
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"steps": 0}, "steps must be >= 1"),
+        ({"steps": 1, "lr": 0.0}, "lr must be a positive number"),
+        ({"steps": 1, "momentum": 1.0}, r"momentum must be in \[0, 1\)"),
+        ({"steps": 1, "eval_every": -1}, "eval_every must be >= 0"),
+    ],
+)
+def test_config_validation(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="device must be 'auto', 'cpu' or 'cuda"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA device"):
+            resolve_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_trains_on_cuda(small_data: Dataset) -> None:
+    net = build_mlp(784, 10, width=16, norm="batch")
+    result = train(net, small_data, TrainConfig(steps=20, batch_size=20), device="cuda")
+    assert next(net.parameters()).is_cuda and result.final["test_accuracy"] > 0
