@@ -78,6 +78,15 @@ def _parse_sets(items: list[str]) -> dict[str, str]:
     return out
 
 
+def _existing_store(db: Path) -> Store:
+    """Open a store that must already exist (reading commands never create one)."""
+    if not db.exists():
+        raise UserError(
+            f"no store at {db}; run an experiment first (covshift run ioffe2015) or pass --db"
+        )
+    return Store(db)
+
+
 def _report_dir(store: Store, experiment_id: str, out: Path | None) -> Path:
     return out if out is not None else store.path.parent / "reports" / experiment_id
 
@@ -191,7 +200,7 @@ def run(
     }
     overrides: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
     overrides.update(_parse_sets(set_ or []))
-    store = Store(db)
+    store = _existing_store(db) if resume is not None else Store(db)
     if resume is not None:
         if overrides:
             raise UserError(
@@ -239,17 +248,13 @@ def runs(
 
     Example: covshift runs --db covshift-out/covshift.db
     """
-    if not db.exists():
-        raise UserError(
-            f"no store at {db}; run an experiment first (covshift run ioffe2015) or pass --db"
-        )
-    rows = Store(db).runs(experiment=experiment)[:limit]
+    store = _existing_store(db)
+    rows = store.runs(experiment=experiment)[:limit]
     table = Table(title=f"runs in {db}")
     for col in ("id", "experiment", "run", "status", "step", "test acc", "started (UTC)"):
         table.add_column(
             col, justify="right" if col in ("id", "step", "test acc") else "left", overflow="fold"
         )
-    store = Store(db)
     for r in rows:
         _, acc = store.scalars(r.id, "test_accuracy")
         table.add_row(
@@ -294,7 +299,7 @@ def report(
     from covshift.experiments.summary import summarize
     from covshift.report import write_report
 
-    store = Store(db)
+    store = _existing_store(db)
     config = stored_config(store, experiment)
     summary = summarize(store, experiment, config)
     index = write_report(store, experiment, config, summary, _report_dir(store, experiment, out))
