@@ -1,8 +1,85 @@
 """The normalization family.
 
-Until covshift's own layers land, the registry maps names to torch.nn's layers.
+Drop-in replacements for torch.nn's layers (``BatchNorm1d/2d/3d``, ``LayerNorm``,
+``GroupNorm``, ``InstanceNorm1d/2d/3d``, ``RMSNorm``) built on one statistics core
+with hand-derived backward passes (``covshift.nn.functional``), and a name registry
+(``create_norm``).
 """
 
+from covshift.nn import functional
+from covshift.nn.convert import (
+    ConversionEntry,
+    ConversionReport,
+    ConversionWarning,
+    convert,
+    convert_with_report,
+    norm_kind,
+)
+from covshift.nn.fold import (
+    fold_batchnorm,
+    fold_batchnorm_with_report,
+    freeze_batchnorm,
+    unfreeze_batchnorm,
+)
+from covshift.nn.layers import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    GroupNorm,
+    InstanceNorm1d,
+    InstanceNorm2d,
+    InstanceNorm3d,
+    LayerNorm,
+    RMSNorm,
+)
 from covshift.nn.registry import create_norm, norm_names, register_norm
+from covshift.nn.variants import (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
+    NoisyNorm,
+    NormNoise,
+    SyncBatchNorm,
+    WSConv2d,
+    WSLinear,
+)
 
-__all__ = ["create_norm", "norm_names", "register_norm"]
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "ConversionEntry",
+    "ConversionReport",
+    "ConversionWarning",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
+    "GroupNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "LayerNorm",
+    "NoisyNorm",
+    "NormNoise",
+    "RMSNorm",
+    "SyncBatchNorm",
+    "WSConv2d",
+    "WSLinear",
+    "convert",
+    "convert_with_report",
+    "create_norm",
+    "fold_batchnorm",
+    "fold_batchnorm_with_report",
+    "freeze_batchnorm",
+    "functional",
+    "norm_kind",
+    "norm_names",
+    "register_norm",
+    "unfreeze_batchnorm",
+]

@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 from torch import nn
 
+from covshift.nn import layers
+
 NormFactory = Callable[..., nn.Module]
 
 _REGISTRY: dict[str, NormFactory] = {}
@@ -49,8 +51,8 @@ def create_norm(name: str, num_features: int, *, dims: int = 1, **kw: object) ->
     return factory(num_features, dims=dims, **kw)
 
 
-_BATCH = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-_INSTANCE = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+_BATCH = {1: layers.BatchNorm1d, 2: layers.BatchNorm2d, 3: layers.BatchNorm3d}
+_INSTANCE = {1: layers.InstanceNorm1d, 2: layers.InstanceNorm2d, 3: layers.InstanceNorm3d}
 
 
 @register_norm("batch")
@@ -68,15 +70,76 @@ def _layer(num_features: int, *, dims: int, **kw: object) -> nn.Module:
     # Over the channels of each sample (and, for images, through GroupNorm(1, C):
     # LayerNorm over (C, *spatial) with a per-channel affine).
     if dims == 1:
-        return nn.LayerNorm(num_features, **kw)
-    return nn.GroupNorm(1, num_features, **kw)
+        return layers.LayerNorm(num_features, **kw)  # type: ignore[arg-type]
+    return layers.GroupNorm(1, num_features, **kw)  # type: ignore[arg-type]
+
+
+def default_num_groups(num_channels: int, *, dims: int, preferred: int = 32) -> int:
+    """The group count used when none is given: the largest divisor of
+    ``num_channels`` that is at most ``preferred`` (Wu & He 2018 use G = 32).
+
+    Without spatial positions (``dims=1``, an MLP's features) each group must hold at
+    least two channels, or every value would be normalized to 0.
+    """
+    min_size = 2 if dims == 1 else 1
+    for groups in range(min(preferred, num_channels), 0, -1):
+        if num_channels % groups == 0 and num_channels // groups >= min_size:
+            return groups
+    raise ValueError(
+        f"GroupNorm over {num_channels} feature(s) without spatial positions needs at least "
+        "2 channels per group; use more features or another normalization"
+    )
 
 
 @register_norm("group")
-def _group(num_features: int, *, dims: int, num_groups: int = 32, **kw: object) -> nn.Module:
-    return nn.GroupNorm(min(num_groups, num_features), num_features, **kw)
+def _group(
+    num_features: int, *, dims: int, num_groups: int | None = None, **kw: object
+) -> nn.Module:
+    # An explicit num_groups is used as given (GroupNorm checks that it divides C).
+    groups = default_num_groups(num_features, dims=dims) if num_groups is None else num_groups
+    return layers.GroupNorm(groups, num_features, **kw)  # type: ignore[arg-type]
 
 
 @register_norm("rms")
 def _rms(num_features: int, *, dims: int, **kw: object) -> nn.Module:
-    return nn.RMSNorm(num_features, **kw)
+    return layers.RMSNorm(num_features, **kw)  # type: ignore[arg-type]
+
+
+# Variants (covshift.nn.renorm, ghost, noise, sync); imported when built so that this
+# module stays importable from theirs.
+
+
+@register_norm("batch_renorm")
+def _batch_renorm(num_features: int, *, dims: int, **kw: object) -> nn.Module:
+    from covshift.nn import renorm
+
+    cls = {1: renorm.BatchRenorm1d, 2: renorm.BatchRenorm2d, 3: renorm.BatchRenorm3d}[dims]
+    return cls(num_features, **kw)  # type: ignore[arg-type]
+
+
+@register_norm("ghost_batch")
+def _ghost_batch(num_features: int, *, dims: int, **kw: object) -> nn.Module:
+    from covshift.nn import ghost
+
+    cls = {1: ghost.GhostBatchNorm1d, 2: ghost.GhostBatchNorm2d, 3: ghost.GhostBatchNorm3d}[dims]
+    return cls(num_features, **kw)  # type: ignore[arg-type]
+
+
+@register_norm("batch_noisy")
+def _batch_noisy(num_features: int, *, dims: int, **kw: object) -> nn.Module:
+    # Santurkar et al.'s "noisy BN": BatchNorm then non-stationary noise. The noise's
+    # own arguments (generator, mean_range, ...) go to NormNoise, the rest to BN.
+    from covshift.nn.noise import NoisyNorm
+
+    noise_keys = ("generator", "mean_range", "scale_range", "mean_spread", "scale_std")
+    noise_kw = {k: kw.pop(k) for k in noise_keys if k in kw}
+    return NoisyNorm(_BATCH[dims](num_features, **kw), **noise_kw)  # type: ignore[arg-type]
+
+
+@register_norm("sync_batch")
+def _sync_batch(num_features: int, *, dims: int, **kw: object) -> nn.Module:
+    from covshift.nn.sync import SyncBatchNorm
+
+    layer = SyncBatchNorm(num_features, **kw)  # type: ignore[arg-type]
+    layer.original_class = _BATCH[dims]  # what revert_sync_batchnorm restores
+    return layer

@@ -1,0 +1,528 @@
+"""Swap the normalization layers inside any model: ``convert(model, to=...)``.
+
+Every normalization layer (torch.nn's BatchNorm*/SyncBatchNorm/InstanceNorm*/
+LayerNorm/GroupNorm/RMSNorm, subclasses of those such as timm's, covshift's own and
+its variants) is replaced by another kind, and what can be carried over is:
+
+==================  =================================================================
+carried             when
+==================  =================================================================
+weight, bias        both layers have them and the shapes agree
+running statistics  both track them with the same shape (``num_batches_tracked`` too)
+eps, momentum       the target has the attribute and ``eps=``/``momentum=`` not passed
+requires_grad       per parameter; training/eval mode; device and dtype
+==================  =================================================================
+
+What could not be carried is *reported*, never silently lost: every replacement is
+an entry of a :class:`ConversionReport` (path, from, to, carried, dropped, notes).
+:func:`convert` warns once (:class:`ConversionWarning`) listing the entries that
+dropped something (``on_drop="raise"`` makes it an error, ``"ignore"`` silences it);
+:func:`convert_with_report` returns the report with the model. An affine map that is
+the identity (weight all ones, bias all zeros) carries no information, so losing it
+is not a drop.
+
+Example:
+    >>> net = nn.Sequential(nn.Conv2d(3, 64, 3), nn.BatchNorm2d(64), nn.ReLU())
+    >>> net = convert(net, to="group", num_groups=32)  # every BN by GroupNorm(32, C)
+    >>> net = convert(net, to="covshift")  # same kinds, covshift's implementation
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "ConversionEntry",
+    "ConversionReport",
+    "ConversionWarning",
+    "convert",
+    "convert_with_report",
+    "norm_kind",
+]
+
+Target = str | type | Callable[..., nn.Module]
+
+
+class ConversionWarning(UserWarning):
+    """Raised as a warning by :func:`convert` when a conversion loses state."""
+
+
+@dataclass
+class ConversionEntry:
+    """One replaced (or skipped) module.
+
+    Attributes:
+        path: its dotted path in the model (``""`` for the root).
+        source: the class name replaced, e.g. ``"BatchNorm2d"``.
+        target: the class name put in its place (``""`` when skipped).
+        carried: state carried over (``"weight"``, ``"running_mean"``, ``"eps"``, ...).
+        dropped: state that could not be carried, each with the reason.
+        notes: behaviour differences worth knowing (layout, guessed dims, ...).
+    """
+
+    path: str
+    source: str
+    target: str
+    carried: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        where = self.path or "<root>"
+        line = f"{where}: {self.source} -> {self.target or '(skipped)'}"
+        if self.dropped:
+            line += f"; dropped: {'; '.join(self.dropped)}"
+        if self.notes:
+            line += f"; notes: {'; '.join(self.notes)}"
+        return line
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion did: one :class:`ConversionEntry` per module touched."""
+
+    entries: list[ConversionEntry] = field(default_factory=list)
+
+    @property
+    def replaced(self) -> list[ConversionEntry]:
+        return [e for e in self.entries if e.target]
+
+    @property
+    def skipped(self) -> list[ConversionEntry]:
+        return [e for e in self.entries if not e.target]
+
+    @property
+    def lossy(self) -> list[ConversionEntry]:
+        """Entries that dropped state (or were skipped)."""
+        return [e for e in self.entries if e.dropped or not e.target]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __str__(self) -> str:
+        if not self.entries:
+            return "no normalization layer found"
+        return "\n".join(str(e) for e in self.entries)
+
+
+# --------------------------------------------------------------------------------------
+# Recognizing normalization layers
+# --------------------------------------------------------------------------------------
+
+# Kinds whose statistics run over dim 1 (channels first) vs the trailing dims.
+_CHANNELS_LAST = {"layer", "rms"}
+
+
+@functools.cache
+def _known_classes() -> list[tuple[type, str, int | None]]:
+    """(class, kind, dims) for every known norm class; subclasses first, then bases."""
+    from covshift.nn import ghost, renorm, sync
+
+    table: list[tuple[type, str, int | None]] = [
+        (renorm.BatchRenorm1d, "batch_renorm", 1),
+        (renorm.BatchRenorm2d, "batch_renorm", 2),
+        (renorm.BatchRenorm3d, "batch_renorm", 3),
+        (ghost.GhostBatchNorm1d, "ghost_batch", 1),
+        (ghost.GhostBatchNorm2d, "ghost_batch", 2),
+        (ghost.GhostBatchNorm3d, "ghost_batch", 3),
+        (sync.SyncBatchNorm, "sync_batch", None),
+        (nn.SyncBatchNorm, "sync_batch", None),
+    ]
+    try:  # covshift's own layers, when present
+        from covshift.nn import layers
+
+        for name, kind, dims in _LAYER_NAMES:
+            cls = getattr(layers, name, None)
+            if isinstance(cls, type):
+                table.append((cls, kind, dims))
+    except ImportError:
+        pass
+    table += [(getattr(nn, name), kind, dims) for name, kind, dims in _LAYER_NAMES]
+    return table
+
+
+_LAYER_NAMES: list[tuple[str, str, int | None]] = [
+    ("BatchNorm1d", "batch", 1),
+    ("BatchNorm2d", "batch", 2),
+    ("BatchNorm3d", "batch", 3),
+    ("InstanceNorm1d", "instance", 1),
+    ("InstanceNorm2d", "instance", 2),
+    ("InstanceNorm3d", "instance", 3),
+    ("LayerNorm", "layer", None),
+    ("GroupNorm", "group", None),
+    ("RMSNorm", "rms", None),
+]
+
+
+def _classify(m: nn.Module) -> tuple[type, str, int | None] | None:
+    for cls, kind, dims in _known_classes():
+        if isinstance(m, cls):
+            return cls, kind, dims
+    return None
+
+
+def norm_kind(m: nn.Module) -> str | None:
+    """The kind of normalization ``m`` is ("batch", "group", "layer", "instance", "rms",
+    "sync_batch", "batch_renorm", "ghost_batch"), or None if it is not one."""
+    found = _classify(m)
+    return None if found is None else found[1]
+
+
+def _num_features(m: nn.Module, kind: str) -> int:
+    if kind == "group":
+        return int(m.num_channels)
+    if kind in _CHANNELS_LAST:
+        # (C,) for features last; (C, H, W) for a LayerNorm over a whole NCHW sample.
+        return int(m.normalized_shape[0])
+    return int(m.num_features)
+
+
+def _dims(m: nn.Module, kind: str, dims: int | None) -> int | None:
+    if dims is None and kind == "sync_batch":
+        original = getattr(m, "original_class", None)
+        found = None if original is None else _classify_class(original)
+        dims = None if found is None else found[2]
+    return dims
+
+
+def _classify_class(cls: type) -> tuple[type, str, int | None] | None:
+    for known, kind, dims in _known_classes():
+        if issubclass(cls, known):
+            return known, kind, dims
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Building the target
+# --------------------------------------------------------------------------------------
+
+
+def _same_kind_args(m: nn.Module, kind: str) -> tuple[tuple[object, ...], dict[str, object]]:
+    """Constructor arguments that rebuild ``m``'s exact configuration (torch's names)."""
+    if kind in ("batch", "instance", "sync_batch"):
+        return (m.num_features,), {
+            "eps": m.eps,
+            "momentum": m.momentum,
+            "affine": m.affine,
+            "track_running_stats": m.track_running_stats,
+        }
+    if kind == "group":
+        return (m.num_groups, m.num_channels), {"eps": m.eps, "affine": m.affine}
+    if kind == "layer":
+        kw: dict[str, object] = {"eps": m.eps, "elementwise_affine": m.elementwise_affine}
+        if m.elementwise_affine and getattr(m, "bias", None) is None:
+            kw["bias"] = False
+        return (tuple(m.normalized_shape),), kw
+    if kind == "rms":
+        return (tuple(m.normalized_shape),), {
+            "eps": m.eps,
+            "elementwise_affine": m.elementwise_affine,
+        }
+    raise AssertionError(kind)
+
+
+def _implementation_class(kind: str, base: type, library: str) -> type | None:
+    """The class of the same kind in ``library`` ("torch" or "covshift")."""
+    if kind == "sync_batch":
+        from covshift.nn.sync import SyncBatchNorm
+
+        return nn.SyncBatchNorm if library == "torch" else SyncBatchNorm
+    if kind in ("batch_renorm", "ghost_batch"):
+        return None  # covshift's own, no torch counterpart
+    if library == "torch":
+        return getattr(nn, base.__name__, None)
+    try:
+        from covshift.nn import layers
+    except ImportError:
+        return None
+    return getattr(layers, base.__name__, None)
+
+
+def _build_for_class(cls: type, channels: int, source: nn.Module, kind: str, kw: dict) -> nn.Module:
+    """``cls(channels, **kw)``, or ``cls(num_groups, channels, **kw)`` for GroupNorm-like
+    classes (whose first constructor parameter is ``num_groups``)."""
+    kw = dict(kw)
+    try:
+        params = list(inspect.signature(cls).parameters)
+    except (TypeError, ValueError):  # builtins without a signature
+        params = []
+    if params and params[0] == "num_groups":
+        groups = kw.pop("num_groups", source.num_groups if kind == "group" else None)
+        if groups is None:
+            raise ValueError(
+                f"to={cls.__name__} needs the number of groups: pass num_groups=..., e.g. "
+                f"convert(model, to={cls.__name__}, num_groups=32)"
+            )
+        return cls(groups, channels, **kw)
+    return cls(channels, **kw)
+
+
+def _build(
+    target: Target,
+    m: nn.Module,
+    base: type,
+    kind: str,
+    dims: int | None,
+    kw: dict,
+    notes: list[str],
+) -> nn.Module | None:
+    channels = _num_features(m, kind)
+    if isinstance(target, str) and target in ("torch", "covshift"):
+        cls = _implementation_class(kind, base, target)
+        if cls is None:
+            return None
+        args, same = _same_kind_args(m, kind if kind != "sync_batch" else "batch")
+        new = cls(*args, **{**same, **kw})
+        if kind == "sync_batch" and hasattr(new, "original_class"):
+            new.original_class = getattr(m, "original_class", None)
+        return new
+    if isinstance(target, str):
+        from covshift.nn.registry import create_norm
+
+        if dims is None:
+            dims = 1 if kind in _CHANNELS_LAST else 2
+            notes.append(
+                f"input rank unknown for {type(m).__name__}; assumed dims={dims} "
+                "(pass dims=... to choose)"
+            )
+        return create_norm(target, channels, dims=dims, **kw)
+    if isinstance(target, type):
+        return _build_for_class(target, channels, m, kind, kw)
+    if callable(target):
+        try:
+            takes_dims = "dims" in inspect.signature(target).parameters
+        except (TypeError, ValueError):
+            takes_dims = False
+        return target(channels, dims=dims, **kw) if takes_dims else target(channels, **kw)
+    raise TypeError(
+        f"to must be a registry name, 'torch', 'covshift', a class, a factory or a "
+        f"mapping of those; got {target!r}"
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Carrying state
+# --------------------------------------------------------------------------------------
+
+_CONSUMED = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+
+
+def _is_identity(name: str, t: Tensor) -> bool:
+    value = 1.0 if name == "weight" else 0.0
+    return bool(torch.all(t.detach() == value))
+
+
+def _is_fresh(m: nn.Module) -> bool:
+    """Running statistics never updated (they carry no information)."""
+    count = getattr(m, "num_batches_tracked", None)
+    if isinstance(count, Tensor):
+        return int(count) == 0
+    return bool(torch.all(m.running_mean == 0) and torch.all(m.running_var == 1))
+
+
+def _carry(src: nn.Module, dst: nn.Module, kw: dict, entry: ConversionEntry) -> None:
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            s, d = getattr(src, name, None), getattr(dst, name, None)
+            if not isinstance(s, Tensor):
+                continue
+            if isinstance(d, Tensor):
+                if d.shape == s.shape:
+                    d.copy_(s)
+                    d.requires_grad_(s.requires_grad)
+                    entry.carried.append(name)
+                else:
+                    entry.dropped.append(
+                        f"{name}: shape {tuple(s.shape)} does not fit {tuple(d.shape)}"
+                    )
+            elif not _is_identity(name, s):
+                entry.dropped.append(f"{name}: the target has no {name}")
+        s_mean, d_mean = getattr(src, "running_mean", None), getattr(dst, "running_mean", None)
+        if isinstance(s_mean, Tensor):
+            if isinstance(d_mean, Tensor) and d_mean.shape == s_mean.shape:
+                for name in ("running_mean", "running_var", "num_batches_tracked"):
+                    s, d = getattr(src, name, None), getattr(dst, name, None)
+                    if isinstance(s, Tensor) and isinstance(d, Tensor):
+                        d.copy_(s)
+                        entry.carried.append(name)
+            elif not _is_fresh(src):
+                entry.dropped.append(
+                    "running_mean, running_var: the target tracks no running statistics "
+                    "of that shape"
+                )
+        for name in ("eps", "momentum"):
+            value = getattr(src, name, None)
+            if name not in kw and hasattr(dst, name) and hasattr(src, name):
+                if value is None and name == "eps" and dst.eps is not None:
+                    continue  # RMSNorm's eps=None (machine eps) has no float equivalent
+                setattr(dst, name, value)
+                entry.carried.append(name)
+    # Whatever else the source holds (a subclass's extra parameters, buffers or
+    # child modules, e.g. a fused activation) has no place in the target.
+    for name, _ in src.named_parameters(recurse=False):
+        if name not in _CONSUMED:
+            entry.dropped.append(f"parameter {name}")
+    for name, _ in src.named_buffers(recurse=False):
+        if name not in _CONSUMED:
+            entry.dropped.append(f"buffer {name}")
+    for name, child in src.named_children():
+        entry.dropped.append(f"child module {name} ({type(child).__name__})")
+
+
+def _state_holder(new: nn.Module) -> nn.Module:
+    """Where the carried state goes: the wrapped norm of a NoisyNorm, else ``new``."""
+    from covshift.nn.noise import NoisyNorm
+
+    return new.norm if isinstance(new, NoisyNorm) else new
+
+
+def _place_like(src: nn.Module, dst: nn.Module) -> nn.Module:
+    ref = next((t for t in (*src.parameters(), *src.buffers()) if t.is_floating_point()), None)
+    if ref is not None:
+        dst = dst.to(device=ref.device, dtype=ref.dtype)
+    return dst.train(src.training)
+
+
+# --------------------------------------------------------------------------------------
+# The entry points
+# --------------------------------------------------------------------------------------
+
+
+def _resolve_target(to: Target | Mapping, m: nn.Module, kind: str) -> Target | None:
+    """What ``m`` becomes, or None to leave it (no mapping key matches, or it already
+    is in the library that ``"torch"``/``"covshift"`` asks for)."""
+    target: Target | None = to if not isinstance(to, Mapping) else None
+    if isinstance(to, Mapping):
+        for key, value in to.items():
+            if (isinstance(key, str) and key == kind) or (
+                isinstance(key, type) and isinstance(m, key)
+            ):
+                target = value
+                break
+    if isinstance(target, str) and target in ("torch", "covshift"):
+        # Anything not defined in covshift (torch.nn's, timm's subclasses) is "torch".
+        is_covshift = type(m).__module__.split(".")[0] == "covshift"
+        if is_covshift == (target == "covshift"):
+            return None
+    return target
+
+
+def convert_with_report(
+    model: nn.Module,
+    to: Target | Mapping[type | str, Target],
+    *,
+    dims: int | None = None,
+    **kw: object,
+) -> tuple[nn.Module, ConversionReport]:
+    """Replace every normalization layer of ``model``; return ``(model, report)``.
+
+    Args:
+        model: any module; changed in place (its children are replaced). When
+            ``model`` itself is a norm layer, its replacement is returned.
+        to: what to put in place of each norm layer:
+
+            - ``"torch"`` / ``"covshift"``: the same kind and configuration in the
+              other implementation (covshift.nn.BatchNorm2d <-> torch.nn.BatchNorm2d);
+              every state carries over, outputs are unchanged;
+            - a registry name (``"batch"``, ``"group"``, ``"batch_renorm"``, ... see
+              :func:`covshift.nn.norm_names`): ``create_norm(name, C, dims=..., **kw)``;
+            - a class: ``cls(C, **kw)``, or ``cls(num_groups, C, **kw)`` when its first
+              parameter is ``num_groups`` (GroupNorm);
+            - a factory: ``factory(C, **kw)`` (plus ``dims=`` if it takes it);
+            - a mapping from source classes (isinstance) or kinds (``"batch"``,
+              ``"layer"``, ...) to any of the above; layers matching no key stay.
+        dims: the input's spatial rank (1, 2, 3) for targets that depend on it;
+            by default taken from the source (BatchNorm2d -> 2); a guess (noted in the
+            report) for LayerNorm/GroupNorm/RMSNorm sources.
+        **kw: passed to every target constructor (e.g. ``num_groups=32``, ``eps=``).
+
+    Layers are matched by isinstance against torch.nn's and covshift's classes, so
+    subclasses (timm's) are converted too; a subclass's extra state is reported as
+    dropped. Modules inside a replaced layer are not visited; a module shared by
+    several parents is converted once.
+    """
+    report = ConversionReport()
+    done: dict[int, nn.Module] = {}
+
+    def visit(m: nn.Module, path: str) -> nn.Module:
+        if id(m) in done:
+            return done[id(m)]
+        found = _classify(m)
+        target = None if found is None else _resolve_target(to, m, found[1])
+        if found is None or target is None:
+            for name, child in list(m.named_children()):
+                new = visit(child, f"{path}.{name}" if path else name)
+                if new is not child:
+                    setattr(m, name, new)
+            done[id(m)] = m
+            return m
+        base, kind, base_dims = found
+        entry = ConversionEntry(path, type(m).__name__, "")
+        if type(m).forward is not base.forward:
+            # A behaviour (a fused activation, a permutation) that is not carried.
+            entry.dropped.append(
+                f"forward: {type(m).__name__} overrides {base.__name__}'s; the target "
+                "computes its own kind's"
+            )
+        use_dims = dims if dims is not None else _dims(m, kind, base_dims)
+        new = _build(target, m, base, kind, use_dims, dict(kw), entry.notes)
+        report.entries.append(entry)
+        if new is None:
+            entry.notes.append(f"no {target} implementation of {kind!r}; left as is")
+            done[id(m)] = m
+            return m
+        entry.target = type(new).__name__
+        new_kind = norm_kind(new)
+        if new_kind is not None and (new_kind in _CHANNELS_LAST) != (kind in _CHANNELS_LAST):
+            entry.notes.append(
+                f"{entry.source} and {entry.target} normalize different dims (trailing vs "
+                "dim 1); they agree on (N, C) inputs only"
+            )
+        new = _place_like(m, new)  # first: copying float64 state into float32 would round
+        _carry(m, _state_holder(new), kw, entry)
+        done[id(m)] = new
+        return new
+
+    return visit(model, ""), report
+
+
+def convert(
+    model: nn.Module,
+    to: Target | Mapping[type | str, Target],
+    *,
+    dims: int | None = None,
+    on_drop: Literal["warn", "raise", "ignore"] = "warn",
+    **kw: object,
+) -> nn.Module:
+    """Replace every normalization layer of ``model`` by another kind; return the model.
+
+    See :func:`convert_with_report` for ``to``, ``dims`` and ``**kw``. When a layer
+    could not carry all its state (e.g. running statistics into GroupNorm, a
+    LayerNorm over (C, H, W) whose weight has no per-channel equivalent) or could not
+    be converted, ``on_drop`` decides: ``"warn"`` (default) issues one
+    :class:`ConversionWarning` listing them, ``"raise"`` raises ValueError (the model
+    is then partly converted: pass a copy), ``"ignore"`` says nothing.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16))
+        >>> net = convert(net, to="covshift")
+        >>> net = convert(net, to=nn.LayerNorm)  # warns: running stats dropped
+    """
+    if on_drop not in ("warn", "raise", "ignore"):
+        raise ValueError(f"on_drop must be 'warn', 'raise' or 'ignore', got {on_drop!r}")
+    model, report = convert_with_report(model, to, dims=dims, **kw)
+    lossy = report.lossy
+    if lossy and on_drop != "ignore":
+        text = "normalization conversion lost state:\n" + "\n".join(f"  {e}" for e in lossy)
+        if on_drop == "raise":
+            raise ValueError(text)
+        warnings.warn(text, ConversionWarning, stacklevel=2)
+    return model

@@ -1,0 +1,130 @@
+"""Santurkar et al.'s "noisy BN": time-varying noise injected after a norm layer.
+
+Santurkar, Tsipras, Ilyas, Madry 2018, "How Does Batch Normalization Help
+Optimization?" (arXiv 1805.11604), Section 2.1: after each BN layer the activations
+are perturbed by noise whose distribution changes at every step, so that the
+layer-input distributions are *less* stable than without BN, and the network still
+trains nearly as well as with BN. Per step ``t`` and layer::
+
+    mu_t    ~ U(-0.5, 0.5)            sigma_t ~ U(1, 1.25)          (scalars)
+    m       ~ U(mu_t - 0.1, mu_t + 0.1)   s ~ N(sigma_t, 0.1)       (per element)
+    a      <-  s * a + m
+
+"Per element" means one draw for every entry of the activation tensor (every
+sample, channel and position). ``s`` and ``m`` are constants for backprop
+(``da = s * dy``). No noise in eval mode.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["NoisyNorm", "NormNoise"]
+
+
+class NormNoise(nn.Module):
+    """Santurkar et al.'s non-stationary noise ``a <- s * a + m``, to place after a norm.
+
+    Per call in training mode: ``mu_t ~ U(mean_range)`` and ``sigma_t ~ U(scale_range)``,
+    then per element ``m ~ U(mu_t - mean_spread, mu_t + mean_spread)`` and
+    ``s ~ N(sigma_t, scale_std)``; returns ``s * a + m``. Identity in eval mode.
+    Santurkar et al. 2018 (arXiv 1805.11604), Section 2.1.
+
+    Args:
+        mean_range: bounds of the per-step mean ``mu_t``. Default: (-0.5, 0.5).
+        scale_range: bounds of the per-step scale ``sigma_t``. Default: (1.0, 1.25).
+        mean_spread: half width of the per-element uniform around ``mu_t``. Default: 0.1.
+        scale_std: std of the per-element normal around ``sigma_t``. Default: 0.1.
+        generator: draws come from it when given (reproducible runs); it may live on
+            another device than the input (draws are then moved). Default: the global RNG.
+
+    Shape:
+        Input: any; output: the same shape and dtype.
+
+    Example:
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> noisy = nn.Sequential(nn.BatchNorm1d(4), NormNoise(generator=gen))
+        >>> noisy(torch.randn(8, 4)).shape
+        torch.Size([8, 4])
+    """
+
+    def __init__(
+        self,
+        mean_range: tuple[float, float] = (-0.5, 0.5),
+        scale_range: tuple[float, float] = (1.0, 1.25),
+        mean_spread: float = 0.1,
+        scale_std: float = 0.1,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        for name, (lo, hi) in (("mean_range", mean_range), ("scale_range", scale_range)):
+            if not lo <= hi:
+                raise ValueError(f"{name} must be (low, high) with low <= high, got {(lo, hi)!r}")
+        if not mean_spread >= 0:
+            raise ValueError(f"mean_spread must be >= 0, got {mean_spread!r}")
+        if not scale_std >= 0:
+            raise ValueError(f"scale_std must be >= 0, got {scale_std!r}")
+        self.mean_range = (float(mean_range[0]), float(mean_range[1]))
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        self.mean_spread = float(mean_spread)
+        self.scale_std = float(scale_std)
+        self.generator = generator
+
+    def sample(
+        self, shape: torch.Size, device: torch.device, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
+        """One step's draws ``(s, m)`` of the given shape, as used by :meth:`forward`."""
+        gen = self.generator
+        # Draw where the generator lives (a CPU generator cannot feed a CUDA kernel),
+        # in float32 at least (half-precision uniforms are coarse), then move and cast.
+        draw_device = gen.device if gen is not None else device
+        draw_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        kw = {"generator": gen, "device": draw_device, "dtype": draw_dtype}
+        u = torch.rand(2, **kw)  # (2,) the per-step scalars mu_t, sigma_t
+        mu_t = self.mean_range[0] + (self.mean_range[1] - self.mean_range[0]) * u[0]
+        sigma_t = self.scale_range[0] + (self.scale_range[1] - self.scale_range[0]) * u[1]
+        m = mu_t + self.mean_spread * (2 * torch.rand(shape, **kw) - 1)  # U(mu_t -+ spread)
+        s = sigma_t + self.scale_std * torch.randn(shape, **kw)  # N(sigma_t, scale_std)
+        return s.to(device=device, dtype=dtype), m.to(device=device, dtype=dtype)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training:
+            return input
+        s, m = self.sample(input.shape, input.device, input.dtype)
+        return torch.addcmul(m, s, input)  # s * a + m, s and m constants for autograd
+
+    def extra_repr(self) -> str:
+        return (
+            f"mean_range={self.mean_range}, scale_range={self.scale_range}, "
+            f"mean_spread={self.mean_spread}, scale_std={self.scale_std}"
+        )
+
+
+class NoisyNorm(nn.Module):
+    """A norm layer followed by :class:`NormNoise` (Santurkar et al.'s "noisy BN").
+
+    ``y = s * norm(x) + m`` in training, ``y = norm(x)`` in eval; see :class:`NormNoise`.
+    The wrapped layer stays reachable as ``.norm`` (its state_dict keys are prefixed
+    with ``norm.``) so that :func:`covshift.nn.convert` can swap it.
+
+    Args:
+        norm: any normalization module (e.g. ``nn.BatchNorm2d(64)``).
+        **noise_kw: the arguments of :class:`NormNoise` (``generator``, ranges).
+
+    Shape:
+        Those of ``norm``.
+
+    Example:
+        >>> layer = NoisyNorm(nn.BatchNorm2d(3), generator=torch.Generator().manual_seed(0))
+        >>> layer(torch.randn(4, 3, 5, 5)).shape
+        torch.Size([4, 3, 5, 5])
+    """
+
+    def __init__(self, norm: nn.Module, **noise_kw: object) -> None:
+        super().__init__()
+        self.norm = norm
+        self.noise = NormNoise(**noise_kw)  # type: ignore[arg-type]
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self.noise(self.norm(input))

@@ -1,0 +1,531 @@
+"""SyncBatchNorm on any torch.distributed backend (gloo on CPU included), and back.
+
+torch.nn.SyncBatchNorm runs only on CUDA/NCCL and offers no way back to BatchNorm.
+This one shares the batch statistics across a process group with two ``all_reduce``
+calls per training step, one in forward and one in backward:
+
+forward, per channel c (``n_r`` values per channel on rank r, ``N = sum_r n_r``)::
+
+    all_reduce [ sum_r S1_r, sum_r S2_r, sum_r n_r ]    S1 = sum x,  S2 = sum x^2
+    mu = S1 / N,   var = S2 / N - mu^2  (biased),   xhat = (x - mu) / sqrt(var + eps)
+    y = gamma * xhat + beta
+
+backward (derivation in docs/derivations.md, "SyncBatchNorm")::
+
+    all_reduce [ sum dy, sum dy * xhat ]   (over every rank's batch)
+    dx = gamma / sqrt(var + eps) * (dy - sum(dy) / N - xhat * sum(dy * xhat) / N)
+    dgamma = sum_local dy * xhat,   dbeta = sum_local dy
+
+Unequal batch sizes across ranks are exact: the counts travel with the sums.
+The parameter gradients are the *local* sums, as in torch's SyncBatchNorm: the
+data-parallel wrapper (DDP) all-reduces parameter gradients itself.
+
+Numerics: each rank computes its local mean and biased variance in float32 at least
+(the shared core's two-pass :func:`~covshift.nn.functional.moments`), turns them into
+sums ``n*mu`` and ``n*(var + mu^2)`` in float64, and the float64 sums are reduced; the
+cancellation in ``S2/N - mu^2`` then costs less than float32 rounding for |mu|/sigma
+up to about 1e4.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx
+
+from covshift.nn import functional as CF
+
+__all__ = ["SyncBatchNorm", "sync_batch_norm"]
+
+ProcessGroup = (
+    Any  # torch.distributed.ProcessGroup; Any keeps builds without distributed importable
+)
+
+
+def _world_size(group: ProcessGroup | None) -> int:
+    """Processes in ``group``, 1 when torch.distributed is absent or not initialized."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable ``all_reduce(SUM)``: the adjoint of a sum-all-reduce is itself.
+
+    Every rank gets ``y = sum_r x_r``; for a total loss ``sum_r L_r(y)`` the gradient
+    with respect to ``x_s`` is ``sum_r dL_r/dy``, an all-reduce of the incoming grads.
+    Backward calls ``apply`` again so that higher derivatives work too.
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Tensor, group: ProcessGroup | None) -> Tensor:
+        ctx.group = group
+        out = x.clone()
+        if _world_size(group) > 1:
+            dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return _AllReduceSum.apply(grad.contiguous(), ctx.group), None
+
+
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    return CF.compute_dtype(x.dtype)  # float32 at least, float64 for float64 inputs
+
+
+def _sum_dtype(x: Tensor) -> torch.dtype:
+    # The reduced sums in float64 (see the module docstring), except where the device
+    # has no float64 (Apple MPS).
+    return torch.float32 if x.device.type == "mps" else torch.float64
+
+
+def _reduce_dims(x: Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]  # every dim but the channels (dim 1)
+
+
+def _channel_view(v: Tensor, x: Tensor) -> Tensor:
+    return v.view(1, -1, *([1] * (x.dim() - 2)))  # (C,) -> (1, C, 1, ...)
+
+
+def _global_moments(x: Tensor, group: ProcessGroup | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean and biased variance per channel over every rank's batch, and the count N.
+
+    Differentiable in ``x`` (used as such by the double backward). Returns ``mean``
+    and ``var`` of shape ``(C,)`` in the statistics dtype and ``N`` as a 0-dim tensor.
+    """
+    c = x.shape[1]
+    n = x.numel() // c if c else 0  # values per channel on this rank
+    sum_dtype = _sum_dtype(x)
+    if n > 0:
+        mean, var = CF.moments(x, _reduce_dims(x))  # (C,) local, two-pass, stat dtype
+        mean = mean.to(sum_dtype)
+        s1 = mean * n
+        s2 = (var.to(sum_dtype) + mean * mean) * n
+    else:  # an empty shard still joins the collective
+        s1 = s2 = x.new_zeros(c, dtype=sum_dtype)
+    count = torch.full((1,), float(n), dtype=sum_dtype, device=x.device)
+    total = _AllReduceSum.apply(torch.cat([s1, s2, count]), group)  # (2C + 1,)
+    s1, s2, big_n = total[:c], total[c : 2 * c], total[2 * c]
+    mean = s1 / big_n
+    var = (s2 / big_n - mean * mean).clamp_min(0)  # rounding can dip below 0
+    return mean.to(_stat_dtype(x)), var.to(_stat_dtype(x)), big_n
+
+
+def _backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    big_n: Tensor,
+    group: ProcessGroup | None,
+    needs: tuple[bool, bool, bool],
+    bias_dtype: torch.dtype | None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Closed-form gradients ``(dx, dweight, dbias)``; differentiable when grad mode is on."""
+    dims = _reduce_dims(x)
+    stat = mean.dtype
+    xhat = (x.to(stat) - _channel_view(mean, x)) * _channel_view(invstd, x)  # (N, C, *)
+    dy_s = dy.to(stat)
+    sum_dy = dy_s.sum(dims)  # (C,) local
+    sum_dy_xhat = (dy_s * xhat).sum(dims)  # (C,) local
+    dx = None
+    if needs[0]:
+        both = _AllReduceSum.apply(torch.cat([sum_dy, sum_dy_xhat]), group)  # (2C,) global
+        c = x.shape[1]
+        g_dy = both[:c] / big_n.to(stat)
+        g_dy_xhat = both[c:] / big_n.to(stat)
+        scale = invstd if weight is None else weight.to(stat) * invstd  # (C,)
+        dx = _channel_view(scale, x) * (
+            dy_s - _channel_view(g_dy, x) - xhat * _channel_view(g_dy_xhat, x)
+        )
+        dx = dx.to(x.dtype)
+    dweight = sum_dy_xhat.to(weight.dtype) if needs[1] and weight is not None else None
+    dbias = sum_dy.to(bias_dtype) if needs[2] and bias_dtype is not None else None
+    return dx, dweight, dbias
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """Normalize with given global statistics; backward reduces ``[sum dy, sum dy*xhat]``.
+
+    ``mean``/``invstd`` come in detached (computed once in forward); the backward
+    accounts for their dependence on ``x`` in closed form. Under ``create_graph`` the
+    backward recomputes the statistics differentiably so that double backward is exact.
+    Saves ``x``, ``weight``, ``mean``, ``invstd`` (as torch's BatchNorm does).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        mean: Tensor,
+        invstd: Tensor,
+        big_n: Tensor,
+        eps: float,
+        group: ProcessGroup | None,
+    ) -> Tensor:
+        ctx.save_for_backward(x, weight, mean, invstd, big_n)
+        ctx.eps, ctx.group = eps, group
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        scale = invstd if weight is None else weight.to(invstd.dtype) * invstd  # (C,)
+        shift = -mean * scale if bias is None else bias.to(invstd.dtype) - mean * scale
+        y = x.to(invstd.dtype) * _channel_view(scale, x) + _channel_view(shift, x)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, mean, invstd, big_n = ctx.saved_tensors
+        needs = (
+            ctx.needs_input_grad[0],
+            weight is not None and ctx.needs_input_grad[1],
+            ctx.has_bias and ctx.needs_input_grad[2],
+        )
+        if torch.is_grad_enabled():
+            # create_graph: the saved statistics are constants; recompute them as
+            # functions of x so that d(dx)/dx includes their dependence on x.
+            mean, var, big_n = _global_moments(x, ctx.group)
+            invstd = torch.rsqrt(var + ctx.eps)
+        dx, dweight, dbias = _backward(
+            dy, x, weight, mean, invstd, big_n, ctx.group, needs, ctx.bias_dtype
+        )
+        return dx, dweight, dbias, None, None, None, None, None
+
+
+def sync_batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    process_group: ProcessGroup | None = None,
+) -> Tensor:
+    """Batch normalization with batch statistics shared across ``process_group``.
+
+    Always uses the batch statistics (the training-mode computation) and updates
+    ``running_mean``/``running_var`` in place when given:
+    ``running = (1 - momentum) * running + momentum * batch``, the variance unbiased
+    with the global count ``N / (N - 1)``. Without torch.distributed initialized (or a
+    group of one) the all-reduces are identities: it is exactly local batch norm.
+    See :class:`SyncBatchNorm` for the formulas.
+
+    Args:
+        input: ``(N, C, *)`` on this rank; ``N`` may differ between ranks.
+        running_mean, running_var: ``(C,)`` buffers to update, or None.
+        weight, bias: ``(C,)`` affine parameters, or None.
+        momentum: running-statistics factor (the caller resolves ``momentum=None``).
+        eps: added to the variance.
+        process_group: the group to share statistics in; None means the whole world.
+
+    Raises:
+        ValueError: fewer than two values per channel over the whole group.
+    """
+    if input.dim() < 2:
+        raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+    c = input.shape[1]
+    with torch.no_grad():
+        mean, var, big_n = _global_moments(input.detach(), process_group)
+    if input.numel() // max(c, 1) <= 1 and big_n.item() <= 1:
+        # Only checked on the host when this rank alone cannot rule it out: the
+        # global count lives on the device and reading it costs a sync.
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got input size "
+            f"{tuple(input.shape)} (summed over the process group)"
+        )
+    if running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            unbiased = var * (big_n / (big_n - 1).clamp_min(1)).to(var.dtype)
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+    invstd = torch.rsqrt(var + eps)
+    return _SyncBatchNormFunction.apply(
+        input, weight, bias, mean, invstd, big_n, eps, process_group
+    )
+
+
+class SyncBatchNorm(nn.Module):
+    """Batch normalization whose batch statistics span a torch.distributed group.
+
+    ``y = (x - E[x]) / sqrt(Var[x] + eps) * gamma + beta`` where ``E`` and ``Var``
+    (biased) run over the batch of *every* process in the group and, per channel,
+    over all dims but dim 1. Works on any backend (gloo on CPU, NCCL on CUDA) and any
+    number of ranks with unequal batch sizes; with torch.distributed uninitialized, a
+    group of one, or in eval mode it is local BatchNorm. Ioffe & Szegedy 2015
+    (arXiv 1502.03167); the cross-process statistics follow torch.nn.SyncBatchNorm.
+
+    Parameters, buffers, defaults and running-statistics semantics are those of
+    torch.nn.BatchNorm (``running = (1 - m) * running + m * batch``, ``momentum=None``
+    a cumulative average, unbiased running variance using the global count), so a
+    BatchNorm state_dict loads into it and back. Parameter gradients are local sums
+    (DDP averages them across ranks as for any parameter).
+
+    Args:
+        num_features: channels ``C``.
+        eps: added to the variance. Default: 1e-5.
+        momentum: running-statistics factor, or None for a cumulative average. Default: 0.1.
+        affine: learnable ``gamma`` (weight) and ``beta`` (bias). Default: True.
+        track_running_stats: keep running statistics for eval. Default: True.
+        process_group: the group to synchronize in; None means the whole world.
+
+    Shape:
+        Input ``(N, C, *)``, output the same.
+
+    Example:
+        >>> bn = SyncBatchNorm(16)  # shares statistics once dist.init_process_group ran
+        >>> bn(torch.randn(4, 16, 8, 8)).shape
+        torch.Size([4, 16, 8, 8])
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps!r}")
+        super().__init__()
+        fk = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.process_group = process_group
+        # The class this layer replaced (set by convert_sync_batchnorm and the
+        # registry), so that revert_sync_batchnorm can restore it.
+        self.original_class: type[nn.Module] | None = None
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **fk))
+            self.bias = nn.Parameter(torch.empty(num_features, **fk))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **fk))
+            self.register_buffer("running_var", torch.ones(num_features, **fk))
+            self.register_buffer(
+                "num_batches_tracked",
+                torch.tensor(0, dtype=torch.long, device=device),
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"expected input with {self.num_features} channels in dim 1 "
+                f"(num_features), got shape {tuple(input.shape)}"
+            )
+        # As torch's SyncBatchNorm: synchronize only in training. Eval may run on one
+        # rank alone (validation on rank 0) and must not wait for the others.
+        if self.training and _world_size(self.process_group) > 1:
+            factor = 0.0 if self.momentum is None else self.momentum
+            if self.track_running_stats:
+                self.num_batches_tracked.add_(1)
+                if self.momentum is None:  # cumulative moving average
+                    factor = 1.0 / float(self.num_batches_tracked)
+            return sync_batch_norm(
+                input,
+                self.running_mean if self.track_running_stats else None,
+                self.running_var if self.track_running_stats else None,
+                self.weight,
+                self.bias,
+                factor,
+                self.eps,
+                self.process_group,
+            )
+        # Alone: exactly covshift's (and torch's) BatchNorm.
+        use_batch_stats = self.training or self.running_mean is None
+        pass_buffers = not self.training or self.track_running_stats
+        counting = self.training and self.track_running_stats
+        return CF.batch_norm(
+            input,
+            self.running_mean if pass_buffers else None,
+            self.running_var if pass_buffers else None,
+            self.weight,
+            self.bias,
+            training=use_batch_stats,
+            momentum=self.momentum,
+            eps=self.eps,
+            num_batches_tracked=self.num_batches_tracked if counting else None,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+        )
+
+    @classmethod
+    def convert_sync_batchnorm(
+        cls, module: nn.Module, process_group: ProcessGroup | None = None
+    ) -> nn.Module:
+        """Replace every BatchNorm{1,2,3}d (torch's, covshift's, torch's SyncBatchNorm)
+        in ``module`` by a :class:`SyncBatchNorm` sharing its parameters and buffers.
+
+        The parameter and buffer *objects* are reused, so an optimizer built before
+        the conversion keeps working. Subclasses that override ``forward`` (e.g. a BN
+        fused with an activation) are left alone, with a warning: converting them would
+        drop their extra behaviour. Returns ``module`` itself, or its replacement when
+        ``module`` is a BatchNorm.
+
+        Example:
+            >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+            >>> net = SyncBatchNorm.convert_sync_batchnorm(net)
+            >>> type(net[1]).__name__
+            'SyncBatchNorm'
+        """
+
+        def swap(m: nn.Module) -> nn.Module | None:
+            if isinstance(m, cls) or not _is_plain_batchnorm(m, warn=True):
+                return None
+            new = cls(
+                m.num_features,
+                m.eps,
+                m.momentum,
+                m.affine,
+                m.track_running_stats,
+                process_group,
+            )
+            new.original_class = getattr(m, "original_class", None) or type(m)
+            _share_state(m, new)
+            return new
+
+        return _replace_modules(module, swap)
+
+    @staticmethod
+    def revert_sync_batchnorm(module: nn.Module, to: type[nn.Module] | None = None) -> nn.Module:
+        """Replace every SyncBatchNorm (covshift's or torch's) by a plain BatchNorm.
+
+        The class is the one recorded by :meth:`convert_sync_batchnorm` (or by
+        ``create_norm("sync_batch", dims=...)``); ``to`` names it for layers without a
+        record (a SyncBatchNorm built directly). Parameters and buffers are shared, as
+        in the conversion. Returns ``module`` itself, or its replacement.
+
+        Raises:
+            ValueError: a SyncBatchNorm with no recorded class and ``to`` is None (the
+                input rank decides between BatchNorm1d/2d/3d and only you know it).
+        """
+
+        def swap(m: nn.Module) -> nn.Module | None:
+            if not isinstance(m, (SyncBatchNorm, nn.SyncBatchNorm)):
+                return None
+            target = getattr(m, "original_class", None) or to
+            if target is None:
+                raise ValueError(
+                    f"{type(m).__name__}({m.num_features}) has no record of the class it "
+                    "replaced; pass to=nn.BatchNorm1d/2d/3d (or covshift's) to revert it"
+                )
+            new = target(
+                m.num_features,
+                eps=m.eps,
+                momentum=m.momentum,
+                affine=m.affine,
+                track_running_stats=m.track_running_stats,
+            )
+            _share_state(m, new)
+            return new
+
+        return _replace_modules(module, swap)
+
+
+def _batchnorm_bases() -> tuple[type[nn.Module], ...]:
+    """The BatchNorm classes with batch statistics and no extra behaviour."""
+    bases: list[type[nn.Module]] = [
+        nn.BatchNorm1d,
+        nn.BatchNorm2d,
+        nn.BatchNorm3d,
+        nn.SyncBatchNorm,
+    ]
+    try:  # covshift's own, once they exist (imported lazily: layers may import us)
+        from covshift.nn import layers
+
+        bases += [
+            getattr(layers, f"BatchNorm{d}d")
+            for d in (1, 2, 3)
+            if hasattr(layers, f"BatchNorm{d}d")
+        ]
+    except ImportError:
+        pass
+    return tuple(bases)
+
+
+def _is_plain_batchnorm(m: nn.Module, *, warn: bool = False) -> bool:
+    """True for a BatchNorm (or a subclass that keeps its base's ``forward``, e.g. a
+    timm-style subclass adding attributes); a subclass with its own ``forward``
+    (a fused activation, Batch Renorm, Ghost BN) is not plain: swapping it would
+    change what it computes."""
+    for base in _batchnorm_bases():
+        if isinstance(m, base):
+            if type(m).forward is base.forward:
+                return True
+            if warn:
+                warnings.warn(
+                    f"{type(m).__name__} subclasses {base.__name__} but overrides forward; "
+                    "left unconverted (converting it would drop its extra behaviour)",
+                    stacklevel=4,
+                )
+            return False
+    return False
+
+
+def _share_state(src: nn.Module, dst: nn.Module) -> None:
+    """Make ``dst`` use ``src``'s parameter and buffer objects, and its mode."""
+    with torch.no_grad():
+        if src.weight is not None and dst.weight is not None:
+            dst.weight = src.weight
+            dst.bias = src.bias
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            if getattr(src, name, None) is not None and getattr(dst, name, None) is not None:
+                setattr(dst, name, getattr(src, name))
+    dst.train(src.training)
+
+
+def _replace_modules(root: nn.Module, swap: Any) -> nn.Module:
+    """Apply ``swap(m) -> replacement | None`` to ``root`` and, below replaced-not
+    modules, to every descendant; a module shared by several parents is replaced once."""
+    done: dict[int, nn.Module | None] = {}
+
+    def visit(m: nn.Module) -> nn.Module:
+        if id(m) not in done:
+            done[id(m)] = swap(m)
+            if done[id(m)] is None:
+                for name, child in list(m.named_children()):
+                    new = visit(child)
+                    if new is not child:
+                        setattr(m, name, new)
+        return done[id(m)] or m
+
+    return visit(root)
