@@ -56,7 +56,11 @@ def test_run_json(tmp_path: Path) -> None:
 def test_run_table_then_runs_and_report(tmp_path: Path) -> None:
     proc = covshift("run", "ioffe2015", *QUICK, "--quiet", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "test accuracy and drift" in proc.stdout and "Report:" in proc.stdout
+    assert (
+        "headline numbers" in proc.stdout
+        and "drift hidden.2.act" in proc.stdout
+        and "Report:" in proc.stdout
+    )
     runs = covshift("runs", cwd=tmp_path)
     assert runs.returncode == 0
     assert "baseline" in runs.stdout and "batchnorm" in runs.stdout and "finished" in runs.stdout

@@ -96,6 +96,15 @@ def test_claim_verdicts() -> None:
     assert evaluate_claim(lo, nets)["verdict"] == "holds"
     assert evaluate_claim(wrong, nets)["verdict"] == "does not hold"
     assert evaluate_claim(missing, nets)["verdict"] == "not measured"
+    tie = {"a": {"x": 1.0}, "b": {"x": 1.0}}
+    for direction, verdict in [
+        ("higher", "does not hold"),
+        ("not_lower", "holds"),
+        ("lower", "does not hold"),
+        ("not_higher", "holds"),
+    ]:
+        claim = ClaimSpec(text="t", metric="x", better="a", than="b", direction=direction)
+        assert evaluate_claim(claim, tie)["verdict"] == verdict
 
 
 def test_run_summary_and_report(tmp_path: Path) -> None:

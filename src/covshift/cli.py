@@ -92,24 +92,22 @@ def _report_dir(store: Store, experiment_id: str, out: Path | None) -> Path:
 
 
 def _summary_table(summary: dict[str, Any], config: ExperimentConfig) -> Table:
-    checkpoints = [str(c) for c in config.report.checkpoints] + ["final"]
-    table = Table(title=f"{summary['experiment']}: test accuracy and drift")
-    table.add_column("network")
-    for c in checkpoints:
-        table.add_column(f"acc@{c}" if c != "final" else "acc final", justify="right")
+    # One column per network, one row per number: fits a terminal for a few networks.
+    nets = list(summary["networks"].values())
+    table = Table(title=f"{summary['experiment']}: headline numbers")
+    table.add_column("number")
+    for n in nets:
+        table.add_column(n["label"], justify="right")
+    for c in [str(c) for c in config.report.checkpoints] + ["final"]:
+        name = f"test accuracy at step {c}" if c != "final" else "test accuracy, last step"
+        values = [(n.get("test_accuracy") or {}).get(c) for n in nets]
+        table.add_row(name, *[f"{v:.4f}" if v is not None else "-" for v in values])
     layers: list[str] = []
-    for n in summary["networks"].values():
+    for n in nets:
         layers += [x for x in (n.get("drift") or {}) if x not in layers]
     for layer in layers:
-        table.add_column(f"drift {layer}", justify="right")
-    for n in summary["networks"].values():
-        acc = n.get("test_accuracy") or {}
-        drift = n.get("drift") or {}
-        table.add_row(
-            n["label"],
-            *[f"{acc[c]:.4f}" if acc.get(c) is not None else "-" for c in checkpoints],
-            *[f"{drift[x]:.3f}" if drift.get(x) is not None else "-" for x in layers],
-        )
+        values = [(n.get("drift") or {}).get(layer) for n in nets]
+        table.add_row(f"drift {layer}", *[f"{v:.3f}" if v is not None else "-" for v in values])
     return table
 
 

@@ -129,14 +129,15 @@ class ClaimSpec(_Strict):
 
     ``metric`` is a ``/``-separated path into a network's summary (for example
     ``test_accuracy/1000`` or ``drift/hidden.2.act``); the claim holds when network
-    ``better`` has a ``direction`` (higher or lower) value than network ``than``.
+    ``better``'s value compares to network ``than``'s as ``direction`` says: strictly
+    ``higher`` or ``lower``, or ``not_lower`` / ``not_higher`` (ties hold).
     """
 
     text: str
     metric: str
     better: str
     than: str
-    direction: Literal["higher", "lower"]
+    direction: Literal["higher", "lower", "not_lower", "not_higher"]
 
 
 class ExperimentConfig(_Strict):

@@ -86,12 +86,16 @@ def evaluate_claim(claim: ClaimSpec, networks: dict[str, Any]) -> dict[str, Any]
     ``not measured`` (a value is missing, e.g. the run was shorter than the checkpoint)."""
     better = _lookup(networks.get(claim.better, {}), claim.metric)
     than = _lookup(networks.get(claim.than, {}), claim.metric)
+    holds = {
+        "higher": lambda a, b: a > b,
+        "lower": lambda a, b: a < b,
+        "not_lower": lambda a, b: a >= b,
+        "not_higher": lambda a, b: a <= b,
+    }[claim.direction]
     if better is None or than is None:
         verdict = "not measured"
-    elif claim.direction == "higher":
-        verdict = "holds" if better > than else "does not hold"
     else:
-        verdict = "holds" if better < than else "does not hold"
+        verdict = "holds" if holds(better, than) else "does not hold"
     return {
         "text": claim.text,
         "metric": claim.metric,
