@@ -1,27 +1,43 @@
 """Forward+backward time and memory of covshift's normalization layers against torch.nn's.
 
-Each row builds the torch.nn layer and covshift's with the same state, then times
-``y = layer(x); autograd.grad(y, [x, *params], g)`` for both, *interleaved* (torch,
-covshift, torch, ...) so that background load hits both alike, and reports medians
-and their ratio covshift / torch (below 1.0: covshift is faster); with
-torch.compile both layers are compiled, and "vs torch eager" compares compiled covshift
-with torch.nn's eager layer (what a user switching to covshift + compile gets). Memory columns:
-bytes autograd saves for backward (``saved_tensors_hooks``, distinct storages) and
-the peak of tensor bytes allocated during forward+backward above what was live
-before (CPU: from the profiler's per-op memory records, an approximation that cannot
-see inside a single kernel; CUDA: ``max_memory_allocated``).
+For each row the torch.nn layer and covshift's are built with the same state, and
+``y = layer(x); autograd.grad(y, [x, *params], g)`` is timed for three contenders:
+torch.nn, covshift with its native CPU kernels ("native", :mod:`covshift.nn._native`)
+and covshift's pure-PyTorch path ("pure", the native kernels switched off). Samples
+are *interleaved* (torch, native, pure, torch, ...) so that background load on a
+shared machine hits all alike; each sample runs the step enough times to last a few
+milliseconds (small shapes); the table shows medians and the ratios to torch.nn
+(below 1.0: covshift is faster), and the ratio of the fastest samples ("n/t min", less
+moved by a preempted sample on a busy machine). The last row times one SGD training step of the
+Ioffe & Szegedy MLP (``build_mlp(784, 10, norm="batch")``, batch 60) against the same
+model with torch.nn.BatchNorm1d swapped in.
 
-    python benchmarks/norm_speed.py            # eager and torch.compile
-    python benchmarks/norm_speed.py --quick    # fewer repeats, eager only
+Memory columns: bytes autograd saves for backward (``saved_tensors_hooks``, distinct
+storages) and the peak of tensor bytes allocated during forward+backward above what
+was live before (CPU: from the profiler's per-op memory records, an approximation that
+cannot see inside a single kernel; CUDA: ``max_memory_allocated``).
+
+With ``--compile`` both layers also run under torch.compile (covshift then takes its
+plain graph path: inductor fuses it; the native kernels are for eager mode).
+
+The native extension builds at first use; the header line reports how long that took
+(``--fresh-build`` compiles into an empty cache to measure the compile itself).
+
+    python benchmarks/norm_speed.py                  # eager, the machine's threads
+    python benchmarks/norm_speed.py --threads 1 2    # one table per thread count
+    python benchmarks/norm_speed.py --quick          # fewer repeats
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from rich.console import Console
@@ -29,6 +45,8 @@ from rich.table import Table
 from torch import nn
 
 import covshift.nn as cn
+from covshift.models import build_mlp
+from covshift.nn import _native
 
 
 @dataclass(frozen=True)
@@ -49,29 +67,33 @@ CASES = [
     Case("InstanceNorm2d", (64,), (64, 64, 32, 32)),
     Case("LayerNorm", (768,), (64, 256, 768)),
     Case("RMSNorm", (768,), (64, 256, 768)),
+    # Small shapes, where per-call overhead rules: Ioffe's MLP layer.
+    Case("BatchNorm1d", (100,), (60, 100)),
+    Case("LayerNorm", (100,), (60, 100)),
 ]
+CONTENDERS = ("torch", "native", "pure")  # native: None for "not covshift"
+_NATIVE_FLAG = {"torch": None, "native": True, "pure": False}
 
 
 @dataclass
 class Result:
-    ms: list[float]
-    saved: int
-    peak: int | None
+    ms: list[float] = field(default_factory=list)
+    saved: int | None = None
+    peak: int | None = None
 
 
 def _layers(case: Case, device: torch.device) -> tuple[nn.Module, nn.Module]:
-    theirs = getattr(nn, case.name)(*case.args, device=device)
-    ours = getattr(cn, case.name)(*case.args, device=device)
+    kw = {"affine": True} if case.name.startswith("InstanceNorm") else {}
+    theirs = getattr(nn, case.name)(*case.args, device=device, **kw)
+    ours = getattr(cn, case.name)(*case.args, device=device, **kw)
     with torch.no_grad():
         for p in theirs.parameters():
             p.copy_(torch.rand_like(p) + 0.5)
     ours.load_state_dict(theirs.state_dict())
-    return ours.train(), theirs.train()
+    return theirs.train(), ours.train()
 
 
-def _step(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:
-    params = [x, *layer.parameters()]
-
+def _step(layer: Callable[[torch.Tensor], torch.Tensor], params: list, x, g) -> Callable[[], None]:
     def run() -> None:
         y = layer(x)
         torch.autograd.grad(y, params, g)
@@ -79,12 +101,42 @@ def _step(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Callable[[], No
     return run
 
 
+def _mlp_steps(device: torch.device) -> dict[str, Callable[[], None]]:
+    """One SGD step of Ioffe's MLP (3 x 100 sigmoid, BN before each sigmoid, batch 60)."""
+    torch.manual_seed(0)
+    ours = build_mlp(784, 10, norm="batch").to(device).train()
+    models = {
+        "torch": cn.convert(copy.deepcopy(ours), to="torch", on_drop="ignore"),
+        "native": ours,
+        "pure": copy.deepcopy(ours),
+    }
+    # A fixed pool of batches, cycled: each model sees the same sequence, so that the
+    # three stay numerically alike as they train (no one drifts into denormals alone).
+    xs = torch.rand(16, 60, 784, device=device)
+    targets = torch.randint(0, 10, (16, 60), device=device)
+    steps = {}
+    for key, model in models.items():
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        counter = [0]
+
+        def run(
+            model: nn.Module = model, opt: torch.optim.Optimizer = opt, i: list[int] = counter
+        ) -> None:
+            k = i[0] = (i[0] + 1) % len(xs)
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(xs[k]), targets[k]).backward()
+            opt.step()
+
+        steps[key] = run
+    return steps
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
+def _saved_bytes(run_forward: Callable[[], object]) -> int:
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -93,7 +145,7 @@ def _saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x)
+        run_forward()
     return sum(storages.values())
 
 
@@ -127,87 +179,163 @@ def _peak_bytes(run: Callable[[], None], device: torch.device) -> int | None:
         return None
 
 
-def measure(
-    case: Case,
+def _timed(
+    runs: dict[str, Callable[[], None]],
     device: torch.device,
     repeats: int,
-    compile_mode: bool,
-) -> tuple[Result, Result]:
-    torch.manual_seed(0)
-    x = torch.randn(case.shape, device=device, requires_grad=True)
-    g = torch.randn(case.shape, device=device)
-    ours, theirs = _layers(case, device)
-    runs, results = [], []
-    for layer in (theirs, ours):
-        fn = torch.compile(layer) if compile_mode else layer
-        run = _step(fn, x, g)
-        for _ in range(3):  # warm-up (and compile)
-            run()
-        _sync(device)
-        runs.append(run)
-        results.append(Result([], _saved_bytes(fn, x), _peak_bytes(run, device)))
-    for _ in range(repeats):
-        for run, res in zip(runs, results, strict=True):
+    results: dict[str, Result],
+) -> None:
+    """Interleaved samples of every contender; each sample lasts >= ~5 ms."""
+    inner = {}
+    for key, run in runs.items():
+        with _native.use_native(bool(_NATIVE_FLAG[key])):
+            for _ in range(3):  # warm-up (and compile)
+                run()
             _sync(device)
             start = time.perf_counter()
             run()
             _sync(device)
-            res.ms.append((time.perf_counter() - start) * 1e3)
-    return results[0], results[1]
+            once = time.perf_counter() - start
+        inner[key] = max(1, min(2000, int(5e-3 / max(once, 1e-7))))
+    n = max(inner.values())  # the same count for all: equal exposure to noise
+    # Short steps get more (cheap) samples: on a shared machine one preempted sample
+    # moves a small median a lot.
+    if n > 1:
+        repeats *= 4
+    for _ in range(repeats):
+        for key, run in runs.items():
+            with _native.use_native(bool(_NATIVE_FLAG[key])):
+                _sync(device)
+                start = time.perf_counter()
+                for _ in range(n):
+                    run()
+                _sync(device)
+                results[key].ms.append((time.perf_counter() - start) * 1e3 / n)
+
+
+def measure_case(
+    case: Case, device: torch.device, repeats: int, compiled: bool
+) -> dict[str, Result]:
+    torch.manual_seed(0)
+    x = torch.randn(case.shape, device=device, requires_grad=True)
+    g = torch.randn(case.shape, device=device)
+    theirs, ours = _layers(case, device)
+    runs: dict[str, Callable[[], None]] = {}
+    results: dict[str, Result] = {}
+    for key in CONTENDERS if not compiled else ("torch", "native"):
+        layer = theirs if key == "torch" else ours
+        fn = torch.compile(layer) if compiled else layer
+        runs[key] = _step(fn, [x, *layer.parameters()], x, g)
+        with _native.use_native(bool(_NATIVE_FLAG[key])):
+            results[key] = Result(
+                saved=_saved_bytes(lambda fn=fn: fn(x)), peak=_peak_bytes(runs[key], device)
+            )
+    _timed(runs, device, repeats, results)
+    return results
 
 
 def _mb(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:.1f}"
 
 
+def _table(title: str) -> Table:
+    table = Table(title=title)
+    for col in ("layer", "input", "mode"):
+        table.add_column(col)
+    for col in (
+        "torch ms",
+        "native ms",
+        "pure ms",
+        "native/torch",
+        "pure/torch",
+        "n/t min",
+        "saved MB t/n/p",
+        "peak MB t/n/p",
+    ):
+        table.add_column(col, justify="right")
+    return table
+
+
+def _ratio(num: Result | None, den: Result) -> str:
+    if num is None:
+        return "-"
+    r = statistics.median(num.ms) / statistics.median(den.ms)
+    style = "green" if r <= 1.0 else "red"
+    return f"[{style}]{r:.2f}[/{style}]"
+
+
+def _row(table: Table, label: str, shape: str, mode: str, res: dict[str, Result]) -> None:
+    t, n, p = res["torch"], res.get("native"), res.get("pure")
+
+    def ms(r: Result | None) -> str:
+        if r is None:
+            return "-"
+        med = statistics.median(r.ms)
+        return f"{med * 1e3:.0f} us" if med < 1 else f"{med:.2f}"
+
+    def mem(attr: str) -> str:
+        return " / ".join(_mb(getattr(r, attr)) if r else "-" for r in (t, n, p))
+
+    table.add_row(
+        label,
+        shape,
+        mode,
+        ms(t),
+        ms(n),
+        ms(p),
+        _ratio(n, t),
+        _ratio(p, t),
+        "-" if n is None else f"{min(n.ms) / min(t.ms):.2f}",
+        mem("saved"),
+        mem("peak"),
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="5 repeats, eager only")
-    parser.add_argument("--repeats", type=int, default=15, help="timed runs per layer")
-    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile rows")
+    parser.add_argument("--quick", action="store_true", help="5 repeats")
+    parser.add_argument("--repeats", type=int, default=15, help="timed samples per contender")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile rows")
     parser.add_argument("--only", nargs="*", help="layer names to run (default: all)")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads")
+    parser.add_argument("--no-mlp", action="store_true", help="skip the MLP training step")
+    parser.add_argument("--threads", type=int, nargs="*", help="torch.set_num_threads values")
+    parser.add_argument("--fresh-build", action="store_true", help="compile into an empty cache")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    console = Console(width=170)
+    if args.fresh_build:
+        os.environ["COVSHIFT_CACHE_DIR"] = tempfile.mkdtemp(prefix="covshift-ext-")
     device = torch.device(args.device)
     repeats = 5 if args.quick else args.repeats
-    modes = [False] if (args.quick or args.no_compile) else [False, True]
-    console = Console(width=150)
-    table = Table(
-        title=f"forward+backward, {device}, {torch.get_num_threads()} threads, "
-        f"median of {repeats} (torch {torch.__version__})"
+    start = time.perf_counter()
+    with _native.use_native(True):
+        ok = _native.available()
+    took = time.perf_counter() - start
+    what = "compiled" if args.fresh_build else "built or loaded from cache"
+    console.print(
+        f"native extension: {'ready' if ok else 'UNAVAILABLE (native = pure)'}, "
+        f"{what} in {took:.1f} s (cache: {_native.cache_dir()})"
     )
-    for col in ("layer", "input", "mode", "torch ms", "covshift ms", "ratio"):
-        table.add_column(col, justify="left" if col in ("layer", "input", "mode") else "right")
-    table.add_column("vs torch eager", justify="right")
-    for col in ("saved MB torch/ours", "peak MB torch/ours"):
-        table.add_column(col, justify="right")
-    for case in CASES:
-        if args.only and case.name not in args.only:
-            continue
-        eager_torch_ms = float("nan")
-        for compiled in modes:
-            theirs, ours = measure(case, device, repeats, compiled)
-            t_ms, o_ms = statistics.median(theirs.ms), statistics.median(ours.ms)
-            if not compiled:
-                eager_torch_ms = t_ms
-            ratio = o_ms / t_ms
-            style = "green" if ratio <= 1.0 else "red"
-            table.add_row(
-                case.label,
-                "x".join(map(str, case.shape)),
-                "compile" if compiled else "eager",
-                f"{t_ms:.2f}",
-                f"{o_ms:.2f}",
-                f"[{style}]{ratio:.2f}[/{style}]",
-                f"{o_ms / eager_torch_ms:.2f}",
-                f"{_mb(theirs.saved)} / {_mb(ours.saved)}",
-                f"{_mb(theirs.peak)} / {_mb(ours.peak)}",
-            )
-            console.log(f"{case.label} {'compile' if compiled else 'eager'}: ratio {ratio:.2f}")
-    console.print(table)
+    for threads in args.threads or [torch.get_num_threads()]:
+        torch.set_num_threads(threads)
+        table = _table(
+            f"forward+backward, {device}, {threads} thread(s), median of {repeats} interleaved "
+            f"samples (torch {torch.__version__})"
+        )
+        for case in CASES:
+            if args.only and case.name not in args.only:
+                continue
+            for compiled in [False, True] if args.compile else [False]:
+                res = measure_case(case, device, repeats, compiled)
+                mode = "compile" if compiled else "eager"
+                _row(table, case.label, "x".join(map(str, case.shape)), mode, res)
+                ratio = statistics.median(res["native"].ms) / statistics.median(res["torch"].ms)
+                console.log(f"{case.label} {case.shape} {mode}: native/torch {ratio:.2f}")
+        if not args.no_mlp:
+            results = {k: Result() for k in CONTENDERS}
+            _timed(_mlp_steps(device), device, repeats, results)
+            _row(table, "Ioffe MLP SGD step", "60x784, 3x100+BN", "eager", results)
+        console.print(table)
 
 
 if __name__ == "__main__":

@@ -58,8 +58,11 @@ class NormalizeFunction(torch.autograd.Function):
         dx, dw, db = F.normalize_bwd(
             grad_y, x, mean, rstd, weight, ctx.layout, (need_x, need_w, need_b)
         )
-        if dw is not None:
+        # Gradients in the parameters' dtype (the compute dtype may be wider).
+        if dw is not None and dw.dtype != weight.dtype:
             dw = dw.to(weight.dtype)
         if db is not None:
-            db = db.to(grad_y.dtype if weight is None else weight.dtype)
+            dtype = grad_y.dtype if weight is None else weight.dtype
+            if db.dtype != dtype:
+                db = db.to(dtype)
         return dx, dw, db, None, None, None

@@ -145,6 +145,9 @@ def normalize_with_stats(
         weight_shape=None if weight is None else weight.shape,
         bias_shape=None if bias is None else bias.shape,
     )
+    native = _native.normalize(x, weight, bias, layout, float(eps), subtract_mean)
+    if native is not None:  # fused CPU kernels, autograd node in C++
+        return native
     y, mean, var = _autograd.NormalizeFunction.apply(
         x, weight, bias, layout, float(eps), subtract_mean
     )
@@ -250,10 +253,24 @@ def batch_norm(
         return _affine_with_stats(x, running_mean, running_var, weight, bias, eps, channel_dim=1)
 
     factor = _update_factor(momentum, num_batches_tracked, running_mean is not None)
-    y, mean, var = normalize_with_stats(x, reduce_dims, weight, bias, eps=eps, channel_dim=1)
-    if running_mean is not None or running_var is not None:
+    tracking = running_mean is not None or running_var is not None
+    if tracking:
+        # The native path normalizes and updates the buffers in one call.
         count = _count(x.shape, reduce_dims)
-        _update_running(running_mean, running_var, mean, var, count, factor)
+        layout = resolve_layout(
+            x.shape,
+            reduce_dims,
+            channel_dim=1,
+            weight_shape=None if weight is None else weight.shape,
+            bias_shape=None if bias is None else bias.shape,
+        )
+        running = (running_mean, running_var, factor, count / max(count - 1, 1))
+        native = _native.normalize(x, weight, bias, layout, float(eps), True, running)
+        if native is not None:
+            return native[0]
+    y, mean, var = normalize_with_stats(x, reduce_dims, weight, bias, eps=eps, channel_dim=1)
+    if tracking:
+        _update_running(running_mean, running_var, mean, var, _count(x.shape, reduce_dims), factor)
     return y
 
 
@@ -416,6 +433,15 @@ class NormLayout:
     count: int
     param_shape: tuple[int, ...] | None = None
 
+    def __hash__(self) -> int:
+        # Layouts key caches on every call (the native kernels' plans): hash the
+        # fields once, not on every lookup.
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash(tuple(getattr(self, f) for f in self.__dataclass_fields__))
+            object.__setattr__(self, "_hash", h)
+        return h
+
     @property
     def affine_dims(self) -> tuple[int, ...]:
         """Dims of the view along which the affine is constant (dw, db sum over them)."""
@@ -435,10 +461,43 @@ def resolve_layout(
 ) -> NormLayout:
     """Check the arguments of :func:`normalize` against ``x``'s shape and resolve the view.
 
+    Layouts are remembered per argument set (eagerly; not under torch.compile, which
+    sees symbolic shapes): resolving costs more than a small normalization itself.
+
     Raises:
         ValueError: bad dims, groups that do not divide the channels, an affine whose
             shape does not fit.
     """
+    if torch.compiler.is_compiling():
+        return _resolve_layout(shape, reduce_dims, groups, channel_dim, weight_shape, bias_shape)
+    key = (
+        tuple(shape),
+        reduce_dims if isinstance(reduce_dims, int) else tuple(reduce_dims),
+        groups,
+        channel_dim,
+        None if weight_shape is None else tuple(weight_shape),
+        None if bias_shape is None else tuple(bias_shape),
+    )
+    layout = _layouts.get(key)
+    if layout is None:
+        layout = _resolve_layout(*key)
+        if len(_layouts) > 4096:  # many shapes seen: start over rather than grow forever
+            _layouts.clear()
+        _layouts[key] = layout
+    return layout
+
+
+_layouts: dict[tuple, NormLayout] = {}
+
+
+def _resolve_layout(
+    shape: Sequence[int],
+    reduce_dims: Dims,
+    groups: int | None,
+    channel_dim: int | None,
+    weight_shape: Sequence[int] | None,
+    bias_shape: Sequence[int] | None,
+) -> NormLayout:
     shape = tuple(int(n) for n in shape)
     ndim = len(shape)
     dims = _normalize_dims(reduce_dims, ndim, "reduce_dims")
@@ -526,9 +585,14 @@ def normalize_fwd(
     Per channel (BatchNorm, GroupNorm, InstanceNorm) the normalization and the affine
     fold into one scale ``y = (x - μ) · (rstd · w) + b``; for a trailing affine
     (LayerNorm) ``y = ((x - μ) · rstd) · w + b``. With grad mode off on the CPU (as in
-    the autograd wrapper) this runs piecewise in place (``_fwd_fast``); otherwise, on
-    GPUs and under torch.compile, with plain out-of-place ops (``_fwd_graph``).
+    the autograd wrapper) this runs in the fused native kernels (:mod:`._native`) when
+    they apply and build, else piecewise in place (``_fwd_fast``); otherwise, on GPUs
+    and under torch.compile, with plain out-of-place ops (``_fwd_graph``).
     """
+    if not torch.is_grad_enabled():
+        out = _native.forward(x, weight, bias, layout, eps, subtract_mean)
+        if out is not None:
+            return out
     plan = None if torch.is_grad_enabled() else _chunk_plan(layout, x, compute_dtype(x.dtype))
     if plan is None:
         return _fwd_graph(x, weight, bias, layout, eps, subtract_mean)
@@ -556,8 +620,13 @@ def normalize_bwd(
     With grad mode on (the autograd wrapper under ``create_graph``, after recomputing
     ``mean``/``rstd`` from ``x`` differentiably) it uses plain out-of-place ops, which
     autograd differentiates again: double backward. With grad mode off on the CPU it
-    computes the same terms piecewise in place (``_bwd_fast``). See docs/derivations.md.
+    computes the same terms in the fused native kernels (:mod:`._native`), or piecewise
+    in place (``_bwd_fast``) where they do not apply. See docs/derivations.md.
     """
+    if not torch.is_grad_enabled():
+        out = _native.backward(grad_out, x, mean, rstd, weight, layout, needs)
+        if out is not None:
+            return out
     plan = None if torch.is_grad_enabled() else _chunk_plan(layout, x, rstd.dtype)
     if plan is None:
         return _bwd_graph(grad_out, x, mean, rstd, weight, layout, needs)
@@ -1004,7 +1073,6 @@ def _update_factor(
     return 1.0 / float(num_batches_tracked)
 
 
-@torch.no_grad()
 def _update_running(
     running_mean: Tensor | None,
     running_var: Tensor | None,
@@ -1015,11 +1083,14 @@ def _update_running(
 ) -> None:
     # running = (1 - m) · running + m · batch (torch's convention, not Keras's), with
     # the unbiased variance (Bessel's correction M / (M - 1)) in running_var.
-    if running_mean is not None:
-        running_mean.lerp_(mean.to(running_mean.dtype), factor)
-    if running_var is not None:
-        unbiased = var * (count / max(count - 1, 1))
-        running_var.lerp_(unbiased.to(running_var.dtype), factor)
+    bessel = count / max(count - 1, 1)
+    if _native.update_running(running_mean, running_var, mean, var, factor, bessel):
+        return  # one native call: four torch calls from Python cost more on small layers
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.lerp_(mean.to(running_mean.dtype), factor)
+        if running_var is not None:
+            running_var.lerp_((var * bessel).to(running_var.dtype), factor)
 
 
 def _affine_with_stats(
@@ -1048,4 +1119,4 @@ def _affine_with_stats(
     return y.to(x.dtype)
 
 
-from covshift.nn import _autograd  # noqa: E402  (cycle: _autograd calls back into this module)
+from covshift.nn import _autograd, _native  # noqa: E402  (cycle: _autograd calls back into this module)
