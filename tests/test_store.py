@@ -50,6 +50,7 @@ def test_round_trip(tmp_path: Path) -> None:
         assert quantiles.dtype == np.float32 and quantiles.shape == (2, 3, 4)
         np.testing.assert_array_equal(quantiles[1], q + 1)
         assert store.probe_layers(run) == ["hidden.0.act"]
+        assert store.probe_stats(run, "hidden.0.act") == ["mean", "quantiles"]
 
 
 def test_runs_newest_first_and_by_experiment(store: Store) -> None:

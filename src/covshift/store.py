@@ -390,6 +390,14 @@ class Store:
         )
         return [r[0] for r in rows]
 
+    def probe_stats(self, run_id: int, layer: str) -> list[str]:
+        """The statistics recorded for ``layer`` in a run, sorted."""
+        rows = self._db.execute(
+            "SELECT DISTINCT stat FROM probe_records WHERE run_id = ? AND layer = ? ORDER BY stat",
+            (run_id, layer),
+        )
+        return [r[0] for r in rows]
+
     def probe(self, run_id: int, layer: str, stat: str) -> tuple[np.ndarray, np.ndarray]:
         """``(steps, values)``: one statistic of one layer over its records, stacked to
         shape ``(records, *per_record_shape)``."""

@@ -45,6 +45,8 @@ def summarize(store: Store, experiment_id: str, config: ExperimentConfig) -> dic
         accuracy["final"] = float(acc[-1]) if len(acc) else None
         drift: dict[str, float | None] = {}
         for layer in store.probe_layers(run.id):
+            if "quantiles" not in store.probe_stats(run.id, layer):
+                continue  # e.g. gradient-ICS or smoothness records carry no quantiles
             _, quantiles = store.probe(run.id, layer, "quantiles")  # (R, Q, U)
             drift[layer] = (
                 float(unit_quantile_drift(quantiles).mean()) if len(quantiles) >= 2 else None

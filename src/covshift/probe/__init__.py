@@ -1,22 +1,62 @@
 """Measuring internal covariate shift in any nn.Module.
 
-- :mod:`covshift.probe.schedule`: when to record (every k steps, a list of steps).
-- :mod:`covshift.probe.stats`: what to record (per-unit quantiles and moments).
-- :mod:`covshift.probe.probe`: how to record (:class:`ShiftProbe`, forward hooks
-  attached only while the probe batch runs).
-- :mod:`covshift.probe.metrics`: how far the recorded distributions moved (drift).
+- :mod:`~covshift.probe.select`: which modules (patterns, types, ``auto``).
+- :mod:`~covshift.probe.schedule`: when to record (every k steps, listed, log-spaced).
+- :mod:`~covshift.probe.hooks`: how values are captured (hooks that live for one forward).
+- :mod:`~covshift.probe.stats`, :mod:`~covshift.probe.summary`,
+  :mod:`~covshift.probe.saturation`: what is recorded (moments, quantiles,
+  histograms, saturation), on the device, one host transfer per record.
+- :mod:`~covshift.probe.distributed`: the same statistics across torch.distributed ranks.
+- :mod:`~covshift.probe.probe`: :class:`ShiftProbe`, tying them together.
+- :mod:`~covshift.probe.metrics`: how far the recorded distributions moved.
+- :mod:`~covshift.probe.gradient_ics`, :mod:`~covshift.probe.smoothness`: Santurkar
+  et al. 2018's gradient-based shift and landscape smoothness, without side effects.
+- :mod:`~covshift.probe.tensorboard`: export of records to TensorBoard (optional extra).
 """
 
-from covshift.probe.metrics import quantile_drift
+from covshift.probe.gradient_ics import GradientICS, GradientICSMonitor, gradient_ics
+from covshift.probe.metrics import (
+    Shift,
+    compare,
+    gaussian_kl,
+    histogram_w1,
+    log_var_ratio,
+    mean_shift,
+    quantile_drift,
+    quantile_w1,
+    sample_w1,
+    shift_series,
+)
 from covshift.probe.probe import ProbeRecord, ShiftProbe
 from covshift.probe.schedule import Schedule
-from covshift.probe.stats import unit_moments, unit_quantiles, unit_view
+from covshift.probe.select import select_layers
+from covshift.probe.smoothness import Smoothness, SmoothnessMonitor, landscape_smoothness
+from covshift.probe.stats import Moments, unit_moments, unit_quantiles, unit_view
+from covshift.probe.tensorboard import TensorBoardSink
 
 __all__ = [
+    "GradientICS",
+    "GradientICSMonitor",
+    "Moments",
     "ProbeRecord",
     "Schedule",
+    "Shift",
     "ShiftProbe",
+    "Smoothness",
+    "SmoothnessMonitor",
+    "TensorBoardSink",
+    "compare",
+    "gaussian_kl",
+    "gradient_ics",
+    "histogram_w1",
+    "landscape_smoothness",
+    "log_var_ratio",
+    "mean_shift",
     "quantile_drift",
+    "quantile_w1",
+    "sample_w1",
+    "select_layers",
+    "shift_series",
     "unit_moments",
     "unit_quantiles",
     "unit_view",

@@ -1,21 +1,30 @@
-"""ShiftProbe: record per-unit statistics of chosen layers on a fixed probe batch.
+"""ShiftProbe: record per-unit statistics of chosen layers, on a schedule.
 
 Mechanics, schedule and statistics are separate (as in fastai's hooks):
 
-- *mechanics*: forward hooks that exist only while the probe batch runs, so a
-  training step between records pays nothing; a record is a no-grad forward in eval
-  mode (no running-statistic update, no dropout), and the model's mode is restored;
-- *schedule*: :class:`~covshift.probe.schedule.Schedule` says which steps record;
-- *statistics*: :mod:`covshift.probe.stats` on the detached values inside the hook,
-  so no activation outlives its hook.
+- *mechanics* (:mod:`~covshift.probe.hooks`): forward hooks that exist only while a
+  record is being taken, so a training step between records pays nothing;
+- *schedule* (:class:`~covshift.probe.schedule.Schedule`): which steps record;
+- *statistics* (:mod:`~covshift.probe.summary`): computed on the detached values
+  inside the hook, on their device; a record costs one transfer to the host.
 
-Using the same probe batch at every record separates what the parameters did from
-batch-sampling noise.
+Two sources of values:
+
+- ``source="probe"`` (default): a fixed probe batch is run through the model under
+  ``no_grad`` in eval mode (no running-statistic update, no dropout; the mode is
+  restored). The same batch at every record separates what the parameters did from
+  batch-sampling noise.
+- ``source="train"``: the live training batches. When step ``s`` is due, hooks are
+  armed and capture the NEXT training-mode forward with gradients on (the forward of
+  step ``s + 1``, which runs with the weights after ``s`` updates, like a probe-batch
+  record at ``s``); the record is labelled ``s`` and finished at the next
+  :meth:`~ShiftProbe.maybe_record`. Evaluation forwards in between are not captured.
 
 Example (your own loop)::
 
-    probe = ShiftProbe(model, layers=["hidden.*.act"], probe_input=x_test[:1000], every=100)
+    probe = ShiftProbe(model, "auto", probe_input=x_test[:1000], every=100)
     with probe:                        # hooks are removed on exit, whatever happens
+        probe.maybe_record(0)          # step 0: the initialization
         for step in range(1, steps + 1):
             ...                        # your training step
             probe.maybe_record(step)
@@ -24,33 +33,41 @@ Example (your own loop)::
 
 from __future__ import annotations
 
-import fnmatch
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
+from covshift.probe import distributed as dist_ops
+from covshift.probe.hooks import Taps
+from covshift.probe.saturation import activation_kind
 from covshift.probe.schedule import Schedule
-from covshift.probe.stats import unit_moments, unit_quantiles, unit_view
+from covshift.probe.select import LayerSpec, select_layers
+from covshift.probe.summary import StatsConfig, saturation_stats, summarize, to_host
 
-__all__ = ["ProbeRecord", "ShiftProbe"]
+__all__ = ["DEFAULT_QUANTILES", "ProbeRecord", "ShiftProbe"]
 
 DEFAULT_QUANTILES = (0.15, 0.5, 0.85)
 
 
 @dataclass(frozen=True)
 class ProbeRecord:
-    """Statistics of one layer at one step: name -> per-unit numpy array.
+    """Statistics of one layer at one step: name -> numpy array.
 
     ``stats["quantiles"]`` has shape ``(len(quantile_levels), U)``; ``stats["mean"]`` and
-    ``stats["std"]`` have shape ``(U,)``.
+    ``stats["std"]`` have shape ``(U,)``; the other keys are listed in
+    :mod:`covshift.probe.summary`. ``activation`` is the kind of activation the values
+    feed (``"sigmoid"``, ``"tanh"``, ``"relu"``), which the saturation figures refer to.
     """
 
     step: int
     layer: str
     stats: dict[str, np.ndarray]
+    activation: str | None = None
 
 
 RecordSink = Callable[[ProbeRecord], None]
@@ -61,14 +78,30 @@ class ShiftProbe:
 
     Args:
         model: any ``nn.Module``.
-        layers: module names or glob patterns (``"hidden.*.act"``); each must match at
-            least one module.
-        probe_input: the fixed probe batch, passed to ``model`` as is.
-        every: record at steps 0, k, 2k, ... (or give ``steps``).
+        layers: what to watch (see :mod:`covshift.probe.select`): glob patterns over
+            module names (``"hidden.*.act"``), module types (``nn.ReLU``), ``"auto"``
+            (every norm and activation), ``"auto:linear"`` (every Linear/Conv), or a
+            list of these. A pattern or type must match at least one module.
+        probe_input: the fixed probe batch ``(N, ...)``, passed to ``model`` as is (a
+            tuple is passed as positional arguments). Required with ``source="probe"``.
+        every: record at steps 0, k, 2k, ... (default 100).
         steps: explicit steps to record at, instead of ``every``.
-        record: ``"input"`` (the first positional input of the layer, e.g. the
-            pre-activation fed to a sigmoid) or ``"output"``.
-        quantiles: quantile levels to record per unit.
+        schedule: a :class:`Schedule` (e.g. ``Schedule.logspace(50_000)``), instead.
+        record: ``"input"`` (the first tensor argument of the layer, e.g. the
+            pre-activation fed to a sigmoid) or ``"output"`` (its first tensor output).
+        source: ``"probe"`` (the fixed probe batch) or ``"train"`` (live batches).
+        quantiles: quantile levels to record per unit and pooled.
+        bins: bins of the adaptive-range histogram of each layer (0: none).
+        unit_histograms: keep one histogram per unit as well (``U x bins`` per record).
+        pooled_quantiles: also record the quantiles of all units' values together (a
+            sort of the whole layer per record; off by default for its cost).
+        saturation_slope: a sigmoid/tanh input is saturated where the slope is below
+            this fraction of the peak slope (see :mod:`covshift.probe.saturation`).
+        unit_dim: the axis of the units: 1 (features of ``(N, F)``, channels of
+            ``(N, C, H, W)``) or -1 (features of token sequences ``(N, T, E)``).
+        reduce: reduce statistics across the ranks of torch.distributed (each rank
+            probes its own shard); None: whenever more than one process runs.
+        process_group: the group to reduce over (None: the default group).
         sink: called with every :class:`ProbeRecord`; by default records are kept in
             :attr:`records`.
     """
@@ -76,142 +109,319 @@ class ShiftProbe:
     def __init__(
         self,
         model: nn.Module,
-        layers: Sequence[str],
-        probe_input: torch.Tensor,
+        layers: LayerSpec | Sequence[LayerSpec] = "auto",
+        probe_input: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
         *,
         every: int | None = None,
         steps: Iterable[int] | None = None,
-        record: str = "input",
+        schedule: Schedule | None = None,
+        record: Literal["input", "output"] = "input",
+        source: Literal["probe", "train"] = "probe",
         quantiles: Sequence[float] = DEFAULT_QUANTILES,
+        bins: int = 40,
+        unit_histograms: bool = False,
+        pooled_quantiles: bool = False,
+        saturation_slope: float = 0.05,
+        unit_dim: int = 1,
+        reduce: bool | None = None,
+        process_group: Any = None,
         sink: RecordSink | None = None,
     ) -> None:
         if record not in ("input", "output"):
             raise ValueError(f"record must be 'input' or 'output', got {record!r}")
-        if not isinstance(probe_input, torch.Tensor) or probe_input.dim() < 2:
+        if source not in ("probe", "train"):
             raise ValueError(
-                "probe_input must be a batch tensor of shape (N, ...) with N >= 2, got "
-                f"{type(probe_input).__name__} {tuple(getattr(probe_input, 'shape', ()))}"
+                f"source must be 'probe' (a fixed probe batch) or 'train' (the live "
+                f"training batches), got {source!r}"
             )
+        self._inputs = self._check_input(probe_input, source)
+        quantiles = tuple(float(q) for q in quantiles)
         if not all(0.0 <= q <= 1.0 for q in quantiles) or list(quantiles) != sorted(quantiles):
             raise ValueError(
                 f"quantiles must be increasing levels in [0, 1], got {list(quantiles)}"
             )
+        if not isinstance(bins, int) or isinstance(bins, bool) or bins < 0:
+            raise ValueError(f"bins must be a whole number >= 0 (0: no histogram), got {bins!r}")
+        if not 0.0 < saturation_slope < 1.0:
+            raise ValueError(
+                f"saturation_slope must be a fraction in (0, 1), got {saturation_slope!r}"
+            )
+        if unit_dim == 0:
+            raise ValueError("unit_dim must not be 0 (the batch axis); use 1 or -1")
+        given = sum(x is not None for x in (every, steps, schedule))
+        if given > 1:
+            raise ValueError("give only one of every=k, steps=[...] or schedule=Schedule(...)")
+        if schedule is not None and not isinstance(schedule, Schedule):
+            raise ValueError(f"schedule must be a covshift.probe.Schedule, got {schedule!r}")
+        self.schedule = schedule or (
+            Schedule(steps=steps)
+            if steps is not None
+            else Schedule(every=100 if every is None else every)
+        )
         self.model = model
-        self.modules = self._select(model, layers)
-        self.probe_input = probe_input
-        if every is None and steps is None:
-            every = 100
-        self.schedule = Schedule(every=every, steps=steps)
+        selection = select_layers(model, layers)
+        self.modules = selection.modules
+        self._optional = selection.optional
         self.record = record
-        self.quantiles = tuple(float(q) for q in quantiles)
+        self.source = source
+        self.config = StatsConfig(
+            quantiles, bins, unit_histograms, saturation_slope, unit_dim, pooled_quantiles
+        )
+        self.quantiles = quantiles
+        self._reduce = reduce
+        self._group = process_group
         self.records: list[ProbeRecord] = []
         self._sink = sink or self.records.append
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._pending: dict[str, torch.Tensor] = {}
+        self._taps = Taps(model, self.modules, record, self._on_value, self._on_feeds)
+        self._pending: dict[str, dict[str, torch.Tensor]] = {}
+        self._kinds: dict[str, str] = {}
+        self._armed: int | None = None  # live mode: the step label of the armed capture
+        self._device_inputs: tuple[torch.device, tuple[Any, ...]] | None = None
+
+    @property
+    def probe_input(self) -> torch.Tensor | None:
+        return None if self._inputs is None else self._inputs[0]
 
     @staticmethod
-    def _select(model: nn.Module, patterns: Sequence[str]) -> dict[str, nn.Module]:
-        if isinstance(patterns, str):
-            patterns = [patterns]
-        named = dict(model.named_modules())
-        chosen: dict[str, nn.Module] = {}
-        for pattern in patterns:
-            hits = [name for name in named if name and fnmatch.fnmatchcase(name, pattern)]
-            if not hits:
-                sample = ", ".join(n for n in list(named)[1:13])
+    def _check_input(probe_input: Any, source: str) -> tuple[Any, ...] | None:
+        if source == "train":
+            if probe_input is not None:
                 raise ValueError(
-                    f"layer pattern {pattern!r} matches no module of {type(model).__name__}; "
-                    f"module names look like: {sample}"
+                    "probe_input must be None with source='train' (the training batches "
+                    "are recorded); drop it, or use source='probe'"
                 )
-            for name in hits:
-                chosen.setdefault(name, named[name])
-        return chosen
+            return None
+        if probe_input is None:
+            raise ValueError(
+                "probe_input is needed with source='probe' (the default): pass a fixed "
+                "batch of shape (N, ...) such as x_test[:1000], or source='train' to "
+                "record the live training batches"
+            )
+        inputs = tuple(probe_input) if isinstance(probe_input, (tuple, list)) else (probe_input,)
+        first = inputs[0] if inputs else None
+        if not isinstance(first, torch.Tensor) or first.dim() < 2:
+            raise ValueError(
+                "probe_input must be a batch tensor of shape (N, ...) with N >= 2, got "
+                f"{type(first).__name__} {tuple(getattr(first, 'shape', ()))}"
+            )
+        if first.shape[0] < 2:
+            raise ValueError(
+                f"probe_input must be a batch tensor of shape (N, ...) with N >= 2 "
+                f"examples, got shape {tuple(first.shape)}"
+            )
+        return inputs
 
     @property
     def layer_names(self) -> list[str]:
+        """Names of the watched modules (records of repeated calls add ``#k``)."""
         return list(self.modules)
 
-    # -- context manager: the probe owns no hooks outside a record -----------
+    # -- context manager: the probe owns no hooks outside a record ------------
     def __enter__(self) -> ShiftProbe:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._remove_hooks()
+        self.close(flush=exc[0] is None)
 
-    def _remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def close(self, flush: bool = True) -> None:
+        """Remove every hook; emit a finished live capture unless ``flush`` is False."""
+        try:
+            if flush and self._taps.done:
+                self._finish_live()
+        finally:
+            self._taps.remove()
+            self._pending.clear()
+            self._armed = None
+
+    # -- what the hooks do ----------------------------------------------------
+    def _group_arg(self) -> Any:
+        reduce = self._reduce if self._reduce is not None else dist_ops.world_size() > 1
+        return self._group if reduce else False
+
+    def _on_value(self, key: str, module: nn.Module, value: torch.Tensor) -> None:
+        if value.dim() < 2:
+            raise ValueError(
+                f"probe: the {self.record} of layer {key!r} has shape {tuple(value.shape)}; "
+                "expected a batch (N, ...) with units along unit_dim"
+            )
+        kind = activation_kind(module) if self.record == "input" else None
+        if kind is not None:
+            self._kinds[key] = kind
+        self._pending[key] = summarize(value, self.config, self._group_arg(), kind)
+
+    def _on_feeds(self, key: str, activation: nn.Module, value: torch.Tensor) -> None:
+        kind = activation_kind(activation)
+        if kind is not None and key in self._pending:
+            self._pending[key].update(saturation_stats(value, kind, self.config, self._group_arg()))
+            self._kinds[key] = kind
+
+    def _emit(self, step: int) -> list[ProbeRecord]:
+        called = {key.partition("#")[0] for key in self._pending}
+        missing = [n for n in self.modules if n not in called and n not in self._optional]
+        if missing:
+            raise RuntimeError(f"probe: layers {missing} were not called by the model's forward")
+        if not self._pending:
+            raise RuntimeError(
+                f"probe: none of the layers {self.layer_names} was called by the model's "
+                "forward; choose layers that the forward calls"
+            )
+        host = to_host(self._pending)  # one transfer for the whole record
+        records = []
+        for key, stats in host.items():
+            record = ProbeRecord(step, key, stats, self._kinds.get(key))
+            self._sink(record)
+            records.append(record)
         self._pending.clear()
+        return records
 
-    def _hook_for(self, name: str) -> Callable[..., None]:
-        def capture(module: nn.Module, args: tuple[object, ...], output: object = None) -> None:
-            value = args[0] if self.record == "input" else output
-            if not isinstance(value, torch.Tensor):
-                raise TypeError(
-                    f"probe: {self.record} of layer {name!r} is "
-                    f"{type(value).__name__}, not a tensor"
-                )
-            self._pending[name] = self._summarize(value.detach())
-
-        return capture
-
-    def _summarize(self, value: torch.Tensor) -> torch.Tensor:
-        # Everything per record is packed into one tensor so that the host transfer is
-        # a single synchronization: rows = quantiles..., mean, std.
-        units = unit_view(value)  # (M, U)
-        mean, std = unit_moments(units)
-        quantiles = unit_quantiles(units, self.quantiles).double()
-        return torch.cat([quantiles, mean[None], std[None]])
-
-    # -- recording -----------------------------------------------------------
+    # -- recording ------------------------------------------------------------
     def maybe_record(self, step: int) -> bool:
-        """Record if the schedule says so; returns whether it recorded."""
+        """Call after each optimizer step. Probe batch: record now if ``step`` is due.
+        Live batches: finish the capture of the forward just run, and arm the hooks for
+        the next training forward if ``step`` is due. Returns whether ``step`` is due."""
+        if self.source == "train":
+            if self._taps.done:
+                self._finish_live()
+            if not self.schedule.due(step):
+                return False
+            self._arm(step)
+            return True
         if not self.schedule.due(step):
             return False
         self.record_now(step)
         return True
 
+    def _arm(self, step: int) -> None:
+        self._pending.clear()
+        self._armed = step
+        self._taps.attach(gated=True, on_forward_end=self._taps.remove)
+
+    def _finish_live(self) -> list[ProbeRecord]:
+        step, self._armed = self._armed, None
+        self._taps.remove()
+        self._taps.done = False
+        if step is None:
+            return []
+        return self._emit(step)
+
+    def _device_batch(self) -> tuple[Any, ...]:
+        assert self._inputs is not None
+        first = next(self.model.parameters(), None)
+        if first is None:
+            first = next(self.model.buffers(), None)
+        device = first.device if first is not None else self._inputs[0].device
+        # Move the probe batch once per device, not once per record.
+        if self._device_inputs is None or self._device_inputs[0] != device:
+            moved = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in self._inputs)
+            self._device_inputs = (device, moved)
+        return self._device_inputs[1]
+
     @torch.no_grad()
-    def record_now(self, step: int) -> list[ProbeRecord]:
-        """Run the probe batch through the model and record every chosen layer."""
-        for name, module in self.modules.items():
-            if self.record == "input":
-                self._handles.append(module.register_forward_pre_hook(self._hook_for(name)))
-            else:
-                self._handles.append(module.register_forward_hook(self._hook_for(name)))
+    def _forward(self, inputs: tuple[Any, ...]) -> None:
         was_training = self.model.training
+        self._pending.clear()
+        self._taps.attach()
         try:
             self.model.eval()
-            device = next(self.model.parameters(), self.probe_input).device
-            self.model(self.probe_input.to(device))
-            packed = {name: t.cpu().numpy() for name, t in self._pending.items()}
+            try:
+                self.model(*inputs)
+            except RuntimeError as error:
+                raise _explain(self.model, inputs, error) from error
         finally:
             self.model.train(was_training)
-            self._remove_hooks()
-        missing = [name for name in self.modules if name not in packed]
-        if missing:
-            raise RuntimeError(f"probe: layers {missing} were not called by the model's forward")
-        n_q = len(self.quantiles)
-        records = []
-        for name, rows in packed.items():
-            record = ProbeRecord(
-                step,
-                name,
-                {
-                    "quantiles": rows[:n_q].astype(np.float32),
-                    "mean": rows[n_q].astype(np.float32),
-                    "std": rows[n_q + 1].astype(np.float32),
-                },
+            self._taps.remove()
+
+    def record_now(self, step: int) -> list[ProbeRecord]:
+        """Run the probe batch through the model and record every chosen layer."""
+        if self.source == "train":
+            raise RuntimeError(
+                "record_now needs a probe batch; with source='train' the records come "
+                "from the training forwards (call maybe_record(step) after each step)"
             )
-            self._sink(record)
-            records.append(record)
-        return records
+        self._forward(self._device_batch())
+        return self._emit(step)
 
-    # -- as a callback of covshift.train --------------------------------------
-    def on_train_start(self, state: object) -> None:
+    def check(self) -> list[str]:
+        """Run the probe batch once without recording: fails early, with a message
+        naming the expected input shape, if the batch does not fit the model. Returns
+        the record keys the forward produces."""
+        if self.source == "train":
+            raise RuntimeError("check needs a probe batch (source='probe')")
+        self._forward(self._device_batch())
+        keys = list(self._pending)
+        self._pending.clear()
+        return keys
+
+    # -- as a callback of covshift.train ----------------------------------------
+    def on_train_start(self, state: Any) -> None:
         # Step 0 is the initialization; a resumed run starts at its checkpoint's step.
-        self.maybe_record(state.step)  # type: ignore[attr-defined]
+        self.maybe_record(state.step)
 
-    def on_step_end(self, state: object) -> None:
-        self.maybe_record(state.step)  # type: ignore[attr-defined]
+    def on_step_end(self, state: Any) -> None:
+        self.maybe_record(state.step)
+
+    def on_train_end(self, state: Any, status: str) -> None:
+        # An armed capture whose forward never came is dropped; hooks go.
+        self.close(flush=status == "finished")
+
+
+def _expected_shape(module: nn.Module) -> str | None:
+    """What input shape ``module`` takes, from its usual attributes (duck-typed)."""
+    name = type(module).__name__
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        spatial = {1: "L", 2: "H, W", 3: "D, H, W"}[module.weight.dim() - 2]
+        return f"(N, {module.in_channels}, {spatial})"
+    if hasattr(module, "in_features"):
+        return f"(N, ..., {module.in_features})"
+    if hasattr(module, "normalized_shape"):
+        return f"(N, ..., {', '.join(str(s) for s in module.normalized_shape)})"
+    if hasattr(module, "num_channels"):
+        return f"(N, {module.num_channels}, ...)"
+    if hasattr(module, "num_features"):
+        return f"(N, {module.num_features}, ...)"
+    if hasattr(module, "num_embeddings"):
+        return f"integer indices in [0, {module.num_embeddings}) ({name})"
+    return None
+
+
+def _explain(model: nn.Module, inputs: tuple[Any, ...], error: RuntimeError) -> RuntimeError:
+    """Re-run the failing forward with a tracer on every leaf module to name the module
+    that rejected the probe batch and the input shape it expects."""
+    last: list[tuple[str, nn.Module]] = []
+    handles = []
+    for name, module in model.named_modules():
+        if not any(True for _ in module.children()):
+
+            def trace(m: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+                last.append((name, m))
+
+            handles.append(module.register_forward_pre_hook(trace))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model(*inputs)
+    except Exception:  # the same failure again; only the trace matters
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    shape = tuple(inputs[0].shape) if isinstance(inputs[0], torch.Tensor) else "?"
+    where = ""
+    if last:
+        name, module = last[-1]
+        expected = _expected_shape(module)
+        where = f" in module {name!r} ({module})"
+        if expected:
+            where += f", which expects input of shape {expected}"
+    else:  # it failed before any layer ran: name the first layer with a known shape
+        for name, module in model.named_modules():
+            expected = _expected_shape(module) if name else None
+            if expected:
+                where = (
+                    f" before any layer ran; its first layer {name!r} ({module}) expects {expected}"
+                )
+                break
+    return RuntimeError(
+        f"probe: the model's forward failed on the probe batch of shape {shape}{where}. "
+        f"Pass a probe_input shaped like a training batch. ({error})"
+    )
