@@ -220,3 +220,25 @@ def test_trains_on_cuda(small_data: Dataset) -> None:
     net = build_mlp(784, 10, width=16, norm="batch")
     result = train(net, small_data, TrainConfig(steps=20, batch_size=20), device="cuda")
     assert next(net.parameters()).is_cuda and result.final["test_accuracy"] > 0
+
+
+def test_covshift_batchnorm_trains_like_torch_nn(small_data: Dataset) -> None:
+    # The builder uses covshift's own layers; swapping torch.nn's in gives the same run.
+    from torch import nn
+
+    from covshift.nn import BatchNorm1d
+
+    config = TrainConfig(steps=200, batch_size=60, lr=0.5, eval_every=50, seed=0)
+    ours = build_mlp(784, 10, width=32, norm="batch", seed=0)
+    assert isinstance(ours.hidden[0].norm, BatchNorm1d)
+    theirs = build_mlp(784, 10, width=32, norm="batch", seed=0)
+    for block in theirs.hidden:
+        block.norm = nn.BatchNorm1d(32)
+    a = train(ours, small_data, config, device="cpu").history
+    b = train(theirs, small_data, config, device="cpu").history
+    for step in a:
+        assert a[step]["test_accuracy"] == b[step]["test_accuracy"]
+        assert abs(a[step]["test_loss"] - b[step]["test_loss"]) < 1e-4
+    for p, q in zip(ours.state_dict().values(), theirs.state_dict().values(), strict=True):
+        if p.dtype.is_floating_point:
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-4)
