@@ -291,4 +291,6 @@ def test_memory_stays_flat_over_many_records(source: str) -> None:
         run(30, 6)
         after = _live_tensors()
     assert len(kept) >= 30 * 4
-    assert after == before
+    # Counted process-wide, so tensors other tests left behind may be collected in
+    # between; what must not happen is growth with the number of records.
+    assert after[0] <= before[0] and after[1] <= before[1]
