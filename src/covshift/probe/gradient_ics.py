@@ -216,13 +216,7 @@ class GradientICSMonitor:
         seed: int = 0,
         sink: Callable[[ProbeRecord], None] | None = None,
     ) -> None:
-        if sum(x is not None for x in (every, steps, schedule)) > 1:
-            raise ValueError("give only one of every=k, steps=[...] or schedule=Schedule(...)")
-        self.schedule = schedule or (
-            Schedule(steps=steps)
-            if steps is not None
-            else Schedule(every=100 if every is None else every)
-        )
+        self.schedule = Schedule.resolve(every, steps, schedule)
         self.loss_fn = loss_fn
         self.layers = layers
         self.batch_size = batch_size

@@ -148,16 +148,7 @@ class ShiftProbe:
             )
         if unit_dim == 0:
             raise ValueError("unit_dim must not be 0 (the batch axis); use 1 or -1")
-        given = sum(x is not None for x in (every, steps, schedule))
-        if given > 1:
-            raise ValueError("give only one of every=k, steps=[...] or schedule=Schedule(...)")
-        if schedule is not None and not isinstance(schedule, Schedule):
-            raise ValueError(f"schedule must be a covshift.probe.Schedule, got {schedule!r}")
-        self.schedule = schedule or (
-            Schedule(steps=steps)
-            if steps is not None
-            else Schedule(every=100 if every is None else every)
-        )
+        self.schedule = Schedule.resolve(every, steps, schedule)
         self.model = model
         selection = select_layers(model, layers)
         self.modules = selection.modules

@@ -68,6 +68,27 @@ class Schedule:
             points = np.geomspace(first, last, num).round().astype(np.int64).tolist()
         return cls(steps=sorted({*([0] if zero else []), *points}))
 
+    @classmethod
+    def resolve(
+        cls,
+        every: int | None = None,
+        steps: Iterable[int] | None = None,
+        schedule: Schedule | None = None,
+        *,
+        default_every: int = 100,
+    ) -> Schedule:
+        """The schedule meant by a probe's ``every`` / ``steps`` / ``schedule`` arguments
+        (at most one given; none means every ``default_every`` steps)."""
+        if sum(x is not None for x in (every, steps, schedule)) > 1:
+            raise ValueError("give only one of every=k, steps=[...] or schedule=Schedule(...)")
+        if schedule is not None:
+            if not isinstance(schedule, Schedule):
+                raise ValueError(f"schedule must be a covshift.probe.Schedule, got {schedule!r}")
+            return schedule
+        if steps is not None:
+            return cls(steps=steps)
+        return cls(every=default_every if every is None else every)
+
     def due(self, step: int) -> bool:
         """Whether ``step`` gets a record."""
         if self.steps is not None:

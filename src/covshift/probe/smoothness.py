@@ -144,13 +144,7 @@ class SmoothnessMonitor:
         seed: int = 0,
         sink: Callable[[ProbeRecord], None] | None = None,
     ) -> None:
-        if sum(x is not None for x in (every, steps, schedule)) > 1:
-            raise ValueError("give only one of every=k, steps=[...] or schedule=Schedule(...)")
-        self.schedule = schedule or (
-            Schedule(steps=steps)
-            if steps is not None
-            else Schedule(every=100 if every is None else every)
-        )
+        self.schedule = Schedule.resolve(every, steps, schedule)
         step_grid(lr or 1.0, step_range, points)  # validate now, not at the first record
         self.loss_fn = loss_fn
         self.lr = lr
