@@ -9,7 +9,10 @@ same batches, a hand-written loop (what a user's own loop looks like). Variants:
 - ``plain``: no hooks;
 - ``ShiftProbe defaults``: ``ShiftProbe(model, probe_input=x_test[:P])``, i.e. layers
   ``"auto"`` (every norm and activation input), every 100 steps, 3 quantiles, a
-  40-bin histogram, saturation; ``probe.maybe_record(step)`` after each step;
+  40-bin histogram, saturation; ``probe.maybe_record(step)`` after each step. The
+  label says whether the defaults chose background recording (a CPU core left
+  unused by torch, see :mod:`covshift.probe.background`);
+- ``ShiftProbe background=...``: the other choice, for comparison;
 - ``probe-batch forward alone``: only the no-grad eval forward of the probe batch every
   100 steps, no hooks: the floor of any fixed-batch probe, to separate it from what
   the statistics cost;
@@ -173,8 +176,22 @@ def make_variants(
     variants = [Variant("plain", *fresh())]
     net, opt, sampler = fresh()
     probe = ShiftProbe(net, probe_input=x_probe)
+    probe.check()  # what the first record does: the later ones may go to the background
+    mode = "background" if probe._use_background() else "synchronous"
     variants.append(
-        Variant("ShiftProbe defaults", net, opt, sampler, probe.maybe_record, probe.close)
+        Variant(f"ShiftProbe defaults ({mode})", net, opt, sampler, probe.maybe_record, probe.close)
+    )
+    net, opt, sampler = fresh()
+    other = ShiftProbe(net, probe_input=x_probe, background=mode == "synchronous")
+    variants.append(
+        Variant(
+            f"ShiftProbe background={mode == 'synchronous'}",
+            net,
+            opt,
+            sampler,
+            other.maybe_record,
+            other.close,
+        )
     )
     net, opt, sampler = fresh()
 

@@ -33,6 +33,7 @@ Example (your own loop)::
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -43,11 +44,12 @@ import torch
 from torch import nn
 
 from covshift.probe import distributed as dist_ops
+from covshift.probe.background import BackgroundRecorder, has_foreign_hooks
+from covshift.probe.collector import Collector
 from covshift.probe.hooks import Taps
-from covshift.probe.saturation import activation_kind
 from covshift.probe.schedule import Schedule
 from covshift.probe.select import LayerSpec, select_layers
-from covshift.probe.summary import StatsConfig, saturation_stats, summarize, to_host
+from covshift.probe.summary import StatsConfig, to_host
 
 __all__ = ["DEFAULT_QUANTILES", "ProbeRecord", "ShiftProbe"]
 
@@ -102,6 +104,14 @@ class ShiftProbe:
         reduce: reduce statistics across the ranks of torch.distributed (each rank
             probes its own shard); None: whenever more than one process runs.
         process_group: the group to reduce over (None: the default group).
+        background: run probe-batch records after the first in a worker thread, on a
+            snapshot of the model (see :mod:`covshift.probe.background`): the training
+            thread pays only for copying the parameters, and records reach the sink a
+            few steps late (all of them by :meth:`flush` or :meth:`close`). None
+            (default): when the model is on the CPU, torch leaves a core unused
+            (``torch.get_num_threads() < os.cpu_count()``), the model has no hooks of
+            its own, and no reduction across ranks is asked for. The numbers are the
+            same either way.
         sink: called with every :class:`ProbeRecord`; by default records are kept in
             :attr:`records`.
     """
@@ -125,6 +135,7 @@ class ShiftProbe:
         unit_dim: int = 1,
         reduce: bool | None = None,
         process_group: Any = None,
+        background: bool | None = None,
         sink: RecordSink | None = None,
     ) -> None:
         if record not in ("input", "output"):
@@ -133,6 +144,11 @@ class ShiftProbe:
             raise ValueError(
                 f"source must be 'probe' (a fixed probe batch) or 'train' (the live "
                 f"training batches), got {source!r}"
+            )
+        if background and source == "train":
+            raise ValueError(
+                "background=True records the probe batch on a snapshot of the model; with "
+                "source='train' the values come from the training forward itself: drop it"
             )
         self._inputs = self._check_input(probe_input, source)
         quantiles = tuple(float(q) for q in quantiles)
@@ -163,9 +179,14 @@ class ShiftProbe:
         self._group = process_group
         self.records: list[ProbeRecord] = []
         self._sink = sink or self.records.append
-        self._taps = Taps(model, self.modules, record, self._on_value, self._on_feeds)
-        self._pending: dict[str, dict[str, torch.Tensor]] = {}
-        self._kinds: dict[str, str] = {}
+        self._collector = Collector(self.config, record, self._group_arg)
+        self._taps = Taps(
+            model, self.modules, record, self._collector.on_value, self._collector.on_feeds
+        )
+        self._kinds: dict[str, str] = {}  # layer -> activation kind, over all records
+        self._background_mode = background
+        self._background: BackgroundRecorder | None = None
+        self._checked = False  # a synchronous forward of the probe batch has succeeded
         self._armed: int | None = None  # live mode: the step label of the armed capture
         self._device_inputs: tuple[torch.device, tuple[Any, ...]] | None = None
 
@@ -215,54 +236,70 @@ class ShiftProbe:
         self.close(flush=exc[0] is None)
 
     def close(self, flush: bool = True) -> None:
-        """Remove every hook; emit a finished live capture unless ``flush`` is False."""
+        """Remove every hook and stop the background worker. A record computed in the
+        background is emitted in any case (it is complete); a finished live capture
+        unless ``flush`` is False (an interrupted step)."""
         try:
+            if self._background is not None:
+                try:
+                    self.flush()
+                except Exception:
+                    if flush:  # otherwise an exception is already on its way up
+                        raise
             if flush and self._taps.done:
                 self._finish_live()
         finally:
+            if self._background is not None:
+                self._background.close()
+                self._background = None
             self._taps.remove()
-            self._pending.clear()
+            self._collector.clear()
             self._armed = None
+
+    def flush(self) -> list[ProbeRecord]:
+        """Wait for the record being computed in the background, if any, and emit it."""
+        if self._background is None:
+            return []
+        return self._deliver(self._background.collect(wait=True))
 
     # -- what the hooks do ----------------------------------------------------
     def _group_arg(self) -> Any:
         reduce = self._reduce if self._reduce is not None else dist_ops.world_size() > 1
         return self._group if reduce else False
 
-    def _on_value(self, key: str, module: nn.Module, value: torch.Tensor) -> None:
-        if value.dim() < 2:
-            raise ValueError(
-                f"probe: the {self.record} of layer {key!r} has shape {tuple(value.shape)}; "
-                "expected a batch (N, ...) with units along unit_dim"
-            )
-        kind = activation_kind(module) if self.record == "input" else None
-        if kind is not None:
-            self._kinds[key] = kind
-        self._pending[key] = summarize(value, self.config, self._group_arg(), kind)
-
-    def _on_feeds(self, key: str, activation: nn.Module, value: torch.Tensor) -> None:
-        kind = activation_kind(activation)
-        if kind is not None and key in self._pending:
-            self._pending[key].update(saturation_stats(value, kind, self.config, self._group_arg()))
-            self._kinds[key] = kind
-
     def _emit(self, step: int) -> list[ProbeRecord]:
-        called = {key.partition("#")[0] for key in self._pending}
+        try:
+            host = to_host(self._collector.pending)  # one transfer for the whole record
+        finally:
+            self._collector.clear()
+        return self._deliver((step, host, self._collector.kinds))
+
+    def _check_called(self, keys: Iterable[str]) -> None:
+        called = {key.partition("#")[0] for key in keys}
         missing = [n for n in self.modules if n not in called and n not in self._optional]
         if missing:
             raise RuntimeError(f"probe: layers {missing} were not called by the model's forward")
-        if not self._pending:
+        if not called:
             raise RuntimeError(
                 f"probe: none of the layers {self.layer_names} was called by the model's "
                 "forward; choose layers that the forward calls"
             )
-        host = to_host(self._pending)  # one transfer for the whole record
+
+    def _deliver(
+        self, finished: tuple[int, dict[str, dict[str, np.ndarray]], dict[str, str]] | None
+    ) -> list[ProbeRecord]:
+        """Hand one record (step, layer -> host stats, layer -> activation kind) to
+        the sink, on the calling thread."""
+        if finished is None:
+            return []
+        step, host, kinds = finished
+        self._check_called(host)
+        self._kinds.update(kinds)
         records = []
         for key, stats in host.items():
             record = ProbeRecord(step, key, stats, self._kinds.get(key))
             self._sink(record)
             records.append(record)
-        self._pending.clear()
         return records
 
     # -- recording ------------------------------------------------------------
@@ -277,13 +314,53 @@ class ShiftProbe:
                 return False
             self._arm(step)
             return True
+        if self._background is not None:
+            self._deliver(self._background.collect(wait=False))
         if not self.schedule.due(step):
             return False
-        self.record_now(step)
+        if self._use_background():
+            self._submit(step)
+        else:
+            self.record_now(step)
         return True
 
+    def _use_background(self) -> bool:
+        """Whether this record runs in the worker (see ``background``); the first
+        record runs here, so that a probe batch that does not fit fails at once."""
+        if self._background_mode is False or not self._checked:
+            return False
+        if self._group_arg() is not False:
+            if self._background_mode:
+                raise RuntimeError(
+                    "probe: background recording cannot reduce statistics across ranks "
+                    "(collectives must run on the training thread); pass background=False"
+                )
+            return False
+        if self._background_mode is None:
+            spare_core = torch.get_num_threads() < (os.cpu_count() or 1)
+            on_cpu = self._device_batch()[0].device.type == "cpu"
+            return spare_core and on_cpu and not has_foreign_hooks(self.model)
+        return True
+
+    def _submit(self, step: int) -> None:
+        if self._background is None:
+            self._background = BackgroundRecorder(
+                list(self.modules),
+                self.record,
+                lambda: Collector(self.config, self.record, lambda: False),
+                _explain,
+            )
+        self.flush()  # at most one record in flight
+        try:
+            self._background.submit(step, self.model, self._device_batch())
+        except RuntimeError:
+            if self._background_mode:  # asked for explicitly: say why it cannot be
+                raise
+            self._background_mode = False  # e.g. a model deepcopy cannot copy
+            self.record_now(step)
+
     def _arm(self, step: int) -> None:
-        self._pending.clear()
+        self._collector.clear()
         self._armed = step
         self._taps.attach(gated=True, on_forward_end=self._taps.remove)
 
@@ -310,7 +387,7 @@ class ShiftProbe:
     @torch.no_grad()
     def _forward(self, inputs: tuple[Any, ...]) -> None:
         was_training = self.model.training
-        self._pending.clear()
+        self._collector.clear()
         self._taps.attach()
         try:
             self.model.eval()
@@ -321,6 +398,7 @@ class ShiftProbe:
         finally:
             self.model.train(was_training)
             self._taps.remove()
+        self._checked = True
 
     def record_now(self, step: int) -> list[ProbeRecord]:
         """Run the probe batch through the model and record every chosen layer."""
@@ -329,6 +407,7 @@ class ShiftProbe:
                 "record_now needs a probe batch; with source='train' the records come "
                 "from the training forwards (call maybe_record(step) after each step)"
             )
+        self.flush()  # records reach the sink in step order
         self._forward(self._device_batch())
         return self._emit(step)
 
@@ -339,8 +418,8 @@ class ShiftProbe:
         if self.source == "train":
             raise RuntimeError("check needs a probe batch (source='probe')")
         self._forward(self._device_batch())
-        keys = list(self._pending)
-        self._pending.clear()
+        keys = list(self._collector.pending)
+        self._collector.clear()
         return keys
 
     # -- as a callback of covshift.train ----------------------------------------
@@ -350,6 +429,10 @@ class ShiftProbe:
 
     def on_step_end(self, state: Any) -> None:
         self.maybe_record(state.step)
+
+    def on_eval(self, state: Any, metrics: dict[str, float]) -> None:
+        # A checkpoint may follow: every record up to this step must be in the sink.
+        self.flush()
 
     def on_train_end(self, state: Any, status: str) -> None:
         # An armed capture whose forward never came is dropped; hooks go.
