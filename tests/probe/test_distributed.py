@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from covshift.models import build_cnn
+from covshift.models import build_cnn, build_mlp
 from covshift.probe import ShiftProbe
 
 SIZES = (37, 63)  # uneven shards: the value gather must pad and trim
@@ -70,3 +70,71 @@ def test_two_ranks_equal_one_process_on_the_whole_batch(tmp_path: Path) -> None:
                     np.testing.assert_allclose(got[key], value, rtol=1e-6, atol=1e-7)
                 else:  # order statistics, counts, fractions: exactly equal
                     np.testing.assert_array_equal(got[key], value, err_msg=f"{layer}/{key}")
+
+
+# ------------------------------------------------------- live batches under DDP
+LIVE_SHARD = 40  # equal shards: DDP's averaged gradient is the full batch's gradient
+
+
+def live_records(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 2
+) -> dict[tuple[int, str], dict[str, np.ndarray]]:
+    """``steps`` SGD steps on (x, y) with the probe recording every training forward."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    probe = ShiftProbe(model, "auto", source="train", every=1, quantiles=(0.1, 0.5, 0.9))
+    with probe:
+        probe.maybe_record(0)  # arms the capture of the next training forward
+        for step in range(1, steps + 1):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            probe.maybe_record(step)
+    # DDP prefixes the names with "module.": compare by the model's own names.
+    return {(r.step, r.layer.removeprefix("module.")): r.stats for r in probe.records}
+
+
+def make_live_case() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    net = build_mlp(36, 3, width=8, depth=2, activation="tanh", seed=0)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2 * LIVE_SHARD, 36, generator=gen)
+    y = torch.randint(0, 3, (2 * LIVE_SHARD,), generator=gen)
+    return net, x, y
+
+
+def live_worker(rank: int, world: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        net, x, y = make_live_case()
+        ddp = torch.nn.parallel.DistributedDataParallel(net)
+        shard = slice(rank * LIVE_SHARD, (rank + 1) * LIVE_SHARD)
+        records = live_records(ddp, x[shard], y[shard])
+        Path(f"{out}.{rank}").write_bytes(pickle.dumps(records))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_live_batches_under_ddp_equal_one_process_on_the_whole_batch(tmp_path: Path) -> None:
+    init = f"file://{tmp_path / 'rendezvous'}"
+    out = str(tmp_path / "live")
+    mp.spawn(live_worker, args=(2, init, out), nprocs=2, join=True)
+    net, x, y = make_live_case()
+    single = live_records(net, x, y)
+    assert {step for step, _ in single} == {0, 1}
+    for rank in range(2):
+        reduced = pickle.loads(Path(f"{out}.{rank}").read_bytes())
+        assert reduced.keys() == single.keys()
+        for (step, layer), stats in single.items():
+            got = reduced[step, layer]
+            assert got.keys() == stats.keys()
+            for key, value in stats.items():
+                if step == 0 and key not in ("mean", "std", "pooled_mean", "pooled_std"):
+                    # initial weights on both sides: the very same values
+                    np.testing.assert_array_equal(got[key], value, err_msg=f"{layer}/{key}")
+                elif key == "hist":  # counts: bin edges move with float rounding
+                    assert got[key].sum() == value.sum()
+                else:  # after a DDP step: the same weights up to float rounding
+                    np.testing.assert_allclose(
+                        got[key], value, rtol=1e-5, atol=1e-6, err_msg=f"{layer}/{key}"
+                    )
