@@ -4,7 +4,9 @@ concatenated batch (two CPU processes on gloo)."""
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -39,28 +41,36 @@ def probe_records(net: torch.nn.Module, x: torch.Tensor) -> dict[str, dict[str, 
     return {r.layer: r.stats for r in probe.record_now(0)}
 
 
-def worker(rank: int, world: int, init: str, out: str) -> None:
+def worker(rank: int, world: int, init: str, out: str, records_of: Callable[[int], Any]) -> None:
+    """One rank: join the gloo group, pickle ``records_of(rank)`` to ``out.rank``."""
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        net, x = make_case()
-        start = sum(SIZES[:rank])
-        shard = x[start : start + SIZES[rank]]
-        records = probe_records(net, shard)
-        Path(f"{out}.{rank}").write_bytes(pickle.dumps(records))
+        Path(f"{out}.{rank}").write_bytes(pickle.dumps(records_of(rank)))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_two_ranks_equal_one_process_on_the_whole_batch(tmp_path: Path) -> None:
+def run_two_ranks(tmp_path: Path, records_of: Callable[[int], Any]) -> list[Any]:
+    """What ``records_of`` returned on each of two ranks."""
     init = f"file://{tmp_path / 'rendezvous'}"
     out = str(tmp_path / "records")
-    mp.spawn(worker, args=(2, init, out), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, init, out, records_of), nprocs=2, join=True)
+    return [pickle.loads(Path(f"{out}.{rank}").read_bytes()) for rank in range(2)]
+
+
+def shard_records(rank: int) -> dict[str, dict[str, np.ndarray]]:
+    net, x = make_case()
+    start = sum(SIZES[:rank])
+    return probe_records(net, x[start : start + SIZES[rank]])
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_two_ranks_equal_one_process_on_the_whole_batch(tmp_path: Path) -> None:
+    ranks = run_two_ranks(tmp_path, shard_records)
     net, x = make_case()
     single = probe_records(net, x)
-    for rank in range(2):
-        reduced = pickle.loads(Path(f"{out}.{rank}").read_bytes())
+    for reduced in ranks:
         assert reduced.keys() == single.keys()
         for layer, stats in single.items():
             got = reduced[layer]
@@ -101,29 +111,20 @@ def make_live_case() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     return net, x, y
 
 
-def live_worker(rank: int, world: int, init: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        net, x, y = make_live_case()
-        ddp = torch.nn.parallel.DistributedDataParallel(net)
-        shard = slice(rank * LIVE_SHARD, (rank + 1) * LIVE_SHARD)
-        records = live_records(ddp, x[shard], y[shard])
-        Path(f"{out}.{rank}").write_bytes(pickle.dumps(records))
-    finally:
-        dist.destroy_process_group()
+def ddp_shard_records(rank: int) -> dict[tuple[int, str], dict[str, np.ndarray]]:
+    net, x, y = make_live_case()
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    shard = slice(rank * LIVE_SHARD, (rank + 1) * LIVE_SHARD)
+    return live_records(ddp, x[shard], y[shard])
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_live_batches_under_ddp_equal_one_process_on_the_whole_batch(tmp_path: Path) -> None:
-    init = f"file://{tmp_path / 'rendezvous'}"
-    out = str(tmp_path / "live")
-    mp.spawn(live_worker, args=(2, init, out), nprocs=2, join=True)
+    ranks = run_two_ranks(tmp_path, ddp_shard_records)
     net, x, y = make_live_case()
     single = live_records(net, x, y)
     assert {step for step, _ in single} == {0, 1}
-    for rank in range(2):
-        reduced = pickle.loads(Path(f"{out}.{rank}").read_bytes())
+    for reduced in ranks:
         assert reduced.keys() == single.keys()
         for (step, layer), stats in single.items():
             got = reduced[step, layer]
