@@ -28,7 +28,7 @@ Choices, written down:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from covshift.probe._copies import Evaluator, LossFn, deep_copy, draw_batch, isolated_randomness
+from covshift.probe._copies import Evaluator, LossFn, deep_copy, isolated_randomness
+from covshift.probe.monitor import TrainingMonitor
 from covshift.probe.probe import ProbeRecord
-from covshift.probe.schedule import Schedule
 from covshift.probe.select import LayerSpec, select_layers
 
 __all__ = ["GradientICS", "GradientICSMonitor", "gradient_ics"]
@@ -186,7 +186,7 @@ def gradient_ics(
     return {name: GradientICS(*map(float, row)) for name, row in zip(ordered, table, strict=True)}
 
 
-class GradientICSMonitor:
+class GradientICSMonitor(TrainingMonitor):
     """Gradient ICS as a callback of :func:`covshift.train.train`, on a schedule.
 
     At each due step (after the optimizer step, so at the weights the next step
@@ -196,43 +196,19 @@ class GradientICSMonitor:
     ``grad_ics_cos``, ``grad_norm`` and ``shifted_grad_norm`` (0-d arrays).
 
     Args:
-        every / steps / schedule: when to measure (one of them; default every 100).
-        loss_fn: the training loss (default cross-entropy, as covshift.train).
         layers: which layers (default: every weight layer).
-        batch_size: examples per measurement batch (default: the training batch size).
-        seed: seed of the private batch generator.
-        sink: receives the records (default: kept in :attr:`records`).
+        every / steps / schedule, loss_fn, batch_size, seed, sink: see
+            :class:`~covshift.probe.monitor.TrainingMonitor`.
     """
 
     def __init__(
-        self,
-        *,
-        every: int | None = None,
-        steps: Iterable[int] | None = None,
-        schedule: Schedule | None = None,
-        loss_fn: LossFn = F.cross_entropy,
-        layers: LayerSpec | Sequence[LayerSpec] | None = None,
-        batch_size: int | None = None,
-        seed: int = 0,
-        sink: Callable[[ProbeRecord], None] | None = None,
+        self, *, layers: LayerSpec | Sequence[LayerSpec] | None = None, **kwargs: Any
     ) -> None:
-        self.schedule = Schedule.resolve(every, steps, schedule)
-        self.loss_fn = loss_fn
+        super().__init__(**kwargs)
         self.layers = layers
-        self.batch_size = batch_size
-        self.seed = seed
-        self.records: list[ProbeRecord] = []
-        self._sink = sink or self.records.append
 
-    def on_train_start(self, state: Any) -> None:
-        self.on_step_end(state)
-
-    def on_step_end(self, state: Any) -> None:
-        if not self.schedule.due(state.step):
-            return
-        x, y = draw_batch(state, self.batch_size, self.seed, state.step)
+    def measure(self, state: Any, inputs: Any, targets: Any) -> list[ProbeRecord]:
         found = gradient_ics(
-            state.model, state.optimizer, x, y, loss_fn=self.loss_fn, layers=self.layers
+            state.model, state.optimizer, inputs, targets, loss_fn=self.loss_fn, layers=self.layers
         )
-        for layer, ics in found.items():
-            self._sink(ProbeRecord(state.step, layer, ics.stats()))
+        return [ProbeRecord(state.step, layer, ics.stats()) for layer, ics in found.items()]

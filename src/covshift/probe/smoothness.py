@@ -20,7 +20,6 @@ for every point and the global random state restored: no side effect on training
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from covshift.probe._copies import Evaluator, LossFn, deep_copy, draw_batch, isolated_randomness
+from covshift.probe._copies import Evaluator, LossFn, deep_copy, isolated_randomness
+from covshift.probe.monitor import TrainingMonitor
 from covshift.probe.probe import ProbeRecord
-from covshift.probe.schedule import Schedule
 
 __all__ = ["Smoothness", "SmoothnessMonitor", "landscape_smoothness"]
 
@@ -120,12 +119,14 @@ def landscape_smoothness(
     )
 
 
-class SmoothnessMonitor:
+class SmoothnessMonitor(TrainingMonitor):
     """Landscape smoothness as a callback of :func:`covshift.train.train`.
 
     At each due step it measures on a training batch drawn by a private generator and
     emits one :class:`~covshift.probe.ProbeRecord` with layer ``"(model)"`` and the
-    stats of :meth:`Smoothness.stats`. ``lr`` defaults to the optimizer's (first group).
+    stats of :meth:`Smoothness.stats`. ``lr`` defaults to the optimizer's (first group);
+    ``step_range`` and ``points`` are those of :func:`landscape_smoothness`; the other
+    arguments are :class:`~covshift.probe.monitor.TrainingMonitor`'s.
     """
 
     LAYER = "(model)"
@@ -133,43 +134,26 @@ class SmoothnessMonitor:
     def __init__(
         self,
         *,
-        every: int | None = None,
-        steps: Iterable[int] | None = None,
-        schedule: Schedule | None = None,
-        loss_fn: LossFn = F.cross_entropy,
         lr: float | None = None,
         step_range: tuple[float, float] = (0.5, 4.0),
         points: int = 8,
-        batch_size: int | None = None,
-        seed: int = 0,
-        sink: Callable[[ProbeRecord], None] | None = None,
+        **kwargs: Any,
     ) -> None:
-        self.schedule = Schedule.resolve(every, steps, schedule)
+        super().__init__(**kwargs)
         step_grid(lr or 1.0, step_range, points)  # validate now, not at the first record
-        self.loss_fn = loss_fn
         self.lr = lr
         self.step_range = step_range
         self.points = points
-        self.batch_size = batch_size
-        self.seed = seed
-        self.records: list[ProbeRecord] = []
-        self._sink = sink or self.records.append
 
-    def on_train_start(self, state: Any) -> None:
-        self.on_step_end(state)
-
-    def on_step_end(self, state: Any) -> None:
-        if not self.schedule.due(state.step):
-            return
-        x, y = draw_batch(state, self.batch_size, self.seed, state.step)
+    def measure(self, state: Any, inputs: Any, targets: Any) -> list[ProbeRecord]:
         lr = self.lr or float(state.optimizer.param_groups[0]["lr"])
         found = landscape_smoothness(
             state.model,
-            x,
-            y,
+            inputs,
+            targets,
             lr=lr,
             loss_fn=self.loss_fn,
             step_range=self.step_range,
             points=self.points,
         )
-        self._sink(ProbeRecord(state.step, self.LAYER, found.stats()))
+        return [ProbeRecord(state.step, self.LAYER, found.stats())]
