@@ -27,7 +27,8 @@ ops (double backward). :func:`forward`/:func:`backward` serve the pure functions
 ``normalize_fwd``/``normalize_bwd`` with grad mode off. All return None whenever the
 native path does not apply (CPU only; not under torch.compile;
 float32/float64/float16/bfloat16; contiguous, or channels_last for BatchNorm) and the
-caller falls back.
+caller falls back. Those guards run in C++ (``norm.cpp``, ``pick_config``): from
+Python they cost more than the kernels themselves on small layers.
 """
 
 from __future__ import annotations
@@ -101,9 +102,20 @@ def _flags() -> list[str]:
         arch = ["-march=native"]
     elif machine in ("aarch64", "arm64"):
         arch = ["-mcpu=native"]
-    # -fopenmp-simd: honour `#pragma omp simd` without linking an OpenMP runtime
-    # (threads come from ATen's pool).
-    return ["-O3", *arch, "-fopenmp-simd", "-DNDEBUG"]
+    # -fopenmp-simd: honour `#pragma omp simd` everywhere.
+    return ["-O3", *arch, "-fopenmp-simd", "-DNDEBUG", *_openmp_flags()]
+
+
+def _openmp_flags() -> list[str]:
+    # With torch's OpenMP backend, at::parallel_for is inline code (ATen/ParallelOpenMP.h)
+    # that runs on one thread unless the extension itself is compiled with -fopenmp.
+    # Linked so, it shares torch's runtime: on Linux the wheel bundles libgomp.so.1,
+    # already loaded when the extension is, and the loader matches the soname, so
+    # torch.set_num_threads applies to the kernels too. (Elsewhere the compiler may
+    # lack the flag: the kernels then run on the calling thread.)
+    if platform.system() == "Linux" and torch.backends.openmp.is_available():
+        return ["-fopenmp"]
+    return []
 
 
 def _cpu_tag() -> str:
@@ -150,6 +162,7 @@ def load() -> ModuleType | None:
                 name=name,
                 sources=[str(_CSRC / "norm.cpp")],
                 extra_cflags=_flags(),
+                extra_ldflags=_openmp_flags(),
                 extra_include_paths=[str(_CSRC)],
                 build_directory=str(build),
                 verbose=False,
@@ -190,21 +203,26 @@ class _Plan:
     sizes: tuple[int, ...]
     stat_shape: tuple[int, ...]
     memory_format: torch.memory_format
-    config: Tensor  # the same, packed for the C++ autograd node (see norm.cpp, Config)
+    config: Tensor  # the same, packed for the C++ entry points (see norm.cpp, Config)
 
 
-_plans: dict[tuple[NormLayout, bool], _Plan | None] = {}
+def _configs_of(layout: NormLayout) -> tuple[Tensor | None, Tensor | None]:
+    """The packed plans of ``layout`` for a contiguous and a channels_last input (None
+    where no kernel fits); the C++ entry points pick by ``x``'s memory layout.
 
-
-def _plan(layout: NormLayout, channels_last: bool) -> _Plan | None:
-    key = (layout, channels_last)
+    Kept on the (frozen) layout itself, as its hash is: an attribute read costs less
+    than a dict lookup, which would call ``NormLayout.__hash__`` in Python.
+    """
     try:
-        return _plans[key]
-    except KeyError:
-        if len(_plans) > 4096:  # many shapes seen: start over rather than grow forever
-            _plans.clear()
-        plan = _plans[key] = _make_plan(layout, channels_last)
-        return plan
+        return layout._native_configs  # type: ignore[attr-defined]
+    except AttributeError:
+        plans = (_make_plan(layout, False), _make_plan(layout, True))
+        pair = (
+            None if plans[0] is None else plans[0].config,
+            None if plans[1] is None else plans[1].config,
+        )
+        object.__setattr__(layout, "_native_configs", pair)
+        return pair
 
 
 def _prod(xs: tuple[int, ...]) -> int:
@@ -224,6 +242,7 @@ def _make_plan(layout: NormLayout, channels_last: bool) -> _Plan | None:
     packed = [0 if kind == "channel" else 1, int(channels_last), *sizes5]
     for part in (
         squeezed,
+        stat_shape,
         layout.param_shape or (),
         layout.view_shape,
         layout.stat_dims,
@@ -280,25 +299,28 @@ def _match(
     return "row", (R, K, G, Cg, K // Cg), stat_shape, torch.contiguous_format
 
 
+def cpu_eager(x: Tensor) -> bool:
+    """Whether ``x`` is a non-empty CPU tensor outside torch.compile: where the native
+    kernels and the chunked pure path (``functional._fwd_fast``) may run. (Off the CPU
+    kernel launches cost more than cache misses; under torch.compile inductor fuses
+    the plain graph path itself.)"""
+    return x.device.type == "cpu" and x.numel() > 0 and not torch.compiler.is_compiling()
+
+
 def _ready(x: Tensor) -> ModuleType | None:
-    """The extension, if the native path may run on ``x``. (Called on every forward
-    and backward: the cheap tests come first.)"""
-    if not _enabled or x.device.type != "cpu" or x.dtype not in _DTYPES or x.numel() == 0:
-        return None
-    if torch.compiler.is_compiling():
-        return None
-    return _module if _module is not None else load()
+    """The extension, if the native path may be tried on ``x``; the C++ entry points
+    check the rest (device, dtype, memory layout, ...) and answer None.
 
-
-def _layout_of(x: Tensor) -> bool | None:
-    """False: contiguous; True: channels_last (4D/5D); None: neither."""
-    if x.is_contiguous():
-        return False
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return True
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return True
-    return None
+    Before the extension is loaded ``x`` itself is checked here too, so that a
+    process that never runs a kernel-eligible input (GPU only) never builds it.
+    """
+    if not _enabled or torch.compiler.is_compiling():
+        return None
+    if _module is not None:
+        return _module
+    if not cpu_eager(x) or x.dtype not in _DTYPES:
+        return None
+    return load()
 
 
 def normalize(
@@ -308,41 +330,35 @@ def normalize(
     layout: NormLayout,
     eps: float,
     subtract_mean: bool,
-    running: tuple[Tensor | None, Tensor | None, float, float] | None = None,
-) -> tuple[Tensor, Tensor | None, Tensor] | None:
-    """``(y, mean, var)`` as :func:`~covshift.nn.functional.normalize_with_stats`, from
-    one C++ autograd node (forward and backward without Python), or None.
+    stats: bool = True,
+    running: tuple[Tensor | None, Tensor | None, Tensor | None, float | None, float] | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor] | Tensor | None:
+    """``(y, mean, var)`` as :func:`~covshift.nn.functional.normalize_with_stats` (``y``
+    alone when ``stats`` is False), from one C++ autograd node (forward and backward
+    without Python), or None.
 
     The node's backward runs the native kernel, or under ``create_graph=True`` the
     same closed form as differentiable ATen ops (double backward). ``running``:
-    ``(running_mean, running_var, m, bessel)`` to update in the same call, as
-    :func:`update_running` (BatchNorm in training).
+    ``(running_mean, running_var, num_batches_tracked, momentum, bessel)`` to update
+    in the same call (BatchNorm in training): the counter (if given) += 1, then
+    ``running ← (1 − m)·running + m·batch`` (``var·bessel``) with ``m = momentum``,
+    or ``1 / counter`` when ``momentum`` is None.
     """
-    mod = _ready(x)
-    if mod is None:
-        return None
-    fmt = _layout_of(x)
-    if fmt is None:
-        return None
-    plan = _plan(layout, fmt)
-    if plan is None:
-        return None
-    if running is None:
-        y, mean, var = mod.normalize(
-            x, weight, bias, plan.config, eps, subtract_mean, None, None, 0.0, 1.0
-        )
-    else:
-        rm, rv, factor, bessel = running
-        if (rm is not None and rm.device.type != "cpu") or (
-            rv is not None and rv.device.type != "cpu"
-        ):
+    # _ready, inlined for the common case (called on every training step of every layer).
+    mod = _module if _enabled and _module is not None else None
+    if mod is None or torch.compiler.is_compiling():
+        mod = _ready(x)
+        if mod is None:
             return None
-        y, mean, var = mod.normalize(
-            x, weight, bias, plan.config, eps, subtract_mean, rm, rv, factor, bessel
+    cfg, cfg_cl = _configs_of(layout)
+    if running is None:
+        return mod.normalize(
+            x, weight, bias, cfg, cfg_cl, eps, subtract_mean, stats, None, None, None, 0.0, 1.0
         )
-        # Written through data pointers: tell autograd, as after any in-place op.
-        torch.autograd.graph.increment_version([t for t in (rm, rv) if t is not None])
-    return y, mean if subtract_mean else None, var
+    rm, rv, counter, momentum, bessel = running
+    return mod.normalize(
+        x, weight, bias, cfg, cfg_cl, eps, subtract_mean, stats, rm, rv, counter, momentum, bessel
+    )
 
 
 def forward(
@@ -357,15 +373,7 @@ def forward(
     mod = _ready(x)
     if mod is None:
         return None
-    fmt = _layout_of(x)
-    if fmt is None:
-        return None
-    plan = _plan(layout, fmt)
-    if plan is None:
-        return None
-    fn = mod.channel_forward if plan.kind == "channel" else mod.row_forward
-    y, mean, rstd, var = fn(x, weight, bias, *plan.sizes, eps, subtract_mean, plan.stat_shape)
-    return y, mean, rstd, var
+    return mod.forward(x, weight, bias, *_configs_of(layout), eps, subtract_mean)
 
 
 def backward(
@@ -379,23 +387,9 @@ def backward(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None] | None:
     """``(dx, dweight, dbias)`` as :func:`~covshift.nn.functional.normalize_bwd`, or None."""
     mod = _ready(x)
-    if mod is None or grad_out.dtype != x.dtype or grad_out.shape != x.shape:
+    if mod is None:
         return None
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if rstd.dtype != acc or (mean is not None and mean.dtype != acc):
-        return None
-    fmt = _layout_of(x)
-    if fmt is None:
-        return None
-    plan = _plan(layout, fmt)
-    if plan is None:
-        return None
-    g = grad_out.contiguous(memory_format=plan.memory_format)
-    need_dx, need_dw, need_db = needs
-    pshape = layout.param_shape if layout.param_shape is not None else ()
-    fn = mod.channel_backward if plan.kind == "channel" else mod.row_backward
-    dx, dw, db = fn(g, x, mean, rstd, weight, *plan.sizes, need_dx, need_dw, need_db, pshape)
-    return dx, dw, db
+    return mod.backward(grad_out, x, mean, rstd, weight, *_configs_of(layout), *needs)
 
 
 def update_running(
@@ -409,7 +403,7 @@ def update_running(
     """``running ← (1 − m)·running + m·batch`` (``var·bessel`` for the variance) in one
     native call; False (nothing done) where the native path does not apply."""
     mod = _ready(mean)
-    if mod is None:
+    if mod is None or mean.device.type != "cpu":
         return False
     for t in (running_mean, running_var):
         if t is not None and t.device.type != "cpu":

@@ -103,17 +103,8 @@ def normalize(
         >>> y = normalize(x, (0, 2, 3), eps=1e-5)  # BatchNorm2d in training
         >>> y = normalize(x, (1, 2, 3), eps=1e-5, groups=2)  # GroupNorm(2, 4)
     """
-    y, _, _ = normalize_with_stats(
-        x,
-        reduce_dims,
-        weight,
-        bias,
-        eps=eps,
-        subtract_mean=subtract_mean,
-        groups=groups,
-        channel_dim=channel_dim,
-    )
-    return y
+    layout = _checked_layout(x, reduce_dims, weight, bias, eps, groups, channel_dim)
+    return _apply(x, weight, bias, layout, float(eps), subtract_mean)
 
 
 def normalize_with_stats(
@@ -136,15 +127,7 @@ def normalize_with_stats(
         dim (GroupNorm on (N, C, H, W) gives (N, G)). ``mean`` is None when
         ``subtract_mean`` is False (``var`` is then the mean of squares).
     """
-    _check_eps(eps)
-    layout = resolve_layout(
-        x.shape,
-        reduce_dims,
-        groups=groups,
-        channel_dim=channel_dim,
-        weight_shape=None if weight is None else weight.shape,
-        bias_shape=None if bias is None else bias.shape,
-    )
+    layout = _checked_layout(x, reduce_dims, weight, bias, eps, groups, channel_dim)
     native = _native.normalize(x, weight, bias, layout, float(eps), subtract_mean)
     if native is not None:  # fused CPU kernels, autograd node in C++
         return native
@@ -153,6 +136,42 @@ def normalize_with_stats(
     )
     squeeze = layout.stat_dims
     return y, None if mean is None else mean.squeeze(squeeze), var.squeeze(squeeze)
+
+
+def _checked_layout(
+    x: Tensor,
+    reduce_dims: Dims,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    groups: int | None,
+    channel_dim: int | None,
+) -> NormLayout:
+    _check_eps(eps)
+    return resolve_layout(
+        x.shape,
+        reduce_dims,
+        groups=groups,
+        channel_dim=channel_dim,
+        weight_shape=None if weight is None else weight.shape,
+        bias_shape=None if bias is None else bias.shape,
+    )
+
+
+def _apply(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    layout: NormLayout,
+    eps: float,
+    subtract_mean: bool,
+) -> Tensor:
+    """``y`` of :func:`normalize_with_stats` for a resolved (so checked) layout: the
+    wrappers' hot path, which hands no statistics back to Python."""
+    y = _native.normalize(x, weight, bias, layout, eps, subtract_mean, False)
+    if y is not None:
+        return y
+    return _autograd.NormalizeFunction.apply(x, weight, bias, layout, eps, subtract_mean)[0]
 
 
 def moments(
@@ -223,6 +242,52 @@ def batch_norm(
             without a counter, running stats missing out of training.
         RuntimeError: a parameter or buffer whose length is not C.
     """
+    if not training:
+        _check_batch_norm(x, running_mean, running_var, weight, bias, training, eps)
+        if running_mean is None or running_var is None:
+            raise ValueError(
+                "batch_norm with training=False needs running_mean and running_var; "
+                "pass training=True to normalize with the batch statistics"
+            )
+        return _affine_with_stats(x, running_mean, running_var, weight, bias, eps, channel_dim=1)
+
+    layout = _batch_norm_layout(x, running_mean, running_var, weight, bias, eps)
+    if not eps > 0:  # (checked with the shapes on their first call; eps may differ since)
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    tracking = running_mean is not None or running_var is not None
+    if tracking:
+        count = layout.count
+        bessel = count / max(count - 1, 1)
+        if running_mean is not None and (momentum is not None or num_batches_tracked is not None):
+            # One native call: the step counter, the normalization, the buffer updates.
+            m = None if momentum is None else float(momentum)
+            running = (running_mean, running_var, num_batches_tracked, m, bessel)
+            y = _native.normalize(x, weight, bias, layout, float(eps), True, False, running)
+            if y is not None:
+                return y
+    factor = _update_factor(momentum, num_batches_tracked, running_mean is not None)
+    if not tracking:
+        _check_eps(eps)
+        return _apply(x, weight, bias, layout, float(eps), True)
+    running = (running_mean, running_var, None, factor, bessel)
+    y = _native.normalize(x, weight, bias, layout, float(eps), True, False, running)
+    if y is not None:
+        return y
+    reduce_dims = (0, *range(2, x.dim()))
+    y, mean, var = normalize_with_stats(x, reduce_dims, weight, bias, eps=eps, channel_dim=1)
+    _update_running(running_mean, running_var, mean, var, count, factor)
+    return y
+
+
+def _check_batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    eps: float,
+) -> None:
     if x.dim() < 2:
         raise ValueError(f"batch_norm expects an input of shape (N, C, *), got {x.dim()}D input")
     if training:
@@ -243,35 +308,37 @@ def batch_norm(
                 f"{name} should contain {channels} elements not {t.numel()} "
                 f"(one per channel of the input, whose shape is {tuple(x.shape)})"
             )
-    reduce_dims = (0, *range(2, x.dim()))
-    if not training:
-        if running_mean is None or running_var is None:
-            raise ValueError(
-                "batch_norm with training=False needs running_mean and running_var; "
-                "pass training=True to normalize with the batch statistics"
-            )
-        return _affine_with_stats(x, running_mean, running_var, weight, bias, eps, channel_dim=1)
 
-    factor = _update_factor(momentum, num_batches_tracked, running_mean is not None)
-    tracking = running_mean is not None or running_var is not None
-    if tracking:
-        # The native path normalizes and updates the buffers in one call.
-        count = _count(x.shape, reduce_dims)
+
+def _batch_norm_layout(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> NormLayout:
+    """:func:`batch_norm`'s checks in training and its layout, remembered per shapes of
+    the arguments: a repeated call skips the checks it passed before (see _remembered)."""
+    wshape = None if weight is None else weight.shape
+    bshape = None if bias is None else bias.shape
+    key = (
+        "batch_norm",
+        x.shape,
+        None if running_mean is None else running_mean.shape,
+        None if running_var is None else running_var.shape,
+        wshape,
+        bshape,
+    )
+    layout = _remembered(key)
+    if layout is None:
+        _check_batch_norm(x, running_mean, running_var, weight, bias, True, eps)
+        reduce_dims = (0, *range(2, x.dim()))
         layout = resolve_layout(
-            x.shape,
-            reduce_dims,
-            channel_dim=1,
-            weight_shape=None if weight is None else weight.shape,
-            bias_shape=None if bias is None else bias.shape,
+            x.shape, reduce_dims, channel_dim=1, weight_shape=wshape, bias_shape=bshape
         )
-        running = (running_mean, running_var, factor, count / max(count - 1, 1))
-        native = _native.normalize(x, weight, bias, layout, float(eps), True, running)
-        if native is not None:
-            return native[0]
-    y, mean, var = normalize_with_stats(x, reduce_dims, weight, bias, eps=eps, channel_dim=1)
-    if tracking:
-        _update_running(running_mean, running_var, mean, var, _count(x.shape, reduce_dims), factor)
-    return y
+        _remember(key, layout)
+    return layout
 
 
 def layer_norm(
@@ -286,9 +353,9 @@ def layer_norm(
     Statistics over the trailing ``normalized_shape``; ``weight``/``bias`` have that
     shape (element-wise affine). Same arguments as ``torch.nn.functional.layer_norm``.
     """
-    shape = _check_trailing(x, normalized_shape)
-    dims = tuple(range(x.dim() - len(shape), x.dim()))
-    return normalize(x, dims, weight, bias, eps=eps, channel_dim=None)
+    layout = _trailing_layout(x, normalized_shape, weight, bias, eps, rms=False)
+    _check_eps(eps)
+    return _apply(x, weight, bias, layout, float(eps), True)
 
 
 def rms_norm(
@@ -302,11 +369,37 @@ def rms_norm(
     ``y = x / sqrt(mean(x²) + eps) · w``; ``eps=None`` means the machine epsilon of
     the compute dtype (float32 for half inputs), as ``torch.nn.functional.rms_norm``.
     """
-    shape = _check_trailing(x, normalized_shape, rms=True)
-    dims = tuple(range(x.dim() - len(shape), x.dim()))
     if eps is None:
         eps = torch.finfo(compute_dtype(x.dtype)).eps
-    return normalize(x, dims, weight, None, eps=eps, subtract_mean=False, channel_dim=None)
+    layout = _trailing_layout(x, normalized_shape, weight, None, eps, rms=True)
+    _check_eps(eps)
+    return _apply(x, weight, None, layout, float(eps), False)
+
+
+def _trailing_layout(
+    x: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    rms: bool,
+) -> NormLayout:
+    """The checks of :func:`layer_norm`/:func:`rms_norm` and their layout, remembered
+    per argument shapes (see _remembered)."""
+    wshape = None if weight is None else weight.shape
+    bshape = None if bias is None else bias.shape
+    ns = normalized_shape if isinstance(normalized_shape, (int, tuple)) else tuple(normalized_shape)
+    key = ("rms_norm" if rms else "layer_norm", x.shape, ns, wshape, bshape)
+    layout = _remembered(key)
+    if layout is None:
+        shape = _check_trailing(x, normalized_shape, rms=rms)
+        _check_eps(eps)
+        dims = tuple(range(x.dim() - len(shape), x.dim()))
+        layout = resolve_layout(
+            x.shape, dims, channel_dim=None, weight_shape=wshape, bias_shape=bshape
+        )
+        _remember(key, layout)
+    return layout
 
 
 def group_norm(
@@ -321,6 +414,21 @@ def group_norm(
     The C channels of ``x`` (N, C, *) fall into ``num_groups`` groups; each sample's
     group is normalized over its channels and spatial dims; per-channel affine.
     """
+    wshape = None if weight is None else weight.shape
+    bshape = None if bias is None else bias.shape
+    # (Remembered for int num_groups only: 2.0 hashes as 2, but resolve_layout rejects it.)
+    key = ("group_norm", x.shape, num_groups, wshape, bshape)
+    layout = _remembered(key) if type(num_groups) is int else None
+    if layout is None:
+        layout = _group_norm_layout(x, num_groups, weight, bias, eps)
+        _remember(key, layout)
+    _check_eps(eps)
+    return _apply(x, weight, bias, layout, float(eps), True)
+
+
+def _group_norm_layout(
+    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> NormLayout:
     if x.dim() < 2:
         raise RuntimeError(
             f"Expected at least 2 dimensions for input tensor but received {x.dim()}"
@@ -339,8 +447,15 @@ def group_norm(
                 f"{list(x.shape)}"
             )
     _verify_batch_size([x.shape[0] * channels // num_groups, num_groups, *x.shape[2:]])
-    dims = tuple(range(1, x.dim()))
-    return normalize(x, dims, weight, bias, eps=eps, groups=num_groups, channel_dim=1)
+    _check_eps(eps)
+    return resolve_layout(
+        x.shape,
+        tuple(range(1, x.dim())),
+        groups=num_groups,
+        channel_dim=1,
+        weight_shape=None if weight is None else weight.shape,
+        bias_shape=None if bias is None else bias.shape,
+    )
 
 
 def instance_norm(
@@ -490,6 +605,24 @@ def resolve_layout(
 _layouts: dict[tuple, NormLayout] = {}
 
 
+def _remembered(key: tuple) -> NormLayout | None:
+    """The layout a wrapper resolved for ``key`` (its arguments' shapes and ints) on an
+    earlier call, whose shape checks then passed; None the first time, and always under
+    torch.compile (symbolic shapes). Checking again costs more than a small
+    normalization itself; checks of values (eps) still run on every call."""
+    if torch.compiler.is_compiling():
+        return None
+    return _layouts.get(key)
+
+
+def _remember(key: tuple, layout: NormLayout) -> None:
+    if torch.compiler.is_compiling():
+        return
+    if len(_layouts) > 4096:  # many shapes seen: start over rather than grow forever
+        _layouts.clear()
+    _layouts[key] = layout
+
+
 def _resolve_layout(
     shape: Sequence[int],
     reduce_dims: Dims,
@@ -589,11 +722,12 @@ def normalize_fwd(
     they apply and build, else piecewise in place (``_fwd_fast``); otherwise, on GPUs
     and under torch.compile, with plain out-of-place ops (``_fwd_graph``).
     """
-    if not torch.is_grad_enabled():
-        out = _native.forward(x, weight, bias, layout, eps, subtract_mean)
-        if out is not None:
-            return out
-    plan = None if torch.is_grad_enabled() else _chunk_plan(layout, x, compute_dtype(x.dtype))
+    if torch.is_grad_enabled():
+        return _fwd_graph(x, weight, bias, layout, eps, subtract_mean)
+    out = _native.forward(x, weight, bias, layout, eps, subtract_mean)
+    if out is not None:
+        return out
+    plan = _chunk_plan(layout, x, compute_dtype(x.dtype))
     if plan is None:
         return _fwd_graph(x, weight, bias, layout, eps, subtract_mean)
     return _fwd_fast(x, weight, bias, layout, eps, subtract_mean, plan)
@@ -623,11 +757,12 @@ def normalize_bwd(
     computes the same terms in the fused native kernels (:mod:`._native`), or piecewise
     in place (``_bwd_fast``) where they do not apply. See docs/derivations.md.
     """
-    if not torch.is_grad_enabled():
-        out = _native.backward(grad_out, x, mean, rstd, weight, layout, needs)
-        if out is not None:
-            return out
-    plan = None if torch.is_grad_enabled() else _chunk_plan(layout, x, rstd.dtype)
+    if torch.is_grad_enabled():
+        return _bwd_graph(grad_out, x, mean, rstd, weight, layout, needs)
+    out = _native.backward(grad_out, x, mean, rstd, weight, layout, needs)
+    if out is not None:
+        return out
+    plan = _chunk_plan(layout, x, rstd.dtype)
     if plan is None:
         return _bwd_graph(grad_out, x, mean, rstd, weight, layout, needs)
     return _bwd_fast(grad_out, x, mean, rstd, weight, layout, needs, plan)
@@ -763,11 +898,10 @@ def _chunk_plan(layout: NormLayout, x: Tensor, dtype: torch.dtype) -> tuple[int,
     """``(dim, step)``: split the view along ``dim`` (not reduced) in pieces of ``step``.
 
     Every piece holds whole statistics groups, so pieces are independent. None (use
-    the plain path) off the CPU, where kernel launches cost more than cache misses and
-    the caching allocator makes temporaries cheap, and under torch.compile, where
-    inductor fuses the plain path itself.
+    the plain path) where :func:`._native.cpu_eager` says no: off the CPU, where the
+    caching allocator makes temporaries cheap, and under torch.compile.
     """
-    if x.device.type != "cpu" or torch.compiler.is_compiling() or x.numel() == 0:
+    if not _native.cpu_eager(x):
         return None
     total = x.numel() * torch.empty((), dtype=dtype).element_size()
     shape = layout.view_shape

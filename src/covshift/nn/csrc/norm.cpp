@@ -1,8 +1,10 @@
 // Python bindings of the fused normalization kernels (norm_kernels.h): dtype dispatch,
 // output allocation, and threads from ATen's pool (so torch.set_num_threads applies).
 // Loaded by covshift/nn/_native.py with torch.utils.cpp_extension.load at first use.
+#include <ATen/FuncTorchTLS.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/extension.h>
 
 #include <optional>
@@ -232,8 +234,9 @@ void update_running(const OptTensor& running_mean, const OptTensor& running_var,
 
 // A layout, resolved once in Python (covshift/nn/_native.py) and kept as an int64
 // tensor, so that calls pass it (and nodes save it) by reference:
-//   [kind, channels_last, 5 sizes, then (length, values) for stat_shape,
-//    param_shape, view_shape, stat_dims, affine_shape (length 0: no affine)].
+//   [kind, channels_last, 5 sizes, then (length, values) for stat_shape (reduced
+//    dims dropped), keep_shape (kept as 1), param_shape, view_shape, stat_dims,
+//    affine_shape (length 0: no affine)].
 // kind 0: channel, sizes (A, C, B, -, -); kind 1: row, sizes (R, K, G, Cg, S).
 // The shapes are views into the tensor's memory (no copies): a Config lives no longer
 // than the call, or the node, that holds the tensor.
@@ -241,7 +244,7 @@ struct Config {
   int64_t kind;
   bool channels_last;
   int64_t s[5];
-  at::IntArrayRef stat_shape, param_shape, view_shape, stat_dims, affine_shape;
+  at::IntArrayRef stat_shape, keep_shape, param_shape, view_shape, stat_dims, affine_shape;
 
   explicit Config(const Tensor& t) {
     TORCH_CHECK(t.scalar_type() == at::kLong && t.is_contiguous(), "covshift native: bad config");
@@ -250,7 +253,8 @@ struct Config {
     kind = *p++;
     channels_last = *p++ != 0;
     for (int i = 0; i < 5; ++i) s[i] = *p++;
-    for (auto* v : {&stat_shape, &param_shape, &view_shape, &stat_dims, &affine_shape}) {
+    for (auto* v :
+         {&stat_shape, &keep_shape, &param_shape, &view_shape, &stat_dims, &affine_shape}) {
       const int64_t n = *p++;
       *v = at::IntArrayRef(p, n);
       p += n;
@@ -259,9 +263,7 @@ struct Config {
   }
 };
 
-struct ConfigRef {  // not a Tensor argument, so autograd does not treat it as an input
-  Tensor t;
-};
+bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
 
 Tensor grad_in_layout(const Tensor& g, const Config& c) {
   return c.channels_last ? g.contiguous(g.dim() == 5 ? at::MemoryFormat::ChannelsLast3d
@@ -302,91 +304,221 @@ std::vector<Tensor> graph_backward(const Tensor& g, const Tensor& x, const Tenso
   return {dx, dw, db};
 }
 
-class NormalizeNode : public torch::autograd::Function<NormalizeNode> {
- public:
-  // (y, mean, var): mean (undefined without centering) and var carry no gradient and
-  // have the stat_shape of the config (the reduced dims dropped).
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
-                                                const Tensor& x, const OptTensor& weight,
-                                                const OptTensor& bias, const ConfigRef& cfg,
-                                                double eps, bool center) {
-    const Config c(cfg.t);
-    std::vector<Tensor> out =
-        c.kind == 0 ? channel_forward(x, weight, bias, c.s[0], c.s[1], c.s[2], eps, center,
-                                      c.stat_shape)
-                    : row_forward(x, weight, bias, c.s[0], c.s[1], c.s[2], c.s[3], c.s[4], eps,
-                                  center, c.stat_shape);
-    const Tensor w = weight.has_value() ? *weight : Tensor();
-    // Saved: x (alive anyway), the weight and two per-statistic vectors; nothing full-size.
-    ctx->save_for_backward({x, w, out[1], out[2]});
-    ctx->saved_data["cfg"] = cfg.t;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["center"] = center;
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    // Autograd wants defined outputs: without centering, an empty stand-in for the
-    // mean (the Python caller returns None).
-    Tensor mean = center ? out[1] : at::empty({0}, out[3].options());
-    ctx->mark_non_differentiable({mean, out[3]});
-    return {out[0], mean, out[3]};
+// The backward node of `normalize_node`, written as torch's generated nodes are: the
+// generic machinery of torch::autograd::Function (a dictionary of IValues for the
+// context, bookkeeping of every argument, output wrapping) costs about as much as the
+// kernels themselves on a 60 x 100 layer. Its next edges are (x, weight, bias),
+// invalid where a tensor is missing or needs no gradient.
+struct NormalizeNode : public torch::autograd::Node {
+  // x (alive anyway), the weight and two per-statistic vectors; nothing full-size.
+  torch::autograd::SavedVariable x_, weight_, mean_, rstd_;
+  Tensor cfg_;  // the packed Config (kept by reference, see Config)
+  double eps_ = 0;
+  bool center_ = false;
+  std::optional<at::ScalarType> bias_type_;  // the bias's dtype; none without bias
+
+  std::string name() const override { return "NormalizeNode"; }
+
+  void release_variables() override {
+    x_.reset_data();
+    weight_.reset_data();
+    mean_.reset_data();
+    rstd_.reset_data();
   }
 
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    const Tensor& x = saved[0];
-    const Tensor& weight = saved[1];
-    const Config c(ctx->saved_data["cfg"].toTensor());
-    const double eps = ctx->saved_data["eps"].toDouble();
-    const bool center = ctx->saved_data["center"].toBool();
-    // needs_input_grad counts the tensors given (a missing weight takes no slot).
-    const bool has_w = weight.defined(), has_b = ctx->saved_data["has_bias"].toBool();
-    const bool nx = ctx->needs_input_grad(0), nw = has_w && ctx->needs_input_grad(1),
-               nb = has_b && ctx->needs_input_grad(has_w ? 2 : 1);
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    const bool nx = task_should_compute_output(0), nw = task_should_compute_output(1),
+               nb = task_should_compute_output(2);
+    if (!grads[0].defined() || !(nx || nw || nb)) return {Tensor(), Tensor(), Tensor()};
+    const Tensor x = x_.unpack(), weight = weight_.unpack();
+    const Config c(cfg_);
     std::vector<Tensor> d;
     if (at::GradMode::is_enabled()) {
-      d = graph_backward(grads[0], x, weight, c, eps, center, nx, nw, nb);
+      d = graph_backward(grads[0], x, weight, c, eps_, center_, nx, nw, nb);
     } else {
-      const Tensor g = grad_in_layout(grads[0], c);
+      const Tensor g = grad_in_layout(grads[0], c), mean = mean_.unpack(), rstd = rstd_.unpack();
       const OptTensor w = weight.defined() ? OptTensor(weight) : std::nullopt;
-      const OptTensor mean = saved[2].defined() ? OptTensor(saved[2]) : std::nullopt;
-      d = c.kind == 0 ? channel_backward(g, x, mean, saved[3], w, c.s[0], c.s[1], c.s[2], nx,
-                                         nw, nb, c.param_shape)
-                      : row_backward(g, x, mean, saved[3], w, c.s[0], c.s[1], c.s[2], c.s[3],
-                                     c.s[4], nx, nw, nb, c.param_shape);
+      const OptTensor mu = mean.defined() ? OptTensor(mean) : std::nullopt;
+      d = c.kind == 0 ? channel_backward(g, x, mu, rstd, w, c.s[0], c.s[1], c.s[2], nx, nw, nb,
+                                         c.param_shape)
+                      : row_backward(g, x, mu, rstd, w, c.s[0], c.s[1], c.s[2], c.s[3], c.s[4],
+                                     nx, nw, nb, c.param_shape);
     }
-    // Parameter gradients in the parameters' dtype (the compute dtype may be wider).
+    // Parameter gradients in the parameters' dtypes (the compute dtype may be wider).
     if (d[1].defined() && d[1].scalar_type() != weight.scalar_type())
       d[1] = d[1].to(weight.scalar_type());
-    if (d[2].defined()) {
-      const auto bt = weight.defined() ? weight.scalar_type() : grads[0].scalar_type();
-      if (d[2].scalar_type() != bt) d[2] = d[2].to(bt);
-    }
-    return {d[0], d[1], d[2], Tensor(), Tensor(), Tensor()};
+    if (d[2].defined() && bias_type_.has_value() && d[2].scalar_type() != *bias_type_)
+      d[2] = d[2].to(*bias_type_);
+    return {nx ? d[0] : Tensor(), nw ? d[1] : Tensor(), nb ? d[2] : Tensor()};
   }
 };
 
-// (y, mean, var) through the autograd node; with running buffers given (BatchNorm in
-// training), also moves them toward the batch statistics (see update_running), which
-// saves a second call from Python per layer and step.
-std::vector<Tensor> normalize(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
-                              const Tensor& cfg, double eps, bool center,
-                              const OptTensor& running_mean, const OptTensor& running_var,
-                              double factor, double bessel) {
-  auto out = NormalizeNode::apply(x, weight, bias, ConfigRef{cfg}, eps, center);
-  if ((running_mean.has_value() && running_mean->defined()) ||
-      (running_var.has_value() && running_var->defined()))
+// (y, mean, var) with the stat_shape of the config (reduced dims dropped; mean
+// undefined without centering); y gets a NormalizeNode when a gradient is wanted,
+// mean and var carry none.
+std::vector<Tensor> normalize_node(const Tensor& x, const OptTensor& weight,
+                                   const OptTensor& bias, const Tensor& cfg, double eps,
+                                   bool center) {
+  const Config c(cfg);
+  std::vector<Tensor> out;
+  {
+    // The helpers' casts and allocations record nothing (as in generated kernels).
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = c.kind == 0 ? channel_forward(x, weight, bias, c.s[0], c.s[1], c.s[2], eps, center,
+                                        c.stat_shape)
+                      : row_forward(x, weight, bias, c.s[0], c.s[1], c.s[2], c.s[3], c.s[4], eps,
+                                    center, c.stat_shape);
+  }
+  if (torch::autograd::compute_requires_grad(x, weight, bias)) {
+    auto node = c10::make_intrusive<NormalizeNode>();
+    node->set_next_edges(torch::autograd::collect_next_edges(x, weight, bias));
+    node->x_ = torch::autograd::SavedVariable(x, false);
+    node->weight_ = torch::autograd::SavedVariable(weight, false);
+    node->mean_ = torch::autograd::SavedVariable(out[1], false);
+    node->rstd_ = torch::autograd::SavedVariable(out[2], false);
+    node->cfg_ = cfg;
+    node->eps_ = eps;
+    node->center_ = center;
+    if (given(bias)) node->bias_type_ = bias->scalar_type();
+    torch::autograd::set_history(out[0], node);
+  }
+  return {out[0], out[1], out[3]};
+}
+
+// ------------------------------------------------------------------------------------
+// Entry points. Every guard of the native path sits here, in C++ (on small layers,
+// the same tests from Python cost microseconds of attribute lookups per call): each
+// entry point returns None where a guard fails, before anything is written, and the
+// Python caller takes the pure-PyTorch path (which raises torch's errors, if any).
+// ------------------------------------------------------------------------------------
+
+// A parameter or buffer the kernels may read: missing, or a plain strided CPU tensor.
+bool absent_or_cpu(const OptTensor& t) {
+  return !given(t) || (t->is_cpu() && t->layout() == at::kStrided &&
+                       !t->unsafeGetTensorImpl()->is_python_dispatch() &&
+                       !torch::autograd::isFwGradDefined(t));
+}
+
+// Under a functorch transform (vmap, grad, ...) tensors are wrappers without data
+// pointers, and torch refuses C++ autograd functions there: the pure path serves.
+bool in_functorch_transform() {
+  const auto& tls = at::functorch::functorchTLSAccessor();
+  if (!tls) return false;
+  try {
+    tls->checkSupportsCppAutogradFunction();
+  } catch (const c10::Error&) {
+    return true;
+  }
+  return false;
+}
+
+// The config that serves x, or nullptr: x a plain tensor (no Python subclass dispatch,
+// negative view bit, forward-mode tangent or functorch wrapper), on the CPU, strided,
+// non-empty, of a kernel dtype, and either contiguous (`cfg`) or channels_last in
+// 4D/5D (`cfg_cl`) where that config exists (it does not where no kernel fits).
+const Tensor* pick_config(const Tensor& x, const OptTensor& cfg, const OptTensor& cfg_cl) {
+  const auto dt = x.scalar_type();
+  if (!x.is_cpu() || x.layout() != at::kStrided || x.numel() == 0 ||
+      !(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16) ||
+      x.unsafeGetTensorImpl()->is_python_dispatch() || x.is_neg() ||
+      torch::autograd::isFwGradDefined(x) || in_functorch_transform())
+    return nullptr;
+  const OptTensor* c = nullptr;
+  if (x.is_contiguous())
+    c = &cfg;
+  else if ((x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+           (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d)))
+    c = &cfg_cl;
+  return c != nullptr && given(*c) ? &**c : nullptr;
+}
+
+// After a write through a data pointer, as after any in-place op: autograd must see it
+// (a graph that saved the tensor then notices). Inference tensors have no counter.
+void bump(const OptTensor& t) {
+  if (given(t) && !t->is_inference()) torch::autograd::impl::bump_version(*t);
+}
+
+// (y, mean or None, var) through the autograd node, or y alone when `stats` is false
+// (two fewer tensors handed to Python); None where the native path does not apply.
+// With running buffers given (BatchNorm in training) also: the step counter += 1 when
+// given, then the buffers move toward the batch statistics with factor `momentum`, or
+// 1 / counter when it is None (the cumulative average; the caller then gives the
+// counter); see update_running.
+py::object normalize(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                     const OptTensor& cfg, const OptTensor& cfg_cl, double eps, bool center,
+                     bool stats, const OptTensor& running_mean, const OptTensor& running_var,
+                     const OptTensor& num_batches, std::optional<double> momentum,
+                     double bessel) {
+  const Tensor* c = pick_config(x, cfg, cfg_cl);
+  if (c == nullptr || !absent_or_cpu(weight) || !absent_or_cpu(bias) ||
+      !absent_or_cpu(running_mean) || !absent_or_cpu(running_var))
+    return py::none();
+  if (given(num_batches) && !(num_batches->is_cpu() && num_batches->scalar_type() == at::kLong &&
+                              num_batches->numel() == 1 && num_batches->is_contiguous() &&
+                              !num_batches->is_inference()))
+    return py::none();
+  auto out = normalize_node(x, weight, bias, *c, eps, center);
+  if (given(running_mean) || given(running_var)) {
+    double factor = momentum.value_or(0.0);
+    if (given(num_batches)) {
+      int64_t* n = num_batches->mutable_data_ptr<int64_t>();
+      *n += 1;
+      bump(num_batches);
+      if (!momentum.has_value()) factor = 1.0 / double(*n);
+    }
     update_running(running_mean, running_var, out[1], out[2], factor, bessel);
-  return out;
+    bump(running_mean);
+    bump(running_var);
+  }
+  if (!stats) return py::cast(out[0]);
+  return py::make_tuple(out[0], center ? py::cast(out[1]) : py::none(), out[2]);
+}
+
+// (y, mean or None, rstd, var) with keepdim statistics, no autograd (the pure
+// function normalize_fwd with grad mode off); None where the native path does not apply.
+py::object forward(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                   const OptTensor& cfg, const OptTensor& cfg_cl, double eps, bool center) {
+  const Tensor* t = pick_config(x, cfg, cfg_cl);
+  if (t == nullptr || !absent_or_cpu(weight) || !absent_or_cpu(bias)) return py::none();
+  const Config c(*t);
+  std::vector<Tensor> out =
+      c.kind == 0 ? channel_forward(x, weight, bias, c.s[0], c.s[1], c.s[2], eps, center,
+                                    c.keep_shape)
+                  : row_forward(x, weight, bias, c.s[0], c.s[1], c.s[2], c.s[3], c.s[4], eps,
+                                center, c.keep_shape);
+  return py::make_tuple(out[0], center ? py::cast(out[1]) : py::none(), out[2], out[3]);
+}
+
+// (dx, dweight, dbias), None where not needed, for the pure function normalize_bwd;
+// None where the native path does not apply (also: a gradient of another dtype or
+// shape, statistics not in the accumulation dtype).
+py::object backward(const Tensor& grad_out, const Tensor& x, const OptTensor& mean,
+                    const Tensor& rstd, const OptTensor& weight, const OptTensor& cfg,
+                    const OptTensor& cfg_cl, bool need_dx, bool need_dw, bool need_db) {
+  const Tensor* t = pick_config(x, cfg, cfg_cl);
+  const auto acc = acc_type(x.scalar_type());
+  if (t == nullptr || !absent_or_cpu(weight) || !grad_out.is_cpu() ||
+      grad_out.layout() != at::kStrided || grad_out.scalar_type() != x.scalar_type() ||
+      grad_out.sizes() != x.sizes() || !rstd.is_cpu() || rstd.scalar_type() != acc ||
+      (given(mean) && (!mean->is_cpu() || mean->scalar_type() != acc)))
+    return py::none();
+  const Config c(*t);
+  const Tensor g = grad_in_layout(grad_out, c);
+  std::vector<Tensor> d =
+      c.kind == 0 ? channel_backward(g, x, mean, rstd, weight, c.s[0], c.s[1], c.s[2], need_dx,
+                                     need_dw, need_db, c.param_shape)
+                  : row_backward(g, x, mean, rstd, weight, c.s[0], c.s[1], c.s[2], c.s[3],
+                                 c.s[4], need_dx, need_dw, need_db, c.param_shape);
+  auto opt = [](const Tensor& v) { return v.defined() ? py::cast(v) : py::none(); };
+  return py::make_tuple(opt(d[0]), opt(d[1]), opt(d[2]));
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "covshift's fused CPU normalization kernels";
-  m.def("channel_forward", &channel_forward);
-  m.def("channel_backward", &channel_backward);
-  m.def("row_forward", &row_forward);
-  m.def("row_backward", &row_backward);
-  m.def("update_running", &update_running);
   m.def("normalize", &normalize);
+  m.def("forward", &forward);
+  m.def("backward", &backward);
+  m.def("update_running", &update_running);
 }

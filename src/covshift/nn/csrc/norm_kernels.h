@@ -78,11 +78,17 @@ struct ScalarLoad {
   }
 };
 
+// The sum of a vector's lanes, as a tree (log2 L dependent vector adds rather than L
+// dependent scalar ones: on rows of a few hundred elements the lane-by-lane sum
+// costs as much as the loads).
 template <typename V, typename A>
 inline A hsum(V v) {
-  A s = 0;
-  for (int64_t j = 0; j < Vec<A>::L; ++j) s += v[j];
-  return s;
+  constexpr int64_t L = Vec<A>::L;
+  A t[L];
+  std::memcpy(t, &v, sizeof(v));
+  for (int64_t w = L / 2; w >= 1; w /= 2)
+    for (int64_t j = 0; j < w; ++j) t[j] += t[j + w];
+  return t[0];
 }
 
 // sum over i in [0, n) of f(load at i); f is generic in the load (vector or scalar).
@@ -136,6 +142,12 @@ struct Moments {
   double n = 0, mean = 0, m2 = 0;
   void add(double nb, double mb, double m2b) {
     if (nb == 0) return;
+    if (n == 0) {  // the first block (often the only one: a row of a few hundred)
+      n = nb;
+      mean = mb;
+      m2 = m2b;
+      return;
+    }
     const double nt = n + nb;
     const double d = mb - mean;
     mean += d * (nb / nt);
@@ -165,6 +177,16 @@ template <typename T, typename A>
 inline void affine_run(const T* x, T* y, int64_t n, A mu, A scale, A shift) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] = static_cast<T>((static_cast<A>(x[i]) - mu) * scale + shift);
+}
+
+// Asks for the next row while this one is worked on from L1 (its second and third
+// passes): the hardware prefetcher alone stalls at each row's start, and short rows
+// (LayerNorm's few hundred elements) are then bound by latency, not bandwidth.
+// Only rows that fit in L1 with room to spare (longer ones stream on their own).
+template <typename T>
+inline void prefetch_row(const T* p, int64_t n) {
+  if (n * int64_t(sizeof(T)) > 16384) return;
+  for (int64_t i = 0; i < n; i += 64 / int64_t(sizeof(T))) __builtin_prefetch(p + i);
 }
 
 // Rows per tile when a tile of R x C elements is reduced over its rows.
@@ -475,6 +497,7 @@ void row_forward(const T* x, T* y, const A* w, const A* b, int64_t R, int64_t K,
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * K;
       T* yr = y + r * K;
+      if (r + 1 < r1) prefetch_row(xr + K, K);
       Moments m;
       add_run<T, A>(m, xr, K, center);
       const double v = m.m2 / m.n, rs = 1.0 / std::sqrt(v + eps);
@@ -528,6 +551,15 @@ void row_backward(const T* g, const T* x, const A* mu, const A* rstd, const A* w
             tb[k] = 0;
           }
         };
+        // dx = rs*w*g + c1 + c2*(x - m) for row r: c1, c2 from its sums (one pass).
+        auto dx_coefs = [&](const T* gr, const T* xr, const A* wr, A m, A rs, A& c1, A& c2) {
+          A a1, a2;
+          vsum2<A>(
+              K, [&](auto ld) { return ld(gr) * ld(wr); },
+              [&](auto ld) { return ld(gr) * ld(wr) * (ld(xr) - m); }, a1, a2);
+          c1 = center ? A(-double(rs) * double(a1) / M) : A(0);
+          c2 = A(-double(rs) * double(rs) * double(rs) * double(a2) / M);
+        };
         int64_t tile_g = -1;
         for (int64_t r = ch * per; r < r_end; ++r) {
           const int64_t gi = r % G;
@@ -538,31 +570,42 @@ void row_backward(const T* g, const T* x, const A* mu, const A* rstd, const A* w
           }
           const T* gr = g + r * K;
           const T* xr = x + r * K;
+          if (r + 1 < r_end) {
+            prefetch_row(gr + K, K);
+            prefetch_row(xr + K, K);
+          }
           const A* wr = w + gi * Cg;
           const A m = mu[r], rs = rstd[r];
+          A* twp = tw.data();
+          A* tbp = tb.data();
           if (dx != nullptr) {
-            A a1, a2;
-            vsum2<A>(
-                K, [&](auto ld) { return ld(gr) * ld(wr); },
-                [&](auto ld) { return ld(gr) * ld(wr) * (ld(xr) - m); }, a1, a2);
-            const A c1 = center ? A(-double(rs) * double(a1) / M) : A(0);
-            const A c2 = A(-double(rs) * double(rs) * double(rs) * double(a2) / M);
+            A c1, c2;
+            dx_coefs(gr, xr, wr, m, rs, c1, c2);
             T* dr = dx + r * K;
+            if (need_p) {  // dx and the affine sums in one pass over the row
 #pragma omp simd
-            for (int64_t k = 0; k < K; ++k)
-              dr[k] = static_cast<T>(rs * wr[k] * static_cast<A>(gr[k]) + c1 +
-                                     c2 * (static_cast<A>(xr[k]) - m));
-          }
-          if (need_p) {
-            A* twp = tw.data();
-            A* tbp = tb.data();
+              for (int64_t k = 0; k < K; ++k) {
+                const A gv = static_cast<A>(gr[k]), xc = static_cast<A>(xr[k]) - m;
+                dr[k] = static_cast<T>(rs * wr[k] * gv + c1 + c2 * xc);
+                twp[k] += gv * xc * rs;
+                tbp[k] += gv;
+              }
+            } else {
+#pragma omp simd
+              for (int64_t k = 0; k < K; ++k)
+                dr[k] = static_cast<T>(rs * wr[k] * static_cast<A>(gr[k]) + c1 +
+                                       c2 * (static_cast<A>(xr[k]) - m));
+            }
+          } else if (need_p) {
 #pragma omp simd
             for (int64_t k = 0; k < K; ++k) {
               const A gv = static_cast<A>(gr[k]);
               twp[k] += gv * (static_cast<A>(xr[k]) - m) * rs;
               tbp[k] += gv;
             }
-            if (++in_tile == 64) {
+          }
+          if (need_p) {
+            if (++in_tile >= 64) {
               flush(gi);
               in_tile = 0;
             }
