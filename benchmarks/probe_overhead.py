@@ -10,8 +10,8 @@ same batches, a hand-written loop (what a user's own loop looks like). Variants:
 - ``ShiftProbe defaults``: ``ShiftProbe(model, probe_input=x_test[:P])``, i.e. layers
   ``"auto"`` (every norm and activation input), every 100 steps, 3 quantiles, a
   40-bin histogram, saturation; ``probe.maybe_record(step)`` after each step. The
-  label says whether the defaults chose background recording (a CPU core left
-  unused by torch, see :mod:`covshift.probe.background`);
+  label says whether the defaults chose background recording (see
+  :mod:`covshift.probe.background`);
 - ``ShiftProbe background=...``: the other choice, for comparison;
 - ``probe-batch forward alone``: only the no-grad eval forward of the probe batch every
   100 steps, no hooks: the floor of any fixed-batch probe, to separate it from what

@@ -137,16 +137,35 @@ def test_auto_mode_needs_a_spare_core_a_cpu_model_and_no_foreign_hooks(
     assert not probe._use_background()  # no synchronous record yet
     probe.check()
     monkeypatch.setattr(probe_module.os, "cpu_count", lambda: 4)
-    monkeypatch.setattr(probe_module.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(probe_module.torch, "get_num_threads", lambda: 3)
     assert probe._use_background()
     monkeypatch.setattr(probe_module.torch, "get_num_threads", lambda: 4)
-    assert not probe._use_background()  # torch uses every core
+    assert not probe._use_background()  # torch's threads spin on every core
     monkeypatch.setattr(probe_module.torch, "get_num_threads", lambda: 1)
     handle = net.hidden[0].act.register_forward_hook(lambda *a: None)
     assert not probe._use_background()  # someone else's hook must run in every forward
     handle.remove()
     assert probe._use_background()
-    assert not ShiftProbe(net, probe_input=torch.randn(30, 20), background=False)._use_background()
+    off = ShiftProbe(net, probe_input=torch.randn(30, 20), background=False)
+    off.check()
+    assert not off._use_background()
+
+
+def test_the_worker_runs_torch_on_one_thread_and_leaves_the_caller_alone() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        net = build_mlp(20, 10, width=12, depth=1, norm="batch", seed=0)
+        probe = ShiftProbe(net, probe_input=torch.randn(30, 20), every=1, background=True)
+        probe.maybe_record(0)
+        probe.maybe_record(1)  # starts the worker
+        assert probe._background is not None and probe._background._executor is not None
+        seen = probe._background._executor.submit(torch.get_num_threads).result()
+        probe.close()
+        assert seen == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_an_uncopyable_model_falls_back_to_synchronous_records() -> None:

@@ -4,8 +4,8 @@ A fixed-batch record costs one forward of the probe batch plus the statistics of
 every watched layer. For the Ioffe MLP (probe batch 1000, training batch 60) that is
 about ten training steps of work, 10 % of the training time at a record every 100
 steps, and the forward alone is four steps of it: no way of computing the statistics
-brings a synchronous record under a few percent. On the CPU, where cores are left
-that the training does not use, the record can instead run in a worker thread:
+brings a synchronous record under a few percent. On the CPU, where torch leaves a
+core unused, the record can instead run in a worker thread on that core:
 
 1. at the step, the training thread copies the model's parameters and buffers into
    a *snapshot*, a deep copy made once (``copy_`` of a few tensors: microseconds);
@@ -99,6 +99,30 @@ class ModelSnapshot:
             target.copy_(source)
 
 
+def _single_threaded_worker() -> ThreadPoolExecutor:
+    """A one-thread executor whose torch ops run on that thread alone.
+
+    With torch's OpenMP backend every thread that runs a parallel op gets a team of
+    ``torch.get_num_threads()`` threads: a worker with a team of its own beside the
+    training thread's oversubscribes the cores, and OpenMP's spinning barriers then
+    slow training several times over. ``torch.set_num_threads(1)`` on the worker sets
+    its own OpenMP and MKL thread counts (both per thread) and torch's default for new
+    threads, which the training thread then sets back to its own count.
+    """
+    threads = torch.get_num_threads()
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="covshift-probe")
+    executor.submit(_use_one_thread).result()
+    torch.set_num_threads(threads)  # the default for new threads, as it was
+    return executor
+
+
+def _use_one_thread() -> None:
+    # torch initializes a thread's count lazily, from the default for new threads, at
+    # its first parallel query: trigger that first, or it would undo the setting.
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
 class BackgroundRecorder:
     """One worker thread that records the probe batch on a :class:`ModelSnapshot`.
 
@@ -136,7 +160,7 @@ class BackgroundRecorder:
             self.snapshot = ModelSnapshot(model)
         self.snapshot.refresh(model)
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="covshift-probe")
+            self._executor = _single_threaded_worker()
         self._in_flight = (step, self._executor.submit(self._record, self.snapshot.copy, inputs))
 
     def _record(self, net: nn.Module, inputs: tuple[Any, ...]) -> tuple[dict, dict]:

@@ -337,6 +337,8 @@ class ShiftProbe:
                 )
             return False
         if self._background_mode is None:
+            # The worker needs a core of its own: torch's OpenMP threads spin between
+            # ops, and a worker that preempts one stalls every parallel op of training.
             spare_core = torch.get_num_threads() < (os.cpu_count() or 1)
             on_cpu = self._device_batch()[0].device.type == "cpu"
             return spare_core and on_cpu and not has_foreign_hooks(self.model)
