@@ -86,6 +86,8 @@ class ModelSnapshot:
             ) from error
         self.copy.eval()
         self.copy.requires_grad_(False)
+        for p in self.copy.parameters():
+            p.grad = None  # deepcopy copied the gradients: the snapshot never needs them
         self.signature = _signature(model)
         self._targets = _state(self.copy)
 
