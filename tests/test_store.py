@@ -53,6 +53,18 @@ def test_round_trip(tmp_path: Path) -> None:
         assert store.probe_stats(run, "hidden.0.act") == ["mean", "quantiles"]
 
 
+def test_probe_arrays_keep_their_shape_scalars_included(store: Store) -> None:
+    run = store.start_run("r", config={})
+    record = {"count": np.array(1000, dtype=np.int64), "hist": np.arange(6).reshape(2, 3)[:, ::2]}
+    store.log_probe(run, 0, "l", record)
+    store.log_probe(run, 5, "l", {k: v + 1 for k, v in record.items()})
+    _, count = store.probe(run, "l", "count")
+    assert count.shape == (2,) and count.dtype == np.int64  # 0-d per record: (records,)
+    np.testing.assert_array_equal(count, [1000, 1001])
+    _, hist = store.probe(run, "l", "hist")  # a non-contiguous view is stored as its values
+    np.testing.assert_array_equal(hist, [[[0, 2], [3, 5]], [[1, 3], [4, 6]]])
+
+
 def test_runs_newest_first_and_by_experiment(store: Store) -> None:
     a = store.start_run("a", config={}, experiment="e1")
     b = store.start_run("b", config={}, experiment="e2")

@@ -252,7 +252,7 @@ class Store:
         """Record one probe record: named arrays (per-unit statistics) of ``layer``."""
         rows = []
         for stat, array in stats.items():
-            a = np.ascontiguousarray(array)
+            a = np.asarray(array, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
             rows.append(
                 (run_id, layer, stat, step, a.dtype.str, json.dumps(list(a.shape)), a.tobytes())
             )
