@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
 from covshift.nn import functional as CF
+from covshift.nn.layers import _NormBase
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm"]
 
@@ -252,7 +253,7 @@ def sync_batch_norm(
     )
 
 
-class SyncBatchNorm(nn.Module):
+class SyncBatchNorm(_NormBase):
     """Batch normalization whose batch statistics span a torch.distributed group.
 
     ``y = (x - E[x]) / sqrt(Var[x] + eps) * gamma + beta`` where ``E`` and ``Var``
@@ -296,49 +297,13 @@ class SyncBatchNorm(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps!r}")
-        super().__init__()
-        fk = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
+        # Parameters, running buffers, their reset and old-checkpoint loading: those of
+        # every covshift BatchNorm (the base checks eps, momentum and num_features).
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.process_group = process_group
         # The class this layer replaced (set by convert_sync_batchnorm and the
         # registry), so that revert_sync_batchnorm can restore it.
         self.original_class: type[nn.Module] | None = None
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **fk))
-            self.bias = nn.Parameter(torch.empty(num_features, **fk))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **fk))
-            self.register_buffer("running_var", torch.ones(num_features, **fk))
-            self.register_buffer(
-                "num_batches_tracked",
-                torch.tensor(0, dtype=torch.long, device=device),
-            )
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-        self.reset_parameters()
-
-    def reset_running_stats(self) -> None:
-        if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() < 2:
