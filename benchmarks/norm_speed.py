@@ -17,6 +17,18 @@ storages) and the peak of tensor bytes allocated during forward+backward above w
 was live before (CPU: from the profiler's per-op memory records, an approximation that
 cannot see inside a single kernel; CUDA: ``max_memory_allocated``).
 
+Two memory regimes for eager mode (``--memory``, default both). *fresh*: as a CPU
+training step runs by default, glibc serves every large tensor (above ~128 KB) with a
+fresh mmap, and the first write to each 4 KB page faults; on a VM that can cost more
+than the normalization itself, and it varies from run to run (covshift's outputs ask
+for transparent huge pages, torch's do not, so the two sides pay differently).
+*reused* (rows "eager, reused"): the steady state of a process whose allocator keeps
+and reuses its memory (as jemalloc/tcmalloc or a long training run with
+``MALLOC_MMAP_MAX_=0`` would): ``mallopt`` switches mmap off, trimming off and pads
+the heap, so after warm-up neither side pays a page fault and the kernels alone are
+compared. The reused rows run after all fresh ones (mallopt cannot be fully undone).
+Shapes whose tensors stay under 1 MB get no reused row (glibc reuses them anyway).
+
 With ``--compile`` both layers also run under torch.compile (covshift then takes its
 plain graph path: inductor fuses it; the native kernels are for eager mode).
 
@@ -32,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import os
 import statistics
 import tempfile
@@ -234,6 +247,22 @@ def measure_case(
     return results
 
 
+def _reuse_memory() -> bool:
+    """Make glibc keep and reuse freed memory (no mmap, no trim, 1 GB heap padding).
+
+    Returns False where libc has no ``mallopt`` (not glibc): no reused rows then.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # <malloc.h>
+    return all(
+        mallopt(opt, val) == 1
+        for opt, val in ((m_mmap_max, 0), (m_trim_threshold, 1 << 40), (m_top_pad, 1 << 30))
+    )
+
+
 def _mb(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:.1f}"
 
@@ -300,6 +329,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-mlp", action="store_true", help="skip the MLP training step")
     parser.add_argument("--threads", type=int, nargs="*", help="torch.set_num_threads values")
     parser.add_argument("--fresh-build", action="store_true", help="compile into an empty cache")
+    parser.add_argument(
+        "--memory",
+        choices=("fresh", "reused", "both"),
+        default="both",
+        help="eager rows with fresh pages, with glibc reusing memory, or both (see above)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     console = Console(width=170)
@@ -316,25 +351,43 @@ def main(argv: list[str] | None = None) -> None:
         f"native extension: {'ready' if ok else 'UNAVAILABLE (native = pure)'}, "
         f"{what} in {took:.1f} s (cache: {_native.cache_dir()})"
     )
-    for threads in args.threads or [torch.get_num_threads()]:
+    thread_counts = args.threads or [torch.get_num_threads()]
+    cases = [c for c in CASES if not args.only or c.name in args.only]
+    modes = [False, True] if args.compile else [False]
+    # rows[threads] = [(label, shape, mode, results)], filled fresh first, then reused.
+    rows: dict[int, list[tuple[str, str, str, dict[str, Result]]]] = {t: [] for t in thread_counts}
+
+    def run_cases(threads: int, reused: bool) -> None:
         torch.set_num_threads(threads)
+        for case in cases:
+            big = torch.Size(case.shape).numel() * 4 >= 2**20
+            for compiled in modes if not reused else ([False] if big else []):
+                res = measure_case(case, device, repeats, compiled)
+                mode = "compile" if compiled else "eager, reused" if reused else "eager"
+                rows[threads].append((case.label, "x".join(map(str, case.shape)), mode, res))
+                ratio = statistics.median(res["native"].ms) / statistics.median(res["torch"].ms)
+                console.log(f"{threads}T {case.label} {mode}: native/torch {ratio:.2f}")
+        if not args.no_mlp and not reused:
+            results = {k: Result() for k in CONTENDERS}
+            _timed(_mlp_steps(device), device, repeats, results)
+            rows[threads].append(("Ioffe MLP SGD step", "60x784, 3x100+BN", "eager", results))
+
+    if args.memory in ("fresh", "both"):
+        for threads in thread_counts:
+            run_cases(threads, reused=False)
+    if args.memory in ("reused", "both") and device.type == "cpu":
+        if _reuse_memory():
+            for threads in thread_counts:
+                run_cases(threads, reused=True)
+        else:
+            console.print("no mallopt (not glibc): no reused-memory rows")
+    for threads in thread_counts:
         table = _table(
             f"forward+backward, {device}, {threads} thread(s), median of {repeats} interleaved "
             f"samples (torch {torch.__version__})"
         )
-        for case in CASES:
-            if args.only and case.name not in args.only:
-                continue
-            for compiled in [False, True] if args.compile else [False]:
-                res = measure_case(case, device, repeats, compiled)
-                mode = "compile" if compiled else "eager"
-                _row(table, case.label, "x".join(map(str, case.shape)), mode, res)
-                ratio = statistics.median(res["native"].ms) / statistics.median(res["torch"].ms)
-                console.log(f"{case.label} {case.shape} {mode}: native/torch {ratio:.2f}")
-        if not args.no_mlp:
-            results = {k: Result() for k in CONTENDERS}
-            _timed(_mlp_steps(device), device, repeats, results)
-            _row(table, "Ioffe MLP SGD step", "60x784, 3x100+BN", "eager", results)
+        for row in rows[threads]:
+            _row(table, *row)
         console.print(table)
 
 

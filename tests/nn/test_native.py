@@ -197,6 +197,79 @@ def test_gradcheck(
     assert gradgradcheck(fn, (x, *params))  # create_graph: its differentiable ATen path
 
 
+@pytest.mark.parametrize(
+    ("name", "shape", "dtype"),
+    [
+        ("LayerNorm", (4100, 1027), torch.float32),  # rows not 64-byte aligned: head, tail
+        ("RMSNorm", (2, 2048, 1024), torch.float32),  # aligned rows
+        ("LayerNorm", (2050, 1031), torch.float64),
+    ],
+)
+def test_large_rows_streamed(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """Outputs of 16 MB or more take streaming stores (norm_kernels.h, kStreamBytes)."""
+    with _native.use_native(True):
+        if not _native.available():
+            pytest.skip("the native extension cannot be built here")
+        torch.manual_seed(0)
+        theirs, ours = _build(name, (shape[-1],), dtype)
+        x0 = torch.randn(shape, dtype=dtype) * 3 + 1
+        g = torch.randn(shape, dtype=dtype)
+        assert x0.nbytes >= 16 << 20
+        outs = []
+        for layer in (theirs, ours):
+            x = x0.clone().requires_grad_()
+            y = layer(x)
+            outs.append((y, *torch.autograd.grad(y, [x, *layer.parameters()], g)))
+        assert "NormalizeNode" in outs[1][0].grad_fn.name()
+        tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else _tol(dtype)
+        for a, b in zip(outs[1], outs[0], strict=True):
+            torch.testing.assert_close(a, b, **tol)
+
+
+def test_compiled_autograd_declines_native(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under compiled autograd the layers take the pure path's autograd.Function (the C++
+    node has no compiled_args), and gradients match eager ones."""
+    compiled_autograd = pytest.importorskip("torch._dynamo.compiled_autograd")
+    with _native.use_native(True):
+        if not _native.available():
+            pytest.skip("the native extension cannot be built here")
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Linear(8, 12), cn.LayerNorm(12), nn.ReLU(), nn.Linear(12, 6), cn.BatchNorm1d(6)
+        )
+        x = torch.randn(5, 8)
+
+        def grads() -> list[torch.Tensor]:
+            model.zero_grad()
+            model(x).square().sum().backward()
+            return [p.grad.clone() for p in model.parameters()]
+
+        with torch.no_grad():
+            state = {k: v.clone() for k, v in model.state_dict().items()}
+        eager = grads()
+        assert "NormalizeNode" in model[1](torch.randn(2, 12, requires_grad=True)).grad_fn.name()
+        model.load_state_dict(state)
+        calls = _used(monkeypatch)
+        with compiled_autograd._enable(torch.compile(backend="eager")):
+            y = model[1](torch.randn(2, 12, requires_grad=True))
+            assert "NormalizeNode" not in y.grad_fn.name()
+            compiled = grads()
+        assert "normalize" not in calls
+        for a, b in zip(compiled, eager, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        # The config flag enables it inside a compiled training step.
+        model.load_state_dict(state)
+        monkeypatch.setattr(torch._dynamo.config, "compiled_autograd", True)
+
+        @torch.compile(backend="eager")
+        def step() -> list[torch.Tensor]:
+            return grads()
+
+        for a, b in zip(step(), eager, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        torch._dynamo.reset()
+
+
 def test_native_path_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
     with _native.use_native(True):
         if not _native.available():

@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import sys
 import threading
 import time
 import warnings
@@ -323,6 +324,22 @@ def _ready(x: Tensor) -> ModuleType | None:
     return load()
 
 
+def _compiled_autograd_on() -> bool:
+    """Whether compiled autograd (``torch._dynamo.compiled_autograd``) is enabled now.
+
+    The C++ node has no ``compiled_args``/``apply_with_saved`` (what compiled autograd
+    asks of every node: the generic torch::autograd::Function that has them costs as
+    much as the kernels on small layers, see norm.cpp), so :func:`normalize` declines
+    while it is on, and the layers take the pure path's Python autograd.Function,
+    which compiled autograd traces. Enabled by ``compiled_autograd._enable`` and, with
+    ``torch._dynamo.config.compiled_autograd``, inside every compiled frame (also in
+    its graph-broken eager parts). A module lookup: nothing to ask before dynamo is
+    imported, and no import of it from here.
+    """
+    ca = sys.modules.get("torch._dynamo.compiled_autograd")
+    return ca is not None and bool(ca.compiled_autograd_enabled)
+
+
 def normalize(
     x: Tensor,
     weight: Tensor | None,
@@ -350,6 +367,8 @@ def normalize(
         mod = _ready(x)
         if mod is None:
             return None
+    if _compiled_autograd_on():
+        return None
     cfg, cfg_cl = _configs_of(layout)
     if running is None:
         return mod.normalize(

@@ -30,6 +30,10 @@
 #include <functional>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 namespace covshift {
 
 // Runs fn(begin, end) over [0, n) split into chunks, on several threads when the
@@ -187,6 +191,59 @@ template <typename T>
 inline void prefetch_row(const T* p, int64_t n) {
   if (n * int64_t(sizeof(T)) > 16384) return;
   for (int64_t i = 0; i < n; i += 64 / int64_t(sizeof(T))) __builtin_prefetch(p + i);
+}
+
+// Outputs at least this big are written with non-temporal (streaming) stores where
+// the kernel supports it: an ordinary store first reads the line it writes into the
+// cache (read-for-ownership), a third more memory traffic for an output that cannot
+// stay cached anyway. Smaller outputs keep ordinary stores, so that the layer that
+// reads them next finds them in L2/L3. (16 MB: half a typical L3; a heuristic.)
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
+
+// Whether stream_store exists for A on this build (float, double; x86 with SSE2).
+template <typename A>
+constexpr bool kCanStream =
+#if defined(__SSE2__)
+    std::is_same_v<A, float> || std::is_same_v<A, double>;
+#else
+    false;
+#endif
+
+// Stores one vector at p (64-byte aligned), bypassing the cache; only where
+// kCanStream<A>. Pair with stream_fence() before the data is handed on.
+template <typename A>
+inline void stream_store(A* p, typename Vec<A>::type v) {
+#if defined(__SSE2__)
+  if constexpr (kCanStream<A>) {
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<A, float>) _mm512_stream_ps(p, reinterpret_cast<__m512&>(v));
+    else _mm512_stream_pd(p, reinterpret_cast<__m512d&>(v));
+#else
+    constexpr int64_t h = 16 / sizeof(A);  // lanes per 16-byte store
+    for (int64_t j = 0; j < Vec<A>::L; j += h) {
+      if constexpr (std::is_same_v<A, float>) {
+        __m128 q;
+        std::memcpy(&q, reinterpret_cast<const A*>(&v) + j, 16);
+        _mm_stream_ps(p + j, q);
+      } else {
+        __m128d q;
+        std::memcpy(&q, reinterpret_cast<const A*>(&v) + j, 16);
+        _mm_stream_pd(p + j, q);
+      }
+    }
+#endif
+    return;
+  }
+#endif
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// Orders this thread's streaming stores before anything it does next (they are weakly
+// ordered: without the fence another thread could read stale lines).
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
 }
 
 // Rows per tile when a tile of R x C elements is reduced over its rows.
@@ -489,10 +546,38 @@ void channel_backward(const T* g, const T* x, const A* mu, const A* rstd, const 
 // InstanceNorm is Cg = 1, G = C.
 // ------------------------------------------------------------------------------------
 
+// y = (x - mu) * rs * w + b over a row of K (element-wise affine, S == 1); `stream`
+// as in row_dx.
+template <typename T, typename A>
+inline void row_affine(const T* xr, T* yr, const A* w, const A* b, int64_t K, A mu, A rs,
+                       bool stream) {
+  int64_t k = 0;
+  if constexpr (std::is_same_v<T, A> && kCanStream<A>) {
+    if (stream) {
+      constexpr int64_t L = Vec<A>::L;
+      const int64_t mis = int64_t(reinterpret_cast<uintptr_t>(yr) % 64);
+      const int64_t head =
+          mis % int64_t(sizeof(A)) ? K : std::min(K, (64 - mis) % 64 / int64_t(sizeof(A)));
+      for (; k < head; ++k) yr[k] = (xr[k] - mu) * rs * w[k] + b[k];
+      for (; k + L <= K; k += L) {
+        const VecLoad<A> ld{k};
+        stream_store<A>(yr + k, (ld(xr) - mu) * rs * ld(w) + ld(b));
+      }
+    }
+  }
+#pragma omp simd
+  for (int64_t j = k; j < K; ++j)
+    yr[j] = static_cast<T>((static_cast<A>(xr[j]) - mu) * rs * w[j] + b[j]);
+}
+
+// Per row: its moments (add_run), then y from L1, the next row prefetched meanwhile
+// (measured faster here, unlike in the backward). Outputs of kStreamBytes or more with
+// an element-wise affine (S == 1) are written with streaming stores (row_affine).
 template <typename T, typename A>
 void row_forward(const T* x, T* y, const A* w, const A* b, int64_t R, int64_t K, int64_t G,
                  int64_t Cg, int64_t S, double eps, bool center, const ParFor& par, A* mean_out,
                  A* rstd_out, A* var_out) {
+  const bool stream = S == 1 && R * K * int64_t(sizeof(T)) >= kStreamBytes;
   par(R, K, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * K;
@@ -507,23 +592,91 @@ void row_forward(const T* x, T* y, const A* w, const A* b, int64_t R, int64_t K,
       rstd_out[r] = rsa;
       const int64_t base = (r % G) * Cg;
       if (S == 1) {
-        const A* wr = w + base;
-        const A* br = b + base;
-#pragma omp simd
-        for (int64_t k = 0; k < K; ++k)
-          yr[k] = static_cast<T>((static_cast<A>(xr[k]) - mu) * rsa * wr[k] + br[k]);
+        row_affine<T, A>(xr, yr, w + base, b + base, K, mu, rsa, stream);
       } else {
         for (int64_t j = 0; j < Cg; ++j)
           affine_run<T, A>(xr + j * S, yr + j * S, S, mu, rsa * w[base + j], b[base + j]);
       }
     }
+    if (stream) stream_fence();
   });
+}
+
+// Pass 1 of a row's backward (S == 1), the one that streams g and x in from memory:
+//   a1 = sum(g*w), a2 = sum(g*w*(x - m)), and with Acc the affine partials
+//   tw[k] += g*(x - m)*rs, tb[k] += g.
+// Everything but dx is done here, where the loads keep the core waiting anyway; the
+// row then sits in L1 for pass 2 (row_dx). Two accumulators per sum (a row of a few
+// hundred elements is too short for four to pay).
+template <bool Acc, typename T, typename A>
+inline void row_grad_pass(const T* gr, const T* xr, const A* w, int64_t K, A m, A rs, A* tw, A* tb,
+                          A& a1, A& a2) {
+  using V = typename Vec<A>::type;
+  constexpr int64_t L = Vec<A>::L;
+  V s0 = {}, s1 = {}, q0 = {}, q1 = {};
+  auto step = [&](int64_t k, V& s, V& q) {
+    const VecLoad<A> ld{k};
+    const V gv = ld(gr), xc = ld(xr) - m, gw = gv * ld(w);
+    s += gw;
+    q += gw * xc;
+    if constexpr (Acc) {
+      const V t = ld(tw) + gv * (xc * rs), u = ld(tb) + gv;
+      std::memcpy(tw + k, &t, sizeof(V));
+      std::memcpy(tb + k, &u, sizeof(V));
+    }
+  };
+  int64_t k = 0;
+  for (; k + 2 * L <= K; k += 2 * L) {
+    step(k, s0, q0);
+    step(k + L, s1, q1);
+  }
+  for (; k + L <= K; k += L) step(k, s0, q0);
+  a1 = hsum<V, A>(s0 + s1);
+  a2 = hsum<V, A>(q0 + q1);
+  for (; k < K; ++k) {
+    const A gv = static_cast<A>(gr[k]), xc = static_cast<A>(xr[k]) - m, gw = gv * w[k];
+    a1 += gw;
+    a2 += gw * xc;
+    if constexpr (Acc) {
+      tw[k] += gv * xc * rs;
+      tb[k] += gv;
+    }
+  }
+}
+
+// Pass 2 of a row's backward, from L1: dr = rs*w*g + c1 + c2*(x - m). With `stream`
+// (T == A, kCanStream) the 64-byte-aligned body is written with streaming stores.
+template <typename T, typename A>
+inline void row_dx(const T* gr, const T* xr, const A* w, T* dr, int64_t K, A m, A rs, A c1, A c2,
+                   bool stream) {
+  int64_t k = 0;
+  if constexpr (std::is_same_v<T, A> && kCanStream<A>) {
+    if (stream) {
+      using V = typename Vec<A>::type;
+      constexpr int64_t L = Vec<A>::L;
+      const int64_t mis = int64_t(reinterpret_cast<uintptr_t>(dr) % 64);
+      const int64_t head =
+          mis % int64_t(sizeof(A)) ? K : std::min(K, (64 - mis) % 64 / int64_t(sizeof(A)));
+      for (; k < head; ++k) dr[k] = rs * w[k] * gr[k] + c1 + c2 * (xr[k] - m);
+      for (; k + L <= K; k += L) {
+        const VecLoad<A> ld{k};
+        stream_store<A>(dr + k, rs * ld(w) * ld(gr) + c1 + c2 * (ld(xr) - m));
+      }
+    }
+  }
+#pragma omp simd
+  for (int64_t j = k; j < K; ++j)
+    dr[j] = static_cast<T>(rs * w[j] * static_cast<A>(gr[j]) + c1 +
+                           c2 * (static_cast<A>(xr[j]) - m));
 }
 
 // Backward of row_forward. Per row, with A1 = sum(g*w), A2 = sum(g*w*(x - mu)):
 //   dx = rstd*w*g - rstd*A1/K - (x - mu) * rstd^3 * A2/K      (no A1 term without centering)
 // dw[i] = sum over rows of sum_{k -> i} g*(x - mu)*rstd, db[i] = sum of g, accumulated
 // per chunk of rows (in tiles of A, flushed to double) and summed at the end.
+// S == 1 (LayerNorm, RMSNorm): two passes per row, the first from memory (row_grad_pass:
+// every sum), the second from L1 (row_dx). No software prefetch of the next row: on
+// rows of a few KB it measured slower than the hardware prefetcher alone.
 template <typename T, typename A>
 void row_backward(const T* g, const T* x, const A* mu, const A* rstd, const A* w, int64_t R,
                   int64_t K, int64_t G, int64_t Cg, int64_t S, bool center, int64_t threads,
@@ -534,6 +687,7 @@ void row_backward(const T* g, const T* x, const A* mu, const A* rstd, const A* w
   if (S == 1) {
     const int64_t chunks = num_chunks(R, K, threads);
     const int64_t per = (R + chunks - 1) / chunks;
+    const bool stream = R * K * int64_t(sizeof(T)) >= kStreamBytes;
     std::vector<double> pw(need_p ? chunks * P : 0, 0.0), pb(need_p ? chunks * P : 0, 0.0);
     par(chunks, kBlock * 16, [&](int64_t k0, int64_t k1) {
       std::vector<A> tw(need_p ? K : 0), tb(need_p ? K : 0);
@@ -551,15 +705,6 @@ void row_backward(const T* g, const T* x, const A* mu, const A* rstd, const A* w
             tb[k] = 0;
           }
         };
-        // dx = rs*w*g + c1 + c2*(x - m) for row r: c1, c2 from its sums (one pass).
-        auto dx_coefs = [&](const T* gr, const T* xr, const A* wr, A m, A rs, A& c1, A& c2) {
-          A a1, a2;
-          vsum2<A>(
-              K, [&](auto ld) { return ld(gr) * ld(wr); },
-              [&](auto ld) { return ld(gr) * ld(wr) * (ld(xr) - m); }, a1, a2);
-          c1 = center ? A(-double(rs) * double(a1) / M) : A(0);
-          c2 = A(-double(rs) * double(rs) * double(rs) * double(a2) / M);
-        };
         int64_t tile_g = -1;
         for (int64_t r = ch * per; r < r_end; ++r) {
           const int64_t gi = r % G;
@@ -570,49 +715,27 @@ void row_backward(const T* g, const T* x, const A* mu, const A* rstd, const A* w
           }
           const T* gr = g + r * K;
           const T* xr = x + r * K;
-          if (r + 1 < r_end) {
-            prefetch_row(gr + K, K);
-            prefetch_row(xr + K, K);
-          }
           const A* wr = w + gi * Cg;
           const A m = mu[r], rs = rstd[r];
-          A* twp = tw.data();
-          A* tbp = tb.data();
+          A a1, a2;
+          if (need_p)
+            row_grad_pass<true>(gr, xr, wr, K, m, rs, tw.data(), tb.data(), a1, a2);
+          else if (dx != nullptr)
+            row_grad_pass<false>(gr, xr, wr, K, m, rs, static_cast<A*>(nullptr),
+                                 static_cast<A*>(nullptr), a1, a2);
           if (dx != nullptr) {
-            A c1, c2;
-            dx_coefs(gr, xr, wr, m, rs, c1, c2);
-            T* dr = dx + r * K;
-            if (need_p) {  // dx and the affine sums in one pass over the row
-#pragma omp simd
-              for (int64_t k = 0; k < K; ++k) {
-                const A gv = static_cast<A>(gr[k]), xc = static_cast<A>(xr[k]) - m;
-                dr[k] = static_cast<T>(rs * wr[k] * gv + c1 + c2 * xc);
-                twp[k] += gv * xc * rs;
-                tbp[k] += gv;
-              }
-            } else {
-#pragma omp simd
-              for (int64_t k = 0; k < K; ++k)
-                dr[k] = static_cast<T>(rs * wr[k] * static_cast<A>(gr[k]) + c1 +
-                                       c2 * (static_cast<A>(xr[k]) - m));
-            }
-          } else if (need_p) {
-#pragma omp simd
-            for (int64_t k = 0; k < K; ++k) {
-              const A gv = static_cast<A>(gr[k]);
-              twp[k] += gv * (static_cast<A>(xr[k]) - m) * rs;
-              tbp[k] += gv;
-            }
+            const A c1 = center ? A(-double(rs) * double(a1) / M) : A(0);
+            const A c2 = A(-double(rs) * double(rs) * double(rs) * double(a2) / M);
+            row_dx<T, A>(gr, xr, wr, dx + r * K, K, m, rs, c1, c2, stream);
           }
-          if (need_p) {
-            if (++in_tile >= 64) {
-              flush(gi);
-              in_tile = 0;
-            }
+          if (need_p && ++in_tile >= 64) {
+            flush(gi);
+            in_tile = 0;
           }
         }
         if (need_p && tile_g >= 0) flush(tile_g);
       }
+      if (stream) stream_fence();
     });
     if (need_p) {
       for (int64_t i = 0; i < P; ++i) {
