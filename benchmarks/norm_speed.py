@@ -229,6 +229,12 @@ def _timed(
 def measure_case(
     case: Case, device: torch.device, repeats: int, compiled: bool
 ) -> dict[str, Result]:
+    if compiled:
+        # Every torch.compile(module) call enters Dynamo through one shared wrapper frame,
+        # whose cache would fill up across rows (recompile_limit, 8 entries: thread
+        # counts, shapes and layer types each add one) and then run later rows eagerly,
+        # for one side or both. A fresh Dynamo cache per row compiles both sides alike.
+        torch._dynamo.reset()
     torch.manual_seed(0)
     x = torch.randn(case.shape, device=device, requires_grad=True)
     g = torch.randn(case.shape, device=device)

@@ -251,6 +251,10 @@ def batch_norm(
             )
         return _affine_with_stats(x, running_mean, running_var, weight, bias, eps, channel_dim=1)
 
+    if torch.compiler.is_compiling():
+        return _graph_batch_norm(
+            x, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked
+        )
     layout = _batch_norm_layout(x, running_mean, running_var, weight, bias, eps)
     if not eps > 0:  # (checked with the shapes on their first call; eps may differ since)
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
@@ -353,6 +357,8 @@ def layer_norm(
     Statistics over the trailing ``normalized_shape``; ``weight``/``bias`` have that
     shape (element-wise affine). Same arguments as ``torch.nn.functional.layer_norm``.
     """
+    if torch.compiler.is_compiling():
+        return _graph_trailing(x, normalized_shape, weight, bias, eps, True)
     layout = _trailing_layout(x, normalized_shape, weight, bias, eps, rms=False)
     _check_eps(eps)
     return _apply(x, weight, bias, layout, float(eps), True)
@@ -371,6 +377,8 @@ def rms_norm(
     """
     if eps is None:
         eps = torch.finfo(compute_dtype(x.dtype)).eps
+    if torch.compiler.is_compiling():
+        return _graph_trailing(x, normalized_shape, weight, None, eps, False)
     layout = _trailing_layout(x, normalized_shape, weight, None, eps, rms=True)
     _check_eps(eps)
     return _apply(x, weight, None, layout, float(eps), False)
@@ -414,6 +422,8 @@ def group_norm(
     The C channels of ``x`` (N, C, *) fall into ``num_groups`` groups; each sample's
     group is normalized over its channels and spatial dims; per-channel affine.
     """
+    if torch.compiler.is_compiling():
+        return _graph_group_norm(x, num_groups, weight, bias, eps)
     wshape = None if weight is None else weight.shape
     bshape = None if bias is None else bias.shape
     # (Remembered for int num_groups only: 2.0 hashes as 2, but resolve_layout rejects it.)
@@ -497,7 +507,10 @@ def instance_norm(
         return _affine_with_stats(x, running_mean, running_var, weight, bias, eps, channel_dim=1)
     _verify_spatial_size(x.shape)
     dims = tuple(range(2, x.dim()))
-    y, mean, var = normalize_with_stats(x, dims, weight, bias, eps=eps, channel_dim=1)
+    if torch.compiler.is_compiling():
+        y, mean, var = _graph_instance_norm(x, weight, bias, eps)
+    else:
+        y, mean, var = normalize_with_stats(x, dims, weight, bias, eps=eps, channel_dim=1)
     if running_mean is not None or running_var is not None:
         # mean, var: (N, C) per instance; the buffers track their batch average.
         assert mean is not None
@@ -505,6 +518,155 @@ def instance_norm(
             running_mean, running_var, mean.mean(0), var.mean(0), _count(x.shape, dims), momentum
         )
     return y
+
+
+# --------------------------------------------------------------------------------------
+# Under torch.compile: one flat function per layer kind
+# --------------------------------------------------------------------------------------
+# Dynamo inlines every Python function a compiled call reaches and guards on each one
+# (and on each global it read) on every later call; it also traces dead branches' tests
+# (native kernels, remembered layouts) that cannot run while compiling. These functions
+# build the layout straight from the shapes and call the plain-op autograd function;
+# the eager checks run (to raise their errors) only where a cheap test fails, so a
+# valid call inlines none of them. Same layouts, so the same numerics and saved tensors.
+
+
+def _graph_trailing(
+    x: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    subtract_mean: bool,
+) -> Tensor:
+    """:func:`layer_norm` (``subtract_mean``) or :func:`rms_norm` under torch.compile."""
+    shape = tuple(x.shape)
+    tail = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    lead = len(shape) - len(tail)
+    fits = lead >= 0 and len(tail) > 0 and shape[lead:] == tail
+    fits = fits and (weight is None or tuple(weight.shape) == tail)
+    fits = fits and (bias is None or tuple(bias.shape) == tail)
+    if not (fits and 0.0 < eps < 1e308):  # the eager checks raise the precise error
+        layout = _trailing_layout(x, normalized_shape, weight, bias, eps, not subtract_mean)
+        _check_eps(eps)
+    else:
+        dims = tuple(range(lead, len(shape)))
+        count = 1
+        for n in tail:
+            count *= n
+        plain = weight is None and bias is None
+        layout = NormLayout(
+            shape=shape,
+            view_shape=shape,
+            stat_dims=dims,
+            partial_dims=dims,
+            affine_shape=None if plain else (1,) * lead + tail,
+            per_channel=plain or count == 1,  # (affine constant over the reduced dims)
+            count=count,
+            param_shape=None if plain else tail,
+        )
+    y, _, _ = _autograd.GraphNormalizeFunction.apply(
+        x, weight, bias, layout, float(eps), subtract_mean
+    )
+    return y
+
+
+def _channel_layout(x: Tensor, groups: int, affine: bool, first_stat_dim: int) -> NormLayout:
+    """The layout of a per-channel norm of ``x`` (N, C, *) with C split into ``groups``
+    (GroupNorm; no split for 0), statistics over the dims from ``first_stat_dim`` on
+    (of ``x``) and over the batch for BatchNorm (``first_stat_dim`` 2, groups -1)."""
+    shape = tuple(x.shape)
+    nd, c = len(shape), shape[1]
+    if groups > 0:  # GroupNorm: (N, G, C // G, *), reduced over all but N and G
+        view = (shape[0], groups, c // groups, *shape[2:])
+        dims = tuple(range(2, nd + 1))
+        partial = dims[1:]
+        affine_shape = (1, groups, c // groups) + (1,) * (nd - 2)
+    else:
+        view = shape
+        dims = tuple(range(first_stat_dim, nd)) if groups == 0 else (0, *range(2, nd))
+        partial = dims
+        affine_shape = (1, c) + (1,) * (nd - 2)
+    count = 1
+    for d in dims:
+        count *= view[d]
+    return NormLayout(
+        shape=shape,
+        view_shape=view,
+        stat_dims=dims,
+        partial_dims=partial,
+        affine_shape=affine_shape if affine else None,
+        per_channel=True,
+        count=count,
+        param_shape=(c,) if affine else None,
+    )
+
+
+def _fits_channels(x: Tensor, tensors: tuple[Tensor | None, ...], params: int) -> bool:
+    """Whether ``x`` is (N, C, *) and the first ``params`` of ``tensors`` (weight,
+    bias) have shape (C,), the rest (running buffers) C elements."""
+    if x.dim() < 2:
+        return False
+    c = x.shape[1]
+    for i, t in enumerate(tensors):
+        if t is not None and (tuple(t.shape) != (c,) if i < params else t.numel() != c):
+            return False
+    return True
+
+
+def _graph_batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float | None,
+    eps: float,
+    num_batches_tracked: Tensor | None,
+) -> Tensor:
+    """:func:`batch_norm` in training under torch.compile."""
+    fits = _fits_channels(x, (weight, bias, running_mean, running_var), 2)
+    if not (fits and x.numel() != x.shape[1] and eps > 0):
+        _batch_norm_layout(x, running_mean, running_var, weight, bias, eps)  # raises
+    layout = _channel_layout(x, -1, weight is not None or bias is not None, 0)
+    factor = _update_factor(momentum, num_batches_tracked, running_mean is not None)
+    y, mean, var = _autograd.GraphNormalizeFunction.apply(x, weight, bias, layout, float(eps), True)
+    if running_mean is not None or running_var is not None:
+        # running = (1 - m) · running + m · batch, unbiased variance (as _update_running).
+        m = layout.count
+        bessel = m / max(m - 1, 1)
+        with torch.no_grad():
+            if running_mean is not None:
+                running_mean.lerp_(mean.reshape(-1).to(running_mean.dtype), factor)
+            if running_var is not None:
+                running_var.lerp_((var.reshape(-1) * bessel).to(running_var.dtype), factor)
+    return y
+
+
+def _graph_group_norm(
+    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """:func:`group_norm` under torch.compile."""
+    fits = type(num_groups) is int and _fits_channels(x, (weight, bias), 2)
+    fits = fits and num_groups >= 1 and x.shape[1] % num_groups == 0
+    if not (fits and x.numel() != num_groups and 0.0 < eps < 1e308):
+        _group_norm_layout(x, num_groups, weight, bias, eps)  # raises
+    layout = _channel_layout(x, num_groups, weight is not None or bias is not None, 1)
+    y, _, _ = _autograd.GraphNormalizeFunction.apply(x, weight, bias, layout, float(eps), True)
+    return y
+
+
+def _graph_instance_norm(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, mean, var)`` of :func:`instance_norm` under torch.compile, the statistics
+    (N, C); the caller checked the shapes."""
+    if not 0.0 < eps < 1e308:
+        _check_eps(eps)
+    layout = _channel_layout(x, 0, weight is not None or bias is not None, 2)
+    y, mean, var = _autograd.GraphNormalizeFunction.apply(x, weight, bias, layout, float(eps), True)
+    dims = layout.stat_dims
+    return y, mean.squeeze(dims), var.squeeze(dims)
 
 
 # --------------------------------------------------------------------------------------
@@ -776,12 +938,24 @@ def _fwd_graph(
     eps: float,
     subtract_mean: bool,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
-    """Forward with plain out-of-place ops (differentiable; also what torch.compile sees)."""
-    xv = x.reshape(layout.view_shape)
-    xf = xv.to(compute_dtype(x.dtype))
-    mean, xc, var, rstd = _stats(xf, layout, eps, subtract_mean)
-    w = _affine_view(weight, layout, xf.dtype)
-    b = _affine_view(bias, layout, xf.dtype)
+    """Forward with plain out-of-place ops (differentiable; also what torch.compile sees).
+
+    Written out flat (no helpers, tensor methods over ``torch.*``): Dynamo guards on
+    every function and global it looks up, on each call of the compiled layer."""
+    xf = x.reshape(layout.view_shape).to(torch.promote_types(x.dtype, torch.float32))
+    dims, m = layout.stat_dims, layout.count
+    if subtract_mean:  # (as _stats: two passes)
+        mean = xf.sum(dims, keepdim=True) / m
+        xc = xf - mean
+    else:
+        mean, xc = None, xf
+    var = (xc * xc).sum(dims, keepdim=True) / m
+    rstd = (var + eps).rsqrt()
+    w = b = None
+    if weight is not None:
+        w = weight.to(xf.dtype).reshape(layout.affine_shape)
+    if bias is not None:
+        b = bias.to(xf.dtype).reshape(layout.affine_shape)
     if layout.per_channel:
         y = xc * (rstd if w is None else rstd * w)  # the scale is small: 1 on partial dims
     else:
@@ -806,7 +980,7 @@ def _bwd_graph(
     dtype = rstd.dtype
     xv = x.reshape(layout.view_shape).to(dtype)
     gv = grad_out.reshape(layout.view_shape).to(dtype)
-    w = _affine_view(weight, layout, dtype)
+    w = None if weight is None else weight.to(dtype).reshape(layout.affine_shape)
     xc = xv - mean if subtract_mean else xv
     m = layout.count
     dx = dw = db = None
