@@ -300,13 +300,15 @@ def _check_batch_norm(
             raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     elif not eps >= 0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    _check_per_channel(
+        x, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
+    )
+
+
+def _check_per_channel(x: Tensor, **tensors: Tensor | None) -> None:
+    """Each given tensor holds one value per channel (dim 1) of ``x``; torch's message."""
     channels = x.shape[1]
-    for name, t in (
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-        ("weight", weight),
-        ("bias", bias),
-    ):
+    for name, t in tensors.items():
         if t is not None and t.numel() != channels:
             raise RuntimeError(
                 f"{name} should contain {channels} elements not {t.numel()} "
@@ -487,18 +489,9 @@ def instance_norm(
     """
     if x.dim() < 3:
         raise ValueError(f"instance_norm expects an input of shape (N, C, *), got {x.dim()}D")
-    channels = x.shape[1]
-    for name, t in (
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-        ("weight", weight),
-        ("bias", bias),
-    ):
-        if t is not None and t.numel() != channels:
-            raise RuntimeError(
-                f"{name} should contain {channels} elements not {t.numel()} "
-                f"(one per channel of the input, whose shape is {tuple(x.shape)})"
-            )
+    _check_per_channel(
+        x, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
+    )
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise ValueError(
