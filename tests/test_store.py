@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from covshift.store import SCHEMA_VERSION, Store, StoreError
+from covshift.store import SCHEMA_VERSION, ExperimentPoint, Store, StoreError, pid_alive
 
 
 def test_round_trip(tmp_path: Path) -> None:
@@ -105,7 +105,9 @@ def test_foreign_database_is_refused(tmp_path: Path) -> None:
 
 def test_bad_status_and_unknown_run(store: Store) -> None:
     run = store.start_run("a", config={})
-    with pytest.raises(ValueError, match="status must be one of finished, interrupted, failed"):
+    with pytest.raises(
+        ValueError, match="status must be one of finished, diverged, interrupted, failed"
+    ):
         store.finish_run(run, "done")
     with pytest.raises(StoreError, match="no run with id 999"):
         store.run(999)
@@ -140,3 +142,173 @@ def test_killed_process_shows_as_stale(tmp_path: Path) -> None:
         assert run.status == "stale"
         steps, values = store.scalars(run.id, "loss")
         assert list(steps) == [10] and list(values) == [1.0]
+
+
+# -- schema 2: points, claims, divergence, experiments ------------------------------
+
+_V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, preset TEXT, experiment TEXT,
+    config TEXT NOT NULL, seed INTEGER,
+    status TEXT NOT NULL CHECK (status IN ('running', 'finished', 'interrupted', 'failed')),
+    started_at TEXT NOT NULL, ended_at TEXT, last_step INTEGER NOT NULL DEFAULT 0,
+    python_version TEXT NOT NULL, torch_version TEXT, covshift_version TEXT NOT NULL,
+    device TEXT, host TEXT, pid INTEGER, error TEXT);
+CREATE TABLE scalars (run_id INTEGER NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+    name TEXT NOT NULL, step INTEGER NOT NULL, value REAL, PRIMARY KEY (run_id, name, step));
+CREATE TABLE probe_records (run_id INTEGER NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+    layer TEXT NOT NULL, stat TEXT NOT NULL, step INTEGER NOT NULL, dtype TEXT NOT NULL,
+    shape TEXT NOT NULL, data BLOB NOT NULL, PRIMARY KEY (run_id, layer, stat, step));
+INSERT INTO meta VALUES ('schema_version', '1');
+INSERT INTO runs (name, experiment, config, seed, status, started_at, last_step,
+    python_version, covshift_version) VALUES
+    ('ioffe2015/baseline', 'ioffe2015-old', '{"network": "baseline"}', 0, 'finished',
+     '2026-11-25T10:00:00+00:00', 500, '3.11.7', '0.1.0');
+INSERT INTO scalars VALUES (1, 'test_accuracy', 0, 0.1), (1, 'test_accuracy', 500, 0.8);
+INSERT INTO probe_records VALUES (1, 'h', 'mean', 0, '<f4', '[]', x'0000803f');
+"""
+
+
+def test_version_1_store_migrates_keeping_every_row(tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    db = sqlite3.connect(path)
+    db.executescript(_V1_SCHEMA)
+    db.close()
+    with Store(path) as store:
+        (run,) = store.runs()
+        assert (run.name, run.status, run.point, run.experiment) == (
+            "ioffe2015/baseline",
+            "finished",
+            None,
+            "ioffe2015-old",
+        )
+        steps, acc = store.scalars(run.id, "test_accuracy")
+        assert list(steps) == [0, 500] and list(acc) == [0.1, 0.8]
+        _, mean = store.probe(run.id, "h", "mean")
+        assert mean.tolist() == [1.0]
+        new = store.start_run("n", config={}, point="p1")
+        store.finish_run(new, "diverged", diverged_at=40)  # the new status is accepted
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+
+
+def test_claim_point_states(store: Store) -> None:
+    first = store.claim_point("p", name="e/a", config={"x": 1}, seed=2, threads=3)
+    assert first.state == "new" and first.run.point == "p" and first.run.threads == 3
+    # The same process claiming again (an earlier attempt of its own) resumes the run.
+    assert store.claim_point("p", name="e/a", config={}, threads=1).state == "resume"
+    store.finish_run(first.run.id, "interrupted")
+    again = store.claim_point("p", name="e/a", config={}, threads=1)
+    assert again.state == "resume" and again.run.id == first.run.id
+    assert again.run.threads == 3  # a resumed run keeps its thread count
+    store.finish_run(first.run.id, "diverged", diverged_at=7)
+    done = store.claim_point("p", name="e/a", config={})
+    assert done.state == "done" and done.run.diverged_at == 7
+    assert len(store.runs()) == 1
+
+
+def _claim_and_hold(path: str, point: str, ready, release) -> None:
+    with Store(path) as store:
+        store.claim_point(point, name="held", config={})
+        ready.set()
+        release.wait(60)
+
+
+def test_a_live_owner_makes_the_point_busy_and_a_dead_one_stale(tmp_path: Path) -> None:
+    path = tmp_path / "c.db"
+    ctx = multiprocessing.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_claim_and_hold, args=(str(path), "p", ready, release))
+    proc.start()
+    try:
+        assert ready.wait(60)
+        with Store(path) as store:
+            busy = store.claim_point("p", name="held", config={})
+            assert busy.state == "busy" and busy.run.pid == proc.pid
+    finally:
+        release.set()
+        proc.join(60)
+    with Store(path) as store:
+        assert store.runs()[0].status == "stale"
+        taken = store.claim_point("p", name="held", config={})
+        assert taken.state == "resume" and taken.run.status == "running"
+
+
+def _claim_many(path: str, points: list[str], out) -> None:
+    with Store(path) as store:
+        out.put([store.claim_point(p, name=p, config={}).state for p in points])
+
+
+def test_concurrent_claims_give_each_point_to_one_process(tmp_path: Path) -> None:
+    path = tmp_path / "c.db"
+    Store(path).close()
+    points = [f"p{i}" for i in range(40)]
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_claim_many, args=(str(path), points, out)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    states = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(60)
+    for i in range(len(points)):
+        column = [s[i] for s in states]
+        # One process created the run; the others found it held by a live process,
+        # or (when the creator had already exited) took the stale run over.
+        assert column.count("new") == 1, column
+    with Store(path) as store:
+        assert sorted(r.point for r in store.runs()) == sorted(points)
+
+
+def test_zombies_are_not_alive() -> None:
+    import os
+    import time
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child exits at once
+        os._exit(0)
+    try:
+        deadline = time.monotonic() + 10
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not pid_alive(pid)  # exited, not yet reaped: a zombie
+        assert os.waitpid(pid, os.WNOHANG)[0] == pid  # it was indeed still unreaped
+    finally:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+    assert pid_alive(os.getpid())
+
+
+def test_experiments_round_trip(store: Store) -> None:
+    grid = [
+        ExperimentPoint("a1", 0, "baseline", 0, {"optimizer.lr": 0.1}),
+        ExperimentPoint("b1", 1, "batchnorm", 0, {"optimizer.lr": 0.1}),
+    ]
+    store.save_experiment("exp-1", "exp", {"name": "exp"}, grid)
+    store.save_experiment("exp-1", "exp", {"name": "changed"}, grid)  # idempotent
+    assert store.experiment_config("exp-1") == {"name": "exp"}
+    assert store.experiment_points("exp-1") == grid
+    assert store.experiment_config("nope") is None and store.experiment_points("nope") == []
+    run = store.claim_point("b1", name="exp/batchnorm", config={}).run
+    assert [r.id for r in store.runs(experiment="exp-1")] == [run.id]
+    assert [e[0] for e in store.experiments()] == ["exp-1"]
+    assert set(store.runs_of_points(["a1", "b1"])) == {"b1"}
+
+
+def test_finish_run_checks_diverged_at(store: Store) -> None:
+    run = store.start_run("a", config={})
+    with pytest.raises(ValueError, match="diverged_at"):
+        store.finish_run(run, "diverged")
+    with pytest.raises(ValueError, match="diverged_at"):
+        store.finish_run(run, "finished", diverged_at=3)
+
+
+def test_seed_out_of_range_is_a_store_error(store: Store) -> None:
+    with pytest.raises(StoreError, match="0 <= seed < 2\\*\\*63"):
+        store.start_run("a", config={}, seed=2**64)
+    assert store.runs() == []

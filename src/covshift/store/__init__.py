@@ -1,0 +1,26 @@
+"""The results store (SQLite): runs, their series and probe records, experiments."""
+
+from covshift.store.schema import RUN_STATUSES, SCHEMA_VERSION
+from covshift.store.store import (
+    DEFAULT_DB,
+    FINAL_OUTCOMES,
+    Claim,
+    ExperimentPoint,
+    RunInfo,
+    Store,
+    StoreError,
+    pid_alive,
+)
+
+__all__ = [
+    "DEFAULT_DB",
+    "FINAL_OUTCOMES",
+    "RUN_STATUSES",
+    "SCHEMA_VERSION",
+    "Claim",
+    "ExperimentPoint",
+    "RunInfo",
+    "Store",
+    "StoreError",
+    "pid_alive",
+]

@@ -1,0 +1,194 @@
+"""The store's schema: its tables, its version, and the migrations between versions.
+
+Version 1 (covshift 0.1, before sweeps): runs, scalars, probe_records.
+Version 2 adds what sweeps need:
+
+- ``runs.point``: the identity of the grid point a run trains (a hash of its resolved
+  configuration and seed, :mod:`covshift.experiments.grid`); unique, so a point is
+  recorded at most once whatever the number of processes claiming it;
+- ``runs.status = 'diverged'`` with ``runs.diverged_at`` (the step at which the
+  divergence rule fired), a measured outcome like ``finished``;
+- ``runs.threads``: torch's intra-op threads the run trains with; a resumed run keeps
+  them, since the thread count changes the last bits of a float reduction;
+- ``experiments`` and ``experiment_points``: a sweep's configuration and its grid.
+
+Migration 1 -> 2 rebuilds ``runs`` (SQLite cannot change a CHECK constraint in place)
+inside one transaction with foreign keys off, so the scalars and probe records that
+reference runs are neither dropped nor orphaned; legacy runs keep ``point = NULL``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+__all__ = ["RUN_COLUMNS", "RUN_STATUSES", "SCHEMA_VERSION", "migrate", "stored_version"]
+
+SCHEMA_VERSION = 2
+# ``running`` is a live (or killed) run; the others are final.
+RUN_STATUSES = ("running", "finished", "diverged", "interrupted", "failed")
+
+# The columns of ``runs`` in table order; RunInfo has one field per column, in this order.
+RUN_COLUMNS = (
+    "id",
+    "name",
+    "preset",
+    "experiment",
+    "point",
+    "config",
+    "seed",
+    "status",
+    "started_at",
+    "ended_at",
+    "last_step",
+    "diverged_at",
+    "python_version",
+    "torch_version",
+    "covshift_version",
+    "device",
+    "host",
+    "pid",
+    "threads",
+    "error",
+)
+
+_STATUS_CHECK = ", ".join(f"'{s}'" for s in RUN_STATUSES)
+
+_RUNS = f"""
+CREATE TABLE {{name}} (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    preset TEXT,
+    experiment TEXT,
+    point TEXT UNIQUE,
+    config TEXT NOT NULL,
+    seed INTEGER,
+    status TEXT NOT NULL CHECK (status IN ({_STATUS_CHECK})),
+    started_at TEXT NOT NULL,
+    ended_at TEXT,
+    last_step INTEGER NOT NULL DEFAULT 0,
+    diverged_at INTEGER,
+    python_version TEXT NOT NULL,
+    torch_version TEXT,
+    covshift_version TEXT NOT NULL,
+    device TEXT,
+    host TEXT,
+    pid INTEGER,
+    threads INTEGER,
+    error TEXT
+)"""
+
+_OTHER_TABLES = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS runs_experiment ON runs (experiment);
+CREATE TABLE IF NOT EXISTS scalars (
+    run_id INTEGER NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    value REAL,
+    PRIMARY KEY (run_id, name, step)
+);
+CREATE TABLE IF NOT EXISTS probe_records (
+    run_id INTEGER NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+    layer TEXT NOT NULL,
+    stat TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    dtype TEXT NOT NULL,
+    shape TEXT NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (run_id, layer, stat, step)
+);
+CREATE TABLE IF NOT EXISTS experiments (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    config TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS experiment_points (
+    experiment TEXT NOT NULL REFERENCES experiments (id) ON DELETE CASCADE,
+    point TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    network TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    axes TEXT NOT NULL,
+    PRIMARY KEY (experiment, point)
+);
+"""
+
+# Version-1 columns of runs, in their order (the migration copies these).
+_V1_RUN_COLUMNS = (
+    "id, name, preset, experiment, config, seed, status, started_at, ended_at, last_step,"
+    " python_version, torch_version, covshift_version, device, host, pid, error"
+)
+
+
+def _statements(script: str) -> list[str]:
+    return [s for s in script.split(";") if s.strip()]
+
+
+def _create(db: sqlite3.Connection) -> None:
+    db.execute(_RUNS.format(name="runs"))
+    for statement in _statements(_OTHER_TABLES):
+        db.execute(statement)
+
+
+def _migrate_1_to_2(db: sqlite3.Connection) -> None:
+    db.execute(_RUNS.format(name="runs_v2"))
+    db.execute(f"INSERT INTO runs_v2 ({_V1_RUN_COLUMNS}) SELECT {_V1_RUN_COLUMNS} FROM runs")
+    db.execute("DROP TABLE runs")
+    db.execute("ALTER TABLE runs_v2 RENAME TO runs")
+    for statement in _statements(_OTHER_TABLES):
+        db.execute(statement)
+    problems = db.execute("PRAGMA foreign_key_check").fetchall()
+    if problems:  # pragma: no cover - the copy keeps every id, so nothing can dangle
+        raise sqlite3.IntegrityError(f"migration left dangling references: {problems[:5]}")
+
+
+_MIGRATIONS = {1: _migrate_1_to_2}
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """Bring the database to :data:`SCHEMA_VERSION` (creating it when empty).
+
+    Runs in one ``BEGIN IMMEDIATE`` transaction with foreign keys off (a table rebuild
+    would otherwise cascade-delete the rows that reference it), so a crash midway leaves
+    the old version intact; the version is read inside the transaction, so two
+    processes opening one old store migrate it once. ``db`` must be in autocommit mode
+    (isolation_level None).
+    """
+    db.execute("PRAGMA foreign_keys=OFF")  # a no-op inside a transaction: set it first
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        current = _read_version(db)
+        if current is None:
+            _create(db)
+        else:
+            # 0: a meta table without a version row (a version-1 store that lost it).
+            current = max(current, 1)
+            while current < SCHEMA_VERSION:
+                _MIGRATIONS[current](db)
+                current += 1
+        db.execute(
+            "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+        )
+    except BaseException:
+        db.execute("ROLLBACK")
+        db.execute("PRAGMA foreign_keys=ON")
+        raise
+    db.execute("COMMIT")
+    db.execute("PRAGMA foreign_keys=ON")
+
+
+def stored_version(db: sqlite3.Connection) -> int | None:
+    """The schema version of a database (None: not yet a covshift store)."""
+    return _read_version(db)
+
+
+def _has_tables(db: sqlite3.Connection) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone() is not None
+
+
+def _read_version(db: sqlite3.Connection) -> int | None:
+    if not _has_tables(db):
+        return None
+    row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    return int(row[0]) if row else 0
