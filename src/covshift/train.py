@@ -6,7 +6,9 @@ draws random numbers unless the model does. The step itself is what a hand-writt
 PyTorch loop does (index the resident dataset, forward, cross-entropy, backward,
 SGD step); the loss is accumulated on the device and read back only at evaluation
 points, so the loop adds no synchronization per step. Callbacks see every step and
-every evaluation (probes, logging, progress bars).
+every evaluation (probes, logging, progress bars); at an evaluation a callback may
+declare an outcome (``state.outcome = "diverged"``) and ask the loop to stop there
+(``state.stop = True``).
 """
 
 from __future__ import annotations
@@ -16,17 +18,18 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from covshift.checkpoints import Checkpointer, as_checkpointer
 from covshift.data import BatchSampler, Dataset
 
 __all__ = [
     "Callback",
+    "DivergenceGuard",
     "TrainConfig",
     "TrainResult",
     "TrainState",
@@ -88,6 +91,9 @@ class TrainState:
     step: int = 0
     loss: torch.Tensor | None = None  # last step's loss, on the device (no sync)
     metrics: dict[str, float] = field(default_factory=dict)  # of the last evaluation
+    outcome: str | None = None  # set by a callback: "diverged" (None: finished normally)
+    outcome_step: int | None = None  # the step at which the outcome was declared
+    stop: bool = False  # set by a callback at an evaluation: end training there
 
 
 class Callback(Protocol):
@@ -106,6 +112,8 @@ class TrainResult:
     history: dict[int, dict[str, float]]
     seconds: float
     steps: int
+    status: str = "finished"  # or the outcome a callback declared ("diverged")
+    outcome_step: int | None = None
 
     @property
     def final(self) -> dict[str, float]:
@@ -152,6 +160,40 @@ def _call(callbacks: Sequence[object], method: str, *args: object) -> None:
             fn(*args)
 
 
+class DivergenceGuard:
+    """Declares a run ``diverged`` at the first evaluation where the mean training loss
+    since the previous evaluation or the test loss is not finite or exceeds ``factor``
+    times the test loss at step 0; with ``stop``, training ends there.
+
+    The rule is checked at evaluations only, so the loop keeps its no-sync steps; the
+    recorded step is the evaluation at which the rule fired.
+    """
+
+    def __init__(self, factor: float = 10.0, stop: bool = True) -> None:
+        if not factor > 1:
+            raise ValueError(f"factor must be > 1, got {factor}")
+        self.factor = factor
+        self.stop = stop
+        self.initial: float | None = None
+
+    def on_eval(self, state: TrainState, metrics: dict[str, float]) -> None:
+        if state.outcome is not None:
+            return
+        if self.initial is None:  # resumed runs see their step-0 loss in the history
+            self.initial = metrics["test_loss"] if state.step == 0 else None
+        losses = [metrics["test_loss"], metrics.get("train_loss", 0.0)]
+        limit = self.factor * self.initial if self.initial is not None else math.inf
+        if any(not math.isfinite(v) or v > limit for v in losses):
+            state.outcome, state.outcome_step = "diverged", state.step
+            state.stop = self.stop
+
+    def state_dict(self) -> dict[str, float | None]:
+        return {"initial": self.initial}
+
+    def load_state_dict(self, state: dict[str, float | None]) -> None:
+        self.initial = state["initial"]
+
+
 def train(
     model: nn.Module,
     data: Dataset,
@@ -159,7 +201,7 @@ def train(
     *,
     callbacks: Sequence[object] = (),
     device: str | torch.device = "auto",
-    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint: str | os.PathLike[str] | Checkpointer | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``data`` with SGD and cross-entropy.
 
@@ -167,13 +209,18 @@ def train(
     last step; each evaluation also reports ``train_loss``, the mean training loss
     since the previous evaluation.
 
-    With ``checkpoint``, the model, optimizer, sampler and random states are saved to
-    that file (atomically) at every evaluation, and if the file exists when training
-    starts, training continues from it: an interrupted run resumed this way ends with
-    the same numbers as an uninterrupted one.
+    With ``checkpoint`` (a file path or a :class:`~covshift.checkpoints.Checkpointer`),
+    the model, optimizer, sampler and random states, the evaluation history, the
+    declared outcome and the state of every callback with ``state_dict`` are saved at
+    every evaluation, and if a state is there when training starts, training continues
+    from it: an interrupted run resumed this way ends with the same numbers as an
+    uninterrupted one.
 
-    On Ctrl-C or an error, callbacks get ``on_train_end(state, "interrupted" | "failed")``
-    and the exception propagates; what callbacks recorded stays recorded.
+    A callback may declare an outcome at an evaluation (``state.outcome``, see
+    :class:`DivergenceGuard`) and stop training there (``state.stop``); the run then
+    ends with that status. On Ctrl-C or an error, callbacks get
+    ``on_train_end(state, "interrupted" | "failed")`` and the exception propagates;
+    what callbacks recorded stays recorded.
     """
     dev = resolve_device(device)
     data = data if data.x_train.device == dev else data.to(dev)
@@ -187,9 +234,12 @@ def train(
     loss_sum = torch.zeros((), device=dev)
     since_eval = 0
     first_step = 1
-    if checkpoint is not None and Path(checkpoint).exists():
-        state.step, history = _load_checkpoint(Path(checkpoint), model, optimizer, sampler, dev)
-        first_step = state.step + 1
+    keeper = as_checkpointer(checkpoint)
+    if keeper is not None:
+        resumed = _load_checkpoint(keeper, state, sampler, callbacks)
+        if resumed is not None:
+            history = resumed
+            first_step = state.step + 1
 
     def run_eval() -> None:
         nonlocal since_eval
@@ -201,8 +251,8 @@ def train(
         history[state.step] = metrics
         state.metrics = metrics
         _call(callbacks, "on_eval", state, metrics)
-        if checkpoint is not None and state.step < config.steps:
-            _save_checkpoint(Path(checkpoint), state, sampler, history)
+        if keeper is not None and state.step < config.steps and not state.stop:
+            _save_checkpoint(keeper, state, sampler, history, callbacks)
 
     start = time.perf_counter()
     try:
@@ -222,54 +272,78 @@ def train(
             _call(callbacks, "on_step_end", state)
             if step == config.steps or (config.eval_every and step % config.eval_every == 0):
                 run_eval()
+                if state.stop:
+                    break
     except KeyboardInterrupt:
         _call(callbacks, "on_train_end", state, "interrupted")
         raise
     except BaseException:
         _call(callbacks, "on_train_end", state, "failed")
         raise
-    _call(callbacks, "on_train_end", state, "finished")
-    if checkpoint is not None:
-        Path(checkpoint).unlink(missing_ok=True)
-    return TrainResult(history, time.perf_counter() - start, config.steps)
+    status = state.outcome or "finished"
+    _call(callbacks, "on_train_end", state, status)
+    if keeper is not None:
+        keeper.clear()
+    return TrainResult(history, time.perf_counter() - start, state.step, status, state.outcome_step)
+
+
+def _callback_states(callbacks: Sequence[object]) -> dict[str, object]:
+    # Keyed by position and class, so a state is only restored into the same callback.
+    return {
+        f"{i}:{type(cb).__qualname__}": cb.state_dict()  # type: ignore[attr-defined]
+        for i, cb in enumerate(callbacks)
+        if hasattr(cb, "state_dict") and hasattr(cb, "load_state_dict")
+    }
 
 
 def _save_checkpoint(
-    path: Path, state: TrainState, sampler: BatchSampler, history: dict[int, dict[str, float]]
+    keeper: Checkpointer,
+    state: TrainState,
+    sampler: BatchSampler,
+    history: dict[int, dict[str, float]],
+    callbacks: Sequence[object],
 ) -> None:
-    """Write the resumable state; write-then-rename so a crash never leaves half a file."""
-    payload = {
-        "step": state.step,
-        "model": state.model.state_dict(),
-        "optimizer": state.optimizer.state_dict(),
-        "sampler": sampler.state_dict(),
-        "cpu_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "history": history,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    keeper.save(
+        {
+            "step": state.step,
+            "model": state.model.state_dict(),
+            "optimizer": state.optimizer.state_dict(),
+            "sampler": sampler.state_dict(),
+            "cpu_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "history": history,
+            "outcome": (state.outcome, state.outcome_step),
+            "callbacks": _callback_states(callbacks),
+        }
+    )
 
 
 def _load_checkpoint(
-    path: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    keeper: Checkpointer,
+    state: TrainState,
     sampler: BatchSampler,
-    device: torch.device,
-) -> tuple[int, dict[int, dict[str, float]]]:
+    callbacks: Sequence[object],
+) -> dict[int, dict[str, float]] | None:
+    """Restore a saved state into ``state``; returns its history (None: nothing saved)."""
     try:
-        payload = torch.load(path, map_location=device, weights_only=False)
-        model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
+        payload = keeper.load(state.device)
+        if payload is None:
+            return None
+        state.model.load_state_dict(payload["model"])
+        state.optimizer.load_state_dict(payload["optimizer"])
     except Exception as e:
         raise ValueError(
-            f"checkpoint {path} cannot be resumed for this model: {e}; delete it to start over"
+            f"checkpoint {keeper} cannot be resumed for this model: {e}; delete it to start over"
         ) from None
     sampler.load_state_dict(payload["sampler"])
     torch.set_rng_state(payload["cpu_rng"].cpu())
     if payload["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in payload["cuda_rng"]])
-    return int(payload["step"]), dict(payload["history"])
+    state.step = int(payload["step"])
+    state.outcome, state.outcome_step = payload.get("outcome", (None, None))
+    saved = payload.get("callbacks", {})
+    for i, cb in enumerate(callbacks):
+        key = f"{i}:{type(cb).__qualname__}"
+        if key in saved and hasattr(cb, "load_state_dict"):
+            cb.load_state_dict(saved[key])
+    return dict(payload["history"])

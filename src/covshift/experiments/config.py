@@ -1,9 +1,12 @@
 """The experiment configuration schema (pydantic), read from TOML presets.
 
 An experiment trains several *networks* that share one model spec and differ only in
-the fields each network overrides (e.g. ``norm``), on the same data, batches and
-initial weights. Every field is validated; unknown fields are errors, so a typo in a
-preset or in ``--set`` is caught with the field's path in the message.
+the fields each network overrides (e.g. ``norm``), over a grid: the product of the
+networks, the sweep axes (:mod:`covshift.experiments.axes`) and the seeds. Points
+that share a seed share the batches and, where the shapes allow, the initial weights,
+so differences between networks pair by seed. Every field is validated; unknown
+fields are errors, so a typo in a preset or in ``--set`` is caught with the field's
+path in the message, before anything runs.
 """
 
 from __future__ import annotations
@@ -14,14 +17,19 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from covshift.experiments.axes import closest, flatten_sweep, set_dotted
+from covshift.experiments.claim_spec import ClaimSpec
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 __all__ = [
+    "MAX_SEED",
     "ClaimSpec",
     "ConfigError",
+    "DivergenceSpec",
     "ExperimentConfig",
     "ModelSpec",
     "NetworkSpec",
@@ -35,6 +43,7 @@ __all__ = [
 ]
 
 PRESET_DIR = Path(__file__).parent / "presets"
+MAX_SEED = 2**63 - 1  # the store's INTEGER is a signed 64-bit number
 
 
 class ConfigError(Exception):
@@ -124,31 +133,33 @@ class ReportSpec(_Strict):
     unit: int | None = Field(None, ge=0)  # unit of the percentile panels; default: typical
 
 
-class ClaimSpec(_Strict):
-    """A claim of the paper, tested on the headline numbers.
+class DivergenceSpec(_Strict):
+    """When a run counts as diverged (a measured outcome, recorded with its step).
 
-    ``metric`` is a ``/``-separated path into a network's summary (for example
-    ``test_accuracy/1000`` or ``drift/hidden.2.act``); the claim holds when network
-    ``better``'s value compares to network ``than``'s as ``direction`` says: strictly
-    ``higher`` or ``lower``, or ``not_lower`` / ``not_higher`` (ties hold).
+    At every evaluation, a run has diverged when its mean training loss since the
+    previous evaluation or its test loss is not finite, or exceeds ``factor`` times its
+    test loss at step 0 (the initialization). With ``stop`` (the default) training ends
+    there; otherwise it goes on and the run is still recorded as diverged.
     """
 
-    text: str
-    metric: str
-    better: str
-    than: str
-    direction: Literal["higher", "lower", "not_lower", "not_higher"]
+    factor: float = Field(10.0, gt=1)
+    stop: bool = True
 
 
 class ExperimentConfig(_Strict):
-    """A whole experiment, as read from a preset and overridden from the command line."""
+    """A whole experiment, as read from a preset and overridden from the command line.
+
+    ``seeds`` is a list of seeds, or a count ``N`` for seeds ``0 .. N-1`` (a single
+    ``seed = S``, the form of covshift 0.1, means ``seeds = [S]``). ``sweep`` maps
+    dotted field names to the values of an axis (see :mod:`covshift.experiments.axes`).
+    """
 
     name: str
     title: str
     description: str = ""
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)
     steps: int = Field(50_000, ge=1)
     batch_size: int = Field(60, ge=1)
     eval_every: int = Field(500, ge=1)
@@ -156,14 +167,47 @@ class ExperimentConfig(_Strict):
     model: ModelSpec = ModelSpec()
     optimizer: OptimizerSpec = OptimizerSpec()
     probe: ProbeSpec = ProbeSpec()
+    divergence: DivergenceSpec = DivergenceSpec()
     report: ReportSpec = ReportSpec()
     networks: dict[str, NetworkSpec]
+    sweep: dict[str, tuple[Any, ...]] = Field(default_factory=dict)
     # Settings the paper leaves open: setting -> why this value (printed in the report).
     choices: dict[str, str] = Field(default_factory=dict)
     claims: tuple[ClaimSpec, ...] = ()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _seeds_and_axes(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "seed" in data:
+            if "seeds" in data:
+                raise ValueError("give seeds (a list or a count) or seed, not both")
+            data["seeds"] = [data.pop("seed")]
+        seeds = data.get("seeds")
+        if isinstance(seeds, int) and not isinstance(seeds, bool):
+            if seeds < 1:
+                raise ValueError(f"seeds = {seeds}: a count of seeds must be at least 1")
+            data["seeds"] = list(range(seeds))
+        if "sweep" in data:
+            data["sweep"] = flatten_sweep(data["sweep"], _SWEEPABLE)
+        return data
+
+    @field_validator("seeds")
+    @classmethod
+    def _seed_values(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value:
+            raise ValueError("give at least one seed")
+        for s in value:
+            if not 0 <= s <= MAX_SEED:
+                raise ValueError(f"seed {s} is out of range; seeds are integers in [0, 2**63)")
+        if len(set(value)) != len(value):
+            raise ValueError(f"seeds {list(value)} repeat a seed")
+        return value
+
     @model_validator(mode="after")
-    def _networks_resolve(self) -> ExperimentConfig:
+    def _networks_axes_claims(self) -> ExperimentConfig:
         if not self.networks:
             raise ValueError("networks: at least one network is needed")
         for key, net in self.networks.items():
@@ -171,28 +215,112 @@ class ExperimentConfig(_Strict):
                 net.resolve(self.model)
             except ValidationError as e:
                 raise ValueError(f"networks.{key}: {_first_error(e)}") from None
+        self._check_axes()
         for i, claim in enumerate(self.claims):
-            for role in ("better", "than"):
-                if getattr(claim, role) not in self.networks:
-                    raise ValueError(
-                        f"claims[{i}].{role}: {getattr(claim, role)!r} is not a "
-                        f"network; networks: {', '.join(self.networks)}"
-                    )
+            self._check_claim(i, claim)
         return self
+
+    def _check_axes(self) -> None:
+        """Each axis value, applied alone to this configuration, must validate, and no
+        network may override a swept model field (it would silently win)."""
+        if not self.sweep:
+            return
+        base = self.model_dump(exclude={"sweep", "claims"})
+        for key, values in self.sweep.items():
+            section, _, field = key.partition(".")
+            if section == "model" and "." not in field:
+                for net_key, net in self.networks.items():
+                    if getattr(net, field, None) is not None:
+                        raise ValueError(
+                            f"sweep.{key}: network {net_key!r} sets {field} itself; "
+                            f"sweep it or set it per network, not both"
+                        )
+            for i, value in enumerate(values):
+                try:
+                    ExperimentConfig.model_validate(set_dotted(base, key, value))
+                except ValidationError as e:
+                    raise ValueError(f"sweep.{key}[{i}] = {value!r}: {_first_error(e)}") from None
+
+    def _check_claim(self, i: int, claim: ClaimSpec) -> None:
+        where = f"claims[{i}]"
+        for role, net in (("network", claim.network), ("baseline", claim.baseline)):
+            if net is not None and net not in self.networks:
+                raise ValueError(
+                    f"{where}.{role}: {net!r} is not a network{closest(net, list(self.networks))};"
+                    f" networks: {', '.join(self.networks)}"
+                )
+        axes = list(self.sweep)
+        for key, value in claim.where.items():
+            if key not in self.sweep:
+                raise ValueError(
+                    f"{where}.where: {key!r} is not a sweep axis{closest(key, axes)}; "
+                    f"axes: {', '.join(axes) or 'none'}"
+                )
+            if value not in self.sweep[key]:
+                raise ValueError(
+                    f"{where}.where: {key} = {value!r} is not on the axis {list(self.sweep[key])}"
+                )
+        if claim.axis is not None:
+            if claim.axis not in self.sweep:
+                raise ValueError(
+                    f"{where}.axis: {claim.axis!r} is not a sweep axis"
+                    f"{closest(claim.axis, axes)}; axes: {', '.join(axes) or 'none'}"
+                )
+            values = self.sweep[claim.axis]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                raise ValueError(f"{where}.axis: {claim.axis} has non-numeric values {values}")
+            if claim.log_axis and min(values) <= 0:
+                raise ValueError(f"{where}.log_axis: {claim.axis} has values <= 0")
+            if len(values) < 2:
+                raise ValueError(f"{where}.axis: {claim.axis} needs at least two values")
+
+
+_SWEEPABLE: dict[str, list[str]] = {
+    "model": list(ModelSpec.model_fields),
+    "optimizer": list(OptimizerSpec.model_fields),
+    "probe": list(ProbeSpec.model_fields),
+    "divergence": list(DivergenceSpec.model_fields),
+}
+
+
+def _where(err: Any) -> str:
+    return ".".join(str(p) for p in err["loc"])
+
+
+def _message(err: Any) -> str:
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field" + _suggestion(err)
+    return msg
+
+
+def _suggestion(err: Any) -> str:
+    """For an unknown field: the valid fields of its section and the closest one."""
+    loc = [p for p in err["loc"] if isinstance(p, str)]
+    name = loc[-1] if loc else ""
+    section: type[BaseModel] = ExperimentConfig
+    for part in loc[:-1]:
+        field = section.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            section = annotation
+        else:
+            return ""
+    fields = list(section.model_fields)
+    return f"{closest(name, fields)}; valid keys here: {', '.join(fields)}"
 
 
 def _first_error(e: ValidationError) -> str:
     err = e.errors()[0]
-    where = ".".join(str(p) for p in err["loc"])
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{where}: {msg}" if where else msg
+    where = _where(err)
+    return f"{where}: {_message(err)}" if where else _message(err)
 
 
 def _format_errors(e: ValidationError) -> str:
     lines = []
     for err in e.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"  {where}: {err['msg'].removeprefix('Value error, ')}")
+        where = _where(err)
+        lines.append(f"  {where}: {_message(err)}" if where else f"  {_message(err)}")
     return "\n".join(lines)
 
 
@@ -244,19 +372,51 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     return out
 
 
+def read_preset(name_or_path: str) -> tuple[Path, dict[str, Any]]:
+    """The file of a preset and its TOML table, unvalidated."""
+    path = preset_path(name_or_path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {e.start}); TOML files are UTF-8"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
+    try:
+        return path, tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
 def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
     """Read a preset (shipped name or .toml path), apply dotted overrides, validate.
+
+    ``seeds`` in the overrides replaces the preset's ``seeds`` (or ``seed``). A field
+    that the preset sweeps cannot be overridden by itself: override the axis
+    (``sweep.optimizer.lr=[0.1]``).
 
     Raises:
         ConfigError: unreadable TOML (with the file and position) or invalid fields
             (each with its dotted path and what is accepted).
     """
-    path = preset_path(name_or_path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    raw = apply_overrides(raw, overrides or {})
+    path, raw = read_preset(name_or_path)
+    overrides = dict(overrides or {})
+    if "seeds" in overrides or "seed" in overrides:
+        raw = {k: v for k, v in raw.items() if k not in ("seed", "seeds")}
+    swept = raw.get("sweep")
+    if isinstance(swept, dict):
+        try:
+            axes = flatten_sweep(swept, _SWEEPABLE)
+        except ValueError as e:
+            raise ConfigError(f"{path}: invalid configuration:\n  {e}") from None
+        for key in overrides:
+            if key in axes:
+                raise ConfigError(
+                    f"--set {key}: {path} sweeps {key} over {axes[key]}; override the axis "
+                    f"instead (--set sweep.{key}=[...])"
+                )
+    raw = apply_overrides(raw, overrides)
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as e:

@@ -24,6 +24,7 @@ import os
 import platform
 import socket
 import sqlite3
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
@@ -210,6 +211,19 @@ class Store:
             self._db.execute(
                 "INSERT OR IGNORE INTO meta VALUES ('created_by', ?)", (f"covshift {__version__}",)
             )
+        # A random identity, so files kept beside the store (checkpoints) can tell
+        # their store from another one in the same folder or a recreated one.
+        query = "SELECT value FROM meta WHERE key = 'store_id'"
+        if self._db.execute(query).fetchone() is None:
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (uuid.uuid4().hex,)
+            )
+        self.store_id: str = self._db.execute(query).fetchone()[0]
+
+    def checkpoint_path(self, run_id: int) -> Path:
+        """Where the resumable state of run ``run_id`` is kept while it trains: beside
+        the store, named after the store's identity and the run."""
+        return self.path.parent / "checkpoints" / f"{self.store_id[:12]}-run-{run_id}.pt"
 
     # -- writing: runs -------------------------------------------------------
     def start_run(

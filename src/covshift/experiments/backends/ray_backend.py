@@ -1,0 +1,365 @@
+"""The Ray backend: points as Ray tasks, on one machine or a cluster.
+
+Each point is one Ray task (a streaming generator) that needs nothing from the
+driver's disk: the dataset travels through Ray's object store (put once per sweep),
+the point's spec and its last checkpoint (bytes) travel as arguments, and the task
+sends back, at every evaluation, the records made since the last one together with
+the new checkpoint. The driver alone writes the store: it applies each chunk, keeps
+the latest checkpoint in a file beside the store, and closes the run when the task
+ends. Ray's scheduler decides where and when tasks run; the driver submits every
+point at once and only reacts to what comes back.
+
+Failures:
+
+- an exception in training ends the task normally with a ``failed`` outcome (as in
+  the other backends);
+- the task's process or node dies (a *crashed task*): the driver submits the point
+  again with its last checkpoint, up to ``max_failures`` times, then records it
+  ``failed``. Ray's own task retries are off, since a retried generator would
+  replay chunks the driver has already written;
+- Ctrl-C in the driver cancels every task; their runs are recorded ``interrupted``
+  and resume from the checkpoint the driver holds;
+- the driver dies: its Ray job's tasks end with it; the runs it owned show as
+  ``stale`` and resume on the next call.
+
+Ray is an optional extra: ``pip install 'covshift[ray]'``.
+"""
+
+from __future__ import annotations
+
+import os
+import queue as queue_module
+import socket
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from covshift.checkpoints import BytesCheckpointer
+from covshift.data import Dataset, load_dataset
+from covshift.experiments.backends.base import (
+    ProgressReporter,
+    SweepContext,
+    SweepEvents,
+    claim_point,
+)
+from covshift.experiments.grid import Point, PointSpec
+from covshift.experiments.point import PointOutcome, StoreSink, error_text, train_point
+from covshift.probe import ProbeRecord
+from covshift.store import Store
+from covshift.train import resolve_device
+
+__all__ = ["RayBackend", "RayUnavailable"]
+
+
+class RayUnavailable(RuntimeError):
+    """Ray is not installed, or the cluster cannot be reached."""
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise RayUnavailable(
+            "--backend ray needs Ray, an optional extra: pip install 'covshift[ray]'"
+        ) from None
+    return ray
+
+
+# -- inside a Ray task ---------------------------------------------------------------
+class _Buffer:
+    """A :class:`PointSink` that keeps rows until the next chunk is sent."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[Any, ...]] = []
+        self.lock = threading.Lock()
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        with self.lock:
+            self.rows.append(("scalars", step, dict(values)))
+
+    def probe(self, record: ProbeRecord) -> None:
+        with self.lock:
+            self.rows.append(("probe", record))
+
+    def end(self, status: str, error: str | None = None, diverged_at: int | None = None) -> None:
+        with self.lock:
+            self.rows.append(("end", status, error, diverged_at))
+
+    def take(self) -> list[tuple[Any, ...]]:
+        with self.lock:
+            rows, self.rows = self.rows, []
+        return rows
+
+
+class _TaskEvents:
+    def __init__(self, out: queue_module.Queue[Any]) -> None:
+        self.out = out
+
+    def started(self, point_id: str, run_id: int, step: int) -> None:
+        pass
+
+    def advanced(self, point_id: str, step: int) -> None:
+        self.out.put(("progress", step, None))
+
+    def ended(self, outcome: PointOutcome) -> None:
+        pass
+
+
+_TASK_DATA: dict[str, Dataset] = {}  # per Ray worker process: datasets by object id
+
+
+def _task_dataset(holder: list[Any], key: str, device: torch.device) -> Dataset:
+    """The dataset of ``holder[0]`` (an ObjectRef, wrapped so Ray does not resolve it
+    for every task), fetched and copied to torch once per worker process."""
+    cache_key = f"{key}@{device}"
+    if cache_key not in _TASK_DATA:
+        arrays = _ray().get(holder[0])
+        tensors = {k: torch.from_numpy(np.array(v)) for k, v in arrays["tensors"].items()}
+        _TASK_DATA[cache_key] = Dataset(**arrays["fields"], **tensors).to(device)
+    return _TASK_DATA[cache_key]
+
+
+def _point_task(
+    spec: PointSpec, data: list[Any], data_key: str, checkpoint: bytes | None, threads: int
+) -> Iterator[dict[str, Any]]:
+    """Train one point; yield its records and checkpoints, chunk by chunk."""
+    torch.set_num_threads(threads)
+    out: queue_module.Queue[Any] = queue_module.Queue()
+    buffer = _Buffer()
+    keeper = BytesCheckpointer(checkpoint, on_save=lambda b: out.put(("chunk", buffer.take(), b)))
+
+    def work() -> None:
+        try:
+            dataset = _task_dataset(data, data_key, resolve_device(spec.device))
+            outcome = train_point(
+                spec,
+                dataset,
+                buffer,
+                checkpoint=keeper,
+                background=False,
+                callbacks=(ProgressReporter(spec.identity(), _TaskEvents(out), interval=1.0),),
+            )
+            out.put(("done", buffer.take(), outcome))
+        except BaseException as e:
+            out.put(("error", buffer.take(), e))
+
+    # Training runs in a thread so that this generator can yield while it goes on.
+    threading.Thread(target=work, name="covshift-point", daemon=True).start()
+    yield {"kind": "hello", "host": socket.gethostname(), "pid": os.getpid()}
+    while True:
+        kind, rows, payload = out.get()
+        if kind == "progress":
+            yield {"kind": "progress", "step": rows}
+        elif kind == "chunk":
+            yield {"kind": "chunk", "rows": rows, "checkpoint": payload}
+        elif kind == "done":
+            yield {"kind": "done", "rows": rows, "outcome": payload}
+            return
+        else:
+            raise payload
+
+
+# -- the driver's side ---------------------------------------------------------------
+@dataclass
+class _Active:
+    point: Point
+    run_id: int
+    attempts: int = 0
+    step: int = 0
+
+
+def _dataset_payload(spec: PointSpec) -> dict[str, Any]:
+    data = load_dataset(spec.dataset, spec.data_dir)
+    return {
+        "fields": {
+            "name": data.name,
+            "num_classes": data.num_classes,
+            "image_shape": data.image_shape,
+            "source": data.source,
+        },
+        "tensors": {
+            k: getattr(data, k).numpy() for k in ("x_train", "y_train", "x_test", "y_test")
+        },
+    }
+
+
+class RayBackend:
+    """Points as Ray tasks with ``threads`` CPUs (and ``gpus`` GPUs) each.
+
+    Args:
+        address: a running cluster to join (``ray start --head`` prints it; ``auto``
+            finds the local one); None starts a local Ray instance for this sweep and
+            shuts it down after.
+        threads: torch threads (and Ray CPUs) per point.
+        gpus: GPUs Ray reserves per point (fractions share one).
+        max_failures: resubmissions of a point whose task crashed.
+    """
+
+    name = "ray"
+
+    def __init__(
+        self,
+        *,
+        address: str | None = None,
+        threads: int = 1,
+        gpus: float = 0.0,
+        max_failures: int = 2,
+    ) -> None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.address = address
+        self.threads = threads
+        self.gpus = gpus
+        self.max_failures = max_failures
+        self.workers = 0  # what Ray runs at once; known once connected
+
+    def connect(self) -> bool:
+        """Join ``address`` or start a local instance; True if this call started it."""
+        ray = _ray()
+        if ray.is_initialized():
+            return False
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network here
+        try:
+            ray.init(
+                address=self.address,
+                num_cpus=None if self.address else (os.cpu_count() or 1),
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level="ERROR",
+                configure_logging=True,
+            )
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            where = f"the Ray cluster at {self.address}" if self.address else "a local Ray"
+            raise RayUnavailable(f"cannot start or join {where}: {e}") from None
+        return True
+
+    def cluster_workers(self) -> int:
+        cpus = int(_ray().cluster_resources().get("CPU", 1))
+        return max(1, cpus // self.threads)
+
+    def run(
+        self, points: Sequence[Point], context: SweepContext, events: SweepEvents
+    ) -> list[PointOutcome]:
+        ray = _ray()
+        started_here = self.connect()
+        try:
+            self.workers = self.cluster_workers()
+            with Store(context.store_path) as store:
+                return self._run(ray, store, points, context, events)
+        finally:
+            if started_here:
+                ray.shutdown()
+
+    def _run(
+        self,
+        ray: Any,
+        store: Store,
+        points: Sequence[Point],
+        context: SweepContext,
+        events: SweepEvents,
+    ) -> list[PointOutcome]:
+        task = ray.remote(_point_task).options(
+            num_cpus=self.threads, num_gpus=self.gpus, max_retries=0
+        )
+        data_refs: dict[str, list[Any]] = {}
+        active: dict[Any, _Active] = {}
+        outcomes: dict[str, PointOutcome] = {}
+
+        def submit(job: _Active) -> None:
+            spec = job.point.spec
+            key = f"{spec.dataset}:{spec.data_dir}"
+            if key not in data_refs:
+                data_refs[key] = [ray.put(_dataset_payload(spec))]
+            path = store.checkpoint_path(job.run_id)
+            checkpoint = path.read_bytes() if path.exists() else None
+            active[task.remote(spec, data_refs[key], key, checkpoint, self.threads)] = job
+
+        for point in points:
+            claim = claim_point(store, point, context, self.threads)
+            if claim.state in ("done", "busy"):
+                outcomes[point.id] = PointOutcome(point.id, claim.run.status, claim.run.id)
+                events.ended(outcomes[point.id])
+                continue
+            submit(_Active(point, claim.run.id, step=claim.run.last_step))
+        try:
+            while active:
+                ready, _ = ray.wait(list(active), num_returns=1, timeout=0.5)
+                for gen in ready:
+                    job = active[gen]
+                    try:
+                        item = ray.get(next(gen))
+                    except StopIteration:
+                        del active[gen]
+                        continue
+                    except ray.exceptions.RayTaskError as e:
+                        del active[gen]
+                        cause = e.cause if e.cause is not None else e
+                        outcomes[job.point.id] = self._fail(store, job, error_text(cause))
+                        events.ended(outcomes[job.point.id])
+                    except ray.exceptions.RayError as e:  # the task's process or node died
+                        del active[gen]
+                        job.attempts += 1
+                        if job.attempts > self.max_failures:
+                            error = f"its Ray task crashed {job.attempts} times: {error_text(e)}"
+                            outcomes[job.point.id] = self._fail(store, job, error)
+                            events.ended(outcomes[job.point.id])
+                        else:
+                            submit(job)
+                    else:
+                        done = self._apply(store, job, item, events)
+                        if done is not None:
+                            del active[gen]
+                            outcomes[job.point.id] = done
+                            events.ended(done)
+        except KeyboardInterrupt:
+            for gen, job in active.items():
+                ray.cancel(gen, force=True)
+                store.finish_run(job.run_id, "interrupted")
+            raise
+        return [outcomes[p.id] for p in points]
+
+    @staticmethod
+    def _fail(store: Store, job: _Active, error: str) -> PointOutcome:
+        store.finish_run(job.run_id, "failed", error)
+        return PointOutcome(job.point.id, "failed", job.run_id, final_step=job.step, error=error)
+
+    @staticmethod
+    def _apply(
+        store: Store, job: _Active, item: dict[str, Any], events: SweepEvents
+    ) -> PointOutcome | None:
+        """Write one chunk into the store; the outcome when the task is done."""
+        kind = item["kind"]
+        if kind == "hello":
+            events.started(job.point.id, job.run_id, job.step)
+            return None
+        if kind == "progress":
+            job.step = max(job.step, item["step"])
+            events.advanced(job.point.id, job.step)
+            return None
+        sink = StoreSink(store, job.run_id)
+        for row in item["rows"]:
+            if row[0] == "scalars":
+                sink.scalars(row[1], row[2])
+                job.step = max(job.step, row[1])
+            elif row[0] == "probe":
+                sink.probe(row[1])
+            else:
+                sink.end(row[1], row[2], diverged_at=row[3])
+        path = store.checkpoint_path(job.run_id)
+        if kind == "chunk":
+            # Records first, then the checkpoint: a driver killed in between resumes
+            # from the older checkpoint and rewrites the same rows (same keys).
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(item["checkpoint"])
+            os.replace(tmp, path)
+            events.advanced(job.point.id, job.step)
+            return None
+        outcome: PointOutcome = item["outcome"]
+        if outcome.status in ("finished", "diverged"):  # a failed run may be resumed
+            path.unlink(missing_ok=True)
+        return replace(outcome, run_id=job.run_id)

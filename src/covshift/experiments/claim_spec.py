@@ -1,0 +1,143 @@
+"""How a claim is written in a preset: its statistic over the sweep and its verdict rule.
+
+A claim names a statistic computed once per seed from the grid's points, and a rule
+that turns the statistic's 95% interval over seeds into a verdict. Both are in the
+preset, written before the run; the report quotes them.
+
+Statistics (per seed ``s``; ``m(net, point)`` is a metric path, :mod:`.metrics`):
+
+- ``difference``: ``m_a(network, s) - m_b(baseline, s)``, paired by seed (the two
+  networks share initial weights and batches); ``baseline_metric`` compares two
+  metrics of one network (e.g. drift against its noise floor).
+- ``trend``: over the values ``v`` of one sweep ``axis``, the Spearman rank correlation
+  of ``m(network, v, s)`` with ``v`` (``method = "spearman"``), or the least-squares
+  slope against ``v`` or ``log2 v`` (``method = "slope"``, ``log_axis``).
+- ``threshold``: the largest (``pick = "largest"``) or smallest axis value at which
+  the network's metric reaches ``target`` (``>=``; ``<=`` with ``below = true``) and
+  the run did not diverge; with a ``baseline``, the difference of the two networks'
+  thresholds (of ``log2`` thresholds with ``log_axis``).
+
+``where`` fixes sweep axes to one value; a claim is judged separately on every
+combination of the axes it neither fixes nor runs along (one verdict per slice).
+
+Rules, on the interval ``[lo, hi]`` against ``value`` (and ``margin`` m >= 0):
+
+============ ============================== ===============================
+rule         supported when                 contradicted when
+============ ============================== ===============================
+greater      lo > value                     hi < value
+less         hi < value                     lo > value
+not_less     lo >= value - m                hi < value - m
+not_greater  hi <= value + m                lo > value + m
+within       value - m <= lo, hi <= value+m hi < value - m or lo > value + m
+============ ============================== ===============================
+
+anything else is ``inconclusive`` (and so is a claim measured on one seed).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from covshift.experiments.metrics import parse_metric
+
+__all__ = ["RULES", "ClaimSpec", "rule_text"]
+
+RULES = ("greater", "less", "not_less", "not_greater", "within")
+
+# covshift 0.1 claims: {metric, better, than, direction} compared one run per network.
+_LEGACY_DIRECTIONS = {
+    "higher": "greater",
+    "lower": "less",
+    "not_lower": "not_less",
+    "not_higher": "not_greater",
+}
+
+
+class ClaimSpec(BaseModel):
+    """One claim of a preset (see the module docstring for the statistics and rules)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    text: str
+    id: str | None = None
+    reading: str = ""  # the operational reading of the claim, quoted in the report
+    statistic: Literal["difference", "trend", "threshold"] = "difference"
+    metric: str
+    network: str
+    baseline: str | None = None
+    baseline_metric: str | None = None
+    where: dict[str, Any] = Field(default_factory=dict)
+    axis: str | None = None
+    method: Literal["spearman", "slope"] = "spearman"
+    log_axis: bool = False
+    target: float | None = None
+    below: bool = False
+    pick: Literal["largest", "smallest"] = "largest"
+    rule: Literal["greater", "less", "not_less", "not_greater", "within"]
+    value: float = 0.0
+    margin: float = Field(0.0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "direction" in data:
+            data = dict(data)
+            direction = data.pop("direction")
+            if direction not in _LEGACY_DIRECTIONS:
+                raise ValueError(
+                    f"direction {direction!r}: use one of {', '.join(_LEGACY_DIRECTIONS)} "
+                    f"(or the rule field: {', '.join(RULES)})"
+                )
+            data.setdefault("rule", _LEGACY_DIRECTIONS[direction])
+            if "better" in data:
+                data.setdefault("network", data.pop("better"))
+            if "than" in data:
+                data.setdefault("baseline", data.pop("than"))
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ClaimSpec:
+        for path in (self.metric, self.baseline_metric):
+            if path is not None:
+                parse_metric(path)
+        if self.statistic == "difference":
+            if self.baseline is None and self.baseline_metric is None:
+                raise ValueError(
+                    "a difference needs a baseline network or a baseline_metric to compare with"
+                )
+            if self.axis is not None or self.target is not None:
+                raise ValueError("axis and target belong to trend and threshold claims")
+        else:
+            if self.axis is None:
+                raise ValueError(f"a {self.statistic} claim needs the sweep axis it runs along")
+            if self.axis in self.where:
+                raise ValueError(f"axis {self.axis!r} cannot also be fixed by where")
+        if self.statistic == "threshold" and self.target is None:
+            raise ValueError("a threshold claim needs a target value of its metric")
+        if self.statistic == "trend" and self.baseline is not None:
+            raise ValueError("a trend claim is about one network; drop baseline")
+        return self
+
+    @property
+    def networks(self) -> tuple[str, ...]:
+        return (self.network,) + ((self.baseline,) if self.baseline else ())
+
+
+def rule_text(claim: ClaimSpec) -> str:
+    """The verdict rule in words, as the report quotes it."""
+    v, m = f"{claim.value:g}", claim.margin
+    lo, hi = f"{claim.value - m:g}", f"{claim.value + m:g}"
+    supported, contradicted = {
+        "greater": (f"lies above {v}", f"lies below {v}"),
+        "less": (f"lies below {v}", f"lies above {v}"),
+        "not_less": (f"lies at or above {lo}", f"lies below {lo}"),
+        "not_greater": (f"lies at or below {hi}", f"lies above {hi}"),
+        "within": (f"lies inside [{lo}, {hi}]", f"lies outside [{lo}, {hi}]"),
+    }[claim.rule]
+    return (
+        f"supported if the 95% interval of the statistic over seeds {supported}; "
+        f"contradicted if it {contradicted}; inconclusive otherwise (and on one seed)"
+    )

@@ -1,0 +1,148 @@
+"""The grid of an experiment: its points, each with a stable identity.
+
+A point is one network, at one value of every sweep axis, with one seed: the unit of
+work, of resumption and of storage. Its identity is a hash of everything that
+determines its numbers (the resolved :class:`PointSpec`), so the same point reached
+from two presets, or from one preset run twice, is trained and recorded once;
+labels, claims and report settings are not part of it.
+
+The grid is ordered seed by seed (every network and axis value of seed 0, then of
+seed 1, ...), so that an interrupted sweep has whole seeds to show.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from covshift.experiments.axes import set_dotted
+from covshift.experiments.config import (
+    ConfigError,
+    DivergenceSpec,
+    ExperimentConfig,
+    ModelSpec,
+    OptimizerSpec,
+    ProbeSpec,
+)
+
+__all__ = ["Point", "PointSpec", "expand_grid", "experiment_id", "format_axes"]
+
+# Bumped when the meaning of a PointSpec field changes, so old points are not reused.
+_IDENTITY_VERSION = 1
+
+
+class PointSpec(BaseModel):
+    """Everything that determines one run's numbers (and nothing else)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: str
+    data_dir: str | None
+    seed: int
+    steps: int
+    batch_size: int
+    eval_every: int
+    device: str
+    model: ModelSpec
+    optimizer: OptimizerSpec
+    probe: ProbeSpec
+    divergence: DivergenceSpec
+
+    def identity(self) -> str:
+        """16 hex digits of the SHA-256 of the canonical JSON of this spec."""
+        payload = json.dumps(
+            {"v": _IDENTITY_VERSION, **self.model_dump(mode="json")},
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Point:
+    """One grid point: where it sits in the grid, and what it trains."""
+
+    id: str
+    position: int
+    network: str
+    label: str
+    seed: int
+    axes: dict[str, Any]
+    spec: PointSpec
+
+    @property
+    def name(self) -> str:
+        """``network/axis=value/.../seed=S``: readable, for tables and run names."""
+        parts = [self.network, *(f"{k.rpartition('.')[2]}={v}" for k, v in self.axes.items())]
+        return "/".join([*parts, f"seed={self.seed}"])
+
+
+def format_axes(axes: dict[str, Any]) -> str:
+    """``lr=0.1, depth=4`` (the last part of each dotted key), or ``""``."""
+    return ", ".join(f"{k.rpartition('.')[2]}={v}" for k, v in axes.items())
+
+
+def _point_spec(
+    config: ExperimentConfig, network: str, axes: dict[str, Any], seed: int
+) -> PointSpec:
+    raw = config.model_dump(exclude={"sweep", "claims"})
+    for key, value in axes.items():
+        raw = set_dotted(raw, key, value)
+    resolved = ExperimentConfig.model_validate({**raw, "seeds": [seed]})
+    return PointSpec(
+        dataset=resolved.dataset,
+        data_dir=resolved.data_dir,
+        seed=seed,
+        steps=resolved.steps,
+        batch_size=resolved.batch_size,
+        eval_every=resolved.eval_every,
+        device=resolved.device,
+        model=resolved.networks[network].resolve(resolved.model),
+        optimizer=resolved.optimizer,
+        probe=resolved.probe,
+        divergence=resolved.divergence,
+    )
+
+
+def expand_grid(config: ExperimentConfig) -> list[Point]:
+    """Every point of ``config``: seeds x axis values x networks, in that nesting."""
+    keys = list(config.sweep)
+    combos = list(itertools.product(*(config.sweep[k] for k in keys)))
+    points: list[Point] = []
+    seen: dict[str, Point] = {}
+    for seed in config.seeds:
+        for combo in combos:
+            axes = dict(zip(keys, combo, strict=True))
+            for network, spec in config.networks.items():
+                point_spec = _point_spec(config, network, axes, seed)
+                twin = seen.get(point_spec.identity())
+                if twin is not None:
+                    raise ConfigError(
+                        f"networks {twin.network!r} and {network!r} train the same point "
+                        f"({format_axes(axes) or 'no axes'}, seed {seed}): they differ only in "
+                        "their label; remove one or make them differ"
+                    )
+                points.append(
+                    Point(
+                        id=point_spec.identity(),
+                        position=len(points),
+                        network=network,
+                        label=spec.label,
+                        seed=seed,
+                        axes=axes,
+                        spec=point_spec,
+                    )
+                )
+                seen[points[-1].id] = points[-1]
+    return points
+
+
+def experiment_id(config: ExperimentConfig) -> str:
+    """``<name>-<8 hex digits>``: the same configuration always has the same id."""
+    payload = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return f"{config.name}-{hashlib.sha256(payload.encode()).hexdigest()[:8]}"

@@ -1,0 +1,211 @@
+"""Train one grid point: the same code whichever backend runs it.
+
+:func:`train_point` builds the point's network, probe and divergence guard, trains it
+with the one training loop, and sends everything it records to a :class:`PointSink`:
+the store itself (:class:`StoreSink`, in-process and pool workers) or a buffer whose
+contents travel back to the driver (Ray tasks). Because the backends differ only in
+the sink and the checkpointer, the same point gives the same numbers on all of them
+(with the same number of torch threads: the thread count changes the last bits of a
+float reduction, so a run records its own and keeps it when resumed).
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from covshift.checkpoints import Checkpointer
+from covshift.data import Dataset, load_dataset
+from covshift.experiments.config import ConfigError, ModelSpec
+from covshift.experiments.grid import PointSpec
+from covshift.models import build_cnn, build_mlp
+from covshift.probe import ProbeRecord, ShiftProbe
+from covshift.store import Store
+from covshift.train import DivergenceGuard, TrainConfig, TrainState, resolve_device, train
+
+__all__ = [
+    "PointOutcome",
+    "PointSink",
+    "StoreSink",
+    "build_model",
+    "dataset_for",
+    "error_text",
+    "train_point",
+]
+
+
+class PointSink(Protocol):
+    """Where a training point's records go."""
+
+    def scalars(self, step: int, values: dict[str, float]) -> None: ...
+    def probe(self, record: ProbeRecord) -> None: ...
+    def end(self, status: str, error: str | None = None, diverged_at: int | None = None) -> None:
+        """The run ended: ``finished``, ``diverged``, ``interrupted`` or ``failed``."""
+        ...
+
+
+class StoreSink:
+    """Writes a run's records into the store as they come."""
+
+    def __init__(self, store: Store, run_id: int) -> None:
+        self.store = store
+        self.run_id = run_id
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self.store.log_scalars(self.run_id, step, values)
+
+    def probe(self, record: ProbeRecord) -> None:
+        self.store.log_probe(self.run_id, record.step, record.layer, record.stats)
+
+    def end(self, status: str, error: str | None = None, diverged_at: int | None = None) -> None:
+        self.store.finish_run(self.run_id, status, error, diverged_at=diverged_at)
+
+
+@dataclass(frozen=True)
+class PointOutcome:
+    """How a point ended, as a backend reports it to the sweep's driver."""
+
+    point: str
+    status: str  # finished | diverged | interrupted | failed | done | busy
+    run_id: int | None = None
+    final_step: int = 0
+    diverged_at: int | None = None
+    seconds: float = 0.0
+    test_accuracy: float | None = None
+    error: str | None = None
+
+
+def error_text(e: BaseException) -> str:
+    """One line for the store's error column: the exception's type and message."""
+    message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {message}" if message else type(e).__name__
+
+
+def build_model(spec: ModelSpec, data: Dataset, seed: int) -> torch.nn.Module:
+    """The network a :class:`ModelSpec` describes, sized for ``data``."""
+    common: dict[str, Any] = dict(
+        activation=spec.activation,
+        norm=spec.norm,
+        norm_position=spec.norm_position,
+        init=spec.init,
+        init_std=spec.init_std,
+        norm_kwargs=dict(spec.norm_kwargs),
+        seed=seed,
+    )
+    if spec.kind == "mlp":
+        return build_mlp(
+            data.num_features, data.num_classes, width=spec.width, depth=spec.depth, **common
+        )
+    if data.image_shape is None:
+        raise ConfigError(
+            f"model.kind = 'cnn' needs image data; dataset {data.name!r} has "
+            f"flat features of size {data.num_features}"
+        )
+    return build_cnn(data.image_shape, data.num_classes, channels=spec.channels, **common)
+
+
+_DATASETS: dict[tuple[str, str | None, str], Dataset] = {}
+
+
+def dataset_for(spec: PointSpec, device: torch.device | None = None) -> Dataset:
+    """The point's dataset on its device, loaded once per process and kept."""
+    dev = device or resolve_device(spec.device)
+    key = (spec.dataset, spec.data_dir, str(dev))
+    if key not in _DATASETS:
+        _DATASETS[key] = load_dataset(spec.dataset, spec.data_dir).to(dev)
+    return _DATASETS[key]
+
+
+class _Recorder:
+    """Evaluations to the sink; the end status (finished / diverged / interrupted)."""
+
+    def __init__(self, sink: PointSink) -> None:
+        self.sink = sink
+
+    def on_eval(self, state: TrainState, metrics: dict[str, float]) -> None:
+        self.sink.scalars(state.step, metrics)
+
+    def on_train_end(self, state: TrainState, status: str) -> None:
+        if status != "failed":  # a failure is closed by train_point, with its error
+            self.sink.end(status, diverged_at=state.outcome_step if status == "diverged" else None)
+
+
+def train_point(
+    spec: PointSpec,
+    data: Dataset,
+    sink: PointSink,
+    *,
+    checkpoint: Checkpointer | None = None,
+    background: bool | None = False,
+    callbacks: tuple[object, ...] = (),
+) -> PointOutcome:
+    """Train one point, recording into ``sink``; returns how it ended.
+
+    A point that fails (an exception in training) is closed as ``failed`` with the
+    error and reported, not raised; Ctrl-C (``KeyboardInterrupt``) closes it as
+    ``interrupted`` and propagates.
+
+    Args:
+        spec: the resolved point.
+        data: its dataset, on the device the point trains on.
+        sink: where the records go.
+        checkpoint: where the resumable state lives; an existing state is resumed.
+        background: the probe's background records (see :class:`ShiftProbe`); False
+            in pool workers and Ray tasks, whose neighbours hold the other cores.
+        callbacks: more training-loop callbacks (progress, stop requests).
+    """
+    start = time.perf_counter()
+    try:
+        model = build_model(spec.model, data, spec.seed)
+        probe = ShiftProbe(
+            model,
+            spec.probe.layers,
+            data.x_test[: spec.probe.examples],
+            every=spec.probe.every,
+            record=spec.probe.record,
+            quantiles=spec.probe.quantiles,
+            sink=sink.probe,
+            background=background,
+        )
+        guard = DivergenceGuard(spec.divergence.factor, spec.divergence.stop)
+        config = TrainConfig(
+            steps=spec.steps,
+            batch_size=spec.batch_size,
+            lr=spec.optimizer.lr,
+            momentum=spec.optimizer.momentum,
+            weight_decay=spec.optimizer.weight_decay,
+            eval_every=spec.eval_every,
+            seed=spec.seed,
+        )
+        with probe:
+            result = train(
+                model,
+                data,
+                config,
+                callbacks=[probe, guard, _Recorder(sink), *callbacks],
+                device=data.x_train.device,
+                checkpoint=checkpoint,
+            )
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        # The whole traceback goes to the store (a bug is found from it); the outcome
+        # carries its first line for the terminal.
+        sink.end("failed", f"{error_text(e)}\n{traceback.format_exc()[-4000:]}")
+        return PointOutcome(
+            spec.identity(), "failed", seconds=time.perf_counter() - start, error=error_text(e)
+        )
+    final = result.final.get("test_accuracy")
+    return PointOutcome(
+        spec.identity(),
+        result.status,
+        final_step=result.steps,
+        diverged_at=result.outcome_step,
+        seconds=time.perf_counter() - start,
+        test_accuracy=None if final is None or not np.isfinite(final) else float(final),
+    )

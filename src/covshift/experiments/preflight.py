@@ -1,0 +1,207 @@
+"""Everything checked before a sweep writes anything, and what the sweep will cost.
+
+:func:`preflight` loads each dataset of the grid once, builds each distinct network,
+attaches its probe and trains it for a few steps on a throwaway copy: a network the
+data cannot feed, a norm keyword the layer rejects, a probe pattern that matches
+nothing or a claim that cites an unprobed layer fails here, with the grid point and
+the field at fault, before the store is created or a run row is written. The same
+few steps time one step, one evaluation and one probe record of each distinct
+architecture, from which the sweep's runtime is estimated.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from covshift.data import Dataset, DatasetError, load_dataset
+from covshift.experiments.config import ConfigError, ExperimentConfig
+from covshift.experiments.grid import Point
+from covshift.experiments.metrics import parse_metric
+from covshift.experiments.point import build_model
+from covshift.probe import ShiftProbe
+from covshift.train import evaluate
+
+__all__ = ["Cost", "estimate_seconds", "preflight"]
+
+_TIMED_STEPS = 8
+_EVAL_SAMPLE = 1000  # examples evaluated for timing; scaled to the test set
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Measured seconds of one architecture: a step, a full evaluation, a record."""
+
+    step: float
+    evaluation: float
+    record: float
+
+    def of(self, point: Point) -> float:
+        spec = point.spec
+        evals = spec.steps // spec.eval_every + 2
+        records = spec.steps // spec.probe.every + 1
+        return spec.steps * self.step + evals * self.evaluation + records * self.record
+
+
+def _architecture(point: Point) -> str:
+    """What a step's cost depends on (not the learning rate, init scale or seed)."""
+    m = point.spec.model
+    return repr(
+        (
+            point.spec.dataset,
+            point.spec.data_dir,
+            point.spec.device,
+            point.spec.batch_size,
+            point.spec.probe.examples,
+            tuple(point.spec.probe.layers),
+            m.kind,
+            m.width,
+            m.depth,
+            m.channels,
+            m.activation,
+            m.norm,
+            m.norm_position,
+            sorted(m.norm_kwargs.items()),
+        )
+    )
+
+
+def _load(point: Point, cache: dict[tuple[str, str | None], Dataset]) -> Dataset:
+    key = (point.spec.dataset, point.spec.data_dir)
+    if key not in cache:
+        try:
+            cache[key] = load_dataset(*key)
+        except DatasetError as e:
+            raise DatasetError(f"point {point.name}: {e}") from None
+    return cache[key]
+
+
+def _check_sizes(point: Point, data: Dataset) -> None:
+    spec = point.spec
+    if spec.batch_size > len(data.x_train):
+        raise ConfigError(
+            f"batch_size = {spec.batch_size} (point {point.name}) is larger than the "
+            f"{len(data.x_train)} training examples of {spec.dataset}"
+        )
+    if spec.probe.examples > len(data.x_test):
+        raise ConfigError(
+            f"probe.examples = {spec.probe.examples} (point {point.name}) is more than the "
+            f"{len(data.x_test)} test examples of {spec.dataset}; use at most {len(data.x_test)}"
+        )
+
+
+def _try(point: Point, data: Dataset, threads: int) -> tuple[Cost, list[str]]:
+    """Build, probe and train ``point`` for a few steps; its cost and probed layers."""
+    spec = point.spec
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        try:
+            model = build_model(spec.model, data, spec.seed)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"point {point.name}: the model cannot be built: {e}") from None
+        try:
+            probe = ShiftProbe(
+                model,
+                spec.probe.layers,
+                data.x_test[: spec.probe.examples],
+                every=1,
+                record=spec.probe.record,
+                quantiles=spec.probe.quantiles,
+                background=False,
+            )
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"point {point.name}: probe.layers: {e}") from None
+        optimizer = torch.optim.SGD(model.parameters(), lr=spec.optimizer.lr)
+        x, y = data.x_train[: spec.batch_size], data.y_train[: spec.batch_size]
+        with probe:
+            try:
+                start = time.perf_counter()
+                probe.maybe_record(0)
+                record = time.perf_counter() - start
+                for i in range(_TIMED_STEPS + 2):
+                    if i == 2:  # the first steps pay for allocations; time the rest
+                        start = time.perf_counter()
+                    optimizer.zero_grad(set_to_none=True)
+                    F.cross_entropy(model(x), y).backward()
+                    optimizer.step()
+                step = (time.perf_counter() - start) / _TIMED_STEPS
+                start = time.perf_counter()
+                evaluate(model, data.x_test[:_EVAL_SAMPLE], data.y_test[:_EVAL_SAMPLE])
+                evaluation = (
+                    (time.perf_counter() - start)
+                    * len(data.x_test)
+                    / min(_EVAL_SAMPLE, len(data.x_test))
+                )
+            except RuntimeError as e:
+                raise ConfigError(f"point {point.name}: a training step fails: {e}") from None
+            layers = list(probe.layer_names)
+    finally:
+        torch.set_num_threads(previous)
+    return Cost(step, evaluation, record), layers
+
+
+def preflight(config: ExperimentConfig, points: Sequence[Point], threads: int) -> dict[str, Cost]:
+    """Check every distinct network of the grid (see the module docstring).
+
+    Returns the measured cost per point id. Raises :class:`ConfigError` or
+    :class:`~covshift.data.DatasetError` naming the point and what is wrong.
+    """
+    datasets: dict[tuple[str, str | None], Dataset] = {}
+    costs: dict[str, Cost] = {}
+    measured: dict[str, Cost] = {}
+    probed: dict[str, list[str]] = {}
+    for point in points:
+        data = _load(point, datasets)
+        _check_sizes(point, data)
+        arch = _architecture(point)
+        if arch not in measured:
+            measured[arch], layers = _try(point, data, threads)
+            probed.setdefault(point.network, layers)
+        costs[point.id] = measured[arch]
+    _check_claim_layers(config, probed)
+    return costs
+
+
+def _check_claim_layers(config: ExperimentConfig, probed: dict[str, list[str]]) -> None:
+    for i, claim in enumerate(config.claims):
+        for role, net, path in (
+            ("metric", claim.network, claim.metric),
+            ("baseline_metric", claim.baseline or claim.network, claim.baseline_metric),
+        ):
+            if path is None:
+                continue
+            metric = parse_metric(path)
+            layers = probed.get(net) or []
+            if metric.kind == "drift" and layers and metric.layer not in layers:
+                raise ConfigError(
+                    f"claims[{i}].{role}: {path!r}: network {net!r} probes "
+                    f"{', '.join(layers)}, not {metric.layer!r}"
+                )
+
+
+def estimate_seconds(points: Sequence[Point], costs: dict[str, Cost], workers: int) -> float:
+    """Wall-clock estimate: the points' costs spread over ``workers`` (longest first,
+    each to the least loaded worker), plus a few seconds to start each worker."""
+    loads = [0.0] * max(1, min(workers, len(points)))
+    for seconds in sorted((costs[p.id].of(p) for p in points), reverse=True):
+        loads[loads.index(min(loads))] += seconds
+    startup = 3.0 if workers > 1 else 0.0
+    return (max(loads) if points else 0.0) + (startup if points else 0.0)
+
+
+def format_seconds(seconds: float) -> str:
+    """``1h02m``, ``3m05s`` or ``42s``."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = round(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"

@@ -1,0 +1,228 @@
+"""The sweep driver: plan the grid against the store, run what is missing, report.
+
+A point that is finished or diverged in the store is never run again; any other point
+runs (an interrupted, failed or stale one resumes from its checkpoint). Running a
+sweep twice therefore costs nothing the second time, and a sweep killed at any moment
+completes on the next call. The driver saves the experiment (its configuration and
+grid) before the first point starts, so its report can be rebuilt from the store.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from covshift.experiments.backends import Backend, InlineBackend, PoolBackend, SweepContext
+from covshift.experiments.config import ExperimentConfig
+from covshift.experiments.grid import Point, expand_grid, experiment_id
+from covshift.experiments.point import PointOutcome
+from covshift.store import FINAL_OUTCOMES, ExperimentPoint, RunInfo, Store
+
+__all__ = [
+    "SweepPlan",
+    "SweepResult",
+    "available_cores",
+    "make_backend",
+    "plan_sweep",
+    "run_sweep",
+]
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """A grid and what the store already holds of it."""
+
+    config: ExperimentConfig
+    experiment_id: str
+    points: list[Point]
+    recorded: dict[str, RunInfo] = field(default_factory=dict)
+
+    def status(self, point: Point) -> str:
+        run = self.recorded.get(point.id)
+        return run.status if run is not None else "new"
+
+    @property
+    def to_run(self) -> list[Point]:
+        return [p for p in self.points if self.status(p) not in FINAL_OUTCOMES]
+
+
+def plan_sweep(config: ExperimentConfig, store_path: str | os.PathLike[str]) -> SweepPlan:
+    """Expand ``config``'s grid and look its points up in the store, if there is one
+    (reading only: planning never creates a store)."""
+    points = expand_grid(config)
+    recorded: dict[str, RunInfo] = {}
+    if Path(store_path).is_file():
+        with Store(store_path, create=False) as store:
+            recorded = store.runs_of_points([p.id for p in points])
+    return SweepPlan(config, experiment_id(config), points, recorded)
+
+
+def make_backend(
+    name: str,
+    *,
+    points: int,
+    workers: int | None = None,
+    threads: int | None = None,
+    address: str | None = None,
+    gpus: float = 0.0,
+) -> Backend:
+    """The backend for ``points`` points to run.
+
+    ``local`` (default): ``workers`` processes (default: one per core, at most one per
+    point) with ``threads`` torch threads each (default: the cores shared out, so
+    workers x threads <= cores); one worker runs in this process. ``ray``: Ray tasks
+    with ``threads`` CPUs each (default 1), on ``address`` or a local instance.
+    """
+    cores = available_cores()
+    if name == "ray":
+        from covshift.experiments.backends.ray_backend import RayBackend
+
+        return RayBackend(address=address, threads=threads or 1, gpus=gpus)
+    if name != "local":
+        raise ValueError(f"--backend must be local or ray, got {name!r}")
+    if address is not None:
+        raise ValueError("--address joins a Ray cluster; use it with --backend ray")
+    workers = workers or max(1, min(cores, points))
+    threads = threads or max(1, cores // workers)
+    if workers == 1:
+        return InlineBackend(threads)
+    return PoolBackend(workers, threads)
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """What a call of :func:`run_sweep` did."""
+
+    experiment_id: str
+    outcomes: list[PointOutcome]
+    seconds: float
+
+
+def make_sweep_progress(*, disable: bool = False, console: Console | None = None) -> Progress:
+    """One bar for a whole sweep: steps of every point, points done, ETA."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("steps, {task.fields[points]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        disable=disable,
+        console=console,
+    )
+
+
+class _SweepEvents:
+    """Moves the sweep's bar as points advance; one line per point that ends."""
+
+    def __init__(self, progress: Progress, plan: SweepPlan, points: Sequence[Point]) -> None:
+        self.progress = progress
+        self.by_id = {p.id: p for p in points}
+        self.total = len(plan.points)
+        self.done = self.total - len(points)
+        self.steps: dict[str, int] = {p.id: 0 for p in points}
+        self.task: TaskID = progress.add_task(
+            plan.config.name,
+            total=sum(p.spec.steps for p in points),
+            points=self._points(),
+        )
+
+    def _points(self) -> str:
+        return f"{self.done}/{self.total} points"
+
+    def _move(self, point_id: str, step: int) -> None:
+        step = min(step, self.by_id[point_id].spec.steps)
+        delta = step - self.steps[point_id]
+        if delta > 0:
+            self.steps[point_id] = step
+            self.progress.advance(self.task, delta)
+
+    def started(self, point_id: str, run_id: int, step: int) -> None:
+        self._move(point_id, step)
+
+    def advanced(self, point_id: str, step: int) -> None:
+        self._move(point_id, step)
+
+    def ended(self, outcome: PointOutcome) -> None:
+        point = self.by_id.get(outcome.point)
+        if point is None:
+            return
+        if outcome.status in FINAL_OUTCOMES:
+            self._move(outcome.point, point.spec.steps)  # a diverged run ends early
+            self.done += 1
+        self.progress.update(self.task, points=self._points())
+        self.progress.console.print(_outcome_line(point, outcome), highlight=False)
+
+
+_MARKS = {
+    "finished": "[green]done[/]",
+    "diverged": "[yellow]diverged[/]",
+    "interrupted": "[yellow]interrupted[/]",
+    "failed": "[red]failed[/]",
+    "busy": "[yellow]busy[/]",
+}
+
+
+def _outcome_line(point: Point, outcome: PointOutcome) -> str:
+    mark = _MARKS.get(outcome.status, outcome.status)
+    parts = [f"{mark} {point.name}"]
+    if outcome.status == "diverged":
+        parts.append(f"at step {outcome.diverged_at}")
+    if outcome.test_accuracy is not None:
+        parts.append(f"acc {outcome.test_accuracy:.4f}")
+    if outcome.seconds:
+        parts.append(f"{outcome.seconds:.1f} s")
+    if outcome.error:
+        parts.append(f"({outcome.error.splitlines()[0]})")
+    return "  ".join(parts)
+
+
+def run_sweep(
+    plan: SweepPlan,
+    store: Store,
+    backend: Backend,
+    *,
+    progress: Progress | None = None,
+) -> SweepResult:
+    """Record ``plan``'s experiment and run its unfinished points on ``backend``.
+
+    Raises KeyboardInterrupt when stopped by Ctrl-C (what was recorded stays, and the
+    next call resumes).
+    """
+    config = plan.config
+    store.save_experiment(
+        plan.experiment_id,
+        config.name,
+        config.model_dump(mode="json"),
+        [ExperimentPoint(p.id, p.position, p.network, p.seed, p.axes) for p in plan.points],
+    )
+    points = plan.to_run
+    context = SweepContext(str(store.path), plan.experiment_id, config.name)
+    progress = progress or make_sweep_progress(disable=True)
+    events = _SweepEvents(progress, plan, points)
+    start = time.perf_counter()
+    outcomes = backend.run(points, context, events) if points else []
+    return SweepResult(plan.experiment_id, outcomes, time.perf_counter() - start)
