@@ -2,18 +2,19 @@
 
 Examples::
 
-    covshift run ioffe2015                       # the paper's setup, report on disk
-    covshift run ioffe2015 --steps 2000 --json   # headline numbers as JSON on stdout
-    covshift run ioffe2015 --dataset mnist --data-dir ~/mnist --lr 0.1
-    covshift run ioffe2015 --set model.init_std=0.05 --set probe.every=50
-    covshift run ioffe2015 --resume ioffe2015-20261125-101500-ab12
+    covshift run ioffe2015                       # the paper's setup over 3 seeds, report
+    covshift run ioffe2015 --steps 2000 --json   # headline numbers and claims as JSON
+    covshift run ioffe2015 --seeds 5 --workers 2 --set "sweep.optimizer.lr=[0.1, 0.5]"
+    covshift run my-sweep.toml --dry-run         # the grid's points, nothing run
+    covshift run my-sweep.toml --backend ray --address auto
     covshift runs                                # what the store holds, newest first
-    covshift report ioffe2015-20261125-101500-ab12
+    covshift report ioffe2015-3f2a9c1b
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,7 +25,8 @@ from rich.table import Table
 
 from covshift._version import __version__
 from covshift.data import DatasetError, dataset_names
-from covshift.experiments.config import ConfigError, ExperimentConfig, load_config, preset_names
+from covshift.experiments.backends import BackendError
+from covshift.experiments.config import ConfigError, load_config, preset_names
 from covshift.store import DEFAULT_DB, Store, StoreError
 
 app = typer.Typer(
@@ -87,49 +89,19 @@ def _existing_store(db: Path) -> Store:
     return Store(db)
 
 
-def _report_dir(store: Store, experiment_id: str, out: Path | None) -> Path:
-    return out if out is not None else store.path.parent / "reports" / experiment_id
-
-
-def _summary_table(summary: dict[str, Any], config: ExperimentConfig) -> Table:
-    # One column per network, one row per number: fits a terminal for a few networks.
-    nets = list(summary["networks"].values())
-    table = Table(title=f"{summary['experiment']}: headline numbers")
-    table.add_column("number")
-    for n in nets:
-        table.add_column(n["label"], justify="right")
-    for c in [str(c) for c in config.report.checkpoints] + ["final"]:
-        name = f"test accuracy at step {c}" if c != "final" else "test accuracy, last step"
-        values = [(n.get("test_accuracy") or {}).get(c) for n in nets]
-        table.add_row(name, *[f"{v:.4f}" if v is not None else "-" for v in values])
-    layers: list[str] = []
-    for n in nets:
-        layers += [x for x in (n.get("drift") or {}) if x not in layers]
-    for layer in layers:
-        values = [(n.get("drift") or {}).get(layer) for n in nets]
-        table.add_row(f"drift {layer}", *[f"{v:.3f}" if v is not None else "-" for v in values])
-    return table
-
-
-def _claims_table(summary: dict[str, Any]) -> Table:
-    table = Table(title="claims")
-    table.add_column("claim")
-    table.add_column("verdict")
-    colors = {"holds": "green", "does not hold": "red", "not measured": "dim"}
-    for c in summary["claims"]:
-        table.add_row(c["text"], f"[{colors[c['verdict']]}]{c['verdict']}[/]")
-    return table
+def _report_dir(store_path: Path, experiment_id: str, out: Path | None) -> Path:
+    return out if out is not None else store_path.parent / "reports" / experiment_id
 
 
 @app.command()
 def run(
     preset: Annotated[
-        str,
+        str | None,
         typer.Argument(
-            metavar="PRESET",
+            metavar="[PRESET]",
             help="A shipped preset (see `covshift presets`) or a path to a .toml file.",
         ),
-    ],
+    ] = None,
     steps: Annotated[int | None, typer.Option(min=1, help="Training steps per network.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of weights and batches.")] = None,
     dataset: Annotated[
@@ -158,9 +130,37 @@ def run(
             "--set", help="Override any config field: --set model.init_std=0.05 (repeatable)."
         ),
     ] = None,
+    seeds: Annotated[
+        int | None,
+        typer.Option(min=1, help="Run seeds 0 .. N-1 (instead of the preset's seeds)."),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(min=1, help="Points trained at once (local backend; default: one per core)."),
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(min=1, help="Torch threads per point (default: cores / workers; Ray: 1)."),
+    ] = None,
+    backend: Annotated[
+        str, typer.Option(help="local (processes on this machine) or ray (Ray tasks).")
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="Ray cluster to join (ray start --head prints it; 'auto'): --backend ray."
+        ),
+    ] = None,
+    gpus_per_point: Annotated[
+        float, typer.Option(min=0, help="GPUs Ray reserves per point (--backend ray).")
+    ] = 0.0,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Print the grid's points and the estimate; run nothing."),
+    ] = False,
     resume: Annotated[
         str | None,
-        typer.Option(help="Continue an interrupted experiment (its id from `covshift runs`)."),
+        typer.Option(help="Run a recorded experiment again by its id (what is finished is kept)."),
     ] = None,
     db: DbOption = DEFAULT_DB,
     out: Annotated[
@@ -170,23 +170,31 @@ def run(
     as_json: Annotated[
         bool,
         typer.Option(
-            "--json", help="Print the headline numbers as JSON on stdout (progress goes to stderr)."
+            "--json",
+            help="Print the headline numbers and claims as JSON on stdout (progress to stderr).",
         ),
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
-    """Run an experiment preset, record it in the store and write its report.
+    """Run an experiment (a shipped preset or a TOML file): every point of its grid
+    that the store does not hold yet, then its report and claims.
 
     Example: covshift run ioffe2015 --steps 2000 --json
     """
-    from covshift.callbacks import make_progress
-    from covshift.experiments.runner import run_experiment, stored_config
-    from covshift.experiments.summary import summarize
+    from covshift.cli_tables import claims_table, plan_table, summary_table
+    from covshift.experiments.preflight import estimate_seconds, format_seconds, preflight
+    from covshift.experiments.summary import json_safe, stored_config, summarize
+    from covshift.experiments.sweep import (
+        make_backend,
+        make_sweep_progress,
+        plan_sweep,
+        run_sweep,
+    )
     from covshift.report import write_report
 
     flags = {
         "steps": steps,
-        "seed": seed,
+        "seeds": [seed] if seed is not None else seeds,
         "dataset": dataset,
         "data_dir": str(data_dir) if data_dir else None,
         "optimizer.lr": lr,
@@ -196,44 +204,87 @@ def run(
         "probe.every": probe_every,
         "device": device,
     }
+    if seed is not None and seeds is not None:
+        raise UserError("give --seed S (one seed) or --seeds N (seeds 0 .. N-1), not both")
     overrides: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
     overrides.update(_parse_sets(set_ or []))
-    store = _existing_store(db) if resume is not None else Store(db)
     if resume is not None:
         if overrides:
             raise UserError(
-                "--resume continues an experiment with its recorded settings; "
+                "--resume runs a recorded experiment with its recorded settings; "
                 f"drop the overrides ({', '.join(overrides)})"
             )
-        config = stored_config(store, resume)
+        with _existing_store(db) as reading:
+            config = stored_config(reading, resume)
+    elif preset is None:
+        raise UserError("name a preset (covshift presets) or a .toml file, or give --resume ID")
     else:
         config = load_config(preset, overrides)
+    plan = plan_sweep(config, db)
+    todo = plan.to_run
+    chosen = make_backend(
+        backend,
+        points=len(todo),
+        workers=workers,
+        threads=threads,
+        address=address,
+        gpus=gpus_per_point,
+    )
+    costs = preflight(config, todo, chosen.threads)  # raises before anything is written
     console = _err if as_json else _out
-    with make_progress(disable=quiet) as progress:
-        progress.console.file = sys.stderr if as_json else sys.stdout
+    lanes = chosen.workers or workers or 1
+    grid = " x ".join(
+        [f"{len(config.networks)} networks"]
+        + [f"{len(v)} {k}" for k, v in config.sweep.items()]
+        + [f"{len(config.seeds)} seeds"]
+    )
+    where = (
+        f"{chosen.workers} worker{'s' * (chosen.workers > 1)} x {chosen.threads} thread"
+        f"{'s' * (chosen.threads > 1)}"
+        if chosen.name != "ray"
+        else f"Ray tasks of {chosen.threads} CPU{'s' * (chosen.threads > 1)}"
+    )
+    estimate = format_seconds(estimate_seconds(todo, costs, lanes)) if todo else "0s"
+    console.print(
+        f"{plan.experiment_id}: {len(plan.points)} points ({grid}); {len(todo)} to run, "
+        f"{len(plan.points) - len(todo)} already recorded; {chosen.name} backend, {where}; "
+        f"estimated {estimate}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if dry_run:
+        console.print(plan_table(plan))
+        return
+    store = Store(db)
+    with make_sweep_progress(disable=quiet, console=console) as progress:
         try:
-            result = run_experiment(config, store, resume=resume, progress=progress)
+            result = run_sweep(plan, store, chosen, progress=progress)
         except KeyboardInterrupt:
             progress.stop()
-            experiment = resume or (store.runs()[0].experiment if store.runs() else None)
             _err.print(
-                f"[yellow]Interrupted.[/] What was recorded stays in {store.path}. "
-                f"Resume with: covshift run {preset} --resume {experiment}",
+                f"[yellow]Interrupted[/] {plan.experiment_id}. What was recorded stays in "
+                f"{store.path}; the same command resumes it, as does: "
+                f"covshift run --resume {plan.experiment_id} --db {db}",
                 soft_wrap=True,
+                highlight=False,
             )
             raise typer.Exit(130) from None
-    summary = summarize(store, result.experiment_id, config)
+    summary = summarize(store, plan.experiment_id, config)
     index = write_report(
-        store, result.experiment_id, config, summary, _report_dir(store, result.experiment_id, out)
+        store, plan.experiment_id, config, summary, _report_dir(store.path, plan.experiment_id, out)
     )
     summary["report"] = str(index)
+    summary["seconds"] = result.seconds
     if as_json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(json_safe(summary), indent=2, allow_nan=False))
     else:
-        console.print(_summary_table(summary, config))
+        console.print(summary_table(summary, config))
         if summary["claims"]:
-            console.print(_claims_table(summary))
+            console.print(claims_table(summary))
         console.print(f"Report: {index}")
+    unfinished = [o for o in result.outcomes if o.status in ("failed", "busy")]
+    for o in unfinished:
+        _err.print(f"[red]{o.status}[/]: point {o.point}: {o.error}", highlight=False)
 
 
 @app.command()
@@ -255,11 +306,12 @@ def runs(
         )
     for r in rows:
         _, acc = store.scalars(r.id, "test_accuracy")
+        status = r.status + (f" at {r.diverged_at}" if r.diverged_at is not None else "")
         table.add_row(
             str(r.id),
             r.experiment or "-",
-            r.name.rpartition("/")[2],
-            r.status,
+            r.name.partition("/")[2] or r.name,
+            status,
             str(r.last_step),
             f"{acc[-1]:.4f}" if len(acc) else "-",
             r.started_at.replace("T", " ")[:19],
@@ -289,26 +341,32 @@ def report(
     db: DbOption = DEFAULT_DB,
     out: Annotated[Path | None, typer.Option(help="Report folder.")] = None,
 ) -> None:
-    """Rebuild the report of a recorded experiment from the store.
+    """Rebuild the report and claims of a recorded experiment from the store.
 
-    Example: covshift report ioffe2015-20261125-101500-ab12
+    Example: covshift report ioffe2015-3f2a9c1b
     """
-    from covshift.experiments.runner import stored_config
-    from covshift.experiments.summary import summarize
+    from covshift.experiments.summary import stored_config, summarize
     from covshift.report import write_report
 
-    store = _existing_store(db)
-    config = stored_config(store, experiment)
-    summary = summarize(store, experiment, config)
-    index = write_report(store, experiment, config, summary, _report_dir(store, experiment, out))
+    with _existing_store(db) as store:
+        config = stored_config(store, experiment)
+        summary = summarize(store, experiment, config)
+        index = write_report(
+            store, experiment, config, summary, _report_dir(store.path, experiment, out)
+        )
     _out.print(f"Report: {index}")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops a sweep as Ctrl-C does: recorded, resumable
 
 
 def main() -> None:
     """Entry point: runs the app, turning known errors into one-line messages."""
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         app()
-    except (UserError, ConfigError, DatasetError, StoreError, ValueError) as e:
+    except (UserError, ConfigError, DatasetError, StoreError, BackendError, ValueError) as e:
         # soft_wrap: the message is printed whole, never cut at the terminal width.
         _err.print(f"[bold red]Error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -1,4 +1,4 @@
-"""Experiments: the configuration schema, the shipped presets and the runner."""
+"""Experiments: configs and presets, grids of points, backends, sweeps and claims."""
 
 from covshift.experiments.config import (
     ConfigError,
@@ -6,5 +6,21 @@ from covshift.experiments.config import (
     load_config,
     preset_names,
 )
+from covshift.experiments.grid import Point, expand_grid, experiment_id
+from covshift.experiments.summary import stored_config, summarize
+from covshift.experiments.sweep import plan_sweep, run_experiment, run_sweep
 
-__all__ = ["ConfigError", "ExperimentConfig", "load_config", "preset_names"]
+__all__ = [
+    "ConfigError",
+    "ExperimentConfig",
+    "Point",
+    "expand_grid",
+    "experiment_id",
+    "load_config",
+    "plan_sweep",
+    "preset_names",
+    "run_experiment",
+    "run_sweep",
+    "stored_config",
+    "summarize",
+]

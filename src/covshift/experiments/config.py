@@ -284,7 +284,11 @@ _SWEEPABLE: dict[str, list[str]] = {
 
 
 def _where(err: Any) -> str:
-    return ".".join(str(p) for p in err["loc"])
+    """``claims[0].rule`` from pydantic's ``("claims", 0, "rule")``."""
+    out = ""
+    for part in err["loc"]:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
 def _message(err: Any) -> str:

@@ -34,6 +34,7 @@ from covshift.store import FINAL_OUTCOMES, ExperimentPoint, RunInfo, Store
 
 __all__ = [
     "SweepPlan",
+    "run_experiment",
     "SweepResult",
     "available_cores",
     "make_backend",
@@ -226,3 +227,26 @@ def run_sweep(
     start = time.perf_counter()
     outcomes = backend.run(points, context, events) if points else []
     return SweepResult(plan.experiment_id, outcomes, time.perf_counter() - start)
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    store: Store,
+    *,
+    backend: Backend | None = None,
+    workers: int | None = 1,
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> SweepResult:
+    """Plan, check and run ``config``'s grid into ``store`` (the library's one call).
+
+    ``backend`` defaults to the local one with ``workers`` (1: this process).
+    """
+    from covshift.experiments.preflight import preflight
+
+    plan = plan_sweep(config, store.path)
+    backend = backend or make_backend(
+        "local", points=len(plan.to_run), workers=workers, threads=threads
+    )
+    preflight(config, plan.to_run, backend.threads)
+    return run_sweep(plan, store, backend, progress=progress)

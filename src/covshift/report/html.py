@@ -1,6 +1,7 @@
-"""The HTML report: one self-contained ``index.html`` (figure embedded) beside the
-figure files, with the settings, the choices the paper left open, the headline
-numbers and the verdict on each claim."""
+"""The experiment report: a self-contained ``index.html`` (figures embedded) beside
+``claims.html``, ``claims.json``, ``points.csv``, ``summary.json`` and the figure
+files, with the settings, the grid, the choices the paper left open, the headline
+numbers (mean and standard deviation over seeds) and the verdict on each claim."""
 
 from __future__ import annotations
 
@@ -11,24 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from covshift.experiments.config import ExperimentConfig
+from covshift.experiments.grid import format_axes
+from covshift.experiments.summary import json_safe, write_points_csv
+from covshift.report.claims_page import CLAIMS_CSS, claims_table_html, write_claims
 from covshift.report.figures import experiment_figure, percentile_panels, save_figure
 from covshift.store import Store
 
 __all__ = ["write_report"]
-
-_CSS = """
-body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222;
-       line-height: 1.45; padding: 0 1em; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
-th, td { border: 1px solid #ccc; padding: 0.3em 0.7em; text-align: left; vertical-align: top; }
-th { background: #f3f3f3; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.holds { color: #1a7f37; font-weight: 600; }
-.does-not-hold { color: #b42318; font-weight: 600; }
-.not-measured { color: #777; }
-img { max-width: 100%; border: 1px solid #eee; }
-code { background: #f5f5f5; padding: 0 0.2em; }
-"""
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -37,6 +27,12 @@ def _fmt(value: Any, digits: int = 4) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return html.escape(str(value))
+
+
+def _mean_sd(mean: float | None, sd: float | None, digits: int) -> str:
+    if mean is None:
+        return "&ndash;"
+    return f"{mean:.{digits}f}" + (f" &plusmn; {sd:.{digits}f}" if sd is not None else "")
 
 
 def _table(header: list[str], rows: list[list[str]], numeric_from: int = 1) -> str:
@@ -51,6 +47,11 @@ def _table(header: list[str], rows: list[list[str]], numeric_from: int = 1) -> s
         for row in rows
     )
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _cell_name(config: ExperimentConfig, cell: dict[str, Any]) -> str:
+    axes = format_axes(cell["axes"])
+    return html.escape(config.networks[cell["network"]].label + (f" ({axes})" if axes else ""))
 
 
 def _settings_rows(config: ExperimentConfig) -> list[list[str]]:
@@ -79,7 +80,16 @@ def _settings_rows(config: ExperimentConfig) -> list[list[str]]:
             f"{p.examples} test examples, quantiles {', '.join(f'{q:g}' for q in p.quantiles)}",
         ),
         ("evaluation", f"full test set every {config.eval_every} steps"),
-        ("seed", str(config.seed)),
+        ("seeds", ", ".join(str(s) for s in config.seeds)),
+        (
+            "sweep",
+            "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in config.sweep.items()) or "none",
+        ),
+        (
+            "divergence",
+            f"loss not finite or above {config.divergence.factor:g} x the initial test loss "
+            f"at an evaluation ({'stops' if config.divergence.stop else 'goes on'})",
+        ),
     ]
     return [[html.escape(k), html.escape(v)] for k, v in rows]
 
@@ -91,96 +101,113 @@ def write_report(
     summary: dict[str, Any],
     out_dir: Path,
 ) -> Path:
-    """Write ``figure.png``, ``figure.svg``, ``summary.json`` and ``index.html`` into
-    ``out_dir``; returns the path of ``index.html``."""
+    """Write the report files (see the module docstring) into ``out_dir``; returns the
+    path of ``index.html``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     fig = experiment_figure(store, experiment_id, config, summary)
     png, svg = save_figure(fig, out_dir, "figure")
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "summary.json").write_text(
+        json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n"
+    )
+    write_points_csv(summary, out_dir / "points.csv")
+    write_claims(summary["claims"], config, experiment_id, out_dir)
     image = base64.b64encode(png.read_bytes()).decode("ascii")
-    nets = summary["networks"]
+    cells = summary["cells"]
+    n_seeds = len(config.seeds)
 
     checkpoints = [str(c) for c in config.report.checkpoints] + ["final"]
     acc_rows = [
-        [html.escape(n["label"])]
-        + [_fmt((n.get("test_accuracy") or {}).get(c)) for c in checkpoints]
-        + [_fmt(n.get("final_step"))]
-        for n in nets.values()
+        [_cell_name(config, c)]
+        + [
+            _mean_sd(c["test_accuracy"].get(k), c["test_accuracy_sd"].get(k), 4)
+            for k in checkpoints
+        ]
+        + [_fmt(c["final_step"]), html.escape(_status_text(c["status"]))]
+        for c in cells
     ]
     layers: list[str] = []
-    for n in nets.values():
-        layers += [x for x in (n.get("drift") or {}) if x not in layers]
+    for c in cells:
+        layers += [x for x in c["drift"] if x not in layers]
     drift_rows = [
-        [html.escape(layer)] + [_fmt((n.get("drift") or {}).get(layer), 3) for n in nets.values()]
+        [html.escape(layer)]
+        + [_mean_sd(c["drift"].get(layer), c["drift_sd"].get(layer), 3) for c in cells]
         for layer in layers
     ]
-    claim_rows = []
-    for c in summary["claims"]:
-        css = c["verdict"].replace(" ", "-")
-        values = ", ".join(
-            f"{html.escape(config.networks[k].label)}: {_fmt(v)}" for k, v in c["values"].items()
-        )
-        claim_rows.append(
-            [
-                html.escape(c["text"]),
-                f"<code>{html.escape(c['metric'])}</code>",
-                values,
-                f'<span class="{css}">{c["verdict"]}</span>',
-            ]
-        )
     how = (
         " (fixed by report.unit)"
         if config.report.unit is not None
         else " (the unit with the median drift of its layer)"
     )
+    panels = [] if config.sweep else percentile_panels(store, experiment_id, config, summary)
     panel_notes = "".join(
         f"<li>{html.escape(p.label)}: layer <code>{html.escape(p.layer)}</code>, "
         f"unit {p.unit}{how}</li>"
-        for p in percentile_panels(store, experiment_id, config)
+        for p in panels
     )
     choices = [[html.escape(k), html.escape(v)] for k, v in config.choices.items()]
     run_rows = [
-        [html.escape(n["label"]), _fmt(n.get("run_id")), html.escape(n["status"])]
-        for n in nets.values()
+        [
+            html.escape(r["label"]),
+            html.escape(format_axes(r["axes"])) or "&ndash;",
+            _fmt(r["seed"]),
+            f"<code>{r['point']}</code>",
+            _fmt(r["run_id"]),
+            html.escape(r["status"])
+            + (f" at step {r['diverged_at']}" if r["diverged_at"] is not None else ""),
+        ]
+        for r in summary["points"]
     ]
-
+    seeds = f"{n_seeds} seed{'s' * (n_seeds > 1)}"
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
-<title>{html.escape(config.title)}</title><style>{_CSS}</style></head><body>
+<title>{html.escape(config.title)}</title><style>{CLAIMS_CSS}</style></head><body>
 <h1>{html.escape(config.title)}</h1>
 <p>{html.escape(config.description)}</p>
 <p>Experiment <code>{html.escape(experiment_id)}</code>, store <code>{
         html.escape(str(store.path))
-    }</code>.</p>
+    }</code>: {summary["grid"]["points"]} points ({len(config.networks)} networks
+{
+        "x " + " x ".join(f"{len(v)} {html.escape(k)}" for k, v in config.sweep.items()) + " "
+        if config.sweep
+        else ""
+    }x {seeds}).</p>
 <h2>Claims</h2>
-{_table(["claim", "metric", "values", "verdict"], claim_rows, numeric_from=99)}
+<p>Each claim's statistic is computed per seed and judged by the rule its preset wrote
+down before the run: the details, figures and rules are in
+<a href="claims.html">claims.html</a> (numbers in <a href="claims.json">claims.json</a>).</p>
+{claims_table_html(summary["claims"], link="claims.html")}
 <h2>Figure</h2>
 <img alt="experiment figure" src="data:image/png;base64,{image}">
 <p>Files: <a href="{png.name}">{png.name}</a>, <a href="{svg.name}">{svg.name}</a>,
-<a href="summary.json">summary.json</a>. Percentile panels:</p><ul>{panel_notes}</ul>
-<h2>Test accuracy</h2>
+<a href="summary.json">summary.json</a>, <a href="points.csv">points.csv</a> (one row per
+point).{" Percentile panels:" if panel_notes else ""}</p><ul>{panel_notes}</ul>
+<h2>Test accuracy (mean &plusmn; sd over {seeds})</h2>
 {
         _table(
             ["network"]
             + [f"step {c}" if c != "final" else "at the last step" for c in checkpoints]
-            + ["last step"],
+            + ["last step", "runs"],
             acc_rows,
         )
     }
-<h2>Drift per layer</h2>
+<h2>Drift per layer (mean &plusmn; sd over {seeds})</h2>
 <p>Drift of a layer = mean over units of the displacement of the unit's recorded
 quantiles between the first and the last record, in units of the unit's typical
 15&ndash;85 width (docs/probe.md). 0 means no movement; 1 means the distribution moved by
 one typical width.</p>
-{_table(["layer"] + [html.escape(n["label"]) for n in nets.values()], drift_rows)}
+{_table(["layer"] + [_cell_name(config, c) for c in cells], drift_rows)}
 <h2>Settings</h2>
 {_table(["setting", "value"], _settings_rows(config), numeric_from=99)}
 <h2>Choices the paper leaves open</h2>
 {_table(["setting", "choice and why"], choices, numeric_from=99)}
-<h2>Runs</h2>
-{_table(["network", "run id", "status"], run_rows, numeric_from=99)}
+<h2>Points</h2>
+{_table(["network", "axes", "seed", "point", "run id", "status"], run_rows, numeric_from=99)}
 </body></html>
 """
     index = out_dir / "index.html"
     index.write_text(page)
     return index
+
+
+def _status_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {status}" for status, n in counts.items())

@@ -412,6 +412,17 @@ class Store:
                 (status, _now(), error, diverged_at, run_id),
             )
 
+    def adopt_point(self, run_id: int, point: str) -> bool:
+        """Give a run without a point (recorded by schema 1) the identity ``point``,
+        unless another run holds it; True if it was given."""
+        with self._transaction() as db:
+            cur = db.execute(
+                "UPDATE runs SET point = ? WHERE id = ? AND point IS NULL"
+                " AND NOT EXISTS (SELECT 1 FROM runs WHERE point = ?)",
+                (point, run_id, point),
+            )
+            return cur.rowcount == 1
+
     # -- writing: experiments ------------------------------------------------
     def save_experiment(
         self,

@@ -30,12 +30,18 @@ from covshift.train import TrainState, resolve_device
 
 __all__ = [
     "Backend",
+    "BackendError",
     "ProgressReporter",
     "SweepContext",
     "SweepEvents",
     "claim_and_train",
     "claim_point",
 ]
+
+
+class BackendError(RuntimeError):
+    """A backend cannot run points (Ray missing or unreachable, workers that die at
+    start); the message says what to do."""
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,12 @@ from typing import Any
 
 import torch
 
-from covshift.experiments.backends.base import SweepContext, SweepEvents, claim_and_train
+from covshift.experiments.backends.base import (
+    BackendError,
+    SweepContext,
+    SweepEvents,
+    claim_and_train,
+)
 from covshift.experiments.grid import Point
 from covshift.experiments.point import PointOutcome
 from covshift.store import Store
@@ -164,7 +169,7 @@ class PoolBackend:
                     raise KeyboardInterrupt
                 if broken:
                     if not watcher.training():
-                        raise RuntimeError(_DIED_AT_START)
+                        raise BackendError(_DIED_AT_START)
                     self._count_deaths(store, watcher, deaths, outcomes, events)
                 remaining = [p for p in remaining if p.id not in outcomes]
         return [outcomes[p.id] for p in points]

@@ -41,6 +41,7 @@ import torch
 from covshift.checkpoints import BytesCheckpointer
 from covshift.data import Dataset, load_dataset
 from covshift.experiments.backends.base import (
+    BackendError,
     ProgressReporter,
     SweepContext,
     SweepEvents,
@@ -55,7 +56,7 @@ from covshift.train import resolve_device
 __all__ = ["RayBackend", "RayUnavailable"]
 
 
-class RayUnavailable(RuntimeError):
+class RayUnavailable(BackendError):
     """Ray is not installed, or the cluster cannot be reached."""
 
 

@@ -1,0 +1,103 @@
+"""A point's numbers, read from the store: series, drift, and any metric path.
+
+:class:`PointNumbers` loads what one run recorded once and answers every metric path
+of :mod:`covshift.experiments.metrics` from it; the headline numbers of tables, the
+CSV and the claims all come from here, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from covshift.experiments.metrics import SERIES, MetricPath, parse_metric
+from covshift.probe.metrics import unit_quantile_drift
+from covshift.store import RunInfo, Store
+
+__all__ = ["PointNumbers", "load_numbers"]
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+@dataclass
+class PointNumbers:
+    """What one point's run recorded (None when the point has no run yet)."""
+
+    run: RunInfo | None
+    series: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    drift: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        return self.run.status if self.run is not None else "not started"
+
+    @property
+    def diverged(self) -> bool:
+        return self.status == "diverged"
+
+    def value(self, metric: str | MetricPath) -> float | None:
+        """The value of a metric path; None when it is not measured (or not finite)."""
+        m = parse_metric(metric) if isinstance(metric, str) else metric
+        if self.run is None:
+            return None
+        if m.kind == "diverged":
+            return 1.0 if self.diverged else 0.0
+        if m.kind == "drift":
+            return self.drift.get(m.layer or "")
+        steps, values = self.series.get(m.series or "", (np.array([]), np.array([])))
+        if not len(steps):
+            return None
+        if m.kind == "steps_to":
+            assert m.target is not None
+            reached = values <= m.target if m.lower_is_better else values >= m.target
+            hits = np.nonzero(reached & np.isfinite(values))[0]
+            return float(steps[hits[0]]) if len(hits) else None
+        if m.when == "final":
+            return _finite(values[-1])
+        if m.when in ("max", "min"):
+            finite = values[np.isfinite(values)]
+            if not len(finite):
+                return None
+            return float(finite.max() if m.when == "max" else finite.min())
+        hit = np.nonzero(steps == m.when)[0]
+        if len(hit):
+            return _finite(values[hit[0]])
+        # A diverged run stopped early: later checkpoints carry its last evaluation.
+        if self.diverged and isinstance(m.when, int) and m.when > steps[-1]:
+            return _finite(values[-1])
+        return None
+
+    def headline(self, checkpoints: tuple[int, ...]) -> dict[str, Any]:
+        """The numbers tables show for a point."""
+        steps = self.series.get("test_accuracy", (np.array([]),))[0]
+        return {
+            "status": self.status,
+            "run_id": self.run.id if self.run is not None else None,
+            "diverged_at": self.run.diverged_at if self.run is not None else None,
+            "final_step": int(steps[-1]) if len(steps) else 0,
+            "test_accuracy": {
+                **{str(c): self.value(f"test_accuracy/{c}") for c in checkpoints},
+                "final": self.value("test_accuracy/final"),
+            },
+            "test_loss": {"final": self.value("test_loss/final")},
+            "drift": dict(self.drift),
+        }
+
+
+def load_numbers(store: Store, run: RunInfo | None) -> PointNumbers:
+    """Everything :class:`PointNumbers` needs from one run, read once."""
+    if run is None:
+        return PointNumbers(None)
+    series = {name: store.scalars(run.id, name) for name in SERIES}
+    drift: dict[str, float | None] = {}
+    for layer in store.probe_layers(run.id):
+        if "quantiles" not in store.probe_stats(run.id, layer):
+            continue  # e.g. gradient-ICS or smoothness records carry no quantiles
+        _, quantiles = store.probe(run.id, layer, "quantiles")  # (R, Q, U)
+        value = float(unit_quantile_drift(quantiles).mean()) if len(quantiles) >= 2 else None
+        drift[layer] = value if value is not None and np.isfinite(value) else None
+    return PointNumbers(run, series, drift)

@@ -1,0 +1,167 @@
+"""One figure per claim result, drawn from the numbers in claims.json and nothing else.
+
+Left panel, what the statistic is computed from: for a ``difference``, each seed's
+value of the two sides joined by a line (the pairing); for a ``trend`` or
+``threshold``, each seed's metric along the sweep axis per network, diverged runs
+marked with a cross and the target drawn. Right panel, the statistic itself: one dot
+per seed, the estimate with its 95% interval, and the rule's reference value (with
+its margin shaded).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from covshift.experiments.config import ExperimentConfig
+
+__all__ = ["claim_figure", "describe_statistic"]
+
+_COLORS = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+_VERDICT_COLORS = {
+    "supported": "#1a7f37",
+    "contradicted": "#b42318",
+    "inconclusive": "#9a6700",
+    "not measured": "#777777",
+}
+
+
+def _label(config: ExperimentConfig, network: str | None) -> str:
+    if network is None:
+        return ""
+    net = config.networks.get(network)
+    return net.label if net is not None else network
+
+
+def describe_statistic(result: dict[str, Any], config: ExperimentConfig) -> str:
+    """The statistic of a claim result in words (for the report and the figure)."""
+    a = _label(config, result["network"])
+    if result["statistic"] == "difference":
+        b = _label(config, result["baseline"] or result["network"])
+        left = f"{result['metric']} of {a}"
+        right = f"{result['baseline_metric'] or result['metric']} of {b}"
+        return f"{left} minus {right}, paired by seed"
+    if result["statistic"] == "trend":
+        axis = f"log2 {result['axis']}" if result["log_axis"] else result["axis"]
+        how = "Spearman correlation" if result["method"] == "spearman" else "least-squares slope"
+        return f"{how} of {result['metric']} with {axis}, for {a}"
+    sign = "<=" if result["below"] else ">="
+    target = f"{result['metric']} {sign} {result['target']:g} without diverging"
+    axis = f"log2 {result['axis']}" if result["log_axis"] else result["axis"]
+    base = f", minus that of {_label(config, result['baseline'])}" if result["baseline"] else ""
+    return f"the {result['pick']} {axis} at which {target}, for {a}{base}"
+
+
+def _difference_panel(ax: Axes, result: dict[str, Any], config: ExperimentConfig) -> None:
+    names = [
+        f"{_label(config, result['network'])}\n{result['metric']}",
+        f"{_label(config, result['baseline'] or result['network'])}\n"
+        f"{result['baseline_metric'] or result['metric']}",
+    ]
+    for i, (seed, d) in enumerate(result["data"].items()):
+        ys = [d.get("network"), d.get("baseline")]
+        if None in ys:
+            continue
+        ax.plot([0, 1], ys, "-o", color=_COLORS[i % len(_COLORS)], lw=1, ms=5, label=f"seed {seed}")
+    ax.set_xticks([0, 1], names, fontsize=8)
+    ax.set_xlim(-0.4, 1.4)
+    ax.set_ylabel("value per seed")
+
+
+def _curve_panel(ax: Axes, result: dict[str, Any], config: ExperimentConfig) -> None:
+    networks: list[str] = []
+    for d in result["data"].values():
+        networks += [n for n in d["curve"] if n not in networks]
+    for j, net in enumerate(networks):
+        color = _COLORS[j % len(_COLORS)]
+        for k, d in enumerate(result["data"].values()):
+            curve = d["curve"].get(net, [])
+            xs = [x for x, y, _ in curve if y is not None]
+            ys = [y for _, y, _ in curve if y is not None]
+            ax.plot(
+                xs,
+                ys,
+                "-o",
+                color=color,
+                lw=1,
+                ms=3,
+                alpha=0.8,
+                label=_label(config, net) if k == 0 else None,
+            )
+            bad = [(x, y) for x, y, diverged in curve if diverged and y is not None]
+            if bad:
+                ax.plot(
+                    *zip(*bad, strict=True),
+                    "x",
+                    color="black",
+                    ms=7,
+                    label="diverged" if j == 0 and k == 0 else None,
+                )
+    xs_all = [x for d in result["data"].values() for c in d["curve"].values() for x, _, _ in c]
+    if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 10:
+        ax.set_xscale("log")
+    if result["statistic"] == "threshold" and result["target"] is not None:
+        ax.axhline(result["target"], color="gray", ls="--", lw=1, label="target")
+    ax.set_xlabel(result["axis"])
+    ax.set_ylabel(result["metric"])
+
+
+def _statistic_panel(ax: Axes, result: dict[str, Any]) -> None:
+    values = list(result["per_seed"].values())
+    jitter = np.linspace(-0.08, 0.08, len(values)) if len(values) > 1 else np.zeros(len(values))
+    ax.plot(jitter, values, "o", color="#555555", ms=5, label="per seed")
+    if result["estimate"] is not None:
+        if result["interval"] is not None:
+            lo, hi = result["interval"]
+            ax.errorbar(
+                [0.25],
+                [result["estimate"]],
+                yerr=[[result["estimate"] - lo], [hi - result["estimate"]]],
+                fmt="s",
+                color="black",
+                capsize=6,
+                label="mean, 95% interval",
+            )
+        else:
+            ax.plot([0.25], [result["estimate"]], "s", color="black", label="the one seed")
+    ref, margin = result["value"], result["margin"]
+    ax.axhline(ref, color="gray", lw=1, ls="--", label=f"rule: {result['rule']} {ref:g}")
+    if margin:
+        ax.axhspan(ref - margin, ref + margin, color="gray", alpha=0.15, lw=0)
+    ax.set_xlim(-0.3, 0.55)
+    ax.set_xticks([])
+    ax.set_ylabel("statistic")
+    color = _VERDICT_COLORS.get(result["verdict"], "black")
+    n = f"{result['seeds']} of {result['seeds_total']} seeds"
+    ax.set_title(f"{result['verdict']} ({n})", color=color, fontsize=10)
+
+
+def claim_figure(result: dict[str, Any], config: ExperimentConfig) -> Figure:
+    """The figure of one claim result (see the module docstring)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [3, 2]})
+    if result["statistic"] == "difference":
+        _difference_panel(left, result, config)
+    else:
+        _curve_panel(left, result, config)
+    left.grid(alpha=0.3)
+    left.legend(fontsize=7, loc="best")
+    _statistic_panel(right, result)
+    right.grid(alpha=0.3, axis="y")
+    right.legend(fontsize=7, loc="best")
+    where = f" [{result['slice_text']}]" if result["slice_text"] else ""
+    title = f"{result['id']}{where}: {describe_statistic(result, config)}"
+    fig.suptitle(title if len(title) < 120 else title[:117] + "...", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def close(fig: Figure) -> None:
+    plt.close(fig)

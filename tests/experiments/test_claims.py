@@ -1,0 +1,274 @@
+"""Claims: per-seed statistics, their intervals and verdicts, against independent
+computations (SciPy, NumPy) on hand-made numbers."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from covshift.experiments import expand_grid, load_config
+from covshift.experiments.claim_spec import ClaimSpec, rule_text
+from covshift.experiments.claims import evaluate_claims, t_interval, verdict
+from covshift.experiments.numbers import PointNumbers
+from covshift.store import RunInfo
+
+from .test_config import write
+
+GRID = """
+name = "g"
+title = "g"
+dataset = "synthetic"
+seeds = [0, 1, 2, 3]
+steps = 100
+[sweep]
+optimizer.lr = [0.1, 0.4, 1.6, 6.4]
+model.width = [8, 16]
+[networks.plain]
+label = "plain"
+norm = "none"
+[networks.bn]
+label = "BN"
+norm = "batch"
+"""
+
+
+def run_info(status: str = "finished", diverged_at: int | None = None) -> RunInfo:
+    return RunInfo(
+        1,
+        "r",
+        None,
+        None,
+        "p",
+        {},
+        0,
+        status,
+        "",
+        None,
+        100,
+        diverged_at,
+        "3",
+        None,
+        "0",
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+def numbers(acc: dict[int, float], status: str = "finished", drift: float | None = 0.5):
+    steps = np.array(sorted(acc), dtype=np.int64)
+    values = np.array([acc[s] for s in steps])
+    return PointNumbers(
+        run_info(status, int(steps[-1]) if status == "diverged" else None),
+        {
+            "test_accuracy": (steps, values),
+            "test_loss": (steps, 1 - values),
+            "train_loss": (steps, 1 - values),
+        },
+        {"hidden.0.act": drift},
+    )
+
+
+def test_t_interval_matches_scipy() -> None:
+    values = [0.3, 0.5, 0.45, 0.61, 0.2]
+    mean, (lo, hi) = t_interval(values)
+    expected = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+    assert mean == pytest.approx(np.mean(values))
+    assert (lo, hi) == pytest.approx(expected)
+    assert t_interval([0.7]) == (0.7, None)
+
+
+@pytest.mark.parametrize(
+    ("rule", "margin", "interval", "expected"),
+    [
+        ("greater", 0, (0.1, 0.3), "supported"),
+        ("greater", 0, (-0.3, -0.1), "contradicted"),
+        ("greater", 0, (-0.1, 0.3), "inconclusive"),
+        ("less", 0, (-0.3, -0.1), "supported"),
+        ("less", 0, (0.1, 0.3), "contradicted"),
+        ("not_less", 0.05, (-0.04, 0.3), "supported"),
+        ("not_less", 0.05, (-0.2, -0.06), "contradicted"),
+        ("not_less", 0.05, (-0.2, 0.1), "inconclusive"),
+        ("not_greater", 0.05, (-0.3, 0.04), "supported"),
+        ("not_greater", 0.05, (0.06, 0.3), "contradicted"),
+        ("within", 0.05, (-0.04, 0.04), "supported"),
+        ("within", 0.05, (0.06, 0.3), "contradicted"),
+        ("within", 0.05, (-0.04, 0.3), "inconclusive"),
+    ],
+)
+def test_verdicts_follow_the_rule(rule: str, margin: float, interval, expected: str) -> None:
+    claim = ClaimSpec(
+        text="t", metric="diverged", network="a", baseline="b", rule=rule, margin=margin
+    )
+    assert verdict(claim, interval, 3)[0] == expected
+    assert verdict(claim, None, 1) == ("inconclusive", "one seed: no interval")
+    assert verdict(claim, None, 0)[0] == "not measured"
+    assert "95% interval" in rule_text(claim)
+
+
+def _grid(tmp_path: Path, claims: str):
+    config = load_config(write(tmp_path, GRID + claims))
+    return config, expand_grid(config)
+
+
+def test_paired_difference_per_slice(tmp_path: Path) -> None:
+    config, points = _grid(
+        tmp_path,
+        """
+[[claims]]
+text = "BN higher at step 50"
+metric = "test_accuracy/50"
+network = "bn"
+baseline = "plain"
+where = { "model.width" = 16 }
+rule = "greater"
+""",
+    )
+    rng = np.random.default_rng(0)
+    table = {}
+    for p in points:
+        base = 0.5 + 0.1 * p.seed + (0.2 if p.network == "bn" else 0.0) + rng.normal(0, 0.01)
+        table[p.id] = numbers({0: 0.1, 50: base, 100: base + 0.1})
+    results = evaluate_claims(config, "e", points, table)
+    assert [r["slice"] for r in results] == [{"optimizer.lr": v} for v in (0.1, 0.4, 1.6, 6.4)]
+    for r in results:
+        lr = r["slice"]["optimizer.lr"]
+        by = {
+            (p.network, p.seed): table[p.id].value("test_accuracy/50")
+            for p in points
+            if p.axes == {"optimizer.lr": lr, "model.width": 16}
+        }
+        diffs = [by[("bn", s)] - by[("plain", s)] for s in config.seeds]
+        mean, interval = t_interval(diffs)
+        assert r["estimate"] == pytest.approx(mean) and r["interval"] == pytest.approx(interval)
+        assert r["seeds"] == 4 and r["verdict"] == "supported"
+        assert r["per_seed"] == pytest.approx({str(s): d for s, d in zip(config.seeds, diffs)})
+
+
+def test_trend_statistics_equal_scipy_and_numpy(tmp_path: Path) -> None:
+    config, points = _grid(
+        tmp_path,
+        """
+[[claims]]
+id = "rho"
+text = "accuracy falls with the learning rate"
+statistic = "trend"
+metric = "test_accuracy/final"
+network = "plain"
+axis = "optimizer.lr"
+where = { "model.width" = 8 }
+rule = "less"
+[[claims]]
+id = "slope"
+text = "slope per doubling"
+statistic = "trend"
+method = "slope"
+log_axis = true
+metric = "test_accuracy/final"
+network = "plain"
+axis = "optimizer.lr"
+where = { "model.width" = 8 }
+rule = "less"
+""",
+    )
+    rng = np.random.default_rng(1)
+    table = {
+        p.id: numbers(
+            {
+                0: 0.1,
+                100: 0.9 - 0.05 * math.log2(p.axes["optimizer.lr"] / 0.1) + rng.normal(0, 0.03),
+            }
+        )
+        for p in points
+    }
+    rho, slope = evaluate_claims(config, "e", points, table)
+    lrs = [0.1, 0.4, 1.6, 6.4]
+    for seed in config.seeds:
+        ys = [
+            next(
+                table[p.id].value("test_accuracy/final")
+                for p in points
+                if p.network == "plain"
+                and p.seed == seed
+                and p.axes == {"optimizer.lr": lr, "model.width": 8}
+            )
+            for lr in lrs
+        ]
+        assert rho["per_seed"][str(seed)] == pytest.approx(stats.spearmanr(lrs, ys).statistic)
+        assert slope["per_seed"][str(seed)] == pytest.approx(np.polyfit(np.log2(lrs), ys, 1)[0])
+    assert rho["verdict"] == "supported" and slope["estimate"] == pytest.approx(-0.05, abs=0.02)
+
+
+def test_threshold_counts_diverged_runs_as_not_reaching(tmp_path: Path) -> None:
+    config, points = _grid(
+        tmp_path,
+        """
+[[claims]]
+text = "BN trains at larger rates"
+statistic = "threshold"
+metric = "test_accuracy/final"
+target = 0.8
+network = "bn"
+baseline = "plain"
+axis = "optimizer.lr"
+log_axis = true
+where = { "model.width" = 8 }
+rule = "greater"
+""",
+    )
+    table = {}
+    for p in points:
+        lr = p.axes["optimizer.lr"]
+        limit = 6.4 if p.network == "bn" else (0.4 if p.seed % 2 else 1.6)
+        if lr > limit:  # diverged: its carried-forward accuracy is high, but it diverged
+            table[p.id] = numbers({0: 0.1, 50: 0.95}, status="diverged")
+        else:
+            table[p.id] = numbers({0: 0.1, 100: 0.85})
+    (r,) = evaluate_claims(config, "e", points, table)
+    expected = [math.log2(6.4) - math.log2(0.4 if s % 2 else 1.6) for s in config.seeds]
+    assert list(r["per_seed"].values()) == pytest.approx(expected)
+    assert r["verdict"] == "supported" and r["data"]["0"]["curve"]["plain"][3][2] is True
+
+
+def test_missing_points_and_one_seed(tmp_path: Path) -> None:
+    config, points = _grid(
+        tmp_path,
+        """
+[[claims]]
+text = "t"
+metric = "test_accuracy/final"
+network = "bn"
+baseline = "plain"
+where = { "model.width" = 8, "optimizer.lr" = 0.1 }
+rule = "greater"
+""",
+    )
+    empty = {p.id: PointNumbers(None) for p in points}
+    (r,) = evaluate_claims(config, "e", points, empty)
+    assert (r["verdict"], r["seeds"], r["estimate"]) == ("not measured", 0, None)
+    one = dict(empty)
+    for p in points:
+        if p.seed == 2:
+            one[p.id] = numbers({0: 0.1, 100: 0.9 if p.network == "bn" else 0.5})
+    (r,) = evaluate_claims(config, "e", points, one)
+    assert (r["verdict"], r["seeds"], r["interval"]) == ("inconclusive", 1, None)
+    assert r["estimate"] == pytest.approx(0.4)
+
+
+def test_diverged_runs_carry_their_last_evaluation_forward() -> None:
+    n = numbers({0: 0.1, 500: 0.12}, status="diverged")
+    assert n.value("test_accuracy/5000") == pytest.approx(0.12)
+    assert n.value("test_accuracy/final") == pytest.approx(0.12)
+    assert n.value("diverged") == 1.0
+    assert n.value("steps_to/test_accuracy/0.5") is None
+    finished = numbers({0: 0.1, 500: 0.6, 1000: 0.7})
+    assert finished.value("test_accuracy/5000") is None  # a finished run shorter than that
+    assert finished.value("steps_to/test_accuracy/0.65") == 1000
+    assert finished.value("steps_to/test_loss/0.45") == 500  # losses: <= the target
+    assert finished.value("test_accuracy/max") == pytest.approx(0.7)
