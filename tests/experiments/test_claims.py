@@ -148,7 +148,9 @@ rule = "greater"
         mean, interval = t_interval(diffs)
         assert r["estimate"] == pytest.approx(mean) and r["interval"] == pytest.approx(interval)
         assert r["seeds"] == 4 and r["verdict"] == "supported"
-        assert r["per_seed"] == pytest.approx({str(s): d for s, d in zip(config.seeds, diffs)})
+        assert r["per_seed"] == pytest.approx(
+            {str(s): d for s, d in zip(config.seeds, diffs, strict=True)}
+        )
 
 
 def test_trend_statistics_equal_scipy_and_numpy(tmp_path: Path) -> None:

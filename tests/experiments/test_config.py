@@ -97,7 +97,7 @@ def test_seeds_as_count_list_and_legacy_single_seed(tmp_path: Path) -> None:
     legacy = write(tmp_path, SWEEP.replace("seeds = 3", "seed = 4"))
     assert load_config(legacy).seeds == (4,)
     both = write(tmp_path, SWEEP.replace("seeds = 3", "seeds = 3\nseed = 4"), "both.toml")
-    with pytest.raises(ConfigError, match="give seeds .* or seed, not both"):
+    with pytest.raises(ConfigError, match=r"give seeds .* or seed, not both"):
         load_config(both)
     # An override of the seeds replaces whichever form the file used.
     assert load_config(legacy, {"seeds": "2"}).seeds == (0, 1)

@@ -34,11 +34,11 @@ from covshift.store import FINAL_OUTCOMES, ExperimentPoint, RunInfo, Store
 
 __all__ = [
     "SweepPlan",
-    "run_experiment",
     "SweepResult",
     "available_cores",
     "make_backend",
     "plan_sweep",
+    "run_experiment",
     "run_sweep",
 ]
 
