@@ -2,7 +2,8 @@
 # Install covshift and what it needs on a fresh machine.
 #
 #   bash scripts/install.sh          # the package, its dependencies and Fashion-MNIST
-#   bash scripts/install.sh --test   # the same, plus the test and lint tools
+#   bash scripts/install.sh --test   # the same, plus the test and lint tools and the
+#                                    # optional extras the tests cover (Ray, TensorBoard)
 #
 # torch is pinned to the CPU build that lies on this machine's disk (2.13.0): an open
 # requirement would let pip pull a several-GB CUDA build. Override with TORCH_SPEC,
@@ -16,8 +17,14 @@ if [[ "${1:-}" == "--test" ]]; then
 fi
 
 PYTHON="${PYTHON:-python3}"
-"$PYTHON" -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
-"$PYTHON" -m pip install --quiet -e ".${extras}"
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+"$PYTHON" -m pip install --quiet "$TORCH_SPEC"
+# The pin as a constraint, so that no dependency (or extra: Ray, TensorBoard) can
+# replace that torch with another build.
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+echo "$TORCH_SPEC" > "$constraints"
+"$PYTHON" -m pip install --quiet -c "$constraints" -e ".${extras}"
 
 # Fashion-MNIST (the default dataset) comes from Debian's dataset-fashion-mnist.
 if [[ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]]; then

@@ -41,10 +41,15 @@ def test_run_json(tmp_path: Path) -> None:
     proc = covshift("run", "ioffe2015", *QUICK, "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)  # stdout is pure JSON; progress went to stderr
+    assert "6 points (2 networks x 3 seeds); 6 to run" in proc.stderr
     assert set(summary["networks"]) == {"baseline", "batchnorm"}
     for net in summary["networks"].values():
         assert net["final_step"] == 200 and 0 <= net["test_accuracy"]["final"] <= 1
+        assert net["seeds"] == [0, 1, 2] and net["status"] == {"finished": 3}
         assert set(net["drift"]) == {"hidden.0.act", "hidden.1.act", "hidden.2.act"}
+    assert len(summary["points"]) == 6 and len(summary["claims"]) == 5
+    for claim in summary["claims"]:
+        assert {"estimate", "interval", "verdict", "rule", "rule_text", "seeds"} <= set(claim)
     report = Path(summary["report"])
     assert not report.is_absolute() or report.exists()
     assert (tmp_path / report).exists() and (tmp_path / report).parent.joinpath(
@@ -54,20 +59,23 @@ def test_run_json(tmp_path: Path) -> None:
 
 
 def test_run_table_then_runs_and_report(tmp_path: Path) -> None:
-    proc = covshift("run", "ioffe2015", *QUICK, "--quiet", cwd=tmp_path)
+    proc = covshift("run", "ioffe2015", *QUICK, "--seeds", "1", "--quiet", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (
         "headline numbers" in proc.stdout
         and "drift hidden.2.act" in proc.stdout
         and "Report:" in proc.stdout
     )
+    # One seed: the claims cannot have an interval.
+    assert "inconclusive: one seed" in proc.stdout or "not measured" in proc.stdout
     runs = covshift("runs", cwd=tmp_path)
     assert runs.returncode == 0
     assert "baseline" in runs.stdout and "batchnorm" in runs.stdout and "finished" in runs.stdout
-    experiment = Store(tmp_path / "covshift-out" / "covshift.db").runs()[0].experiment
+    ((experiment, _, _),) = Store(tmp_path / "covshift-out" / "covshift.db").experiments()
     rebuilt = covshift("report", experiment, "--out", "again", cwd=tmp_path)
     assert rebuilt.returncode == 0, rebuilt.stderr
-    assert (tmp_path / "again" / "index.html").exists()
+    for name in ("index.html", "claims.html", "claims.json", "points.csv"):
+        assert (tmp_path / "again" / name).exists(), name
 
 
 @pytest.mark.parametrize(
@@ -85,6 +93,11 @@ def test_run_table_then_runs_and_report(tmp_path: Path) -> None:
         (["run", "ioffe2015", "--bogus"], "No such option: --bogus"),
         (["runs", "--db", "none.db"], "no store at none.db"),
         (["run", "ioffe2015", "--device", "tpu"], "device must be 'auto', 'cpu' or 'cuda"),
+        (["run", "ioffe2015", "--seed", "1", "--seeds", "2"], "not both"),
+        (["run", "ioffe2015", "--backend", "slurm"], "--backend must be local or ray"),
+        (["run", "ioffe2015", "--address", "auto"], "use it with --backend ray"),
+        (["run"], "name a preset"),
+        (["run", "--resume", "nope-1234", "--db", "none.db"], "no store at none.db"),
     ],
 )
 def test_bad_input_gets_a_message_not_a_traceback(
@@ -107,18 +120,25 @@ def test_help_lists_commands_with_examples(tmp_path: Path) -> None:
         assert sub.returncode == 0 and "Example" in sub.stdout
 
 
-def test_ctrl_c_marks_the_run_interrupted_and_resume_finishes_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_ctrl_c_marks_runs_interrupted_and_the_same_command_resumes(
+    tmp_path: Path, workers: str
+) -> None:
     args = [
         "run",
         "ioffe2015",
         "--dataset",
         "synthetic",
         "--steps",
-        "5000",
+        "3000",
         "--eval-every",
         "100",
+        "--seeds",
+        "2",
         "--set",
         "model.width=16",
+        "--workers",
+        workers,
         "--quiet",
     ]
     proc = subprocess.Popen(
@@ -132,26 +152,33 @@ def test_ctrl_c_marks_the_run_interrupted_and_resume_finishes_it(tmp_path: Path)
     deadline = time.time() + 120
     while time.time() < deadline:
         if db.exists():
-            runs = Store(db).runs()
-            if runs and runs[0].last_step >= 300:
+            with Store(db) as store:
+                runs = store.runs()
+            if runs and max(r.last_step for r in runs) >= 300:
                 break
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert "Interrupted" in err and "--resume" in err
-    (run,) = Store(db).runs()
-    assert run.status == "interrupted" and run.last_step >= 300
-    steps, _ = Store(db).scalars(run.id, "test_accuracy")
-    assert steps[-1] == run.last_step
+    ((experiment, _, _),) = Store(db).experiments()
+    assert f"Interrupted {experiment}" in " ".join(err.split()) and "--resume" in err
+    with Store(db) as store:
+        runs = store.runs()
+        interrupted = [r for r in runs if r.status == "interrupted"]
+        assert interrupted and all(r.status in ("interrupted", "finished") for r in runs)
+        for run in interrupted:
+            steps, _ = store.scalars(run.id, "test_accuracy")
+            assert steps[-1] == run.last_step
+            assert store.checkpoint_path(run.id).exists()
+        checkpoints = [store.checkpoint_path(r.id) for r in interrupted]
     # resuming with overrides is refused: the recorded settings are used
-    refused = covshift("run", "ioffe2015", "--resume", run.experiment, "--steps", "5", cwd=tmp_path)
+    refused = covshift("run", "--resume", experiment, "--steps", "5", cwd=tmp_path)
     assert refused.returncode == 2 and "drop the overrides" in refused.stderr
-    checkpoint = tmp_path / "covshift-out" / "checkpoints" / f"run-{run.id}.pt"
-    assert checkpoint.exists()
-    resumed = covshift("run", "ioffe2015", "--resume", run.experiment, "--quiet", cwd=tmp_path)
+    resumed = covshift(*args, cwd=tmp_path)  # the same command resumes
     assert resumed.returncode == 0, resumed.stderr
-    runs = Store(db).runs()
-    assert [r.status for r in runs] == ["finished", "finished"]
-    assert [r.last_step for r in runs] == [5000, 5000] and runs[-1].id == run.id
-    assert not checkpoint.exists()
+    with Store(db) as store:
+        runs = store.runs()
+    assert [r.status for r in runs] == ["finished"] * 4
+    assert [r.last_step for r in runs] == [3000] * 4
+    assert {r.id for r in interrupted} <= {r.id for r in runs}  # resumed, not restarted
+    assert not any(c.exists() for c in checkpoints)

@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from covshift.checkpoints import BytesCheckpointer
 from covshift.data import BatchSampler, Dataset
 from covshift.models import build_mlp
-from covshift.train import TrainConfig, evaluate, resolve_device, train
+from covshift.train import DivergenceGuard, TrainConfig, evaluate, resolve_device, train
 
 
 def test_matches_a_plain_pytorch_loop(small_data: Dataset) -> None:
@@ -167,6 +168,74 @@ def test_resume_from_checkpoint_gives_the_same_numbers(small_data: Dataset, tmp_
     ):
         assert torch.equal(a, b)
     assert not ckpt.exists()  # removed once the run finished
+
+
+def test_bytes_checkpointer_resumes_like_a_file(small_data: Dataset) -> None:
+    config = TrainConfig(steps=40, batch_size=20, lr=0.4, momentum=0.9, eval_every=10, seed=2)
+    straight = train(
+        build_mlp(784, 10, width=12, norm="batch", seed=0), small_data, config, device="cpu"
+    )
+    sent: list[bytes] = []
+    keeper = BytesCheckpointer(on_save=sent.append)
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            build_mlp(784, 10, width=12, norm="batch", seed=0),
+            small_data,
+            config,
+            device="cpu",
+            checkpoint=keeper,
+            callbacks=[StopAt(25, KeyboardInterrupt)],
+        )
+    assert len(sent) == 3  # the states of steps 0, 10 and 20, each handed over
+    # A fresh process would get only the bytes: resume from them.
+    resumed = train(
+        build_mlp(784, 10, width=12, norm="batch", seed=0),
+        small_data,
+        config,
+        device="cpu",
+        checkpoint=BytesCheckpointer(sent[-1]),
+    )
+    assert resumed.history == straight.history
+
+
+def _first_divergent_eval(history: dict[int, dict[str, float]], factor: float) -> int | None:
+    import math
+
+    limit = factor * history[0]["test_loss"]
+    for step in sorted(history):
+        losses = [history[step]["test_loss"], history[step].get("train_loss", 0.0)]
+        if any(not math.isfinite(v) or v > limit for v in losses):
+            return step
+    return None
+
+
+@pytest.mark.parametrize("stop", [True, False])
+def test_divergence_guard(small_data: Dataset, stop: bool) -> None:
+    config = TrainConfig(steps=60, batch_size=20, lr=5000.0, eval_every=10, seed=0)
+    free = train(build_mlp(784, 10, width=12, seed=0), small_data, config, device="cpu")
+    expected = _first_divergent_eval(free.history, 10.0)
+    assert expected is not None and free.status == "finished"  # no guard: no outcome
+    rec = Recorder()
+    result = train(
+        build_mlp(784, 10, width=12, seed=0),
+        small_data,
+        config,
+        device="cpu",
+        callbacks=[DivergenceGuard(10.0, stop=stop), rec],
+    )
+    assert (result.status, result.outcome_step) == ("diverged", expected)
+    assert result.steps == (expected if stop else 60)
+    assert rec.events[-1] == ("end", "diverged")
+    calm = train(
+        build_mlp(784, 10, width=12, seed=0),
+        small_data,
+        TrainConfig(steps=30, batch_size=20, lr=0.1, eval_every=10),
+        device="cpu",
+        callbacks=[DivergenceGuard()],
+    )
+    assert calm.status == "finished" and calm.outcome_step is None
+    with pytest.raises(ValueError, match="factor must be > 1"):
+        DivergenceGuard(1.0)
 
 
 def test_foreign_checkpoint_is_refused(small_data: Dataset, tmp_path: Path) -> None:

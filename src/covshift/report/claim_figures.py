@@ -151,11 +151,12 @@ def claim_figure(result: dict[str, Any], config: ExperimentConfig) -> Figure:
         _difference_panel(left, result, config)
     else:
         _curve_panel(left, result, config)
-    left.grid(alpha=0.3)
-    left.legend(fontsize=7, loc="best")
     _statistic_panel(right, result)
+    left.grid(alpha=0.3)
     right.grid(alpha=0.3, axis="y")
-    right.legend(fontsize=7, loc="best")
+    for ax in (left, right):
+        if ax.get_legend_handles_labels()[0]:  # nothing measured: no legend to draw
+            ax.legend(fontsize=7, loc="best")
     where = f" [{result['slice_text']}]" if result["slice_text"] else ""
     title = f"{result['id']}{where}: {describe_statistic(result, config)}"
     fig.suptitle(title if len(title) < 120 else title[:117] + "...", fontsize=9)

@@ -165,12 +165,36 @@ def _point_task(
 
 
 # -- the driver's side ---------------------------------------------------------------
+def _check_reachable(address: str | None, timeout: float = 5.0) -> None:
+    """Fail fast on a ``host:port`` nobody listens on (``ray.init`` would retry for
+    minutes); ``auto``, ``ray://`` and None are left to Ray."""
+    if address is None or address == "auto" or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise RayUnavailable(
+            f"--address {address!r}: expected host:port (as `ray start --head` prints), "
+            "auto, or ray://host:port"
+        )
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise RayUnavailable(
+            f"cannot start or join the Ray cluster at {address}: nothing answers there "
+            f"({e.strerror or e}); start one with `ray start --head` or drop --address"
+        ) from None
+
+
 @dataclass
 class _Active:
+    """A point submitted to Ray: its run, its attempts, and where its task runs."""
+
     point: Point
     run_id: int
     attempts: int = 0
     step: int = 0
+    host: str | None = None
+    pid: int | None = None
 
 
 def _dataset_payload(spec: PointSpec) -> dict[str, Any]:
@@ -216,13 +240,16 @@ class RayBackend:
         self.threads = threads
         self.gpus = gpus
         self.max_failures = max_failures
-        self.workers = 0  # what Ray runs at once; known once connected
+        # What Ray runs at once: this machine's cores for a local instance; a cluster's
+        # size is known once connected (cluster_workers).
+        self.workers = 0 if address else max(1, (os.cpu_count() or 1) // threads)
 
     def connect(self) -> bool:
         """Join ``address`` or start a local instance; True if this call started it."""
         ray = _ray()
         if ray.is_initialized():
             return False
+        _check_reachable(self.address)
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network here
         try:
             ray.init(
@@ -335,6 +362,7 @@ class RayBackend:
         """Write one chunk into the store; the outcome when the task is done."""
         kind = item["kind"]
         if kind == "hello":
+            job.host, job.pid = item["host"], item["pid"]
             events.started(job.point.id, job.run_id, job.step)
             return None
         if kind == "progress":

@@ -1,0 +1,112 @@
+"""The sweep's outputs: claims.json, claims.html, points.csv, summary.json and the
+experiment page, consistent with each other and with the store."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from covshift.experiments import load_config, run_experiment, stored_config, summarize
+from covshift.experiments.backends import InlineBackend
+from covshift.report import write_report
+from covshift.store import Store
+
+from .helpers import SMALL_SWEEP, sweep_file
+
+
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("report")
+    text = (
+        SMALL_SWEEP.replace("seeds = 3", "seeds = 2")
+        + """
+[[claims]]
+id = "lr-trend"
+text = "BN's accuracy does not fall with the learning rate"
+statistic = "trend"
+metric = "test_accuracy/final"
+network = "bn"
+axis = "optimizer.lr"
+rule = "not_less"
+margin = 0.5
+"""
+    )
+    config = load_config(str(sweep_file(tmp, text)))
+    store = Store(tmp / "c.db")
+    result = run_experiment(config, store, backend=InlineBackend(threads=1))
+    summary = summarize(store, result.experiment_id, config)
+    index = write_report(store, result.experiment_id, config, summary, tmp / "rep")
+    yield store, config, result.experiment_id, summary, index.parent
+    store.close()
+
+
+def test_claims_json_is_strict_and_matches_the_summary(reported) -> None:
+    store, config, experiment, summary, out = reported
+    payload = json.loads((out / "claims.json").read_text())
+    assert payload["experiment"] == experiment and payload["seeds"] == [0, 1]
+    assert "Student t" in payload["interval_method"]
+    claims = payload["claims"]
+    assert len(claims) == 3 + 1  # the difference per learning rate, and the trend
+    for c, s in zip(claims, summary["claims"], strict=True):
+        assert (c["estimate"], c["interval"], c["verdict"]) == (
+            s["estimate"],
+            s["interval"],
+            s["verdict"],
+        )
+        assert (out / c["figure"]).is_file() and c["rule_text"].startswith("supported if")
+    # The estimate is the mean of the per-seed values, which come from the points.
+    by_point = {(p["network"], p["axes"]["optimizer.lr"], p["seed"]): p for p in summary["points"]}
+    for c in claims[:3]:
+        lr = c["slice"]["optimizer.lr"]
+        diffs = [
+            by_point[("bn", lr, s)]["test_accuracy"]["final"]
+            - by_point[("plain", lr, s)]["test_accuracy"]["final"]
+            for s in (0, 1)
+        ]
+        assert list(c["per_seed"].values()) == pytest.approx(diffs)
+        assert c["data"]["0"]["network"] == by_point[("bn", lr, 0)]["test_accuracy"]["final"]
+    assert "NaN" not in (out / "claims.json").read_text()
+    json.loads((out / "summary.json").read_text())  # strict JSON as well
+
+
+def test_claims_html_is_self_contained(reported) -> None:
+    *_, out = reported
+    page = (out / "claims.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 4
+    assert not re.search(r'src="(?!data:)', page)  # nothing fetched from elsewhere
+    for text in ("95% interval", "rule (fixed in the preset)", "lr-trend", "Spearman"):
+        assert text in page
+    index = (out / "index.html").read_text()
+    assert 'href="claims.html#claim-1-lr=0.1"' in index and "points.csv" in index
+
+
+def test_points_csv_has_a_row_per_point_and_the_axes_as_columns(reported) -> None:
+    store, _, _, summary, out = reported
+    with (out / "points.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12
+    assert {
+        "point",
+        "network",
+        "seed",
+        "optimizer.lr",
+        "status",
+        "test_accuracy_final",
+        "drift_hidden.2.act",
+    } <= set(rows[0])
+    runs = store.runs_of_points([r["point"] for r in rows])
+    for row in rows:
+        _, acc = store.scalars(runs[row["point"]].id, "test_accuracy")
+        assert float(row["test_accuracy_final"]) == acc[-1]
+    assert sorted({float(r["optimizer.lr"]) for r in rows}) == [0.1, 0.5, 2.0]
+
+
+def test_the_report_can_be_rebuilt_from_the_store(reported, tmp_path: Path) -> None:
+    store, config, experiment, summary, _ = reported
+    assert stored_config(store, experiment) == config
+    again = summarize(store, experiment, config)
+    assert again["claims"] == summary["claims"] and again["points"] == summary["points"]
