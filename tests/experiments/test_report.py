@@ -45,7 +45,7 @@ margin = 0.5
 
 
 def test_claims_json_is_strict_and_matches_the_summary(reported) -> None:
-    store, config, experiment, summary, out = reported
+    _store, _config, experiment, summary, out = reported
     payload = json.loads((out / "claims.json").read_text())
     assert payload["experiment"] == experiment and payload["seeds"] == [0, 1]
     assert "Student t" in payload["interval_method"]
@@ -85,7 +85,7 @@ def test_claims_html_is_self_contained(reported) -> None:
 
 
 def test_points_csv_has_a_row_per_point_and_the_axes_as_columns(reported) -> None:
-    store, _, _, summary, out = reported
+    store, _, _, _summary, out = reported
     with (out / "points.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 12
