@@ -12,6 +12,7 @@ architecture, from which the sweep's runtime is estimated.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from covshift.data import Dataset, DatasetError, load_dataset
+from covshift.data import BatchSampler, Dataset, DatasetError, load_dataset
 from covshift.experiments.config import ConfigError, ExperimentConfig
 from covshift.experiments.grid import Point
 from covshift.experiments.metrics import parse_metric
@@ -29,7 +30,8 @@ from covshift.train import evaluate
 
 __all__ = ["Cost", "estimate_seconds", "preflight"]
 
-_TIMED_STEPS = 8
+_TIMED_BLOCKS = 5  # blocks of _BLOCK_STEPS timed steps; the median block counts
+_BLOCK_STEPS = 10
 _EVAL_SAMPLE = 1000  # examples evaluated for timing; scaled to the test set
 
 
@@ -118,19 +120,25 @@ def _try(point: Point, data: Dataset, threads: int) -> tuple[Cost, list[str]]:
         except (ValueError, TypeError) as e:
             raise ConfigError(f"point {point.name}: probe.layers: {e}") from None
         optimizer = torch.optim.SGD(model.parameters(), lr=spec.optimizer.lr)
-        x, y = data.x_train[: spec.batch_size], data.y_train[: spec.batch_size]
+        sampler = BatchSampler(len(data.x_train), spec.batch_size, spec.seed)
+
+        def steps(n: int) -> float:
+            start = time.perf_counter()
+            for _ in range(n):  # what the loop does: gather a batch, forward, backward, step
+                idx = sampler.next()
+                optimizer.zero_grad(set_to_none=True)
+                F.cross_entropy(model(data.x_train[idx]), data.y_train[idx]).backward()
+                optimizer.step()
+            return (time.perf_counter() - start) / n
+
         with probe:
             try:
+                probe.maybe_record(0)  # the first record pays for setting up
                 start = time.perf_counter()
-                probe.maybe_record(0)
+                probe.record_now(1)
                 record = time.perf_counter() - start
-                for i in range(_TIMED_STEPS + 2):
-                    if i == 2:  # the first steps pay for allocations; time the rest
-                        start = time.perf_counter()
-                    optimizer.zero_grad(set_to_none=True)
-                    F.cross_entropy(model(x), y).backward()
-                    optimizer.step()
-                step = (time.perf_counter() - start) / _TIMED_STEPS
+                steps(5)  # the first steps pay for allocations (and kernel loading)
+                step = statistics.median(steps(_BLOCK_STEPS) for _ in range(_TIMED_BLOCKS))
                 start = time.perf_counter()
                 evaluate(model, data.x_test[:_EVAL_SAMPLE], data.y_test[:_EVAL_SAMPLE])
                 evaluation = (
