@@ -2,11 +2,13 @@
 
 Rows (all on the same grid, measured in one run of this script):
 
-- ``local, 1 worker``: points one after another in the driver, torch on every core;
-- ``local, 2 workers``: two worker processes with one torch thread each;
+- ``local, 1 worker x 1 thread`` and ``x 2 threads``: points one after another in
+  the driver process (the default for one worker is every core to torch);
+- ``local, 2 workers x 1 thread``: two worker processes (the default on 2 cores);
 - ``ray``: Ray tasks of one CPU on a local Ray instance (started and shut down);
-- ``plain loop``: one ``covshift run`` invocation per point, one after another (each
-  pays the interpreter, torch and dataset start-up, as a shell loop would).
+- ``plain loop``: one ``covshift run`` invocation per point, one after another, with
+  the default threads (each pays the interpreter, torch and dataset start-up, as a
+  shell loop would).
 
 For each row: wall-clock seconds of the whole command(s), and the seconds inside the
 sweep (``seconds`` of ``--json``: from the first point's start to the last one's end).
@@ -138,7 +140,8 @@ def main() -> None:
     points = 2 * len(lrs) * args.seeds
     rows: dict[str, list[tuple[float, float]]] = {}
     modes: list[tuple[str, list[str] | None]] = [
-        ("local, 1 worker", ["--workers", "1"]),
+        ("local, 1 worker x 1 thread", ["--workers", "1", "--threads", "1"]),
+        ("local, 1 worker x 2 threads", ["--workers", "1", "--threads", "2"]),
         ("local, 2 workers x 1 thread", ["--workers", "2", "--threads", "1"]),
     ]
     if not args.no_ray:
@@ -162,7 +165,8 @@ def main() -> None:
             print(f"  {name}: {row[0]:.1f} s wall, {row[1]:.1f} s in the sweep", flush=True)
     walls = {k: statistics.median(w for w, _ in v) for k, v in rows.items()}
     insides = {k: statistics.median(s for _, s in v) for k, v in rows.items()}
-    one = "local, 1 worker"
+    one = "local, 1 worker x 1 thread"
+    one_two = "local, 1 worker x 2 threads"
     two = "local, 2 workers x 1 thread"
     print(f"\n{points} points ({args.dataset}, {args.steps} steps each), median of {args.repeats}:")
     print(f"{'row':32} {'wall s':>8} {'sweep s':>8} {'points/min':>11}")
@@ -184,7 +188,7 @@ def main() -> None:
     if "plain loop of covshift run" in walls:
         p = "plain loop of covshift run"
         print(f"  2 workers / plain loop:      {walls[p] / walls[two]:.2f}x")
-        print(f"  1 worker / plain loop:       {walls[p] / walls[one]:.2f}x")
+        print(f"  1 worker x 2 threads / plain loop: {walls[p] / walls[one_two]:.2f}x")
 
 
 if __name__ == "__main__":

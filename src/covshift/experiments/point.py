@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -119,6 +120,28 @@ def dataset_for(spec: PointSpec, device: torch.device | None = None) -> Dataset:
     if key not in _DATASETS:
         _DATASETS[key] = load_dataset(spec.dataset, spec.data_dir).to(dev)
     return _DATASETS[key]
+
+
+def shared_datasets(points: Sequence[Any]) -> dict[tuple[str, str | None, str], Dataset]:
+    """The CPU datasets of ``points``, their tensors moved to shared memory, to hand to
+    worker processes (which then map them instead of reading and decoding the files)."""
+    out: dict[tuple[str, str | None, str], Dataset] = {}
+    cpu = torch.device("cpu")
+    for point in points:
+        spec = point.spec
+        key = (spec.dataset, spec.data_dir, "cpu")
+        if key in out or resolve_device(spec.device) != cpu:
+            continue
+        data = dataset_for(spec, cpu)
+        for tensor in (data.x_train, data.y_train, data.x_test, data.y_test):
+            tensor.share_memory_()
+        out[key] = data
+    return out
+
+
+def preload_datasets(datasets: dict[tuple[str, str | None, str], Dataset]) -> None:
+    """Put datasets received from the driver into this process's cache."""
+    _DATASETS.update(datasets)
 
 
 class _Recorder:

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from covshift.data import BatchSampler, Dataset, DatasetError, load_dataset
+from covshift.data import BatchSampler, Dataset, DatasetError
 from covshift.experiments.config import ConfigError, ExperimentConfig
 from covshift.experiments.grid import Point
 from covshift.experiments.metrics import parse_metric
-from covshift.experiments.point import build_model
+from covshift.experiments.point import build_model, dataset_for
 from covshift.probe import ShiftProbe
 from covshift.train import evaluate
 
@@ -73,14 +73,13 @@ def _architecture(point: Point) -> str:
     )
 
 
-def _load(point: Point, cache: dict[tuple[str, str | None], Dataset]) -> Dataset:
-    key = (point.spec.dataset, point.spec.data_dir)
-    if key not in cache:
-        try:
-            cache[key] = load_dataset(*key)
-        except DatasetError as e:
-            raise DatasetError(f"point {point.name}: {e}") from None
-    return cache[key]
+def _load(point: Point) -> Dataset:
+    """The point's dataset on the CPU, from the process's cache (an in-process sweep
+    then trains on the copy loaded here)."""
+    try:
+        return dataset_for(point.spec, torch.device("cpu"))
+    except DatasetError as e:
+        raise DatasetError(f"point {point.name}: {e}") from None
 
 
 def _check_sizes(point: Point, data: Dataset) -> None:
@@ -160,12 +159,11 @@ def preflight(config: ExperimentConfig, points: Sequence[Point], threads: int) -
     Returns the measured cost per point id. Raises :class:`ConfigError` or
     :class:`~covshift.data.DatasetError` naming the point and what is wrong.
     """
-    datasets: dict[tuple[str, str | None], Dataset] = {}
     costs: dict[str, Cost] = {}
     measured: dict[str, Cost] = {}
     probed: dict[str, list[str]] = {}
     for point in points:
-        data = _load(point, datasets)
+        data = _load(point)
         _check_sizes(point, data)
         arch = _architecture(point)
         if arch not in measured:

@@ -175,7 +175,8 @@ class _SweepEvents:
             self._move(outcome.point, point.spec.steps)  # a diverged run ends early
             self.done += 1
         self.progress.update(self.task, points=self._points())
-        self.progress.console.print(_outcome_line(point, outcome), highlight=False)
+        if not self.progress.disable:  # quiet runs and library calls print nothing
+            self.progress.console.print(_outcome_line(point, outcome), highlight=False)
 
 
 _MARKS = {

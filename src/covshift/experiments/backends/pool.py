@@ -49,7 +49,7 @@ from covshift.experiments.backends.base import (
     claim_and_train,
 )
 from covshift.experiments.grid import Point
-from covshift.experiments.point import PointOutcome
+from covshift.experiments.point import PointOutcome, preload_datasets, shared_datasets
 from covshift.store import Store
 from covshift.train import TrainState
 
@@ -77,11 +77,14 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="covshift-parent-watch", daemon=True).start()
 
 
-def _init_worker(stop: Any, threads: int, parent_pid: int) -> None:
+def _init_worker(
+    stop: Any, threads: int, parent_pid: int, datasets: dict[tuple[str, str | None, str], Any]
+) -> None:
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver stops us through `stop`
     torch.set_num_threads(threads)
     _WORKER.update(stop=stop, threads=threads)
+    preload_datasets(datasets)
 
 
 class _Silent:
@@ -154,6 +157,7 @@ class PoolBackend:
         outcomes: dict[str, PointOutcome] = {}
         deaths: Counter[str] = Counter()
         remaining = list(points)
+        shared = shared_datasets(points)
         with Store(context.store_path) as store:
             watcher = _Watcher(store, points, events)
             while remaining:
@@ -161,7 +165,7 @@ class PoolBackend:
                     max_workers=min(self.workers, len(remaining)),
                     mp_context=ctx,
                     initializer=_init_worker,
-                    initargs=(stop, self.threads, os.getpid()),
+                    initargs=(stop, self.threads, os.getpid(), shared),
                 ) as pool:
                     futures = {pool.submit(_run_point, p, context): p for p in remaining}
                     broken = self._collect(futures, stop, watcher, events, outcomes)
