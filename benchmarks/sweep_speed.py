@@ -174,21 +174,53 @@ def main() -> None:
         print(
             f"{name:32} {walls[name]:8.1f} {insides[name]:8.1f} {60 * points / walls[name]:11.1f}"
         )
+    ratios = [
+        ("2 workers x 1 / 1 worker x 1 thread", one, two),
+        ("2 workers x 1 / 1 worker x 2 threads", one_two, two),
+        ("ray / local 2 workers", two, "ray, tasks of 1 CPU"),
+        ("2 workers / plain loop", "plain loop of covshift run", two),
+        ("1 worker x 2 threads / plain loop", "plain loop of covshift run", one_two),
+    ]
     print("\nthroughput ratios (wall-clock, start-up included; in brackets: inside the sweep)")
+    for label, slow, fast in ratios:
+        if slow in walls and fast in walls:
+            print(
+                f"  {label:38} {walls[slow] / walls[fast]:.2f}x "
+                f"({insides[slow] / insides[fast]:.2f}x)"
+            )
+    alone, together = _ceiling(args)
     print(
-        f"  2 workers / 1 worker:        {walls[one] / walls[two]:.2f}x "
-        f"({insides[one] / insides[two]:.2f}x)"
+        f"\nthe machine's ceiling: one 1-thread training process alone {alone:.2f} s, two at "
+        f"once {together:.2f} s each -> at most {2 * alone / together:.2f}x from 2 workers"
     )
-    if "ray, tasks of 1 CPU" in walls:
-        r = "ray, tasks of 1 CPU"
-        print(
-            f"  ray / local 2 workers:       {walls[two] / walls[r]:.2f}x "
-            f"({insides[two] / insides[r]:.2f}x)"
-        )
-    if "plain loop of covshift run" in walls:
-        p = "plain loop of covshift run"
-        print(f"  2 workers / plain loop:      {walls[p] / walls[two]:.2f}x")
-        print(f"  1 worker x 2 threads / plain loop: {walls[p] / walls[one_two]:.2f}x")
+
+
+_TRAIN = """
+import sys, time, torch
+torch.set_num_threads(1)
+from covshift.data import load_dataset
+from covshift.models import build_mlp
+from covshift.train import TrainConfig, train
+data = load_dataset(sys.argv[1])
+net = build_mlp(data.num_features, data.num_classes, norm="batch", seed=0)
+start = time.perf_counter()
+train(net, data, TrainConfig(steps=int(sys.argv[2]), eval_every=500), device="cpu")
+print(time.perf_counter() - start)
+"""
+
+
+def _ceiling(args: argparse.Namespace) -> tuple[float, float]:
+    """Seconds of one point's training in one process alone, and in each of two
+    processes running at once (memory bandwidth and caches are shared)."""
+    command = [sys.executable, "-c", _TRAIN, args.dataset, str(args.steps)]
+
+    def start() -> subprocess.Popen[str]:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+
+    alone = float(start().communicate()[0])
+    pair = [start(), start()]
+    together = statistics.mean(float(p.communicate()[0]) for p in pair)
+    return alone, together
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from scipy import stats as scipy_stats
 from covshift.experiments.claim_spec import ClaimSpec, rule_text
 from covshift.experiments.config import ExperimentConfig
 from covshift.experiments.grid import Point, format_axes
+from covshift.experiments.metrics import parse_metric
 from covshift.experiments.numbers import PointNumbers
 
 __all__ = ["INTERVAL_METHOD", "evaluate_claims", "t_interval", "verdict"]
@@ -169,6 +170,21 @@ def _threshold(grid: _Grid, config: ExperimentConfig, claim: ClaimSpec, axes: di
 _STATISTICS = {"difference": _difference, "trend": _trend, "threshold": _threshold}
 
 
+def _why_not_measured(
+    claim: ClaimSpec, points: Sequence[Point], numbers: dict[str, PointNumbers]
+) -> str:
+    """Why no seed has a value: points not run yet, or a step past their end."""
+    mine = [p for p in points if p.network in claim.networks]
+    if not any(numbers[p.id].run is not None for p in mine):
+        return "no seed has a value: the claim's points have not been run"
+    longest = max(p.spec.steps for p in mine)
+    for path in (claim.metric, claim.baseline_metric):
+        metric = parse_metric(path) if path else None
+        if metric is not None and isinstance(metric.when, int) and metric.when > longest:
+            return f"no seed has a value of {path}: the points train {longest} steps"
+    return f"no seed has a value of {claim.metric}"
+
+
 def evaluate_claims(
     config: ExperimentConfig,
     experiment_id: str,
@@ -191,6 +207,8 @@ def evaluate_claims(
             values = list(per_seed.values())
             estimate, interval = t_interval(values) if values else (None, None)
             outcome, reason = verdict(claim, interval, len(values))
+            if not values:
+                reason = _why_not_measured(claim, points, numbers)
             results.append(
                 {
                     "id": claim.id or f"claim-{index + 1}",

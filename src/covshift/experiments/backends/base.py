@@ -36,6 +36,7 @@ __all__ = [
     "SweepEvents",
     "claim_and_train",
     "claim_point",
+    "settled_outcome",
 ]
 
 
@@ -99,6 +100,21 @@ def claim_point(store: Store, point: Point, context: SweepContext, threads: int)
     )
 
 
+def settled_outcome(point: Point, claim: Claim) -> PointOutcome:
+    """The outcome of a point its claim found ``done`` (finished or diverged earlier)
+    or ``busy`` (another live process is training it): nothing to run here."""
+    run = claim.run
+    busy = claim.state == "busy"
+    return PointOutcome(
+        point.id,
+        "busy" if busy else run.status,
+        run.id,
+        final_step=run.last_step,
+        diverged_at=run.diverged_at,
+        error=f"trained by process {run.pid} on {run.host}" if busy else None,
+    )
+
+
 class ProgressReporter:
     """A training-loop callback telling the driver where a point is (at most every
     ``interval`` seconds, and at every evaluation)."""
@@ -137,14 +153,7 @@ def claim_and_train(
     claim = claim_point(store, point, context, threads)
     run = claim.run
     if claim.state in ("done", "busy"):
-        return PointOutcome(
-            point.id,
-            run.status if claim.state == "done" else "busy",
-            run.id,
-            final_step=run.last_step,
-            diverged_at=run.diverged_at,
-            error=f"trained by process {run.pid} on {run.host}" if claim.state == "busy" else None,
-        )
+        return settled_outcome(point, claim)
     keeper = FileCheckpointer(store.checkpoint_path(run.id))
     previous = torch.get_num_threads()
     torch.set_num_threads(run.threads or threads)

@@ -46,6 +46,7 @@ from covshift.experiments.backends.base import (
     SweepContext,
     SweepEvents,
     claim_point,
+    settled_outcome,
 )
 from covshift.experiments.grid import Point, PointSpec
 from covshift.experiments.point import PointOutcome, StoreSink, error_text, train_point
@@ -309,7 +310,7 @@ class RayBackend:
         for point in points:
             claim = claim_point(store, point, context, self.threads)
             if claim.state in ("done", "busy"):
-                outcomes[point.id] = PointOutcome(point.id, claim.run.status, claim.run.id)
+                outcomes[point.id] = settled_outcome(point, claim)
                 events.ended(outcomes[point.id])
                 continue
             submit(_Active(point, claim.run.id, step=claim.run.last_step))
