@@ -259,14 +259,18 @@ def test_compiled_autograd_declines_native(monkeypatch: pytest.MonkeyPatch) -> N
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         # The config flag enables it inside a compiled training step.
         model.load_state_dict(state)
-        monkeypatch.setattr(torch._dynamo.config, "compiled_autograd", True)
+        # Through torch's own config patcher, which restores the entry exactly: undoing
+        # a monkeypatch of the config module left `compiled_autograd` hidden (every
+        # later torch.compile raised "compiled_autograd does not exist"; seen with a
+        # fresh HOME, where this test is the one that builds the native kernels).
+        with torch._dynamo.config.patch(compiled_autograd=True):
 
-        @torch.compile(backend="eager")
-        def step() -> list[torch.Tensor]:
-            return grads()
+            @torch.compile(backend="eager")
+            def step() -> list[torch.Tensor]:
+                return grads()
 
-        for a, b in zip(step(), eager, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+            for a, b in zip(step(), eager, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         torch._dynamo.reset()
 
 
