@@ -233,10 +233,11 @@ def run(
     costs = preflight(config, todo, chosen.threads)  # raises before anything is written
     console = _err if as_json else _out
     lanes = chosen.workers or workers or 1
+    nets, seeds_n = len(config.networks), len(config.seeds)
     grid = " x ".join(
-        [f"{len(config.networks)} networks"]
+        [f"{nets} network{'s' * (nets != 1)}"]
         + [f"{len(v)} {k}" for k, v in config.sweep.items()]
-        + [f"{len(config.seeds)} seeds"]
+        + [f"{seeds_n} seed{'s' * (seeds_n != 1)}"]
     )
     where = (
         f"{chosen.workers} worker{'s' * (chosen.workers > 1)} x {chosen.threads} thread"

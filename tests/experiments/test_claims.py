@@ -274,3 +274,50 @@ def test_diverged_runs_carry_their_last_evaluation_forward() -> None:
     assert finished.value("steps_to/test_accuracy/0.65") == 1000
     assert finished.value("steps_to/test_loss/0.45") == 500  # losses: <= the target
     assert finished.value("test_accuracy/max") == pytest.approx(0.7)
+
+
+def test_difference_between_two_values_of_an_axis(tmp_path: Path) -> None:
+    text = GRID.replace('[networks.plain]\nlabel = "plain"\nnorm = "none"\n', "")
+    text = text.replace('[networks.bn]\nlabel = "BN"\nnorm = "batch"\n', "")
+    text = text.replace("model.width = [8, 16]", 'model.norm = ["none", "batch"]')
+    config = load_config(
+        write(
+            tmp_path,
+            text
+            + """
+[[claims]]
+text = "BN beats no norm at lr 0.4"
+metric = "test_accuracy/final"
+network = "default"
+where = { "model.norm" = "batch", "optimizer.lr" = 0.4 }
+baseline_where = { "model.norm" = "none" }
+rule = "greater"
+""",
+        )
+    )
+    points = expand_grid(config)
+    table = {
+        p.id: numbers(
+            {0: 0.1, 100: 0.6 + 0.01 * p.seed + (0.2 if p.axes["model.norm"] == "batch" else 0.0)}
+        )
+        for p in points
+    }
+    (r,) = evaluate_claims(config, "e", points, table)
+    assert r["per_seed"] == pytest.approx({str(s): 0.2 for s in config.seeds})
+    assert r["verdict"] == "supported" and r["slice"] == {}
+    with pytest.raises(Exception, match="fix the compared side of each in where too"):
+        load_config(
+            write(
+                tmp_path,
+                text
+                + """
+[[claims]]
+text = "t"
+metric = "test_accuracy/final"
+network = "default"
+baseline_where = { "model.norm" = "none" }
+rule = "greater"
+""",
+                "bad.toml",
+            )
+        )

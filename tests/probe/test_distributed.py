@@ -3,6 +3,7 @@ concatenated batch (two CPU processes on gloo)."""
 
 from __future__ import annotations
 
+import gc
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,11 @@ def worker(rank: int, world: int, init: str, out: str, records_of: Callable[[int
     try:
         torch.set_num_threads(1)
         Path(f"{out}.{rank}").write_bytes(pickle.dumps(records_of(rank)))
+        # Tear down only once both ranks are done and no DDP reducer (kept alive by
+        # reference cycles until a collection) still holds the group: otherwise gloo
+        # aborted a rank now and then ("terminate called without an active exception").
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

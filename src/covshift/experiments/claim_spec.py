@@ -8,7 +8,9 @@ Statistics (per seed ``s``; ``m(net, point)`` is a metric path, :mod:`.metrics`)
 
 - ``difference``: ``m_a(network, s) - m_b(baseline, s)``, paired by seed (the two
   networks share initial weights and batches); ``baseline_metric`` compares two
-  metrics of one network (e.g. drift against its noise floor).
+  metrics of one network (e.g. drift against its noise floor), and
+  ``baseline_where`` compares two values of a sweep axis (``where = {"model.norm" =
+  "batch"}, baseline_where = {"model.norm" = "none"}``).
 - ``trend``: over the values ``v`` of one sweep ``axis``, the Spearman rank correlation
   of ``m(network, v, s)`` with ``v`` (``method = "spearman"``), or the least-squares
   slope against ``v`` or ``log2 v`` (``method = "slope"``, ``log_axis``).
@@ -70,6 +72,7 @@ class ClaimSpec(BaseModel):
     baseline: str | None = None
     baseline_metric: str | None = None
     where: dict[str, Any] = Field(default_factory=dict)
+    baseline_where: dict[str, Any] = Field(default_factory=dict)
     axis: str | None = None
     method: Literal["spearman", "slope"] = "spearman"
     log_axis: bool = False
@@ -104,9 +107,16 @@ class ClaimSpec(BaseModel):
             if path is not None:
                 parse_metric(path)
         if self.statistic == "difference":
-            if self.baseline is None and self.baseline_metric is None:
+            if self.baseline is None and self.baseline_metric is None and not self.baseline_where:
                 raise ValueError(
-                    "a difference needs a baseline network or a baseline_metric to compare with"
+                    "a difference needs a baseline network, a baseline_metric or a "
+                    "baseline_where to compare with"
+                )
+            missing = [k for k in self.baseline_where if k not in self.where]
+            if missing:
+                raise ValueError(
+                    f"baseline_where sets {', '.join(missing)}: fix the compared side of "
+                    f'each in where too (where = {{ "{missing[0]}" = ... }})'
                 )
             if self.axis is not None or self.target is not None:
                 raise ValueError("axis and target belong to trend and threshold claims")
@@ -115,6 +125,8 @@ class ClaimSpec(BaseModel):
                 raise ValueError(f"a {self.statistic} claim needs the sweep axis it runs along")
             if self.axis in self.where:
                 raise ValueError(f"axis {self.axis!r} cannot also be fixed by where")
+        if self.statistic != "difference" and self.baseline_where:
+            raise ValueError("baseline_where belongs to difference claims")
         if self.statistic == "threshold" and self.target is None:
             raise ValueError("a threshold claim needs a target value of its metric")
         if self.statistic == "trend" and self.baseline is not None:

@@ -102,7 +102,8 @@ def _axes(config: ExperimentConfig, claim: ClaimSpec, where: dict[str, Any]) -> 
 def _difference(grid: _Grid, config: ExperimentConfig, claim: ClaimSpec, axes: dict, seed: int):
     a = grid.value(claim.network, axes, seed, claim.metric)
     b_net = claim.baseline or claim.network
-    b = grid.value(b_net, axes, seed, claim.baseline_metric or claim.metric)
+    b_axes = {k: claim.baseline_where.get(k, v) for k, v in axes.items()}
+    b = grid.value(b_net, b_axes, seed, claim.baseline_metric or claim.metric)
     data = {"network": a, "baseline": b}
     return (a - b if a is not None and b is not None else None), data
 
@@ -228,6 +229,7 @@ def evaluate_claims(
                     "below": claim.below,
                     "log_axis": claim.log_axis,
                     "where": {**claim.where},
+                    "baseline_where": {**claim.baseline_where},
                     "slice": where,
                     "slice_text": format_axes(where),
                     "estimate": estimate,

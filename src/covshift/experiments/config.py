@@ -169,7 +169,11 @@ class ExperimentConfig(_Strict):
     probe: ProbeSpec = ProbeSpec()
     divergence: DivergenceSpec = DivergenceSpec()
     report: ReportSpec = ReportSpec()
-    networks: dict[str, NetworkSpec]
+    # Without a [networks] table, one network of the model as written (a sweep over
+    # model.norm, say, needs no more).
+    networks: dict[str, NetworkSpec] = Field(
+        default_factory=lambda: {"default": NetworkSpec(label="default")}
+    )
     sweep: dict[str, tuple[Any, ...]] = Field(default_factory=dict)
     # Settings the paper leaves open: setting -> why this value (printed in the report).
     choices: dict[str, str] = Field(default_factory=dict)
@@ -250,7 +254,7 @@ class ExperimentConfig(_Strict):
                     f" networks: {', '.join(self.networks)}"
                 )
         axes = list(self.sweep)
-        for key, value in claim.where.items():
+        for key, value in [*claim.where.items(), *claim.baseline_where.items()]:
             if key not in self.sweep:
                 raise ValueError(
                     f"{where}.where: {key!r} is not a sweep axis{closest(key, axes)}; "

@@ -48,6 +48,10 @@ def describe_statistic(result: dict[str, Any], config: ExperimentConfig) -> str:
         b = _label(config, result["baseline"] or result["network"])
         left = f"{result['metric']} of {a}"
         right = f"{result['baseline_metric'] or result['metric']} of {b}"
+        if result["baseline_where"]:
+            a_at = ", ".join(f"{k}={result['where'][k]}" for k in result["baseline_where"])
+            b_at = ", ".join(f"{k}={v}" for k, v in result["baseline_where"].items())
+            left, right = f"{left} at {a_at}", f"{right} at {b_at}"
         return f"{left} minus {right}, paired by seed"
     if result["statistic"] == "trend":
         axis = f"log2 {result['axis']}" if result["log_axis"] else result["axis"]
@@ -61,10 +65,12 @@ def describe_statistic(result: dict[str, Any], config: ExperimentConfig) -> str:
 
 
 def _difference_panel(ax: Axes, result: dict[str, Any], config: ExperimentConfig) -> None:
+    a_at = ", ".join(f"{k}={result['where'][k]}" for k in result["baseline_where"])
+    b_at = ", ".join(f"{k}={v}" for k, v in result["baseline_where"].items())
     names = [
-        f"{_label(config, result['network'])}\n{result['metric']}",
+        f"{_label(config, result['network'])}\n{result['metric']}" + (f"\n{a_at}" if a_at else ""),
         f"{_label(config, result['baseline'] or result['network'])}\n"
-        f"{result['baseline_metric'] or result['metric']}",
+        f"{result['baseline_metric'] or result['metric']}" + (f"\n{b_at}" if b_at else ""),
     ]
     for i, (seed, d) in enumerate(result["data"].items()):
         ys = [d.get("network"), d.get("baseline")]
