@@ -9,7 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from covshift.store import SCHEMA_VERSION, ExperimentPoint, Store, StoreError, pid_alive
+from covshift.store import (
+    SCHEMA_VERSION,
+    ExperimentPoint,
+    NewRun,
+    Store,
+    StoreError,
+    pid_alive,
+)
 
 
 def test_round_trip(tmp_path: Path) -> None:
@@ -196,23 +203,23 @@ def test_version_1_store_migrates_keeping_every_row(tmp_path: Path) -> None:
 
 
 def test_claim_point_states(store: Store) -> None:
-    first = store.claim_point("p", name="e/a", config={"x": 1}, seed=2, threads=3)
+    first = store.claim_point(NewRun(point="p", name="e/a", config={"x": 1}, seed=2, threads=3))
     assert first.state == "new" and first.run.point == "p" and first.run.threads == 3
     # The same process claiming again (an earlier attempt of its own) resumes the run.
-    assert store.claim_point("p", name="e/a", config={}, threads=1).state == "resume"
+    assert store.claim_point(NewRun(point="p", name="e/a", config={}, threads=1)).state == "resume"
     store.finish_run(first.run.id, "interrupted")
-    again = store.claim_point("p", name="e/a", config={}, threads=1)
+    again = store.claim_point(NewRun(point="p", name="e/a", config={}, threads=1))
     assert again.state == "resume" and again.run.id == first.run.id
     assert again.run.threads == 3  # a resumed run keeps its thread count
     store.finish_run(first.run.id, "diverged", diverged_at=7)
-    done = store.claim_point("p", name="e/a", config={})
+    done = store.claim_point(NewRun(point="p", name="e/a", config={}))
     assert done.state == "done" and done.run.diverged_at == 7
     assert len(store.runs()) == 1
 
 
 def _claim_and_hold(path: str, point: str, ready, release) -> None:
     with Store(path) as store:
-        store.claim_point(point, name="held", config={})
+        store.claim_point(NewRun(point=point, name="held", config={}))
         ready.set()
         release.wait(60)
 
@@ -226,20 +233,20 @@ def test_a_live_owner_makes_the_point_busy_and_a_dead_one_stale(tmp_path: Path) 
     try:
         assert ready.wait(60)
         with Store(path) as store:
-            busy = store.claim_point("p", name="held", config={})
+            busy = store.claim_point(NewRun(point="p", name="held", config={}))
             assert busy.state == "busy" and busy.run.pid == proc.pid
     finally:
         release.set()
         proc.join(60)
     with Store(path) as store:
         assert store.runs()[0].status == "stale"
-        taken = store.claim_point("p", name="held", config={})
+        taken = store.claim_point(NewRun(point="p", name="held", config={}))
         assert taken.state == "resume" and taken.run.status == "running"
 
 
 def _claim_many(path: str, points: list[str], out) -> None:
     with Store(path) as store:
-        out.put([store.claim_point(p, name=p, config={}).state for p in points])
+        out.put([store.claim_point(NewRun(point=p, name=p, config={})).state for p in points])
 
 
 def test_concurrent_claims_give_each_point_to_one_process(tmp_path: Path) -> None:
@@ -294,7 +301,7 @@ def test_experiments_round_trip(store: Store) -> None:
     assert store.experiment_config("exp-1") == {"name": "exp"}
     assert store.experiment_points("exp-1") == grid
     assert store.experiment_config("nope") is None and store.experiment_points("nope") == []
-    run = store.claim_point("b1", name="exp/batchnorm", config={}).run
+    run = store.claim_point(NewRun(point="b1", name="exp/batchnorm", config={})).run
     assert [r.id for r in store.runs(experiment="exp-1")] == [run.id]
     assert [e[0] for e in store.experiments()] == ["exp-1"]
     assert set(store.runs_of_points(["a1", "b1"])) == {"b1"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -39,18 +40,26 @@ class StoreRecorder:
         self.store.finish_run(self.run_id, status, error)
 
 
-def make_progress(*, transient: bool = False, disable: bool = False) -> Progress:
-    """A rich progress display with steps, bar, ETA and the latest test accuracy."""
+def make_progress(
+    *,
+    transient: bool = False,
+    disable: bool = False,
+    detail: str = "acc {task.fields[acc]}",
+    console: Console | None = None,
+) -> Progress:
+    """A rich progress display: description, bar, steps done of total, ``detail`` (by
+    default the latest test accuracy), elapsed time and ETA."""
     return Progress(
         TextColumn("[bold]{task.description:<14}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("acc {task.fields[acc]}"),
+        TextColumn(detail),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
         transient=transient,
         disable=disable,
+        console=console,
     )
 
 

@@ -16,16 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress, TaskID
 
+from covshift.callbacks import make_progress
 from covshift.experiments.backends import Backend, InlineBackend, PoolBackend, SweepContext
 from covshift.experiments.config import ExperimentConfig
 from covshift.experiments.grid import Point, expand_grid, experiment_id
@@ -123,17 +116,7 @@ class SweepResult:
 
 def make_sweep_progress(*, disable: bool = False, console: Console | None = None) -> Progress:
     """One bar for a whole sweep: steps of every point, points done, ETA."""
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("steps, {task.fields[points]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        disable=disable,
-        console=console,
-    )
+    return make_progress(disable=disable, console=console, detail="steps, {task.fields[points]}")
 
 
 class _SweepEvents:

@@ -44,6 +44,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "Claim",
     "ExperimentPoint",
+    "NewRun",
     "RunInfo",
     "Store",
     "StoreError",
@@ -91,6 +92,21 @@ class RunInfo:
 
 
 assert tuple(f.name for f in fields(RunInfo)) == RUN_COLUMNS  # one list of columns
+
+
+@dataclass(frozen=True)
+class NewRun:
+    """What a new run row records, besides its status, times, versions and owner."""
+
+    name: str
+    config: Mapping[str, Any]
+    seed: int | None = None
+    preset: str | None = None
+    experiment: str | None = None
+    device: str | None = None
+    torch_version: str | None = None
+    point: str | None = None
+    threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -240,105 +256,71 @@ class Store:
         threads: int | None = None,
     ) -> int:
         """Record a new run with status ``running``; returns its id."""
+        run = NewRun(name, config, seed, preset, experiment, device, torch_version, point, threads)
         with self._transaction() as db:
-            return self._insert_run(
-                db, name, config, seed, preset, experiment, device, torch_version, point, threads
-            )
+            return self._insert_run(db, run)
 
-    def _insert_run(
-        self,
-        db: sqlite3.Connection,
-        name: str,
-        config: Mapping[str, Any],
-        seed: int | None,
-        preset: str | None,
-        experiment: str | None,
-        device: str | None,
-        torch_version: str | None,
-        point: str | None,
-        threads: int | None,
-    ) -> int:
+    def _insert_run(self, db: sqlite3.Connection, run: NewRun) -> int:
         try:
             cur = db.execute(
                 "INSERT INTO runs (name, preset, experiment, point, config, seed, status,"
                 " started_at, python_version, torch_version, covshift_version, device, host,"
                 " pid, threads) VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    name,
-                    preset,
-                    experiment,
-                    point,
-                    json.dumps(dict(config), sort_keys=True),
-                    seed,
+                    run.name,
+                    run.preset,
+                    run.experiment,
+                    run.point,
+                    json.dumps(dict(run.config), sort_keys=True),
+                    run.seed,
                     _now(),
                     platform.python_version(),
-                    torch_version,
+                    run.torch_version,
                     __version__,
-                    device,
+                    run.device,
                     socket.gethostname(),
                     os.getpid(),
-                    threads,
+                    run.threads,
                 ),
             )
         except OverflowError:
             raise StoreError(
-                f"seed {seed} does not fit the store's integer type; use 0 <= seed < 2**63"
+                f"seed {run.seed} does not fit the store's integer type; use 0 <= seed < 2**63"
             ) from None
         return int(cur.lastrowid)  # type: ignore[arg-type]
 
-    def claim_point(
-        self,
-        point: str,
-        *,
-        name: str,
-        config: Mapping[str, Any],
-        seed: int | None = None,
-        preset: str | None = None,
-        experiment: str | None = None,
-        device: str | None = None,
-        torch_version: str | None = None,
-        threads: int | None = None,
-    ) -> Claim:
-        """Take ownership of the run of grid point ``point`` for this process.
+    def claim_point(self, run: NewRun) -> Claim:
+        """Take ownership of the run of grid point ``run.point`` for this process.
 
         In one write transaction, so among processes that claim one point at the same
         time exactly one gets ``new`` or ``resume`` (the others see ``busy``): a point
-        with no run gets one; a finished or diverged one is ``done``; a run left
-        ``interrupted``, ``failed`` or ``running`` by a process that is gone (stale) is
-        handed over; a run a live process is training is ``busy``. A resumed run keeps
-        its recorded thread count.
+        with no run gets one (recorded from ``run``); a finished or diverged one is
+        ``done``; a run left ``interrupted``, ``failed`` or ``running`` by a process that
+        is gone (stale) is handed over; a run a live process is training is ``busy``. A
+        resumed run keeps its recorded thread count.
         """
+        if run.point is None:
+            raise ValueError("claim_point needs the run's grid point (NewRun.point)")
         with self._transaction() as db:
             row = db.execute(
-                f"SELECT {', '.join(RUN_COLUMNS)} FROM runs WHERE point = ?", (point,)
+                f"SELECT {', '.join(RUN_COLUMNS)} FROM runs WHERE point = ?", (run.point,)
             ).fetchone()
             if row is None:
-                run_id = self._insert_run(
-                    db,
-                    name,
-                    config,
-                    seed,
-                    preset,
-                    experiment,
-                    device,
-                    torch_version,
-                    point,
-                    threads,
-                )
+                run_id = self._insert_run(db, run)
                 state: Literal["new", "resume", "done", "busy"] = "new"
             else:
-                run = RunInfo.from_row(row)
-                run_id = run.id
-                if run.status in FINAL_OUTCOMES:
+                found = RunInfo.from_row(row)
+                run_id = found.id
+                if found.status in FINAL_OUTCOMES:
                     state = "done"
-                elif run.status == "running" and self._held_elsewhere(run):
+                elif found.status == "running" and self._held_elsewhere(found):
                     state = "busy"
                 else:
                     db.execute(
                         "UPDATE runs SET status = 'running', ended_at = NULL, error = NULL,"
                         " host = ?, pid = ?, device = COALESCE(?, device),"
                         " threads = COALESCE(threads, ?) WHERE id = ?",
-                        (socket.gethostname(), os.getpid(), device, threads, run_id),
+                        (socket.gethostname(), os.getpid(), run.device, run.threads, run_id),
                     )
                     state = "resume"
             row = db.execute(

@@ -25,7 +25,7 @@ from covshift.experiments.point import (
     error_text,
     train_point,
 )
-from covshift.store import Claim, Store
+from covshift.store import Claim, NewRun, Store
 from covshift.train import TrainState, resolve_device
 
 __all__ = [
@@ -88,15 +88,17 @@ def run_config(point: Point, context: SweepContext) -> dict[str, Any]:
 def claim_point(store: Store, point: Point, context: SweepContext, threads: int) -> Claim:
     """Claim ``point``'s run in ``store`` for this process (see :meth:`Store.claim_point`)."""
     return store.claim_point(
-        point.id,
-        name=f"{context.preset}/{point.name}",
-        config=run_config(point, context),
-        seed=point.seed,
-        preset=context.preset,
-        experiment=context.experiment_id,
-        device=str(resolve_device(point.spec.device)),
-        torch_version=torch.__version__,
-        threads=threads,
+        NewRun(
+            name=f"{context.preset}/{point.name}",
+            config=run_config(point, context),
+            seed=point.seed,
+            preset=context.preset,
+            experiment=context.experiment_id,
+            device=str(resolve_device(point.spec.device)),
+            torch_version=torch.__version__,
+            point=point.id,
+            threads=threads,
+        )
     )
 
 
