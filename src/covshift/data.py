@@ -135,6 +135,12 @@ class Dataset:
     def num_features(self) -> int:
         return int(self.x_train.shape[1])
 
+    @property
+    def is_regression(self) -> bool:
+        """True when the targets are real vectors ``(N, K)`` (trained with squared
+        error) rather than class labels."""
+        return bool(self.y_train.is_floating_point())
+
     def to(self, device: torch.device | str) -> Dataset:
         """The same dataset with every tensor on ``device`` (one copy, done once)."""
         move = {k: getattr(self, k).to(device) for k in ("x_train", "y_train", "x_test", "y_test")}
@@ -342,4 +348,41 @@ def synthetic(
         image_shape,
         source=f"synthetic(seed={seed}, n_train={n_train}, n_test={n_test}, "
         f"num_features={num_features}, num_classes={num_classes})",
+    )
+
+
+@_register("linear-regression")
+def linear_regression(
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    n_train: int = 1000,
+    n_test: int = 1000,
+    dim: int = 10,
+    seed: int = 0,
+) -> Dataset:
+    """Santurkar et al. 2018's deep-linear-network task: fit ``y = A x``.
+
+    ``A`` is a random ``dim x dim`` matrix with N(0, 1) entries and ``x ~ N(0, I)``
+    (Santurkar, Tsipras, Ilyas, Madry 2018, arXiv 1805.11604, Sec. 2.2: a 25-layer
+    deep linear network trained on ``||W_25 ... W_1 x - A x||^2``). The targets are
+    real vectors, so covshift trains with the squared error summed over outputs and
+    averaged over examples, and evaluations report ``test_loss`` only. The same
+    ``seed`` gives the same ``A`` and examples; ``data_dir`` is ignored.
+    """
+    for arg, value in {"n_train": n_train, "n_test": n_test, "dim": dim}.items():
+        if value < 1:
+            raise ValueError(f"linear-regression dataset: {arg} must be >= 1, got {value}")
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(dim, dim, generator=g)  # (K, D)
+    x_train = torch.randn(n_train, dim, generator=g)
+    x_test = torch.randn(n_test, dim, generator=g)
+    return Dataset(
+        "linear-regression",
+        x_train,
+        x_train @ a.T,
+        x_test,
+        x_test @ a.T,
+        dim,
+        None,
+        source=f"linear-regression(seed={seed}, n_train={n_train}, n_test={n_test}, dim={dim})",
     )

@@ -22,17 +22,28 @@ __all__ = [
     "CNN",
     "INITS",
     "MLP",
+    "VGG",
     "HiddenBlock",
     "build_cnn",
+    "build_deep_linear",
     "build_mlp",
+    "build_vgg",
     "cancels_bias",
 ]
 
-Activation = Literal["sigmoid", "tanh", "relu"]
+Activation = Literal["sigmoid", "tanh", "relu", "identity", "linear"]
 Placement = Literal["before", "after"]
 Init = Literal["gaussian", "xavier", "he", "torch"]
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}
+# ``identity`` and ``linear`` are the same (no non-linearity): a network of linear maps,
+# the control of "non-linear activations make the shift worse".
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "identity": nn.Identity,
+    "linear": nn.Identity,
+}
 INITS = ("gaussian", "xavier", "he", "torch")
 
 # Norms that subtract a per-channel mean computed over the batch (or over each
@@ -76,7 +87,7 @@ def _init_weights(
         return
     fan_out, fan_in = layer.weight.shape[0], layer.weight[0].numel()
     receptive = layer.weight[0, 0].numel()
-    gain = nn.init.calculate_gain(activation)
+    gain = nn.init.calculate_gain("linear" if activation == "identity" else activation)
     if init == "xavier":
         std = gain * math.sqrt(2.0 / (fan_in + fan_out * receptive))
     elif init == "he":
@@ -149,7 +160,7 @@ def build_mlp(
         num_classes: output size.
         width: units per hidden layer.
         depth: number of hidden layers.
-        activation: ``sigmoid``, ``tanh`` or ``relu``.
+        activation: ``sigmoid``, ``tanh``, ``relu`` or ``identity`` (= ``linear``: none).
         norm: ``none`` or any name of :func:`covshift.nn.norm_names`.
         norm_position: ``before`` the activation (the paper's choice) or ``after`` it.
         init: ``gaussian`` (std ``init_std``), ``xavier``, ``he`` or ``torch``.
@@ -265,3 +276,142 @@ def build_cnn(
             head, "xavier", init_std, "linear" if activation != "relu" else "relu", generator
         )
     return CNN(nn.ModuleList(blocks), head, image_shape)
+
+
+class VGG(nn.Module):
+    """VGG-style classifier (Simonyan & Zisserman 2014, at small scale): stages of 3x3
+    conv blocks (``features.<i>``, same ``linear``/``norm``/``act`` names as the MLP's),
+    a 2x2 max-pool after each stage, global average pooling and a linear ``head``."""
+
+    def __init__(
+        self,
+        features: nn.ModuleList,
+        pool_after: frozenset[int],
+        head: nn.Linear,
+        image_shape: tuple[int, int, int],
+    ) -> None:
+        super().__init__()
+        self.features = features
+        self.pool_after = pool_after
+        self.head = head
+        self.image_shape = image_shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.view(x.shape[0], *self.image_shape)  # (N, C, H, W)
+        for i, block in enumerate(self.features):
+            x = block(x)
+            if i in self.pool_after:
+                x = torch.nn.functional.max_pool2d(x, 2)
+        return self.head(x.mean(dim=(2, 3)))
+
+    def extra_repr(self) -> str:
+        return f"pool_after={sorted(self.pool_after)}"
+
+
+def build_vgg(
+    image_shape: tuple[int, int, int],
+    num_classes: int,
+    *,
+    width: int = 16,
+    depth: int = 4,
+    convs_per_stage: int = 2,
+    activation: Activation = "relu",
+    norm: str = "none",
+    norm_position: Placement = "before",
+    init: Init = "he",
+    init_std: float = 0.05,
+    norm_kwargs: dict[str, object] | None = None,
+    seed: int = 0,
+) -> VGG:
+    """A small VGG-style CNN, the kind of network Santurkar et al. 2018 test BN on.
+
+    ``depth`` 3x3 conv layers (padding 1), grouped ``convs_per_stage`` to a stage; stage
+    ``s`` has ``width * 2**s`` channels and ends with a 2x2 max-pool while the feature
+    map is at least 2 pixels on a side. See :func:`build_mlp` for the shared arguments.
+
+    Example:
+        >>> net = build_vgg((1, 28, 28), 10, width=8, depth=4, norm="batch")
+        >>> net(torch.rand(2, 784)).shape
+        torch.Size([2, 10])
+    """
+    if len(image_shape) != 3 or min(image_shape) < 1:
+        raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {image_shape}")
+    for arg, value in {"width": width, "depth": depth, "convs_per_stage": convs_per_stage}.items():
+        if value < 1:
+            raise ValueError(f"{arg} must be >= 1, got {value}")
+    _check_choice("activation", activation, tuple(ACTIVATIONS))
+    _check_choice("norm", norm, ["none", *norm_names()])
+    _check_choice("norm_position", norm_position, ("before", "after"))
+    _check_choice("init", init, INITS)
+    if init == "gaussian" and not init_std > 0:
+        raise ValueError(f"init_std must be > 0 for the gaussian init, got {init_std}")
+    bias = not (norm != "none" and norm_position == "before" and cancels_bias(norm))
+    generator = torch.Generator().manual_seed(seed)
+    pool_after: set[int] = set()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        blocks = []
+        in_ch, side = image_shape[0], min(image_shape[1:])
+        for i in range(depth):
+            out_ch = width * 2 ** (i // convs_per_stage)
+            conv = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=bias)
+            _init_weights(conv, init, init_std, activation, generator)
+            layer_norm = (
+                None if norm == "none" else create_norm(norm, out_ch, dims=2, **(norm_kwargs or {}))
+            )
+            blocks.append(HiddenBlock(conv, layer_norm, ACTIVATIONS[activation](), norm_position))
+            in_ch = out_ch
+            if (i + 1) % convs_per_stage == 0 and side >= 2:
+                pool_after.add(i)
+                side //= 2
+        head = nn.Linear(in_ch, num_classes)
+        _init_weights(head, "xavier", init_std, "linear", generator)
+    return VGG(nn.ModuleList(blocks), frozenset(pool_after), head, image_shape)
+
+
+def build_deep_linear(
+    in_features: int,
+    out_features: int,
+    *,
+    depth: int = 25,
+    width: int | None = None,
+    norm: str = "none",
+    init: Init = "xavier",
+    init_std: float = 0.1,
+    norm_kwargs: dict[str, object] | None = None,
+    seed: int = 0,
+) -> MLP:
+    """Santurkar et al. 2018's deep linear network: ``W_depth ... W_1 x`` (no biases, no
+    non-linearity), optionally with a norm after each of the first ``depth - 1`` maps.
+
+    The network is an :class:`MLP` with ``depth - 1`` hidden blocks (``hidden.<i>``,
+    identity activations) of ``width`` units (default ``in_features``) and a linear
+    ``head``; their setup is 25 layers of 10 x 10 maps fitting ``y = A x`` (the
+    ``linear-regression`` dataset).
+
+    Example:
+        >>> net = build_deep_linear(10, 10, depth=25, norm="batch")
+        >>> net(torch.randn(4, 10)).shape
+        torch.Size([4, 10])
+    """
+    if depth < 2:
+        raise ValueError(f"depth must be >= 2 (hidden maps and the last map), got {depth}")
+    if in_features < 1 or out_features < 1:
+        raise ValueError("in_features and out_features must be >= 1")
+    _check_choice("norm", norm, ["none", *norm_names()])
+    _check_choice("init", init, INITS)
+    if norm in _NEEDS_POSITIONS:
+        raise ValueError(f"norm {norm!r} needs spatial positions; a deep linear network has none")
+    units = width or in_features
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        blocks = []
+        for i in range(depth - 1):
+            linear = nn.Linear(in_features if i == 0 else units, units, bias=False)
+            _init_weights(linear, init, init_std, "identity", generator)
+            layer_norm = None if norm == "none" else create_norm(norm, units, **(norm_kwargs or {}))
+            blocks.append(HiddenBlock(linear, layer_norm, nn.Identity(), "before"))
+        head = nn.Linear(units, out_features, bias=False)
+        _init_weights(head, init, init_std, "identity", generator)
+    return MLP(nn.ModuleList(blocks), head)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -34,6 +34,7 @@ __all__ = [
     "TrainResult",
     "TrainState",
     "evaluate",
+    "loss_function",
     "resolve_device",
     "train",
 ]
@@ -133,23 +134,42 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
+def squared_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``(1/N) sum_n ||f(x_n) - y_n||^2``: the regression loss (Santurkar et al. 2018's
+    deep linear network), summed over outputs and averaged over examples."""
+    return (outputs - targets).pow(2).flatten(1).sum(dim=1).mean()
+
+
+def loss_function(data: Dataset) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training loss for ``data``: cross-entropy on labels, squared error on real
+    targets (:attr:`Dataset.is_regression`)."""
+    return squared_error if data.is_regression else F.cross_entropy
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 10_000
 ) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of ``model`` (in eval mode) on ``(x, y)``."""
+    """Accuracy and mean cross-entropy of ``model`` (in eval mode) on ``(x, y)``; for
+    real targets, the mean squared error (:func:`squared_error`) alone."""
     was_training = model.training
     model.eval()
+    regression = y.is_floating_point()
     try:
         correct = torch.zeros((), dtype=torch.int64, device=x.device)
         loss = torch.zeros((), dtype=torch.float64, device=x.device)
         for start in range(0, len(x), chunk):
-            logits = model(x[start : start + chunk])
+            out = model(x[start : start + chunk])
             target = y[start : start + chunk]
-            correct += (logits.argmax(dim=1) == target).sum()
-            loss += F.cross_entropy(logits, target, reduction="sum").double()
+            if regression:
+                loss += squared_error(out, target).double() * len(target)
+                continue
+            correct += (out.argmax(dim=1) == target).sum()
+            loss += F.cross_entropy(out, target, reduction="sum").double()
     finally:
         model.train(was_training)
+    if regression:
+        return {"test_loss": loss.item() / len(x)}
     return {"test_accuracy": correct.item() / len(x), "test_loss": loss.item() / len(x)}
 
 
@@ -203,7 +223,8 @@ def train(
     device: str | torch.device = "auto",
     checkpoint: str | os.PathLike[str] | Checkpointer | None = None,
 ) -> TrainResult:
-    """Train ``model`` on ``data`` with SGD and cross-entropy.
+    """Train ``model`` on ``data`` with SGD and cross-entropy (squared error for real
+    targets, :func:`loss_function`).
 
     Evaluates on the whole test set at step 0, every ``eval_every`` steps and at the
     last step; each evaluation also reports ``train_loss``, the mean training loss
@@ -229,6 +250,7 @@ def train(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
     sampler = BatchSampler(len(data.x_train), config.batch_size, config.seed)
+    criterion = loss_function(data)
     state = TrainState(model, optimizer, data, config, dev)
     history: dict[int, dict[str, float]] = {}
     loss_sum = torch.zeros((), device=dev)
@@ -262,7 +284,7 @@ def train(
         for step in range(first_step, config.steps + 1):
             idx = sampler.next().to(dev, non_blocking=True)
             x, y = data.x_train[idx], data.y_train[idx]
-            loss = F.cross_entropy(model(x), y)
+            loss = criterion(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -11,7 +11,8 @@ values; the grid is their product with the networks and the seeds::
 
 Any field of ``model``, ``optimizer``, ``probe`` and ``divergence`` can be an axis
 (and ``model.norm_kwargs.<name>``), and so can the data and loop fields ``dataset``,
-``data_dir``, ``steps``, ``batch_size``, ``eval_every`` and ``device``. The axes are
+``data_dir``, ``steps``, ``batch_size``, ``eval_every``, ``examples``,
+``eval_examples`` and ``device``. The axes are
 kept flat, by dotted key, in the order they are written.
 """
 
@@ -23,7 +24,16 @@ from typing import Any
 
 __all__ = ["LOOP_AXES", "closest", "flatten_sweep", "set_dotted"]
 
-LOOP_AXES = ("dataset", "data_dir", "steps", "batch_size", "eval_every", "device")
+LOOP_AXES = (
+    "dataset",
+    "data_dir",
+    "steps",
+    "batch_size",
+    "eval_every",
+    "examples",
+    "eval_examples",
+    "device",
+)
 
 
 def closest(name: str, choices: list[str]) -> str:

@@ -54,19 +54,32 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ModelSpec(_Strict):
-    """The network architecture (see :func:`covshift.models.build_mlp` / ``build_cnn``)."""
+Activation = Literal["sigmoid", "tanh", "relu", "identity", "linear"]
 
-    kind: Literal["mlp", "cnn"] = "mlp"
+
+class ModelSpec(_Strict):
+    """The network architecture (see :mod:`covshift.models`).
+
+    ``kind``: ``mlp`` (``width`` x ``depth`` hidden layers), ``cnn`` (``channels``),
+    ``vgg`` (``depth`` 3x3 convs, ``width`` channels in the first stage, doubling per
+    stage of ``convs_per_stage``) or ``linear`` (Santurkar et al.'s deep linear
+    network: ``depth`` bias-free maps of ``width`` units, default the input size;
+    ``activation`` is ignored). ``freeze``: glob patterns of module names whose
+    parameters are not trained (``"hidden.0.*"``); each must match a parameter.
+    """
+
+    kind: Literal["mlp", "cnn", "vgg", "linear"] = "mlp"
     width: int = Field(100, ge=1)
     depth: int = Field(3, ge=1)
     channels: tuple[int, ...] = (16, 32, 64)
-    activation: Literal["sigmoid", "tanh", "relu"] = "sigmoid"
+    convs_per_stage: int = Field(2, ge=1)
+    activation: Activation = "sigmoid"
     norm: str = "none"
     norm_position: Literal["before", "after"] = "before"
     init: Literal["gaussian", "xavier", "he", "torch"] = "gaussian"
     init_std: float = Field(0.1, gt=0)
     norm_kwargs: dict[str, float | int | bool | str | None] = Field(default_factory=dict)
+    freeze: tuple[str, ...] = ()
 
     @field_validator("norm")
     @classmethod
@@ -84,11 +97,15 @@ class NetworkSpec(_Strict):
     """One network of an experiment: a label and the model fields it overrides."""
 
     label: str
+    kind: Literal["mlp", "cnn", "vgg", "linear"] | None = None
+    width: int | None = Field(None, ge=1)
+    depth: int | None = Field(None, ge=1)
     norm: str | None = None
     norm_position: Literal["before", "after"] | None = None
-    activation: Literal["sigmoid", "tanh", "relu"] | None = None
+    activation: Activation | None = None
     init_std: float | None = Field(None, gt=0)
     norm_kwargs: dict[str, float | int | bool | str | None] | None = None
+    freeze: tuple[str, ...] | None = None
 
     def resolve(self, base: ModelSpec) -> ModelSpec:
         """``base`` with this network's overrides applied (validated again)."""
@@ -97,21 +114,53 @@ class NetworkSpec(_Strict):
 
 
 class OptimizerSpec(_Strict):
-    """SGD settings."""
+    """SGD settings.
+
+    ``lr_reference_batch``: when set, the learning rate is scaled linearly with the
+    batch size, ``lr * batch_size / lr_reference_batch`` (Goyal et al. 2017, the rule
+    Wu & He 2018 use across batch sizes); a point records the scaled rate.
+    """
 
     lr: float = Field(0.5, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
+    lr_reference_batch: int | None = Field(None, ge=1)
 
 
 class ProbeSpec(_Strict):
-    """What the probe records (see :class:`covshift.probe.ShiftProbe`)."""
+    """What the probe records (see :class:`covshift.probe.ShiftProbe`).
+
+    - ``mode``: the probe batch through the network in ``eval`` mode (running
+      statistics, the default), ``train`` mode (the batch's own statistics; noise
+      layers draw), or ``both`` (train-mode records are stored as ``<layer>@train``).
+    - ``noise_floor``: also record a second probe batch (the next ``examples`` test
+      examples) at the first and last probe steps, stored as ``<layer>@floor``: the
+      drift between two batches at the same weights (metric ``floor/<layer>``).
+    - ``gradient_ics_every``: measure gradient ICS (Santurkar et al. 2018, Def. 2.1)
+      on every weight layer every this many steps (0: never).
+    - ``smoothness_every``: measure the loss landscape along the gradient every this
+      many steps (0: never), step sizes in ``smoothness_range`` x lr.
+    - ``measure_batch``: the batch size of those two measurements (default: training's).
+    """
 
     layers: tuple[str, ...] = ("hidden.*.act",)
     record: Literal["input", "output"] = "input"
     every: int = Field(100, ge=1)
     examples: int = Field(1000, ge=2)
     quantiles: tuple[float, ...] = (0.15, 0.5, 0.85)
+    mode: Literal["eval", "train", "both"] = "eval"
+    noise_floor: bool = False
+    gradient_ics_every: int = Field(0, ge=0)
+    smoothness_every: int = Field(0, ge=0)
+    smoothness_range: tuple[float, float] = (0.5, 4.0)
+    measure_batch: int | None = Field(None, ge=1)
+
+    @field_validator("smoothness_range")
+    @classmethod
+    def _range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] < value[1]:
+            raise ValueError("smoothness_range must be (low, high) with 0 < low < high")
+        return value
 
     @field_validator("quantiles")
     @classmethod
@@ -146,6 +195,28 @@ class DivergenceSpec(_Strict):
     stop: bool = True
 
 
+_DEFAULT_STEPS = 50_000
+_DEFAULT_EVAL_EVERY = 500
+
+
+class SizeSpec(_Strict):
+    """One size of a preset (``quick``, ``full``): the overrides it applies, in the
+    form of ``--set`` (dotted keys, or nested tables), and its measured runtime."""
+
+    minutes: float | None = Field(None, gt=0)  # measured on the 2-core reference machine
+    set: dict[str, Any] = Field(default_factory=dict)
+
+
+class BatterySpec(_Strict):
+    """How the battery pairs this experiment's points for its across-experiment claim
+    (does less shift go with faster training?): a point with a norm and the point
+    that differs from it only in having none, compared on their drift and on the
+    steps they take to reach ``target`` of ``metric``. None: not part of it."""
+
+    metric: Literal["test_accuracy", "test_loss"] = "test_accuracy"
+    target: float | None = None
+
+
 class ExperimentConfig(_Strict):
     """A whole experiment, as read from a preset and overridden from the command line.
 
@@ -160,9 +231,14 @@ class ExperimentConfig(_Strict):
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
     seeds: tuple[int, ...] = (0,)
-    steps: int = Field(50_000, ge=1)
+    steps: int = Field(_DEFAULT_STEPS, ge=1)
     batch_size: int = Field(60, ge=1)
-    eval_every: int = Field(500, ge=1)
+    eval_every: int = Field(_DEFAULT_EVAL_EVERY, ge=1)
+    # Training length in examples instead of steps (steps = examples // batch_size),
+    # and evaluations every eval_examples examples: what stays fixed when the batch
+    # size is swept.
+    examples: int | None = Field(None, ge=1)
+    eval_examples: int | None = Field(None, ge=1)
     device: str = "auto"
     model: ModelSpec = ModelSpec()
     optimizer: OptimizerSpec = OptimizerSpec()
@@ -178,6 +254,9 @@ class ExperimentConfig(_Strict):
     # Settings the paper leaves open: setting -> why this value (printed in the report).
     choices: dict[str, str] = Field(default_factory=dict)
     claims: tuple[ClaimSpec, ...] = ()
+    sizes: dict[str, SizeSpec] = Field(default_factory=dict)
+    size: str | None = None  # the size applied (set by load_config)
+    battery: BatterySpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -210,8 +289,45 @@ class ExperimentConfig(_Strict):
             raise ValueError(f"seeds {list(value)} repeat a seed")
         return value
 
+    def resolved_steps(self) -> tuple[int, int]:
+        """``(steps, eval_every)``, from ``examples`` / ``eval_examples`` when set."""
+        steps = self.steps if self.examples is None else self.examples // self.batch_size
+        every = (
+            self.eval_every
+            if self.eval_examples is None
+            else max(1, self.eval_examples // self.batch_size)
+        )
+        return steps, every
+
+    def resolved_lr(self) -> float:
+        """The learning rate a point trains with (linearly scaled with the batch size
+        when ``optimizer.lr_reference_batch`` is set)."""
+        ref = self.optimizer.lr_reference_batch
+        return self.optimizer.lr if ref is None else self.optimizer.lr * self.batch_size / ref
+
     @model_validator(mode="after")
     def _networks_axes_claims(self) -> ExperimentConfig:
+        if self.examples is not None:
+            # (a re-validated dump carries the default steps: only another value clashes)
+            if "steps" in self.model_fields_set and self.steps != _DEFAULT_STEPS:
+                raise ValueError(
+                    "give steps or examples (steps = examples // batch_size), not both"
+                )
+            if self.examples < self.batch_size:
+                raise ValueError(
+                    f"examples = {self.examples} is fewer than one batch of {self.batch_size}"
+                )
+        if (
+            self.eval_examples is not None
+            and "eval_every" in self.model_fields_set
+            and self.eval_every != _DEFAULT_EVAL_EVERY
+        ):
+            raise ValueError("give eval_every or eval_examples, not both")
+        if self.size is not None and self.size not in self.sizes:
+            raise ValueError(
+                f"size {self.size!r} is not a size of this preset; sizes: "
+                f"{', '.join(self.sizes) or 'none'}"
+            )
         if not self.networks:
             raise ValueError("networks: at least one network is needed")
         for key, net in self.networks.items():
@@ -397,9 +513,42 @@ def read_preset(name_or_path: str) -> tuple[Path, dict[str, Any]]:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
 
 
-def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (a size's overrides, as ``--set`` keys)."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def apply_size(path: Path, raw: dict[str, Any], size: str) -> dict[str, Any]:
+    """``raw`` with the overrides of its size ``size`` applied (and ``size`` recorded)."""
+    sizes = raw.get("sizes")
+    if not isinstance(sizes, dict) or size not in sizes:
+        names = ", ".join(sizes) if isinstance(sizes, dict) else "none"
+        raise ConfigError(f"{path}: has no size {size!r}; its sizes: {names}")
+    table = sizes[size]
+    changes = _flatten(table.get("set", {})) if isinstance(table, dict) else {}
+    if "seeds" in changes or "seed" in changes:
+        raw = {k: v for k, v in raw.items() if k not in ("seed", "seeds")}
+    if "examples" in changes:
+        raw = {k: v for k, v in raw.items() if k != "steps"}
+    if "steps" in changes:
+        raw = {k: v for k, v in raw.items() if k != "examples"}
+    # An axis in a size replaces the preset's axis whole (it is a leaf of the table).
+    return {**apply_overrides(raw, changes), "size": size}
+
+
+def load_config(
+    name_or_path: str, overrides: dict[str, Any] | None = None, *, size: str | None = None
+) -> ExperimentConfig:
     """Read a preset (shipped name or .toml path), apply dotted overrides, validate.
 
+    ``size`` applies one of the preset's ``[sizes.<name>]`` first (``quick``, ``full``).
     ``seeds`` in the overrides replaces the preset's ``seeds`` (or ``seed``). A field
     that the preset sweeps cannot be overridden by itself: override the axis
     (``sweep.optimizer.lr=[0.1]``).
@@ -409,6 +558,8 @@ def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> E
             (each with its dotted path and what is accepted).
     """
     path, raw = read_preset(name_or_path)
+    if size is not None:
+        raw = apply_size(path, raw, size)
     overrides = dict(overrides or {})
     if "seeds" in overrides or "seed" in overrides:
         raw = {k: v for k, v in raw.items() if k not in ("seed", "seeds")}

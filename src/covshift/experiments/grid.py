@@ -34,6 +34,18 @@ __all__ = ["Point", "PointSpec", "expand_grid", "experiment_id", "format_axes"]
 
 # Bumped when the meaning of a PointSpec field changes, so old points are not reused.
 _IDENTITY_VERSION = 1
+# (section, field, default as JSON) of the fields added since version 1.
+_ADDED_FIELDS: tuple[tuple[str, str, Any], ...] = (
+    ("model", "convs_per_stage", 2),
+    ("model", "freeze", []),
+    ("optimizer", "lr_reference_batch", None),
+    ("probe", "mode", "eval"),
+    ("probe", "noise_floor", False),
+    ("probe", "gradient_ics_every", 0),
+    ("probe", "smoothness_every", 0),
+    ("probe", "smoothness_range", [0.5, 4.0]),
+    ("probe", "measure_batch", None),
+)
 
 
 class PointSpec(BaseModel):
@@ -54,9 +66,16 @@ class PointSpec(BaseModel):
     divergence: DivergenceSpec
 
     def identity(self) -> str:
-        """16 hex digits of the SHA-256 of the canonical JSON of this spec."""
+        """16 hex digits of the SHA-256 of the canonical JSON of this spec.
+
+        Fields added after identity version 1 are left out while they hold their
+        default, so the points recorded before they existed keep their identity."""
+        spec = self.model_dump(mode="json")
+        for section, field, default in _ADDED_FIELDS:
+            if spec[section].get(field) == default:
+                del spec[section][field]
         payload = json.dumps(
-            {"v": _IDENTITY_VERSION, **self.model_dump(mode="json")},
+            {"v": _IDENTITY_VERSION, **spec},
             sort_keys=True,
             separators=(",", ":"),
         )
@@ -94,16 +113,21 @@ def _point_spec(
     for key, value in axes.items():
         raw = set_dotted(raw, key, value)
     resolved = ExperimentConfig.model_validate({**raw, "seeds": [seed]})
+    steps, eval_every = resolved.resolved_steps()
+    # The point records the rate it trains with (scaled with the batch, when asked).
+    optimizer = resolved.optimizer.model_copy(
+        update={"lr": resolved.resolved_lr(), "lr_reference_batch": None}
+    )
     return PointSpec(
         dataset=resolved.dataset,
         data_dir=resolved.data_dir,
         seed=seed,
-        steps=resolved.steps,
+        steps=steps,
         batch_size=resolved.batch_size,
-        eval_every=resolved.eval_every,
+        eval_every=eval_every,
         device=resolved.device,
         model=resolved.networks[network].resolve(resolved.model),
-        optimizer=resolved.optimizer,
+        optimizer=optimizer,
         probe=resolved.probe,
         divergence=resolved.divergence,
     )

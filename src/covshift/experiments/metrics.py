@@ -10,7 +10,20 @@ A metric path is ``/``-separated:
 - ``steps_to/<series>/<target>``: the first evaluation step at which the series
   reaches ``target`` (``>=``; for a ``*_loss`` series, ``<=``); missing when it never
   does;
-- ``diverged``: 1 when the run diverged, else 0.
+- ``diverged``: 1 when the run diverged, else 0;
+- ``floor/<layer>``: the measurement's noise floor, the same drift formula between
+  two different probe batches at the same weights (``probe.noise_floor``): mean over
+  the first and last probe steps of ``(1/U) sum_u (1/|Q|) sum_q |Q^B_{u,q} - Q^A_{u,q}|
+  / w_u`` with the drift's own widths ``w_u``;
+- ``ics_cos/<layer>``, ``ics_l2/<layer>``: gradient ICS (Santurkar et al. 2018,
+  Def. 2.1) of a weight layer, ``cos(G, G')`` and ``||G - G'||``, averaged over its
+  measurements (``probe.gradient_ics_every``); ``<layer>`` = ``mean`` averages the
+  layers too;
+- ``smooth/<figure>``: a landscape figure (``loss_range``, ``grad_predictiveness``,
+  ``beta_smoothness``) averaged over its measurements (``probe.smoothness_every``).
+
+A layer's train-mode records (``probe.mode = "both"``) are the layer ``<layer>@train``
+(``drift/hidden.2.act@train``).
 
 A diverged run stops where the divergence rule fired (see
 :class:`~covshift.experiments.config.DivergenceSpec`); its series values at later
@@ -26,20 +39,26 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["SERIES", "MetricPath", "parse_metric"]
+__all__ = ["FLOOR", "ICS_STATS", "SERIES", "SMOOTHNESS", "TRAIN_MODE", "MetricPath", "parse_metric"]
 
 SERIES = ("test_accuracy", "test_loss", "train_loss")
+# Suffixes of the probe records stored beside a layer's own (eval-mode) records.
+TRAIN_MODE = "@train"  # the probe batch in train mode (batch statistics, noise on)
+FLOOR = "@floor"  # a second probe batch at the same weights (the noise floor)
+ICS_STATS = {"ics_cos": "grad_ics_cos", "ics_l2": "grad_ics_l2"}
+SMOOTHNESS = ("loss_range", "grad_predictiveness", "beta_smoothness")
 
 
 @dataclass(frozen=True)
 class MetricPath:
     """A parsed metric path (see the module docstring)."""
 
-    kind: Literal["series", "drift", "steps_to", "diverged"]
+    kind: Literal["series", "drift", "steps_to", "diverged", "floor", "ics", "smooth"]
     series: str | None = None
     when: int | Literal["final", "max", "min"] | None = None
     layer: str | None = None
     target: float | None = None
+    stat: str | None = None  # the stored statistic of an ics / smooth metric
 
     @property
     def lower_is_better(self) -> bool:
@@ -49,16 +68,26 @@ class MetricPath:
 def parse_metric(path: str) -> MetricPath:
     """Parse a metric path; ``ValueError`` with what is accepted when it is malformed."""
     accepted = (
-        "accepted: <series>/<step|final|max|min>, drift/<layer>, "
-        f"steps_to/<series>/<target>, diverged; series: {', '.join(SERIES)}"
+        "accepted: <series>/<step|final|max|min>, drift/<layer>, floor/<layer>, "
+        "ics_cos/<layer|mean>, ics_l2/<layer|mean>, smooth/<figure>, "
+        f"steps_to/<series>/<target>, diverged; series: {', '.join(SERIES)}; "
+        f"figures: {', '.join(SMOOTHNESS)}"
     )
     head, _, rest = path.partition("/")
     if path == "diverged":
         return MetricPath("diverged")
-    if head == "drift":
+    if head in ("drift", "floor"):
         if not rest:
-            raise ValueError(f"metric {path!r}: drift needs a layer (drift/hidden.2.act)")
-        return MetricPath("drift", layer=rest)
+            raise ValueError(f"metric {path!r}: {head} needs a layer ({head}/hidden.2.act)")
+        return MetricPath(head, layer=rest)  # type: ignore[arg-type]
+    if head in ICS_STATS:
+        if not rest:
+            raise ValueError(f"metric {path!r}: {head} needs a layer, or mean ({head}/mean)")
+        return MetricPath("ics", layer=rest, stat=ICS_STATS[head])
+    if head == "smooth":
+        if rest not in SMOOTHNESS:
+            raise ValueError(f"metric {path!r}: unknown figure {rest!r}; {accepted}")
+        return MetricPath("smooth", stat=rest)
     if head == "steps_to":
         series, _, target = rest.partition("/")
         if series not in SERIES:

@@ -12,11 +12,21 @@ from typing import Any
 
 import numpy as np
 
-from covshift.experiments.metrics import SERIES, MetricPath, parse_metric
+from covshift.experiments.metrics import (
+    FLOOR,
+    SERIES,
+    SMOOTHNESS,
+    TRAIN_MODE,
+    MetricPath,
+    parse_metric,
+)
 from covshift.probe.metrics import unit_quantile_drift
 from covshift.store import RunInfo, Store
 
-__all__ = ["PointNumbers", "load_numbers"]
+__all__ = ["PointNumbers", "load_numbers", "probed_layers"]
+
+SMOOTHNESS_LAYER = "(model)"  # the layer name of smoothness records (SmoothnessMonitor)
+MEASURED = {"grad_ics_cos", "grad_ics_l2", *SMOOTHNESS}
 
 
 def _finite(value: float) -> float | None:
@@ -30,6 +40,9 @@ class PointNumbers:
     run: RunInfo | None
     series: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     drift: dict[str, float | None] = field(default_factory=dict)
+    floor: dict[str, float | None] = field(default_factory=dict)
+    # (layer, stored stat) -> mean over measurements, for gradient ICS and smoothness
+    measures: dict[tuple[str, str], float | None] = field(default_factory=dict)
 
     @property
     def status(self) -> str:
@@ -48,6 +61,21 @@ class PointNumbers:
             return 1.0 if self.diverged else 0.0
         if m.kind == "drift":
             return self.drift.get(m.layer or "")
+        if m.kind == "floor":
+            return self.floor.get(m.layer or "")
+        if m.kind == "smooth":
+            return self.measures.get((SMOOTHNESS_LAYER, m.stat or ""))
+        if m.kind == "ics":
+            if m.layer != "mean":
+                return self.measures.get((m.layer or "", m.stat or ""))
+            found = [
+                v
+                for (layer, stat), v in self.measures.items()
+                if stat == m.stat and layer != SMOOTHNESS_LAYER
+            ]
+            if not found or any(v is None for v in found):
+                return None
+            return float(np.mean(found))
         steps, values = self.series.get(m.series or "", (np.array([]), np.array([])))
         if not len(steps):
             return None
@@ -88,16 +116,59 @@ class PointNumbers:
         }
 
 
+def probed_layers(store: Store, run_id: int) -> list[str]:
+    """The layers whose eval-mode distributions the probe recorded (not their
+    ``@train`` / ``@floor`` companions, nor gradient-ICS or smoothness records)."""
+    return [
+        layer
+        for layer in store.probe_layers(run_id)
+        if not layer.endswith((FLOOR, TRAIN_MODE))
+        and "quantiles" in store.probe_stats(run_id, layer)
+    ]
+
+
 def load_numbers(store: Store, run: RunInfo | None) -> PointNumbers:
     """Everything :class:`PointNumbers` needs from one run, read once."""
     if run is None:
         return PointNumbers(None)
     series = {name: store.scalars(run.id, name) for name in SERIES}
     drift: dict[str, float | None] = {}
-    for layer in store.probe_layers(run.id):
-        if "quantiles" not in store.probe_stats(run.id, layer):
-            continue  # e.g. gradient-ICS or smoothness records carry no quantiles
-        _, quantiles = store.probe(run.id, layer, "quantiles")  # (R, Q, U)
+    floor: dict[str, float | None] = {}
+    measures: dict[tuple[str, str], float | None] = {}
+    layers = store.probe_layers(run.id)
+    for layer in layers:
+        stats = store.probe_stats(run.id, layer)
+        if "quantiles" not in stats:  # gradient-ICS or smoothness records
+            for stat in stats:
+                if stat in MEASURED:
+                    _, values = store.probe(run.id, layer, stat)
+                    mean = float(np.mean(values)) if len(values) else float("nan")
+                    measures[(layer, stat)] = _finite(mean)
+            continue
+        if layer.endswith(FLOOR):
+            continue
+        steps, quantiles = store.probe(run.id, layer, "quantiles")  # (R, Q, U)
         value = float(unit_quantile_drift(quantiles).mean()) if len(quantiles) >= 2 else None
         drift[layer] = value if value is not None and np.isfinite(value) else None
-    return PointNumbers(run, series, drift)
+        if layer + FLOOR in layers:
+            floor[layer] = _floor(
+                steps, quantiles, *store.probe(run.id, layer + FLOOR, "quantiles")
+            )
+    return PointNumbers(run, series, drift, floor, measures)
+
+
+def _floor(
+    steps: np.ndarray, quantiles: np.ndarray, floor_steps: np.ndarray, floor_q: np.ndarray
+) -> float | None:
+    """The noise floor of a layer: the drift formula between the probe batch and the
+    second batch at the same steps, with the drift's widths (see :mod:`.metrics`)."""
+    q = np.asarray(quantiles, dtype=np.float64)
+    width = np.maximum((q[:, -1, :] - q[:, 0, :]).mean(axis=0), 1e-12)  # (U,)
+    values = []
+    for step, second in zip(floor_steps, np.asarray(floor_q, dtype=np.float64), strict=True):
+        hit = np.nonzero(steps == step)[0]
+        if len(hit):
+            values.append(float((np.abs(second - q[hit[0]]).mean(axis=0) / width).mean()))
+    if not values or not np.all(np.isfinite(values)):
+        return None
+    return float(np.mean(values))

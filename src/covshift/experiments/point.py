@@ -11,6 +11,8 @@ float reduction, so a run records its own and keeps it when resumed).
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import time
 import traceback
 from collections.abc import Sequence
@@ -24,10 +26,18 @@ from covshift.checkpoints import Checkpointer
 from covshift.data import Dataset, load_dataset
 from covshift.experiments.config import ConfigError, ModelSpec
 from covshift.experiments.grid import PointSpec
-from covshift.models import build_cnn, build_mlp
-from covshift.probe import ProbeRecord, ShiftProbe
+from covshift.experiments.metrics import FLOOR, TRAIN_MODE
+from covshift.models import build_cnn, build_deep_linear, build_mlp, build_vgg
+from covshift.probe import GradientICSMonitor, ProbeRecord, ShiftProbe, SmoothnessMonitor
 from covshift.store import Store
-from covshift.train import DivergenceGuard, TrainConfig, TrainState, resolve_device, train
+from covshift.train import (
+    DivergenceGuard,
+    TrainConfig,
+    TrainState,
+    loss_function,
+    resolve_device,
+    train,
+)
 
 __all__ = [
     "PointOutcome",
@@ -88,7 +98,41 @@ def error_text(e: BaseException) -> str:
 
 
 def build_model(spec: ModelSpec, data: Dataset, seed: int) -> torch.nn.Module:
-    """The network a :class:`ModelSpec` describes, sized for ``data``."""
+    """The network a :class:`ModelSpec` describes, sized for ``data``, with the
+    parameters of its ``freeze`` patterns set not to train."""
+    model = _build(spec, data, seed)
+    for pattern in spec.freeze:
+        frozen = [
+            p
+            for name, module in model.named_modules()
+            if fnmatch.fnmatchcase(name, pattern)
+            for p in module.parameters(recurse=True)
+        ]
+        if not frozen:
+            names = [n for n, m in model.named_modules() if n and any(m.parameters(False))]
+            raise ConfigError(
+                f"model.freeze: {pattern!r} matches no module with parameters; "
+                f"modules with parameters: {', '.join(names)}"
+            )
+        for param in frozen:
+            param.requires_grad_(False)
+    return model
+
+
+def _build(spec: ModelSpec, data: Dataset, seed: int) -> torch.nn.Module:
+    if spec.kind == "linear":
+        width = spec.width if "width" in spec.model_fields_set else None
+        return build_deep_linear(
+            data.num_features,
+            data.num_classes,
+            depth=spec.depth,
+            width=width,
+            norm=spec.norm,
+            init=spec.init,
+            init_std=spec.init_std,
+            norm_kwargs=dict(spec.norm_kwargs),
+            seed=seed,
+        )
     common: dict[str, Any] = dict(
         activation=spec.activation,
         norm=spec.norm,
@@ -104,8 +148,17 @@ def build_model(spec: ModelSpec, data: Dataset, seed: int) -> torch.nn.Module:
         )
     if data.image_shape is None:
         raise ConfigError(
-            f"model.kind = 'cnn' needs image data; dataset {data.name!r} has "
+            f"model.kind = {spec.kind!r} needs image data; dataset {data.name!r} has "
             f"flat features of size {data.num_features}"
+        )
+    if spec.kind == "vgg":
+        return build_vgg(
+            data.image_shape,
+            data.num_classes,
+            width=spec.width,
+            depth=spec.depth,
+            convs_per_stage=spec.convs_per_stage,
+            **common,
         )
     return build_cnn(data.image_shape, data.num_classes, channels=spec.channels, **common)
 
@@ -158,6 +211,99 @@ class _Recorder:
             self.sink.end(status, diverged_at=state.outcome_step if status == "diverged" else None)
 
 
+def _renamed(sink: PointSink, suffix: str) -> Any:
+    def deliver(record: ProbeRecord) -> None:
+        sink.probe(ProbeRecord(record.step, record.layer + suffix, record.stats))
+
+    return deliver
+
+
+def point_measures(
+    spec: PointSpec,
+    model: torch.nn.Module,
+    data: Dataset,
+    sink: PointSink,
+    background: bool | None = False,
+) -> list[object]:
+    """The measurement callbacks of a point, as its :class:`ProbeSpec` asks: the probe
+    (eval mode, train mode, or both), the noise-floor probe, gradient ICS and
+    landscape smoothness, all recording into ``sink``."""
+    p = spec.probe
+    batch = data.x_test[: p.examples]
+    common: dict[str, Any] = dict(record=p.record, quantiles=p.quantiles)
+    out: list[object] = []
+    if p.mode in ("eval", "both"):
+        out.append(
+            ShiftProbe(
+                model,
+                p.layers,
+                batch,
+                every=p.every,
+                sink=sink.probe,
+                background=background,
+                **common,
+            )
+        )
+    if p.mode in ("train", "both"):
+        suffix = TRAIN_MODE if p.mode == "both" else ""
+        out.append(
+            ShiftProbe(
+                model,
+                p.layers,
+                batch,
+                every=p.every,
+                mode="train",
+                sink=_renamed(sink, suffix) if suffix else sink.probe,
+                background=False,
+                **common,
+            )
+        )
+    if p.noise_floor:
+        # The next `examples` test examples, at the first and last probe steps.
+        second = data.x_test[p.examples : 2 * p.examples]
+        if len(second) < p.examples:
+            raise ConfigError(
+                f"probe.noise_floor needs 2 x probe.examples = {2 * p.examples} test "
+                f"examples; {data.name!r} has {len(data.x_test)}"
+            )
+        last = (spec.steps // p.every) * p.every
+        out.append(
+            ShiftProbe(
+                model,
+                p.layers,
+                second,
+                steps=sorted({0, last}),
+                mode="train" if p.mode == "train" else "eval",
+                sink=_renamed(sink, FLOOR),
+                background=False,
+                **common,
+            )
+        )
+    loss = loss_function(data)
+    if p.gradient_ics_every:
+        out.append(
+            GradientICSMonitor(
+                every=p.gradient_ics_every,
+                loss_fn=loss,
+                batch_size=p.measure_batch,
+                seed=spec.seed,
+                sink=sink.probe,
+            )
+        )
+    if p.smoothness_every:
+        out.append(
+            SmoothnessMonitor(
+                every=p.smoothness_every,
+                step_range=p.smoothness_range,
+                loss_fn=loss,
+                batch_size=p.measure_batch,
+                seed=spec.seed,
+                sink=sink.probe,
+            )
+        )
+    return out
+
+
 def train_point(
     spec: PointSpec,
     data: Dataset,
@@ -185,16 +331,7 @@ def train_point(
     start = time.perf_counter()
     try:
         model = build_model(spec.model, data, spec.seed)
-        probe = ShiftProbe(
-            model,
-            spec.probe.layers,
-            data.x_test[: spec.probe.examples],
-            every=spec.probe.every,
-            record=spec.probe.record,
-            quantiles=spec.probe.quantiles,
-            sink=sink.probe,
-            background=background,
-        )
+        measures = point_measures(spec, model, data, sink, background)
         guard = DivergenceGuard(spec.divergence.factor, spec.divergence.stop)
         config = TrainConfig(
             steps=spec.steps,
@@ -205,12 +342,15 @@ def train_point(
             eval_every=spec.eval_every,
             seed=spec.seed,
         )
-        with probe:
+        with contextlib.ExitStack() as stack:
+            for measure in measures:
+                if isinstance(measure, ShiftProbe):
+                    stack.enter_context(measure)
             result = train(
                 model,
                 data,
                 config,
-                callbacks=[probe, guard, _Recorder(sink), *callbacks],
+                callbacks=[*measures, guard, _Recorder(sink), *callbacks],
                 device=data.x_train.device,
                 checkpoint=checkpoint,
             )

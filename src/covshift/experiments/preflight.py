@@ -16,17 +16,17 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from covshift.data import BatchSampler, Dataset, DatasetError
 from covshift.experiments.config import ConfigError, ExperimentConfig
-from covshift.experiments.grid import Point
-from covshift.experiments.metrics import parse_metric
+from covshift.experiments.grid import Point, PointSpec
+from covshift.experiments.metrics import TRAIN_MODE, parse_metric
 from covshift.experiments.point import build_model, dataset_for
-from covshift.probe import ShiftProbe
-from covshift.train import evaluate
+from covshift.probe import ShiftProbe, gradient_ics, landscape_smoothness
+from covshift.train import evaluate, loss_function
 
 __all__ = ["Cost", "estimate_seconds", "preflight"]
 
@@ -42,33 +42,35 @@ class Cost:
     step: float
     evaluation: float
     record: float
+    gradient_ics: float = 0.0  # one gradient-ICS measurement (when the probe asks)
+    smoothness: float = 0.0  # one landscape measurement
 
     def of(self, point: Point) -> float:
         spec = point.spec
+        p = spec.probe
         evals = spec.steps // spec.eval_every + 2
-        records = spec.steps // spec.probe.every + 1
-        return spec.steps * self.step + evals * self.evaluation + records * self.record
+        records = (spec.steps // p.every + 1) * (2 if p.mode == "both" else 1)
+        records += 2 if p.noise_floor else 0
+        measured = 0.0
+        if p.gradient_ics_every:
+            measured += (spec.steps // p.gradient_ics_every + 1) * self.gradient_ics
+        if p.smoothness_every:
+            measured += (spec.steps // p.smoothness_every + 1) * self.smoothness
+        return spec.steps * self.step + evals * self.evaluation + records * self.record + measured
 
 
 def _architecture(point: Point) -> str:
     """What a step's cost depends on (not the learning rate, init scale or seed)."""
-    m = point.spec.model
+    spec = point.spec
+    model = spec.model.model_dump(mode="json", exclude={"init", "init_std"})
     return repr(
         (
-            point.spec.dataset,
-            point.spec.data_dir,
-            point.spec.device,
-            point.spec.batch_size,
-            point.spec.probe.examples,
-            tuple(point.spec.probe.layers),
-            m.kind,
-            m.width,
-            m.depth,
-            m.channels,
-            m.activation,
-            m.norm,
-            m.norm_position,
-            sorted(m.norm_kwargs.items()),
+            spec.dataset,
+            spec.data_dir,
+            spec.device,
+            spec.batch_size,
+            sorted(spec.probe.model_dump(mode="json", exclude={"every"}).items()),
+            sorted((k, repr(v)) for k, v in model.items()),
         )
     )
 
@@ -93,6 +95,18 @@ def _check_sizes(point: Point, data: Dataset) -> None:
         raise ConfigError(
             f"probe.examples = {spec.probe.examples} (point {point.name}) is more than the "
             f"{len(data.x_test)} test examples of {spec.dataset}; use at most {len(data.x_test)}"
+        )
+    if spec.probe.noise_floor and 2 * spec.probe.examples > len(data.x_test):
+        raise ConfigError(
+            f"probe.noise_floor (point {point.name}) needs a second probe batch: 2 x "
+            f"probe.examples = {2 * spec.probe.examples} test examples, and {spec.dataset} has "
+            f"{len(data.x_test)}; use probe.examples <= {len(data.x_test) // 2}"
+        )
+    measure = spec.probe.measure_batch
+    if measure is not None and measure > len(data.x_train):
+        raise ConfigError(
+            f"probe.measure_batch = {measure} (point {point.name}) is more than the "
+            f"{len(data.x_train)} training examples of {spec.dataset}"
         )
 
 
@@ -120,13 +134,16 @@ def _try(point: Point, data: Dataset, threads: int) -> tuple[Cost, list[str]]:
             raise ConfigError(f"point {point.name}: probe.layers: {e}") from None
         optimizer = torch.optim.SGD(model.parameters(), lr=spec.optimizer.lr)
         sampler = BatchSampler(len(data.x_train), spec.batch_size, spec.seed)
+        criterion = loss_function(data)
 
         def steps(n: int) -> float:
             start = time.perf_counter()
             for _ in range(n):  # what the loop does: gather a batch, forward, backward, step
                 idx = sampler.next()
                 optimizer.zero_grad(set_to_none=True)
-                F.cross_entropy(model(data.x_train[idx]), data.y_train[idx]).backward()
+                loss = criterion(model(data.x_train[idx]), data.y_train[idx])
+                if loss.requires_grad:  # (every parameter frozen: nothing to step)
+                    loss.backward()
                 optimizer.step()
             return (time.perf_counter() - start) / n
 
@@ -145,12 +162,38 @@ def _try(point: Point, data: Dataset, threads: int) -> tuple[Cost, list[str]]:
                     * len(data.x_test)
                     / min(_EVAL_SAMPLE, len(data.x_test))
                 )
+                ics, smooth = _measure_costs(spec, model, optimizer, data, criterion)
             except RuntimeError as e:
                 raise ConfigError(f"point {point.name}: a training step fails: {e}") from None
             layers = list(probe.layer_names)
     finally:
         torch.set_num_threads(previous)
-    return Cost(step, evaluation, record), layers
+    return Cost(step, evaluation, record, ics, smooth), layers
+
+
+def _measure_costs(
+    spec: PointSpec,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: Dataset,
+    criterion: Any,
+) -> tuple[float, float]:
+    """Seconds of one gradient-ICS and one smoothness measurement (0 when not asked)."""
+    p = spec.probe
+    size = p.measure_batch or spec.batch_size
+    x, y = data.x_train[:size], data.y_train[:size]
+    ics = smooth = 0.0
+    if p.gradient_ics_every:
+        start = time.perf_counter()
+        gradient_ics(model, optimizer, x, y, loss_fn=criterion)
+        ics = time.perf_counter() - start
+    if p.smoothness_every:
+        start = time.perf_counter()
+        landscape_smoothness(
+            model, x, y, lr=spec.optimizer.lr, loss_fn=criterion, step_range=p.smoothness_range
+        )
+        smooth = time.perf_counter() - start
+    return ics, smooth
 
 
 def preflight(config: ExperimentConfig, points: Sequence[Point], threads: int) -> dict[str, Cost]:
@@ -184,10 +227,21 @@ def _check_claim_layers(config: ExperimentConfig, probed: dict[str, list[str]]) 
                 continue
             metric = parse_metric(path)
             layers = probed.get(net) or []
-            if metric.kind == "drift" and layers and metric.layer not in layers:
+            if metric.kind not in ("drift", "floor") or not layers:
+                continue
+            probe = config.probe
+            name = metric.layer or ""
+            if probe.mode == "both" and name.endswith(TRAIN_MODE):
+                name = name.removesuffix(TRAIN_MODE)
+            if name not in layers:
                 raise ConfigError(
                     f"claims[{i}].{role}: {path!r}: network {net!r} probes "
                     f"{', '.join(layers)}, not {metric.layer!r}"
+                    + (" (train-mode records need probe.mode = 'both')" if "@" in name else "")
+                )
+            if metric.kind == "floor" and not probe.noise_floor:
+                raise ConfigError(
+                    f"claims[{i}].{role}: {path!r} needs the noise floor: set probe.noise_floor"
                 )
 
 

@@ -92,6 +92,13 @@ class ShiftProbe:
         record: ``"input"`` (the first tensor argument of the layer, e.g. the
             pre-activation fed to a sigmoid) or ``"output"`` (its first tensor output).
         source: ``"probe"`` (the fixed probe batch) or ``"train"`` (live batches).
+        mode: how the probe batch goes through the model: ``"eval"`` (default; norms
+            use their running statistics, noise layers are off) or ``"train"`` (norms
+            use the probe batch's own statistics and noise layers draw, as a training
+            forward would). A train-mode record changes nothing: every buffer (running
+            statistics, counters) is restored after it and the global random state
+            too, so training goes on bitwise as without it. Train-mode records are
+            taken on the training thread (no background).
         quantiles: quantile levels to record per unit and pooled.
         bins: bins of the adaptive-range histogram of each layer (0: none).
         unit_histograms: keep one histogram per unit as well (``U x bins`` per record).
@@ -127,6 +134,7 @@ class ShiftProbe:
         schedule: Schedule | None = None,
         record: Literal["input", "output"] = "input",
         source: Literal["probe", "train"] = "probe",
+        mode: Literal["eval", "train"] = "eval",
         quantiles: Sequence[float] = DEFAULT_QUANTILES,
         bins: int = 40,
         unit_histograms: bool = False,
@@ -144,6 +152,16 @@ class ShiftProbe:
             raise ValueError(
                 f"source must be 'probe' (a fixed probe batch) or 'train' (the live "
                 f"training batches), got {source!r}"
+            )
+        if mode not in ("eval", "train"):
+            raise ValueError(
+                f"mode must be 'eval' (running statistics) or 'train' (the probe batch's "
+                f"own statistics), got {mode!r}"
+            )
+        if background and mode == "train":
+            raise ValueError(
+                "mode='train' records on the training thread (its buffers are restored "
+                "after each record); drop background=True"
             )
         if background and source == "train":
             raise ValueError(
@@ -171,6 +189,7 @@ class ShiftProbe:
         self._optional = selection.optional
         self.record = record
         self.source = source
+        self.mode = mode
         self.config = StatsConfig(
             quantiles, bins, unit_histograms, saturation_slope, unit_dim, pooled_quantiles
         )
@@ -327,7 +346,7 @@ class ShiftProbe:
     def _use_background(self) -> bool:
         """Whether this record runs in the worker (see ``background``); the first
         record runs here, so that a probe batch that does not fit fails at once."""
-        if self._background_mode is False or not self._checked:
+        if self._background_mode is False or not self._checked or self.mode == "train":
             return False
         if self._group_arg() is not False:
             if self._background_mode:
@@ -391,13 +410,20 @@ class ShiftProbe:
         was_training = self.model.training
         self._collector.clear()
         self._taps.attach()
+        saved = [b.detach().clone() for b in self.model.buffers()] if self.mode == "train" else []
         try:
-            self.model.eval()
+            self.model.train(self.mode == "train")
             try:
-                self.model(*inputs)
+                # Noise layers draw in train mode: from a forked random state, so the
+                # training steps after a record draw what they would without it.
+                devices = sorted({b.device.index for b in saved if b.device.type == "cuda"})
+                with torch.random.fork_rng(devices=devices, enabled=self.mode == "train"):
+                    self.model(*inputs)
             except RuntimeError as error:
                 raise _explain(self.model, inputs, error) from error
         finally:
+            for buffer, value in zip(self.model.buffers(), saved, strict=False):
+                buffer.copy_(value)  # running statistics and counters, as before the record
             self.model.train(was_training)
             self._taps.remove()
         self._checked = True

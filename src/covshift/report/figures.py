@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 
 from covshift.experiments.config import ExperimentConfig
 from covshift.experiments.grid import format_axes
+from covshift.experiments.numbers import probed_layers
 from covshift.experiments.summary import typical_unit
 from covshift.store import Store
 
@@ -63,7 +64,7 @@ def percentile_panels(
     ``report.unit``."""
     panels = []
     for key, row in _first_runs(summary).items():
-        layers = store.probe_layers(row["run_id"])
+        layers = probed_layers(store, row["run_id"])
         if not layers:
             continue
         layer = config.report.layer or layers[-1]
