@@ -46,8 +46,10 @@ def test_run_json(tmp_path: Path) -> None:
     for net in summary["networks"].values():
         assert net["final_step"] == 200 and 0 <= net["test_accuracy"]["final"] <= 1
         assert net["seeds"] == [0, 1, 2] and net["status"] == {"finished": 3}
-        assert set(net["drift"]) == {"hidden.0.act", "hidden.1.act", "hidden.2.act"}
-    assert len(summary["points"]) == 6 and len(summary["claims"]) == 5
+        # eval-mode records, and train-mode ones (probe.mode = "both")
+        layers = {"hidden.0.act", "hidden.1.act", "hidden.2.act"}
+        assert set(net["drift"]) == layers | {f"{x}@train" for x in layers}
+    assert len(summary["points"]) == 6 and len(summary["claims"]) == 8
     for claim in summary["claims"]:
         assert {"estimate", "interval", "verdict", "rule", "rule_text", "seeds"} <= set(claim)
     report = Path(summary["report"])

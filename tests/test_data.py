@@ -132,7 +132,9 @@ def test_mismatched_labels(tmp_path: Path) -> None:
 
 
 def test_unknown_dataset() -> None:
-    with pytest.raises(DatasetError, match="choose one of: fashion-mnist, mnist, synthetic"):
+    with pytest.raises(
+        DatasetError, match="choose one of: fashion-mnist, linear-regression, mnist, synthetic"
+    ):
         load_dataset("cifar")
 
 

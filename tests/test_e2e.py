@@ -33,7 +33,9 @@ def test_ioffe2015_2000_steps_json(tmp_path: Path) -> None:
     base, bn = summary["networks"]["baseline"], summary["networks"]["batchnorm"]
     for net in (base, bn):
         assert net["status"] == {"finished": 3} and net["final_step"] == 2000
-        assert set(net["drift"]) == {"hidden.0.act", "hidden.1.act", "hidden.2.act"}
+        # eval-mode records, and train-mode ones (probe.mode = "both")
+        layers = {"hidden.0.act", "hidden.1.act", "hidden.2.act"}
+        assert set(net["drift"]) == layers | {f"{x}@train" for x in layers}
     # Fashion-MNIST after 1,000 steps of this setup, mean of 3 seeds: both nets well
     # above chance, BN ahead (measured 0.82 vs 0.76 with seed 0).
     assert 0.65 < base["test_accuracy"]["1000"] < 0.85

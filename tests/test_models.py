@@ -117,7 +117,10 @@ def test_every_registered_norm_builds_and_runs(norm: str) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"activation": "gelu"}, "activation must be one of sigmoid, tanh, relu; got 'gelu'"),
+        (
+            {"activation": "gelu"},
+            "activation must be one of sigmoid, tanh, relu, identity, linear; got 'gelu'",
+        ),
         ({"norm": "weird"}, "norm must be one of none, "),
         ({"norm_position": "middle"}, "norm_position must be one of before, after"),
         ({"init": "orthogonal"}, "init must be one of gaussian, xavier, he, torch"),

@@ -322,16 +322,117 @@ def runs(
 
 @app.command()
 def presets() -> None:
-    """List the shipped experiment presets.
+    """List the shipped experiment presets, with their measured runtime per size.
 
     Example: covshift presets
     """
-    table = Table(title="presets")
+    from covshift.experiments.battery import BATTERY
+
+    table = Table(title="presets (runtime measured on 2 cores, 2 workers, empty store)")
     table.add_column("name")
-    table.add_column("title")
+    table.add_column("what it tests")
+    table.add_column("quick", justify="right")
+    table.add_column("full", justify="right")
+    table.add_column("battery")
     for name in preset_names():
-        table.add_row(name, load_config(name).title)
+        config = load_config(name)
+        minutes = []
+        for size in ("quick", "full"):
+            found = config.sizes.get(size)
+            minutes.append(
+                "-" if found is None else (f"{found.minutes:g} min" if found.minutes else "yes")
+            )
+        table.add_row(name, config.title, *minutes, "yes" if name in BATTERY else "")
     _out.print(table)
+
+
+@app.command()
+def claims(
+    size: Annotated[str, typer.Option(help="quick (minutes) or full (hours).")] = "quick",
+    only: Annotated[
+        list[str] | None,
+        typer.Option("--only", help="Run and report only these presets (repeatable)."),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(min=1, help="Points trained at once (local backend; default: one per core)."),
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(min=1, help="Torch threads per point (default: cores / workers; Ray: 1)."),
+    ] = None,
+    backend: Annotated[
+        str, typer.Option(help="local (processes on this machine) or ray (Ray tasks).")
+    ] = "local",
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster to join (--backend ray).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print what would run and the estimate; run nothing.")
+    ] = False,
+    db: DbOption = DEFAULT_DB,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Report folder (default: reports/battery-<size> beside the store)."),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the claims as JSON on stdout.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Run the battery (every claim of the textbook account, one preset per group):
+    what the store does not hold yet, then one claims.html and claims.json.
+
+    Example: covshift claims --size quick
+    """
+    from covshift.cli_tables import claims_table
+    from covshift.experiments.battery import BATTERY, plan_battery
+    from covshift.experiments.battery_run import report_battery, run_battery
+
+    if size not in ("quick", "full"):
+        raise UserError(f"--size must be quick or full, got {size!r}")
+    chosen = list(only or BATTERY)
+    unknown = [p for p in chosen if p not in BATTERY]
+    if unknown:
+        raise UserError(
+            f"--only {', '.join(unknown)}: not battery presets; battery: {', '.join(BATTERY)}"
+        )
+    console = _err if as_json else _out
+    parts = plan_battery(size, db, chosen)
+    try:
+        run_battery(
+            parts,
+            db,
+            backend=backend,
+            workers=workers,
+            threads=threads,
+            address=address,
+            dry_run=dry_run,
+            quiet=quiet,
+            console=console,
+        )
+    except KeyboardInterrupt:
+        _err.print(
+            "[yellow]Interrupted[/]. What was recorded stays in the store; the same command "
+            "resumes the battery.",
+            highlight=False,
+        )
+        raise typer.Exit(130) from None
+    if dry_run:
+        return
+    out_dir = out if out is not None else db.parent / "reports" / f"battery-{size}"
+    results, page = report_battery(parts, db, out_dir, size=size)
+    if as_json:
+        print(json.dumps(json_safe_claims(results), indent=2, allow_nan=False))
+    else:
+        console.print(claims_table({"claims": results}))
+        console.print(f"Report: {page}")
+
+
+def json_safe_claims(results: list[dict[str, Any]]) -> dict[str, Any]:
+    from covshift.experiments.summary import json_safe
+
+    return json_safe({"claims": results})
 
 
 @app.command()

@@ -57,7 +57,8 @@ def test_ioffe2015_preset_is_the_paper_setup() -> None:
     assert config.probe.quantiles == (0.15, 0.5, 0.85)
     assert config.seeds == (0, 1, 2) and config.sweep == {}
     assert {"optimizer", "init", "bn_eps", "bn_momentum", "seeds"} <= set(config.choices)
-    assert [c.rule for c in config.claims] == ["greater", "greater", "not_less", "less", "less"]
+    assert [c.rule for c in config.claims] == ["greater", "greater", "not_less"] + ["less"] * 5
+    assert config.probe.mode == "both" and set(config.sizes) == {"quick", "full"}
 
 
 def test_overrides_are_typed() -> None:
@@ -121,7 +122,7 @@ def test_sweep_axes_from_toml_dotted_keys(tmp_path: Path) -> None:
         (
             ("optimizer.lr = [", "optimizer.lrr = ["),
             r"sweep\.optimizer\.lrr: 'lrr' is not a field that can be swept \(did you mean lr\?\);"
-            r" accepted: lr, momentum, weight_decay",
+            r" accepted: lr, lr_reference_batch, momentum, weight_decay",
         ),
         (
             ("model.depth", "modle.depth"),

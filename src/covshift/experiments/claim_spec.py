@@ -11,9 +11,17 @@ Statistics (per seed ``s``; ``m(net, point)`` is a metric path, :mod:`.metrics`)
   metrics of one network (e.g. drift against its noise floor), and
   ``baseline_where`` compares two values of a sweep axis (``where = {"model.norm" =
   "batch"}, baseline_where = {"model.norm" = "none"}``).
+  With both a ``baseline`` network and ``baseline_where`` and ``interaction = true``,
+  the difference of differences ``[m(net) - m(base)]_where - [m(net) - m(base)]
+  _baseline_where`` (e.g. BN's gain in a deep network minus its gain in a shallow one).
+- ``value``: ``m(network, s)`` itself (e.g. a drift that must be zero).
 - ``trend``: over the values ``v`` of one sweep ``axis``, the Spearman rank correlation
   of ``m(network, v, s)`` with ``v`` (``method = "spearman"``), or the least-squares
-  slope against ``v`` or ``log2 v`` (``method = "slope"``, ``log_axis``).
+  slope against ``v`` or ``log2 v`` (``method = "slope"``, ``log_axis``); with a
+  ``baseline``, of the paired difference ``m(network, v, s) - m(baseline, v, s)``.
+- ``layer_trend``: the same along the probed layers of one network, in forward order
+  (layer index 0, 1, ...), of a per-layer metric written with ``*`` for the layer
+  (``drift/*``, ``drift/*@train``).
 - ``threshold``: the largest (``pick = "largest"``) or smallest axis value at which
   the network's metric reaches ``target`` (``>=``; ``<=`` with ``below = true``) and
   the run did not diverge; with a ``baseline``, the difference of the two networks'
@@ -66,13 +74,14 @@ class ClaimSpec(BaseModel):
     text: str
     id: str | None = None
     reading: str = ""  # the operational reading of the claim, quoted in the report
-    statistic: Literal["difference", "trend", "threshold"] = "difference"
+    statistic: Literal["difference", "value", "trend", "layer_trend", "threshold"] = "difference"
     metric: str
     network: str
     baseline: str | None = None
     baseline_metric: str | None = None
     where: dict[str, Any] = Field(default_factory=dict)
     baseline_where: dict[str, Any] = Field(default_factory=dict)
+    interaction: bool = False
     axis: str | None = None
     method: Literal["spearman", "slope"] = "spearman"
     log_axis: bool = False
@@ -105,7 +114,27 @@ class ClaimSpec(BaseModel):
     def _consistent(self) -> ClaimSpec:
         for path in (self.metric, self.baseline_metric):
             if path is not None:
-                parse_metric(path)
+                parse_metric(path.replace("/*", "/last"))
+        if self.statistic == "layer_trend":
+            if "/*" not in self.metric:
+                raise ValueError(
+                    "a layer_trend claim runs along the probed layers: write its metric with "
+                    "* for the layer (drift/*)"
+                )
+            if self.axis is not None or self.baseline is not None:
+                raise ValueError("a layer_trend claim is about one network and no sweep axis")
+            return self
+        if self.statistic == "value":
+            if self.baseline is not None or self.baseline_metric is not None or self.axis:
+                raise ValueError("a value claim is one network's metric: drop baseline and axis")
+            if self.baseline_where:
+                raise ValueError("baseline_where belongs to difference claims")
+            return self
+        if self.interaction and (self.baseline is None or not self.baseline_where):
+            raise ValueError(
+                "interaction = true compares a difference between networks (baseline) at "
+                "two values of an axis (baseline_where): give both"
+            )
         if self.statistic == "difference":
             if self.baseline is None and self.baseline_metric is None and not self.baseline_where:
                 raise ValueError(
@@ -129,8 +158,6 @@ class ClaimSpec(BaseModel):
             raise ValueError("baseline_where belongs to difference claims")
         if self.statistic == "threshold" and self.target is None:
             raise ValueError("a threshold claim needs a target value of its metric")
-        if self.statistic == "trend" and self.baseline is not None:
-            raise ValueError("a trend claim is about one network; drop baseline")
         return self
 
     @property

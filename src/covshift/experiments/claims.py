@@ -100,12 +100,54 @@ def _axes(config: ExperimentConfig, claim: ClaimSpec, where: dict[str, Any]) -> 
 
 
 def _difference(grid: _Grid, config: ExperimentConfig, claim: ClaimSpec, axes: dict, seed: int):
-    a = grid.value(claim.network, axes, seed, claim.metric)
-    b_net = claim.baseline or claim.network
     b_axes = {k: claim.baseline_where.get(k, v) for k, v in axes.items()}
-    b = grid.value(b_net, b_axes, seed, claim.baseline_metric or claim.metric)
+    if claim.interaction:  # [net - base] at where, minus the same at baseline_where
+        assert claim.baseline is not None
+        gaps = []
+        for at in (axes, b_axes):
+            x = grid.value(claim.network, at, seed, claim.metric)
+            y = grid.value(claim.baseline, at, seed, claim.baseline_metric or claim.metric)
+            gaps.append(x - y if x is not None and y is not None else None)
+        a, b = gaps
+    else:
+        a = grid.value(claim.network, axes, seed, claim.metric)
+        b_net = claim.baseline or claim.network
+        b = grid.value(b_net, b_axes, seed, claim.baseline_metric or claim.metric)
     data = {"network": a, "baseline": b}
     return (a - b if a is not None and b is not None else None), data
+
+
+def _value(grid: _Grid, config: ExperimentConfig, claim: ClaimSpec, axes: dict, seed: int):
+    a = grid.value(claim.network, axes, seed, claim.metric)
+    return a, {"network": a}
+
+
+def _fit(claim: ClaimSpec, xs: np.ndarray, ys: np.ndarray, log_axis: bool) -> float | None:
+    if claim.method == "spearman":
+        if np.ptp(ys) == 0 or np.ptp(xs) == 0:
+            return None
+        return float(scipy_stats.spearmanr(xs, ys).statistic)
+    return float(np.polyfit(np.log2(xs) if log_axis else xs, ys, 1)[0])
+
+
+def _layer_trend(grid: _Grid, config: ExperimentConfig, claim: ClaimSpec, axes: dict, seed: int):
+    found = grid.numbers.get(_key(claim.network, axes, seed))
+    layers = found.layers() if found is not None else []
+    curve = (
+        [
+            (float(i), found.value(claim.metric.replace("*", layer)), False)
+            for i, layer in enumerate(layers)
+        ]
+        if found is not None
+        else []
+    )
+    data = {"curve": {claim.network: curve}, "layers": layers}
+    pairs = [(x, y) for x, y, _ in curve if y is not None]
+    if len(pairs) < 2:
+        return None, data
+    return _fit(
+        claim, np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]), False
+    ), data
 
 
 def _curve(
@@ -128,18 +170,21 @@ def _curve(
 
 def _trend(grid: _Grid, config: ExperimentConfig, claim: ClaimSpec, axes: dict, seed: int):
     curve = _curve(grid, config, claim, claim.network, axes, seed)
+    data: dict[str, Any] = {"curve": {claim.network: curve}}
+    if claim.baseline is not None:  # the trend of the paired difference
+        base = _curve(grid, config, claim, claim.baseline, axes, seed)
+        data["curve"][claim.baseline] = base
+        curve = [
+            (x, y - yb if y is not None and yb is not None else None, False)
+            for (x, y, _), (_, yb, _) in zip(curve, base, strict=True)
+        ]
+        data["difference"] = curve
     pairs = [(x, y) for x, y, _ in curve if y is not None]
-    data = {"curve": {claim.network: curve}}
     if len(pairs) < 2:
         return None, data
     xs = np.array([p[0] for p in pairs])
     ys = np.array([p[1] for p in pairs])
-    if claim.method == "spearman":
-        if np.ptp(ys) == 0 or np.ptp(xs) == 0:
-            return None, data
-        return float(scipy_stats.spearmanr(xs, ys).statistic), data
-    xs = np.log2(xs) if claim.log_axis else xs
-    return float(np.polyfit(xs, ys, 1)[0]), data
+    return _fit(claim, xs, ys, claim.log_axis), data
 
 
 def _threshold_of(claim: ClaimSpec, curve: list[tuple[float, float | None, bool]]) -> float | None:
@@ -168,7 +213,13 @@ def _threshold(grid: _Grid, config: ExperimentConfig, claim: ClaimSpec, axes: di
     return (a - b if a is not None and b is not None else None), data
 
 
-_STATISTICS = {"difference": _difference, "trend": _trend, "threshold": _threshold}
+_STATISTICS = {
+    "difference": _difference,
+    "value": _value,
+    "trend": _trend,
+    "layer_trend": _layer_trend,
+    "threshold": _threshold,
+}
 
 
 def _why_not_measured(
@@ -223,13 +274,14 @@ def evaluate_claims(
                     "network": claim.network,
                     "baseline": claim.baseline,
                     "axis": claim.axis,
-                    "method": claim.method if claim.statistic == "trend" else None,
+                    "method": claim.method if "trend" in claim.statistic else None,
                     "target": claim.target,
                     "pick": claim.pick if claim.statistic == "threshold" else None,
                     "below": claim.below,
                     "log_axis": claim.log_axis,
                     "where": {**claim.where},
                     "baseline_where": {**claim.baseline_where},
+                    "interaction": claim.interaction,
                     "slice": where,
                     "slice_text": format_axes(where),
                     "estimate": estimate,

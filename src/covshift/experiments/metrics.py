@@ -10,6 +10,9 @@ A metric path is ``/``-separated:
 - ``steps_to/<series>/<target>``: the first evaluation step at which the series
   reaches ``target`` (``>=``; for a ``*_loss`` series, ``<=``); missing when it never
   does;
+- ``reach/<series>/<target>``: ``steps_to``, censored: a run that never reaches the
+  target (or diverges first) counts as its planned length plus one evaluation
+  interval, a lower bound on its true time (so slow networks are not dropped);
 - ``diverged``: 1 when the run diverged, else 0;
 - ``floor/<layer>``: the measurement's noise floor, the same drift formula between
   two different probe batches at the same weights (``probe.noise_floor``): mean over
@@ -22,7 +25,9 @@ A metric path is ``/``-separated:
 - ``smooth/<figure>``: a landscape figure (``loss_range``, ``grad_predictiveness``,
   ``beta_smoothness``) averaged over its measurements (``probe.smoothness_every``).
 
-A layer's train-mode records (``probe.mode = "both"``) are the layer ``<layer>@train``
+A layer may be named ``first`` or ``last``: the first or last probed layer of the
+network in forward order (``drift/last`` is the last hidden layer of an MLP of any
+depth). A layer's train-mode records (``probe.mode = "both"``) are the layer ``<layer>@train``
 (``drift/hidden.2.act@train``).
 
 A diverged run stops where the divergence rule fired (see
@@ -53,7 +58,7 @@ SMOOTHNESS = ("loss_range", "grad_predictiveness", "beta_smoothness")
 class MetricPath:
     """A parsed metric path (see the module docstring)."""
 
-    kind: Literal["series", "drift", "steps_to", "diverged", "floor", "ics", "smooth"]
+    kind: Literal["series", "drift", "steps_to", "reach", "diverged", "floor", "ics", "smooth"]
     series: str | None = None
     when: int | Literal["final", "max", "min"] | None = None
     layer: str | None = None
@@ -70,7 +75,8 @@ def parse_metric(path: str) -> MetricPath:
     accepted = (
         "accepted: <series>/<step|final|max|min>, drift/<layer>, floor/<layer>, "
         "ics_cos/<layer|mean>, ics_l2/<layer|mean>, smooth/<figure>, "
-        f"steps_to/<series>/<target>, diverged; series: {', '.join(SERIES)}; "
+        "steps_to/<series>/<target>, reach/<series>/<target>, diverged; "
+        f"series: {', '.join(SERIES)}; "
         f"figures: {', '.join(SMOOTHNESS)}"
     )
     head, _, rest = path.partition("/")
@@ -88,7 +94,7 @@ def parse_metric(path: str) -> MetricPath:
         if rest not in SMOOTHNESS:
             raise ValueError(f"metric {path!r}: unknown figure {rest!r}; {accepted}")
         return MetricPath("smooth", stat=rest)
-    if head == "steps_to":
+    if head in ("steps_to", "reach"):
         series, _, target = rest.partition("/")
         if series not in SERIES:
             raise ValueError(f"metric {path!r}: unknown series {series!r}; {accepted}")
@@ -98,7 +104,7 @@ def parse_metric(path: str) -> MetricPath:
             raise ValueError(f"metric {path!r}: target {target!r} is not a number") from None
         if not math.isfinite(value):
             raise ValueError(f"metric {path!r}: target must be finite")
-        return MetricPath("steps_to", series=series, target=value)
+        return MetricPath(head, series=series, target=value)  # type: ignore[arg-type]
     if head in SERIES:
         if rest in ("final", "max", "min"):
             return MetricPath("series", series=head, when=rest)  # type: ignore[arg-type]

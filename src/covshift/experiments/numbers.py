@@ -43,6 +43,24 @@ class PointNumbers:
     floor: dict[str, float | None] = field(default_factory=dict)
     # (layer, stored stat) -> mean over measurements, for gradient ICS and smoothness
     measures: dict[tuple[str, str], float | None] = field(default_factory=dict)
+    planned: tuple[int, int] | None = None  # (steps, eval_every) of the point
+
+    def layers(self) -> list[str]:
+        """The eval-mode probed layers, in the order the probe records them (the
+        modules' order in the network, which is forward order for covshift's builders)."""
+        return [k for k in self.drift if not k.endswith(TRAIN_MODE)]
+
+    def layer(self, name: str) -> str:
+        """``first`` / ``last`` (optionally with ``@train``) resolved to a layer name."""
+        base, suffix = (
+            (name[: -len(TRAIN_MODE)], TRAIN_MODE) if name.endswith(TRAIN_MODE) else (name, "")
+        )
+        if base in ("first", "last"):
+            ordered = self.layers()
+            if not ordered:
+                return name
+            return (ordered[0] if base == "first" else ordered[-1]) + suffix
+        return name
 
     @property
     def status(self) -> str:
@@ -60,9 +78,9 @@ class PointNumbers:
         if m.kind == "diverged":
             return 1.0 if self.diverged else 0.0
         if m.kind == "drift":
-            return self.drift.get(m.layer or "")
+            return self.drift.get(self.layer(m.layer or ""))
         if m.kind == "floor":
-            return self.floor.get(m.layer or "")
+            return self.floor.get(self.layer(m.layer or ""))
         if m.kind == "smooth":
             return self.measures.get((SMOOTHNESS_LAYER, m.stat or ""))
         if m.kind == "ics":
@@ -79,11 +97,15 @@ class PointNumbers:
         steps, values = self.series.get(m.series or "", (np.array([]), np.array([])))
         if not len(steps):
             return None
-        if m.kind == "steps_to":
+        if m.kind in ("steps_to", "reach"):
             assert m.target is not None
             reached = values <= m.target if m.lower_is_better else values >= m.target
             hits = np.nonzero(reached & np.isfinite(values))[0]
-            return float(steps[hits[0]]) if len(hits) else None
+            if len(hits):
+                return float(steps[hits[0]])
+            if m.kind == "reach" and self.planned is not None:
+                return float(self.planned[0] + self.planned[1])  # censored
+            return None
         if m.when == "final":
             return _finite(values[-1])
         if m.when in ("max", "min"):
@@ -127,10 +149,13 @@ def probed_layers(store: Store, run_id: int) -> list[str]:
     ]
 
 
-def load_numbers(store: Store, run: RunInfo | None) -> PointNumbers:
-    """Everything :class:`PointNumbers` needs from one run, read once."""
+def load_numbers(
+    store: Store, run: RunInfo | None, planned: tuple[int, int] | None = None
+) -> PointNumbers:
+    """Everything :class:`PointNumbers` needs from one run, read once; ``planned`` is
+    the point's ``(steps, eval_every)``, for censored metrics (``reach/``)."""
     if run is None:
-        return PointNumbers(None)
+        return PointNumbers(None, planned=planned)
     series = {name: store.scalars(run.id, name) for name in SERIES}
     drift: dict[str, float | None] = {}
     floor: dict[str, float | None] = {}
@@ -154,7 +179,7 @@ def load_numbers(store: Store, run: RunInfo | None) -> PointNumbers:
             floor[layer] = _floor(
                 steps, quantiles, *store.probe(run.id, layer + FLOOR, "quantiles")
             )
-    return PointNumbers(run, series, drift, floor, measures)
+    return PointNumbers(run, series, drift, floor, measures, planned)
 
 
 def _floor(

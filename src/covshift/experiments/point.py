@@ -109,7 +109,11 @@ def build_model(spec: ModelSpec, data: Dataset, seed: int) -> torch.nn.Module:
             for p in module.parameters(recurse=True)
         ]
         if not frozen:
-            names = [n for n, m in model.named_modules() if n and any(m.parameters(False))]
+            names = [
+                n
+                for n, m in model.named_modules()
+                if n and next(m.parameters(False), None) is not None
+            ]
             raise ConfigError(
                 f"model.freeze: {pattern!r} matches no module with parameters; "
                 f"modules with parameters: {', '.join(names)}"

@@ -233,7 +233,7 @@ def _check_claim_layers(config: ExperimentConfig, probed: dict[str, list[str]]) 
             name = metric.layer or ""
             if probe.mode == "both" and name.endswith(TRAIN_MODE):
                 name = name.removesuffix(TRAIN_MODE)
-            if name not in layers:
+            if name not in layers and name not in ("*", "first", "last"):
                 raise ConfigError(
                     f"claims[{i}].{role}: {path!r}: network {net!r} probes "
                     f"{', '.join(layers)}, not {metric.layer!r}"

@@ -63,7 +63,9 @@ def load_experiment_numbers(
     """The grid of ``config`` and what the store holds of each point."""
     points = expand_grid(config)
     runs = store.runs_of_points([p.id for p in points])
-    return points, {p.id: load_numbers(store, runs.get(p.id)) for p in points}
+    return points, {
+        p.id: load_numbers(store, runs.get(p.id), (p.spec.steps, p.spec.eval_every)) for p in points
+    }
 
 
 def _mean_sd(values: list[float | None]) -> tuple[float | None, float | None, int]:

@@ -43,7 +43,22 @@ def _label(config: ExperimentConfig, network: str | None) -> str:
 
 def describe_statistic(result: dict[str, Any], config: ExperimentConfig) -> str:
     """The statistic of a claim result in words (for the report and the figure)."""
+    if "statistic_text" in result:  # the battery's own claim says it itself
+        return str(result["statistic_text"])
     a = _label(config, result["network"])
+    if result["statistic"] == "value":
+        return f"{result['metric']} of {a}, per seed"
+    if result["statistic"] == "layer_trend":
+        how = "Spearman correlation" if result["method"] == "spearman" else "least-squares slope"
+        return f"{how} of {result['metric']} with the layer index (forward order), for {a}"
+    if result["statistic"] == "difference" and result.get("interaction"):
+        b = _label(config, result["baseline"])
+        a_at = ", ".join(f"{k}={result['where'][k]}" for k in result["baseline_where"])
+        b_at = ", ".join(f"{k}={v}" for k, v in result["baseline_where"].items())
+        return (
+            f"({result['metric']} of {a} minus {b}) at {a_at}, minus the same at {b_at}, "
+            "paired by seed"
+        )
     if result["statistic"] == "difference":
         b = _label(config, result["baseline"] or result["network"])
         left = f"{result['metric']} of {a}"
@@ -56,6 +71,9 @@ def describe_statistic(result: dict[str, Any], config: ExperimentConfig) -> str:
     if result["statistic"] == "trend":
         axis = f"log2 {result['axis']}" if result["log_axis"] else result["axis"]
         how = "Spearman correlation" if result["method"] == "spearman" else "least-squares slope"
+        if result["baseline"]:
+            b = _label(config, result["baseline"])
+            return f"{how} of ({result['metric']} of {a} minus {b}) with {axis}, paired by seed"
         return f"{how} of {result['metric']} with {axis}, for {a}"
     sign = "<=" if result["below"] else ">="
     target = f"{result['metric']} {sign} {result['target']:g} without diverging"
@@ -72,6 +90,18 @@ def _difference_panel(ax: Axes, result: dict[str, Any], config: ExperimentConfig
         f"{_label(config, result['baseline'] or result['network'])}\n"
         f"{result['baseline_metric'] or result['metric']}" + (f"\n{b_at}" if b_at else ""),
     ]
+    if result.get("interaction"):
+        gap = f"{_label(config, result['network'])} - {_label(config, result['baseline'])}"
+        names = [f"{gap}\n{a_at}", f"{gap}\n{b_at}"]
+    if result["statistic"] == "value":
+        for i, (seed, d) in enumerate(result["data"].items()):
+            if d.get("network") is not None:
+                ax.plot(
+                    [0], [d["network"]], "o", color=_COLORS[i % len(_COLORS)], label=f"seed {seed}"
+                )
+        ax.set_xticks([0], [f"{_label(config, result['network'])}\n{result['metric']}"], fontsize=8)
+        ax.set_ylabel("value per seed")
+        return
     for i, (seed, d) in enumerate(result["data"].items()):
         ys = [d.get("network"), d.get("baseline")]
         if None in ys:
@@ -116,7 +146,7 @@ def _curve_panel(ax: Axes, result: dict[str, Any], config: ExperimentConfig) -> 
         ax.set_xscale("log")
     if result["statistic"] == "threshold" and result["target"] is not None:
         ax.axhline(result["target"], color="gray", ls="--", lw=1, label="target")
-    ax.set_xlabel(result["axis"])
+    ax.set_xlabel(result["axis"] or "layer index (forward order)")
     ax.set_ylabel(result["metric"])
 
 
@@ -153,7 +183,7 @@ def _statistic_panel(ax: Axes, result: dict[str, Any]) -> None:
 def claim_figure(result: dict[str, Any], config: ExperimentConfig) -> Figure:
     """The figure of one claim result (see the module docstring)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [3, 2]})
-    if result["statistic"] == "difference":
+    if result["statistic"] in ("difference", "value"):
         _difference_panel(left, result, config)
     else:
         _curve_panel(left, result, config)

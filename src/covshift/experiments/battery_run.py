@@ -1,0 +1,120 @@
+"""Running the battery into one store, and writing its one report.
+
+:func:`run_battery` checks every preset that has points to run before anything is
+written (the same preflight as ``covshift run``), prints the plan with its estimate,
+then runs the presets one after another on one backend; :func:`report_battery`
+writes each preset's own report and the battery's ``claims.html`` / ``claims.json``.
+A second call with nothing missing only reads the store and writes the reports.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from covshift.experiments.battery import (
+    BatteryPart,
+    attribution_matrix,
+    battery_pairs,
+    shift_speed_correlation,
+)
+from covshift.experiments.preflight import estimate_seconds, format_seconds, preflight
+from covshift.experiments.summary import load_experiment_numbers, summarize
+from covshift.experiments.sweep import make_backend, make_sweep_progress, run_sweep
+from covshift.store import Store
+
+__all__ = ["report_battery", "run_battery"]
+
+
+def run_battery(
+    parts: list[BatteryPart],
+    store_path: str | Path,
+    *,
+    backend: str = "local",
+    workers: int | None = None,
+    threads: int | None = None,
+    address: str | None = None,
+    dry_run: bool = False,
+    quiet: bool = False,
+    console: Console | None = None,
+) -> float:
+    """Run every part's missing points; returns the seconds spent training."""
+    console = console or Console()
+    todo = [p for p in parts if p.plan.to_run]
+    biggest = max((len(p.plan.to_run) for p in todo), default=1)
+    chosen = make_backend(
+        backend, points=biggest, workers=workers, threads=threads, address=address
+    )
+    lanes = chosen.workers or workers or 1
+    table = Table(title=f"battery: {len(parts)} presets ({chosen.name} backend)")
+    for col in ("preset", "experiment", "points", "to run", "estimate"):
+        table.add_column(col, justify="right" if col in ("points", "to run") else "left")
+    total = 0.0
+    for part in parts:
+        estimate = "-"
+        if part.plan.to_run:
+            costs = preflight(part.config, part.plan.to_run, chosen.threads)
+            seconds = estimate_seconds(part.plan.to_run, costs, lanes)
+            total += seconds
+            estimate = format_seconds(seconds)
+        table.add_row(
+            part.preset,
+            part.experiment_id,
+            str(len(part.plan.points)),
+            str(len(part.plan.to_run)),
+            estimate,
+        )
+    console.print(table)
+    console.print(f"estimated {format_seconds(total)} to run", highlight=False)
+    if dry_run or not todo:
+        return 0.0
+    start = time.perf_counter()
+    store = Store(store_path)
+    try:
+        for part in todo:
+            with make_sweep_progress(disable=quiet, console=console) as progress:
+                run_sweep(part.plan, store, chosen, progress=progress)
+    finally:
+        store.close()
+    return time.perf_counter() - start
+
+
+def report_battery(
+    parts: list[BatteryPart], store_path: str | Path, out_dir: Path, *, size: str
+) -> tuple[list[dict[str, Any]], Path]:
+    """Each part's report (under ``out_dir/<experiment id>``) and the battery's page;
+    returns every claim result (the correlation claim last) and the page's path."""
+    from covshift.report import write_report
+    from covshift.report.battery_page import BatterySection, write_battery
+
+    sections = []
+    pairs: list[dict[str, Any]] = []
+    seeds: list[int] = []
+    with Store(store_path, create=False) as store:
+        for part in parts:
+            config = part.config
+            summary = summarize(store, part.experiment_id, config)
+            report_dir = out_dir / part.experiment_id
+            write_report(store, part.experiment_id, config, summary, report_dir)
+            points, numbers = load_experiment_numbers(store, config)
+            pairs += battery_pairs(config, points, numbers)
+            seeds += [s for s in config.seeds if s not in seeds]
+            for claim in summary["claims"]:
+                claim["preset"] = part.preset
+            sections.append(
+                BatterySection(
+                    part.preset,
+                    config,
+                    part.experiment_id,
+                    summary["claims"],
+                    report_dir,
+                    attribution_matrix(config, points, numbers),
+                )
+            )
+    correlation = shift_speed_correlation(pairs, seeds)
+    _, page = write_battery(sections, correlation, out_dir, size=size)
+    return [c for s in sections for c in s.claims] + [correlation], page
