@@ -156,7 +156,7 @@ def test_malformed_sweeps_name_file_key_and_what_is_accepted(
 
 
 def test_toml_syntax_and_encoding_errors(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="unknown preset 'nope'; shipped presets: ioffe2015"):
+    with pytest.raises(ConfigError, match="unknown preset 'nope'; shipped presets: activations, depth, .*ioffe2015"):
         load_config("nope")
     bad = write(tmp_path, "name = 'x'\nsteps = = 3\n", "bad.toml")
     with pytest.raises(ConfigError, match=r"bad\.toml: not valid TOML: .*line 2"):
@@ -202,7 +202,9 @@ rule = "greater"
             'statistic = "threshold"\naxis = "model.width"\ntarget = 0.5',
             r"claims\[0\]\.axis: 'model\.width' is not a sweep axis",
         ),
-        ('statistic = "trend"\naxis = "model.depth"', r"claims\[0\]: a trend claim is about one"),
+        ("interaction = true", r"claims\[0\]: interaction = true compares a difference"),
+        ('statistic = "value"', r"claims\[0\]: a value claim is one network's metric"),
+        ('statistic = "layer_trend"', r"claims\[0\]: a layer_trend claim runs along the probed"),
     ],
 )
 def test_malformed_claims(tmp_path: Path, extra: str, message: str) -> None:
