@@ -141,6 +141,22 @@ class Dataset:
         error) rather than class labels."""
         return bool(self.y_train.is_floating_point())
 
+    def first_test(self, n: int | None) -> Dataset:
+        """The same dataset with only the first ``n`` test examples (views, no copy);
+        itself when ``n`` is None or covers the whole test set."""
+        if n is None or n >= len(self.x_test):
+            return self
+        return Dataset(
+            self.name,
+            self.x_train,
+            self.y_train,
+            self.x_test[:n],
+            self.y_test[:n],
+            num_classes=self.num_classes,
+            image_shape=self.image_shape,
+            source=f"{self.source}, first {n} test examples",
+        )
+
     def to(self, device: torch.device | str) -> Dataset:
         """The same dataset with every tensor on ``device`` (one copy, done once)."""
         move = {k: getattr(self, k).to(device) for k in ("x_train", "y_train", "x_test", "y_test")}

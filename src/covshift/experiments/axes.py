@@ -32,6 +32,7 @@ LOOP_AXES = (
     "eval_every",
     "examples",
     "eval_examples",
+    "test_examples",
     "device",
 )
 

@@ -63,8 +63,8 @@ class ModelSpec(_Strict):
     ``kind``: ``mlp`` (``width`` x ``depth`` hidden layers), ``cnn`` (``channels``),
     ``vgg`` (``depth`` 3x3 convs, ``width`` channels in the first stage, doubling per
     stage of ``convs_per_stage``) or ``linear`` (Santurkar et al.'s deep linear
-    network: ``depth`` bias-free maps of ``width`` units, default the input size;
-    ``activation`` is ignored). ``freeze``: glob patterns of module names whose
+    network: ``depth`` bias-free maps, the hidden ones of ``width`` units: set it
+    to the input size for Santurkar's square maps; ``activation`` is ignored). ``freeze``: glob patterns of module names whose
     parameters are not trained (``"hidden.0.*"``); each must match a parameter.
     """
 
@@ -239,6 +239,9 @@ class ExperimentConfig(_Strict):
     # size is swept.
     examples: int | None = Field(None, ge=1)
     eval_examples: int | None = Field(None, ge=1)
+    # Evaluate on the first test_examples test examples only (None: the whole test set):
+    # for networks whose full evaluation costs more than their training steps.
+    test_examples: int | None = Field(None, ge=1)
     device: str = "auto"
     model: ModelSpec = ModelSpec()
     optimizer: OptimizerSpec = OptimizerSpec()

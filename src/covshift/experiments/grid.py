@@ -45,6 +45,7 @@ _ADDED_FIELDS: tuple[tuple[str, str, Any], ...] = (
     ("probe", "smoothness_every", 0),
     ("probe", "smoothness_range", [0.5, 4.0]),
     ("probe", "measure_batch", None),
+    ("", "test_examples", None),
 )
 
 
@@ -64,6 +65,7 @@ class PointSpec(BaseModel):
     optimizer: OptimizerSpec
     probe: ProbeSpec
     divergence: DivergenceSpec
+    test_examples: int | None = None  # evaluate on the first N test examples (None: all)
 
     def identity(self) -> str:
         """16 hex digits of the SHA-256 of the canonical JSON of this spec.
@@ -72,8 +74,9 @@ class PointSpec(BaseModel):
         default, so the points recorded before they existed keep their identity."""
         spec = self.model_dump(mode="json")
         for section, field, default in _ADDED_FIELDS:
-            if spec[section].get(field) == default:
-                del spec[section][field]
+            table = spec if section == "" else spec[section]
+            if table.get(field) == default:
+                del table[field]
         payload = json.dumps(
             {"v": _IDENTITY_VERSION, **spec},
             sort_keys=True,
@@ -130,6 +133,7 @@ def _point_spec(
         optimizer=optimizer,
         probe=resolved.probe,
         divergence=resolved.divergence,
+        test_examples=resolved.test_examples,
     )
 
 

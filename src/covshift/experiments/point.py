@@ -125,12 +125,11 @@ def build_model(spec: ModelSpec, data: Dataset, seed: int) -> torch.nn.Module:
 
 def _build(spec: ModelSpec, data: Dataset, seed: int) -> torch.nn.Module:
     if spec.kind == "linear":
-        width = spec.width if "width" in spec.model_fields_set else None
         return build_deep_linear(
             data.num_features,
             data.num_classes,
             depth=spec.depth,
-            width=width,
+            width=spec.width,
             norm=spec.norm,
             init=spec.init,
             init_std=spec.init_std,
@@ -333,6 +332,7 @@ def train_point(
         callbacks: more training-loop callbacks (progress, stop requests).
     """
     start = time.perf_counter()
+    data = data.first_test(spec.test_examples)
     try:
         model = build_model(spec.model, data, spec.seed)
         measures = point_measures(spec, model, data, sink, background)

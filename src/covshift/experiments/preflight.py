@@ -91,6 +91,11 @@ def _check_sizes(point: Point, data: Dataset) -> None:
             f"batch_size = {spec.batch_size} (point {point.name}) is larger than the "
             f"{len(data.x_train)} training examples of {spec.dataset}"
         )
+    if spec.test_examples is not None and spec.test_examples > len(data.x_test):
+        raise ConfigError(
+            f"test_examples = {spec.test_examples} (point {point.name}) is more than the "
+            f"{len(data.x_test)} test examples of {spec.dataset}"
+        )
     if spec.probe.examples > len(data.x_test):
         raise ConfigError(
             f"probe.examples = {spec.probe.examples} (point {point.name}) is more than the "
@@ -159,7 +164,7 @@ def _try(point: Point, data: Dataset, threads: int) -> tuple[Cost, list[str]]:
                 evaluate(model, data.x_test[:_EVAL_SAMPLE], data.y_test[:_EVAL_SAMPLE])
                 evaluation = (
                     (time.perf_counter() - start)
-                    * len(data.x_test)
+                    * min(len(data.x_test), spec.test_examples or len(data.x_test))
                     / min(_EVAL_SAMPLE, len(data.x_test))
                 )
                 ics, smooth = _measure_costs(spec, model, optimizer, data, criterion)
