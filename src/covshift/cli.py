@@ -134,6 +134,10 @@ def run(
         int | None,
         typer.Option(min=1, help="Run seeds 0 .. N-1 (instead of the preset's seeds)."),
     ] = None,
+    size: Annotated[
+        str | None,
+        typer.Option(help="One of the preset's sizes (quick, full; see covshift presets)."),
+    ] = None,
     workers: Annotated[
         int | None,
         typer.Option(min=1, help="Points trained at once (local backend; default: one per core)."),
@@ -209,7 +213,7 @@ def run(
     overrides: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
     overrides.update(_parse_sets(set_ or []))
     if resume is not None:
-        if overrides:
+        if overrides or size:
             raise UserError(
                 "--resume runs a recorded experiment with its recorded settings; "
                 f"drop the overrides ({', '.join(overrides)})"
@@ -219,7 +223,7 @@ def run(
     elif preset is None:
         raise UserError("name a preset (covshift presets) or a .toml file, or give --resume ID")
     else:
-        config = load_config(preset, overrides)
+        config = load_config(preset, overrides, size=size)
     plan = plan_sweep(config, db)
     todo = plan.to_run
     chosen = make_backend(
@@ -370,6 +374,13 @@ def claims(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print what would run and the estimate; run nothing.")
     ] = False,
+    seeds: Annotated[
+        int | None, typer.Option(min=1, help="Seeds 0 .. N-1 for every preset (default: theirs).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a field in every preset, as in covshift run."),
+    ] = None,
     db: DbOption = DEFAULT_DB,
     out: Annotated[
         Path | None,
@@ -398,7 +409,10 @@ def claims(
             f"--only {', '.join(unknown)}: not battery presets; battery: {', '.join(BATTERY)}"
         )
     console = _err if as_json else _out
-    parts = plan_battery(size, db, chosen)
+    overrides: dict[str, Any] = _parse_sets(set_ or [])
+    if seeds is not None:
+        overrides["seeds"] = seeds
+    parts = plan_battery(size, db, chosen, overrides)
     try:
         run_battery(
             parts,

@@ -64,8 +64,9 @@ class ModelSpec(_Strict):
     ``vgg`` (``depth`` 3x3 convs, ``width`` channels in the first stage, doubling per
     stage of ``convs_per_stage``) or ``linear`` (Santurkar et al.'s deep linear
     network: ``depth`` bias-free maps, the hidden ones of ``width`` units: set it
-    to the input size for Santurkar's square maps; ``activation`` is ignored). ``freeze``: glob patterns of module names whose
-    parameters are not trained (``"hidden.0.*"``); each must match a parameter.
+    to the input size for Santurkar's square maps; ``activation`` is ignored).
+    ``freeze``: glob patterns of module names whose parameters are not trained
+    (``"hidden.0.*"``); each must match a parameter.
     """
 
     kind: Literal["mlp", "cnn", "vgg", "linear"] = "mlp"
