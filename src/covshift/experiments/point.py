@@ -350,6 +350,13 @@ def train_point(
             for measure in measures:
                 if isinstance(measure, ShiftProbe):
                     stack.enter_context(measure)
+            # Layers that draw from the global generator (noisy BN, dropout) draw the
+            # same numbers for a point whichever process runs it, and after whatever
+            # ran before it: the generator starts from the point's seed (and a
+            # resumed run from the state its checkpoint saved).
+            devices = [data.x_train.device.index or 0] if data.x_train.is_cuda else []
+            stack.enter_context(torch.random.fork_rng(devices=devices))
+            torch.manual_seed(spec.seed)
             result = train(
                 model,
                 data,

@@ -1,0 +1,224 @@
+"""The battery's claim statistics (value, layer trend, trend of a difference,
+interaction, censored time to target, noise floor) and its across-battery claim,
+each against an independent computation on hand-made numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from covshift.experiments import expand_grid, load_config
+from covshift.experiments.battery import (
+    attribution_matrix,
+    battery_pairs,
+    shift_speed_correlation,
+)
+from covshift.experiments.claims import evaluate_claims, t_interval
+from covshift.experiments.numbers import PointNumbers, _floor
+
+from .test_claims import run_info
+from .test_config import write
+
+GRID = """
+name = "g"
+title = "g"
+dataset = "synthetic"
+seeds = [0, 1, 2, 3]
+steps = 100
+eval_every = 25
+[sweep]
+model.depth = [2, 4, 8]
+[networks.plain]
+label = "plain"
+norm = "none"
+[networks.bn]
+label = "BN"
+norm = "batch"
+[battery]
+target = 0.6
+"""
+
+
+def fake(acc: dict[int, float], drift: dict[str, float], steps: int = 100) -> PointNumbers:
+    s = np.array(sorted(acc), dtype=np.int64)
+    v = np.array([acc[k] for k in s])
+    series = {"test_accuracy": (s, v), "test_loss": (s, 1 - v), "train_loss": (s, 1 - v)}
+    return PointNumbers(run_info(), series, dict(drift), planned=(steps, 25))
+
+
+def _grid(tmp_path: Path, claims: str, base: str = GRID):
+    config = load_config(write(tmp_path, base + claims))
+    return config, expand_grid(config)
+
+
+def _table(points, rng) -> dict[str, PointNumbers]:
+    out = {}
+    for p in points:
+        depth = p.axes["model.depth"]
+        gain = 0.05 * depth if p.network == "bn" else 0.0
+        final = 0.5 + gain + 0.02 * p.seed + rng.normal(0, 0.005)
+        layers = {
+            f"hidden.{i}.act": (i + 1) * (2.0 if p.network == "plain" else 0.5) + p.seed
+            for i in range(depth)
+        }
+        out[p.id] = fake({0: 0.1, 50: final - 0.05, 100: final}, layers)
+    return out
+
+
+def test_value_layer_trend_and_first_last_layers(tmp_path: Path) -> None:
+    config, points = _grid(
+        tmp_path,
+        """
+[[claims]]
+text = "last layer drift of the plain net"
+statistic = "value"
+metric = "drift/last"
+network = "plain"
+where = { "model.depth" = 8 }
+rule = "greater"
+[[claims]]
+text = "drift grows along the layers"
+statistic = "layer_trend"
+metric = "drift/*"
+network = "plain"
+where = { "model.depth" = 4 }
+rule = "greater"
+""",
+    )
+    table = _table(points, np.random.default_rng(0))
+    value, trend = evaluate_claims(config, "e", points, table)
+    expected = [8 * 2.0 + s for s in config.seeds]  # drift of hidden.7.act
+    assert list(value["per_seed"].values()) == pytest.approx(expected)
+    assert value["estimate"] == pytest.approx(np.mean(expected))
+    assert trend["per_seed"] == {str(s): pytest.approx(1.0) for s in config.seeds}
+    assert trend["data"]["0"]["layers"] == [f"hidden.{i}.act" for i in range(4)]
+
+
+def test_trend_of_a_difference_and_interaction(tmp_path: Path) -> None:
+    config, points = _grid(
+        tmp_path,
+        """
+[[claims]]
+text = "BN's gain grows with depth"
+statistic = "trend"
+method = "slope"
+log_axis = true
+axis = "model.depth"
+metric = "test_accuracy/final"
+network = "bn"
+baseline = "plain"
+rule = "greater"
+[[claims]]
+text = "gain at 8 minus gain at 2"
+metric = "test_accuracy/final"
+network = "bn"
+baseline = "plain"
+where = { "model.depth" = 8 }
+baseline_where = { "model.depth" = 2 }
+interaction = true
+rule = "greater"
+""",
+    )
+    table = _table(points, np.random.default_rng(1))
+    by = {(p.network, p.axes["model.depth"], p.seed): table[p.id] for p in points}
+    slope, inter = evaluate_claims(config, "e", points, table)
+    for seed in config.seeds:
+        gaps = [
+            by[("bn", d, seed)].value("test_accuracy/final")
+            - by[("plain", d, seed)].value("test_accuracy/final")
+            for d in (2, 4, 8)
+        ]
+        assert slope["per_seed"][str(seed)] == pytest.approx(
+            np.polyfit(np.log2([2, 4, 8]), gaps, 1)[0]
+        )
+        assert inter["per_seed"][str(seed)] == pytest.approx(gaps[2] - gaps[0])
+    assert inter["estimate"] == pytest.approx(0.3, abs=0.02)  # 0.05 x (8 - 2)
+
+
+def test_reach_is_censored_and_steps_to_is_not() -> None:
+    never = fake({0: 0.1, 50: 0.3, 100: 0.4}, {})
+    assert never.value("steps_to/test_accuracy/0.6") is None
+    assert never.value("reach/test_accuracy/0.6") == 125.0  # 100 steps + one interval
+    hit = fake({0: 0.1, 50: 0.7, 100: 0.8}, {})
+    assert hit.value("reach/test_accuracy/0.6") == hit.value("steps_to/test_accuracy/0.6") == 50
+
+
+def test_noise_floor_against_numpy() -> None:
+    rng = np.random.default_rng(2)
+    steps = np.array([0, 10, 20])
+    q = np.sort(rng.normal(size=(3, 3, 5)), axis=1)  # (R, Q, U)
+    second = np.sort(rng.normal(size=(2, 3, 5)), axis=1)
+    width = (q[:, -1] - q[:, 0]).mean(axis=0)
+    expected = np.mean(
+        [
+            (np.abs(second[0] - q[0]).mean(0) / width).mean(),
+            (np.abs(second[1] - q[2]).mean(0) / width).mean(),
+        ]
+    )
+    assert _floor(steps, q, np.array([0, 20]), second) == pytest.approx(expected)
+    assert _floor(steps, q, np.array([5]), second[:1]) is None  # no common step
+
+
+def test_pairs_and_correlation_against_scipy(tmp_path: Path) -> None:
+    config, points = _grid(
+        tmp_path, "", base=GRID.replace("model.depth = [2, 4, 8]", "model.depth = [2, 3, 4, 5, 6]")
+    )
+    rng = np.random.default_rng(3)
+    table = {}
+    for p in points:
+        drift = rng.uniform(0.5, 2.0)
+        reach = int(rng.choice([25, 50, 75, 100]))
+        acc = {s: (0.7 if s >= reach else 0.3) for s in (0, 25, 50, 75, 100)}
+        table[p.id] = fake(acc, {"hidden.0.act": drift, "hidden.1.act": 2 * drift})
+    pairs = battery_pairs(config, points, table)
+    assert len(pairs) == 5 * 4  # one pair per depth and seed
+    by = {(p.network, p.axes["model.depth"], p.seed): table[p.id] for p in points}
+    first = pairs[0]
+    bn, plain = by[("bn", 2, 0)], by[("plain", 2, 0)]
+    assert first["drift_reduction"] == pytest.approx(
+        np.mean([plain.drift[k] for k in plain.drift]) - np.mean([bn.drift[k] for k in bn.drift])
+    )
+    t_bn = bn.value("steps_to/test_accuracy/0.6")
+    t_plain = plain.value("steps_to/test_accuracy/0.6")
+    assert first["speedup"] == pytest.approx(np.log2(t_plain / t_bn))
+    result = shift_speed_correlation(pairs, config.seeds)
+    for seed in config.seeds:
+        mine = [p for p in pairs if p["seed"] == seed]
+        rho = stats.spearmanr([p["drift_reduction"] for p in mine], [p["speedup"] for p in mine])
+        assert result["per_seed"][str(seed)] == pytest.approx(rho.statistic)
+    mean, interval = t_interval(list(result["per_seed"].values()))
+    assert result["estimate"] == pytest.approx(mean)
+    assert result["interval"] == pytest.approx(list(interval))
+    assert result["verdict"] in ("supported", "contradicted", "inconclusive")
+
+
+def test_attribution_matrix(tmp_path: Path) -> None:
+    config, points = _grid(
+        tmp_path,
+        "",
+        base="""
+name = "m"
+title = "m"
+dataset = "synthetic"
+seeds = [0, 1]
+steps = 100
+[model]
+depth = 3
+[networks.all]
+label = "all"
+[networks.f0]
+label = "f0"
+freeze = ["hidden.0"]
+""",
+    )
+    table = {}
+    for p in points:
+        scale = 0.25 if p.network == "f0" else 1.0
+        table[p.id] = fake({0: 0.1, 100: 0.5}, {"a": 2.0 * (p.seed + 1), "b": scale * 4.0})
+    matrix = attribution_matrix(config, points, table)
+    assert matrix is not None and matrix["networks"] == ["f0"]
+    assert matrix["layers"] == ["a", "b"]
+    assert matrix["share_removed"] == [[pytest.approx(0.0), pytest.approx(0.75)]]

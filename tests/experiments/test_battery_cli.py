@@ -1,0 +1,75 @@
+"""``covshift claims`` and ``covshift presets`` end to end, on two battery presets cut
+down to a few steps."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+from covshift.experiments.battery import BATTERY
+
+from .helpers import covshift
+
+SMALL = [
+    "--only", "shift-causes", "--only", "santurkar2018-linear", "--seeds", "2",
+    "--set", "steps=100", "--set", "eval_every=50", "--set", "probe.every=50",
+    "--set", "probe.gradient_ics_every=50", "--set", "probe.smoothness_every=50",
+]  # fmt: skip
+
+
+def _runs(db: Path) -> int:
+    with sqlite3.connect(db) as con:
+        return con.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+
+
+def test_claims_writes_one_report_and_a_second_call_runs_nothing(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    first = covshift("claims", *SMALL, "--db", str(db), "--json", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    printed = json.loads(first.stdout)["claims"]
+    out = tmp_path / "reports" / "battery-quick"
+    page = json.loads((out / "claims.json").read_text())
+    assert [c["id"] for c in page["claims"]] == [c["id"] for c in printed]
+    assert page["claims"][-1]["id"] == "shift-vs-speed"
+    html = (out / "claims.html").read_text()
+    for claim in page["claims"]:
+        assert {"estimate", "interval", "verdict", "rule_text", "per_seed"} <= set(claim)
+        assert Path(claim["figure"]).is_file()
+        assert f'id="{claim["id"]}' in html
+    # the numbers of each claim's figure are those of its preset's own claims.json
+    for preset in page["presets"]:
+        own = json.loads((out / preset["experiment"] / "claims.json").read_text())["claims"]
+        mine = [c for c in page["claims"] if c.get("preset") == preset["preset"]]
+        assert [(c["id"], c["estimate"], c["per_seed"]) for c in mine] == [
+            (c["id"], c["estimate"], c["per_seed"]) for c in own
+        ]
+        assert all(Path(c["figure"]).name == o["figure"] for c, o in zip(mine, own, strict=True))
+    causes = next(p for p in page["presets"] if p["preset"] == "shift-causes")
+    matrix = causes["attribution_matrix"]
+    assert matrix["layers"][-1] == "head" and len(matrix["share_removed"]) == 6
+    assert "Attribution matrix" in html and "data:image/png;base64," in html
+    linear = [c for c in page["claims"] if c.get("preset") == "santurkar2018-linear"]
+    assert all(c["seeds"] == 2 for c in linear)  # ICS and smoothness were measured
+    control = next(c for c in page["claims"] if c["id"] == "control-zero")
+    assert control["per_seed"] == {"0": 0.0, "1": 0.0}  # frozen upstream: no drift at all
+
+    runs = _runs(db)
+    assert runs == 2 * (7 + 2)
+    second = covshift("claims", *SMALL, "--db", str(db), cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert _runs(db) == runs
+    assert "estimated 0s to run" in second.stdout
+
+
+def test_claims_and_presets_refuse_bad_input(tmp_path: Path) -> None:
+    bad = covshift("claims", "--only", "nope", "--db", str(tmp_path / "c.db"), cwd=tmp_path)
+    assert bad.returncode == 2 and "--only nope: not battery presets" in bad.stderr
+    size = covshift("claims", "--size", "huge", "--db", str(tmp_path / "c.db"), cwd=tmp_path)
+    assert size.returncode == 2 and "--size must be quick or full" in size.stderr
+    assert not (tmp_path / "c.db").exists()
+    listing = covshift("presets", cwd=tmp_path)
+    assert listing.returncode == 0
+    for name in BATTERY:
+        assert name in listing.stdout
+    assert "min" in listing.stdout
