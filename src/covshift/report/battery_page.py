@@ -72,7 +72,10 @@ def _correlation_figure(result: dict[str, Any], out_dir: Path) -> Path:
         )
     left.axhline(0, color="gray", lw=0.8)
     left.axvline(0, color="gray", lw=0.8)
-    left.set_xlabel("drift reduction (no norm - norm), mean over layers")
+    # Drifts of deep unnormalized networks span orders of magnitude (they are in units
+    # of each unit's spread, which can be tiny); the statistic is rank-based anyway.
+    left.set_xscale("symlog", linthresh=0.1)
+    left.set_xlabel("drift reduction (no norm - norm), mean over layers (symlog)")
     left.set_ylabel("log2 speed-up to target")
     if experiments:
         left.legend(fontsize=7)
@@ -100,15 +103,16 @@ def _matrix_html(matrix: dict[str, Any], out_dir: Path, stem: str) -> str:
         [[np.nan if v is None else v for v in row] for row in matrix["share_removed"]], dtype=float
     )
     fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(matrix["layers"]), 1.2 + 0.5 * len(rows)))
-    image = ax.imshow(rows, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    # Diverging: a negative share means the drift grew when those layers froze.
+    image = ax.imshow(np.clip(rows, -1, 1), cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
     ax.set_xticks(range(len(matrix["layers"])), [f"input of {x}" for x in matrix["layers"]])
     ax.set_yticks(range(len(rows)), matrix["labels"])
     ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     for i in range(rows.shape[0]):
         for j in range(rows.shape[1]):
             if np.isfinite(rows[i, j]):
-                ax.text(j, i, f"{rows[i, j]:.2f}", ha="center", va="center", color="w", fontsize=8)
-    fig.colorbar(image, ax=ax, label="share of drift removed")
+                ax.text(j, i, f"{rows[i, j]:.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(image, ax=ax, label="share of drift removed (clipped to [-1, 1])")
     ax.set_title("1 - drift(frozen) / drift(all layers train), mean over seeds", fontsize=9)
     fig.tight_layout()
     png, _ = save_figure(fig, out_dir, stem)
@@ -123,7 +127,9 @@ def _matrix_html(matrix: dict[str, Any], out_dir: Path, stem: str) -> str:
     return (
         "<h3>Attribution matrix</h3><p>Rows: the network trained with those layers frozen; "
         "columns: the layer whose input drift is measured. Each cell is the share of that "
-        "drift which disappears when the row's layers do not train, mean over seeds "
+        "drift which disappears when the row's layers do not train, mean over seeds; a "
+        "negative share means the drift grew (the layers that still train moved more); an "
+        "empty cell, a layer that does not drift in the reference network "
         f"(reference: <code>{html.escape(matrix['reference'])}</code>, nothing frozen).</p>"
         f"<table><tr><th>frozen</th>{head}</tr>{body}</table>"
         f'<img alt="attribution matrix" src="data:image/png;base64,{_image(png)}">'
