@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from covshift.data import load_dataset
 from covshift.experiments.config import ConfigError, ModelSpec
 from covshift.experiments.point import build_model
-from covshift.models import build_deep_linear, build_mlp, build_vgg
+from covshift.models import build_cnn, build_deep_linear, build_mlp, build_vgg
 from covshift.train import TrainConfig, evaluate, squared_error, train
 
 
@@ -112,3 +112,19 @@ def test_a_freeze_pattern_that_matches_nothing_names_the_modules() -> None:
     data = load_dataset("synthetic", n_train=50, n_test=20, num_features=16)
     with pytest.raises(ConfigError, match=r"'hidden\.9' matches no module.*hidden\.0\.linear"):
         build_model(ModelSpec(width=8, depth=2, freeze=("hidden.9",)), data, seed=0)
+
+
+def test_cnn_flatten_head_reads_the_whole_map() -> None:
+    net = build_cnn((1, 9, 9), 4, channels=(3, 5), pool="flatten", seed=0).eval()
+    assert net.head.in_features == 5 * 5 * 5  # 9 -> 5 after one stride-2 block
+    x = torch.rand(2, 81)
+    h = x.view(2, 1, 9, 9)
+    for block in net.features:
+        h = F.relu(
+            F.conv2d(
+                h, block.linear.weight, block.linear.bias, stride=block.linear.stride, padding=1
+            )
+        )
+    torch.testing.assert_close(net(x), F.linear(h.flatten(1), net.head.weight, net.head.bias))
+    with pytest.raises(ValueError, match="pool must be one of avg, flatten"):
+        build_cnn((1, 9, 9), 4, pool="max")  # type: ignore[arg-type]

@@ -332,7 +332,10 @@ def presets() -> None:
     """
     from covshift.experiments.battery import BATTERY
 
-    table = Table(title="presets (runtime measured on 2 cores, 2 workers, empty store)")
+    table = Table(
+        title="presets: training minutes on 2 cores, 2 workers, empty store "
+        "(measured; est. = the preflight's estimate)"
+    )
     table.add_column("name")
     table.add_column("what it tests")
     table.add_column("quick", justify="right")
@@ -343,9 +346,12 @@ def presets() -> None:
         minutes = []
         for size in ("quick", "full"):
             found = config.sizes.get(size)
-            minutes.append(
-                "-" if found is None else (f"{found.minutes:g} min" if found.minutes else "yes")
-            )
+            if found is None:
+                minutes.append("-")
+            elif found.minutes is None:
+                minutes.append("yes")
+            else:
+                minutes.append(f"{found.minutes:g} min" + (" (est.)" if found.estimated else ""))
         table.add_row(name, config.title, *minutes, "yes" if name in BATTERY else "")
     _out.print(table)
 

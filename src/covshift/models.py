@@ -210,22 +210,30 @@ def build_mlp(
 
 
 class CNN(nn.Module):
-    """Convolutional classifier: conv blocks (3x3, stride 2 after the first), global
-    average pooling, linear ``head``. Blocks are ``features.<i>`` with the same
-    ``linear``/``norm``/``act`` names as the MLP's (``linear`` is the conv)."""
+    """Convolutional classifier: conv blocks (3x3, stride 2 after the first), then a
+    linear ``head`` on the globally average-pooled channels (``pool="avg"``) or on the
+    whole flattened feature map (``pool="flatten"``). Blocks are ``features.<i>`` with
+    the same ``linear``/``norm``/``act`` names as the MLP's (``linear`` is the conv)."""
 
     def __init__(
-        self, features: nn.ModuleList, head: nn.Linear, image_shape: tuple[int, int, int]
+        self,
+        features: nn.ModuleList,
+        head: nn.Linear,
+        image_shape: tuple[int, int, int],
+        pool: Literal["avg", "flatten"] = "avg",
     ) -> None:
         super().__init__()
         self.features = features
         self.head = head
         self.image_shape = image_shape
+        self.pool = pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.view(x.shape[0], *self.image_shape)  # (N, C, H, W)
         for block in self.features:
             x = block(x)
+        if self.pool == "flatten":
+            return self.head(x.flatten(1))  # (N, C*H*W) -> (N, K)
         return self.head(x.mean(dim=(2, 3)))  # global average pool -> (N, C) -> (N, K)
 
 
@@ -241,12 +249,15 @@ def build_cnn(
     init_std: float = 0.05,
     norm_kwargs: dict[str, object] | None = None,
     seed: int = 0,
+    pool: Literal["avg", "flatten"] = "avg",
 ) -> CNN:
     """Build a small CNN; see :func:`build_mlp` for the shared arguments.
 
     Each block is Conv2d(3x3, padding 1; stride 1 for the first block, 2 after) with
-    the norm before or after the activation.
+    the norm before or after the activation; ``pool`` chooses the head's input (global
+    average pooling, or the flattened map, which learns much faster on 28x28 images).
     """
+    _check_choice("pool", pool, ("avg", "flatten"))
     if len(image_shape) != 3 or min(image_shape) < 1:
         raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {image_shape}")
     if not channels or min(channels) < 1:
@@ -271,11 +282,14 @@ def build_cnn(
             )
             blocks.append(HiddenBlock(conv, layer_norm, ACTIVATIONS[activation](), norm_position))
             in_ch = out_ch
-        head = nn.Linear(in_ch, num_classes)
+        side_h, side_w = image_shape[1], image_shape[2]
+        for _ in channels[1:]:  # every block after the first halves the map (stride 2)
+            side_h, side_w = (side_h + 1) // 2, (side_w + 1) // 2
+        head = nn.Linear(in_ch * side_h * side_w if pool == "flatten" else in_ch, num_classes)
         _init_weights(
             head, "xavier", init_std, "linear" if activation != "relu" else "relu", generator
         )
-    return CNN(nn.ModuleList(blocks), head, image_shape)
+    return CNN(nn.ModuleList(blocks), head, image_shape, pool)
 
 
 class VGG(nn.Module):

@@ -73,6 +73,7 @@ class ModelSpec(_Strict):
     width: int = Field(100, ge=1)
     depth: int = Field(3, ge=1)
     channels: tuple[int, ...] = (16, 32, 64)
+    pool: Literal["avg", "flatten"] = "avg"  # the cnn head's input
     convs_per_stage: int = Field(2, ge=1)
     activation: Activation = "sigmoid"
     norm: str = "none"
@@ -204,7 +205,10 @@ class SizeSpec(_Strict):
     """One size of a preset (``quick``, ``full``): the overrides it applies, in the
     form of ``--set`` (dotted keys, or nested tables), and its measured runtime."""
 
-    minutes: float | None = Field(None, gt=0)  # measured on the 2-core reference machine
+    # training minutes on the 2-core reference machine (2 workers, empty store):
+    # measured, or the preflight's estimate when ``estimated``
+    minutes: float | None = Field(None, gt=0)
+    estimated: bool = False
     set: dict[str, Any] = Field(default_factory=dict)
 
 

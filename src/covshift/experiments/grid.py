@@ -37,6 +37,7 @@ _IDENTITY_VERSION = 1
 # (section, field, default as JSON) of the fields added since version 1.
 _ADDED_FIELDS: tuple[tuple[str, str, Any], ...] = (
     ("model", "convs_per_stage", 2),
+    ("model", "pool", "avg"),
     ("model", "freeze", []),
     ("optimizer", "lr_reference_batch", None),
     ("probe", "mode", "eval"),

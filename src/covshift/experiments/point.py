@@ -163,7 +163,9 @@ def _build(spec: ModelSpec, data: Dataset, seed: int) -> torch.nn.Module:
             convs_per_stage=spec.convs_per_stage,
             **common,
         )
-    return build_cnn(data.image_shape, data.num_classes, channels=spec.channels, **common)
+    return build_cnn(
+        data.image_shape, data.num_classes, channels=spec.channels, pool=spec.pool, **common
+    )
 
 
 _DATASETS: dict[tuple[str, str | None, str], Dataset] = {}
