@@ -7,6 +7,8 @@ import json
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from covshift.experiments.battery import BATTERY
 
 from .helpers import covshift
@@ -73,3 +75,23 @@ def test_claims_and_presets_refuse_bad_input(tmp_path: Path) -> None:
     for name in BATTERY:
         assert name in listing.stdout
     assert "min" in listing.stdout
+
+
+@pytest.mark.slow
+def test_claims_on_ray_give_the_local_numbers(tmp_path: Path) -> None:
+    tiny = [
+        "--only", "santurkar2018-linear", "--seeds", "2", "--set", "steps=40",
+        "--set", "eval_every=20", "--set", "probe.every=20",
+        "--set", "probe.gradient_ics_every=20", "--set", "probe.smoothness_every=20",
+    ]  # fmt: skip
+    results = []
+    for backend in ("local", "ray"):
+        db = tmp_path / backend / "c.db"
+        done = covshift(
+            "claims", *tiny, "--backend", backend, "--threads", "1", "--db", str(db), "--json",
+            cwd=tmp_path,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        results.append({c["id"]: c["per_seed"] for c in json.loads(done.stdout)["claims"]})
+    assert results[0] == results[1]
+    assert any(v for v in results[0].values())

@@ -89,9 +89,14 @@ def _cell_label(config: ExperimentConfig, cell: dict) -> str:
 
 
 def _accuracy_panel(ax: Axes, store: Store, config: ExperimentConfig, summary: dict) -> None:
-    """Test accuracy against steps: mean over seeds per cell, the seeds' range shaded."""
+    """Test accuracy against steps: mean over seeds per cell, the seeds' range shaded
+    (the test loss, on a log scale, for a regression task, which has no accuracy)."""
+    runs = [r for cell in summary["cells"] for r in cell["run_ids"] if r is not None]
+    series = "test_accuracy"
+    if runs and not any(len(store.scalars(r, series)[0]) for r in runs[:4]):
+        series = "test_loss"
     for i, cell in enumerate(summary["cells"][:_MAX_CELLS]):
-        curves = [store.scalars(r, "test_accuracy") for r in cell["run_ids"] if r is not None]
+        curves = [store.scalars(r, series) for r in cell["run_ids"] if r is not None]
         curves = [c for c in curves if len(c[0])]
         if not curves:
             continue
@@ -109,10 +114,16 @@ def _accuracy_panel(ax: Axes, store: Store, config: ExperimentConfig, summary: d
         if n > 1:
             ax.fill_between(steps, values.min(0), values.max(0), color=color, alpha=0.15, lw=0)
     ax.set_xlabel("training step")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best" if series == "test_loss" else "lower right", fontsize=8)
+    if series == "test_loss":
+        ax.set_ylabel("test loss")
+        ax.set_yscale("log")
+        ax.set_title(f"(a) test loss ({config.dataset}): mean, range over seeds")
+        return
     ax.set_ylabel("test accuracy")
     ax.set_title(f"(a) test accuracy ({config.dataset}): mean, range over seeds")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
     finite = [
         v
         for c in summary["cells"]
