@@ -46,6 +46,22 @@ _err = Console(stderr=True)
 _out = Console()
 
 DbOption = Annotated[Path, typer.Option("--db", help="SQLite results store.", show_default=True)]
+# Where the points run: shared by run and claims.
+WorkersOption = Annotated[
+    int | None,
+    typer.Option(min=1, help="Points trained at once (local backend; default: one per core)."),
+]
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option(min=1, help="Torch threads per point (default: cores / workers; Ray: 1)."),
+]
+BackendOption = Annotated[
+    str, typer.Option(help="local (processes on this machine) or ray (Ray tasks).")
+]
+AddressOption = Annotated[
+    str | None,
+    typer.Option(help="Ray cluster to join (ray start --head prints it; 'auto'): --backend ray."),
+]
 
 
 class UserError(Exception):
@@ -138,23 +154,10 @@ def run(
         str | None,
         typer.Option(help="One of the preset's sizes (quick, full; see covshift presets)."),
     ] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option(min=1, help="Points trained at once (local backend; default: one per core)."),
-    ] = None,
-    threads: Annotated[
-        int | None,
-        typer.Option(min=1, help="Torch threads per point (default: cores / workers; Ray: 1)."),
-    ] = None,
-    backend: Annotated[
-        str, typer.Option(help="local (processes on this machine) or ray (Ray tasks).")
-    ] = "local",
-    address: Annotated[
-        str | None,
-        typer.Option(
-            help="Ray cluster to join (ray start --head prints it; 'auto'): --backend ray."
-        ),
-    ] = None,
+    workers: WorkersOption = None,
+    threads: ThreadsOption = None,
+    backend: BackendOption = "local",
+    address: AddressOption = None,
     gpus_per_point: Annotated[
         float, typer.Option(min=0, help="GPUs Ray reserves per point (--backend ray).")
     ] = 0.0,
@@ -363,20 +366,10 @@ def claims(
         list[str] | None,
         typer.Option("--only", help="Run and report only these presets (repeatable)."),
     ] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option(min=1, help="Points trained at once (local backend; default: one per core)."),
-    ] = None,
-    threads: Annotated[
-        int | None,
-        typer.Option(min=1, help="Torch threads per point (default: cores / workers; Ray: 1)."),
-    ] = None,
-    backend: Annotated[
-        str, typer.Option(help="local (processes on this machine) or ray (Ray tasks).")
-    ] = "local",
-    address: Annotated[
-        str | None, typer.Option(help="Ray cluster to join (--backend ray).")
-    ] = None,
+    workers: WorkersOption = None,
+    threads: ThreadsOption = None,
+    backend: BackendOption = "local",
+    address: AddressOption = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print what would run and the estimate; run nothing.")
     ] = False,

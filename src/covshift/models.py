@@ -65,6 +65,18 @@ def _check_choice(arg: str, value: str, choices: list[str] | tuple[str, ...]) ->
         raise ValueError(f"{arg} must be one of {', '.join(choices)}; got {value!r}")
 
 
+def _check_block_args(
+    activation: str, norm: str, norm_position: str, init: str, init_std: float
+) -> None:
+    """The arguments every builder's blocks share: each a known choice."""
+    _check_choice("activation", activation, tuple(ACTIVATIONS))
+    _check_choice("norm", norm, ["none", *norm_names()])
+    _check_choice("norm_position", norm_position, ("before", "after"))
+    _check_choice("init", init, INITS)
+    if init == "gaussian" and not init_std > 0:
+        raise ValueError(f"init_std must be > 0 for the gaussian init, got {init_std}")
+
+
 def _init_weights(
     layer: nn.Linear | nn.Conv2d,
     init: Init,
@@ -183,12 +195,7 @@ def build_mlp(
     }.items():
         if value < 1:
             raise ValueError(f"{arg} must be >= 1, got {value}")
-    _check_choice("activation", activation, tuple(ACTIVATIONS))
-    _check_choice("norm", norm, ["none", *norm_names()])
-    _check_choice("norm_position", norm_position, ("before", "after"))
-    _check_choice("init", init, INITS)
-    if init == "gaussian" and not init_std > 0:
-        raise ValueError(f"init_std must be > 0 for the gaussian init, got {init_std}")
+    _check_block_args(activation, norm, norm_position, init, init_std)
     if norm in _NEEDS_POSITIONS:
         raise ValueError(
             f"norm {norm!r} normalizes each sample's channel over spatial "
@@ -262,12 +269,7 @@ def build_cnn(
         raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {image_shape}")
     if not channels or min(channels) < 1:
         raise ValueError(f"channels must be a non-empty tuple of positive ints, got {channels}")
-    _check_choice("activation", activation, tuple(ACTIVATIONS))
-    _check_choice("norm", norm, ["none", *norm_names()])
-    _check_choice("norm_position", norm_position, ("before", "after"))
-    _check_choice("init", init, INITS)
-    if init == "gaussian" and not init_std > 0:
-        raise ValueError(f"init_std must be > 0 for the gaussian init, got {init_std}")
+    _check_block_args(activation, norm, norm_position, init, init_std)
     bias = not (norm != "none" and norm_position == "before" and cancels_bias(norm))
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
@@ -353,12 +355,7 @@ def build_vgg(
     for arg, value in {"width": width, "depth": depth, "convs_per_stage": convs_per_stage}.items():
         if value < 1:
             raise ValueError(f"{arg} must be >= 1, got {value}")
-    _check_choice("activation", activation, tuple(ACTIVATIONS))
-    _check_choice("norm", norm, ["none", *norm_names()])
-    _check_choice("norm_position", norm_position, ("before", "after"))
-    _check_choice("init", init, INITS)
-    if init == "gaussian" and not init_std > 0:
-        raise ValueError(f"init_std must be > 0 for the gaussian init, got {init_std}")
+    _check_block_args(activation, norm, norm_position, init, init_std)
     bias = not (norm != "none" and norm_position == "before" and cancels_bias(norm))
     generator = torch.Generator().manual_seed(seed)
     pool_after: set[int] = set()
