@@ -339,11 +339,12 @@ def presets() -> None:
         title="presets: training minutes on 2 cores, 2 workers, empty store "
         "(measured; est. = the preflight's estimate)"
     )
-    table.add_column("name")
+    # Names and minutes never wrap (they are what a user copies); titles do.
+    table.add_column("name", no_wrap=True)
     table.add_column("what it tests")
-    table.add_column("quick", justify="right")
-    table.add_column("full", justify="right")
-    table.add_column("battery")
+    table.add_column("quick", justify="right", no_wrap=True)
+    table.add_column("full", justify="right", no_wrap=True)
+    table.add_column("battery", no_wrap=True)
     for name in preset_names():
         config = load_config(name)
         minutes = []
