@@ -49,7 +49,7 @@ def test_claims_writes_one_report_and_a_second_call_runs_nothing(tmp_path: Path)
         assert all(Path(c["figure"]).name == o["figure"] for c, o in zip(mine, own, strict=True))
     causes = next(p for p in page["presets"] if p["preset"] == "shift-causes")
     matrix = causes["attribution_matrix"]
-    assert matrix["layers"][-1] == "head" and len(matrix["share_removed"]) == 6
+    assert matrix["layers"][-1] == "head" and len(matrix["share_removed"]) == 7
     assert "Attribution matrix" in html and "data:image/png;base64," in html
     linear = [c for c in page["claims"] if c.get("preset") == "santurkar2018-linear"]
     assert all(c["seeds"] == 2 for c in linear)  # ICS and smoothness were measured
@@ -57,7 +57,7 @@ def test_claims_writes_one_report_and_a_second_call_runs_nothing(tmp_path: Path)
     assert control["per_seed"] == {"0": 0.0, "1": 0.0}  # frozen upstream: no drift at all
 
     runs = _runs(db)
-    assert runs == 2 * (7 + 2)
+    assert runs == 2 * (8 + 2)
     second = covshift("claims", *SMALL, "--db", str(db), cwd=tmp_path)
     assert second.returncode == 0, second.stderr
     assert _runs(db) == runs
