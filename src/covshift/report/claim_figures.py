@@ -144,6 +144,11 @@ def _curve_panel(ax: Axes, result: dict[str, Any], config: ExperimentConfig) -> 
     xs_all = [x for d in result["data"].values() for c in d["curve"].values() for x, _, _ in c]
     if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 10:
         ax.set_xscale("log")
+    ys_all = [y for d in result["data"].values() for c in d["curve"].values() for _, y, _ in c]
+    ys_all = [y for y in ys_all if y is not None]
+    # Drifts of unnormalized deep networks span orders of magnitude: a log axis.
+    if ys_all and min(ys_all) > 0 and max(ys_all) / min(ys_all) >= 1000:
+        ax.set_yscale("log")
     if result["statistic"] == "threshold" and result["target"] is not None:
         ax.axhline(result["target"], color="gray", ls="--", lw=1, label="target")
     ax.set_xlabel(result["axis"] or "layer index (forward order)")
