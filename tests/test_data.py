@@ -84,6 +84,27 @@ def test_read_idx_bad_gzip(tmp_path: Path) -> None:
         read_idx(path)
 
 
+def test_read_idx_corrupt_deflate_data(tmp_path: Path) -> None:
+    """Flipped bytes inside the deflate stream raise zlib.error, not OSError."""
+    packed = bytearray(gzip.compress(idx_bytes(np.arange(200, dtype=np.uint8)), mtime=0))
+    for i in range(12, 30):
+        packed[i] ^= 0xFF
+    path = tmp_path / "flipped.gz"
+    path.write_bytes(bytes(packed))
+    with pytest.raises(IdxFormatError, match=r"flipped\.gz: corrupt or truncated gzip"):
+        read_idx(path)
+
+
+def test_read_idx_huge_header_sizes_do_not_wrap(tmp_path: Path) -> None:
+    """Sizes whose product overflows 64 bits must not match a short payload."""
+    dims = (2**32 - 1, 2**32 - 1, 2**32 - 1)
+    header = bytes([0, 0, 0x08, len(dims)]) + np.array(dims, dtype=">u4").tobytes()
+    path = tmp_path / "huge"
+    path.write_bytes(header + b"\0" * 16)
+    with pytest.raises(IdxFormatError, match="truncated"):
+        read_idx(path)
+
+
 def test_read_idx_too_short(tmp_path: Path) -> None:
     path = tmp_path / "short"
     path.write_bytes(b"\0\0")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -486,6 +487,21 @@ def main() -> None:
         # soft_wrap: the message is printed whole, never cut at the terminal width.
         _err.print(f"[bold red]Error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except OSError as e:  # a path the user named: not writable, a file for a folder, ...
+        where = f"{e.filename}: " if e.filename else ""
+        _err.print(
+            f"[bold red]Error:[/] {where}{e.strerror or e}", highlight=False, soft_wrap=True
+        )
+        sys.exit(2)
+    except Exception:
+        # Anything else is covshift's own bug: the traceback, and a line that says so.
+        traceback.print_exc()
+        _err.print(
+            "[bold red]This is a bug in covshift[/] (not in your input); please report it "
+            "with the traceback above.",
+            highlight=False,
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ DataLoader overhead and two networks can be fed exactly the same batches.
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +79,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         if head == b"\x1f\x8b":
             try:
                 raw = gzip.decompress(f.read())
-            except (OSError, EOFError) as e:
+            except (OSError, EOFError, zlib.error) as e:
                 raise IdxFormatError(f"{path}: corrupt or truncated gzip stream ({e})") from None
         else:
             raw = f.read()
@@ -96,7 +98,9 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     if any(d == 0 for d in dims):
         raise IdxFormatError(f"{path}: dimension sizes {dims} contain a zero")
     dtype = _IDX_DTYPES[type_code]
-    expected = int(np.prod(dims)) * dtype.itemsize
+    # Python integers: a product of header sizes cannot overflow (np.prod of uint32
+    # wraps around and could match a short payload).
+    expected = math.prod(dims) * dtype.itemsize
     payload = len(raw) - header_len
     if payload != expected:
         what = "truncated" if payload < expected else "has trailing bytes"

@@ -95,3 +95,17 @@ def test_claims_on_ray_give_the_local_numbers(tmp_path: Path) -> None:
         results.append({c["id"]: c["per_seed"] for c in json.loads(done.stdout)["claims"]})
     assert results[0] == results[1]
     assert any(v for v in results[0].values())
+
+
+def test_a_report_folder_below_a_file_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    blocker = tmp_path / "plain-file"
+    blocker.write_text("not a folder")
+    tiny = ["--only", "santurkar2018-linear", "--seeds", "1", "--set", "steps=10",
+            "--set", "eval_every=5", "--set", "probe.every=5",
+            "--set", "probe.gradient_ics_every=5", "--set", "probe.smoothness_every=5"]  # fmt: skip
+    done = covshift(
+        "claims", *tiny, "--db", str(tmp_path / "c.db"), "--out", str(blocker / "sub"),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and str(blocker) in done.stderr
