@@ -99,6 +99,8 @@ def test_run_table_then_runs_and_report(tmp_path: Path) -> None:
         (["run", "ioffe2015", "--backend", "slurm"], "--backend must be local or ray"),
         (["run", "ioffe2015", "--address", "auto"], "use it with --backend ray"),
         (["run"], "name a preset"),
+        (["run", "ioffe2015", "--out", "/dev/null/r"], "--out /dev/null/r: /dev/null is a file"),
+        (["run", "ioffe2015", "--db", "/dev/null/c.db"], "--db /dev/null: /dev/null is a file"),
         (["run", "--resume", "nope-1234", "--db", "none.db"], "no store at none.db"),
     ],
 )

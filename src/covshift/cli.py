@@ -14,6 +14,7 @@ Examples::
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import traceback
@@ -104,6 +105,20 @@ def _existing_store(db: Path) -> Store:
             f"no store at {db}; run an experiment first (covshift run ioffe2015) or pass --db"
         )
     return Store(db)
+
+
+def _check_folder(path: Path, option: str) -> None:
+    """A folder covshift will create and write into: refuse it before anything runs
+    when a part of it is a plain file or its nearest existing folder is not writable."""
+    probe = path.absolute()
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UserError(f"{option} {path}: {probe} is a file, not a folder")
+    if probe.is_dir() and not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path}: the folder {probe} is not writable")
 
 
 def _report_dir(store_path: Path, experiment_id: str, out: Path | None) -> Path:
@@ -228,6 +243,9 @@ def run(
         raise UserError("name a preset (covshift presets) or a .toml file, or give --resume ID")
     else:
         config = load_config(preset, overrides, size=size)
+    _check_folder(db.parent, "--db")
+    if out is not None:
+        _check_folder(out, "--out")
     plan = plan_sweep(config, db)
     todo = plan.to_run
     chosen = make_backend(
@@ -413,6 +431,9 @@ def claims(
     overrides: dict[str, Any] = _parse_sets(set_ or [])
     if seeds is not None:
         overrides["seeds"] = seeds
+    _check_folder(db.parent, "--db")
+    if out is not None:
+        _check_folder(out, "--out")
     parts = plan_battery(size, db, chosen, overrides)
     try:
         run_battery(
@@ -489,9 +510,7 @@ def main() -> None:
         sys.exit(2)
     except OSError as e:  # a path the user named: not writable, a file for a folder, ...
         where = f"{e.filename}: " if e.filename else ""
-        _err.print(
-            f"[bold red]Error:[/] {where}{e.strerror or e}", highlight=False, soft_wrap=True
-        )
+        _err.print(f"[bold red]Error:[/] {where}{e.strerror or e}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except Exception:
         # Anything else is covshift's own bug: the traceback, and a line that says so.

@@ -108,4 +108,8 @@ def test_a_report_folder_below_a_file_is_an_error_not_a_traceback(tmp_path: Path
         cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
-    assert "Traceback" not in done.stderr and str(blocker) in done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"--out {blocker / 'sub'}: {blocker} is a file, not a folder" in done.stderr
+    assert not (tmp_path / "c.db").exists()  # refused before anything was written
+    under = covshift("claims", *tiny, "--db", str(blocker / "c.db"), cwd=tmp_path)
+    assert under.returncode == 2 and f"--db {blocker}: {blocker} is a file" in under.stderr
