@@ -33,6 +33,7 @@ Example (your own loop)::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -44,6 +45,7 @@ import torch
 from torch import nn
 
 from covshift.probe import distributed as dist_ops
+from covshift.probe._copies import isolated_randomness
 from covshift.probe.background import BackgroundRecorder, has_foreign_hooks
 from covshift.probe.collector import Collector
 from covshift.probe.hooks import Taps
@@ -414,10 +416,15 @@ class ShiftProbe:
         try:
             self.model.train(self.mode == "train")
             try:
-                # Noise layers draw in train mode: from a forked random state, so the
-                # training steps after a record draw what they would without it.
-                devices = sorted({b.device.index for b in saved if b.device.type == "cuda"})
-                with torch.random.fork_rng(devices=devices, enabled=self.mode == "train"):
+                # Noise layers draw in train mode: from a forked random state (CPU and
+                # every CUDA device of the model), so the training steps after a record
+                # draw what they would without it.
+                forked = (
+                    isolated_randomness(self.model)
+                    if self.mode == "train"
+                    else contextlib.nullcontext()
+                )
+                with forked:
                     self.model(*inputs)
             except RuntimeError as error:
                 raise _explain(self.model, inputs, error) from error
