@@ -418,6 +418,7 @@ def claims(
     from covshift.cli_tables import claims_table
     from covshift.experiments.battery import BATTERY, plan_battery
     from covshift.experiments.battery_run import report_battery, run_battery
+    from covshift.experiments.summary import json_safe
 
     if size not in ("quick", "full"):
         raise UserError(f"--size must be quick or full, got {size!r}")
@@ -459,16 +460,10 @@ def claims(
     out_dir = out if out is not None else db.parent / "reports" / f"battery-{size}"
     results, page = report_battery(parts, db, out_dir, size=size)
     if as_json:
-        print(json.dumps(json_safe_claims(results), indent=2, allow_nan=False))
+        print(json.dumps(json_safe({"claims": results}), indent=2, allow_nan=False))
     else:
         console.print(claims_table({"claims": results}))
         console.print(f"Report: {page}")
-
-
-def json_safe_claims(results: list[dict[str, Any]]) -> dict[str, Any]:
-    from covshift.experiments.summary import json_safe
-
-    return json_safe({"claims": results})
 
 
 @app.command()

@@ -216,6 +216,27 @@ def build_mlp(
     return MLP(nn.ModuleList(blocks), head)
 
 
+def _conv_block(
+    conv: nn.Conv2d,
+    activation: Activation,
+    norm: str,
+    norm_position: Placement,
+    init: Init,
+    init_std: float,
+    norm_kwargs: dict[str, object] | None,
+    generator: torch.Generator,
+) -> HiddenBlock:
+    """``conv`` initialized from ``generator``, with its norm (over its output channels)
+    and activation: one block of :func:`build_cnn` or :func:`build_vgg`."""
+    _init_weights(conv, init, init_std, activation, generator)
+    layer_norm = (
+        None
+        if norm == "none"
+        else create_norm(norm, conv.out_channels, dims=2, **(norm_kwargs or {}))
+    )
+    return HiddenBlock(conv, layer_norm, ACTIVATIONS[activation](), norm_position)
+
+
 class CNN(nn.Module):
     """Convolutional classifier: conv blocks (3x3, stride 2 after the first), then a
     linear ``head`` on the globally average-pooled channels (``pool="avg"``) or on the
@@ -278,11 +299,11 @@ def build_cnn(
         in_ch = image_shape[0]
         for i, out_ch in enumerate(channels):
             conv = nn.Conv2d(in_ch, out_ch, 3, stride=1 if i == 0 else 2, padding=1, bias=bias)
-            _init_weights(conv, init, init_std, activation, generator)
-            layer_norm = (
-                None if norm == "none" else create_norm(norm, out_ch, dims=2, **(norm_kwargs or {}))
+            blocks.append(
+                _conv_block(
+                    conv, activation, norm, norm_position, init, init_std, norm_kwargs, generator
+                )
             )
-            blocks.append(HiddenBlock(conv, layer_norm, ACTIVATIONS[activation](), norm_position))
             in_ch = out_ch
         side_h, side_w = image_shape[1], image_shape[2]
         for _ in channels[1:]:  # every block after the first halves the map (stride 2)
@@ -366,11 +387,11 @@ def build_vgg(
         for i in range(depth):
             out_ch = width * 2 ** (i // convs_per_stage)
             conv = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=bias)
-            _init_weights(conv, init, init_std, activation, generator)
-            layer_norm = (
-                None if norm == "none" else create_norm(norm, out_ch, dims=2, **(norm_kwargs or {}))
+            blocks.append(
+                _conv_block(
+                    conv, activation, norm, norm_position, init, init_std, norm_kwargs, generator
+                )
             )
-            blocks.append(HiddenBlock(conv, layer_norm, ACTIVATIONS[activation](), norm_position))
             in_ch = out_ch
             if (i + 1) % convs_per_stage == 0 and side >= 2:
                 pool_after.add(i)

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 from scipy import stats as scipy_stats
 
-from covshift.experiments.claims import INTERVAL_METHOD, t_interval
+from covshift.experiments.claim_spec import ClaimSpec, rule_text
+from covshift.experiments.claims import INTERVAL_METHOD, t_interval, verdict
 from covshift.experiments.config import ExperimentConfig, load_config
 from covshift.experiments.grid import Point
 from covshift.experiments.numbers import PointNumbers
@@ -97,10 +98,6 @@ def plan_battery(
     return parts
 
 
-def _eval_layers(numbers: PointNumbers) -> list[str]:
-    return numbers.layers()
-
-
 def _mean_drift(numbers: PointNumbers, layers: list[str]) -> float | None:
     values = [numbers.drift.get(layer) for layer in layers]
     if not values or any(v is None for v in values):
@@ -133,7 +130,7 @@ def battery_pairs(
         a, b = numbers[p.id], numbers[twin.id]
         if a.run is None or b.run is None:
             continue
-        layers = [x for x in _eval_layers(b) if x in a.drift]
+        layers = [x for x in b.layers() if x in a.drift]
         d_norm, d_bare = _mean_drift(a, layers), _mean_drift(b, layers)
         metric = f"steps_to/{spec.metric}/{spec.target}"
         reached = a.value(metric), b.value(metric)
@@ -171,9 +168,6 @@ def shift_speed_correlation(pairs: Sequence[dict[str, Any]], seeds: Sequence[int
             per_seed[str(seed)] = float(scipy_stats.spearmanr(xs, ys).statistic)
     values = list(per_seed.values())
     estimate, interval = t_interval(values) if values else (None, None)
-    from covshift.experiments.claim_spec import ClaimSpec, rule_text
-    from covshift.experiments.claims import verdict
-
     rule = ClaimSpec(
         text=CORRELATION_CLAIM["text"],
         metric="diverged",

@@ -97,10 +97,10 @@ def report_battery(
     with Store(store_path, create=False) as store:
         for part in parts:
             config = part.config
-            summary = summarize(store, part.experiment_id, config)
+            points, numbers = load_experiment_numbers(store, config)
+            summary = summarize(store, part.experiment_id, config, (points, numbers))
             report_dir = out_dir / part.experiment_id
             write_report(store, part.experiment_id, config, summary, report_dir)
-            points, numbers = load_experiment_numbers(store, config)
             pairs += battery_pairs(config, points, numbers)
             seeds += [s for s in config.seeds if s not in seeds]
             for claim in summary["claims"]:

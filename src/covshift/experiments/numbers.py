@@ -20,7 +20,7 @@ from covshift.experiments.metrics import (
     MetricPath,
     parse_metric,
 )
-from covshift.probe.metrics import unit_quantile_drift
+from covshift.probe.metrics import unit_quantile_drift, unit_widths
 from covshift.store import RunInfo, Store
 
 __all__ = ["PointNumbers", "load_numbers", "probed_layers"]
@@ -188,7 +188,7 @@ def _floor(
     """The noise floor of a layer: the drift formula between the probe batch and the
     second batch at the same steps, with the drift's widths (see :mod:`.metrics`)."""
     q = np.asarray(quantiles, dtype=np.float64)
-    width = np.maximum((q[:, -1, :] - q[:, 0, :]).mean(axis=0), 1e-12)  # (U,)
+    width = unit_widths(q)  # (U,), the drift's own
     values = []
     for step, second in zip(floor_steps, np.asarray(floor_q, dtype=np.float64), strict=True):
         hit = np.nonzero(steps == step)[0]

@@ -100,9 +100,15 @@ def _cell(config: ExperimentConfig, network: str, rows: list[dict[str, Any]]) ->
     return out
 
 
-def summarize(store: Store, experiment_id: str, config: ExperimentConfig) -> dict[str, Any]:
-    """The headline numbers and claims of one experiment, as a JSON-ready dict."""
-    points, numbers = load_experiment_numbers(store, config)
+def summarize(
+    store: Store,
+    experiment_id: str,
+    config: ExperimentConfig,
+    loaded: tuple[list[Point], dict[str, PointNumbers]] | None = None,
+) -> dict[str, Any]:
+    """The headline numbers and claims of one experiment, as a JSON-ready dict;
+    ``loaded`` is what :func:`load_experiment_numbers` returned, when the caller has it."""
+    points, numbers = loaded if loaded is not None else load_experiment_numbers(store, config)
     rows = []
     for p in points:
         n = numbers[p.id]

@@ -40,6 +40,7 @@ __all__ = [
     "sample_w1",
     "shift_series",
     "unit_quantile_drift",
+    "unit_widths",
 ]
 
 _TINY = 1e-12
@@ -248,9 +249,15 @@ def unit_quantile_drift(quantiles: np.ndarray) -> np.ndarray:
         raise ValueError(
             f"expected quantile records of shape (records >= 2, levels >= 2, units), got {q.shape}"
         )
-    width = (q[:, -1, :] - q[:, 0, :]).mean(axis=0)  # (U,)
     displacement = np.abs(q[-1] - q[0]).mean(axis=0)  # (U,)
-    return displacement / np.maximum(width, _TINY)
+    return displacement / unit_widths(q)
+
+
+def unit_widths(quantiles: np.ndarray) -> np.ndarray:
+    """``w_u``, the drift's unit of length: each unit's outer-quantile width averaged
+    over the records, ``(R, Q, U)`` -> ``(U,)`` (at least ``1e-12``)."""
+    q = np.asarray(quantiles, dtype=np.float64)
+    return np.maximum((q[:, -1, :] - q[:, 0, :]).mean(axis=0), _TINY)
 
 
 def quantile_drift(quantiles: np.ndarray) -> float:
