@@ -9,7 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from covshift.checkpoints import BytesCheckpointer
+from covshift.checkpoints import (
+    BytesCheckpointer,
+    Checkpointer,
+    CheckpointOwnerError,
+    FileCheckpointer,
+)
 from covshift.data import BatchSampler, Dataset
 from covshift.models import build_mlp
 from covshift.train import DivergenceGuard, TrainConfig, evaluate, resolve_device, train
@@ -258,6 +263,50 @@ def test_foreign_checkpoint_is_refused(small_data: Dataset, tmp_path: Path) -> N
             device="cpu",
             checkpoint=ckpt,
         )
+
+
+@pytest.mark.parametrize("kind", ["file", "bytes"])
+def test_checkpoint_of_another_owner_is_refused(
+    small_data: Dataset, tmp_path: Path, kind: str
+) -> None:
+    """A state records its owner; another owner is refused with both names (even with
+    the same model, which would otherwise resume silently), the same owner resumes."""
+    config = TrainConfig(steps=20, batch_size=10, eval_every=5)
+    saved: list[bytes] = []
+
+    def keeper(owner: str | None) -> Checkpointer:
+        if kind == "file":
+            return FileCheckpointer(tmp_path / "run.pt", owner=owner)
+        return BytesCheckpointer(saved[-1] if saved else None, saved.append, owner=owner)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            build_mlp(784, 10, width=12, seed=0),
+            small_data,
+            config,
+            device="cpu",
+            checkpoint=keeper("store a/run 1"),
+            callbacks=[StopAt(7, KeyboardInterrupt)],
+        )
+    with pytest.raises(
+        CheckpointOwnerError, match="belongs to store a/run 1, not to store b/run 1"
+    ):
+        train(
+            build_mlp(784, 10, width=12, seed=0),
+            small_data,
+            config,
+            device="cpu",
+            checkpoint=keeper("store b/run 1"),
+        )
+    resumed = train(
+        build_mlp(784, 10, width=12, seed=0),
+        small_data,
+        config,
+        device="cpu",
+        checkpoint=keeper("store a/run 1"),
+    )
+    fresh = train(build_mlp(784, 10, width=12, seed=0), small_data, config, device="cpu")
+    assert resumed.history == fresh.history
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from covshift.checkpoints import Checkpointer, as_checkpointer
+from covshift.checkpoints import Checkpointer, CheckpointOwnerError, as_checkpointer
 from covshift.data import BatchSampler, Dataset
 
 __all__ = [
@@ -353,6 +353,8 @@ def _load_checkpoint(
             return None
         state.model.load_state_dict(payload["model"])
         state.optimizer.load_state_dict(payload["optimizer"])
+    except CheckpointOwnerError:
+        raise  # its message says whose state it is and what to do
     except Exception as e:
         raise ValueError(
             f"checkpoint {keeper} cannot be resumed for this model: {e}; delete it to start over"

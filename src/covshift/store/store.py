@@ -241,6 +241,11 @@ class Store:
         the store, named after the store's identity and the run."""
         return self.path.parent / "checkpoints" / f"{self.store_id[:12]}-run-{run_id}.pt"
 
+    def checkpoint_owner(self, run_id: int) -> str:
+        """The identity a checkpoint of run ``run_id`` records, checked when it is loaded
+        (the file name alone would not catch a copied or renamed file)."""
+        return f"store {self.store_id}/run {run_id}"
+
     # -- writing: runs -------------------------------------------------------
     def start_run(
         self,

@@ -156,7 +156,7 @@ def claim_and_train(
     run = claim.run
     if claim.state in ("done", "busy"):
         return settled_outcome(point, claim)
-    keeper = FileCheckpointer(store.checkpoint_path(run.id))
+    keeper = FileCheckpointer(store.checkpoint_path(run.id), owner=store.checkpoint_owner(run.id))
     previous = torch.get_num_threads()
     torch.set_num_threads(run.threads or threads)
     try:

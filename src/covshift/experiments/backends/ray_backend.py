@@ -126,13 +126,21 @@ def _task_dataset(holder: list[Any], key: str, device: torch.device) -> Dataset:
 
 
 def _point_task(
-    spec: PointSpec, data: list[Any], data_key: str, checkpoint: bytes | None, threads: int
+    spec: PointSpec,
+    data: list[Any],
+    data_key: str,
+    checkpoint: bytes | None,
+    threads: int,
+    owner: str | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Train one point; yield its records and checkpoints, chunk by chunk."""
+    """Train one point; yield its records and checkpoints, chunk by chunk. ``owner``:
+    the run's checkpoint identity (a checkpoint of another run is refused)."""
     torch.set_num_threads(threads)
     out: queue_module.Queue[Any] = queue_module.Queue()
     buffer = _Buffer()
-    keeper = BytesCheckpointer(checkpoint, on_save=lambda b: out.put(("chunk", buffer.take(), b)))
+    keeper = BytesCheckpointer(
+        checkpoint, on_save=lambda b: out.put(("chunk", buffer.take(), b)), owner=owner
+    )
 
     def work() -> None:
         try:
@@ -305,7 +313,8 @@ class RayBackend:
                 data_refs[key] = [ray.put(_dataset_payload(spec))]
             path = store.checkpoint_path(job.run_id)
             checkpoint = path.read_bytes() if path.exists() else None
-            active[task.remote(spec, data_refs[key], key, checkpoint, self.threads)] = job
+            owner = store.checkpoint_owner(job.run_id)
+            active[task.remote(spec, data_refs[key], key, checkpoint, self.threads, owner)] = job
 
         for point in points:
             claim = claim_point(store, point, context, self.threads)
