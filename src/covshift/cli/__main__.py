@@ -1,0 +1,5 @@
+"""``python -m covshift.cli``."""
+
+from covshift.cli import main
+
+main()

@@ -1,0 +1,99 @@
+"""The commands that read the store: ``runs``, ``report``, and ``presets``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from covshift.cli.app import DbOption, existing_store, out_console, report_dir
+from covshift.experiments.config import load_config, preset_names
+from covshift.store import DEFAULT_DB
+
+
+def runs(
+    db: DbOption = DEFAULT_DB,
+    experiment: Annotated[str | None, typer.Option(help="Only this experiment's runs.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Show at most this many runs.")] = 50,
+) -> None:
+    """List the runs in the store, newest first.
+
+    Example: covshift runs --db covshift-out/covshift.db
+    """
+    store = existing_store(db)
+    rows = store.runs(experiment=experiment)[:limit]
+    table = Table(title=f"runs in {db}")
+    for col in ("id", "experiment", "run", "status", "step", "test acc", "started (UTC)"):
+        table.add_column(
+            col, justify="right" if col in ("id", "step", "test acc") else "left", overflow="fold"
+        )
+    for r in rows:
+        _, acc = store.scalars(r.id, "test_accuracy")
+        status = r.status + (f" at {r.diverged_at}" if r.diverged_at is not None else "")
+        table.add_row(
+            str(r.id),
+            r.experiment or "-",
+            r.name.partition("/")[2] or r.name,
+            status,
+            str(r.last_step),
+            f"{acc[-1]:.4f}" if len(acc) else "-",
+            r.started_at.replace("T", " ")[:19],
+        )
+    out_console.print(table)
+
+
+def presets() -> None:
+    """List the shipped experiment presets, with their measured runtime per size.
+
+    Example: covshift presets
+    """
+    from covshift.experiments.battery import BATTERY
+
+    table = Table(
+        title="presets: training minutes on 2 cores, 2 workers, empty store "
+        "(measured; est. = the preflight's estimate)"
+    )
+    # Names and minutes never wrap (they are what a user copies); titles do.
+    table.add_column("name", no_wrap=True)
+    table.add_column("what it tests")
+    table.add_column("quick", justify="right", no_wrap=True)
+    table.add_column("full", justify="right", no_wrap=True)
+    table.add_column("battery", no_wrap=True)
+    for name in preset_names():
+        config = load_config(name)
+        minutes = []
+        for size in ("quick", "full"):
+            found = config.sizes.get(size)
+            if found is None:
+                minutes.append("-")
+            elif found.minutes is None:
+                minutes.append("yes")
+            else:
+                minutes.append(f"{found.minutes:g} min" + (" (est.)" if found.estimated else ""))
+        table.add_row(name, config.title, *minutes, "yes" if name in BATTERY else "")
+    out_console.print(table)
+
+
+def report(
+    experiment: Annotated[
+        str, typer.Argument(metavar="EXPERIMENT", help="Experiment id (see `covshift runs`).")
+    ],
+    db: DbOption = DEFAULT_DB,
+    out: Annotated[Path | None, typer.Option(help="Report folder.")] = None,
+) -> None:
+    """Rebuild the report and claims of a recorded experiment from the store.
+
+    Example: covshift report ioffe2015-3f2a9c1b
+    """
+    from covshift.experiments.summary import stored_config, summarize
+    from covshift.report import write_report
+
+    with existing_store(db) as store:
+        config = stored_config(store, experiment)
+        summary = summarize(store, experiment, config)
+        index = write_report(
+            store, experiment, config, summary, report_dir(store.path, experiment, out)
+        )
+    out_console.print(f"Report: {index}")
