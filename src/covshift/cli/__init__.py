@@ -19,7 +19,9 @@ import traceback
 
 from covshift.cli.app import UserError, app, err_console
 from covshift.cli.battery import claims
+from covshift.cli.check import check
 from covshift.cli.experiment import run
+from covshift.cli.housekeeping import clean
 from covshift.cli.records import presets, report, runs
 from covshift.data import DatasetError
 from covshift.experiments.backends import BackendError
@@ -29,7 +31,7 @@ from covshift.store import StoreError
 __all__ = ["app", "main"]
 
 # In the order `covshift --help` lists them.
-for command in (run, runs, presets, claims, report):
+for command in (run, check, runs, clean, presets, claims, report):
     app.command()(command)
 
 

@@ -183,6 +183,15 @@ def run(
     if dry_run:
         console.print(plan_table(plan))
         return
+    if resume is not None and not todo:
+        outcomes = sorted({plan.status(p) for p in plan.points})
+        console.print(
+            f"{resume} is complete: each of its {len(plan.points)} points is recorded "
+            f"({' or '.join(outcomes)}), so there is nothing to resume; its report and "
+            "claims are rebuilt from the store.",
+            highlight=False,
+            soft_wrap=True,
+        )
     store = Store(db)
     with make_sweep_progress(disable=quiet, console=console) as progress:
         try:

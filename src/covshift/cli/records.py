@@ -2,35 +2,58 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import numpy as np
 import typer
 from rich.table import Table
 
 from covshift.cli.app import DbOption, existing_store, out_console, report_dir
 from covshift.experiments.config import load_config, preset_names
-from covshift.store import DEFAULT_DB
+from covshift.store import DEFAULT_DB, RunInfo
 
 
 def runs(
     db: DbOption = DEFAULT_DB,
     experiment: Annotated[str | None, typer.Option(help="Only this experiment's runs.")] = None,
+    stale: Annotated[
+        bool,
+        typer.Option(
+            "--stale",
+            help="Only stale runs: marked running, but their process is gone "
+            "(covshift clean closes them).",
+        ),
+    ] = False,
     limit: Annotated[int, typer.Option(min=1, help="Show at most this many runs.")] = 50,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the runs as JSON (strict: null, never NaN).")
+    ] = False,
 ) -> None:
-    """List the runs in the store, newest first.
+    """List the runs in the store, newest first (a run killed outright shows as stale).
 
-    Example: covshift runs --db covshift-out/covshift.db
+    Example: covshift runs --stale --db covshift-out/covshift.db
     """
-    store = existing_store(db)
-    rows = store.runs(experiment=experiment)[:limit]
-    table = Table(title=f"runs in {db}")
+    with existing_store(db) as store:
+        rows = [r for r in store.runs(experiment=experiment) if not stale or r.status == "stale"]
+        rows = rows[:limit]
+        accuracy = {r.id: store.scalars(r.id, "test_accuracy")[1] for r in rows}
+    if as_json:
+        print(json.dumps([_run_json(r, accuracy[r.id]) for r in rows], indent=2, allow_nan=False))
+        return
+    if not rows:
+        what = "stale runs" if stale else "runs" + (f" of {experiment}" if experiment else "")
+        out_console.print(f"no {what} in {db}", highlight=False)
+        return
+    table = Table(title=f"{'stale ' if stale else ''}runs in {db}")
     for col in ("id", "experiment", "run", "status", "step", "test acc", "started (UTC)"):
         table.add_column(
             col, justify="right" if col in ("id", "step", "test acc") else "left", overflow="fold"
         )
     for r in rows:
-        _, acc = store.scalars(r.id, "test_accuracy")
+        acc = accuracy[r.id]
         status = r.status + (f" at {r.diverged_at}" if r.diverged_at is not None else "")
         table.add_row(
             str(r.id),
@@ -42,6 +65,27 @@ def runs(
             r.started_at.replace("T", " ")[:19],
         )
     out_console.print(table)
+
+
+def _run_json(run: RunInfo, accuracy: np.ndarray) -> dict[str, Any]:
+    """One run as ``covshift runs --json`` prints it (its config left out)."""
+    final = float(accuracy[-1]) if len(accuracy) else None
+    return {
+        "id": run.id,
+        "experiment": run.experiment,
+        "point": run.point,
+        "name": run.name,
+        "seed": run.seed,
+        "status": run.status,
+        "step": run.last_step,
+        "diverged_at": run.diverged_at,
+        "test_accuracy": final if final is not None and math.isfinite(final) else None,
+        "started_at": run.started_at,
+        "ended_at": run.ended_at,
+        "host": run.host,
+        "pid": run.pid,
+        "error": run.error,
+    }
 
 
 def presets() -> None:

@@ -1,5 +1,6 @@
 """The results store (SQLite): runs, their series and probe records, experiments."""
 
+from covshift.store.housekeeping import Orphan, close_stale_runs, orphan_checkpoints, stale_runs
 from covshift.store.schema import RUN_STATUSES, SCHEMA_VERSION
 from covshift.store.store import (
     DEFAULT_DB,
@@ -21,8 +22,12 @@ __all__ = [
     "Claim",
     "ExperimentPoint",
     "NewRun",
+    "Orphan",
     "RunInfo",
     "Store",
     "StoreError",
+    "close_stale_runs",
+    "orphan_checkpoints",
     "pid_alive",
+    "stale_runs",
 ]

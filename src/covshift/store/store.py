@@ -399,6 +399,28 @@ class Store:
                 (status, _now(), error, diverged_at, run_id),
             )
 
+    def fail_stale_run(self, run: RunInfo, error: str) -> bool:
+        """Mark ``run`` ``failed`` with ``error`` if it is still ``running`` under the
+        same owner as when it was read (so a run claimed since is left alone); True if
+        it was marked."""
+        with self._transaction() as db:
+            cur = db.execute(
+                "UPDATE runs SET status = 'failed', ended_at = ?, error = ?"
+                " WHERE id = ? AND status = 'running' AND host IS ? AND pid IS ?",
+                (_now(), error, run.id, run.host, run.pid),
+            )
+            return cur.rowcount == 1
+
+    def delete_stale_run(self, run: RunInfo) -> bool:
+        """Delete ``run`` with its scalars and probe records (on the same condition as
+        :meth:`fail_stale_run`); True if it was deleted."""
+        with self._transaction() as db:
+            cur = db.execute(
+                "DELETE FROM runs WHERE id = ? AND status = 'running' AND host IS ? AND pid IS ?",
+                (run.id, run.host, run.pid),
+            )
+            return cur.rowcount == 1
+
     def adopt_point(self, run_id: int, point: str) -> bool:
         """Give a run without a point (recorded by schema 1) the identity ``point``,
         unless another run holds it; True if it was given."""

@@ -1,0 +1,126 @@
+"""Store housekeeping: stale runs and checkpoints that no run will ever resume.
+
+A run killed outright (SIGKILL, a power cut, an out-of-memory kill) stays marked
+``running``; :meth:`Store.runs` reports it as ``stale`` once its process is gone from
+this host. Such a run is resumed by the next sweep of its experiment, so nothing has to
+be done; :func:`close_stale_runs` marks it ``failed`` (kept, still resumable) or
+removes it with its records and checkpoint (its point then counts as never run).
+
+Checkpoints live in ``<store folder>/checkpoints/`` as ``<store id>-run-<id>.pt``
+(:meth:`Store.checkpoint_path`). :func:`orphan_checkpoints` finds those that nothing
+will load: a checkpoint of this store whose run is gone or has a final outcome, a
+temporary file left by a kill during a save, and a checkpoint of a store that no
+longer exists in the folder (no SQLite file there carries its store id). Checkpoints
+of another live store in the same folder are left alone, as are files covshift does
+not name.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from covshift.store.store import FINAL_OUTCOMES, RunInfo, Store, StoreError
+
+__all__ = ["Orphan", "close_stale_runs", "orphan_checkpoints", "stale_runs"]
+
+_CHECKPOINT_NAME = re.compile(r"^(?P<store>[0-9a-f]{12})-run-(?P<run>\d+)\.pt(?P<tmp>\.tmp)?$")
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A checkpoint file nothing will load, and why."""
+
+    path: Path
+    reason: str
+    size: int
+
+
+def stale_runs(store: Store) -> list[RunInfo]:
+    """Runs marked ``running`` whose process is gone from this host, newest first."""
+    return [r for r in store.runs() if r.status == "stale"]
+
+
+def close_stale_runs(store: Store, runs: list[RunInfo], *, remove: bool) -> list[RunInfo]:
+    """Mark each stale run of ``runs`` ``failed`` (or delete it, its records and its
+    checkpoint, with ``remove``); returns those acted on. A run that a process claimed
+    again since it was listed is left alone (the update is conditional on the dead
+    owner, in one transaction)."""
+    done = []
+    for run in runs:
+        if remove:
+            acted = store.delete_stale_run(run)
+            if acted:
+                for path in _checkpoint_files(store, run.id):
+                    path.unlink(missing_ok=True)
+        else:
+            acted = store.fail_stale_run(
+                run, f"stale: its process {run.pid} on {run.host} ended without closing it"
+            )
+        if acted:
+            done.append(run)
+    return done
+
+
+def _checkpoint_files(store: Store, run_id: int) -> list[Path]:
+    path = store.checkpoint_path(run_id)
+    return [path, path.with_name(path.name + ".tmp")]
+
+
+def _store_ids_in(folder: Path) -> set[str]:
+    """The store ids (first 12 hex digits) of every covshift store in ``folder``."""
+    ids = set()
+    for path in folder.iterdir():
+        try:
+            if not path.is_file() or path.open("rb").read(16) != _SQLITE_MAGIC:
+                continue
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+            try:
+                row = db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+            finally:
+                db.close()
+        except (OSError, sqlite3.Error):
+            continue  # unreadable, or an SQLite file that is not a covshift store
+        if row:
+            ids.add(str(row[0])[:12])
+    return ids
+
+
+def orphan_checkpoints(store: Store) -> list[Orphan]:
+    """The checkpoint files in the store's folder that nothing will load (see the
+    module docstring), sorted by name."""
+    folder = store.path.parent / "checkpoints"
+    if not folder.is_dir():
+        return []
+    own = store.store_id[:12]
+    live_stores = _store_ids_in(store.path.parent)
+    orphans = []
+    for path in sorted(folder.iterdir()):
+        match = _CHECKPOINT_NAME.match(path.name)
+        if match is None or not path.is_file():
+            continue
+        reason = None
+        if match["store"] != own:
+            if match["store"] not in live_stores:
+                reason = f"its store ({match['store']}) is not in {store.path.parent}"
+        else:
+            reason = _own_reason(store, int(match["run"]), bool(match["tmp"]))
+        if reason is not None:
+            orphans.append(Orphan(path, reason, path.stat().st_size))
+    return orphans
+
+
+def _own_reason(store: Store, run_id: int, temporary: bool) -> str | None:
+    """Why this store's checkpoint of ``run_id`` is an orphan (None: it is not)."""
+    try:
+        run = store.run(run_id)
+    except StoreError:
+        return f"run {run_id} is not in the store"
+    if run.status in FINAL_OUTCOMES:
+        return f"run {run_id} is {run.status}"
+    if temporary and run.status != "running":
+        return f"an unfinished save of run {run_id}, which is {run.status}"
+    return None
