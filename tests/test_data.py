@@ -152,6 +152,40 @@ def test_mismatched_labels(tmp_path: Path) -> None:
         load_dataset("mnist", tmp_path / "m")
 
 
+@pytest.mark.parametrize(
+    ("name", "array", "message"),
+    [
+        (
+            "t10k-images-idx3-ubyte",
+            np.zeros((10, 32, 32), np.uint8),
+            r"test images are \(32, 32\) pixels but training images are \(28, 28\)",
+        ),
+        (
+            "t10k-labels-idx1-ubyte",
+            np.array([0, 1, 2, 3, 4, 5, 6, 7, 12, 200], np.uint8),
+            r"test labels \[12, 200\] are outside the training labels 0 \.\. 9",
+        ),
+    ],
+)
+def test_splits_that_do_not_fit_each_other(
+    tmp_path: Path, name: str, array: np.ndarray, message: str
+) -> None:
+    write_idx_folder(tmp_path / "m")
+    (tmp_path / "m" / f"{name}.gz").write_bytes(gzip.compress(idx_bytes(array)))
+    with pytest.raises(IdxFormatError, match=message):
+        load_dataset("mnist", tmp_path / "m")
+
+
+def test_images_must_be_bytes(tmp_path: Path) -> None:
+    write_idx_folder(tmp_path / "m")
+    images = np.zeros((20, 28, 28), np.float32)
+    (tmp_path / "m" / "train-images-idx3-ubyte.gz").write_bytes(
+        gzip.compress(idx_bytes(images, 0x0D))
+    )
+    with pytest.raises(IdxFormatError, match="train images are float32 and labels uint8"):
+        load_dataset("mnist", tmp_path / "m")
+
+
 def test_unknown_dataset() -> None:
     with pytest.raises(
         DatasetError, match="choose one of: fashion-mnist, linear-regression, mnist, synthetic"

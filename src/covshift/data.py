@@ -278,7 +278,24 @@ def _load_idx_folder(folder: Path, dataset: str) -> Dataset:
                 f"{folder}: {split} images {images.shape} and labels {labels.shape} do not "
                 "match: expected (N, H, W) images and (N,) labels"
             )
+        if images.dtype != np.uint8 or labels.dtype != np.uint8:
+            raise IdxFormatError(
+                f"{folder}: {split} images are {images.dtype} and labels {labels.dtype}; "
+                "MNIST-format files hold unsigned bytes (IDX type 0x08) for both"
+            )
     height, width = arrays["train_images"].shape[1:]
+    if arrays["test_images"].shape[1:] != (height, width):
+        raise IdxFormatError(
+            f"{folder}: test images are {arrays['test_images'].shape[1:]} pixels but training "
+            f"images are {(height, width)}; both splits must have images of one size"
+        )
+    classes = int(arrays["train_labels"].max()) + 1
+    unseen = sorted(set(np.unique(arrays["test_labels"]).tolist()) - set(range(classes)))
+    if unseen:
+        raise IdxFormatError(
+            f"{folder}: test labels {unseen[:10]} are outside the training labels 0 .. "
+            f"{classes - 1}; a test label must be one of the training classes"
+        )
 
     def images(a: np.ndarray) -> torch.Tensor:  # (N, H, W) uint8 -> (N, H*W) float32 in [0, 1]
         return torch.from_numpy(a.reshape(len(a), -1).astype(np.float32) / 255.0)
@@ -293,7 +310,7 @@ def _load_idx_folder(folder: Path, dataset: str) -> Dataset:
         y_train=y_train,
         x_test=images(arrays["test_images"]),
         y_test=labels(arrays["test_labels"]),
-        num_classes=int(y_train.max()) + 1,
+        num_classes=classes,
         image_shape=(1, int(height), int(width)),
         source=str(folder),
     )

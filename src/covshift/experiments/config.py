@@ -540,7 +540,13 @@ def apply_size(path: Path, raw: dict[str, Any], size: str) -> dict[str, Any]:
         names = ", ".join(sizes) if isinstance(sizes, dict) else "none"
         raise ConfigError(f"{path}: has no size {size!r}; its sizes: {names}")
     table = sizes[size]
-    changes = _flatten(table.get("set", {})) if isinstance(table, dict) else {}
+    changes_table = table.get("set", {}) if isinstance(table, dict) else {}
+    if not isinstance(table, dict) or not isinstance(changes_table, dict):
+        raise ConfigError(
+            f"{path}: sizes.{size} must be a table with a [sizes.{size}.set] table of the "
+            "fields it changes (e.g. set.steps = 1000)"
+        )
+    changes = _flatten(changes_table)
     if "seeds" in changes or "seed" in changes:
         raw = {k: v for k, v in raw.items() if k not in ("seed", "seeds")}
     if "examples" in changes:
