@@ -215,11 +215,15 @@ def test_subclasses_shared_modules_and_nested_wrappers():
             return self.act(super().forward(x))
 
     shared = nn.BatchNorm1d(3)
-    net = nn.Sequential(BNAct(3), nn.Sequential(shared), shared, NoisyNorm(nn.BatchNorm2d(3)))
+    fused = BNAct(3)
+    net = nn.Sequential(fused, nn.Sequential(shared), shared, NoisyNorm(nn.BatchNorm2d(3)))
     out, report = convert_with_report(net, to="covshift")
     entry = report.entries[0]
-    assert entry.source == "BNAct" and "child module act (ReLU)" in entry.dropped
-    assert any("BNAct overrides BatchNorm2d's" in d for d in entry.dropped)
+    # A subclass with its own forward is left as it is (its activation would be lost).
+    assert out[0] is fused and entry.source == "BNAct" and entry.target == ""
+    assert entry.notes == [
+        "left as is: BNAct overrides BatchNorm2d's forward; replacing it would change its outputs"
+    ]
     assert out[1][0] is out[2]  # a shared module is converted once, stays shared
     assert sum(e.source == "BatchNorm1d" for e in report.entries) == 1
     assert isinstance(out[3], NoisyNorm) and type(out[3].norm) is cn.BatchNorm2d
@@ -306,22 +310,41 @@ def test_fold_by_name_and_what_is_not_folded():
     torch.testing.assert_close(folded(x), net(x))
 
 
-def test_fold_check_input_catches_a_wrong_name_pairing():
-    class Odd(nn.Module):  # conv -> relu -> bn: the name rule would fold it wrongly
-        def __init__(self):
-            super().__init__()
-            self.conv, self.bn = nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3)
+class _Odd(nn.Module):
+    """conv -> relu -> bn: names pair conv with bn, but bn does not consume conv."""
 
-        def forward(self, x):
-            return self.bn(torch.relu(self.conv(x)))
+    def __init__(self, traceable: bool = True):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3)
+        self.traceable = traceable
 
-    net = Odd().to(F64)
+    def forward(self, x):
+        if not self.traceable and x.sum() > -1e9:  # data-dependent: torch.fx cannot trace
+            x = x + 0
+        return self.bn(torch.relu(self.conv(x)))
+
+
+def test_fold_follows_the_dataflow_not_the_names():
+    net = _Odd().to(F64)
     _randomize(net, (4, 2, 3, 3))
     x = torch.randn(4, 2, 3, 3, dtype=F64)
-    with pytest.raises(ValueError, match="by_name=False"):
-        fold_batchnorm(net.eval(), check_input=x)
-    kept = fold_batchnorm(net, by_name=False)
-    assert isinstance(kept.bn, nn.BatchNorm2d)
+    folded, report = fold_batchnorm_with_report(net.eval(), by_name=True)
+    ((entry,),) = [report.entries]
+    assert entry.target == "" and entry.notes == ["its input comes from relu()"]
+    assert isinstance(folded.bn, nn.BatchNorm2d)
+    torch.testing.assert_close(folded(x), net(x))
+    # Untraceable: a forward trace on check_input sees the same.
+    odd = _Odd(traceable=False).to(F64)
+    odd.load_state_dict(net.state_dict())
+    folded, report = fold_batchnorm_with_report(odd.eval(), by_name=True, check_input=x)
+    assert report.entries[0].notes == ["its input is not the output of a Linear/Conv module"]
+    torch.testing.assert_close(folded(x), net(x))
+    # Neither traced nor run: names only when asked, and the report says it assumed.
+    kept, report = fold_batchnorm_with_report(odd)
+    assert isinstance(kept.bn, nn.BatchNorm2d) and "torch.fx could not trace" in str(report)
+    guessed, report = fold_batchnorm_with_report(odd, by_name=True)
+    assert isinstance(guessed.bn, nn.Identity)
+    assert "paired by name" in report.entries[0].notes[0]
 
 
 # --------------------------------------------------------------------------------------

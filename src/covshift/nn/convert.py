@@ -415,6 +415,17 @@ def _resolve_target(to: Target | Mapping, m: nn.Module, kind: str) -> Target | N
     return target
 
 
+def _own_behaviour(m: nn.Module, base: type) -> str | None:
+    """What ``m`` does beyond its base norm class (None: nothing), e.g. timm's
+    BatchNormAct2d (a fused activation) or LayerNorm2d (a channels-first permute)."""
+    if type(m).forward is not base.forward:
+        return f"{type(m).__name__} overrides {base.__name__}'s forward"
+    children = [f"{name} ({type(c).__name__})" for name, c in m.named_children()]
+    if children:
+        return f"{type(m).__name__} has child modules: {', '.join(children)}"
+    return None
+
+
 def convert_with_report(
     model: nn.Module,
     to: Target | Mapping[type | str, Target],
@@ -445,9 +456,11 @@ def convert_with_report(
         **kw: passed to every target constructor (e.g. ``num_groups=32``, ``eps=``).
 
     Layers are matched by isinstance against torch.nn's and covshift's classes, so
-    subclasses (timm's) are converted too; a subclass's extra state is reported as
-    dropped. Modules inside a replaced layer are not visited; a module shared by
-    several parents is converted once.
+    subclasses (timm's) are converted too; a subclass's extra parameters or buffers
+    are reported as dropped. A subclass with its own ``forward`` or child modules
+    (timm's BatchNormAct2d, LayerNorm2d) is left as it is and reported as skipped:
+    no target would compute what its forward adds. Modules inside a replaced layer
+    are not visited; a module shared by several parents is converted once.
     """
     report = ConversionReport()
     done: dict[int, nn.Module] = {}
@@ -466,12 +479,14 @@ def convert_with_report(
             return m
         base, kind, base_dims = found
         entry = ConversionEntry(path, type(m).__name__, "")
-        if type(m).forward is not base.forward:
-            # A behaviour (a fused activation, a permutation) that is not carried.
-            entry.dropped.append(
-                f"forward: {type(m).__name__} overrides {base.__name__}'s; the target "
-                "computes its own kind's"
-            )
+        own = _own_behaviour(m, base)
+        if own is not None:
+            # A behaviour (a fused activation, a permutation) no target would keep: the
+            # layer stays, and the report says why.
+            entry.notes.append(f"left as is: {own}; replacing it would change its outputs")
+            report.entries.append(entry)
+            done[id(m)] = m
+            return m
         use_dims = dims if dims is not None else _dims(m, kind, base_dims)
         new = _build(target, m, base, kind, use_dims, dict(kw), entry.notes)
         report.entries.append(entry)

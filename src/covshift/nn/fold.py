@@ -8,15 +8,18 @@
 
 :func:`fold_batchnorm` rewrites the Linear/Conv in place of the pair and puts
 ``nn.Identity()`` where the BatchNorm was (so the other state_dict keys keep their
-names). Patterns recognized, the BatchNorm directly consuming the layer's output:
+names). Which norm consumes which layer's output is read from the model's dataflow
+(:mod:`covshift.nn.fold_pairs`: the torch.fx graph, else a forward trace on
+``check_input``, else Sequential order and, with ``by_name``, names); a norm whose
+layer's output has another user is not folded.
 
-1. consecutive children ``(layer, bn)`` of an ``nn.Sequential`` (the Sequential's
-   order *is* its forward);
-2. with ``by_name=True``, sibling children named ``<conv|fc|linear><suffix>`` and
-   ``<bn|norm><suffix>`` (``conv1``/``bn1``, ``conv``/``bn``, ``fc``/``bn``,
-   ``conv``/``norm``: torchvision's ResNet blocks, timm's ConvNormAct). This
-   *assumes* the module's forward applies the norm directly to the layer's output;
-   pass ``check_input`` to verify it on an example.
+A BatchNorm subclass with its own ``forward`` or child modules (timm's
+``BatchNormAct2d``, a BN with a fused activation) is not replaced: its statistics
+and affine go into the layer and it is kept with identity statistics, so what its
+forward adds still runs. Every fold is checked before it is kept: the pair on a
+random input (a subclass whose eval output is not its running-statistics affine map
+fails here), and the whole model on ``check_input`` when one is given. A fold that
+changes an output is undone, and the report says why; so does every norm left.
 
 ``layer`` is a ``Linear`` or ``Conv1d/2d/3d`` (subclasses that keep the base
 ``forward`` too; not weight-standardized or transposed convs, whose weight does not
@@ -36,13 +39,12 @@ call. :func:`unfreeze_batchnorm` reverses it.
 from __future__ import annotations
 
 import copy
-import itertools
-import re
 
 import torch
 from torch import Tensor, nn
 
-from covshift.nn.convert import ConversionEntry, ConversionReport, norm_kind
+from covshift.nn.convert import ConversionEntry, ConversionReport, _classify, norm_kind
+from covshift.nn.fold_pairs import Pair, find_pairs
 
 __all__ = [
     "fold_batchnorm",
@@ -58,8 +60,6 @@ _LINEAR_FORWARDS = {
     nn.Conv2d.forward: nn.Conv2d,
     nn.Conv3d.forward: nn.Conv3d,
 }
-_LAYER_NAME = re.compile(r"(conv|fc|linear)(.*)")
-_NORM_PREFIXES = ("bn", "norm")
 
 
 def _out_channels(layer: nn.Module) -> int:
@@ -104,108 +104,226 @@ def _fold_into(layer: nn.Module, bn: nn.Module) -> None:
         layer.bias.copy_(shift.to(layer.bias.dtype))
 
 
-def _pairs(parent: nn.Module, by_name: bool) -> list[tuple[str, str]]:
-    """(layer child name, norm child name) pairs of ``parent`` by the patterns."""
-    names = [name for name, _ in parent.named_children()]
-    if isinstance(parent, nn.Sequential):
-        return list(itertools.pairwise(names))
-    if not by_name:
-        return []
-    pairs = []
-    for name in names:
-        match = _LAYER_NAME.fullmatch(name)
-        if match:
-            suffix = match.group(2)
-            pairs += [(name, p + suffix) for p in _NORM_PREFIXES if p + suffix in names]
-    return pairs
+def _is_plain(bn: nn.Module) -> bool:
+    """Whether ``bn`` computes exactly its kind's map: the forward of the class it was
+    recognized as (not a subclass's own, e.g. timm's BatchNormAct2d with its fused
+    activation) and no child modules."""
+    found = _classify(bn)
+    return (
+        found is not None
+        and type(bn).forward is found[0].forward
+        and not any(True for _ in bn.children())
+    )
+
+
+@torch.no_grad()
+def _make_identity(bn: nn.Module) -> None:
+    """Statistics and affine for which ``bn``'s eval map is ``y = x`` (to float
+    rounding): what is left of a norm whose own forward must keep running."""
+    bn.running_mean.zero_()
+    bn.running_var.fill_(1.0 - bn.eps)
+    if bn.weight is not None:
+        bn.weight.fill_(1.0)
+    if bn.bias is not None:
+        bn.bias.zero_()
+
+
+class _Backup:
+    """What a fold changes (the layer's weight and bias, the norm's state), to undo it."""
+
+    @torch.no_grad()
+    def __init__(self, layer: nn.Module, bn: nn.Module) -> None:
+        self.layer, self.bn = layer, bn
+        self.weight = layer.weight.detach().clone()
+        self.bias = None if layer.bias is None else layer.bias.detach().clone()
+        self.norm_state = {k: v.detach().clone() for k, v in bn.state_dict().items()}
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        self.layer.weight.copy_(self.weight)
+        if self.bias is None:
+            self.layer.bias = None
+        else:
+            self.layer.bias.copy_(self.bias)
+        self.bn.load_state_dict(self.norm_state)
+
+
+def _local_input(layer: nn.Module) -> Tensor:
+    """A random input of the smallest size ``layer`` accepts (any padding works)."""
+    if isinstance(layer, nn.Linear):
+        shape: tuple[int, ...] = (4, layer.in_features)
+    else:
+        spatial = tuple(
+            d * (k - 1) + 1 + 2 * s
+            for k, d, s in zip(layer.kernel_size, layer.dilation, layer.stride, strict=True)
+        )
+        shape = (2, layer.in_channels, *spatial)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=generator, dtype=torch.float64)
+    return x.to(device=layer.weight.device, dtype=layer.weight.dtype)
+
+
+def _eval_output(module: nn.Module, x: Tensor) -> Tensor:
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            return module(x)
+    finally:
+        module.train(was_training)
+
+
+def _differs(out: object, reference: object, rtol: float, atol: float) -> float | None:
+    """The largest absolute difference when ``out`` and ``reference`` (tensors, or
+    tuples/lists/dicts of them) are not close, else None."""
+    if isinstance(reference, Tensor):
+        if not isinstance(out, Tensor) or out.shape != reference.shape:
+            return float("inf")
+        scale = max(1.0, float(reference.abs().max())) if reference.numel() else 1.0
+        if torch.allclose(out, reference, rtol=rtol, atol=atol * scale, equal_nan=True):
+            return None
+        return float((out - reference).abs().max())
+    if isinstance(reference, dict) and isinstance(out, dict):
+        keys = reference.keys()
+        pairs = [(out.get(k), reference[k]) for k in keys]
+    elif isinstance(reference, (tuple, list)) and isinstance(out, (tuple, list)):
+        pairs = list(zip(out, reference, strict=False))
+    else:
+        return None if out == reference else float("inf")
+    worst = [d for o, r in pairs if (d := _differs(o, r, rtol, atol)) is not None]
+    return max(worst) if worst else None
 
 
 def fold_batchnorm_with_report(
     model: nn.Module,
     *,
     inplace: bool = False,
-    by_name: bool = True,
+    by_name: bool = False,
     check_input: Tensor | None = None,
     rtol: float = 1e-4,
     atol: float = 1e-5,
 ) -> tuple[nn.Module, ConversionReport]:
     """:func:`fold_batchnorm`, also returning a report: one entry per BatchNorm-kind
-    layer, folded (target ``Identity``, ``carried`` naming the layer it went into) or
-    not (no target, a note saying why)."""
+    layer, folded (``carried`` naming the layer it went into; target ``Identity``, or
+    the norm's own class when it was kept as an identity normalization) or not (no
+    target, a note saying why)."""
     if not inplace:
         model = copy.deepcopy(model)
-    reference = None
-    if check_input is not None:
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            reference = model(check_input)
-        model.train(was_training)
+    reference = None if check_input is None else _eval_output(model, check_input)
+    pairing = find_pairs(
+        model, lambda m: norm_kind(m) in _BATCH_KINDS, check_input=check_input, by_name=by_name
+    )
     report = ConversionReport()
     folded_layers: set[int] = set()
     folded_norms: set[int] = set()
-    reasons: dict[int, str] = {}  # why a norm was not folded, by id
-    for parent_path, parent in list(model.named_modules()):
-        children = dict(parent.named_children())
-        for layer_name, norm_name in _pairs(parent, by_name):
-            layer, bn = children[layer_name], children[norm_name]
-            if norm_kind(bn) not in _BATCH_KINDS or id(bn) in folded_norms:
-                continue
-            prefix = f"{parent_path}." if parent_path else ""
-            reason = _why_not(layer, bn)
-            if reason is None and id(layer) in folded_layers:
-                reason = f"{prefix}{layer_name} already absorbed another norm"
-            if reason is not None:
-                reasons.setdefault(id(bn), reason)
-                continue
-            _fold_into(layer, bn)
-            setattr(parent, norm_name, nn.Identity())
-            folded_layers.add(id(layer))
-            folded_norms.add(id(bn))
-            into = f"folded into {prefix}{layer_name} ({type(layer).__name__})"
-            entry = ConversionEntry(prefix + norm_name, type(bn).__name__, "Identity", [into])
-            report.entries.append(entry)
-    for path, m in model.named_modules():  # what is left unfolded
-        if norm_kind(m) in _BATCH_KINDS:
-            why = reasons.get(id(m), "not paired with a preceding Linear/Conv by any pattern")
-            report.entries.append(ConversionEntry(path, type(m).__name__, "", notes=[why]))
-    if reference is not None:
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            out = model(check_input)
-        model.train(was_training)
-        if not torch.allclose(out, reference, rtol=rtol, atol=atol):
-            err = (out - reference).abs().max().item()
-            raise ValueError(
-                f"folding changed the eval output on check_input (max abs diff {err:.3g}); "
-                "a name-paired norm is probably not applied directly to its layer's "
-                "output: retry with by_name=False\n" + str(report)
+    reasons = dict(pairing.reasons)  # why a norm was not folded, by path
+    for pair in pairing.pairs:
+        layer, bn = model.get_submodule(pair.layer), model.get_submodule(pair.norm)
+        if id(bn) in folded_norms:
+            continue
+        reason = _why_not(layer, bn)
+        if reason is None and id(layer) in folded_layers:
+            reason = f"{pair.layer} already absorbed another norm"
+        if reason is None:
+            reason = _fold_checked(model, pair, layer, bn, check_input, reference, rtol, atol)
+        if reason is not None:
+            reasons.setdefault(pair.norm, reason)
+            continue
+        folded_layers.add(id(layer))
+        folded_norms.add(id(bn))
+        into = [f"folded into {pair.layer} ({type(layer).__name__})"]
+        notes = []
+        if pair.source in ("name", "sequential"):
+            notes.append(f"paired by {pair.source}: {pairing.method}")
+        kept = model.get_submodule(pair.norm)
+        target = type(kept).__name__
+        if kept is bn:
+            notes.append(
+                f"kept as an identity normalization: {type(bn).__name__} has its own "
+                "forward or child modules (e.g. a fused activation), which still run"
             )
+        report.entries.append(
+            ConversionEntry(pair.norm, type(bn).__name__, target, carried=into, notes=notes)
+        )
+    for path, m in model.named_modules():  # what is left unfolded
+        if norm_kind(m) in _BATCH_KINDS and id(m) not in folded_norms:
+            why = reasons.get(path, f"not applied to a Linear/Conv output ({pairing.method})")
+            report.entries.append(ConversionEntry(path, type(m).__name__, "", notes=[why]))
     return model, report
+
+
+def _fold_checked(
+    model: nn.Module,
+    pair: Pair,
+    layer: nn.Module,
+    bn: nn.Module,
+    check_input: Tensor | None,
+    reference: object,
+    rtol: float,
+    atol: float,
+) -> str | None:
+    """Fold ``pair`` and verify it: the pair alone on a random input, and the whole
+    model on ``check_input`` when given; undo it and return why when either differs."""
+    backup = _Backup(layer, bn)
+    x = _local_input(layer)
+    try:
+        local = _eval_output(bn, _eval_output(layer, x))
+    except Exception as e:  # a layer that needs more than its channels to run
+        return f"the pair could not be run on a test input ({type(e).__name__}: {e})"
+    _fold_into(layer, bn)
+    parent_path, _, child = pair.norm.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    plain = _is_plain(bn)
+    if plain:
+        setattr(parent, child, nn.Identity())
+    else:
+        _make_identity(bn)
+    after = _eval_output(layer, x)
+    worst = _differs(after if plain else _eval_output(bn, after), local, rtol, atol)
+    why = None
+    if worst is not None:
+        why = (
+            f"{type(bn).__name__}'s eval output is not its running-statistics affine map "
+            f"(folding changed the pair's output by {worst:.3g}); left as it was"
+        )
+    elif check_input is not None:
+        worst = _differs(_eval_output(model, check_input), reference, rtol, atol)
+        if worst is not None:
+            why = (
+                f"folding into {pair.layer} changed the model's output on check_input by "
+                f"{worst:.3g} (the output of {pair.layer} is used elsewhere too); left as it was"
+            )
+    if why is not None:
+        if plain:
+            setattr(parent, child, bn)
+        backup.restore()
+    return why
 
 
 def fold_batchnorm(
     model: nn.Module,
     *,
     inplace: bool = False,
-    by_name: bool = True,
+    by_name: bool = False,
     check_input: Tensor | None = None,
 ) -> nn.Module:
     """Fold every BatchNorm that directly follows a Linear/Conv into it, for inference.
 
     The folded model computes the original's *eval-mode* output (running
     statistics) within float tolerance, with one layer instead of two. See the
-    module docstring for the patterns recognized; BatchNorms elsewhere stay as they
-    are (:func:`fold_batchnorm_with_report` lists them and why).
+    module docstring for how pairs are found and checked; BatchNorms elsewhere stay
+    as they are (:func:`fold_batchnorm_with_report` lists them and why).
 
     Args:
         model: any module.
         inplace: change ``model`` itself; by default a deep copy is folded.
-        by_name: also fold name-paired siblings (``conv1``/``bn1``, ...), which
-            assumes the forward applies the norm right after the layer.
-        check_input: an example input; the eval outputs before and after folding
-            are compared and ValueError is raised when they differ.
+        by_name: when the model can be neither traced (torch.fx) nor run (no
+            ``check_input``), also pair siblings by name (``conv1``/``bn1``, ...),
+            which *assumes* the forward applies the norm right after the layer (the
+            report notes it).
+        check_input: an example input: it pairs layers by a forward trace when
+            torch.fx cannot trace the model, and each fold is kept only if the
+            model's eval output on it is unchanged.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
