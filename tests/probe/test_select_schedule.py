@@ -40,6 +40,90 @@ def test_types_and_patterns_combine() -> None:
     assert "head" not in sel.optional  # named explicitly: must be called
 
 
+SUBTREE = ["", ".0", ".1", ".2", ".2.0", ".2.1"]  # below each block
+
+
+class _Nested(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 4), nn.Tanh()))
+            for _ in range(2)
+        )
+        self.head = nn.Linear(4, 2)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        ("blocks.*", ["blocks.0", "blocks.1"]),  # '*' stays within one part
+        ("blocks.*.1", ["blocks.0.1", "blocks.1.1"]),
+        ("blocks.**", [f"blocks.{b}{rest}" for b in "01" for rest in SUBTREE]),
+        ("blocks.**.1", ["blocks.1", "blocks.0.1", "blocks.0.2.1", "blocks.1.1", "blocks.1.2.1"]),
+        ("**.1", ["blocks.1", "blocks.0.1", "blocks.0.2.1", "blocks.1.1", "blocks.1.2.1"]),
+        ("blocks.?.2.[01]", ["blocks.0.2.0", "blocks.0.2.1", "blocks.1.2.0", "blocks.1.2.1"]),
+        ("blocks.[!0].0", ["blocks.1.0"]),
+        ("he*", ["head"]),
+    ],
+)
+def test_glob_star_stays_within_a_part_and_double_star_spans(
+    pattern: str, expected: list[str]
+) -> None:
+    names = list(select_layers(_Nested(), pattern).modules)
+    assert sorted(names) == sorted(expected)
+
+
+def test_a_star_pattern_that_would_need_double_star_says_so() -> None:
+    with pytest.raises(ValueError, match=r"'\*' stays within one dotted part; 'blocks.\*\*.1.0'"):
+        select_layers(_Nested(), "blocks.*.1.0")
+
+
+class NewGELUActivation(nn.Module):  # transformers' GPT-2 activation
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x * (1.0 + torch.tanh(0.7978845608 * (x + 0.044715 * x**3)))
+
+
+class QuickGELUActivation(nn.Module):  # transformers' CLIP activation
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class GELUTanh(nn.Module):  # timm's
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.gelu(x, approximate="tanh")
+
+
+class Swish(nn.Module):  # timm's
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):  # a norm with an activation inside: a norm
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.act = nn.ReLU()
+
+
+class GatedActivation(nn.Module):  # has children: a block, not an elementwise activation
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(4, 4)
+
+
+def test_auto_finds_the_activations_of_other_libraries_by_class_name() -> None:
+    net = nn.Sequential(
+        nn.Linear(4, 4),
+        NewGELUActivation(),
+        QuickGELUActivation(),
+        GELUTanh(),
+        Swish(),
+        BatchNormAct2d(4),
+        GatedActivation(),
+    )
+    assert list(select_layers(net, "auto:act").modules) == ["1", "2", "3", "4", "5.act"]
+    assert list(select_layers(net, "auto").modules) == ["1", "2", "3", "4", "5"]
+
+
 @pytest.mark.parametrize(
     ("layers", "error", "message"),
     [

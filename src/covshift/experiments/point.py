@@ -12,7 +12,6 @@ float reduction, so a run records its own and keeps it when resumed).
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import time
 import traceback
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from covshift.experiments.grid import PointSpec
 from covshift.experiments.metrics import FLOOR, TRAIN_MODE
 from covshift.models import build_cnn, build_deep_linear, build_mlp, build_vgg
 from covshift.probe import GradientICSMonitor, ProbeRecord, ShiftProbe, SmoothnessMonitor
+from covshift.probe.select import glob_match
 from covshift.store import Store
 from covshift.train import (
     DivergenceGuard,
@@ -105,7 +105,7 @@ def build_model(spec: ModelSpec, data: Dataset, seed: int) -> torch.nn.Module:
         frozen = [
             p
             for name, module in model.named_modules()
-            if fnmatch.fnmatchcase(name, pattern)
+            if glob_match(name, pattern)
             for p in module.parameters(recurse=True)
         ]
         if not frozen:

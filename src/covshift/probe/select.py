@@ -2,10 +2,15 @@
 
 A layer specification is a string or a module type, or a list of them:
 
-- ``"hidden.*.act"``: a glob over module names (``fnmatch``, case-sensitive);
+- ``"hidden.*.act"``: a glob over module names, case-sensitive, in which ``*`` and
+  ``?`` stay within one part of the dotted name (``blocks.*`` is ``blocks.0``, not
+  ``blocks.0.mlp``) and ``**`` spans any number of parts (``blocks.**.act``);
+  ``[abc]`` is a character class;
 - ``nn.ReLU``: every module that is an instance of the type;
 - ``"auto"``: every normalization layer and every activation (``"auto:norm"`` and
-  ``"auto:act"`` separately), the places where shift is usually discussed;
+  ``"auto:act"`` separately), the places where shift is usually discussed; an
+  activation is one of torch.nn's or any childless module whose class name says it is
+  one (transformers' ``NewGELUActivation``, timm's ``GELUTanh``/``Swish``, ...);
 - ``"auto:linear"``: every Linear and Conv (``nn.Linear``, ``nn.Conv{1,2,3}d`` and the
   transposed convolutions, subclasses included).
 
@@ -19,14 +24,22 @@ left to its container, which sees the same input.
 
 from __future__ import annotations
 
-import fnmatch
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["AUTO_MODES", "Selection", "is_activation", "is_linear", "is_norm", "select_layers"]
+__all__ = [
+    "AUTO_MODES",
+    "Selection",
+    "glob_match",
+    "is_activation",
+    "is_linear",
+    "is_norm",
+    "select_layers",
+]
 
 LayerSpec = str | type[nn.Module]
 
@@ -95,9 +108,63 @@ def is_norm(module: nn.Module) -> bool:
     return isinstance(module, _NORM_TYPES) or bool(_NORM_NAME.search(type(module).__name__))
 
 
+# Class names of activations in other libraries: transformers' GELUActivation,
+# NewGELUActivation, QuickGELUActivation, ClippedGELUActivation, ...; timm's Swish,
+# GELUTanh, HardSwishMe, QuickGELU, ...; a user's MyReLU.
+_ACTIVATION_NAME = re.compile(
+    r"(ReLU\d*|GELU|GeLU|Gelu|SiLU|Swish|Mish|Sigmoid|Tanh|ELU|Softplus|Softsign"
+    r"|HardSwish|Hardswish|HardSigmoid|Hardsigmoid|Activation)(Tanh|Me|Jit|Fast|Approx)?$"
+)
+
+
 def is_activation(module: nn.Module) -> bool:
-    """An elementwise activation module of torch.nn (not Softmax, not attention)."""
-    return isinstance(module, _ACTIVATION_TYPES)
+    """An elementwise activation: torch.nn's (not Softmax, not attention), or a module
+    without children whose class name ends like one (``...GELU``, ``...Activation``,
+    ``Swish``, ...) and that is not a norm."""
+    if isinstance(module, _ACTIVATION_TYPES):
+        return True
+    if is_norm(module) or any(True for _ in module.children()):
+        return False
+    return bool(_ACTIVATION_NAME.search(type(module).__name__))
+
+
+@functools.cache
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """The regular expression of a module-name glob: ``*`` and ``?`` within one dotted
+    part, ``**`` across parts (also zero of them: ``a.**.b`` matches ``a.b``)."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith(".**.", i):
+            out.append(r"(?:\..*)?\.")
+            i += 4
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif c == "*":
+            out.append(r"[^.]*")
+            i += 1
+        elif c == "?":
+            out.append(r"[^.]")
+            i += 1
+        elif c == "[" and "]" in pattern[i + 2 :]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1 : end]
+            negate = body.startswith("!")
+            chars = body[negate:].replace("\\", "\\\\").replace("[", "\\[")
+            if chars.startswith("^"):
+                chars = "\\" + chars
+            out.append("[" + ("^" if negate else "") + chars + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(c))
+            i += 1
+    return re.compile("".join(out))
+
+
+def glob_match(name: str, pattern: str) -> bool:
+    """Whether module name ``name`` matches ``pattern`` (see :func:`glob_regex`)."""
+    return glob_regex(pattern).fullmatch(name) is not None
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -169,11 +236,17 @@ def select_layers(model: nn.Module, layers: LayerSpec | Sequence[LayerSpec]) -> 
                 )
             optional.update(h for h in hits if h not in chosen)
         elif isinstance(spec, str):
-            hits = [n for n in named if n and fnmatch.fnmatchcase(n, spec)]
+            hits = [n for n in named if n and glob_match(n, spec)]
             if not hits:
+                deeper = "**".join(spec.split("*")) if "*" in spec and "**" not in spec else None
+                hint = (
+                    f" ('*' stays within one dotted part; {deeper!r} would span parts)"
+                    if deeper and any(glob_match(n, deeper) for n in named if n)
+                    else ""
+                )
                 raise ValueError(
-                    f"layer pattern {spec!r} matches no module of {type(model).__name__}; "
-                    f"{_describe(model, named)}"
+                    f"layer pattern {spec!r} matches no module of {type(model).__name__}"
+                    f"{hint}; {_describe(model, named)}"
                 )
             optional.difference_update(hits)  # named explicitly: must be called
         else:
