@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from covshift.probe.batch import ProbeBatch, ProbeBatchError
 from covshift.probe.collector import Collector
 from covshift.probe.hooks import Taps
 from covshift.probe.summary import to_host
@@ -132,7 +133,7 @@ class BackgroundRecorder:
         names: the watched modules' names in the model (found again in the snapshot).
         record: ``"input"`` or ``"output"``.
         new_collector: a fresh :class:`Collector` for each record.
-        explain: turns a forward's RuntimeError into the probe's error message.
+        explain: turns a forward's exception into the probe's error message.
     """
 
     def __init__(
@@ -140,7 +141,7 @@ class BackgroundRecorder:
         names: list[str],
         record: str,
         new_collector: Callable[[], Collector],
-        explain: Callable[[nn.Module, tuple[Any, ...], RuntimeError], RuntimeError],
+        explain: Callable[[nn.Module, ProbeBatch, Exception], Exception],
     ) -> None:
         self.names = names
         self.record = record
@@ -154,7 +155,7 @@ class BackgroundRecorder:
     def busy(self) -> bool:
         return self._in_flight is not None
 
-    def submit(self, step: int, model: nn.Module, inputs: tuple[Any, ...]) -> None:
+    def submit(self, step: int, model: nn.Module, inputs: ProbeBatch) -> None:
         """Snapshot ``model`` now and record ``inputs`` through it in the worker. The
         caller collects the previous record first (:meth:`collect`)."""
         assert self._in_flight is None, "collect the record in flight first"
@@ -165,9 +166,10 @@ class BackgroundRecorder:
             self._executor = _single_threaded_worker()
         self._in_flight = (step, self._executor.submit(self._record, self.snapshot.copy, inputs))
 
-    def _record(self, net: nn.Module, inputs: tuple[Any, ...]) -> tuple[dict, dict]:
+    def _record(self, net: nn.Module, inputs: ProbeBatch) -> tuple[dict, dict]:
         # Runs in the worker: grad mode is per thread, so no_grad is set here.
         collector = self.new_collector()
+        collector.batch = inputs
         modules = dict(net.named_modules())
         taps = Taps(
             net,
@@ -179,8 +181,10 @@ class BackgroundRecorder:
         with torch.no_grad():
             taps.attach()
             try:
-                net(*inputs)
-            except RuntimeError as error:
+                inputs(net)
+            except ProbeBatchError:
+                raise
+            except Exception as error:
                 taps.remove()
                 raise self.explain(net, inputs, error) from error
             finally:

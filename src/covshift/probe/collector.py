@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from covshift.probe.batch import ProbeBatch
 from covshift.probe.saturation import activation_kind
 from covshift.probe.summary import StatsConfig, saturation_stats, summarize
 
@@ -40,11 +41,16 @@ class Collector:
         self.group = group
         self.pending: dict[str, dict[str, torch.Tensor]] = {}
         self.kinds: dict[str, str] = {}
+        # The probe batch of the forward being collected (None: live training batches,
+        # whose size the collector does not know); its N is checked on every value.
+        self.batch: ProbeBatch | None = None
 
     def clear(self) -> None:
         self.pending.clear()
 
     def on_value(self, key: str, module: nn.Module, value: torch.Tensor) -> None:
+        if self.batch is not None:
+            self.batch.check_value(key, self.record, value)
         if value.dim() < 2:
             raise ValueError(
                 f"probe: the {self.record} of layer {key!r} has shape {tuple(value.shape)}; "

@@ -35,8 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -47,7 +46,9 @@ from torch import nn
 from covshift.probe import distributed as dist_ops
 from covshift.probe._copies import isolated_randomness
 from covshift.probe.background import BackgroundRecorder, has_foreign_hooks
+from covshift.probe.batch import ProbeBatch, ProbeBatchError
 from covshift.probe.collector import Collector
+from covshift.probe.explain import explain_failure as _explain
 from covshift.probe.hooks import Taps
 from covshift.probe.schedule import Schedule
 from covshift.probe.select import LayerSpec, select_layers
@@ -86,8 +87,12 @@ class ShiftProbe:
             module names (``"hidden.*.act"``), module types (``nn.ReLU``), ``"auto"``
             (every norm and activation), ``"auto:linear"`` (every Linear/Conv), or a
             list of these. A pattern or type must match at least one module.
-        probe_input: the fixed probe batch ``(N, ...)``, passed to ``model`` as is (a
-            tuple is passed as positional arguments). Required with ``source="probe"``.
+        probe_input: the fixed probe batch, required with ``source="probe"``: a tensor
+            ``(N, ...)``, a tuple of positional arguments, a dict of keyword arguments
+            (a Hugging Face batch) or ``(args, kwargs)`` (see
+            :mod:`covshift.probe.batch`). A batch that does not fit fails at the first
+            record (or at :meth:`check`), with the module that rejects it and the
+            shape it expects.
         every: record at steps 0, k, 2k, ... (default 100).
         steps: explicit steps to record at, instead of ``every``.
         schedule: a :class:`Schedule` (e.g. ``Schedule.logspace(50_000)``), instead.
@@ -129,7 +134,7 @@ class ShiftProbe:
         self,
         model: nn.Module,
         layers: LayerSpec | Sequence[LayerSpec] = "auto",
-        probe_input: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+        probe_input: torch.Tensor | tuple[Any, ...] | Mapping[str, Any] | None = None,
         *,
         every: int | None = None,
         steps: Iterable[int] | None = None,
@@ -209,14 +214,15 @@ class ShiftProbe:
         self._background: BackgroundRecorder | None = None
         self._checked = False  # a synchronous forward of the probe batch has succeeded
         self._armed: int | None = None  # live mode: the step label of the armed capture
-        self._device_inputs: tuple[torch.device, tuple[Any, ...]] | None = None
+        self._device_inputs: tuple[torch.device, ProbeBatch] | None = None
 
     @property
     def probe_input(self) -> torch.Tensor | None:
-        return None if self._inputs is None else self._inputs[0]
+        """The first tensor of the probe batch (None with ``source="train"``)."""
+        return None if self._inputs is None else self._inputs.first
 
     @staticmethod
-    def _check_input(probe_input: Any, source: str) -> tuple[Any, ...] | None:
+    def _check_input(probe_input: Any, source: str) -> ProbeBatch | None:
         if source == "train":
             if probe_input is not None:
                 raise ValueError(
@@ -230,19 +236,7 @@ class ShiftProbe:
                 "batch of shape (N, ...) such as x_test[:1000], or source='train' to "
                 "record the live training batches"
             )
-        inputs = tuple(probe_input) if isinstance(probe_input, (tuple, list)) else (probe_input,)
-        first = inputs[0] if inputs else None
-        if not isinstance(first, torch.Tensor) or first.dim() < 2:
-            raise ValueError(
-                "probe_input must be a batch tensor of shape (N, ...) with N >= 2, got "
-                f"{type(first).__name__} {tuple(getattr(first, 'shape', ()))}"
-            )
-        if first.shape[0] < 2:
-            raise ValueError(
-                f"probe_input must be a batch tensor of shape (N, ...) with N >= 2 "
-                f"examples, got shape {tuple(first.shape)}"
-            )
-        return inputs
+        return ProbeBatch.of(probe_input)
 
     @property
     def layer_names(self) -> list[str]:
@@ -361,7 +355,7 @@ class ShiftProbe:
             # The worker needs a core of its own: torch's OpenMP threads spin between
             # ops, and a worker that preempts one stalls every parallel op of training.
             spare_core = torch.get_num_threads() < (os.cpu_count() or 1)
-            on_cpu = self._device_batch()[0].device.type == "cpu"
+            on_cpu = self._device_batch().first.device.type == "cpu"
             return spare_core and on_cpu and not has_foreign_hooks(self.model)
         return True
 
@@ -395,22 +389,22 @@ class ShiftProbe:
             return []
         return self._emit(step)
 
-    def _device_batch(self) -> tuple[Any, ...]:
+    def _device_batch(self) -> ProbeBatch:
         assert self._inputs is not None
         first = next(self.model.parameters(), None)
         if first is None:
             first = next(self.model.buffers(), None)
-        device = first.device if first is not None else self._inputs[0].device
+        device = first.device if first is not None else self._inputs.first.device
         # Move the probe batch once per device, not once per record.
         if self._device_inputs is None or self._device_inputs[0] != device:
-            moved = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in self._inputs)
-            self._device_inputs = (device, moved)
+            self._device_inputs = (device, self._inputs.to(device))
         return self._device_inputs[1]
 
     @torch.no_grad()
-    def _forward(self, inputs: tuple[Any, ...]) -> None:
+    def _forward(self, batch: ProbeBatch) -> None:
         was_training = self.model.training
         self._collector.clear()
+        self._collector.batch = batch
         self._taps.attach()
         saved = [b.detach().clone() for b in self.model.buffers()] if self.mode == "train" else []
         try:
@@ -425,9 +419,11 @@ class ShiftProbe:
                     else contextlib.nullcontext()
                 )
                 with forked:
-                    self.model(*inputs)
-            except RuntimeError as error:
-                raise _explain(self.model, inputs, error) from error
+                    batch(self.model)
+            except ProbeBatchError:
+                raise
+            except Exception as error:  # torch raises RuntimeError, IndexError, ValueError, ...
+                raise _explain(self.model, batch, error) from error
         finally:
             for buffer, value in zip(self.model.buffers(), saved, strict=False):
                 buffer.copy_(value)  # running statistics and counters, as before the record
@@ -472,65 +468,3 @@ class ShiftProbe:
     def on_train_end(self, state: Any, status: str) -> None:
         # An armed capture whose forward never came is dropped; hooks go.
         self.close(flush=status == "finished")
-
-
-def _expected_shape(module: nn.Module) -> str | None:
-    """What input shape ``module`` takes, from its usual attributes (duck-typed)."""
-    name = type(module).__name__
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        spatial = {1: "L", 2: "H, W", 3: "D, H, W"}[module.weight.dim() - 2]
-        return f"(N, {module.in_channels}, {spatial})"
-    if hasattr(module, "in_features"):
-        return f"(N, ..., {module.in_features})"
-    if hasattr(module, "normalized_shape"):
-        return f"(N, ..., {', '.join(str(s) for s in module.normalized_shape)})"
-    if hasattr(module, "num_channels"):
-        return f"(N, {module.num_channels}, ...)"
-    if hasattr(module, "num_features"):
-        return f"(N, {module.num_features}, ...)"
-    if hasattr(module, "num_embeddings"):
-        return f"integer indices in [0, {module.num_embeddings}) ({name})"
-    return None
-
-
-def _explain(model: nn.Module, inputs: tuple[Any, ...], error: RuntimeError) -> RuntimeError:
-    """Re-run the failing forward with a tracer on every leaf module to name the module
-    that rejected the probe batch and the input shape it expects."""
-    last: list[tuple[str, nn.Module]] = []
-    handles = []
-    for name, module in model.named_modules():
-        if not any(True for _ in module.children()):
-
-            def trace(m: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-                last.append((name, m))
-
-            handles.append(module.register_forward_pre_hook(trace))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model(*inputs)
-    except Exception:  # the same failure again; only the trace matters
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    shape = tuple(inputs[0].shape) if isinstance(inputs[0], torch.Tensor) else "?"
-    where = ""
-    if last:
-        name, module = last[-1]
-        expected = _expected_shape(module)
-        where = f" in module {name!r} ({module})"
-        if expected:
-            where += f", which expects input of shape {expected}"
-    else:  # it failed before any layer ran: name the first layer with a known shape
-        for name, module in model.named_modules():
-            expected = _expected_shape(module) if name else None
-            if expected:
-                where = (
-                    f" before any layer ran; its first layer {name!r} ({module}) expects {expected}"
-                )
-                break
-    return RuntimeError(
-        f"probe: the model's forward failed on the probe batch of shape {shape}{where}. "
-        f"Pass a probe_input shaped like a training batch. ({error})"
-    )
