@@ -360,3 +360,28 @@ def test_env_var_disables_without_building(tmp_path: object) -> None:
     )
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
     assert not any(os.scandir(str(tmp_path)))
+
+
+def test_a_lock_left_by_a_killed_build_does_not_block_the_next_process(tmp_path) -> None:
+    """torch's build lock is a file that a process killed mid-build leaves behind;
+    covshift holds an OS lock instead and removes the stale file, so the next process
+    loads the kernels rather than waiting forever."""
+    import shutil
+    import subprocess
+    import sys
+
+    from covshift.nn import _native
+
+    if _native.load() is None:
+        pytest.skip("the native kernels do not build here")
+    built = _native.cache_dir() / _native._name()
+    cache = tmp_path / "cache"
+    shutil.copytree(built, cache / built.name)
+    (cache / built.name / "lock").write_text("")  # as a SIGKILL mid-build leaves it
+    code = "from covshift.nn import _native; print(_native.load() is not None)"
+    env = dict(os.environ, COVSHIFT_CACHE_DIR=str(cache))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr
+    assert not (cache / built.name / "lock").exists()

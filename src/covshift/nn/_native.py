@@ -33,6 +33,7 @@ Python they cost more than the kernels themselves on small layers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -141,6 +142,29 @@ def _name() -> str:
     return f"covshift_norm_{h.hexdigest()[:16]}"
 
 
+@contextlib.contextmanager
+def _build_lock(build: Path) -> Iterator[None]:
+    """Hold an OS lock on the build folder while torch builds or loads the extension.
+
+    torch's own lock is a file (``build/lock``) that a process killed mid-build leaves
+    behind, after which every later process waits for it forever. An ``flock`` is
+    released by the kernel when its holder dies; while this process holds it, no other
+    covshift process is building here, so a ``lock`` file left in the folder is stale
+    and is removed."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: torch's lock alone
+        yield
+        return
+    with open(build / "covshift-build.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (build / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def load() -> ModuleType | None:
     """The compiled extension, building it on first use; None if it cannot be had.
 
@@ -159,15 +183,16 @@ def load() -> ModuleType | None:
             name = _name()
             build = cache_dir() / name
             build.mkdir(parents=True, exist_ok=True)
-            _module = cpp_extension.load(
-                name=name,
-                sources=[str(_CSRC / "norm.cpp")],
-                extra_cflags=_flags(),
-                extra_ldflags=_openmp_flags(),
-                extra_include_paths=[str(_CSRC)],
-                build_directory=str(build),
-                verbose=False,
-            )
+            with _build_lock(build):
+                _module = cpp_extension.load(
+                    name=name,
+                    sources=[str(_CSRC / "norm.cpp")],
+                    extra_cflags=_flags(),
+                    extra_ldflags=_openmp_flags(),
+                    extra_include_paths=[str(_CSRC)],
+                    build_directory=str(build),
+                    verbose=False,
+                )
         except Exception as exc:  # no compiler, no ninja, a compile error: fall back
             lines = str(exc).strip().splitlines()
             _error = f"{type(exc).__name__}: {lines[-1] if lines else ''}"
