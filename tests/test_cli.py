@@ -95,6 +95,9 @@ def test_run_table_then_runs_and_report(tmp_path: Path) -> None:
         (["run", "ioffe2015", "--bogus"], "No such option: --bogus"),
         (["runs", "--db", "none.db"], "no store at none.db"),
         (["run", "ioffe2015", "--device", "tpu"], "device must be 'auto', 'cpu' or 'cuda"),
+        (["run", "ioffe2015", "--lr", "inf"], "optimizer.lr: Input should be a finite number"),
+        (["run", "ioffe2015", "--set", "name=../x"], "name: String should match pattern"),
+        (["runs", "--db", "empty.db"], "empty.db is an empty file, not a covshift store"),
         (["run", "ioffe2015", "--seed", "1", "--seeds", "2"], "not both"),
         (["run", "ioffe2015", "--backend", "slurm"], "--backend must be local or ray"),
         (["run", "ioffe2015", "--address", "auto"], "use it with --backend ray"),
@@ -107,11 +110,13 @@ def test_run_table_then_runs_and_report(tmp_path: Path) -> None:
 def test_bad_input_gets_a_message_not_a_traceback(
     tmp_path: Path, args: list[str], message: str
 ) -> None:
+    (tmp_path / "empty.db").touch()
     proc = covshift(*args, cwd=tmp_path)
     assert proc.returncode == 2
     text = " ".join((proc.stderr + proc.stdout).split())
     assert message in text
     assert "Traceback" not in text
+    assert not (tmp_path / "covshift-out").exists()  # rejected before anything is written
 
 
 def test_help_lists_commands_with_examples(tmp_path: Path) -> None:

@@ -176,6 +176,17 @@ def test_splits_that_do_not_fit_each_other(
         load_dataset("mnist", tmp_path / "m")
 
 
+def test_training_labels_with_a_gap_are_refused(tmp_path: Path) -> None:
+    write_idx_folder(tmp_path / "m")
+    labels = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9] * 2, np.uint8)
+    labels[3] = 200  # one corrupt byte would make a 201-way classifier
+    (tmp_path / "m" / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels)))
+    with pytest.raises(
+        IdxFormatError, match=r"run up to 200 but never use 190 of those 201 classes \(\[10, 11,"
+    ):
+        load_dataset("mnist", tmp_path / "m")
+
+
 def test_images_must_be_bytes(tmp_path: Path) -> None:
     write_idx_folder(tmp_path / "m")
     images = np.zeros((20, 28, 28), np.float32)

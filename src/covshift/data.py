@@ -290,6 +290,17 @@ def _load_idx_folder(folder: Path, dataset: str) -> Dataset:
             f"images are {(height, width)}; both splits must have images of one size"
         )
     classes = int(arrays["train_labels"].max()) + 1
+    # The head has max(label) + 1 outputs: a corrupt label (200 among 0 .. 9) would
+    # silently make a 201-way classifier. A class or two absent from a small set is
+    # normal; most of them absent is not.
+    missing = sorted(set(range(classes)) - set(np.unique(arrays["train_labels"]).tolist()))
+    if len(missing) * 2 > classes:
+        raise IdxFormatError(
+            f"{folder}: the training labels run up to {classes - 1} but never use "
+            f"{len(missing)} of those {classes} classes ({missing[:10]}"
+            f"{' ...' if len(missing) > 10 else ''}); labels must be the classes 0 .. C-1 "
+            "(a corrupt label file?)"
+        )
     unseen = sorted(set(np.unique(arrays["test_labels"]).tolist()) - set(range(classes)))
     if unseen:
         raise IdxFormatError(

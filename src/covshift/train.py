@@ -129,8 +129,19 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         resolved = torch.device(device)
     except RuntimeError:
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:i]', got {device!r}") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:i]', got {device!r}")
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device; use 'cpu'")
+        raise ValueError(
+            f"device {str(device)!r} was asked for but torch sees no CUDA device; use 'cpu'"
+        )
+    if resolved.type == "cuda" and resolved.index is not None:
+        count = torch.cuda.device_count()
+        if resolved.index >= count:
+            raise ValueError(
+                f"device {str(device)!r}: torch sees {count} CUDA device"
+                f"{'s' * (count != 1)} (cuda:0 .. cuda:{count - 1})"
+            )
     return resolved
 
 

@@ -85,7 +85,7 @@ def existing_store(db: Path) -> Store:
         raise UserError(
             f"no store at {db}; run an experiment first (covshift run ioffe2015) or pass --db"
         )
-    return Store(db)
+    return Store(db, create=False)
 
 
 def check_folder(path: Path, option: str) -> None:

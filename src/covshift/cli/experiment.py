@@ -222,3 +222,5 @@ def run(
     unfinished = [o for o in result.outcomes if o.status in ("failed", "busy")]
     for o in unfinished:
         err_console.print(f"[red]{o.status}[/]: point {o.point}: {o.error}", highlight=False)
+    if any(o.status == "failed" for o in result.outcomes):
+        raise typer.Exit(1)  # the report holds what was measured; a point did not train

@@ -51,7 +51,9 @@ class ConfigError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: an infinite learning rate or init scale is a mistake that
+    # would otherwise surface only as a failed or diverged run.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 Activation = Literal["sigmoid", "tanh", "relu", "identity", "linear"]
@@ -230,7 +232,8 @@ class ExperimentConfig(_Strict):
     dotted field names to the values of an axis (see :mod:`covshift.experiments.axes`).
     """
 
-    name: str
+    # The experiment id and its report folder are named after it: no path separators.
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
     title: str
     description: str = ""
     dataset: str = "fashion-mnist"
@@ -344,6 +347,10 @@ class ExperimentConfig(_Strict):
             except ValidationError as e:
                 raise ValueError(f"networks.{key}: {_first_error(e)}") from None
         self._check_axes()
+        ids = [c.id for c in self.claims if c.id is not None]
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            raise ValueError(f"claims: the ids {repeated} are given to more than one claim")
         for i, claim in enumerate(self.claims):
             self._check_claim(i, claim)
         return self
@@ -465,6 +472,8 @@ def preset_path(name_or_path: str) -> Path:
     """The TOML file of a shipped preset, or the path itself if it is a ``.toml`` file."""
     if name_or_path.endswith(".toml"):
         path = Path(name_or_path)
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder; give the path of a .toml file")
         if not path.is_file():
             raise ConfigError(f"preset file {path} does not exist")
         return path

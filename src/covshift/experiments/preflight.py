@@ -26,7 +26,7 @@ from covshift.experiments.grid import Point, PointSpec
 from covshift.experiments.metrics import TRAIN_MODE, parse_metric
 from covshift.experiments.point import build_model, dataset_for
 from covshift.probe import ShiftProbe, gradient_ics, landscape_smoothness
-from covshift.train import evaluate, loss_function
+from covshift.train import evaluate, loss_function, resolve_device
 
 __all__ = ["Cost", "estimate_seconds", "preflight"]
 
@@ -124,7 +124,10 @@ def _try(point: Point, data: Dataset, threads: int) -> tuple[Cost, list[str]]:
         try:
             model = build_model(spec.model, data, spec.seed)
         except (ValueError, TypeError) as e:
-            raise ConfigError(f"point {point.name}: the model cannot be built: {e}") from None
+            field = "model.norm_kwargs: " if "takes no keyword" in str(e) else ""
+            raise ConfigError(
+                f"point {point.name}: the model cannot be built: {field}{e}"
+            ) from None
         try:
             probe = ShiftProbe(
                 model,
@@ -210,7 +213,14 @@ def preflight(config: ExperimentConfig, points: Sequence[Point], threads: int) -
     costs: dict[str, Cost] = {}
     measured: dict[str, Cost] = {}
     probed: dict[str, list[str]] = {}
+    devices: set[str] = set()
     for point in points:
+        if point.spec.device not in devices:
+            try:
+                resolve_device(point.spec.device)
+            except ValueError as e:
+                raise ConfigError(f"device (point {point.name}): {e}") from None
+            devices.add(point.spec.device)
         data = _load(point)
         _check_sizes(point, data)
         arch = _architecture(point)

@@ -7,6 +7,8 @@ layer will see: 1 for (N, C) or (N, C, L) inputs, 2 for (N, C, H, W), 3 for
 
 from __future__ import annotations
 
+import inspect
+import re
 from collections.abc import Callable
 
 from torch import nn
@@ -48,7 +50,40 @@ def create_norm(name: str, num_features: int, *, dims: int = 1, **kw: object) ->
     except KeyError:
         known = ", ".join(norm_names())
         raise ValueError(f"unknown normalization {name!r}; known: {known}") from None
-    return factory(num_features, dims=dims, **kw)
+    try:
+        return factory(num_features, dims=dims, **kw)
+    except TypeError as e:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if unknown is None:
+            raise
+        accepted = ", ".join(_keywords(factory, num_features, dims)) or "none"
+        raise ValueError(
+            f"normalization {name!r} takes no keyword {unknown[1]!r}; it takes: {accepted}"
+        ) from None
+
+
+_SHAPE_ARGUMENTS = {"self", "num_features", "normalized_shape", "num_channels", "dims"}
+
+
+def _keywords(factory: NormFactory, num_features: int, dims: int) -> list[str]:
+    """The keyword arguments ``name``'s layer accepts: its factory's own and its
+    class's constructor's (less the shape arguments the factory fills in)."""
+    own = [
+        p.name
+        for p in inspect.signature(factory).parameters.values()
+        if p.kind is p.KEYWORD_ONLY and p.name not in _SHAPE_ARGUMENTS
+    ]
+    try:
+        built = type(factory(num_features, dims=dims))
+    except Exception:  # e.g. a required keyword: the factory's own list is all there is
+        return own
+    params = inspect.signature(built).parameters
+    return own + [
+        n
+        for n, p in params.items()
+        if n not in _SHAPE_ARGUMENTS | {"device", "dtype", "num_groups", *own}
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
 
 
 _BATCH = {1: layers.BatchNorm1d, 2: layers.BatchNorm2d, 3: layers.BatchNorm3d}

@@ -175,6 +175,9 @@ class Store:
             raise StoreError(f"{self.path} is a folder; give the path of a .db file")
         if not create and not self.path.is_file():
             raise StoreError(f"no store at {self.path}")
+        if not create and self.path.stat().st_size == 0:
+            # Reading commands never write: an empty file is not made into a store.
+            raise StoreError(f"{self.path} is an empty file, not a covshift store")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
