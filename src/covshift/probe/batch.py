@@ -12,6 +12,7 @@ wrong axis.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,7 +51,10 @@ def _move(value: Any, device: torch.device) -> Any:
 
 @dataclass(frozen=True)
 class ProbeBatch:
-    """Positional and keyword arguments of the model's forward, and their size."""
+    """Positional and keyword arguments of the model's forward, and their size.
+
+    Its tensors, size and first tensor are computed once (the batch is fixed), since
+    every recorded value of every record is checked against the size."""
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -82,12 +86,12 @@ class ProbeBatch:
         batch.size  # noqa: B018 - checks that the tensors agree on N
         return batch
 
-    @property
+    @functools.cached_property
     def tensors(self) -> list[tuple[str, torch.Tensor]]:
         where = [(f"args{w}", t) for w, t in _tensors(self.args)]
         return where + [(f"kwargs{w}", t) for w, t in _tensors(self.kwargs)]
 
-    @property
+    @functools.cached_property
     def size(self) -> int:
         """``N``, the first dimension every tensor of the batch shares."""
         found = [(w, t) for w, t in self.tensors if t.dim() >= 1]
@@ -109,7 +113,7 @@ class ProbeBatch:
             )
         return n
 
-    @property
+    @functools.cached_property
     def first(self) -> torch.Tensor:
         return self.tensors[0][1]
 
