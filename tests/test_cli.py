@@ -105,6 +105,15 @@ def test_run_table_then_runs_and_report(tmp_path: Path) -> None:
         (["run", "ioffe2015", "--out", "/dev/null/r"], "--out /dev/null/r: /dev/null is a file"),
         (["run", "ioffe2015", "--db", "/dev/null/c.db"], "--db /dev/null: /dev/null is a file"),
         (["run", "--resume", "nope-1234", "--db", "none.db"], "no store at none.db"),
+        (["run", "ioffe2015", "--threads", "100000"], "less than or equal to 1024"),
+        (["run", "ioffe2015", "--workers", "100000"], "less than or equal to 1024"),
+        (["check", "ioffe2015", "--seeds", "100000"], "less than or equal to 10000"),
+        (["run", "ioffe2015", "--data-dir", "empty.db"], "empty.db is a file, not a folder"),
+        (["run", "ioffe2015", "--set", "steps=true"], "steps: expected an integer, got true"),
+        (
+            ["run", "ioffe2015", "--dataset", "synthetic", "--set", "model.width=10000000000"],
+            "the network is too large for this machine",
+        ),
     ],
 )
 def test_bad_input_gets_a_message_not_a_traceback(
@@ -191,3 +200,27 @@ def test_ctrl_c_marks_runs_interrupted_and_the_same_command_resumes(
     assert [r.last_step for r in runs] == [3000] * 4
     assert {r.id for r in interrupted} <= {r.id for r in runs}  # resumed, not restarted
     assert not any(c.exists() for c in checkpoints)
+
+
+def test_ctrl_c_while_starting_ends_quietly(tmp_path: Path) -> None:
+    # The commands' imports (torch) take seconds; a Ctrl-C then must not print a
+    # traceback. The interrupt is raised deterministically by an import hook.
+    script = """
+import sys
+from covshift.cli import main
+
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "covshift.cli.entry":
+            raise KeyboardInterrupt
+
+sys.meta_path.insert(0, Interrupt())
+sys.argv = ["covshift", "runs"]
+main()
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 130
+    assert "Interrupted (while starting: nothing was written)." in proc.stderr
+    assert "Traceback" not in proc.stderr

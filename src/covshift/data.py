@@ -254,6 +254,12 @@ def load_dataset(
 
 
 def _find_idx(folder: Path, stem: str, dataset: str) -> Path:
+    if folder.exists() and not folder.is_dir():
+        raise DatasetError(
+            f"{dataset}: {folder} is a file, not a folder; point --data-dir or "
+            f"${DATA_DIR_ENV} at the folder holding the four IDX files "
+            f"({', '.join(_IDX_FILES.values())}), raw or .gz"
+        )
     for candidate in (folder / f"{stem}.gz", folder / stem):
         if candidate.is_file():
             return candidate

@@ -239,3 +239,93 @@ def test_legacy_claims_convert_to_rules() -> None:
         ("batchnorm", "baseline", "less"),
         ("batchnorm", "baseline", "not_less"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        # no silent coercion: a boolean or a quoted number is not an integer
+        ({"steps": "true"}, r"steps: expected an integer, got true \(a boolean\)"),
+        ({"model.width": '"8"'}, r'model\.width: expected an integer, got "8" \(a string'),
+        ({"model.depth": "2.0"}, r"model\.depth: expected an integer, got 2\.0"),
+        ({"optimizer.lr": '"0.1"'}, r"optimizer\.lr: expected a number, got \"0\.1\""),
+        ({"probe.noise_floor": "1"}, r"probe\.noise_floor: expected true or false, got 1"),
+        ({"probe.every": "true"}, r"probe\.every: expected an integer, got true"),
+        ({"seeds": "[true]"}, r"seeds\[0\]: expected an integer, got true"),
+        ({"model.depth": "100000"}, r"model\.depth: Input should be less than or equal to 10000"),
+        ({"seeds": "100000000"}, r"seeds = 100000000: a count of seeds must be at most 10,000"),
+    ],
+)
+def test_types_are_strict_and_sizes_bounded(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config("ioffe2015", overrides)
+
+
+def test_a_float_field_takes_an_integer() -> None:
+    config = load_config("ioffe2015", {"optimizer.lr": "1", "model.init_std": "2"})
+    assert config.optimizer.lr == 1.0 and isinstance(config.optimizer.lr, float)
+    assert config.model.init_std == 2.0
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (
+            '[networks.plain]\nlabel = "plain"\nwidht = 3\n',
+            r"networks\.plain\.widht: unknown field \(did you mean width\?\); valid keys here: "
+            r"label, kind, width, depth",
+        ),
+        (
+            '[battery]\nmetrc = "test_loss"\n',
+            r"battery\.metrc: unknown field \(did you mean metric\?\); valid keys here: "
+            r"metric, target",
+        ),
+        (
+            '[[claims]]\ntext = "t"\nmetric = "test_accuracy/final"\nnetwork = "plain"\n'
+            'rule = "greater"\nrulee = 1\n',
+            r"claims\[0\]\.rulee: unknown field \(did you mean rule\?\); valid keys here: text,",
+        ),
+        (
+            '[sizes.quick]\nset = {}\nminuts = 3\n',
+            r"sizes\.quick\.minuts: unknown field \(did you mean minutes\?\)",
+        ),
+    ],
+)
+def test_unknown_keys_in_every_section_list_the_valid_ones(
+    tmp_path: Path, table: str, message: str
+) -> None:
+    text = SWEEP.replace('[networks.plain]\nlabel = "plain"\nnorm = "none"\n', "") + table
+    if "networks.plain" not in table:
+        text += '[networks.plain]\nlabel = "plain"\n'
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    ("metric", "needs"),
+    [
+        ("ics_cos/mean", r"set probe\.gradient_ics_every to a step count > 0"),
+        ("ics_l2/hidden.0.linear", r"set probe\.gradient_ics_every to a step count > 0"),
+        ("smooth/loss_range", r"set probe\.smoothness_every to a step count > 0"),
+        ("floor/hidden.0.act", r"set probe\.noise_floor to true"),
+        ("drift/hidden.0.act@train", r'set probe\.mode to "train" or "both"'),
+    ],
+)
+def test_a_claim_on_an_unmeasured_metric_is_refused(
+    tmp_path: Path, metric: str, needs: str
+) -> None:
+    claim = (
+        f'[[claims]]\ntext = "t"\nstatistic = "value"\nmetric = "{metric}"\n'
+        'network = "bn"\nrule = "greater"\n'
+    )
+    with pytest.raises(ConfigError, match=rf"claims\[0\]\.metric: .* is not measured .*{needs}"):
+        load_config(write(tmp_path, SWEEP + claim))
+    # measured once the probe is set to: accepted (also when only a sweep value sets it)
+    enable = {
+        "ics": "gradient_ics_every = 10",
+        "smo": "smoothness_every = 10",
+        "flo": "noise_floor = true",
+        "dri": 'mode = "both"',
+    }[metric[:3]]
+    fixed = SWEEP.replace("examples = 100", f"examples = 100\n{enable}") + claim
+    assert load_config(write(tmp_path, fixed, "ok.toml")).claims[0].metric == metric

@@ -28,15 +28,25 @@ app = typer.Typer(
 err_console = Console(stderr=True)
 out_console = Console()
 
+# Beyond these a run is a typo, not a plan: torch crashes on 100,000 threads.
+MAX_THREADS = 1024
+MAX_WORKERS = 1024
+
 DbOption = Annotated[Path, typer.Option("--db", help="SQLite results store.", show_default=True)]
 # Where the points run: shared by run and claims.
 WorkersOption = Annotated[
     int | None,
-    typer.Option(min=1, help="Points trained at once (local backend; default: one per core)."),
+    typer.Option(
+        min=1,
+        max=MAX_WORKERS,
+        help="Points trained at once (local backend; default: one per core).",
+    ),
 ]
 ThreadsOption = Annotated[
     int | None,
-    typer.Option(min=1, help="Torch threads per point (default: cores / workers; Ray: 1)."),
+    typer.Option(
+        min=1, max=MAX_THREADS, help="Torch threads per point (default: cores / workers; Ray: 1)."
+    ),
 ]
 BackendOption = Annotated[
     str, typer.Option(help="local (processes on this machine) or ray (Ray tasks).")

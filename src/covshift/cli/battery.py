@@ -20,6 +20,7 @@ from covshift.cli.app import (
     out_console,
     parse_sets,
 )
+from covshift.experiments.config import MAX_SEED_COUNT
 from covshift.store import DEFAULT_DB
 
 
@@ -37,7 +38,10 @@ def claims(
         bool, typer.Option("--dry-run", help="Print what would run and the estimate; run nothing.")
     ] = False,
     seeds: Annotated[
-        int | None, typer.Option(min=1, help="Seeds 0 .. N-1 for every preset (default: theirs).")
+        int | None,
+        typer.Option(
+            min=1, max=MAX_SEED_COUNT, help="Seeds 0 .. N-1 for every preset (default: theirs)."
+        ),
     ] = None,
     set_: Annotated[
         list[str] | None,

@@ -7,8 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from covshift.cli.app import UserError, err_console, parse_sets
-from covshift.experiments.config import load_config
+from covshift.cli.app import MAX_THREADS, UserError, err_console, parse_sets
+from covshift.experiments.config import MAX_SEED_COUNT, load_config
 from covshift.experiments.config_toml import config_to_toml
 
 
@@ -25,13 +25,17 @@ def check(
         typer.Option("--set", help="Override a config field, as in covshift run (repeatable)."),
     ] = None,
     seeds: Annotated[
-        int | None, typer.Option(min=1, help="Seeds 0 .. N-1 instead of the preset's.")
+        int | None,
+        typer.Option(min=1, max=MAX_SEED_COUNT, help="Seeds 0 .. N-1 instead of the preset's."),
     ] = None,
     size: Annotated[
         str | None, typer.Option(help="One of the preset's sizes (see covshift presets).")
     ] = None,
     threads: Annotated[
-        int, typer.Option(min=1, help="Torch threads for the trial steps (they are timed).")
+        int,
+        typer.Option(
+            min=1, max=MAX_THREADS, help="Torch threads for the trial steps (they are timed)."
+        ),
     ] = 1,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the resolved configuration as JSON.")

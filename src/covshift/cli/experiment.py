@@ -23,7 +23,7 @@ from covshift.cli.app import (
     report_dir,
 )
 from covshift.data import dataset_names
-from covshift.experiments.config import load_config
+from covshift.experiments.config import MAX_SEED_COUNT, load_config
 from covshift.store import DEFAULT_DB, Store
 
 
@@ -65,7 +65,9 @@ def run(
     ] = None,
     seeds: Annotated[
         int | None,
-        typer.Option(min=1, help="Run seeds 0 .. N-1 (instead of the preset's seeds)."),
+        typer.Option(
+            min=1, max=MAX_SEED_COUNT, help="Run seeds 0 .. N-1 (instead of the preset's seeds)."
+        ),
     ] = None,
     size: Annotated[
         str | None,

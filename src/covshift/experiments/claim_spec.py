@@ -49,7 +49,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, model_validator
 
 from covshift.experiments.metrics import parse_metric
 
@@ -81,16 +81,16 @@ class ClaimSpec(BaseModel):
     baseline_metric: str | None = None
     where: dict[str, Any] = Field(default_factory=dict)
     baseline_where: dict[str, Any] = Field(default_factory=dict)
-    interaction: bool = False
+    interaction: StrictBool = False
     axis: str | None = None
     method: Literal["spearman", "slope"] = "spearman"
-    log_axis: bool = False
-    target: float | None = None
-    below: bool = False
+    log_axis: StrictBool = False
+    target: StrictFloat | None = None
+    below: StrictBool = False
     pick: Literal["largest", "smallest"] = "largest"
     rule: Literal["greater", "less", "not_less", "not_greater", "within"]
-    value: float = 0.0
-    margin: float = Field(0.0, ge=0)
+    value: StrictFloat = 0.0
+    margin: StrictFloat = Field(0.0, ge=0)
 
     @model_validator(mode="before")
     @classmethod

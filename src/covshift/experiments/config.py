@@ -12,13 +12,26 @@ path in the message, before anything runs.
 from __future__ import annotations
 
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from covshift.experiments.axes import closest, flatten_sweep, set_dotted
 from covshift.experiments.claim_spec import ClaimSpec
+from covshift.experiments.metrics import TRAIN_MODE, parse_metric
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -26,7 +39,9 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 __all__ = [
+    "MAX_DEPTH",
     "MAX_SEED",
+    "MAX_SEED_COUNT",
     "ClaimSpec",
     "ConfigError",
     "DivergenceSpec",
@@ -44,6 +59,11 @@ __all__ = [
 
 PRESET_DIR = Path(__file__).parent / "presets"
 MAX_SEED = 2**63 - 1  # the store's INTEGER is a signed 64-bit number
+# Deeper stacks are refused: building, probing and timing one in the preflight alone
+# takes minutes (~1 ms per layer per pass on a CPU core), before a step is trained.
+MAX_DEPTH = 10_000
+# A count of seeds builds a grid of that many points before anything else is checked.
+MAX_SEED_COUNT = 10_000
 
 
 class ConfigError(Exception):
@@ -72,16 +92,16 @@ class ModelSpec(_Strict):
     """
 
     kind: Literal["mlp", "cnn", "vgg", "linear"] = "mlp"
-    width: int = Field(100, ge=1)
-    depth: int = Field(3, ge=1)
-    channels: tuple[int, ...] = (16, 32, 64)
+    width: StrictInt = Field(100, ge=1)
+    depth: StrictInt = Field(3, ge=1, le=MAX_DEPTH)
+    channels: tuple[StrictInt, ...] = (16, 32, 64)
     pool: Literal["avg", "flatten"] = "avg"  # the cnn head's input
-    convs_per_stage: int = Field(2, ge=1)
+    convs_per_stage: StrictInt = Field(2, ge=1)
     activation: Activation = "sigmoid"
     norm: str = "none"
     norm_position: Literal["before", "after"] = "before"
     init: Literal["gaussian", "xavier", "he", "torch"] = "gaussian"
-    init_std: float = Field(0.1, gt=0)
+    init_std: StrictFloat = Field(0.1, gt=0)
     norm_kwargs: dict[str, float | int | bool | str | None] = Field(default_factory=dict)
     freeze: tuple[str, ...] = ()
 
@@ -102,12 +122,12 @@ class NetworkSpec(_Strict):
 
     label: str
     kind: Literal["mlp", "cnn", "vgg", "linear"] | None = None
-    width: int | None = Field(None, ge=1)
-    depth: int | None = Field(None, ge=1)
+    width: StrictInt | None = Field(None, ge=1)
+    depth: StrictInt | None = Field(None, ge=1, le=MAX_DEPTH)
     norm: str | None = None
     norm_position: Literal["before", "after"] | None = None
     activation: Activation | None = None
-    init_std: float | None = Field(None, gt=0)
+    init_std: StrictFloat | None = Field(None, gt=0)
     norm_kwargs: dict[str, float | int | bool | str | None] | None = None
     freeze: tuple[str, ...] | None = None
 
@@ -125,10 +145,10 @@ class OptimizerSpec(_Strict):
     Wu & He 2018 use across batch sizes); a point records the scaled rate.
     """
 
-    lr: float = Field(0.5, gt=0)
-    momentum: float = Field(0.0, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    lr_reference_batch: int | None = Field(None, ge=1)
+    lr: StrictFloat = Field(0.5, gt=0)
+    momentum: StrictFloat = Field(0.0, ge=0, lt=1)
+    weight_decay: StrictFloat = Field(0.0, ge=0)
+    lr_reference_batch: StrictInt | None = Field(None, ge=1)
 
 
 class ProbeSpec(_Strict):
@@ -149,15 +169,15 @@ class ProbeSpec(_Strict):
 
     layers: tuple[str, ...] = ("hidden.*.act",)
     record: Literal["input", "output"] = "input"
-    every: int = Field(100, ge=1)
-    examples: int = Field(1000, ge=2)
-    quantiles: tuple[float, ...] = (0.15, 0.5, 0.85)
+    every: StrictInt = Field(100, ge=1)
+    examples: StrictInt = Field(1000, ge=2)
+    quantiles: tuple[StrictFloat, ...] = (0.15, 0.5, 0.85)
     mode: Literal["eval", "train", "both"] = "eval"
-    noise_floor: bool = False
-    gradient_ics_every: int = Field(0, ge=0)
-    smoothness_every: int = Field(0, ge=0)
-    smoothness_range: tuple[float, float] = (0.5, 4.0)
-    measure_batch: int | None = Field(None, ge=1)
+    noise_floor: StrictBool = False
+    gradient_ics_every: StrictInt = Field(0, ge=0)
+    smoothness_every: StrictInt = Field(0, ge=0)
+    smoothness_range: tuple[StrictFloat, StrictFloat] = (0.5, 4.0)
+    measure_batch: StrictInt | None = Field(None, ge=1)
 
     @field_validator("smoothness_range")
     @classmethod
@@ -181,9 +201,9 @@ class ProbeSpec(_Strict):
 class ReportSpec(_Strict):
     """What the report shows."""
 
-    checkpoints: tuple[int, ...] = (1000, 5000, 10000)
+    checkpoints: tuple[StrictInt, ...] = (1000, 5000, 10000)
     layer: str | None = None  # layer of the percentile panels; default: last probed layer
-    unit: int | None = Field(None, ge=0)  # unit of the percentile panels; default: typical
+    unit: StrictInt | None = Field(None, ge=0)  # unit of the percentile panels; default: typical
 
 
 class DivergenceSpec(_Strict):
@@ -195,8 +215,8 @@ class DivergenceSpec(_Strict):
     there; otherwise it goes on and the run is still recorded as diverged.
     """
 
-    factor: float = Field(10.0, gt=1)
-    stop: bool = True
+    factor: StrictFloat = Field(10.0, gt=1)
+    stop: StrictBool = True
 
 
 _DEFAULT_STEPS = 50_000
@@ -209,8 +229,8 @@ class SizeSpec(_Strict):
 
     # training minutes on the 2-core reference machine (2 workers, empty store):
     # measured, or the preflight's estimate when ``estimated``
-    minutes: float | None = Field(None, gt=0)
-    estimated: bool = False
+    minutes: StrictFloat | None = Field(None, gt=0)
+    estimated: StrictBool = False
     set: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -221,7 +241,7 @@ class BatterySpec(_Strict):
     steps they take to reach ``target`` of ``metric``. None: not part of it."""
 
     metric: Literal["test_accuracy", "test_loss"] = "test_accuracy"
-    target: float | None = None
+    target: StrictFloat | None = None
 
 
 class ExperimentConfig(_Strict):
@@ -238,18 +258,18 @@ class ExperimentConfig(_Strict):
     description: str = ""
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
-    seeds: tuple[int, ...] = (0,)
-    steps: int = Field(_DEFAULT_STEPS, ge=1)
-    batch_size: int = Field(60, ge=1)
-    eval_every: int = Field(_DEFAULT_EVAL_EVERY, ge=1)
+    seeds: tuple[StrictInt, ...] = (0,)
+    steps: StrictInt = Field(_DEFAULT_STEPS, ge=1)
+    batch_size: StrictInt = Field(60, ge=1)
+    eval_every: StrictInt = Field(_DEFAULT_EVAL_EVERY, ge=1)
     # Training length in examples instead of steps (steps = examples // batch_size),
     # and evaluations every eval_examples examples: what stays fixed when the batch
     # size is swept.
-    examples: int | None = Field(None, ge=1)
-    eval_examples: int | None = Field(None, ge=1)
+    examples: StrictInt | None = Field(None, ge=1)
+    eval_examples: StrictInt | None = Field(None, ge=1)
     # Evaluate on the first test_examples test examples only (None: the whole test set):
     # for networks whose full evaluation costs more than their training steps.
-    test_examples: int | None = Field(None, ge=1)
+    test_examples: StrictInt | None = Field(None, ge=1)
     device: str = "auto"
     model: ModelSpec = ModelSpec()
     optimizer: OptimizerSpec = OptimizerSpec()
@@ -283,6 +303,10 @@ class ExperimentConfig(_Strict):
         if isinstance(seeds, int) and not isinstance(seeds, bool):
             if seeds < 1:
                 raise ValueError(f"seeds = {seeds}: a count of seeds must be at least 1")
+            if seeds > MAX_SEED_COUNT:
+                raise ValueError(
+                    f"seeds = {seeds}: a count of seeds must be at most {MAX_SEED_COUNT:,}"
+                )
             data["seeds"] = list(range(seeds))
         if "sweep" in data:
             data["sweep"] = flatten_sweep(data["sweep"], _SWEEPABLE)
@@ -384,6 +408,9 @@ class ExperimentConfig(_Strict):
                     f"{where}.{role}: {net!r} is not a network{closest(net, list(self.networks))};"
                     f" networks: {', '.join(self.networks)}"
                 )
+        for role, path in (("metric", claim.metric), ("baseline_metric", claim.baseline_metric)):
+            if path is not None:
+                self._check_measured(f"{where}.{role}", path)
         axes = list(self.sweep)
         for key, value in [*claim.where.items(), *claim.baseline_where.items()]:
             if key not in self.sweep:
@@ -409,6 +436,34 @@ class ExperimentConfig(_Strict):
             if len(values) < 2:
                 raise ValueError(f"{where}.axis: {claim.axis} needs at least two values")
 
+    def _probe_values(self, field: str) -> list[Any]:
+        """The values a probe field takes in this experiment (its own and its axis')."""
+        return [getattr(self.probe, field), *self.sweep.get(f"probe.{field}", ())]
+
+    def _check_measured(self, where: str, path: str) -> None:
+        """A claim's metric must be one the probe is set to measure: otherwise every
+        estimate would be "not measured", found only after the whole run."""
+        metric = parse_metric(path.replace("/*", "/last"))
+        needs: list[tuple[str, bool, str]] = []
+        if metric.kind == "ics":
+            on = any(v > 0 for v in self._probe_values("gradient_ics_every"))
+            needs.append(("probe.gradient_ics_every", on, "a step count > 0"))
+        if metric.kind == "smooth":
+            on = any(v > 0 for v in self._probe_values("smoothness_every"))
+            needs.append(("probe.smoothness_every", on, "a step count > 0"))
+        if metric.kind == "floor":
+            on = any(self._probe_values("noise_floor"))
+            needs.append(("probe.noise_floor", on, "true"))
+        if metric.layer is not None and metric.layer.endswith(TRAIN_MODE):
+            on = any(v in ("train", "both") for v in self._probe_values("mode"))
+            needs.append(("probe.mode", on, '"train" or "both"'))
+        for field, on, value in needs:
+            if not on:
+                raise ValueError(
+                    f"{where}: {path} is not measured by this experiment; set {field} to "
+                    f"{value} (or claim another metric)"
+                )
+
 
 _SWEEPABLE: dict[str, list[str]] = {
     "model": list(ModelSpec.model_fields),
@@ -426,25 +481,77 @@ def _where(err: Any) -> str:
     return out
 
 
+# pydantic's type errors, and how to say what was given instead
+_EXPECTED = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+}
+
+
+def _given(value: Any) -> str:
+    """How TOML would have written ``value``, and what kind of value it is."""
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, str):
+        return f'"{value}" (a string: drop the quotes if a number or boolean was meant)'
+    if isinstance(value, float):
+        return f"{value!r} (a number with a fraction)"
+    return f"{value!r} ({type(value).__name__})"
+
+
 def _message(err: Any) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown field" + _suggestion(err)
+    elif err["type"] in _EXPECTED:
+        # Types are strict (no true -> 1, no "8" -> 8): say what was given.
+        msg = f"expected {_EXPECTED[err['type']]}, got {_given(err.get('input'))}"
     return msg
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation is, directly or as ``Model | None``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if _model_in(arg) is not None:
+                return _model_in(arg)
+    return None
+
+
+def _step(annotation: Any, part: str | int) -> Any:
+    """The annotation one location part below ``annotation`` (a model's field, a dict's
+    value, a tuple's item), or None where the path leaves the schema."""
+    model = _model_in(annotation)
+    if model is not None:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        return field.annotation if field is not None else None
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin is dict and len(args) == 2:
+        return args[1]
+    if origin in (tuple, list) and args:
+        return args[0]
+    if len(args) == 1:  # Container | None
+        return _step(args[0], part)
+    return None
 
 
 def _suggestion(err: Any) -> str:
     """For an unknown field: the valid fields of its section and the closest one."""
-    loc = [p for p in err["loc"] if isinstance(p, str)]
-    name = loc[-1] if loc else ""
-    section: type[BaseModel] = ExperimentConfig
+    loc = list(err["loc"])
+    name = str(loc[-1]) if loc else ""
+    annotation: Any = ExperimentConfig
     for part in loc[:-1]:
-        field = section.model_fields.get(part)
-        annotation = getattr(field, "annotation", None)
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            section = annotation
-        else:
+        annotation = _step(annotation, part)
+        if annotation is None:
             return ""
+    section = _model_in(annotation)
+    if section is None:
+        return ""
     fields = list(section.model_fields)
     return f"{closest(name, fields)}; valid keys here: {', '.join(fields)}"
 

@@ -24,6 +24,7 @@ from covshift.data import BatchSampler, Dataset, DatasetError
 from covshift.experiments.config import ConfigError, ExperimentConfig
 from covshift.experiments.grid import Point, PointSpec
 from covshift.experiments.metrics import TRAIN_MODE, parse_metric
+from covshift.experiments.model_size import available_bytes, model_size
 from covshift.experiments.point import build_model, dataset_for
 from covshift.probe import ShiftProbe, gradient_ics, landscape_smoothness
 from covshift.train import evaluate, loss_function, resolve_device
@@ -115,6 +116,50 @@ def _check_sizes(point: Point, data: Dataset) -> None:
         )
 
 
+# the fields that make a network large, per model.kind
+_SIZE_FIELDS = {
+    "mlp": ("width", "depth"),
+    "linear": ("width", "depth"),
+    "cnn": ("channels",),
+    "vgg": ("width", "depth", "convs_per_stage"),
+}
+
+
+def _too_big(point: Point, what: str) -> str:
+    model = point.spec.model
+    fields = ", ".join(f"model.{f} = {getattr(model, f)}" for f in _SIZE_FIELDS[model.kind])
+    return (
+        f"point {point.name}: the network is too large for this machine ({what}); "
+        f"its size: {fields}, batch_size = {point.spec.batch_size}: make it smaller"
+    )
+
+
+def _allocation_failed(error: RuntimeError) -> bool:
+    """Whether torch's error says memory could not be allocated (CPU or CUDA)."""
+    text = str(error).lower()
+    return any(
+        part in text
+        for part in ("can't allocate memory", "out of memory", "overflow", "storage size")
+    )
+
+
+def _check_memory(point: Point, data: Dataset) -> None:
+    """Refuse a network whose training step cannot fit in the device's free memory."""
+    spec = point.spec
+    size = model_size(spec.model, data.num_features, data.num_classes, data.image_shape)
+    need = size.training_bytes(spec.batch_size)
+    free = available_bytes(resolve_device(spec.device))
+    if free is not None and need > free:
+        raise ConfigError(
+            _too_big(
+                point,
+                f"{size.weights:,} weights and {size.units:,} units per example need at "
+                f"least {need / 2**30:,.1f} GiB to train, and the device has "
+                f"{free / 2**30:,.1f} GiB free",
+            )
+        )
+
+
 def _try(point: Point, data: Dataset, threads: int) -> tuple[Cost, list[str]]:
     """Build, probe and train ``point`` for a few steps; its cost and probed layers."""
     spec = point.spec
@@ -123,6 +168,12 @@ def _try(point: Point, data: Dataset, threads: int) -> tuple[Cost, list[str]]:
     try:
         try:
             model = build_model(spec.model, data, spec.seed)
+        except MemoryError:
+            raise ConfigError(_too_big(point, "the machine ran out of memory")) from None
+        except RuntimeError as e:
+            if not _allocation_failed(e):
+                raise
+            raise ConfigError(_too_big(point, f"allocating its weights failed: {e}")) from None
         except (ValueError, TypeError) as e:
             field = "model.norm_kwargs: " if "takes no keyword" in str(e) else ""
             raise ConfigError(
@@ -171,7 +222,11 @@ def _try(point: Point, data: Dataset, threads: int) -> tuple[Cost, list[str]]:
                     / min(_EVAL_SAMPLE, len(data.x_test))
                 )
                 ics, smooth = _measure_costs(spec, model, optimizer, data, criterion)
+            except MemoryError:
+                raise ConfigError(_too_big(point, "the machine ran out of memory")) from None
             except RuntimeError as e:
+                if _allocation_failed(e):
+                    raise ConfigError(_too_big(point, f"a training step failed: {e}")) from None
                 raise ConfigError(f"point {point.name}: a training step fails: {e}") from None
             layers = list(probe.layer_names)
     finally:
@@ -224,6 +279,8 @@ def preflight(config: ExperimentConfig, points: Sequence[Point], threads: int) -
         data = _load(point)
         _check_sizes(point, data)
         arch = _architecture(point)
+        if arch not in measured:
+            _check_memory(point, data)
         if arch not in measured:
             measured[arch], layers = _try(point, data, threads)
             probed.setdefault(point.network, layers)
