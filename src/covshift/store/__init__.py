@@ -1,6 +1,6 @@
 """The results store (SQLite): runs, their series and probe records, experiments."""
 
-from covshift.store.errors import StoreError
+from covshift.store.errors import NoStoreError, StoreError
 from covshift.store.housekeeping import Orphan, close_stale_runs, orphan_checkpoints, stale_runs
 from covshift.store.ownership import pid_alive
 from covshift.store.rows import (
@@ -22,6 +22,7 @@ __all__ = [
     "Claim",
     "ExperimentPoint",
     "NewRun",
+    "NoStoreError",
     "Orphan",
     "RunInfo",
     "Store",

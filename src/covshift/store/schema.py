@@ -20,6 +20,7 @@ reference runs are neither dropped nor orphaned; legacy runs keep ``point = NULL
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Mapping
 from dataclasses import fields
 
 # RUN_COLUMNS and RUN_STATUSES are defined with RunInfo and still exported from here.
@@ -107,14 +108,16 @@ def _migrate_1_to_2(db: sqlite3.Connection) -> None:
 _MIGRATIONS = {1: _migrate_1_to_2}
 
 
-def migrate(db: sqlite3.Connection) -> None:
-    """Bring the database to :data:`SCHEMA_VERSION` (creating it when empty).
+def migrate(db: sqlite3.Connection, meta: Mapping[str, str] | None = None) -> None:
+    """Bring the database to :data:`SCHEMA_VERSION` (creating it when empty), and record
+    the ``meta`` rows it lacks (kept where present: the first of two processes wins).
 
     Runs in one ``BEGIN IMMEDIATE`` transaction with foreign keys off (a table rebuild
-    would otherwise cascade-delete the rows that reference it), so a crash midway leaves
-    the old version intact; the version is read inside the transaction, so two
-    processes opening one old store migrate it once. ``db`` must be in autocommit mode
-    (isolation_level None).
+    would otherwise cascade-delete the rows that reference it), so a crash or Ctrl-C
+    midway leaves the old version intact, and a new store is all there (tables,
+    version, ``meta``) or not at all; the version is read inside the transaction, so
+    two processes opening one old store migrate it once. ``db`` must be in autocommit
+    mode (isolation_level None).
     """
     db.execute("PRAGMA foreign_keys=OFF")  # a no-op inside a transaction: set it first
     db.execute("BEGIN IMMEDIATE")
@@ -131,6 +134,7 @@ def migrate(db: sqlite3.Connection) -> None:
         db.execute(
             "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )
+        db.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)", (meta or {}).items())
     except BaseException:
         db.execute("ROLLBACK")
         db.execute("PRAGMA foreign_keys=ON")

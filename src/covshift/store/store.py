@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from covshift.store.errors import StoreError
+from covshift.store.errors import NoStoreError, StoreError
 from covshift.store.opening import open_store
 from covshift.store.ownership import pid_alive
 from covshift.store.rows import (
@@ -51,6 +51,7 @@ __all__ = [
     "Claim",
     "ExperimentPoint",
     "NewRun",
+    "NoStoreError",
     "RunInfo",
     "Store",
     "StoreError",
@@ -66,7 +67,15 @@ class Store(StoreWriter):
     Args:
         path: the SQLite file (created with its folder if missing).
         create: False to open only an existing store (reading commands never create
-            one); raises :class:`StoreError` when there is none.
+            one, nor write to the file); raises :class:`NoStoreError` when there is
+            none (no file, an empty one, or an SQLite file without tables, as a first
+            run interrupted while creating the store leaves; a writing open makes such
+            a file a store).
+
+    Raises:
+        StoreError: the path is a folder or another program's database, the schema is
+            newer than this covshift, or the file cannot be written (said as such,
+            with the file's name).
 
     Example:
         >>> store = Store(tmp_path / "covshift.db")

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from covshift.store.errors import StoreError
+from covshift.store.errors import StoreError, is_read_only, not_writable
 from covshift.store.ownership import held_elsewhere
 from covshift.store.queries import StoreReader
 from covshift.store.rows import (
@@ -41,13 +41,21 @@ class StoreWriter(StoreReader):
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
+        """One write transaction; a file that turns out read-only raises a
+        :class:`StoreError` that says so (SQLite opens such a file for reading
+        without complaint, so the first write is where it shows)."""
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            if is_read_only(e):
+                raise not_writable(self.path, e) from None
             raise
-        self._db.execute("COMMIT")
 
     # -- runs ----------------------------------------------------------------
     def start_run(
