@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -126,6 +127,18 @@ def test_bad_input_gets_a_message_not_a_traceback(
     assert message in text
     assert "Traceback" not in text
     assert not (tmp_path / "covshift-out").exists()  # rejected before anything is written
+
+
+def test_a_store_left_half_created_is_reported_by_reading_commands(tmp_path: Path) -> None:
+    # A Ctrl-C while the first run created the store leaves an SQLite file without tables.
+    con = sqlite3.connect(tmp_path / "half.db", isolation_level=None)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.close()
+    proc = covshift("runs", "--db", "half.db", cwd=tmp_path)
+    assert proc.returncode == 2
+    text = " ".join((proc.stderr + proc.stdout).split())
+    assert "half.db is an SQLite file without tables, not a covshift store yet" in text
+    assert "the next run initialises it" in text and "Traceback" not in text
 
 
 def test_help_lists_commands_with_examples(tmp_path: Path) -> None:

@@ -204,3 +204,24 @@ def test_divergence_without_stop_trains_on_and_still_counts(tmp_path: Path) -> N
         assert "diverged" in outcomes
         run = next(r for r in store.runs() if r.status == "diverged")
         assert run.last_step == 200 and run.diverged_at < 200
+
+
+@pytest.mark.parametrize("kind", ["empty", "tables not yet created"])
+def test_planning_over_a_store_left_half_created_finds_nothing_recorded(
+    tmp_path: Path, kind: str
+) -> None:
+    # What a Ctrl-C while the first run created the store leaves; the next run must
+    # plan (and then initialise the store) instead of refusing the file.
+    import sqlite3
+
+    db = tmp_path / "c.db"
+    if kind == "empty":
+        db.touch()
+    else:
+        con = sqlite3.connect(db, isolation_level=None)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.close()
+    before = db.read_bytes()
+    plan = plan_sweep(load_config(str(sweep_file(tmp_path))), db)
+    assert len(plan.to_run) == len(plan.points) == 18
+    assert db.read_bytes() == before  # planning only reads

@@ -23,7 +23,7 @@ from covshift.experiments.backends import Backend, InlineBackend, PoolBackend, S
 from covshift.experiments.config import ExperimentConfig
 from covshift.experiments.grid import Point, expand_grid, experiment_id
 from covshift.experiments.point import PointOutcome
-from covshift.store import FINAL_OUTCOMES, ExperimentPoint, RunInfo, Store
+from covshift.store import FINAL_OUTCOMES, ExperimentPoint, NoStoreError, RunInfo, Store
 
 __all__ = [
     "SweepPlan",
@@ -68,8 +68,11 @@ def plan_sweep(config: ExperimentConfig, store_path: str | os.PathLike[str]) -> 
     points = expand_grid(config)
     recorded: dict[str, RunInfo] = {}
     if Path(store_path).is_file():
-        with Store(store_path, create=False) as store:
-            recorded = store.runs_of_points([p.id for p in points])
+        try:
+            with Store(store_path, create=False) as store:
+                recorded = store.runs_of_points([p.id for p in points])
+        except NoStoreError:
+            pass  # an empty file, as an interrupted first run leaves: nothing recorded yet
     return SweepPlan(config, experiment_id(config), points, recorded)
 
 

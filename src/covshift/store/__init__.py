@@ -1,18 +1,18 @@
 """The results store (SQLite): runs, their series and probe records, experiments."""
 
+from covshift.store.errors import NoStoreError, StoreError
 from covshift.store.housekeeping import Orphan, close_stale_runs, orphan_checkpoints, stale_runs
-from covshift.store.schema import RUN_STATUSES, SCHEMA_VERSION
-from covshift.store.store import (
-    DEFAULT_DB,
+from covshift.store.ownership import pid_alive
+from covshift.store.rows import (
     FINAL_OUTCOMES,
+    RUN_STATUSES,
     Claim,
     ExperimentPoint,
     NewRun,
     RunInfo,
-    Store,
-    StoreError,
-    pid_alive,
 )
+from covshift.store.schema import SCHEMA_VERSION
+from covshift.store.store import DEFAULT_DB, Store
 
 __all__ = [
     "DEFAULT_DB",
@@ -22,6 +22,7 @@ __all__ = [
     "Claim",
     "ExperimentPoint",
     "NewRun",
+    "NoStoreError",
     "Orphan",
     "RunInfo",
     "Store",

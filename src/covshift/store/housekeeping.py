@@ -22,7 +22,9 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from covshift.store.store import FINAL_OUTCOMES, RunInfo, Store, StoreError
+from covshift.store.errors import StoreError
+from covshift.store.rows import FINAL_OUTCOMES, RunInfo
+from covshift.store.store import Store
 
 __all__ = ["Orphan", "close_stale_runs", "orphan_checkpoints", "stale_runs"]
 

@@ -20,62 +20,23 @@ reference runs are neither dropped nor orphaned; legacy runs keep ``point = NULL
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Mapping
+from dataclasses import fields
+
+# RUN_COLUMNS and RUN_STATUSES are defined with RunInfo and still exported from here.
+from covshift.store.rows import RUN_COLUMNS, RUN_STATUSES, RunInfo
 
 __all__ = ["RUN_COLUMNS", "RUN_STATUSES", "SCHEMA_VERSION", "migrate", "stored_version"]
 
 SCHEMA_VERSION = 2
-# ``running`` is a live (or killed) run; the others are final.
-RUN_STATUSES = ("running", "finished", "diverged", "interrupted", "failed")
 
-# The columns of ``runs`` in table order; RunInfo has one field per column, in this order.
-RUN_COLUMNS = (
-    "id",
-    "name",
-    "preset",
-    "experiment",
-    "point",
-    "config",
-    "seed",
-    "status",
-    "started_at",
-    "ended_at",
-    "last_step",
-    "diverged_at",
-    "python_version",
-    "torch_version",
-    "covshift_version",
-    "device",
-    "host",
-    "pid",
-    "threads",
-    "error",
-)
 
-_STATUS_CHECK = ", ".join(f"'{s}'" for s in RUN_STATUSES)
+def _runs_table(name: str) -> str:
+    """The ``CREATE TABLE`` of the current ``runs`` under ``name``: one column per
+    field of :class:`~covshift.store.rows.RunInfo`, in its order and declaration."""
+    columns = ",\n".join(f"    {f.name} {f.metadata['sql']}" for f in fields(RunInfo))
+    return f"CREATE TABLE {name} (\n{columns}\n)"
 
-_RUNS = f"""
-CREATE TABLE {{name}} (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    name TEXT NOT NULL,
-    preset TEXT,
-    experiment TEXT,
-    point TEXT UNIQUE,
-    config TEXT NOT NULL,
-    seed INTEGER,
-    status TEXT NOT NULL CHECK (status IN ({_STATUS_CHECK})),
-    started_at TEXT NOT NULL,
-    ended_at TEXT,
-    last_step INTEGER NOT NULL DEFAULT 0,
-    diverged_at INTEGER,
-    python_version TEXT NOT NULL,
-    torch_version TEXT,
-    covshift_version TEXT NOT NULL,
-    device TEXT,
-    host TEXT,
-    pid INTEGER,
-    threads INTEGER,
-    error TEXT
-)"""
 
 _OTHER_TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -114,7 +75,8 @@ CREATE TABLE IF NOT EXISTS experiment_points (
 );
 """
 
-# Version-1 columns of runs, in their order (the migration copies these).
+# Version-1 columns of runs, in their order (the migration copies these). Written out,
+# not derived from RunInfo: they are what old files hold, whatever RunInfo becomes.
 _V1_RUN_COLUMNS = (
     "id, name, preset, experiment, config, seed, status, started_at, ended_at, last_step,"
     " python_version, torch_version, covshift_version, device, host, pid, error"
@@ -126,13 +88,13 @@ def _statements(script: str) -> list[str]:
 
 
 def _create(db: sqlite3.Connection) -> None:
-    db.execute(_RUNS.format(name="runs"))
+    db.execute(_runs_table("runs"))
     for statement in _statements(_OTHER_TABLES):
         db.execute(statement)
 
 
 def _migrate_1_to_2(db: sqlite3.Connection) -> None:
-    db.execute(_RUNS.format(name="runs_v2"))
+    db.execute(_runs_table("runs_v2"))
     db.execute(f"INSERT INTO runs_v2 ({_V1_RUN_COLUMNS}) SELECT {_V1_RUN_COLUMNS} FROM runs")
     db.execute("DROP TABLE runs")
     db.execute("ALTER TABLE runs_v2 RENAME TO runs")
@@ -146,14 +108,16 @@ def _migrate_1_to_2(db: sqlite3.Connection) -> None:
 _MIGRATIONS = {1: _migrate_1_to_2}
 
 
-def migrate(db: sqlite3.Connection) -> None:
-    """Bring the database to :data:`SCHEMA_VERSION` (creating it when empty).
+def migrate(db: sqlite3.Connection, meta: Mapping[str, str] | None = None) -> None:
+    """Bring the database to :data:`SCHEMA_VERSION` (creating it when empty), and record
+    the ``meta`` rows it lacks (kept where present: the first of two processes wins).
 
     Runs in one ``BEGIN IMMEDIATE`` transaction with foreign keys off (a table rebuild
-    would otherwise cascade-delete the rows that reference it), so a crash midway leaves
-    the old version intact; the version is read inside the transaction, so two
-    processes opening one old store migrate it once. ``db`` must be in autocommit mode
-    (isolation_level None).
+    would otherwise cascade-delete the rows that reference it), so a crash or Ctrl-C
+    midway leaves the old version intact, and a new store is all there (tables,
+    version, ``meta``) or not at all; the version is read inside the transaction, so
+    two processes opening one old store migrate it once. ``db`` must be in autocommit
+    mode (isolation_level None).
     """
     db.execute("PRAGMA foreign_keys=OFF")  # a no-op inside a transaction: set it first
     db.execute("BEGIN IMMEDIATE")
@@ -170,6 +134,7 @@ def migrate(db: sqlite3.Connection) -> None:
         db.execute(
             "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )
+        db.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)", (meta or {}).items())
     except BaseException:
         db.execute("ROLLBACK")
         db.execute("PRAGMA foreign_keys=ON")

@@ -1,0 +1,248 @@
+"""Writing the store: runs (started, claimed, logged, closed) and experiments.
+
+:class:`StoreWriter` is the writing half of :class:`~covshift.store.Store`. Every
+write is its own transaction, taken with ``BEGIN IMMEDIATE`` (the write lock first, so
+two processes never both read a state and then both act on it), so a crash or Ctrl-C
+leaves what was recorded intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import numpy as np
+
+from covshift.store.errors import StoreError, is_read_only, not_writable
+from covshift.store.ownership import held_elsewhere
+from covshift.store.queries import StoreReader
+from covshift.store.rows import (
+    FINAL_OUTCOMES,
+    RUN_STATUSES,
+    SELECT_RUNS,
+    Claim,
+    ExperimentPoint,
+    NewRun,
+    RunInfo,
+    new_run_values,
+    now,
+)
+
+__all__ = ["StoreWriter"]
+
+
+class StoreWriter(StoreReader):
+    """The writes of a store (and, inherited, its queries)."""
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; a file that turns out read-only raises a
+        :class:`StoreError` that says so (SQLite opens such a file for reading
+        without complaint, so the first write is where it shows)."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            if is_read_only(e):
+                raise not_writable(self.path, e) from None
+            raise
+
+    # -- runs ----------------------------------------------------------------
+    def start_run(
+        self,
+        name: str,
+        *,
+        config: Mapping[str, Any],
+        seed: int | None = None,
+        preset: str | None = None,
+        experiment: str | None = None,
+        device: str | None = None,
+        torch_version: str | None = None,
+        point: str | None = None,
+        threads: int | None = None,
+    ) -> int:
+        """Record a new run with status ``running``; returns its id."""
+        run = NewRun(name, config, seed, preset, experiment, device, torch_version, point, threads)
+        with self._transaction() as db:
+            return self._insert_run(db, run)
+
+    def _insert_run(self, db: sqlite3.Connection, run: NewRun) -> int:
+        values = new_run_values(run)
+        marks = ", ".join("?" * len(values))
+        try:
+            cur = db.execute(
+                f"INSERT INTO runs ({', '.join(values)}) VALUES ({marks})", tuple(values.values())
+            )
+        except OverflowError:
+            raise StoreError(
+                f"seed {run.seed} does not fit the store's integer type; use 0 <= seed < 2**63"
+            ) from None
+        return int(cur.lastrowid)  # type: ignore[arg-type]
+
+    def claim_point(self, run: NewRun) -> Claim:
+        """Take ownership of the run of grid point ``run.point`` for this process.
+
+        In one write transaction, so among processes that claim one point at the same
+        time exactly one gets ``new`` or ``resume`` (the others see ``busy``): a point
+        with no run gets one (recorded from ``run``); a finished or diverged one is
+        ``done``; a run left ``interrupted``, ``failed`` or ``running`` by a process that
+        is gone (stale) is handed over; a run a live process is training is ``busy``. A
+        resumed run keeps its recorded thread count.
+        """
+        if run.point is None:
+            raise ValueError("claim_point needs the run's grid point (NewRun.point)")
+        with self._transaction() as db:
+            row = db.execute(f"{SELECT_RUNS} WHERE point = ?", (run.point,)).fetchone()
+            if row is None:
+                run_id = self._insert_run(db, run)
+                state: Literal["new", "resume", "done", "busy"] = "new"
+            else:
+                found = RunInfo.from_row(row)
+                run_id = found.id
+                if found.status in FINAL_OUTCOMES:
+                    state = "done"
+                elif found.status == "running" and held_elsewhere(found):
+                    state = "busy"
+                else:
+                    db.execute(
+                        "UPDATE runs SET status = 'running', ended_at = NULL, error = NULL,"
+                        " host = ?, pid = ?, device = COALESCE(?, device),"
+                        " threads = COALESCE(threads, ?) WHERE id = ?",
+                        (socket.gethostname(), os.getpid(), run.device, run.threads, run_id),
+                    )
+                    state = "resume"
+            row = db.execute(f"{SELECT_RUNS} WHERE id = ?", (run_id,)).fetchone()
+        return Claim(state, RunInfo.from_row(row))
+
+    def log_scalars(self, run_id: int, step: int, values: Mapping[str, float]) -> None:
+        """Record scalar series values at ``step`` (one transaction)."""
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO scalars (run_id, name, step, value) VALUES (?, ?, ?, ?)",
+                [(run_id, name, step, float(v)) for name, v in values.items()],
+            )
+            db.execute("UPDATE runs SET last_step = MAX(last_step, ?) WHERE id = ?", (step, run_id))
+
+    def log_probe(
+        self, run_id: int, step: int, layer: str, stats: Mapping[str, np.ndarray]
+    ) -> None:
+        """Record one probe record: named arrays (per-unit statistics) of ``layer``."""
+        rows = []
+        for stat, array in stats.items():
+            a = np.asarray(array, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
+            rows.append(
+                (run_id, layer, stat, step, a.dtype.str, json.dumps(list(a.shape)), a.tobytes())
+            )
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO probe_records (run_id, layer, stat, step, dtype, shape,"
+                " data) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+    def reopen_run(self, run_id: int) -> None:
+        """Mark an interrupted or failed run as ``running`` again (it is being resumed)."""
+        run = self.run(run_id)
+        if run.status in FINAL_OUTCOMES:
+            raise StoreError(f"run {run_id} is {run.status}; there is nothing to resume")
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE runs SET status = 'running', ended_at = NULL, error = NULL,"
+                " host = ?, pid = ? WHERE id = ?",
+                (socket.gethostname(), os.getpid(), run_id),
+            )
+
+    def finish_run(
+        self,
+        run_id: int,
+        status: str,
+        error: str | None = None,
+        *,
+        diverged_at: int | None = None,
+    ) -> None:
+        """Close a run as ``finished``, ``diverged`` (with ``diverged_at``, the step the
+        divergence rule fired), ``interrupted`` or ``failed``."""
+        if status not in RUN_STATUSES[1:]:
+            raise ValueError(f"status must be one of {', '.join(RUN_STATUSES[1:])}, got {status!r}")
+        if (status == "diverged") != (diverged_at is not None):
+            raise ValueError("diverged_at is given exactly when the status is 'diverged'")
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE runs SET status = ?, ended_at = ?, error = ?, diverged_at = ? WHERE id = ?",
+                (status, now(), error, diverged_at, run_id),
+            )
+
+    def fail_stale_run(self, run: RunInfo, error: str) -> bool:
+        """Mark ``run`` ``failed`` with ``error`` if it is still ``running`` under the
+        same owner as when it was read (so a run claimed since is left alone); True if
+        it was marked."""
+        with self._transaction() as db:
+            cur = db.execute(
+                "UPDATE runs SET status = 'failed', ended_at = ?, error = ?"
+                " WHERE id = ? AND status = 'running' AND host IS ? AND pid IS ?",
+                (now(), error, run.id, run.host, run.pid),
+            )
+            return cur.rowcount == 1
+
+    def delete_stale_run(self, run: RunInfo) -> bool:
+        """Delete ``run`` with its scalars and probe records (on the same condition as
+        :meth:`fail_stale_run`); True if it was deleted."""
+        with self._transaction() as db:
+            cur = db.execute(
+                "DELETE FROM runs WHERE id = ? AND status = 'running' AND host IS ? AND pid IS ?",
+                (run.id, run.host, run.pid),
+            )
+            return cur.rowcount == 1
+
+    def adopt_point(self, run_id: int, point: str) -> bool:
+        """Give a run without a point (recorded by schema 1) the identity ``point``,
+        unless another run holds it; True if it was given."""
+        with self._transaction() as db:
+            cur = db.execute(
+                "UPDATE runs SET point = ? WHERE id = ? AND point IS NULL"
+                " AND NOT EXISTS (SELECT 1 FROM runs WHERE point = ?)",
+                (point, run_id, point),
+            )
+            return cur.rowcount == 1
+
+    # -- experiments ---------------------------------------------------------
+    def save_experiment(
+        self,
+        experiment_id: str,
+        name: str,
+        config: Mapping[str, Any],
+        points: Sequence[ExperimentPoint],
+    ) -> None:
+        """Record an experiment's configuration and grid (idempotent: the id is a hash
+        of the configuration, so saving it again changes nothing)."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO experiments (id, name, config, created_at)"
+                " VALUES (?, ?, ?, ?)",
+                (experiment_id, name, json.dumps(dict(config), sort_keys=True), now()),
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO experiment_points"
+                " (experiment, point, position, network, seed, axes) VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        experiment_id,
+                        p.point,
+                        p.position,
+                        p.network,
+                        p.seed,
+                        json.dumps(p.axes, sort_keys=True),
+                    )
+                    for p in points
+                ],
+            )

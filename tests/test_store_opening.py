@@ -1,0 +1,239 @@
+"""Opening a store file: half-created files, other databases, files that cannot be written."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from covshift.store import NoStoreError, Store, StoreError
+from covshift.store import schema as store_schema
+from covshift.store.errors import is_read_only
+
+
+def _half_created(path: Path, *, wal: bool = True) -> None:
+    """What a Ctrl-C during the store's creation leaves: a valid SQLite file (its header
+    page written by setting the page size and journal mode), no table in it."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA page_size=4096")
+    db.execute(f"PRAGMA journal_mode={'WAL' if wal else 'DELETE'}")
+    db.execute("VACUUM")  # writes the header even in rollback mode
+    db.close()
+    assert path.stat().st_size == 4096
+    assert path.read_bytes()[:16] == b"SQLite format 3\x00"
+
+
+def _tables(path: Path) -> set[str]:
+    db = sqlite3.connect(path)
+    try:
+        return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("kind", ["empty", "header, WAL", "header, rollback journal"])
+def test_a_half_created_file_becomes_a_store_on_a_writing_open(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "covshift.db"
+    if kind == "empty":
+        path.touch()
+    else:
+        _half_created(path, wal=kind == "header, WAL")
+    with Store(path) as store:
+        assert store.runs() == []
+        run = store.start_run("a", config={})
+        store_id = store.store_id
+    with Store(path, create=False) as store:
+        assert [r.id for r in store.runs()] == [run] and store.store_id == store_id
+    db = sqlite3.connect(path)
+    meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+    db.close()
+    assert set(meta) == {"schema_version", "created_by", "store_id"}
+
+
+@pytest.mark.parametrize("kind", ["empty", "header"])
+def test_a_reading_open_of_a_half_created_file_writes_nothing(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "covshift.db"
+    if kind == "empty":
+        path.touch()
+    else:
+        _half_created(path)
+    before = path.read_bytes()
+    with pytest.raises(NoStoreError, match="not a covshift store") as caught:
+        Store(path, create=False)
+    assert str(path) in str(caught.value) and "the next run initialises it" in str(caught.value)
+    assert isinstance(caught.value, StoreError)  # what the CLI reports as a message
+    assert path.read_bytes() == before and _tables(path) == set()
+
+
+def test_an_interrupted_creation_leaves_no_partial_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "covshift.db"
+    create = store_schema._create
+
+    def create_then_interrupt(db: sqlite3.Connection) -> None:
+        create(db)
+        raise KeyboardInterrupt  # Ctrl-C once the tables exist, before the commit
+
+    monkeypatch.setattr(store_schema, "_create", create_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        Store(path)
+    assert path.is_file() and _tables(path) == set()  # the transaction was rolled back
+    monkeypatch.undo()
+    with Store(path) as store:  # the next run makes it a store
+        assert store.runs() == [] and len(store.store_id) == 32
+
+
+def test_another_programs_database_is_refused_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE users (id INTEGER)")
+    db.commit()
+    db.close()
+    before = path.read_bytes()
+    for create in (True, False):
+        with pytest.raises(StoreError, match="not a covshift store") as caught:
+            Store(path, create=create)
+        assert str(path) in str(caught.value) and "tables: users" in str(caught.value)
+    assert path.read_bytes() == before  # not even switched to WAL
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    db.close()
+
+
+# -- files that cannot be written ---------------------------------------------------
+
+
+def test_read_only_errors_are_told_from_broken_databases() -> None:
+    assert is_read_only(sqlite3.OperationalError("attempt to write a readonly database"))
+    assert is_read_only(PermissionError(1, "Operation not permitted"))
+    assert is_read_only(OSError(30, "Read-only file system"))
+    assert not is_read_only(sqlite3.DatabaseError("file is not a database"))
+    assert not is_read_only(FileNotFoundError(2, "No such file or directory"))
+
+
+def _connect_read_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on every SQLite connection opens its file read-only (URI ``mode=ro``), as
+    SQLite does by itself with a file it may not write (permissions, chattr +i, a
+    read-only mount), which a test running as root cannot otherwise arrange."""
+    connect = sqlite3.connect
+
+    def read_only(path: object, *args: object, **kw: object) -> sqlite3.Connection:
+        return connect(f"file:{path}?mode=ro", *args, uri=True, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sqlite3, "connect", read_only)
+
+
+def test_a_read_only_store_reads_and_refuses_writes_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "covshift.db"
+    with Store(path) as store:
+        store.start_run("a", config={})
+    _connect_read_only(monkeypatch)
+    for create in (False, True):
+        with Store(path, create=create) as store:
+            assert [r.name for r in store.runs()] == ["a"]
+            with pytest.raises(StoreError, match="the store file is read-only") as caught:
+                store.start_run("b", config={})
+            assert str(caught.value).startswith(f"{path}: ")
+            assert "not a usable" not in str(caught.value)
+
+
+def test_a_read_only_half_created_file_says_read_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "covshift.db"
+    _half_created(path)
+    _connect_read_only(monkeypatch)
+    with pytest.raises(StoreError, match="the store file is read-only") as caught:
+        Store(path)
+    assert str(caught.value).startswith(f"{path}: ")
+    assert "not a usable" not in str(caught.value)
+
+
+def test_a_write_that_fails_as_read_only_names_the_file(tmp_path: Path) -> None:
+    # SQLite's own error, as a write to a file made read-only under an open store raises.
+    class ReadOnly:
+        def __init__(self, db: sqlite3.Connection) -> None:
+            self.db = db
+
+        def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+            if sql.startswith(("INSERT", "UPDATE")):
+                raise sqlite3.OperationalError("attempt to write a readonly database")
+            return self.db.execute(sql, *args)
+
+    path = tmp_path / "covshift.db"
+    store = Store(path)
+    real = store._db
+    store._db = ReadOnly(real)  # type: ignore[assignment]
+    try:
+        with pytest.raises(StoreError, match="the store file is read-only") as caught:
+            store.start_run("a", config={})
+        assert str(path) in str(caught.value)
+    finally:
+        real.close()
+
+
+@contextmanager
+def _immutable(*paths: Path) -> Iterator[None]:
+    """``chattr +i`` on ``paths`` (skips the test where that is not allowed)."""
+    if shutil.which("chattr") is None:
+        pytest.skip("no chattr")
+    done = []
+    try:
+        for path in paths:
+            proc = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                pytest.skip(f"chattr +i is not allowed here: {proc.stderr.strip()}")
+            done.append(path)
+        yield
+    finally:
+        for path in done:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_an_immutable_store_file_reads_and_says_read_only(tmp_path: Path) -> None:
+    path = tmp_path / "covshift.db"
+    with Store(path) as store:
+        store.start_run("a", config={})
+    with _immutable(path), Store(path) as store:
+        assert [r.name for r in store.runs()] == ["a"]
+        with pytest.raises(StoreError, match=f"{path}: the store file is read-only"):
+            store.start_run("b", config={})
+
+
+def test_an_immutable_folder_says_so_for_a_new_or_closed_store(tmp_path: Path) -> None:
+    folder = tmp_path / "kept"
+    folder.mkdir()
+    with Store(folder / "old.db") as store:
+        store.start_run("a", config={})
+    assert sorted(p.name for p in folder.iterdir()) == ["old.db"]  # WAL files gone
+    with _immutable(folder):
+        for path in (folder / "new.db", folder / "sub" / "new.db", folder / "old.db"):
+            with pytest.raises(StoreError, match=f"folder {folder} is read-only") as caught:
+                Store(path)
+            assert str(caught.value).startswith(f"{path}: ")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes files whatever their mode")
+def test_a_store_without_write_permission_says_read_only(tmp_path: Path) -> None:
+    path = tmp_path / "covshift.db"
+    with Store(path) as store:
+        store.start_run("a", config={})
+    path.chmod(0o444)
+    tmp_path.chmod(0o555)
+    try:
+        with pytest.raises(StoreError, match="read-only") as caught:
+            with Store(path) as store:
+                store.start_run("b", config={})
+        assert str(path) in str(caught.value)
+    finally:
+        tmp_path.chmod(0o755)
+        path.chmod(0o644)
