@@ -320,6 +320,8 @@ def test_plans() -> None:
     assert plan((8, 3, 7), (1, 2), channel_dim=None) == ("channel", (1, 8, 21))
     assert plan((8, 6, 5, 5), (1, 2, 3), cl=True, groups=3) is None
     assert plan((2, 4, 6, 3), (1, 3), channel_dim=2) is None  # ghost-BN-like: fallback
+    # A trailing affine of one value over one kept dim is not one value per channel.
+    assert plan((2, 1), (1,), channel_dim=None, w=(1,)) == ("row", (2, 1, 1, 1, 1))
 
 
 def test_running_stats_version_bumped() -> None:

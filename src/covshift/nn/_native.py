@@ -288,9 +288,10 @@ def _match(
     nd = len(view)
     stat_shape = tuple(1 if d in sdims else n for d, n in enumerate(view))
     kept = [d for d in range(nd) if d not in sdims]
-    # Channel kind: every dim but one is reduced, the affine (if any) runs along it.
-    if len(kept) == 1 and (affine is None or all(affine[d] == 1 for d in sdims)):
-        c = kept[0]
+    # Channel kind: every dim but one is reduced, the affine (if any) runs along it
+    # (one value per channel: not a single value broadcast over the channels too).
+    c = kept[0] if len(kept) == 1 else -1
+    if c >= 0 and (affine is None or (all(affine[d] == 1 for d in sdims) and affine[c] == view[c])):
         if channels_last:
             if c != 1 or nd not in (4, 5):
                 return None
