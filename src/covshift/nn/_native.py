@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from covshift.nn.functional import NormLayout
+    from covshift.nn.layout import NormLayout
 
 __all__ = ["available", "build_seconds", "cache_dir", "enabled", "load", "use_native"]
 

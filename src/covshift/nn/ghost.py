@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from covshift.nn import functional as F
-from covshift.nn._running import track_batch
 from covshift.nn.layers import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from covshift.nn.running import track_batch
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
 
