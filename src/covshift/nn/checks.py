@@ -22,6 +22,7 @@ from torch import Tensor
 
 __all__ = [
     "batch_norm",
+    "batch_norm_eps",
     "channel_affine",
     "dims",
     "eps",
@@ -37,6 +38,7 @@ __all__ = [
     "trailing_affine",
     "trailing_shape",
     "values_per_channel",
+    "values_per_virtual_batch",
 ]
 
 
@@ -104,6 +106,20 @@ def values_per_channel(
     if count == 1 or (count == 0 and not empty_ok):
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {size}{where}"
+        )
+
+
+def values_per_virtual_batch(
+    size: tuple[int, ...], virtual_batch_size: int, chunk: int, rest: int, count: int
+) -> None:
+    """Ghost BN: every virtual batch (chunks of ``chunk`` samples, a last one of
+    ``rest``) needs more than one value per channel; ``count`` is the smallest's."""
+    if count <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel in every virtual batch when "
+            f"training, got input size {size} with virtual_batch_size="
+            f"{virtual_batch_size} (chunks of {chunk} and a last one of {rest} sample(s)); "
+            f"use a batch size that is a multiple of virtual_batch_size, or drop the last batch"
         )
 
 

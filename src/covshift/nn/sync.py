@@ -37,8 +37,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
+from covshift.nn import checks
 from covshift.nn import functional as CF
-from covshift.nn.layers import _NormBase
+from covshift.nn import running as running_stats
+from covshift.nn._base import BatchNormBase
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm"]
 
@@ -235,25 +237,21 @@ def sync_batch_norm(
     c = input.shape[1]
     with torch.no_grad():
         mean, var, big_n = _global_moments(input.detach(), process_group)
-    if input.numel() // max(c, 1) <= 1 and big_n.item() <= 1:
+    if input.numel() // max(c, 1) <= 1:
         # Only checked on the host when this rank alone cannot rule it out: the
         # global count lives on the device and reading it costs a sync.
-        raise ValueError(
-            "Expected more than 1 value per channel when training, got input size "
-            f"{tuple(input.shape)} (summed over the process group)"
-        )
+        where = " (summed over the process group)"
+        checks.values_per_channel(input.shape, int(big_n.item()), empty_ok=False, where=where)
     if running_mean is not None and running_var is not None:
-        with torch.no_grad():
-            unbiased = var * (big_n / (big_n - 1).clamp_min(1)).to(var.dtype)
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-            running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+        bessel = running_stats.bessel(big_n)  # the global count, on the device
+        running_stats.update(running_mean, running_var, mean, var, momentum, bessel)
     invstd = torch.rsqrt(var + eps)
     return _SyncBatchNormFunction.apply(
         input, weight, bias, mean, invstd, big_n, eps, process_group
     )
 
 
-class SyncBatchNorm(_NormBase):
+class SyncBatchNorm(BatchNormBase):
     """Batch normalization whose batch statistics span a torch.distributed group.
 
     ``y = (x - E[x]) / sqrt(Var[x] + eps) * gamma + beta`` where ``E`` and ``Var``
@@ -305,7 +303,7 @@ class SyncBatchNorm(_NormBase):
         # registry), so that revert_sync_batchnorm can restore it.
         self.original_class: type[nn.Module] | None = None
 
-    def forward(self, input: Tensor) -> Tensor:
+    def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
         if input.shape[1] != self.num_features:
@@ -313,38 +311,25 @@ class SyncBatchNorm(_NormBase):
                 f"expected input with {self.num_features} channels in dim 1 "
                 f"(num_features), got shape {tuple(input.shape)}"
             )
+
+    def forward(self, input: Tensor) -> Tensor:
         # As torch's SyncBatchNorm: synchronize only in training. Eval may run on one
         # rank alone (validation on rank 0) and must not wait for the others.
-        if self.training and _world_size(self.process_group) > 1:
-            factor = 0.0 if self.momentum is None else self.momentum
-            if self.track_running_stats:
-                self.num_batches_tracked.add_(1)
-                if self.momentum is None:  # cumulative moving average
-                    factor = 1.0 / float(self.num_batches_tracked)
-            return sync_batch_norm(
-                input,
-                self.running_mean if self.track_running_stats else None,
-                self.running_var if self.track_running_stats else None,
-                self.weight,
-                self.bias,
-                factor,
-                self.eps,
-                self.process_group,
-            )
-        # Alone: exactly covshift's (and torch's) BatchNorm.
-        use_batch_stats = self.training or self.running_mean is None
-        pass_buffers = not self.training or self.track_running_stats
-        counting = self.training and self.track_running_stats
-        return CF.batch_norm(
+        if not (self.training and _world_size(self.process_group) > 1):
+            return super().forward(input)  # alone: exactly BatchNorm
+        self._check_input_dim(input)
+        tracking = self.track_running_stats
+        counter = self.num_batches_tracked if tracking else None
+        factor = running_stats.step_factor(self.momentum, counter, tracking)
+        return sync_batch_norm(
             input,
-            self.running_mean if pass_buffers else None,
-            self.running_var if pass_buffers else None,
+            self.running_mean if tracking else None,
+            self.running_var if tracking else None,
             self.weight,
             self.bias,
-            training=use_batch_stats,
-            momentum=self.momentum,
-            eps=self.eps,
-            num_batches_tracked=self.num_batches_tracked if counting else None,
+            factor,
+            self.eps,
+            self.process_group,
         )
 
     def extra_repr(self) -> str:
