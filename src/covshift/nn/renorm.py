@@ -42,7 +42,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from covshift.nn import checks
+from covshift.nn import checks, kinds
 from covshift.nn import functional as F
 from covshift.nn._base import BatchNormBase
 from covshift.nn.layers import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -260,3 +260,13 @@ class BatchRenorm3d(_BatchRenorm, BatchNorm3d):
         name="BatchRenorm3d",
         example="4, 16, 3, 5, 5",
     )
+
+
+kinds.register(
+    kinds.NormKind(
+        "batch_renorm",
+        {1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d},
+        {},
+        batch_statistics=True,
+    )
+)

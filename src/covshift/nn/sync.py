@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
-from covshift.nn import checks
+from covshift.nn import checks, kinds
 from covshift.nn import functional as CF
 from covshift.nn import running as running_stats
 from covshift.nn._base import BatchNormBase
@@ -412,24 +412,10 @@ class SyncBatchNorm(BatchNormBase):
 
 
 def _batchnorm_bases() -> tuple[type[nn.Module], ...]:
-    """The BatchNorm classes with batch statistics and no extra behaviour."""
-    bases: list[type[nn.Module]] = [
-        nn.BatchNorm1d,
-        nn.BatchNorm2d,
-        nn.BatchNorm3d,
-        nn.SyncBatchNorm,
-    ]
-    try:  # covshift's own, once they exist (imported lazily: layers may import us)
-        from covshift.nn import layers
-
-        bases += [
-            getattr(layers, f"BatchNorm{d}d")
-            for d in (1, 2, 3)
-            if hasattr(layers, f"BatchNorm{d}d")
-        ]
-    except ImportError:
-        pass
-    return tuple(bases)
+    """The BatchNorm classes with batch statistics and no extra behaviour: the "batch"
+    kind's (covshift's and torch's) and torch's SyncBatchNorm."""
+    batch = kinds.get("batch")
+    return (*batch.torch_classes.values(), nn.SyncBatchNorm, *batch.classes.values())
 
 
 def _is_plain_batchnorm(m: nn.Module, *, warn: bool = False) -> bool:
@@ -479,3 +465,10 @@ def _replace_modules(root: nn.Module, swap: Any) -> nn.Module:
         return done[id(m)] or m
 
     return visit(root)
+
+
+kinds.register(
+    kinds.NormKind(
+        "sync_batch", {None: SyncBatchNorm}, {None: nn.SyncBatchNorm}, batch_statistics=True
+    )
+)
