@@ -29,7 +29,6 @@ up to about 1e4.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -37,7 +36,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
-from covshift.nn import checks, kinds
+from covshift.nn import checks, kinds, sync_convert
 from covshift.nn import functional as CF
 from covshift.nn import running as running_stats
 from covshift.nn._base import BatchNormBase
@@ -107,15 +106,15 @@ def _global_moments(x: Tensor, group: ProcessGroup | None) -> tuple[Tensor, Tens
     if n > 0:
         mean, var = CF.moments(x, _reduce_dims(x))  # (C,) local, two-pass, stat dtype
         mean = mean.to(sum_dtype)
-        s1 = mean * n
-        s2 = (var.to(sum_dtype) + mean * mean) * n
+        s1 = mean * n  # (12.1)
+        s2 = (var.to(sum_dtype) + mean * mean) * n  # (12.1)
     else:  # an empty shard still joins the collective
         s1 = s2 = x.new_zeros(c, dtype=sum_dtype)
     count = torch.full((1,), float(n), dtype=sum_dtype, device=x.device)
     total = _AllReduceSum.apply(torch.cat([s1, s2, count]), group)  # (2C + 1,)
     s1, s2, big_n = total[:c], total[c : 2 * c], total[2 * c]
-    mean = s1 / big_n
-    var = (s2 / big_n - mean * mean).clamp_min(0)  # rounding can dip below 0
+    mean = s1 / big_n  # (12.2)
+    var = (s2 / big_n - mean * mean).clamp_min(0)  # (12.2); rounding can dip below 0
     return mean.to(_stat_dtype(x)), var.to(_stat_dtype(x)), big_n
 
 
@@ -144,10 +143,11 @@ def _backward(
         g_dy = both[:c] / big_n.to(stat)
         g_dy_xhat = both[c:] / big_n.to(stat)
         scale = invstd if weight is None else weight.to(stat) * invstd  # (C,)
-        dx = _channel_view(scale, x) * (
+        dx = _channel_view(scale, x) * (  # (12.3)
             dy_s - _channel_view(g_dy, x) - xhat * _channel_view(g_dy_xhat, x)
         )
         dx = dx.to(x.dtype)
+    # (12.4), the local sums: DDP reduces parameter gradients itself.
     dweight = sum_dy_xhat.to(weight.dtype) if needs[1] and weight is not None else None
     dbias = sum_dy.to(bias_dtype) if needs[2] and bias_dtype is not None else None
     return dx, dweight, dbias
@@ -358,22 +358,7 @@ class SyncBatchNorm(BatchNormBase):
             'SyncBatchNorm'
         """
 
-        def swap(m: nn.Module) -> nn.Module | None:
-            if isinstance(m, cls) or not _is_plain_batchnorm(m, warn=True):
-                return None
-            new = cls(
-                m.num_features,
-                m.eps,
-                m.momentum,
-                m.affine,
-                m.track_running_stats,
-                process_group,
-            )
-            new.original_class = getattr(m, "original_class", None) or type(m)
-            _share_state(m, new)
-            return new
-
-        return _replace_modules(module, swap)
+        return sync_convert.to_sync(module, cls, process_group)
 
     @staticmethod
     def revert_sync_batchnorm(module: nn.Module, to: type[nn.Module] | None = None) -> nn.Module:
@@ -389,82 +374,7 @@ class SyncBatchNorm(BatchNormBase):
                 input rank decides between BatchNorm1d/2d/3d and only you know it).
         """
 
-        def swap(m: nn.Module) -> nn.Module | None:
-            if not isinstance(m, (SyncBatchNorm, nn.SyncBatchNorm)):
-                return None
-            target = getattr(m, "original_class", None) or to
-            if target is None:
-                raise ValueError(
-                    f"{type(m).__name__}({m.num_features}) has no record of the class it "
-                    "replaced; pass to=nn.BatchNorm1d/2d/3d (or covshift's) to revert it"
-                )
-            new = target(
-                m.num_features,
-                eps=m.eps,
-                momentum=m.momentum,
-                affine=m.affine,
-                track_running_stats=m.track_running_stats,
-            )
-            _share_state(m, new)
-            return new
-
-        return _replace_modules(module, swap)
-
-
-def _batchnorm_bases() -> tuple[type[nn.Module], ...]:
-    """The BatchNorm classes with batch statistics and no extra behaviour: the "batch"
-    kind's (covshift's and torch's) and torch's SyncBatchNorm."""
-    batch = kinds.get("batch")
-    return (*batch.torch_classes.values(), nn.SyncBatchNorm, *batch.classes.values())
-
-
-def _is_plain_batchnorm(m: nn.Module, *, warn: bool = False) -> bool:
-    """True for a BatchNorm (or a subclass that keeps its base's ``forward``, e.g. a
-    timm-style subclass adding attributes); a subclass with its own ``forward``
-    (a fused activation, Batch Renorm, Ghost BN) is not plain: swapping it would
-    change what it computes."""
-    for base in _batchnorm_bases():
-        if isinstance(m, base):
-            if type(m).forward is base.forward:
-                return True
-            if warn:
-                warnings.warn(
-                    f"{type(m).__name__} subclasses {base.__name__} but overrides forward; "
-                    "left unconverted (converting it would drop its extra behaviour)",
-                    stacklevel=4,
-                )
-            return False
-    return False
-
-
-def _share_state(src: nn.Module, dst: nn.Module) -> None:
-    """Make ``dst`` use ``src``'s parameter and buffer objects, and its mode."""
-    with torch.no_grad():
-        if src.weight is not None and dst.weight is not None:
-            dst.weight = src.weight
-            dst.bias = src.bias
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            if getattr(src, name, None) is not None and getattr(dst, name, None) is not None:
-                setattr(dst, name, getattr(src, name))
-    dst.train(src.training)
-
-
-def _replace_modules(root: nn.Module, swap: Any) -> nn.Module:
-    """Apply ``swap(m) -> replacement | None`` to ``root`` and, below replaced-not
-    modules, to every descendant; a module shared by several parents is replaced once."""
-    done: dict[int, nn.Module | None] = {}
-
-    def visit(m: nn.Module) -> nn.Module:
-        if id(m) not in done:
-            done[id(m)] = swap(m)
-            if done[id(m)] is None:
-                for name, child in list(m.named_children()):
-                    new = visit(child)
-                    if new is not child:
-                        setattr(m, name, new)
-        return done[id(m)] or m
-
-    return visit(root)
+        return sync_convert.from_sync(module, to)
 
 
 kinds.register(
