@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import covshift.nn as cn
+from covshift.nn import backend, chunked
 
 F32_TOL = {"rtol": 1e-4, "atol": 2e-5}
 
@@ -542,10 +543,19 @@ def test_chunked_fast_path_matches_torch(
     memory_format: str,
     dtype: torch.dtype,
 ) -> None:
-    """Tiny chunks: many pieces along the split dim, the last one shorter."""
-    from covshift.nn import functional as F
+    """Tiny chunks: many pieces along the split dim, the last one shorter. The chunked
+    path is forced (the native kernels would otherwise run wherever they build), and
+    the recorded choices show it ran, forward and backward."""
+    monkeypatch.setattr(chunked, "_CHUNK_BYTES", 40)
+    with backend.force("chunked"), backend.report_paths() as choices:
+        _chunked_parity(name, args, flags, shape, memory_format, dtype)
+    assert {c.path for c in choices} == {backend.Path.CHUNKED}
+    assert {c.step for c in choices} == {"forward", "backward"}
 
-    monkeypatch.setattr(F, "_CHUNK_BYTES", 40)
+
+def _chunked_parity(
+    name: str, args: tuple, flags: dict, shape: tuple, memory_format: str, dtype: torch.dtype
+) -> None:
     torch.manual_seed(0)
     if dtype == torch.bfloat16:
         # Half input, float32 parameters: compare with torch's float64 result.

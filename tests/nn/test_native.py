@@ -20,7 +20,7 @@ from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
 import covshift.nn as cn
-from covshift.nn import _native
+from covshift.nn import _native, backend
 from covshift.nn import functional as F
 
 
@@ -35,20 +35,14 @@ def native(request: pytest.FixtureRequest) -> Iterator[bool]:
         yield on
 
 
-def _used(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Records which native entry points returned a result (not None)."""
-    calls: list[str] = []
-    for name in ("normalize", "forward", "backward"):
-        real = getattr(_native, name)
-
-        def spy(*args: object, _real: Callable = real, _name: str = name) -> object:
-            out = _real(*args)
-            if out is not None:
-                calls.append(_name)
-            return out
-
-        monkeypatch.setattr(_native, name, spy)
-    return calls
+def _native_used(choices: list[backend.Choice]) -> list[str]:
+    """The native entry points that ran, from the recorded path choices: "normalize"
+    (the C++ autograd node), "forward"/"backward" (the kernels under the Function)."""
+    return [
+        "normalize" if c.path is backend.Path.NATIVE_NODE else c.step
+        for c in choices
+        if c.path in (backend.Path.NATIVE_NODE, backend.Path.NATIVE_KERNELS)
+    ]
 
 
 # (torch.nn factory, covshift factory, input shape, memory format)
@@ -249,12 +243,14 @@ def test_compiled_autograd_declines_native(monkeypatch: pytest.MonkeyPatch) -> N
         eager = grads()
         assert "NormalizeNode" in model[1](torch.randn(2, 12, requires_grad=True)).grad_fn.name()
         model.load_state_dict(state)
-        calls = _used(monkeypatch)
-        with compiled_autograd._enable(torch.compile(backend="eager")):
+        with (
+            backend.report_paths() as choices,
+            compiled_autograd._enable(torch.compile(backend="eager")),
+        ):
             y = model[1](torch.randn(2, 12, requires_grad=True))
             assert "NormalizeNode" not in y.grad_fn.name()
             compiled = grads()
-        assert "normalize" not in calls
+        assert "normalize" not in _native_used(choices)
         for a, b in zip(compiled, eager, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         # The config flag enables it inside a compiled training step.
@@ -274,32 +270,30 @@ def test_compiled_autograd_declines_native(monkeypatch: pytest.MonkeyPatch) -> N
         torch._dynamo.reset()
 
 
-def test_native_path_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_native_path_is_taken() -> None:
     with _native.use_native(True):
         if not _native.available():
             pytest.skip("the native extension cannot be built here")
-        calls = _used(monkeypatch)
         x = torch.randn(4, 6, 3, 3, requires_grad=True)
         layers = (cn.BatchNorm2d(6), cn.GroupNorm(3, 6), cn.LayerNorm((3, 3)), cn.RMSNorm((3, 3)))
         for layer in layers:
-            calls.clear()
-            y = layer(x)
-            assert "NormalizeNode" in y.grad_fn.name()
-            y.sum().backward()
-            assert calls == ["normalize"], layer
-        calls.clear()
-        cn.GroupNorm(3, 6)(x.contiguous(memory_format=CL)).sum().backward()
-        assert calls == []  # channels_last GroupNorm: the pure-PyTorch path
+            with backend.report_paths() as choices:
+                y = layer(x)
+                assert "NormalizeNode" in y.grad_fn.name()
+                y.sum().backward()
+            assert _native_used(choices) == ["normalize"], layer
+        with backend.report_paths() as choices:
+            cn.GroupNorm(3, 6)(x.contiguous(memory_format=CL)).sum().backward()
+        assert _native_used(choices) == []  # channels_last GroupNorm: the pure-PyTorch path
         y = cn.BatchNorm2d(6)(x)
         (g,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
         assert g.requires_grad  # create_graph: the differentiable graph path
         # The pure functions take the native kernels too (grad mode off).
         layout = F.resolve_layout(x.shape, (0, 2, 3))
-        calls.clear()
-        with torch.no_grad():
+        with torch.no_grad(), backend.report_paths() as choices:
             _, mean, rstd, _ = F.normalize_fwd(x, None, None, layout, 1e-5)
             F.normalize_bwd(torch.ones_like(x), x, mean, rstd, None, layout)
-        assert calls == ["forward", "backward"]
+        assert _native_used(choices) == ["forward", "backward"]
 
 
 def test_plans() -> None:
@@ -320,6 +314,8 @@ def test_plans() -> None:
     assert plan((8, 3, 7), (1, 2), channel_dim=None) == ("channel", (1, 8, 21))
     assert plan((8, 6, 5, 5), (1, 2, 3), cl=True, groups=3) is None
     assert plan((2, 4, 6, 3), (1, 3), channel_dim=2) is None  # ghost-BN-like: fallback
+    # A trailing affine of one value over one kept dim is not one value per channel.
+    assert plan((2, 1), (1,), channel_dim=None, w=(1,)) == ("row", (2, 1, 1, 1, 1))
 
 
 def test_running_stats_version_bumped() -> None:

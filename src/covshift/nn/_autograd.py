@@ -1,15 +1,17 @@
-"""Thin ``torch.autograd.Function`` wrapper around the pure normalization math.
+"""What the normalization autograd Functions save and how their backward reads it.
 
-The forward saves ``x`` (the input, which is alive anyway), ``weight`` and the two
-small statistics ``mean`` and ``rstd``; no full-size temporary. The backward is the
-closed form of :func:`covshift.nn.functional.normalize_bwd`.
+Shared by the eager Python path (:class:`covshift.nn.backend.NormalizeFunction`) and
+the torch.compile path (:class:`covshift.nn.compiled.CompiledNormalizeFunction`), which
+differ only in the forward and backward they run. The forward saves ``x`` (the
+input, which is alive anyway), ``weight`` and the two small statistics ``mean`` and
+``rstd``; no full-size temporary.
 
-Double backward: under ``create_graph=True`` the backward runs with grad mode on.
-The saved ``mean``/``rstd`` were computed without a graph, so they would look like
-constants to the second differentiation and drop the terms that come from
-``μ(x)`` and ``σ(x)``. The backward therefore recomputes them from ``x`` with
-differentiable ops in that case, and ``normalize_bwd`` (plain, out-of-place torch
-ops then) is differentiated by autograd like any other function.
+Double backward (docs/derivations.md §9): under ``create_graph=True`` the backward
+runs with grad mode on. The saved ``mean``/``rstd`` were computed without a graph, so
+they would look like constants to the second differentiation and drop the terms that
+come from μ(x) and σ(x). :func:`saved` therefore recomputes them from ``x`` with
+differentiable ops in that case, and the reference backward (plain, out-of-place
+torch ops) is differentiated by autograd like any other function.
 """
 
 from __future__ import annotations
@@ -19,15 +21,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from covshift.nn import functional as F
+from covshift.nn.layout import NormLayout
+from covshift.nn.reference import recompute_stats
+
+__all__ = ["in_param_dtype", "save", "saved"]
 
 
-def _save(
+def save(
     ctx: Any,
     stats: tuple[Tensor, Tensor | None, Tensor, Tensor],
     x: Tensor,
     weight: Tensor | None,
-    layout: F.NormLayout,
+    layout: NormLayout,
     eps: float,
     subtract_mean: bool,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
@@ -44,16 +49,16 @@ def _save(
     return y, mean, var
 
 
-def _saved(ctx: Any) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor, tuple[bool, ...]]:
+def saved(ctx: Any) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor, tuple[bool, ...]]:
     """``(x, weight, mean, rstd, needs)`` for the backward; under ``create_graph=True``
     the statistics are recomputed as functions of ``x`` (see the module doc)."""
     x, weight, mean, rstd = ctx.saved_tensors
     if torch.is_grad_enabled():
-        mean, rstd = F.recompute_stats(x, ctx.layout, ctx.eps, ctx.subtract_mean)
+        mean, rstd = recompute_stats(x, ctx.layout, ctx.eps, ctx.subtract_mean)
     return x, weight, mean, rstd, tuple(ctx.needs_input_grad[:3])
 
 
-def _in_param_dtype(
+def in_param_dtype(
     grads: tuple[Tensor | None, Tensor | None, Tensor | None],
     grad_y: Tensor,
     weight: Tensor | None,
@@ -68,59 +73,3 @@ def _in_param_dtype(
         if db.dtype != dtype:
             db = db.to(dtype)
     return dx, dw, db, None, None, None
-
-
-class NormalizeFunction(torch.autograd.Function):
-    """``(y, mean, var) = normalize(x, weight, bias)``; ``mean``/``var`` carry no gradient."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        layout: F.NormLayout,
-        eps: float,
-        subtract_mean: bool,
-    ) -> tuple[Tensor, Tensor | None, Tensor]:
-        stats = F.normalize_fwd(x, weight, bias, layout, eps, subtract_mean)
-        return _save(ctx, stats, x, weight, layout, eps, subtract_mean)
-
-    @staticmethod
-    def backward(
-        ctx: Any, grad_y: Tensor, _grad_mean: Tensor | None, _grad_var: Tensor | None
-    ) -> tuple[Tensor | None, ...]:
-        x, weight, mean, rstd, needs = _saved(ctx)
-        grads = F.normalize_bwd(grad_y, x, mean, rstd, weight, ctx.layout, needs)
-        return _in_param_dtype(grads, grad_y, weight)
-
-
-class GraphNormalizeFunction(torch.autograd.Function):
-    """:class:`NormalizeFunction` for torch.compile: the same saved tensors and the same
-    closed-form backward, calling the plain-op graph functions directly.
-
-    Under torch.compile Dynamo inlines everything a call reaches and guards on each
-    function it inlined; the eager dispatch (native kernels, chunked path) is dead
-    there but would still be traced through, so this class skips it.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        layout: F.NormLayout,
-        eps: float,
-        subtract_mean: bool,
-    ) -> tuple[Tensor, Tensor | None, Tensor]:
-        stats = F._fwd_graph(x, weight, bias, layout, eps, subtract_mean)
-        return _save(ctx, stats, x, weight, layout, eps, subtract_mean)
-
-    @staticmethod
-    def backward(
-        ctx: Any, grad_y: Tensor, _grad_mean: Tensor | None, _grad_var: Tensor | None
-    ) -> tuple[Tensor | None, ...]:
-        x, weight, mean, rstd, needs = _saved(ctx)
-        grads = F._bwd_graph(grad_y, x, mean, rstd, weight, ctx.layout, needs)
-        return _in_param_dtype(grads, grad_y, weight)

@@ -1,6 +1,6 @@
 """Fused CPU kernels for the normalization family, compiled at first use.
 
-``csrc/norm_kernels.h`` computes the same closed forms as :mod:`covshift.nn.functional`
+``csrc/norm_kernels.h`` computes the same closed forms as :mod:`covshift.nn.reference`
 (``docs/derivations.md``, "Native kernels") in one fused pass per direction where the
 data allows, for two access patterns that cover every layer of the family:
 
@@ -17,7 +17,7 @@ layer runs on the CPU (never at import, never at install time), into
 the sources, the torch version and the CPU (it is compiled with ``-march=native``).
 Later processes load the cached library in milliseconds. If the build fails (no
 compiler, no ninja), a warning says so once and every call takes the pure-PyTorch
-path of :mod:`covshift.nn.functional`; nothing raises. ``COVSHIFT_NATIVE=0`` in the
+paths of :mod:`covshift.nn.backend`; nothing raises. ``COVSHIFT_NATIVE=0`` in the
 environment switches the native path off without trying to build.
 
 Entry points: :func:`normalize` (what the layers call) runs forward and backward in
@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from covshift.nn.functional import NormLayout
+    from covshift.nn.layout import NormLayout
 
 __all__ = ["available", "build_seconds", "cache_dir", "enabled", "load", "use_native"]
 
@@ -288,9 +288,10 @@ def _match(
     nd = len(view)
     stat_shape = tuple(1 if d in sdims else n for d, n in enumerate(view))
     kept = [d for d in range(nd) if d not in sdims]
-    # Channel kind: every dim but one is reduced, the affine (if any) runs along it.
-    if len(kept) == 1 and (affine is None or all(affine[d] == 1 for d in sdims)):
-        c = kept[0]
+    # Channel kind: every dim but one is reduced, the affine (if any) runs along it
+    # (one value per channel: not a single value broadcast over the channels too).
+    c = kept[0] if len(kept) == 1 else -1
+    if c >= 0 and (affine is None or (all(affine[d] == 1 for d in sdims) and affine[c] == view[c])):
         if channels_last:
             if c != 1 or nd not in (4, 5):
                 return None
@@ -327,7 +328,7 @@ def _match(
 
 def cpu_eager(x: Tensor) -> bool:
     """Whether ``x`` is a non-empty CPU tensor outside torch.compile: where the native
-    kernels and the chunked pure path (``functional._fwd_fast``) may run. (Off the CPU
+    kernels and the chunked pure path (``covshift.nn.chunked``) may run. (Off the CPU
     kernel launches cost more than cache misses; under torch.compile inductor fuses
     the plain graph path itself.)"""
     return x.device.type == "cpu" and x.numel() > 0 and not torch.compiler.is_compiling()

@@ -29,15 +29,18 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import inspect
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
+
+from covshift.nn import kinds
+from covshift.nn.convert_report import ConversionEntry, ConversionReport, ConversionWarning
+from covshift.nn.noise import NoisyNorm
+from covshift.nn.registry import create_norm
 
 __all__ = [
     "ConversionEntry",
@@ -51,135 +54,24 @@ __all__ = [
 Target = str | type | Callable[..., nn.Module]
 
 
-class ConversionWarning(UserWarning):
-    """Raised as a warning by :func:`convert` when a conversion loses state."""
-
-
-@dataclass
-class ConversionEntry:
-    """One replaced (or skipped) module.
-
-    Attributes:
-        path: its dotted path in the model (``""`` for the root).
-        source: the class name replaced, e.g. ``"BatchNorm2d"``.
-        target: the class name put in its place (``""`` when skipped).
-        carried: state carried over (``"weight"``, ``"running_mean"``, ``"eps"``, ...).
-        dropped: state that could not be carried, each with the reason.
-        notes: behaviour differences worth knowing (layout, guessed dims, ...).
-    """
-
-    path: str
-    source: str
-    target: str
-    carried: list[str] = field(default_factory=list)
-    dropped: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        where = self.path or "<root>"
-        line = f"{where}: {self.source} -> {self.target or '(skipped)'}"
-        if self.dropped:
-            line += f"; dropped: {'; '.join(self.dropped)}"
-        if self.notes:
-            line += f"; notes: {'; '.join(self.notes)}"
-        return line
-
-
-@dataclass
-class ConversionReport:
-    """What a conversion did: one :class:`ConversionEntry` per module touched."""
-
-    entries: list[ConversionEntry] = field(default_factory=list)
-
-    @property
-    def replaced(self) -> list[ConversionEntry]:
-        return [e for e in self.entries if e.target]
-
-    @property
-    def skipped(self) -> list[ConversionEntry]:
-        return [e for e in self.entries if not e.target]
-
-    @property
-    def lossy(self) -> list[ConversionEntry]:
-        """Entries that dropped state (or were skipped)."""
-        return [e for e in self.entries if e.dropped or not e.target]
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __str__(self) -> str:
-        if not self.entries:
-            return "no normalization layer found"
-        return "\n".join(str(e) for e in self.entries)
-
-
 # --------------------------------------------------------------------------------------
 # Recognizing normalization layers
 # --------------------------------------------------------------------------------------
 
-# Kinds whose statistics run over dim 1 (channels first) vs the trailing dims.
-_CHANNELS_LAST = {"layer", "rms"}
+# What a layer is: the registry of norm kinds (covshift.nn.kinds).
+_classify = kinds.classify
+norm_kind = kinds.kind_of
 
 
-@functools.cache
-def _known_classes() -> list[tuple[type, str, int | None]]:
-    """(class, kind, dims) for every known norm class; subclasses first, then bases."""
-    from covshift.nn import ghost, renorm, sync
-
-    table: list[tuple[type, str, int | None]] = [
-        (renorm.BatchRenorm1d, "batch_renorm", 1),
-        (renorm.BatchRenorm2d, "batch_renorm", 2),
-        (renorm.BatchRenorm3d, "batch_renorm", 3),
-        (ghost.GhostBatchNorm1d, "ghost_batch", 1),
-        (ghost.GhostBatchNorm2d, "ghost_batch", 2),
-        (ghost.GhostBatchNorm3d, "ghost_batch", 3),
-        (sync.SyncBatchNorm, "sync_batch", None),
-        (nn.SyncBatchNorm, "sync_batch", None),
-    ]
-    try:  # covshift's own layers, when present
-        from covshift.nn import layers
-
-        for name, kind, dims in _LAYER_NAMES:
-            cls = getattr(layers, name, None)
-            if isinstance(cls, type):
-                table.append((cls, kind, dims))
-    except ImportError:
-        pass
-    table += [(getattr(nn, name), kind, dims) for name, kind, dims in _LAYER_NAMES]
-    return table
-
-
-_LAYER_NAMES: list[tuple[str, str, int | None]] = [
-    ("BatchNorm1d", "batch", 1),
-    ("BatchNorm2d", "batch", 2),
-    ("BatchNorm3d", "batch", 3),
-    ("InstanceNorm1d", "instance", 1),
-    ("InstanceNorm2d", "instance", 2),
-    ("InstanceNorm3d", "instance", 3),
-    ("LayerNorm", "layer", None),
-    ("GroupNorm", "group", None),
-    ("RMSNorm", "rms", None),
-]
-
-
-def _classify(m: nn.Module) -> tuple[type, str, int | None] | None:
-    for cls, kind, dims in _known_classes():
-        if isinstance(m, cls):
-            return cls, kind, dims
-    return None
-
-
-def norm_kind(m: nn.Module) -> str | None:
-    """The kind of normalization ``m`` is ("batch", "group", "layer", "instance", "rms",
-    "sync_batch", "batch_renorm", "ghost_batch"), or None if it is not one."""
-    found = _classify(m)
-    return None if found is None else found[1]
+def _trailing(kind: str) -> bool:
+    """Whether ``kind``'s statistics run over the trailing dims (not over dim 1)."""
+    return kinds.get(kind).trailing
 
 
 def _num_features(m: nn.Module, kind: str) -> int:
     if kind == "group":
         return int(m.num_channels)
-    if kind in _CHANNELS_LAST:
+    if _trailing(kind):
         # (C,) for features last; (C, H, W) for a LayerNorm over a whole NCHW sample.
         return int(m.normalized_shape[0])
     return int(m.num_features)
@@ -188,16 +80,9 @@ def _num_features(m: nn.Module, kind: str) -> int:
 def _dims(m: nn.Module, kind: str, dims: int | None) -> int | None:
     if dims is None and kind == "sync_batch":
         original = getattr(m, "original_class", None)
-        found = None if original is None else _classify_class(original)
+        found = None if original is None else kinds.classify_class(original)
         dims = None if found is None else found[2]
     return dims
-
-
-def _classify_class(cls: type) -> tuple[type, str, int | None] | None:
-    for known, kind, dims in _known_classes():
-        if issubclass(cls, known):
-            return known, kind, dims
-    return None
 
 
 # --------------------------------------------------------------------------------------
@@ -230,20 +115,14 @@ def _same_kind_args(m: nn.Module, kind: str) -> tuple[tuple[object, ...], dict[s
 
 
 def _implementation_class(kind: str, base: type, library: str) -> type | None:
-    """The class of the same kind in ``library`` ("torch" or "covshift")."""
-    if kind == "sync_batch":
-        from covshift.nn.sync import SyncBatchNorm
-
-        return nn.SyncBatchNorm if library == "torch" else SyncBatchNorm
-    if kind in ("batch_renorm", "ghost_batch"):
-        return None  # covshift's own, no torch counterpart
-    if library == "torch":
-        return getattr(nn, base.__name__, None)
-    try:
-        from covshift.nn import layers
-    except ImportError:
-        return None
-    return getattr(layers, base.__name__, None)
+    """The class of the same kind and input rank as ``base`` in ``library`` ("torch" or
+    "covshift"), from the registry of kinds; None where it has none (Batch Renorm and
+    Ghost BN have no torch counterpart)."""
+    entry = kinds.get(kind)
+    found = kinds.classify_class(base)
+    dims = None if found is None else found[2]
+    table = entry.torch_classes if library == "torch" else entry.classes
+    return table.get(dims)
 
 
 def _build_for_class(cls: type, channels: int, source: nn.Module, kind: str, kw: dict) -> nn.Module:
@@ -285,10 +164,8 @@ def _build(
             new.original_class = getattr(m, "original_class", None)
         return new
     if isinstance(target, str):
-        from covshift.nn.registry import create_norm
-
         if dims is None:
-            dims = 1 if kind in _CHANNELS_LAST else 2
+            dims = 1 if _trailing(kind) else 2
             notes.append(
                 f"input rank unknown for {type(m).__name__}; assumed dims={dims} "
                 "(pass dims=... to choose)"
@@ -379,8 +256,6 @@ def _carry(src: nn.Module, dst: nn.Module, kw: dict, entry: ConversionEntry) -> 
 
 def _state_holder(new: nn.Module) -> nn.Module:
     """Where the carried state goes: the wrapped norm of a NoisyNorm, else ``new``."""
-    from covshift.nn.noise import NoisyNorm
-
     return new.norm if isinstance(new, NoisyNorm) else new
 
 
@@ -496,7 +371,7 @@ def convert_with_report(
             return m
         entry.target = type(new).__name__
         new_kind = norm_kind(new)
-        if new_kind is not None and (new_kind in _CHANNELS_LAST) != (kind in _CHANNELS_LAST):
+        if new_kind is not None and _trailing(new_kind) != _trailing(kind):
             entry.notes.append(
                 f"{entry.source} and {entry.target} normalize different dims (trailing vs "
                 "dim 1); they agree on (N, C) inputs only"

@@ -43,7 +43,8 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from covshift.nn.convert import ConversionEntry, ConversionReport, _classify, norm_kind
+from covshift.nn import kinds
+from covshift.nn.convert import ConversionEntry, ConversionReport
 from covshift.nn.fold_pairs import Pair, find_pairs
 
 __all__ = [
@@ -53,7 +54,6 @@ __all__ = [
     "unfreeze_batchnorm",
 ]
 
-_BATCH_KINDS = {"batch", "sync_batch", "batch_renorm", "ghost_batch"}
 _LINEAR_FORWARDS = {
     nn.Linear.forward: nn.Linear,
     nn.Conv1d.forward: nn.Conv1d,
@@ -108,7 +108,7 @@ def _is_plain(bn: nn.Module) -> bool:
     """Whether ``bn`` computes exactly its kind's map: the forward of the class it was
     recognized as (not a subclass's own, e.g. timm's BatchNormAct2d with its fused
     activation) and no child modules."""
-    found = _classify(bn)
+    found = kinds.classify(bn)
     return (
         found is not None
         and type(bn).forward is found[0].forward
@@ -211,7 +211,10 @@ def fold_batchnorm_with_report(
         model = copy.deepcopy(model)
     reference = None if check_input is None else _eval_output(model, check_input)
     pairing = find_pairs(
-        model, lambda m: norm_kind(m) in _BATCH_KINDS, check_input=check_input, by_name=by_name
+        model,
+        lambda m: kinds.kind_of(m) in kinds.batch_kinds(),
+        check_input=check_input,
+        by_name=by_name,
     )
     report = ConversionReport()
     folded_layers: set[int] = set()
@@ -246,7 +249,7 @@ def fold_batchnorm_with_report(
             ConversionEntry(pair.norm, type(bn).__name__, target, carried=into, notes=notes)
         )
     for path, m in model.named_modules():  # what is left unfolded
-        if norm_kind(m) in _BATCH_KINDS and id(m) not in folded_norms:
+        if kinds.kind_of(m) in kinds.batch_kinds() and id(m) not in folded_norms:
             why = reasons.get(path, f"not applied to a Linear/Conv output ({pairing.method})")
             report.entries.append(ConversionEntry(path, type(m).__name__, "", notes=[why]))
     return model, report
@@ -355,7 +358,7 @@ def freeze_batchnorm(model: nn.Module) -> nn.Module:
         >>> _ = net.train()(torch.randn(16, 4))  # the BN's running stats do not move
     """
     for m in model.modules():
-        if norm_kind(m) not in _BATCH_KINDS:
+        if kinds.kind_of(m) not in kinds.batch_kinds():
             continue
         m.train(False)
         for p in m.parameters(recurse=False):

@@ -25,20 +25,21 @@ the cost is BatchNorm's, not k times a small BatchNorm.
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import Tensor
 
+from covshift.nn import checks, kinds
 from covshift.nn import functional as F
-from covshift.nn._running import track_batch
+from covshift.nn._base import BatchNormBase
 from covshift.nn.layers import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from covshift.nn.running import track_batch
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
 
 
-class _GhostBatchNorm:
-    """Ghost BN's forward on top of covshift's BatchNorm (mixin)."""
+class _GhostBatchNorm(BatchNormBase):
+    """Ghost BN's forward on top of covshift's BatchNorm: the core's normalization over
+    the (k, v, C, *) view (derivations §14), running statistics per virtual batch."""
 
     def __init__(
         self,
@@ -53,33 +54,26 @@ class _GhostBatchNorm:
         virtual_batch_size: int = 128,
         bias: bool = True,
     ) -> None:
-        vbs = virtual_batch_size
-        if isinstance(vbs, bool) or not isinstance(vbs, numbers.Integral) or vbs < 1:
-            raise ValueError(
-                f"virtual_batch_size must be a positive int (samples per virtual batch), "
-                f"got {virtual_batch_size!r}"
-            )
-        super().__init__(  # type: ignore[call-arg]
+        vbs = checks.positive_int(
+            virtual_batch_size, "virtual_batch_size", "samples per virtual batch"
+        )
+        super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
         )
-        self.virtual_batch_size = int(vbs)
+        self.virtual_batch_size = vbs
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training and self.track_running_stats:
-            return super().forward(x)  # type: ignore[misc]  # BatchNorm eval
+            return super().forward(x)  # BatchNorm eval
         self._check_input_dim(x)
         n, vbs = x.shape[0], self.virtual_batch_size
         if n == 0:
-            return super().forward(x)  # type: ignore[misc]  # nothing to split
+            return super().forward(x)  # nothing to split
         full, size, rest = (1, n, 0) if n <= vbs else (n // vbs, vbs, n % vbs)
         spatial = x.numel() // (n * x.shape[1]) if x.numel() else 0  # per sample, channel
-        if min(size, rest or size) * spatial <= 1 and x.numel():
-            raise ValueError(
-                f"Expected more than 1 value per channel in every virtual batch when "
-                f"training, got input size {tuple(x.shape)} with virtual_batch_size="
-                f"{vbs} (chunks of {size} and a last one of {rest} sample(s)); use a batch "
-                f"size that is a multiple of virtual_batch_size, or drop the last batch"
-            )
+        if x.numel():
+            smallest = min(size, rest or size) * spatial  # values per channel
+            checks.values_per_virtual_batch(tuple(x.shape), vbs, size, rest, smallest)
         parts = [self._normalize_chunks(x[: full * size], full, size)]
         if rest:
             parts.append(self._normalize_chunks(x[full * size :], 1, rest))
@@ -100,7 +94,7 @@ class _GhostBatchNorm:
         return y.reshape(x.shape)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"  # type: ignore[misc]
+        return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
 
 
 _DOC = """Ghost Batch Normalization over {input} (Hoffer et al. 2017, arXiv 1705.08741).
@@ -159,3 +153,13 @@ class GhostBatchNorm3d(_GhostBatchNorm, BatchNorm3d):
         name="GhostBatchNorm3d",
         example="4, 16, 3, 5, 5",
     )
+
+
+kinds.register(
+    kinds.NormKind(
+        "ghost_batch",
+        {1: GhostBatchNorm1d, 2: GhostBatchNorm2d, 3: GhostBatchNorm3d},
+        {},
+        batch_statistics=True,
+    )
+)

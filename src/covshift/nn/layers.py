@@ -1,7 +1,10 @@
 """Drop-in replacements for torch.nn's normalization layers, built on one core.
 
-Every layer calls :mod:`covshift.nn.functional`, whose statistics run over reduction
-axes with a hand-derived backward. Constructor arguments, defaults, parameter and
+Every layer calls :mod:`covshift.nn.functional`; what it computes, forward and
+closed-form backward, is :mod:`covshift.nn.reference` over the layer's layout
+(docs/derivations.md says why, section by section). The shared skeleton (affine
+parameters, running buffers, BatchNorm's and InstanceNorm's forward) is
+:mod:`covshift.nn._base`. Constructor arguments, defaults, parameter and
 buffer names, running-statistics semantics and error types follow torch.nn, so a
 torch.nn state_dict loads into these layers and back.
 
@@ -17,16 +20,21 @@ eps only for BatchNorm, only at forward time, and not at all for the others.
 
 from __future__ import annotations
 
-import math
 import numbers
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from covshift.nn import checks
 from covshift.nn import functional as F
+from covshift.nn._base import (
+    BatchNormBase,
+    InstanceNormBase,
+    register_affine,
+    reset_affine,
+)
 
 __all__ = [
     "BatchNorm1d",
@@ -39,160 +47,6 @@ __all__ = [
     "LayerNorm",
     "RMSNorm",
 ]
-
-
-def _check_eps(eps: float) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps):
-        raise ValueError(f"eps must be a positive finite float (such as 1e-5), got {eps!r}")
-    if eps <= 0:
-        raise ValueError(
-            f"eps must be > 0 (it keeps 1/sqrt(var + eps) finite when a channel is "
-            f"constant), got {eps!r}; use a small positive value such as 1e-5"
-        )
-    return float(eps)
-
-
-def _check_momentum(momentum: float | None) -> float | None:
-    if momentum is None:
-        return None
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-        raise ValueError(f"momentum must be a float in [0, 1] or None, got {momentum!r}")
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(
-            f"momentum must be in [0, 1] (running = (1 - momentum) * running + momentum * "
-            f"batch), or None for a cumulative average; got {momentum!r}"
-        )
-    return float(momentum)
-
-
-def _check_positive_int(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
-class _NormBase(nn.Module):
-    """Parameters and running buffers shared by BatchNorm and InstanceNorm (as torch.nn's)."""
-
-    # Version 2 added num_batches_tracked (torch.nn's numbering, so old checkpoints load).
-    _version = 2
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
-        bias: bool = True,
-    ) -> None:
-        super().__init__()
-        factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.num_features = _check_positive_int(num_features, "num_features")
-        self.eps = _check_eps(eps)
-        self.momentum = _check_momentum(momentum)
-        self.affine = affine
-        self.track_running_stats = track_running_stats
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_features, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.running_mean: Tensor | None
-        self.running_var: Tensor | None
-        self.num_batches_tracked: Tensor | None
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer(
-                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
-            )
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-        self.reset_parameters()
-
-    def reset_running_stats(self) -> None:
-        """Running mean 0, running variance 1, step counter 0."""
-        if self.track_running_stats:
-            assert self.running_mean is not None and self.running_var is not None
-            assert self.num_batches_tracked is not None
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        """Running statistics reset; weight 1 and bias 0 (the identity affine)."""
-        self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, bias={self.bias is not None}, "
-            f"track_running_stats={self.track_running_stats}"
-        )
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        # Checkpoints from before num_batches_tracked existed (torch < 0.4.1) lack it:
-        # keep the layer's own count (as torch.nn does) rather than fail a strict load.
-        version = local_metadata.get("version")
-        key = prefix + "num_batches_tracked"
-        if (version is None or version < 2) and self.track_running_stats:
-            current = self.num_batches_tracked
-            keep = current is not None and current.device.type != "meta"
-            state_dict.setdefault(key, current if keep else torch.tensor(0, dtype=torch.long))
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-
-
-class _BatchNorm(_NormBase):
-    _spatial: tuple[int, ...] = ()  # accepted input ranks
-
-    def _check_input_dim(self, x: Tensor) -> None:
-        if x.dim() not in self._spatial:
-            ranks = " or ".join(f"{n}D" for n in self._spatial)
-            raise ValueError(f"expected {ranks} input (got {x.dim()}D input)")
-
-    def forward(self, x: Tensor) -> Tensor:
-        self._check_input_dim(x)
-        # As torch.nn: batch statistics in training, and in eval when there are no
-        # running buffers; the buffers are passed (so updated) only when tracking.
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        pass_buffers = not self.training or self.track_running_stats
-        counting = self.training and self.track_running_stats
-        return F.batch_norm(
-            x,
-            self.running_mean if pass_buffers else None,
-            self.running_var if pass_buffers else None,
-            self.weight,
-            self.bias,
-            training=use_batch_stats,
-            momentum=self.momentum,
-            eps=self.eps,
-            num_batches_tracked=self.num_batches_tracked if counting else None,
-        )
 
 
 _BN_DOC = """Batch Normalization over {input} (Ioffe & Szegedy 2015, arXiv 1502.03167).
@@ -229,7 +83,7 @@ _BN_DOC = """Batch Normalization over {input} (Ioffe & Szegedy 2015, arXiv 1502.
     """
 
 
-class BatchNorm1d(_BatchNorm):
+class BatchNorm1d(BatchNormBase):
     __doc__ = _BN_DOC.format(
         input="a 2D or 3D input",
         spatial=" (and the length L)",
@@ -241,7 +95,7 @@ class BatchNorm1d(_BatchNorm):
     _spatial = (2, 3)
 
 
-class BatchNorm2d(_BatchNorm):
+class BatchNorm2d(BatchNormBase):
     __doc__ = _BN_DOC.format(
         input="a 4D input",
         spatial=" and the spatial dims (H, W)",
@@ -253,7 +107,7 @@ class BatchNorm2d(_BatchNorm):
     _spatial = (4,)
 
 
-class BatchNorm3d(_BatchNorm):
+class BatchNorm3d(BatchNormBase):
     __doc__ = _BN_DOC.format(
         input="a 5D input",
         spatial=" and the spatial dims (D, H, W)",
@@ -263,93 +117,6 @@ class BatchNorm3d(_BatchNorm):
         example="4, 16, 3, 5, 5",
     )
     _spatial = (5,)
-
-
-class _InstanceNorm(_NormBase):
-    _batched_rank: int = 0  # the rank of a batched input; one less is an unbatched one
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = False,
-        track_running_stats: bool = False,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
-        bias: bool = True,
-    ) -> None:
-        super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            device,
-            dtype,
-            bias=bias,
-        )
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        # Checkpoints from torch < 0.4 carry running stats that InstanceNorm no longer
-        # tracks by default: report them (as torch.nn does) instead of loading them.
-        if local_metadata.get("version") is None and not self.track_running_stats:
-            keys = [prefix + n for n in ("running_mean", "running_var") if prefix + n in state_dict]
-            if keys:
-                error_msgs.append(
-                    f"Unexpected running stats buffer(s) {keys} for {type(self).__name__} "
-                    "with track_running_stats=False; remove them from the state_dict, or "
-                    "build the layer with track_running_stats=True to use them."
-                )
-                for k in keys:
-                    state_dict.pop(k)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        rank = self._batched_rank
-        if x.dim() not in (rank - 1, rank):
-            raise ValueError(f"expected {rank - 1}D or {rank}D input (got {x.dim()}D input)")
-        feature_dim = x.dim() - (rank - 1)
-        if x.shape[feature_dim] != self.num_features:
-            if self.affine:
-                raise ValueError(
-                    f"expected input's size at dim={feature_dim} to match num_features"
-                    f" ({self.num_features}), but got: {x.shape[feature_dim]}."
-                )
-            warnings.warn(
-                f"input's size at dim={feature_dim} does not match num_features. "
-                "You can silence this warning by not passing in num_features, "
-                "which is not used because affine=False",
-                stacklevel=2,
-            )
-        if x.dim() == rank - 1:
-            return self._normalize(x.unsqueeze(0)).squeeze(0)
-        return self._normalize(x)
-
-    def _normalize(self, x: Tensor) -> Tensor:
-        use_input_stats = self.training or not self.track_running_stats
-        return F.instance_norm(
-            x,
-            self.running_mean,
-            self.running_var,
-            self.weight,
-            self.bias,
-            use_input_stats=use_input_stats,
-            momentum=self.momentum if self.momentum is not None else 0.0,
-            eps=self.eps,
-        )
 
 
 _IN_DOC = """Instance Normalization over {input} (Ulyanov et al. 2016, arXiv 1607.08022).
@@ -384,14 +151,14 @@ _IN_DOC = """Instance Normalization over {input} (Ulyanov et al. 2016, arXiv 160
     """
 
 
-class InstanceNorm1d(_InstanceNorm):
+class InstanceNorm1d(InstanceNormBase):
     __doc__ = _IN_DOC.format(
         input="a 3D input", shape="(N, C, L) or (C, L)", name="InstanceNorm1d", example="8, 16, 10"
     )
     _batched_rank = 3
 
 
-class InstanceNorm2d(_InstanceNorm):
+class InstanceNorm2d(InstanceNormBase):
     __doc__ = _IN_DOC.format(
         input="a 4D input",
         shape="(N, C, H, W) or (C, H, W)",
@@ -401,7 +168,7 @@ class InstanceNorm2d(_InstanceNorm):
     _batched_rank = 4
 
 
-class InstanceNorm3d(_InstanceNorm):
+class InstanceNorm3d(InstanceNormBase):
     __doc__ = _IN_DOC.format(
         input="a 5D input",
         shape="(N, C, D, H, W) or (C, D, H, W)",
@@ -464,27 +231,16 @@ class LayerNorm(nn.Module):
         super().__init__()
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.normalized_shape = _as_shape(normalized_shape)
-        self.eps = _check_eps(eps)
+        self.eps = checks.eps_arg(eps)
         self.elementwise_affine = elementwise_affine
         self.weight: nn.Parameter | None
         self.bias: nn.Parameter | None
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        register_affine(self, self.normalized_shape, elementwise_affine, bias, factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Weight 1, bias 0."""
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        reset_affine(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
@@ -526,6 +282,14 @@ class GroupNorm(nn.Module):
     Example:
         >>> m = GroupNorm(4, 16)
         >>> y = m(torch.randn(2, 16, 8, 8))
+
+    The math that runs: :func:`covshift.nn.functional.group_norm` ->
+    :func:`covshift.nn.layout.group_norm_layout` (the (N, G, C/G, *) view) ->
+    :func:`covshift.nn.reference.forward` / :func:`~covshift.nn.reference.backward`
+    (their per-channel branch, (5.1)-(5.5)), whichever path runs
+    (:mod:`covshift.nn.backend`). Derivation: docs/derivations.md §1, §3, §5. Tests:
+    tests/nn/test_layers.py (``test_groupnorm_*``, against torch.nn),
+    tests/nn/test_autograd.py (gradcheck, double backward), tests/nn/test_native.py.
     """
 
     def __init__(
@@ -541,35 +305,24 @@ class GroupNorm(nn.Module):
     ) -> None:
         super().__init__()
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        _check_positive_int(num_groups, "num_groups")
-        _check_positive_int(num_channels, "num_channels")
+        checks.positive_int(num_groups, "num_groups")
+        checks.positive_int(num_channels, "num_channels")
         if num_channels % num_groups != 0:
             raise ValueError(
                 f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})"
             )
         self.num_groups = int(num_groups)
         self.num_channels = int(num_channels)
-        self.eps = _check_eps(eps)
+        self.eps = checks.eps_arg(eps)
         self.affine = affine
         self.weight: nn.Parameter | None
         self.bias: nn.Parameter | None
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_channels, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_channels, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        register_affine(self, num_channels, affine, bias, factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Weight 1, bias 0."""
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        reset_affine(self)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() >= 2 and x.shape[1] != self.num_channels:
@@ -622,22 +375,17 @@ class RMSNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.normalized_shape = _as_shape(normalized_shape)
-        self.eps = None if eps is None else _check_eps(eps)
+        self.eps = None if eps is None else checks.eps_arg(eps)
         self.elementwise_affine = elementwise_affine
         self.weight: nn.Parameter | None
-        if elementwise_affine:
-            self.weight = nn.Parameter(
-                torch.empty(self.normalized_shape, device=device, dtype=dtype)
-            )
-        else:
-            self.register_parameter("weight", None)
+        register_affine(self, self.normalized_shape, elementwise_affine, None, factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Weight 1."""
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
+        reset_affine(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)

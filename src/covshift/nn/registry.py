@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 from torch import nn
 
-from covshift.nn import layers
+from covshift.nn import kinds
+from covshift.nn.noise import NoisyNorm
 
 NormFactory = Callable[..., nn.Module]
 
@@ -86,18 +87,20 @@ def _keywords(factory: NormFactory, num_features: int, dims: int) -> list[str]:
     ]
 
 
-_BATCH = {1: layers.BatchNorm1d, 2: layers.BatchNorm2d, 3: layers.BatchNorm3d}
-_INSTANCE = {1: layers.InstanceNorm1d, 2: layers.InstanceNorm2d, 3: layers.InstanceNorm3d}
+def _class(kind: str, dims: int) -> type[nn.Module]:
+    """The covshift class of ``kind`` for inputs of spatial rank ``dims``."""
+    classes = kinds.get(kind).classes
+    return classes[dims] if dims in classes else classes[None]
 
 
 @register_norm("batch")
 def _batch(num_features: int, *, dims: int, **kw: object) -> nn.Module:
-    return _BATCH[dims](num_features, **kw)
+    return _class("batch", dims)(num_features, **kw)
 
 
 @register_norm("instance")
 def _instance(num_features: int, *, dims: int, **kw: object) -> nn.Module:
-    return _INSTANCE[dims](num_features, **kw)
+    return _class("instance", dims)(num_features, **kw)
 
 
 @register_norm("layer")
@@ -105,8 +108,8 @@ def _layer(num_features: int, *, dims: int, **kw: object) -> nn.Module:
     # Over the channels of each sample (and, for images, through GroupNorm(1, C):
     # LayerNorm over (C, *spatial) with a per-channel affine).
     if dims == 1:
-        return layers.LayerNorm(num_features, **kw)  # type: ignore[arg-type]
-    return layers.GroupNorm(1, num_features, **kw)  # type: ignore[arg-type]
+        return _class("layer", dims)(num_features, **kw)  # type: ignore[arg-type]
+    return _class("group", dims)(1, num_features, **kw)  # type: ignore[arg-type]
 
 
 def default_num_groups(num_channels: int, *, dims: int, preferred: int = 32) -> int:
@@ -132,49 +135,39 @@ def _group(
 ) -> nn.Module:
     # An explicit num_groups is used as given (GroupNorm checks that it divides C).
     groups = default_num_groups(num_features, dims=dims) if num_groups is None else num_groups
-    return layers.GroupNorm(groups, num_features, **kw)  # type: ignore[arg-type]
+    return _class("group", dims)(groups, num_features, **kw)  # type: ignore[arg-type]
 
 
 @register_norm("rms")
 def _rms(num_features: int, *, dims: int, **kw: object) -> nn.Module:
-    return layers.RMSNorm(num_features, **kw)  # type: ignore[arg-type]
+    return _class("rms", dims)(num_features, **kw)  # type: ignore[arg-type]
 
 
-# Variants (covshift.nn.renorm, ghost, noise, sync); imported when built so that this
-# module stays importable from theirs.
+# Variants (covshift.nn.renorm, ghost, noise, sync): their classes from the registry
+# of kinds, where each registers itself.
 
 
 @register_norm("batch_renorm")
 def _batch_renorm(num_features: int, *, dims: int, **kw: object) -> nn.Module:
-    from covshift.nn import renorm
-
-    cls = {1: renorm.BatchRenorm1d, 2: renorm.BatchRenorm2d, 3: renorm.BatchRenorm3d}[dims]
-    return cls(num_features, **kw)  # type: ignore[arg-type]
+    return _class("batch_renorm", dims)(num_features, **kw)
 
 
 @register_norm("ghost_batch")
 def _ghost_batch(num_features: int, *, dims: int, **kw: object) -> nn.Module:
-    from covshift.nn import ghost
-
-    cls = {1: ghost.GhostBatchNorm1d, 2: ghost.GhostBatchNorm2d, 3: ghost.GhostBatchNorm3d}[dims]
-    return cls(num_features, **kw)  # type: ignore[arg-type]
+    return _class("ghost_batch", dims)(num_features, **kw)
 
 
 @register_norm("batch_noisy")
 def _batch_noisy(num_features: int, *, dims: int, **kw: object) -> nn.Module:
     # Santurkar et al.'s "noisy BN": BatchNorm then non-stationary noise. The noise's
     # own arguments (generator, mean_range, ...) go to NormNoise, the rest to BN.
-    from covshift.nn.noise import NoisyNorm
-
     noise_keys = ("generator", "mean_range", "scale_range", "mean_spread", "scale_std")
     noise_kw = {k: kw.pop(k) for k in noise_keys if k in kw}
-    return NoisyNorm(_BATCH[dims](num_features, **kw), **noise_kw)  # type: ignore[arg-type]
+    return NoisyNorm(_class("batch", dims)(num_features, **kw), **noise_kw)  # type: ignore[arg-type]
 
 
 @register_norm("sync_batch")
 def _sync_batch(num_features: int, *, dims: int, **kw: object) -> nn.Module:
-    from covshift.nn.sync import SyncBatchNorm
-
-    layer = SyncBatchNorm(num_features, **kw)  # type: ignore[arg-type]
-    layer.original_class = _BATCH[dims]  # what revert_sync_batchnorm restores
+    layer = _class("sync_batch", dims)(num_features, **kw)
+    layer.original_class = _class("batch", dims)  # what revert_sync_batchnorm restores
     return layer

@@ -42,9 +42,11 @@ import numbers
 import torch
 from torch import Tensor
 
+from covshift.nn import checks, kinds
 from covshift.nn import functional as F
-from covshift.nn._running import track_batch
+from covshift.nn._base import BatchNormBase
 from covshift.nn.layers import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from covshift.nn.running import track_batch
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "renorm_limits"]
 
@@ -97,8 +99,15 @@ def _check_schedule(
     return float(r_max), float(d_max)
 
 
-class _BatchRenorm:
-    """Batch Renorm's training forward on top of covshift's BatchNorm (mixin)."""
+class _BatchRenorm(BatchNormBase):
+    """Batch Renorm's training forward on top of covshift's BatchNorm.
+
+    The math: BatchNorm's normalization (:func:`covshift.nn.functional.normalize`, so
+    :func:`covshift.nn.reference.forward` / ``backward`` over the channel layout) with
+    the per-channel affine w' = γ·r, b' = γ·d + β, r and d constants (13.1)-(13.3).
+    Derivation: docs/derivations.md §13. Tests: tests/nn/test_variants.py
+    (``test_renorm_*``).
+    """
 
     def __init__(
         self,
@@ -120,7 +129,7 @@ class _BatchRenorm:
         r_max, d_max = _check_schedule(
             r_max, d_max, warmup_steps, r_max_ramp_steps, d_max_ramp_steps
         )
-        super().__init__(  # type: ignore[call-arg]
+        super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
         )
         self.r_max = r_max
@@ -158,33 +167,31 @@ class _BatchRenorm:
         if not (self.training and self.track_running_stats):
             # Eval: running statistics, as BatchNorm. Training without running
             # statistics has nothing to renormalize towards: plain BatchNorm.
-            return super().forward(x)  # type: ignore[misc]
+            return super().forward(x)
         self._check_input_dim(x)
         dims = (0, *range(2, x.dim()))
         with torch.no_grad():
             mean, var = F.moments(x, dims)  # (C,) each, float32 at least
-            if mean.numel() and x.numel() // x.shape[1] <= 1:
-                raise ValueError(
-                    "Expected more than 1 value per channel when training, got input "
-                    f"size {tuple(x.shape)}"
-                )
+            if mean.numel():  # (an empty batch has no statistics to renormalize with)
+                checks.values_per_channel(x.shape, x.numel() // x.shape[1], empty_ok=False)
             r_max, d_max = self._limits(mean.dtype)
             run_mean = self.running_mean.to(mean.dtype)
             sigma_run = torch.sqrt(self.running_var.to(mean.dtype) + self.eps)
-            r = torch.clamp(torch.sqrt(var + self.eps) / sigma_run, 1 / r_max, r_max)
-            d = torch.clamp((mean - run_mean) / sigma_run, -d_max, d_max)
-        # gamma * (xhat * r + d) + beta as one per-channel affine of xhat; r and d are
-        # constants, so autograd gives dgamma = sum(dy * xhat) * r + sum(dy) * d.
+            r = torch.clamp(torch.sqrt(var + self.eps) / sigma_run, 1 / r_max, r_max)  # (13.1)
+            d = torch.clamp((mean - run_mean) / sigma_run, -d_max, d_max)  # (13.1)
+        # gamma * (xhat * r + d) + beta as one per-channel affine of xhat (13.2); r and
+        # d are constants, so autograd gives dgamma = sum(dy * xhat) * r + sum(dy) * d
+        # (13.3).
         weight = r if self.weight is None else self.weight * r.to(self.weight.dtype)
         shift = d if self.weight is None else self.weight * d.to(self.weight.dtype)
         bias = shift if self.bias is None else shift + self.bias
         y = F.normalize(x, dims, weight, bias, eps=self.eps, channel_dim=1)
-        track_batch(self, mean, var, x.numel() // x.shape[1])
+        track_batch(self, mean, var, x.numel() // x.shape[1])  # (7.1)-(7.3)
         return y
 
     def extra_repr(self) -> str:
         return (
-            f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, "  # type: ignore[misc]
+            f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, "
             f"warmup_steps={self.warmup_steps}, r_max_ramp_steps={self.r_max_ramp_steps}, "
             f"d_max_ramp_steps={self.d_max_ramp_steps}"
         )
@@ -253,3 +260,13 @@ class BatchRenorm3d(_BatchRenorm, BatchNorm3d):
         name="BatchRenorm3d",
         example="4, 16, 3, 5, 5",
     )
+
+
+kinds.register(
+    kinds.NormKind(
+        "batch_renorm",
+        {1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d},
+        {},
+        batch_statistics=True,
+    )
+)

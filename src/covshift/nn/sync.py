@@ -29,7 +29,6 @@ up to about 1e4.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -37,8 +36,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
+from covshift.nn import checks, kinds, sync_convert
 from covshift.nn import functional as CF
-from covshift.nn.layers import _NormBase
+from covshift.nn import running as running_stats
+from covshift.nn._base import BatchNormBase
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm"]
 
@@ -105,15 +106,15 @@ def _global_moments(x: Tensor, group: ProcessGroup | None) -> tuple[Tensor, Tens
     if n > 0:
         mean, var = CF.moments(x, _reduce_dims(x))  # (C,) local, two-pass, stat dtype
         mean = mean.to(sum_dtype)
-        s1 = mean * n
-        s2 = (var.to(sum_dtype) + mean * mean) * n
+        s1 = mean * n  # (12.1)
+        s2 = (var.to(sum_dtype) + mean * mean) * n  # (12.1)
     else:  # an empty shard still joins the collective
         s1 = s2 = x.new_zeros(c, dtype=sum_dtype)
     count = torch.full((1,), float(n), dtype=sum_dtype, device=x.device)
     total = _AllReduceSum.apply(torch.cat([s1, s2, count]), group)  # (2C + 1,)
     s1, s2, big_n = total[:c], total[c : 2 * c], total[2 * c]
-    mean = s1 / big_n
-    var = (s2 / big_n - mean * mean).clamp_min(0)  # rounding can dip below 0
+    mean = s1 / big_n  # (12.2)
+    var = (s2 / big_n - mean * mean).clamp_min(0)  # (12.2); rounding can dip below 0
     return mean.to(_stat_dtype(x)), var.to(_stat_dtype(x)), big_n
 
 
@@ -142,10 +143,11 @@ def _backward(
         g_dy = both[:c] / big_n.to(stat)
         g_dy_xhat = both[c:] / big_n.to(stat)
         scale = invstd if weight is None else weight.to(stat) * invstd  # (C,)
-        dx = _channel_view(scale, x) * (
+        dx = _channel_view(scale, x) * (  # (12.3)
             dy_s - _channel_view(g_dy, x) - xhat * _channel_view(g_dy_xhat, x)
         )
         dx = dx.to(x.dtype)
+    # (12.4), the local sums: DDP reduces parameter gradients itself.
     dweight = sum_dy_xhat.to(weight.dtype) if needs[1] and weight is not None else None
     dbias = sum_dy.to(bias_dtype) if needs[2] and bias_dtype is not None else None
     return dx, dweight, dbias
@@ -235,25 +237,21 @@ def sync_batch_norm(
     c = input.shape[1]
     with torch.no_grad():
         mean, var, big_n = _global_moments(input.detach(), process_group)
-    if input.numel() // max(c, 1) <= 1 and big_n.item() <= 1:
+    if input.numel() // max(c, 1) <= 1:
         # Only checked on the host when this rank alone cannot rule it out: the
         # global count lives on the device and reading it costs a sync.
-        raise ValueError(
-            "Expected more than 1 value per channel when training, got input size "
-            f"{tuple(input.shape)} (summed over the process group)"
-        )
+        where = " (summed over the process group)"
+        checks.values_per_channel(input.shape, int(big_n.item()), empty_ok=False, where=where)
     if running_mean is not None and running_var is not None:
-        with torch.no_grad():
-            unbiased = var * (big_n / (big_n - 1).clamp_min(1)).to(var.dtype)
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-            running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+        bessel = running_stats.bessel(big_n)  # the global count, on the device
+        running_stats.update(running_mean, running_var, mean, var, momentum, bessel)
     invstd = torch.rsqrt(var + eps)
     return _SyncBatchNormFunction.apply(
         input, weight, bias, mean, invstd, big_n, eps, process_group
     )
 
 
-class SyncBatchNorm(_NormBase):
+class SyncBatchNorm(BatchNormBase):
     """Batch normalization whose batch statistics span a torch.distributed group.
 
     ``y = (x - E[x]) / sqrt(Var[x] + eps) * gamma + beta`` where ``E`` and ``Var``
@@ -305,7 +303,7 @@ class SyncBatchNorm(_NormBase):
         # registry), so that revert_sync_batchnorm can restore it.
         self.original_class: type[nn.Module] | None = None
 
-    def forward(self, input: Tensor) -> Tensor:
+    def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
         if input.shape[1] != self.num_features:
@@ -313,38 +311,25 @@ class SyncBatchNorm(_NormBase):
                 f"expected input with {self.num_features} channels in dim 1 "
                 f"(num_features), got shape {tuple(input.shape)}"
             )
+
+    def forward(self, input: Tensor) -> Tensor:
         # As torch's SyncBatchNorm: synchronize only in training. Eval may run on one
         # rank alone (validation on rank 0) and must not wait for the others.
-        if self.training and _world_size(self.process_group) > 1:
-            factor = 0.0 if self.momentum is None else self.momentum
-            if self.track_running_stats:
-                self.num_batches_tracked.add_(1)
-                if self.momentum is None:  # cumulative moving average
-                    factor = 1.0 / float(self.num_batches_tracked)
-            return sync_batch_norm(
-                input,
-                self.running_mean if self.track_running_stats else None,
-                self.running_var if self.track_running_stats else None,
-                self.weight,
-                self.bias,
-                factor,
-                self.eps,
-                self.process_group,
-            )
-        # Alone: exactly covshift's (and torch's) BatchNorm.
-        use_batch_stats = self.training or self.running_mean is None
-        pass_buffers = not self.training or self.track_running_stats
-        counting = self.training and self.track_running_stats
-        return CF.batch_norm(
+        if not (self.training and _world_size(self.process_group) > 1):
+            return super().forward(input)  # alone: exactly BatchNorm
+        self._check_input_dim(input)
+        tracking = self.track_running_stats
+        counter = self.num_batches_tracked if tracking else None
+        factor = running_stats.step_factor(self.momentum, counter, tracking)
+        return sync_batch_norm(
             input,
-            self.running_mean if pass_buffers else None,
-            self.running_var if pass_buffers else None,
+            self.running_mean if tracking else None,
+            self.running_var if tracking else None,
             self.weight,
             self.bias,
-            training=use_batch_stats,
-            momentum=self.momentum,
-            eps=self.eps,
-            num_batches_tracked=self.num_batches_tracked if counting else None,
+            factor,
+            self.eps,
+            self.process_group,
         )
 
     def extra_repr(self) -> str:
@@ -373,22 +358,7 @@ class SyncBatchNorm(_NormBase):
             'SyncBatchNorm'
         """
 
-        def swap(m: nn.Module) -> nn.Module | None:
-            if isinstance(m, cls) or not _is_plain_batchnorm(m, warn=True):
-                return None
-            new = cls(
-                m.num_features,
-                m.eps,
-                m.momentum,
-                m.affine,
-                m.track_running_stats,
-                process_group,
-            )
-            new.original_class = getattr(m, "original_class", None) or type(m)
-            _share_state(m, new)
-            return new
-
-        return _replace_modules(module, swap)
+        return sync_convert.to_sync(module, cls, process_group)
 
     @staticmethod
     def revert_sync_batchnorm(module: nn.Module, to: type[nn.Module] | None = None) -> nn.Module:
@@ -404,93 +374,11 @@ class SyncBatchNorm(_NormBase):
                 input rank decides between BatchNorm1d/2d/3d and only you know it).
         """
 
-        def swap(m: nn.Module) -> nn.Module | None:
-            if not isinstance(m, (SyncBatchNorm, nn.SyncBatchNorm)):
-                return None
-            target = getattr(m, "original_class", None) or to
-            if target is None:
-                raise ValueError(
-                    f"{type(m).__name__}({m.num_features}) has no record of the class it "
-                    "replaced; pass to=nn.BatchNorm1d/2d/3d (or covshift's) to revert it"
-                )
-            new = target(
-                m.num_features,
-                eps=m.eps,
-                momentum=m.momentum,
-                affine=m.affine,
-                track_running_stats=m.track_running_stats,
-            )
-            _share_state(m, new)
-            return new
-
-        return _replace_modules(module, swap)
+        return sync_convert.from_sync(module, to)
 
 
-def _batchnorm_bases() -> tuple[type[nn.Module], ...]:
-    """The BatchNorm classes with batch statistics and no extra behaviour."""
-    bases: list[type[nn.Module]] = [
-        nn.BatchNorm1d,
-        nn.BatchNorm2d,
-        nn.BatchNorm3d,
-        nn.SyncBatchNorm,
-    ]
-    try:  # covshift's own, once they exist (imported lazily: layers may import us)
-        from covshift.nn import layers
-
-        bases += [
-            getattr(layers, f"BatchNorm{d}d")
-            for d in (1, 2, 3)
-            if hasattr(layers, f"BatchNorm{d}d")
-        ]
-    except ImportError:
-        pass
-    return tuple(bases)
-
-
-def _is_plain_batchnorm(m: nn.Module, *, warn: bool = False) -> bool:
-    """True for a BatchNorm (or a subclass that keeps its base's ``forward``, e.g. a
-    timm-style subclass adding attributes); a subclass with its own ``forward``
-    (a fused activation, Batch Renorm, Ghost BN) is not plain: swapping it would
-    change what it computes."""
-    for base in _batchnorm_bases():
-        if isinstance(m, base):
-            if type(m).forward is base.forward:
-                return True
-            if warn:
-                warnings.warn(
-                    f"{type(m).__name__} subclasses {base.__name__} but overrides forward; "
-                    "left unconverted (converting it would drop its extra behaviour)",
-                    stacklevel=4,
-                )
-            return False
-    return False
-
-
-def _share_state(src: nn.Module, dst: nn.Module) -> None:
-    """Make ``dst`` use ``src``'s parameter and buffer objects, and its mode."""
-    with torch.no_grad():
-        if src.weight is not None and dst.weight is not None:
-            dst.weight = src.weight
-            dst.bias = src.bias
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            if getattr(src, name, None) is not None and getattr(dst, name, None) is not None:
-                setattr(dst, name, getattr(src, name))
-    dst.train(src.training)
-
-
-def _replace_modules(root: nn.Module, swap: Any) -> nn.Module:
-    """Apply ``swap(m) -> replacement | None`` to ``root`` and, below replaced-not
-    modules, to every descendant; a module shared by several parents is replaced once."""
-    done: dict[int, nn.Module | None] = {}
-
-    def visit(m: nn.Module) -> nn.Module:
-        if id(m) not in done:
-            done[id(m)] = swap(m)
-            if done[id(m)] is None:
-                for name, child in list(m.named_children()):
-                    new = visit(child)
-                    if new is not child:
-                        setattr(m, name, new)
-        return done[id(m)] or m
-
-    return visit(root)
+kinds.register(
+    kinds.NormKind(
+        "sync_batch", {None: SyncBatchNorm}, {None: nn.SyncBatchNorm}, batch_statistics=True
+    )
+)

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from covshift.nn import kinds
+
 __all__ = [
     "AUTO_MODES",
     "Selection",
@@ -43,23 +45,8 @@ __all__ = [
 
 LayerSpec = str | type[nn.Module]
 
-_NORM_TYPES: tuple[type[nn.Module], ...] = tuple(
-    t
-    for t in (
-        nn.BatchNorm1d,
-        nn.BatchNorm2d,
-        nn.BatchNorm3d,
-        nn.SyncBatchNorm,
-        nn.InstanceNorm1d,
-        nn.InstanceNorm2d,
-        nn.InstanceNorm3d,
-        nn.LayerNorm,
-        nn.GroupNorm,
-        nn.LocalResponseNorm,
-        getattr(nn, "RMSNorm", None),  # torch >= 2.4
-    )
-    if t is not None
-)
+# torch.nn's norm classes, from covshift.nn's registry of norm kinds, and LocalResponseNorm.
+_NORM_TYPES: tuple[type[nn.Module], ...] = (*kinds.torch_classes(), nn.LocalResponseNorm)
 # Norms from other libraries (covshift.nn, timm, user code) are recognized by name.
 _NORM_NAME = re.compile(r"(Norm|Renorm|Normalization)(\d+d)?$")
 

@@ -1,0 +1,284 @@
+"""Argument checks of the normalization family: one function and one message per rule.
+
+Each raises the exception type torch.nn raises for that input (ValueError for a bad
+value or a batch with one value per channel, RuntimeError for a tensor whose shape
+does not fit the layer), with torch's wording where torch has one, and says what to
+do next where it can. Two groups:
+
+- at construction (``eps_arg``, ``momentum_arg``, ``positive_int``): the layers check
+  their arguments when they are built, which torch does not;
+- at call time (everything else): the functional wrappers and :mod:`.layout` call
+  them on the first call per argument shapes (see :func:`.layout.remembered`), and
+  the value checks (eps) on every call.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+from torch import Tensor
+
+__all__ = [
+    "batch_norm",
+    "batch_norm_eps",
+    "channel_affine",
+    "dims",
+    "eps",
+    "eps_arg",
+    "group_norm",
+    "groups",
+    "groups_need_channel_dim",
+    "momentum_arg",
+    "per_channel",
+    "positive_int",
+    "same_affine_shapes",
+    "spatial_size",
+    "trailing_affine",
+    "trailing_shape",
+    "values_per_channel",
+    "values_per_virtual_batch",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Constructor arguments
+# --------------------------------------------------------------------------------------
+
+
+def eps_arg(eps: float) -> float:
+    """A layer's ``eps``: a finite real > 0, returned as a float."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps):
+        raise ValueError(f"eps must be a positive finite float (such as 1e-5), got {eps!r}")
+    if eps <= 0:
+        raise ValueError(
+            f"eps must be > 0 (it keeps 1/sqrt(var + eps) finite when a channel is "
+            f"constant), got {eps!r}; use a small positive value such as 1e-5"
+        )
+    return float(eps)
+
+
+def momentum_arg(momentum: float | None) -> float | None:
+    """A layer's ``momentum``: a real in [0, 1], or None (cumulative average)."""
+    if momentum is None:
+        return None
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise ValueError(f"momentum must be a float in [0, 1] or None, got {momentum!r}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(
+            f"momentum must be in [0, 1] (running = (1 - momentum) * running + momentum * "
+            f"batch), or None for a cumulative average; got {momentum!r}"
+        )
+    return float(momentum)
+
+
+def positive_int(value: int, name: str, meaning: str = "") -> int:
+    """An int >= 1 (not a bool), returned as an int; ``meaning`` goes into the message."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        what = f" ({meaning})" if meaning else ""
+        raise ValueError(f"{name} must be a positive int{what}, got {value!r}")
+    return int(value)
+
+
+# --------------------------------------------------------------------------------------
+# Call-time values
+# --------------------------------------------------------------------------------------
+
+
+def eps(value: float) -> None:
+    """``eps`` of a call of the core: a finite number > 0."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(
+            "eps must be a positive finite number (it keeps 1/sqrt(var + eps) finite), "
+            f"got {value!r}"
+        )
+
+
+def values_per_channel(
+    size: Sequence[int], count: int, *, empty_ok: bool = True, where: str = ""
+) -> None:
+    """Training statistics need more than one value per channel (torch's message).
+
+    ``count`` is the number of values per statistic; an empty batch passes when
+    ``empty_ok`` (torch's BatchNorm then returns an empty output).
+    """
+    if count == 1 or (count == 0 and not empty_ok):
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {size}{where}"
+        )
+
+
+def values_per_virtual_batch(
+    size: tuple[int, ...], virtual_batch_size: int, chunk: int, rest: int, count: int
+) -> None:
+    """Ghost BN: every virtual batch (chunks of ``chunk`` samples, a last one of
+    ``rest``) needs more than one value per channel; ``count`` is the smallest's."""
+    if count <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel in every virtual batch when "
+            f"training, got input size {size} with virtual_batch_size="
+            f"{virtual_batch_size} (chunks of {chunk} and a last one of {rest} sample(s)); "
+            f"use a batch size that is a multiple of virtual_batch_size, or drop the last batch"
+        )
+
+
+def spatial_size(size: Sequence[int]) -> None:
+    """InstanceNorm's statistics need more than one spatial element (torch's message)."""
+    if math.prod(size[2:]) == 1:
+        raise ValueError(
+            f"Expected more than 1 spatial element when training, got input size {size}"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Call-time shapes: the functional wrappers
+# --------------------------------------------------------------------------------------
+
+
+def per_channel(x: Tensor, **tensors: Tensor | None) -> None:
+    """Each given tensor holds one value per channel (dim 1) of ``x``; torch's message."""
+    channels = x.shape[1]
+    for name, t in tensors.items():
+        if t is not None and t.numel() != channels:
+            raise RuntimeError(
+                f"{name} should contain {channels} elements not {t.numel()} "
+                f"(one per channel of the input, whose shape is {tuple(x.shape)})"
+            )
+
+
+def batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    eps: float,
+) -> None:
+    """:func:`~covshift.nn.functional.batch_norm`'s arguments."""
+    if x.dim() < 2:
+        raise ValueError(f"batch_norm expects an input of shape (N, C, *), got {x.dim()}D input")
+    if training:
+        values_per_channel(x.shape, x.shape[0] * math.prod(x.shape[2:]))
+        batch_norm_eps(eps)
+    elif not eps >= 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    per_channel(x, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+
+
+def batch_norm_eps(eps: float) -> None:
+    """BatchNorm's eps in training (torch's message)."""
+    if not eps > 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+
+
+def group_norm(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None) -> None:
+    """:func:`~covshift.nn.functional.group_norm`'s arguments (torch's messages)."""
+    if x.dim() < 2:
+        raise RuntimeError(
+            f"Expected at least 2 dimensions for input tensor but received {x.dim()}"
+        )
+    channels = x.shape[1]
+    if num_groups < 1 or channels % num_groups != 0:
+        raise RuntimeError(
+            f"Expected number of channels in input ({channels}) to be divisible by "
+            f"num_groups ({num_groups}), but got input of shape {tuple(x.shape)}"
+        )
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.numel() != channels:
+            raise RuntimeError(
+                f"Expected {name} to be a vector of size equal to the number of channels "
+                f"in input, but got {name} of shape {list(t.shape)} and input of shape "
+                f"{list(x.shape)}"
+            )
+    # torch's check, on the view torch takes: one value per (sample, group) is not enough.
+    size = [x.shape[0] * channels // num_groups, num_groups, *x.shape[2:]]
+    values_per_channel(size, size[0] * math.prod(size[2:]))
+
+
+def trailing_shape(
+    x: Tensor, normalized_shape: int | Sequence[int], rms: bool = False
+) -> tuple[int, ...]:
+    """LayerNorm's/RMSNorm's ``normalized_shape`` is the trailing shape of ``x``."""
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    k = len(shape)
+    if k == 0 or x.dim() < k or tuple(x.shape[x.dim() - k :]) != shape:
+        star = "*" if rms else "*, "
+        raise RuntimeError(
+            f"Given normalized_shape={list(shape)}, expected input with shape "
+            f"[{star}{', '.join(map(str, shape))}], but got input of size{list(x.shape)}"
+        )
+    return shape
+
+
+# --------------------------------------------------------------------------------------
+# Call-time shapes: the general core (resolve_layout)
+# --------------------------------------------------------------------------------------
+
+
+def dims(value: int | Sequence[int], ndim: int, name: str) -> tuple[int, ...]:
+    """Dims of a ``ndim``-D input, at least one, none twice; returned sorted, >= 0."""
+    seq = (value,) if isinstance(value, int) else tuple(value)
+    if not seq:
+        raise ValueError(f"{name} must name at least one dim, got {value!r}")
+    out = []
+    for d in seq:
+        if not isinstance(d, int) or not -ndim <= d < ndim:
+            raise ValueError(
+                f"{name} must be ints in [-{ndim}, {ndim - 1}] for a {ndim}D input, got {value!r}"
+            )
+        out.append(d % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name} names a dim twice: {value!r}")
+    return tuple(sorted(out))
+
+
+def same_affine_shapes(weight: Sequence[int] | None, bias: Sequence[int] | None) -> None:
+    """Weight and bias, when both are given, have the same shape."""
+    if weight is not None and bias is not None and tuple(weight) != tuple(bias):
+        raise ValueError(
+            f"weight and bias must have the same shape, got {tuple(weight)} and {tuple(bias)}"
+        )
+
+
+def groups_need_channel_dim(groups: int | None) -> None:
+    """Groups split a channel dim, so there must be one."""
+    if groups is not None:
+        raise ValueError("groups splits the channel dim: pass channel_dim (an int) with it")
+
+
+def trailing_affine(affine: Sequence[int], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A trailing-shape affine matches the trailing dims of the input."""
+    affine = tuple(affine)
+    if len(affine) > len(shape) or shape[len(shape) - len(affine) :] != affine:
+        raise ValueError(
+            f"with channel_dim=None the affine weight/bias must match the trailing "
+            f"dims of the input: got shape {affine} for input shape {shape}"
+        )
+    return affine
+
+
+def groups(value: int, channels: int, channel_dim: int, reduce_dims: tuple[int, ...]) -> None:
+    """Groups of channels are reduced together and divide the channels."""
+    if channel_dim not in reduce_dims:
+        raise ValueError(
+            f"groups={value} normalizes groups of channels together, so "
+            f"reduce_dims must include channel_dim={channel_dim}; got reduce_dims={reduce_dims}"
+        )
+    if not isinstance(value, int) or value < 1 or channels % value != 0:
+        raise ValueError(
+            f"groups must be a positive int that divides the {channels} channels "
+            f"of dim {channel_dim}, got {value!r}"
+        )
+
+
+def channel_affine(
+    affine: Sequence[int], channels: int, channel_dim: int, shape: tuple[int, ...]
+) -> None:
+    """A per-channel affine has shape (C,)."""
+    if math.prod(affine) != channels or len(tuple(affine)) != 1:
+        raise ValueError(
+            f"the affine weight/bias must have shape ({channels},), one value per "
+            f"channel of dim {channel_dim} of the input {shape}; got {tuple(affine)}"
+        )

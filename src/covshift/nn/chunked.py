@@ -1,0 +1,259 @@
+"""The chunked fast path: the reference math on the CPU with grad mode off, in pieces.
+
+The same terms as :mod:`covshift.nn.reference`, term for term (docs/derivations.md
+§11), cut along a dim that no statistic spans into pieces of about 2 MB, each piece
+holding whole statistics groups. Only ``y`` and ``dx`` are allocated at full size;
+the deviations x - μ are written into the output piece and transformed in place;
+other temporaries live in a small per-thread workspace reused across calls. (Fresh
+whole-size temporaries would each cost a trip to memory and, once the allocator hands
+the pages back to the OS, page faults that cost more than the arithmetic.)
+
+Used where the native kernels do not apply or are off; :mod:`covshift.nn.backend`
+decides. The tests run it against torch.nn with pieces forced down to one slice.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from covshift.nn import _native
+from covshift.nn.layout import NormLayout
+from covshift.nn.reference import compute_dtype, sum_dims
+
+__all__ = ["backward", "forward", "plan"]
+
+# Chunks of about this many bytes (in the compute dtype). A chunk's temporaries
+# (x - μ, g · x̂, ...) stay in cache between the passes that use them, and they are
+# written with ``out=`` into a workspace reused across calls: fresh whole-size
+# temporaries would each cost a trip to memory and, once the allocator hands the
+# pages back to the OS, page faults that cost more than the arithmetic.
+_CHUNK_BYTES = 2 * 2**20
+# Pieces never exceed this (the workspace holds four of them per thread and dtype);
+# inputs that cannot be cut that small take the plain path.
+_MAX_PIECE_BYTES = 8 * 2**20
+_workspace = threading.local()
+
+
+def _scratch(count: int, shape: Sequence[int], dtype: torch.dtype) -> list[Tensor]:
+    """``count`` contiguous buffers of ``shape`` in ``dtype``, reused across calls.
+
+    Per thread and dtype, grown to the largest piece seen: at most four pieces of
+    ``_MAX_PIECE_BYTES``, usually four of about ``_CHUNK_BYTES`` (8 MB).
+    """
+    pool: dict[torch.dtype, list[Tensor]] = getattr(_workspace, "pool", None) or {}
+    _workspace.pool = pool
+    numel = math.prod(shape)
+    bufs = pool.get(dtype, [])
+    if len(bufs) < count or bufs[0].numel() < numel:
+        size = max(numel, bufs[0].numel() if bufs else 0)
+        bufs = [torch.empty(size, dtype=dtype) for _ in range(max(count, len(bufs)))]
+        pool[dtype] = bufs
+    return [b[:numel].view(shape) for b in bufs[:count]]
+
+
+def plan(layout: NormLayout, x: Tensor, dtype: torch.dtype) -> tuple[int, int] | None:
+    """``(dim, step)``: split the view along ``dim`` (not reduced) in pieces of ``step``.
+
+    Every piece holds whole statistics groups, so pieces are independent. None (use
+    the plain path) where :func:`._native.cpu_eager` says no: off the CPU, where the
+    caching allocator makes temporaries cheap, and under torch.compile.
+    """
+    if not _native.cpu_eager(x):
+        return None
+    total = x.numel() * torch.empty((), dtype=dtype).element_size()
+    shape = layout.view_shape
+    for d, n in enumerate(shape):
+        if d not in layout.stat_dims and n > 1:
+            if total // n > _MAX_PIECE_BYTES:
+                return None  # one slice alone is big: no workspace that size
+            return d, max(1, _CHUNK_BYTES // (total // n))
+    return (0, shape[0]) if total <= _MAX_PIECE_BYTES else None  # one piece
+
+
+def _pieces(t: Tensor | None, dim: int, step: int, count: int) -> Sequence[Tensor | None]:
+    """``t`` split along ``dim`` into ``count`` pieces in one call, or repeated if it
+    broadcasts along ``dim``. (Per-piece ``narrow`` calls would cost more than the
+    arithmetic on small pieces: every torch call is a few microseconds.)"""
+    if t is None or t.dim() <= dim or t.shape[dim] == 1:
+        return [t] * count
+    return t.split(step, dim)
+
+
+def forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    layout: NormLayout,
+    eps: float,
+    subtract_mean: bool,
+    pieces: tuple[int, int],
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """:func:`covshift.nn.reference.forward` in the pieces ``(dim, step)`` of :func:`plan`."""
+    dtype = compute_dtype(x.dtype)
+    m = layout.count
+    sdims = layout.stat_dims
+    dim, step = pieces
+    xv = x.reshape(layout.view_shape)
+    y = torch.empty_like(xv)  # the one full-size allocation; keeps x's memory format
+    w = _affine_view(weight, layout, dtype)
+    b = _affine_view(bias, layout, dtype)
+    same = x.dtype == dtype  # else: half input, float32 work in the workspace
+    means, rstds, variances = [], [], []
+    xs, ys = xv.split(step, dim), y.split(step, dim)
+    ws, bs = _pieces(w, dim, step, len(xs)), _pieces(b, dim, step, len(xs))
+    bufs: list[Tensor] = []
+    for xin, out, wc, bc in zip(xs, ys, ws, bs, strict=True):
+        if not bufs or bufs[0].shape != xin.shape:
+            bufs = _scratch(3, xin.shape, dtype)
+        sq, xbuf, wbuf = bufs
+        xf = xin if same else xbuf.copy_(xin)
+        work = out if same else wbuf
+        # Two passes: μ, then σ² = mean((x - μ)²). The deviations are written straight
+        # into the output chunk, and every later step works in place on it (in-place
+        # ops run several times faster than out-of-place ones with broadcasting).
+        if subtract_mean:
+            mean = xf.sum(sdims, keepdim=True).div_(m)  # (1.1)
+            torch.sub(xf, mean, out=work)
+        else:
+            mean = None
+            work.copy_(xf)
+        var = torch.mul(work, work, out=sq).sum(sdims, keepdim=True).div_(m)  # (1.2)
+        rstd = (var + eps).rsqrt_()  # (1.3)
+        if layout.per_channel:
+            work.mul_(rstd if wc is None else rstd * wc)  # (1.4)-(1.5): (x - μ)·(r·w)
+        else:
+            work.mul_(rstd)
+            if wc is not None:
+                work.mul_(wc)
+        if bc is not None:
+            work.add_(bc)
+        if work is not out:
+            out.copy_(work)
+        means.append(mean)
+        rstds.append(rstd)
+        variances.append(var)
+    mean = None if means[0] is None else _join(means, dim)
+    return y.reshape(layout.shape), mean, _join(rstds, dim), _join(variances, dim)
+
+
+def backward(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor | None,
+    rstd: Tensor,
+    weight: Tensor | None,
+    layout: NormLayout,
+    needs: tuple[bool, bool, bool],
+    pieces: tuple[int, int],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """:func:`covshift.nn.reference.backward` in the pieces ``(dim, step)`` of :func:`plan`."""
+    need_dx, need_dw, need_db = needs
+    dtype = rstd.dtype
+    m = layout.count
+    dim, step = pieces
+    xv = x.reshape(layout.view_shape)
+    gv = grad_out.reshape(layout.view_shape)
+    w = _affine_view(weight, layout, dtype)
+    dx = torch.empty_like(xv) if need_dx else None
+    same = x.dtype == dtype and grad_out.dtype == dtype
+    dw_parts: list[Tensor] = []
+    db_parts: list[Tensor] = []
+    pdims, sdims = layout.partial_dims, layout.stat_dims
+    in_group = tuple(d for d in sdims if d not in pdims)
+    xs, gs = xv.split(step, dim), gv.split(step, dim)
+    k = len(xs)
+    outs = dx.split(step, dim) if dx is not None else [None] * k
+    mus, rss, wcs = (
+        _pieces(mean, dim, step, k),
+        _pieces(rstd, dim, step, k),
+        _pieces(w, dim, step, k),
+    )
+    bufs: list[Tensor] = []
+    for xin, gin, out, mu, rs, wc in zip(xs, gs, outs, mus, rss, wcs, strict=True):
+        if not bufs or bufs[0].shape != xin.shape:
+            bufs = _scratch(4, xin.shape, dtype)
+        prod, gw, work, gf = bufs
+        # The deviations x - μ go into the dx piece (when it has the compute dtype),
+        # which later steps turn into dx in place.
+        if same and out is not None:
+            work = out
+        g = gin if gin.dtype == dtype else gf.copy_(gin)
+        xc = torch.sub(xin, mu, out=work) if mu is not None else work.copy_(xin)
+        if layout.per_channel:
+            sum_g = _psum(g, pdims) if (need_db or mu is not None) else None  # S1 (5.1)
+            sum_gxc = _psum(torch.mul(g, xc, out=prod), pdims)  # S2 (5.1)
+            if need_db:
+                assert sum_g is not None
+                db_parts.append(sum_dims(sum_g, layout.affine_dims))
+            if need_dw:
+                dw_parts.append(sum_dims(sum_gxc * rs, layout.affine_dims))
+            if out is not None:
+                # dx = a·g + β·(x - μ) + γ (5.3), in place on x - μ.
+                a = rs if wc is None else rs * wc
+                s2 = sum_dims(sum_gxc if wc is None else sum_gxc * wc, in_group)
+                xc.mul_(-(rs * rs * rs / m) * s2)
+                if mu is not None:
+                    assert sum_g is not None
+                    xc.sub_((rs / m) * sum_dims(sum_g if wc is None else sum_g * wc, in_group))
+                xc.addcmul_(g, a)
+                if xc is not out:
+                    assert out is not None
+                    out.copy_(xc)
+        else:
+            xhat = xc.mul_(rs)
+            if need_db:
+                db_parts.append(_psum(g, layout.affine_dims))
+            gx = torch.mul(g, xhat, out=prod)
+            if need_dw:
+                dw_parts.append(_psum(gx, layout.affine_dims))
+            if out is not None:
+                # dx = r·h - x̂·(r/M)·S2 - (r/M)·S1 (6.2), in place on x̂.
+                gwc = g if wc is None else torch.mul(g, wc, out=gw)
+                s2 = sum_dims(gx if wc is None else gx.mul_(wc), sdims).mul_(rs / m)
+                xhat.mul_(s2.neg_())
+                if mu is not None:
+                    xhat.sub_(sum_dims(gwc, sdims).mul_(rs / m))
+                xhat.addcmul_(gwc, rs)
+                if xhat is not out:
+                    assert out is not None
+                    out.copy_(xhat)
+    dw = db = None
+    if need_dw:
+        assert layout.param_shape is not None
+        dw = _join_sum(dw_parts, dim, layout).reshape(layout.param_shape)
+    if need_db:
+        assert layout.param_shape is not None
+        db = _join_sum(db_parts, dim, layout).reshape(layout.param_shape)
+    return (None if dx is None else dx.reshape(layout.shape)), dw, db
+
+
+def _psum(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+    # Like sum_dims, but never returns ``t`` itself: it may be a workspace buffer that the
+    # next piece overwrites.
+    return t.sum(dims, keepdim=True) if dims else t.clone()
+
+
+def _join(parts: list[Tensor], dim: int) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def _join_sum(parts: list[Tensor], dim: int, layout: NormLayout) -> Tensor:
+    # Chunks along a dim the affine is constant over contribute partial sums (add
+    # them); along an affine dim they hold disjoint slices (concatenate them).
+    if len(parts) == 1:
+        return parts[0]
+    if dim in layout.affine_dims:
+        return torch.stack(parts).sum(0)
+    return torch.cat(parts, dim)
+
+
+def _affine_view(t: Tensor | None, layout: NormLayout, dtype: torch.dtype) -> Tensor | None:
+    if t is None:
+        return None
+    assert layout.affine_shape is not None
+    return t.to(dtype).reshape(layout.affine_shape)

@@ -1,0 +1,354 @@
+"""Layouts: how a norm views its input and which dims one statistic reduces over.
+
+Every layer of the family is the same computation (:mod:`covshift.nn.reference`)
+over a different :class:`NormLayout`, as flax states each layer's axes. A layout is
+resolved once from shapes (never from values) and remembered per argument set, since
+resolving costs more than a small normalization itself:
+
+- :func:`resolve_layout`: the general case, :func:`covshift.nn.functional.normalize`'s
+  arguments (any reduce dims, groups, a channel or trailing affine);
+- :func:`channel_layout`, :func:`trailing_layout`: the layers' cases (BatchNorm,
+  GroupNorm, InstanceNorm over dim 1; LayerNorm, RMSNorm over the trailing dims)
+  built straight from the shapes, without checks or dict lookups. They give the same
+  layout as :func:`resolve_layout` (a test holds them to it); the torch.compile path
+  uses them because Dynamo guards on every function a call reaches.
+
+docs/derivations.md §1 (one statistics group), §5 (groups, ``partial_dims``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from covshift.nn import checks
+
+__all__ = [
+    "NormLayout",
+    "channel_layout",
+    "count",
+    "remember",
+    "remembered",
+    "resolve_layout",
+    "trailing_layout",
+]
+
+Dims = int | Sequence[int]
+
+
+@dataclass(frozen=True)
+class NormLayout:
+    """How ``x`` is viewed and reduced; resolved once from shapes by :func:`resolve_layout`.
+
+    Attributes:
+        shape: the shape of ``x``.
+        view_shape: ``x``'s shape with the channel dim split into (G, C // G) when
+            grouped, else ``shape``. All the math runs on this view.
+        stat_dims: the dims of the view that one statistic reduces over.
+        partial_dims: ``stat_dims`` minus the within-group channel dim: per-channel
+            partial sums over them, then a sum over the channels of a group, give the
+            group sums without a full-size ``g · w`` temporary (derivations §5).
+        affine_shape: the shape ``weight``/``bias`` are viewed as to broadcast against
+            the view (left-padded with ones to its rank), or None without affine.
+        per_channel: the affine is constant over ``partial_dims``, so the forward
+            and backward can fold it into per-group coefficients (one fused pass);
+            False for a trailing-shape affine over reduced dims (LayerNorm), whose
+            backward works element-wise (derivations §6).
+        count: M, the number of elements per statistic.
+        param_shape: the shape of ``weight``/``bias`` as given, or None.
+    """
+
+    shape: tuple[int, ...]
+    view_shape: tuple[int, ...]
+    stat_dims: tuple[int, ...]
+    partial_dims: tuple[int, ...]
+    affine_shape: tuple[int, ...] | None
+    per_channel: bool
+    count: int
+    param_shape: tuple[int, ...] | None = None
+
+    def __hash__(self) -> int:
+        # Layouts key caches on every call (the native kernels' plans): hash the
+        # fields once, not on every lookup.
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash(tuple(getattr(self, f) for f in self.__dataclass_fields__))
+            object.__setattr__(self, "_hash", h)
+        return h
+
+    @property
+    def affine_dims(self) -> tuple[int, ...]:
+        """Dims of the view along which the affine is constant (dw, db sum over them)."""
+        if self.affine_shape is None:
+            return tuple(range(len(self.view_shape)))
+        return tuple(d for d, n in enumerate(self.affine_shape) if n == 1)
+
+
+def count(shape: Sequence[int], dims: Sequence[int]) -> int:
+    """M, the number of elements of ``shape`` over ``dims``."""
+    m = 1
+    for d in dims:  # a loop, not a generator: torch.compile traces it
+        m *= shape[d]
+    return m
+
+
+# --------------------------------------------------------------------------------------
+# The cache: one dict for resolve_layout's keys and the wrappers' keys
+# --------------------------------------------------------------------------------------
+
+_layouts: dict[tuple, NormLayout] = {}
+_MAX_LAYOUTS = 4096
+
+
+def remembered(key: tuple) -> NormLayout | None:
+    """The layout remembered for ``key`` (an argument set's shapes and ints) on an
+    earlier call, whose shape checks then passed; None the first time, and always under
+    torch.compile (symbolic shapes). Checks of values (eps) still run on every call."""
+    if torch.compiler.is_compiling():
+        return None
+    return _layouts.get(key)
+
+
+def remember(key: tuple, layout: NormLayout) -> None:
+    """Remember ``layout`` for ``key`` (not under torch.compile)."""
+    if torch.compiler.is_compiling():
+        return
+    if len(_layouts) > _MAX_LAYOUTS:  # many shapes seen: start over rather than grow forever
+        _layouts.clear()
+    _layouts[key] = layout
+
+
+# --------------------------------------------------------------------------------------
+# The general case
+# --------------------------------------------------------------------------------------
+
+
+def resolve_layout(
+    shape: Sequence[int],
+    reduce_dims: Dims,
+    *,
+    groups: int | None = None,
+    channel_dim: int | None = 1,
+    weight_shape: Sequence[int] | None = None,
+    bias_shape: Sequence[int] | None = None,
+) -> NormLayout:
+    """Check the arguments of :func:`~covshift.nn.functional.normalize` against ``x``'s
+    shape and resolve the view.
+
+    Layouts are remembered per argument set (eagerly; not under torch.compile, which
+    sees symbolic shapes).
+
+    Raises:
+        ValueError: bad dims, groups that do not divide the channels, an affine whose
+            shape does not fit (the messages of :mod:`covshift.nn.checks`).
+    """
+    if torch.compiler.is_compiling():
+        return _resolve(shape, reduce_dims, groups, channel_dim, weight_shape, bias_shape)
+    key = (
+        tuple(shape),
+        reduce_dims if isinstance(reduce_dims, int) else tuple(reduce_dims),
+        groups,
+        channel_dim,
+        None if weight_shape is None else tuple(weight_shape),
+        None if bias_shape is None else tuple(bias_shape),
+    )
+    layout = _layouts.get(key)
+    if layout is None:
+        layout = _resolve(*key)
+        remember(key, layout)
+    return layout
+
+
+def _resolve(
+    shape: Sequence[int],
+    reduce_dims: Dims,
+    groups: int | None,
+    channel_dim: int | None,
+    weight_shape: Sequence[int] | None,
+    bias_shape: Sequence[int] | None,
+) -> NormLayout:
+    shape = tuple(int(n) for n in shape)
+    ndim = len(shape)
+    dims = checks.dims(reduce_dims, ndim, "reduce_dims")
+    checks.same_affine_shapes(weight_shape, bias_shape)
+    affine = weight_shape if weight_shape is not None else bias_shape
+
+    if channel_dim is None:
+        checks.groups_need_channel_dim(groups)
+        affine_shape = None
+        if affine is not None:
+            affine = checks.trailing_affine(affine, shape)
+            affine_shape = (1,) * (ndim - len(affine)) + affine
+        view_shape, stat_dims, partial_dims = shape, dims, dims
+    else:
+        c = checks.dims(channel_dim, ndim, "channel_dim")[0]
+        channels = shape[c]
+        if groups is None and c in dims:
+            groups = 1  # the channel dim reduced without groups: one group
+        if groups is not None:
+            checks.groups(groups, channels, c, dims)
+            view_shape = (*shape[:c], groups, channels // groups, *shape[c + 1 :])
+            stat_dims = tuple(d if d < c else d + 1 for d in dims)
+            partial_dims = tuple(d for d in stat_dims if d != c + 1)
+            channel_view: tuple[int, ...] = (groups, channels // groups)
+        else:
+            view_shape, stat_dims, partial_dims = shape, dims, dims
+            channel_view = (channels,)
+        affine_shape = None
+        if affine is not None:
+            checks.channel_affine(affine, channels, c, shape)
+            affine_shape = (1,) * c + channel_view + (1,) * (ndim - c - 1)
+
+    per_channel = affine_shape is None or all(affine_shape[d] == 1 for d in partial_dims)
+    return NormLayout(
+        shape=shape,
+        view_shape=view_shape,
+        stat_dims=stat_dims,
+        partial_dims=partial_dims,
+        affine_shape=affine_shape,
+        per_channel=per_channel,
+        count=count(view_shape, stat_dims),
+        param_shape=None if affine is None else tuple(int(n) for n in affine),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# The layers' cases, straight from the shapes (no checks: the caller's come first)
+# --------------------------------------------------------------------------------------
+
+
+def channel_layout(shape: tuple[int, ...], groups: int, affine: bool) -> NormLayout:
+    """The layout of a per-channel norm of ``x`` (N, C, *), as :func:`resolve_layout`
+    gives it: BatchNorm (``groups`` -1: statistics over N and the spatial dims),
+    InstanceNorm (0: over the spatial dims), GroupNorm (G > 0: C split into G groups,
+    over each sample's group and spatial dims)."""
+    nd, c = len(shape), shape[1]
+    if groups > 0:  # GroupNorm: (N, G, C // G, *), reduced over all but N and G
+        view = (shape[0], groups, c // groups, *shape[2:])
+        dims = tuple(range(2, nd + 1))
+        partial = dims[1:]
+        affine_shape = (1, groups, c // groups) + (1,) * (nd - 2)
+    else:
+        view = shape
+        dims = tuple(range(2, nd)) if groups == 0 else (0, *range(2, nd))
+        partial = dims
+        affine_shape = (1, c) + (1,) * (nd - 2)
+    return NormLayout(
+        shape=shape,
+        view_shape=view,
+        stat_dims=dims,
+        partial_dims=partial,
+        affine_shape=affine_shape if affine else None,
+        per_channel=True,
+        count=count(view, dims),
+        param_shape=(c,) if affine else None,
+    )
+
+
+def trailing_layout(shape: tuple[int, ...], tail: tuple[int, ...], affine: bool) -> NormLayout:
+    """The layout of LayerNorm/RMSNorm of ``x`` over its trailing dims ``tail`` (which
+    the caller checked), with an element-wise affine of shape ``tail`` or none, as
+    :func:`resolve_layout` gives it."""
+    lead = len(shape) - len(tail)
+    dims = tuple(range(lead, len(shape)))
+    m = count(shape, dims)
+    return NormLayout(
+        shape=shape,
+        view_shape=shape,
+        stat_dims=dims,
+        partial_dims=dims,
+        affine_shape=(1,) * lead + tail if affine else None,
+        per_channel=not affine or m == 1,  # (affine constant over the reduced dims)
+        count=m,
+        param_shape=tail if affine else None,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# The functional wrappers' layouts: checked on the first call per shapes, remembered
+# --------------------------------------------------------------------------------------
+
+
+def _shape(t: torch.Tensor | None) -> tuple[int, ...] | None:
+    return None if t is None else tuple(t.shape)
+
+
+def batch_norm_layout(
+    x: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> NormLayout:
+    """BatchNorm's layout in training (statistics over every dim but 1), after
+    :func:`.checks.batch_norm` on the first call per argument shapes."""
+    key = (
+        "batch_norm",
+        x.shape,
+        _shape(running_mean),
+        _shape(running_var),
+        _shape(weight),
+        _shape(bias),
+    )
+    layout = remembered(key)
+    if layout is None:
+        checks.batch_norm(x, running_mean, running_var, weight, bias, True, eps)
+        reduce_dims = (0, *range(2, x.dim()))
+        layout = resolve_layout(
+            x.shape, reduce_dims, weight_shape=_shape(weight), bias_shape=_shape(bias)
+        )
+        remember(key, layout)
+    return layout
+
+
+def trailing_norm_layout(
+    x: torch.Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    rms: bool,
+) -> NormLayout:
+    """LayerNorm's (``rms`` False) or RMSNorm's layout over the trailing dims, after
+    their checks on the first call per argument shapes."""
+    ns = normalized_shape if isinstance(normalized_shape, (int, tuple)) else tuple(normalized_shape)
+    key = ("rms_norm" if rms else "layer_norm", x.shape, ns, _shape(weight), _shape(bias))
+    layout = remembered(key)
+    if layout is None:
+        tail = checks.trailing_shape(x, normalized_shape, rms=rms)
+        checks.eps(eps)
+        dims = tuple(range(x.dim() - len(tail), x.dim()))
+        layout = resolve_layout(
+            x.shape, dims, channel_dim=None, weight_shape=_shape(weight), bias_shape=_shape(bias)
+        )
+        remember(key, layout)
+    return layout
+
+
+def group_norm_layout(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> NormLayout:
+    """GroupNorm's layout, after :func:`.checks.group_norm` on the first call per
+    argument shapes (remembered for an int ``num_groups`` only: 2.0 hashes as 2, but
+    is refused)."""
+    key = ("group_norm", x.shape, num_groups, _shape(weight), _shape(bias))
+    layout = remembered(key) if type(num_groups) is int else None
+    if layout is None:
+        checks.group_norm(x, num_groups, weight, bias)
+        checks.eps(eps)
+        layout = resolve_layout(
+            x.shape,
+            tuple(range(1, x.dim())),
+            groups=num_groups,
+            weight_shape=_shape(weight),
+            bias_shape=_shape(bias),
+        )
+        remember(key, layout)
+    return layout

@@ -1,0 +1,103 @@
+"""The running-statistics rule, one owner for every layer that tracks statistics.
+
+BatchNorm (and its variants, SyncBatchNorm, tracked InstanceNorm) keep running
+estimates of the batch statistics, with torch.nn's convention so that state_dicts
+load both ways (docs/derivations.md §7)::
+
+    running_mean ← (1 - m) · running_mean + m · μ_B                      (7.1)
+    running_var  ← (1 - m) · running_var  + m · σ²_B · M / (M - 1)       (7.2)
+
+σ²_B is the biased batch variance (it normalizes); running_var stores the unbiased
+one (Bessel's factor M / (M - 1), :func:`bessel`). ``momentum=None`` means the
+cumulative average m_k = 1/k, k the step counter ``num_batches_tracked`` after its
+increment (7.3).
+
+The native node applies the same rule in C++ inside the normalization call
+(``csrc/norm.cpp``, ``normalize`` with running buffers), given :func:`bessel`'s factor;
+everything else calls :func:`step_factor` then :func:`update`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from covshift.nn import _native
+
+__all__ = ["bessel", "step_factor", "track_batch", "update"]
+
+
+def bessel(count: int | Tensor) -> float | Tensor:
+    """M / (M - 1), Bessel's factor for M values per statistic (1 for M = 1) (7.2).
+
+    A tensor ``count`` (SyncBatchNorm's global count, on the device) gives a tensor:
+    reading it on the host would cost a sync per step.
+    """
+    if isinstance(count, Tensor):
+        return count / (count - 1).clamp_min(1)
+    return count / max(count - 1, 1)
+
+
+def step_factor(
+    momentum: float | None, num_batches_tracked: Tensor | None, tracking: bool
+) -> float:
+    """Count one step (when ``tracking`` and a counter is given) and return m (7.3).
+
+    Raises:
+        ValueError: ``momentum=None`` while tracking without a counter.
+    """
+    if num_batches_tracked is not None and tracking:
+        num_batches_tracked.add_(1)
+    if momentum is not None:
+        return float(momentum)
+    if not tracking:
+        return 0.0
+    if num_batches_tracked is None:
+        raise ValueError(
+            "momentum=None (cumulative average) needs num_batches_tracked, the step "
+            "counter; pass it or give a float momentum"
+        )
+    return 1.0 / float(num_batches_tracked)
+
+
+def update(
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    factor: float,
+    bessel: float | Tensor,
+) -> None:
+    """Move the buffers toward the batch's ``mean`` and biased ``var`` (7.1), (7.2).
+
+    ``running = (1 - m) · running + m · batch`` (torch's convention, not Keras's).
+    """
+    # One native call where it applies: four torch calls from Python cost more on small
+    # layers. (Not under torch.compile, which would trace into the native bridge.)
+    if (
+        not isinstance(bessel, Tensor)
+        and not torch.compiler.is_compiling()
+        and _native.update_running(running_mean, running_var, mean, var, factor, bessel)
+    ):
+        return
+    if isinstance(bessel, Tensor):
+        bessel = bessel.to(var.dtype)
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.lerp_(mean.to(running_mean.dtype), factor)
+        if running_var is not None:
+            running_var.lerp_((var * bessel).to(running_var.dtype), factor)
+
+
+def track_batch(module: nn.Module, mean: Tensor, var: Tensor, count: int) -> None:
+    """Count one batch in ``module.num_batches_tracked`` and fold its statistics in.
+
+    Args:
+        module: a BatchNorm-like module with ``momentum``, ``running_mean``,
+            ``running_var`` and ``num_batches_tracked``.
+        mean, var: ``(C,)`` batch mean and *biased* variance.
+        count: M, the number of values each statistic was taken over.
+    """
+    with torch.no_grad():
+        factor = step_factor(module.momentum, module.num_batches_tracked, True)
+    update(module.running_mean, module.running_var, mean, var, factor, bessel(count))

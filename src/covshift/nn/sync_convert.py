@@ -1,0 +1,122 @@
+"""Swapping BatchNorms for SyncBatchNorms and back, sharing parameters and buffers.
+
+The mechanics behind :meth:`covshift.nn.SyncBatchNorm.convert_sync_batchnorm` and
+:meth:`~covshift.nn.SyncBatchNorm.revert_sync_batchnorm` (whose docstrings say what
+they do): which layers are plain BatchNorms (the registry of norm kinds), how state is
+shared, how a model's modules are replaced once each.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from covshift.nn import kinds
+
+__all__ = ["from_sync", "to_sync"]
+
+
+def to_sync(module: nn.Module, cls: type[nn.Module], process_group: Any) -> nn.Module:
+    """Replace every plain BatchNorm in ``module`` by ``cls`` (a SyncBatchNorm)."""
+
+    def swap(m: nn.Module) -> nn.Module | None:
+        if isinstance(m, cls) or not _is_plain_batchnorm(m, warn=True):
+            return None
+        new = cls(
+            m.num_features,
+            m.eps,
+            m.momentum,
+            m.affine,
+            m.track_running_stats,
+            process_group,
+        )
+        new.original_class = getattr(m, "original_class", None) or type(m)
+        _share_state(m, new)
+        return new
+
+    return _replace_modules(module, swap)
+
+
+def from_sync(module: nn.Module, to: type[nn.Module] | None) -> nn.Module:
+    """Replace every SyncBatchNorm (covshift's or torch's) in ``module`` by the class it
+    replaced (its ``original_class``), else ``to``."""
+
+    def swap(m: nn.Module) -> nn.Module | None:
+        if kinds.kind_of(m) != "sync_batch":
+            return None
+        target = getattr(m, "original_class", None) or to
+        if target is None:
+            raise ValueError(
+                f"{type(m).__name__}({m.num_features}) has no record of the class it "
+                "replaced; pass to=nn.BatchNorm1d/2d/3d (or covshift's) to revert it"
+            )
+        new = target(
+            m.num_features,
+            eps=m.eps,
+            momentum=m.momentum,
+            affine=m.affine,
+            track_running_stats=m.track_running_stats,
+        )
+        _share_state(m, new)
+        return new
+
+    return _replace_modules(module, swap)
+
+
+def _batchnorm_bases() -> tuple[type[nn.Module], ...]:
+    """The BatchNorm classes with batch statistics and no extra behaviour: the "batch"
+    kind's (covshift's and torch's) and torch's SyncBatchNorm."""
+    batch = kinds.get("batch")
+    return (*batch.torch_classes.values(), nn.SyncBatchNorm, *batch.classes.values())
+
+
+def _is_plain_batchnorm(m: nn.Module, *, warn: bool = False) -> bool:
+    """True for a BatchNorm (or a subclass that keeps its base's ``forward``, e.g. a
+    timm-style subclass adding attributes); a subclass with its own ``forward``
+    (a fused activation, Batch Renorm, Ghost BN) is not plain: swapping it would
+    change what it computes."""
+    for base in _batchnorm_bases():
+        if isinstance(m, base):
+            if type(m).forward is base.forward:
+                return True
+            if warn:
+                warnings.warn(
+                    f"{type(m).__name__} subclasses {base.__name__} but overrides forward; "
+                    "left unconverted (converting it would drop its extra behaviour)",
+                    stacklevel=4,
+                )
+            return False
+    return False
+
+
+def _share_state(src: nn.Module, dst: nn.Module) -> None:
+    """Make ``dst`` use ``src``'s parameter and buffer objects, and its mode."""
+    with torch.no_grad():
+        if src.weight is not None and dst.weight is not None:
+            dst.weight = src.weight
+            dst.bias = src.bias
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            if getattr(src, name, None) is not None and getattr(dst, name, None) is not None:
+                setattr(dst, name, getattr(src, name))
+    dst.train(src.training)
+
+
+def _replace_modules(root: nn.Module, swap: Any) -> nn.Module:
+    """Apply ``swap(m) -> replacement | None`` to ``root`` and, below replaced-not
+    modules, to every descendant; a module shared by several parents is replaced once."""
+    done: dict[int, nn.Module | None] = {}
+
+    def visit(m: nn.Module) -> nn.Module:
+        if id(m) not in done:
+            done[id(m)] = swap(m)
+            if done[id(m)] is None:
+                for name, child in list(m.named_children()):
+                    new = visit(child)
+                    if new is not child:
+                        setattr(m, name, new)
+        return done[id(m)] or m
+
+    return visit(root)
