@@ -276,10 +276,12 @@ class ProbeSession:
         self._last = step
         if optimizer is not None:
             self._optimizer = optimizer
-        if self.probe is not None:
-            self.probe.maybe_record(step)
+        # Gradient ICS first: it runs training-mode forwards of a deep copy of the model,
+        # and a copy made while live-batch hooks are armed would carry them along.
         if self.grad_ics and self.grad_schedule.due(step):
             self._measure_grad_ics(step)
+        if self.probe is not None:
+            self.probe.maybe_record(step)
 
     def log_metrics(self, step: int, values: Mapping[str, Any]) -> None:
         """The trainer's own scalars (loss, learning rate, ...) into the store's run."""
