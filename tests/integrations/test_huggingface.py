@@ -53,7 +53,12 @@ class TokenData(torch.utils.data.Dataset):
 def gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(
-        n_layer=2, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=SEQ, bos_token_id=0,
+        n_layer=2,
+        n_embd=16,
+        n_head=2,
+        vocab_size=VOCAB,
+        n_positions=SEQ,
+        bos_token_id=0,
         eos_token_id=0,
     )
     return GPT2LMHeadModel(config)
@@ -90,7 +95,9 @@ class Forwards(TrainerCallback):
             if module is model and module.training:  # not a copy (gradient ICS's)
                 self.count += 1
                 if self.first is None:
-                    self.first = {k: v.clone() for k, v in kwargs.items() if k != "num_items_in_batch"}
+                    self.first = {
+                        k: v.clone() for k, v in kwargs.items() if k != "num_items_in_batch"
+                    }
 
         self.handle = model.register_forward_pre_hook(hook, with_kwargs=True)
 
@@ -202,8 +209,13 @@ def test_first_training_batch_and_another_architecture(
     recorded at the initial weights; a BERT classifier (its pooler's (N, E) Tanh too)."""
     torch.manual_seed(1)
     config = BertConfig(
-        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=SEQ, num_labels=3,
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=SEQ,
+        num_labels=3,
     )
     model = BertForSequenceClassification(config)
     initial = copy.deepcopy(model)
@@ -226,7 +238,10 @@ def test_first_training_batch_and_another_architecture(
 
     assert sorted({r.step for r in callback.records}) == [0, 3, 6]
     layers = {r.layer for r in callback.records}
-    assert {"bert.encoder.layer.0.intermediate.intermediate_act_fn", "bert.pooler.activation"} <= layers
+    assert {
+        "bert.encoder.layer.0.intermediate.intermediate_act_fn",
+        "bert.pooler.activation",
+    } <= layers
     first = {k: v[:3] for k, v in forwards.first.items()}
     layer = "bert.encoder.layer.1.output.LayerNorm"
     expected = plain_stats(initial, layer, lambda m: m(**first), -1)
@@ -247,7 +262,9 @@ class Boom(TrainerCallback):
 
 def test_exception_in_training_closes_the_run_failed(tmp_path: Path, hookless: Any) -> None:
     model = gpt2()
-    trainer = Trainer(model=model, args=arguments(tmp_path, report_to=[]), train_dataset=TokenData())
+    trainer = Trainer(
+        model=model, args=arguments(tmp_path, report_to=[]), train_dataset=TokenData()
+    )
     # Live batches, every step: a capture is armed when the exception comes.
     callback = ShiftProbeCallback(trainer, source="train", every=1, store=tmp_path / "c.db")
     trainer.add_callback(callback)

@@ -52,8 +52,9 @@ class MLP(pl.LightningModule):
 
 def data(n: int = 96) -> torch.utils.data.TensorDataset:
     g = torch.Generator().manual_seed(0)
-    return torch.utils.data.TensorDataset(torch.randn(n, 8, generator=g) * 2 + 1,
-                                          torch.randint(0, 3, (n,), generator=g))
+    return torch.utils.data.TensorDataset(
+        torch.randn(n, 8, generator=g) * 2 + 1, torch.randint(0, 3, (n,), generator=g)
+    )
 
 
 def loader() -> torch.utils.data.DataLoader:
@@ -108,13 +109,18 @@ def test_schedule_values_loggers_store(tmp_path: Path, plain_stats: Any, hookles
     module = MLP()
     x, y = data()[:8]  # the first training batch (no shuffling)
     callback = ShiftProbeCallback(
-        every=2, probe_size=6, grad_ics=True, grad_ics_loss=F.cross_entropy,
+        every=2,
+        probe_size=6,
+        grad_ics=True,
+        grad_ics_loss=F.cross_entropy,
         store=tmp_path / "covshift.db",
     )
     checker = Checker(x[:6], y[:6], 2, plain_stats)
     tensorboard = TensorBoardLogger(tmp_path, name="tb")
     fit = trainer(
-        tmp_path, [callback, checker], accumulate_grad_batches=2,
+        tmp_path,
+        [callback, checker],
+        accumulate_grad_batches=2,
         logger=[CSVLogger(tmp_path, name="csv"), tensorboard],
     )
     fit.fit(module, loader())
@@ -204,8 +210,14 @@ def test_ranks_other_than_zero_do_nothing(tmp_path: Path, hookless: Any) -> None
     module = MLP()
     callback = ShiftProbeCallback(every=1, store=tmp_path / "c.db")
     fake = types.SimpleNamespace(
-        is_global_zero=False, global_step=0, max_steps=6, max_epochs=None,
-        accumulate_grad_batches=1, optimizers=[], loggers=[], callback_metrics={},
+        is_global_zero=False,
+        global_step=0,
+        max_steps=6,
+        max_epochs=None,
+        accumulate_grad_batches=1,
+        optimizers=[],
+        loggers=[],
+        callback_metrics={},
     )
     callback.on_train_start(fake, module)
     batch = next(iter(loader()))
@@ -221,3 +233,28 @@ def test_ranks_other_than_zero_do_nothing(tmp_path: Path, hookless: Any) -> None
 def test_grad_ics_needs_a_loss() -> None:
     with pytest.raises(ValueError, match="grad_ics_loss"):
         ShiftProbeCallback(grad_ics=True)
+
+
+def test_errors_say_what_to_do(tmp_path: Path) -> None:
+    class NoForward(MLP):
+        forward = pl.LightningModule.forward
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+    with pytest.raises(TypeError, match="module='net'"):
+        trainer(tmp_path, [ShiftProbeCallback(every=2)]).fit(NoForward(), loader())
+
+    class Direct(MLP):  # a forward, but the training step calls the submodule itself
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+    with pytest.warns(UserWarning, match="saw no training forward"):
+        trainer(tmp_path, [ShiftProbeCallback(source="train", every=2)]).fit(Direct(), loader())
+
+    sharded = MLP()
+    sharded.net[0].weight.ds_id = 0  # what DeepSpeed ZeRO-3 marks its parameters with
+    with pytest.raises(NotImplementedError, match="ZeRO-3"):
+        trainer(tmp_path, [ShiftProbeCallback(every=2)]).fit(sharded, loader())

@@ -22,6 +22,7 @@ import atexit
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -36,7 +37,14 @@ from covshift.probe.schedule import Schedule
 from covshift.probe.select import LayerSpec, select_layers
 from covshift.store import Store
 
-__all__ = ["LossFn", "ProbeSession", "StoreSpec", "first_examples", "unwrap_optimizer"]
+__all__ = [
+    "LossFn",
+    "ProbeSession",
+    "StoreSpec",
+    "first_examples",
+    "sharded_parameters",
+    "unwrap_optimizer",
+]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 StoreSpec = Store | str | os.PathLike[str] | None
@@ -94,6 +102,21 @@ def _model_device(model: nn.Module) -> torch.device:
     if first is None:
         first = next(model.buffers(), None)
     return first.device if first is not None else torch.device("cpu")
+
+
+def sharded_parameters(model: nn.Module) -> str | None:
+    """What shards the model's parameters across ranks (FSDP, DeepSpeed ZeRO-3), if
+    anything: a forward of it on rank 0 alone would wait forever for the other ranks'
+    shards."""
+    for module in model.modules():
+        if type(module).__name__ in ("FullyShardedDataParallel", "FSDPModule"):
+            return "FSDP"
+    for p in model.parameters():
+        if hasattr(p, "ds_id"):
+            return "DeepSpeed ZeRO-3"
+        if type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor":
+            return "FSDP2 / DTensor"
+    return None
 
 
 class ProbeSession:
@@ -250,6 +273,13 @@ class ProbeSession:
         self.probe = None
         if not enabled:
             return
+        sharded = sharded_parameters(model)
+        if sharded is not None:
+            raise NotImplementedError(
+                f"the model's parameters are sharded across ranks ({sharded}): a probe "
+                "forward on rank 0 alone would wait for the other ranks' shards. Probe it "
+                "under DDP (or one process), or gather the model first"
+            )
         select_layers(model, self.layers)  # a pattern that matches nothing fails now
         if self.grad_ics and self.grad_ics_loss is None:
             raise ValueError("gradient ICS needs a loss: pass grad_ics_loss=")
@@ -290,7 +320,8 @@ class ProbeSession:
         numbers = {
             k: float(v)
             for k, v in values.items()
-            if isinstance(v, (int, float, torch.Tensor)) and not isinstance(v, bool)
+            if isinstance(v, (int, float, torch.Tensor))
+            and not isinstance(v, bool)
             and (not isinstance(v, torch.Tensor) or v.numel() == 1)
         }
         if numbers:
@@ -312,6 +343,7 @@ class ProbeSession:
         try:
             if self.probe is not None:
                 self.probe.close(flush=status == "finished")
+                self._warn_if_never_captured()
         except Exception as e:  # a record that cannot be finished makes the run failed
             failure = e
             status, error = "failed", f"{type(e).__name__}: {e}"
@@ -400,6 +432,20 @@ class ProbeSession:
             if self._own_store:
                 store.close()
                 self.store = None
+
+    def _warn_if_never_captured(self) -> None:
+        steps_taken = self._last is not None and self._last > self._start_step
+        if (
+            self.source == "train"
+            and steps_taken
+            and not any("mean" in r.stats for r in self.records)
+        ):
+            warnings.warn(
+                "ShiftProbe(source='train') saw no training forward of the probed module "
+                f"({type(self.model).__name__}): the trainer's step must call it (a module "
+                "whose training step calls a submodule directly: probe that submodule)",
+                stacklevel=3,
+            )
 
     def _at_exit(self) -> None:
         """The process ends with the run open: training raised and nobody caught it

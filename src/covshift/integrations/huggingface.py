@@ -49,12 +49,14 @@ logs: ``state.log_history``, and the ``on_log`` of every callback of the trainer
 reporting callbacks of ``report_to``: TensorBoard, which names them
 ``train/covshift/...``, W&B, MLflow, ...), except the progress printers (one long
 dict per record on the console). Without the trainer (a callback is not given its
-trainer: pass it, or set :attr:`trainer`), they go to ``state.log_history`` only. The store, when given, receives every record
-and the trainer's own logged scalars (loss, learning rate, ...).
+trainer: pass it, or set :attr:`trainer`), they go to ``state.log_history`` only.
+The store, when given, receives every record and the trainer's own logged scalars
+(loss, learning rate, ...).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -234,6 +236,14 @@ class ShiftProbeCallback(TrainerCallback):
         )
         if self.session.needs_batch:
             self._capture = model.register_forward_pre_hook(self._first_batch, with_kwargs=True)
+        reporters = [r for r in (getattr(args, "report_to", None) or []) if r != "none"]
+        if self.trainer is None and self.session.active and reporters:
+            warnings.warn(
+                "ShiftProbeCallback was not given its Trainer: the probe's summaries go to "
+                f"state.log_history only, not to report_to's {reporters}; pass "
+                "ShiftProbeCallback(trainer, ...) and trainer.add_callback(callback)",
+                stacklevel=2,
+            )
         self._report()
 
     def on_step_end(
@@ -270,8 +280,11 @@ class ShiftProbeCallback(TrainerCallback):
         self.close("finished")
 
     # -- ending -------------------------------------------------------------------
-    def close(self, status: Literal["finished", "failed", "interrupted"] = "finished",
-              error: str | None = None) -> None:
+    def close(
+        self,
+        status: Literal["finished", "failed", "interrupted"] = "finished",
+        error: str | None = None,
+    ) -> None:
         """Remove every hook and close the store's run with ``status`` (no-op when no
         run is open)."""
         self._remove_capture()
@@ -283,8 +296,9 @@ class ShiftProbeCallback(TrainerCallback):
     def __enter__(self) -> ShiftProbeCallback:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 tb: Any) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: Any
+    ) -> None:
         if error is None:
             self.close("interrupted", "train() returned without its train-end event")
         elif isinstance(error, KeyboardInterrupt):
@@ -293,7 +307,9 @@ class ShiftProbeCallback(TrainerCallback):
             self.close("failed", f"{type(error).__name__}: {error}")
 
     # -- internals ------------------------------------------------------------------
-    def _first_batch(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _first_batch(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
         # A training forward (not an evaluation, e.g. eval_on_start) carries the batch.
         if not (module.training and torch.is_grad_enabled()):
             return

@@ -87,6 +87,15 @@ if not _BASES:  # pragma: no cover - exercised only without the extra
 
 __all__ = ["ShiftProbeCallback", "split_batch"]
 
+
+def _has_forward(pl_module: nn.Module) -> bool:
+    """Whether a LightningModule has a forward of its own, rather than Lightning's or
+    torch's, which only raise."""
+    forward = getattr(type(pl_module), "forward", None)
+    where = getattr(forward, "__module__", None) or ""
+    return not where.startswith(("lightning.", "pytorch_lightning.", "torch."))
+
+
 ModuleSpec = str | Callable[[nn.Module], nn.Module] | None
 
 
@@ -271,6 +280,12 @@ class ShiftProbeCallback(*_BASES):  # type: ignore[misc]
     # -- internals ------------------------------------------------------------------
     def _probed(self, pl_module: nn.Module) -> nn.Module:
         if self.module is None:
+            if not _has_forward(pl_module):
+                raise TypeError(
+                    f"{type(pl_module).__name__} defines no forward, which the probe batch "
+                    "goes through: pass module= (e.g. module='net', the submodule its "
+                    "training_step calls), or define forward"
+                )
             return pl_module
         if isinstance(self.module, str):
             return pl_module.get_submodule(self.module)
