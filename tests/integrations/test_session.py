@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 import covshift
@@ -62,3 +63,13 @@ def test_run_left_open_by_an_uncaught_exception_is_failed_at_exit(tmp_path: Path
         (run,) = store.runs()
         assert run.status == "failed" and "ValueError: training blew up" in run.error
         assert store.probe(run.id, "1", "mean")[0].tolist() == [0]
+
+
+def test_warns_when_the_first_batch_never_came() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
+    session = ProbeSession(every=1)
+    session.begin(model, step=0)
+    session.step(1)
+    with pytest.warns(UserWarning, match="no training forward of the probed module"):
+        session.end("finished")
+    assert session.records == []

@@ -218,6 +218,7 @@ class ProbeSession:
         self._start_step = 0
         self._optimizer: Any = None
         self._last: int | None = None
+        self._waited = False  # optimizer steps went by while the first batch was awaited
         self._pending: dict[int, dict[str, float]] = {}
         self._scalars = RecordScalars(shift=log_shift, prefix=prefix, skip=("count",))
         self._own_store = False
@@ -268,6 +269,7 @@ class ProbeSession:
         self._start_step = int(step)
         self._optimizer = optimizer
         self._last = None
+        self._waited = False
         self._batch = self._given
         self._target = self._given_target
         self.probe = None
@@ -301,7 +303,10 @@ class ProbeSession:
 
     def step(self, step: int, optimizer: Any = None) -> None:
         """After an optimizer step: the records due at the trainer's global ``step``."""
-        if not self.active or self.needs_batch or step == self._last:
+        if not self.active or step == self._last:
+            return
+        if self.needs_batch:  # no training forward of the model has been seen yet
+            self._waited = True
             return
         self._last = step
         if optimizer is not None:
@@ -341,9 +346,9 @@ class ProbeSession:
         atexit.unregister(self._at_exit)
         failure: BaseException | None = None
         try:
+            self._warn_if_never_captured()
             if self.probe is not None:
                 self.probe.close(flush=status == "finished")
-                self._warn_if_never_captured()
         except Exception as e:  # a record that cannot be finished makes the run failed
             failure = e
             status, error = "failed", f"{type(e).__name__}: {e}"
@@ -434,18 +439,29 @@ class ProbeSession:
                 self.store = None
 
     def _warn_if_never_captured(self) -> None:
-        steps_taken = self._last is not None and self._last > self._start_step
-        if (
+        """Training went by and the probe saw none of it: the trainer never called the
+        probed module itself (a training step that calls a submodule directly)."""
+        name = type(self.model).__name__
+        if self._waited and self._batch is None:
+            message = (
+                f"no training forward of the probed module ({name}) was seen, so no "
+                "probe batch was taken from training and nothing was recorded: pass "
+                "probe_input=, or probe the submodule the training step calls"
+            )
+        elif (
             self.source == "train"
-            and steps_taken
+            and self._last is not None
+            and self._last > self._start_step
             and not any("mean" in r.stats for r in self.records)
         ):
-            warnings.warn(
-                "ShiftProbe(source='train') saw no training forward of the probed module "
-                f"({type(self.model).__name__}): the trainer's step must call it (a module "
-                "whose training step calls a submodule directly: probe that submodule)",
-                stacklevel=3,
+            message = (
+                f"ShiftProbe(source='train') saw no training forward of the probed module "
+                f"({name}): the trainer's step must call it (a module whose training step "
+                "calls a submodule directly: probe that submodule)"
             )
+        else:
+            return
+        warnings.warn(message, stacklevel=3)
 
     def _at_exit(self) -> None:
         """The process ends with the run open: training raised and nobody caught it
