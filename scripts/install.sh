@@ -3,7 +3,8 @@
 #
 #   bash scripts/install.sh          # the package, its dependencies and Fashion-MNIST
 #   bash scripts/install.sh --test   # the same, plus the test and lint tools and the
-#                                    # optional extras the tests cover (Ray, TensorBoard)
+#                                    # optional extras the tests cover (Ray, TensorBoard,
+#                                    # transformers + accelerate, pytorch-lightning)
 #
 # torch is pinned to the CPU build that lies on this machine's disk (2.13.0): an open
 # requirement would let pip pull a several-GB CUDA build. Override with TORCH_SPEC,
@@ -19,8 +20,8 @@ fi
 PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 "$PYTHON" -m pip install --quiet "$TORCH_SPEC"
-# The pin as a constraint, so that no dependency (or extra: Ray, TensorBoard) can
-# replace that torch with another build.
+# The pin as a constraint, so that no dependency (or extra: Ray, TensorBoard, the
+# trainers) can replace that torch with another build.
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 echo "$TORCH_SPEC" > "$constraints"

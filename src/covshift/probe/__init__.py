@@ -11,6 +11,7 @@
 - :mod:`~covshift.probe.metrics`: how far the recorded distributions moved.
 - :mod:`~covshift.probe.gradient_ics`, :mod:`~covshift.probe.smoothness`: Santurkar
   et al. 2018's gradient-based shift and landscape smoothness, without side effects.
+- :mod:`~covshift.probe.scalars`: records as ``name -> float`` for loggers.
 - :mod:`~covshift.probe.tensorboard`: export of records to TensorBoard (optional extra).
 """
 
@@ -28,6 +29,7 @@ from covshift.probe.metrics import (
     shift_series,
 )
 from covshift.probe.probe import ProbeRecord, ShiftProbe
+from covshift.probe.scalars import RecordScalars
 from covshift.probe.schedule import Schedule
 from covshift.probe.select import select_layers
 from covshift.probe.smoothness import Smoothness, SmoothnessMonitor, landscape_smoothness
@@ -39,6 +41,7 @@ __all__ = [
     "GradientICSMonitor",
     "Moments",
     "ProbeRecord",
+    "RecordScalars",
     "Schedule",
     "Shift",
     "ShiftProbe",

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+
+from covshift.probe.batch import ProbeBatch
 
 __all__ = ["Evaluator", "LossFn", "deep_copy", "isolated_randomness"]
 
@@ -61,7 +63,9 @@ class Evaluator:
 
     Buffers (BatchNorm running statistics, counters) are reset to their values at
     construction before every evaluation, so one evaluation's train-mode forward does
-    not leak into the next.
+    not leak into the next. ``inputs`` is what the model is called with: a tensor, a
+    tuple of positional arguments, a dict of keyword arguments (a Hugging Face batch)
+    or a :class:`~covshift.probe.batch.ProbeBatch`.
     """
 
     def __init__(
@@ -73,7 +77,7 @@ class Evaluator:
         rewind: Callable[[], None],
     ) -> None:
         self.model = model
-        self.inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+        self.inputs = _as_call(inputs)
         self.targets = targets
         self.loss_fn = loss_fn
         self.rewind = rewind
@@ -94,12 +98,22 @@ class Evaluator:
         for p in self.params:
             p.grad = None
         with torch.enable_grad():
-            loss = self.loss_fn(self.model(*self.inputs), self.targets)
+            loss = self.loss_fn(self.inputs(self.model), self.targets)
             grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         grads = [
             torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads, strict=True)
         ]
         return loss.detach(), grads
+
+
+def _as_call(inputs: Any) -> ProbeBatch:
+    """The model's arguments: a ProbeBatch as it is, a dict as keyword arguments, a
+    tuple as positional arguments, anything else as the one positional argument."""
+    if isinstance(inputs, ProbeBatch):
+        return inputs
+    if isinstance(inputs, Mapping):
+        return ProbeBatch((), dict(inputs))
+    return ProbeBatch(inputs if isinstance(inputs, tuple) else (inputs,))
 
 
 def draw_batch(state: Any, batch_size: int | None, seed: int, step: int) -> tuple[Any, Any]:

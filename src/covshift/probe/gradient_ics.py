@@ -136,8 +136,10 @@ def gradient_ics(
         model: the model at its current weights, in the mode training uses.
         optimizer: the optimizer that trains it (its type, settings and state make
             the update; a deep copy is stepped).
-        inputs: the model's input (a tuple is passed as positional arguments).
-        targets: second argument of ``loss_fn``.
+        inputs: the model's input (a tuple is passed as positional arguments, a dict
+            as keyword arguments, e.g. a Hugging Face batch with its ``labels``).
+        targets: second argument of ``loss_fn`` (may be None when the model computes
+            its own loss: ``loss_fn=lambda out, _: out.loss``).
         loss_fn: ``loss_fn(model(*inputs), targets)`` -> scalar loss.
         layers: which layers (patterns/types, see :mod:`covshift.probe.select`);
             default: every module owning a parameter of two or more dimensions.

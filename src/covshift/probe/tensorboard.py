@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from covshift.probe.metrics import compare
 from covshift.probe.probe import ProbeRecord
+from covshift.probe.scalars import RecordScalars
 
 __all__ = ["TensorBoardSink"]
 
@@ -53,17 +53,12 @@ class TensorBoardSink:
             writer = SummaryWriter(log_dir=None if log_dir is None else str(log_dir))
         self.writer = writer
         self.shift = shift
-        self._first: dict[str, dict[str, np.ndarray]] = {}
+        self._scalars = RecordScalars(shift=shift)
 
     def __call__(self, record: ProbeRecord) -> None:
         layer, step, stats = record.layer, record.step, record.stats
-        for key, value in stats.items():
-            if np.ndim(value) == 0:
-                self.writer.add_scalar(f"{layer}/{key}", float(value), step)
-        if self.shift and "mean" in stats and "std" in stats:
-            first = self._first.setdefault(layer, stats)
-            for metric, value in compare(first, stats).layer.items():
-                self.writer.add_scalar(f"{layer}/shift/{metric}", value, step)
+        for name, value in self._scalars(record).items():
+            self.writer.add_scalar(name, value, step)
         if "hist" in stats and "hist_edges" in stats:
             self._histogram(layer, step, stats)
 

@@ -1,0 +1,75 @@
+"""What both trainer callbacks share, without a trainer: the probe batch taken from a
+training batch, and a run left open when the process dies of an exception."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import covshift
+from covshift.integrations._session import ProbeSession, first_examples
+from covshift.store import Store
+
+
+def test_first_examples_cuts_the_batch_and_copies() -> None:
+    ids = torch.arange(12).reshape(4, 3)
+    scale = torch.tensor(2.0)  # not a batch tensor: kept as it is
+    batch, target = first_examples({"input_ids": ids, "scale": scale}, torch.arange(4), n=2)
+    assert batch.kwargs["input_ids"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert batch.kwargs["scale"].item() == 2.0
+    assert target.tolist() == [0, 1]
+    ids[0, 0] = 99  # the trainer reusing its buffer changes nothing
+    assert batch.kwargs["input_ids"][0, 0] == 0
+
+
+def test_session_records_the_schedule(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
+    session = ProbeSession(every=2, store=tmp_path / "c.db", probe_size=5)
+    session.begin(model, step=0)
+    assert session.needs_batch
+    session.set_batch(torch.randn(8, 3))
+    for step in range(1, 5):
+        session.step(step)
+    session.end("finished")
+    assert [r.step for r in session.records] == [0, 2, 4]
+    assert int(session.records[0].stats["count"]) == 5
+    with Store(tmp_path / "c.db", create=False) as store:
+        assert store.run(session.run_id).status == "finished"
+
+
+def test_run_left_open_by_an_uncaught_exception_is_failed_at_exit(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from covshift.integrations._session import ProbeSession
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
+        session = ProbeSession(every=1, probe_input=torch.randn(4, 3), store={str(db)!r})
+        session.begin(model, step=0)
+        raise ValueError("training blew up")
+        """
+    )
+    src = str(Path(covshift.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 1 and "training blew up" in done.stderr
+    with Store(db, create=False) as store:
+        (run,) = store.runs()
+        assert run.status == "failed" and "ValueError: training blew up" in run.error
+        assert store.probe(run.id, "1", "mean")[0].tolist() == [0]
+
+
+def test_warns_when_the_first_batch_never_came() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
+    session = ProbeSession(every=1)
+    session.begin(model, step=0)
+    session.step(1)
+    with pytest.warns(UserWarning, match="no training forward of the probed module"):
+        session.end("finished")
+    assert session.records == []
