@@ -40,7 +40,7 @@ from covshift.probe.batch import ProbeBatch, ProbeBatchError
 from covshift.probe.collector import Collector
 from covshift.probe.hooks import Taps
 from covshift.probe.summary import to_host
-from covshift.probe.units import UnitAxis
+from covshift.probe.units import UnitAxis, UnitAxisError
 
 __all__ = ["BackgroundRecorder", "HostRecord", "ModelSnapshot", "has_foreign_hooks"]
 
@@ -184,7 +184,7 @@ class BackgroundRecorder:
             taps.attach()
             try:
                 inputs(net)
-            except ProbeBatchError:
+            except (ProbeBatchError, UnitAxisError):
                 raise
             except Exception as error:
                 taps.remove()

@@ -56,7 +56,13 @@ from covshift.probe.hooks import Taps
 from covshift.probe.schedule import Schedule
 from covshift.probe.select import LayerSpec, select_layers
 from covshift.probe.summary import StatsConfig, to_host
-from covshift.probe.units import UnitAxis, UnitAxisWarning, UnitDim, UnitPolicy
+from covshift.probe.units import (
+    UnitAxis,
+    UnitAxisError,
+    UnitAxisWarning,
+    UnitDim,
+    UnitPolicy,
+)
 
 __all__ = ["DEFAULT_QUANTILES", "ProbeRecord", "ShiftProbe"]
 
@@ -483,7 +489,7 @@ class ShiftProbe:
                 )
                 with forked:
                     batch(self.model)
-            except ProbeBatchError:
+            except (ProbeBatchError, UnitAxisError):
                 raise
             except Exception as error:  # torch raises RuntimeError, IndexError, ValueError, ...
                 raise _explain(self.model, batch, error) from error

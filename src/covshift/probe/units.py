@@ -64,12 +64,14 @@ from covshift.probe.select import glob_match, is_norm
 
 __all__ = [
     "UnitAxis",
+    "UnitAxisError",
     "UnitAxisWarning",
     "UnitClaim",
     "UnitPolicy",
     "UnitTrace",
     "layer_claim",
     "resolve_unit_axis",
+    "store_columns",
 ]
 
 UnitDim = int | str | Mapping[str, int | str]
@@ -81,6 +83,11 @@ SOURCES = ("given", "layer", "producer", "only", "assumed")
 DEFAULT_AXIS = 1
 
 _CHANNELS_FIRST_NAME = re.compile(r"[123]d$")
+
+
+class UnitAxisError(ValueError):
+    """A given unit axis does not exist in a layer's values (raised as is by the
+    probe's forward, not taken for a probe batch that does not fit)."""
 
 
 class UnitAxisWarning(UserWarning):
@@ -138,6 +145,13 @@ def _shape_text(shape: Sequence[int]) -> str:
 def _axis_text(dim: int, shape: Sequence[int]) -> str:
     last = " (last)" if dim == len(shape) - 1 and len(shape) > 2 else ""
     return f"axis {dim}{last} of {_shape_text(shape)}"
+
+
+def store_columns(axis: UnitAxis | None) -> dict[str, Any]:
+    """``Store.log_probe``'s keyword arguments for a record's unit axis."""
+    if axis is None:
+        return {}
+    return {"unit_dim": axis.dim, "unit_source": axis.source, "unit_rule": axis.rule}
 
 
 # -- what a layer says ------------------------------------------------------------------
@@ -497,7 +511,7 @@ def resolve_unit_axis(
     if given is not None:
         axis, how = given
         if not -ndim <= axis < ndim or axis % ndim == 0:
-            raise ValueError(
+            raise UnitAxisError(
                 f"probe: {how} does not fit the {side} of layer {name!r}, of shape "
                 f"{tuple(shape)}: use an axis from 1 to {ndim - 1} (or -1 ... -{ndim - 1})"
                 + (f"; the layer says {own}" if own is not None else "")
@@ -505,7 +519,9 @@ def resolve_unit_axis(
         dim = axis % ndim
         rule = f"{how}: {_axis_text(dim, shape)}"
         doubt = ""
-        if own is not None and own.dim != dim:
+        if own is not None and own.dim != dim and own.doubt and shape[dim] == own.size:
+            rule += f"; the layer alone is ambiguous ({own.rule})"
+        elif own is not None and own.dim != dim:
             doubt = f"{how} gives axis {dim}, but {own.rule}"
             rule += f"; the layer says otherwise ({own.rule})"
         elif own is None and claim is None and source is not None and source.dim != dim:

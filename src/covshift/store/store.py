@@ -11,8 +11,10 @@ Tables (see :mod:`covshift.store.schema` for the columns and the migrations):
     meta(key, value)                      schema_version, created_by
     runs(...)                             one row per run; ``point`` unique
     scalars(run_id, name, step, value)    loss, test accuracy, ...
-    probe_records(run_id, layer, stat, step, dtype, shape, data)
-                                          one numpy array per (layer, statistic, step)
+    probe_records(run_id, layer, stat, step, dtype, shape, data,
+                  unit_dim, unit_source, unit_rule)
+                                          one numpy array per (layer, statistic, step),
+                                          with the axis that held the record's units
     experiments(id, name, config, created_at)
     experiment_points(experiment, point, position, network, seed, axes)
 """
@@ -45,6 +47,7 @@ __all__ = [
     "Claim",
     "ExperimentPoint",
     "NewRun",
+    "ProbeUnits",
     "RunInfo",
     "Store",
     "StoreError",
@@ -121,6 +124,18 @@ class Claim:
 
     state: Literal["new", "resume", "done", "busy"]
     run: RunInfo
+
+
+@dataclass(frozen=True)
+class ProbeUnits:
+    """The axis that held the units of one probe record (see
+    :mod:`covshift.probe.units`); None where the record did not say (recorded before
+    schema 3, or not per unit)."""
+
+    step: int
+    dim: int | None  # the axis of the recorded values, 0 being the batch axis
+    source: str | None  # given | layer | producer | only | assumed
+    rule: str | None  # why, in words
 
 
 @dataclass(frozen=True)
@@ -354,19 +369,29 @@ class Store:
             db.execute("UPDATE runs SET last_step = MAX(last_step, ?) WHERE id = ?", (step, run_id))
 
     def log_probe(
-        self, run_id: int, step: int, layer: str, stats: Mapping[str, np.ndarray]
+        self,
+        run_id: int,
+        step: int,
+        layer: str,
+        stats: Mapping[str, np.ndarray],
+        *,
+        unit_dim: int | None = None,
+        unit_source: str | None = None,
+        unit_rule: str | None = None,
     ) -> None:
-        """Record one probe record: named arrays (per-unit statistics) of ``layer``."""
+        """Record one probe record: named arrays (per-unit statistics) of ``layer``, and
+        the axis of the layer's values that held the units (``unit_dim``), how it was
+        found (``unit_source``) and why (``unit_rule``): a ``ProbeRecord.unit_axis``."""
+        units = (None if unit_dim is None else int(unit_dim), unit_source, unit_rule)
         rows = []
         for stat, array in stats.items():
             a = np.asarray(array, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
-            rows.append(
-                (run_id, layer, stat, step, a.dtype.str, json.dumps(list(a.shape)), a.tobytes())
-            )
+            shape = json.dumps(list(a.shape))
+            rows.append((run_id, layer, stat, step, a.dtype.str, shape, a.tobytes(), *units))
         with self._transaction() as db:
             db.executemany(
                 "INSERT OR REPLACE INTO probe_records (run_id, layer, stat, step, dtype, shape,"
-                " data) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " data, unit_dim, unit_source, unit_rule) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
 
@@ -575,6 +600,17 @@ class Store:
             (run_id, layer),
         )
         return [r[0] for r in rows]
+
+    def probe_units(self, run_id: int, layer: str) -> list[ProbeUnits]:
+        """Per record of ``layer`` (by step): the axis that held its units and how it
+        was found. Records made before schema 3 (and records that are not per unit)
+        have None there."""
+        rows = self._db.execute(
+            "SELECT step, MIN(unit_dim), MIN(unit_source), MIN(unit_rule) FROM probe_records"
+            " WHERE run_id = ? AND layer = ? GROUP BY step ORDER BY step",
+            (run_id, layer),
+        ).fetchall()
+        return [ProbeUnits(int(r[0]), r[1], r[2], r[3]) for r in rows]
 
     def probe(self, run_id: int, layer: str, stat: str) -> tuple[np.ndarray, np.ndarray]:
         """``(steps, values)``: one statistic of one layer over its records, stacked to
