@@ -408,14 +408,15 @@ def test_activation_after_a_sum_assumes_the_last_layer_of_that_shape_and_warns()
     with pytest.warns(UnitAxisWarning, match="'act'"):
         recs = records_and_values(net, ["act"], x, {"act": 1})
     axis = recs["act"].unit_axis
-    assert axis.source == "assumed" and "'bn'" in axis.rule and axis.rule.startswith("assumed")
+    assert axis.source == "assumed" and axis.rule.startswith("as 'bn' (BatchNorm2d")
+    assert str(axis).startswith("axis 1 (assumed: as 'bn'")
 
 
 def test_nothing_known_falls_back_to_axis_1_and_says_so() -> None:
     torch.manual_seed(0)
     x = torch.randn(3, 4, 6)
     net = nn.Sequential(nn.Tanh())  # the model's input: no producer, no layer before it
-    with pytest.warns(UnitAxisWarning, match="assumed: the default"):
+    with pytest.warns(UnitAxisWarning, match="assumed the default, axis 1"):
         (rec,) = ShiftProbe(net, "auto", x).record_now(0)
     assert rec.unit_axis.dim == 1 and rec.unit_axis.source == "assumed"
     check(rec, unit_values(x, 1))

@@ -547,9 +547,9 @@ def resolve_unit_axis(
         near = trace.nearest(shape)
         if near is not None:
             rule = (
-                f"assumed: as {near.origin!r} ({near.text}), the last layer before it "
-                f"with an output of this shape: {_axis_text(near.dim, shape)}{note}"
+                f"as {near.origin!r} ({near.text}), the last layer before it with an "
+                f"output of this shape: {_axis_text(near.dim, shape)}{note}"
             )
-            return UnitAxis(near.dim, shape[near.dim], "assumed", rule, rule)
-    rule = f"assumed: the default, {_axis_text(DEFAULT_AXIS, shape)}; nothing before it says{note}"
-    return UnitAxis(DEFAULT_AXIS, shape[DEFAULT_AXIS], "assumed", rule, rule)
+            return UnitAxis(near.dim, shape[near.dim], "assumed", rule, f"assumed {rule}")
+    rule = f"the default, {_axis_text(DEFAULT_AXIS, shape)}; nothing before it says{note}"
+    return UnitAxis(DEFAULT_AXIS, shape[DEFAULT_AXIS], "assumed", rule, f"assumed {rule}")
