@@ -199,7 +199,68 @@ def test_version_1_store_migrates_keeping_every_row(tmp_path: Path) -> None:
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert db.execute("PRAGMA foreign_key_check").fetchall() == []
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+    version = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    assert version == (str(SCHEMA_VERSION),)  # through 2 to the current version
+
+
+def _version_2_store(path: Path) -> None:
+    """A store as schema 2 wrote it: probe_records without the unit columns."""
+    db = sqlite3.connect(path)
+    db.executescript(_V1_SCHEMA)
+    db.close()
+    Store(path).close()  # 1 -> current; then take the columns away again, as in schema 2
+    db = sqlite3.connect(path)
+    db.executescript(
+        """
+        CREATE TABLE old AS SELECT run_id, layer, stat, step, dtype, shape, data
+            FROM probe_records;
+        DROP TABLE probe_records;
+        CREATE TABLE probe_records (run_id INTEGER NOT NULL REFERENCES runs (id)
+            ON DELETE CASCADE, layer TEXT NOT NULL, stat TEXT NOT NULL, step INTEGER NOT NULL,
+            dtype TEXT NOT NULL, shape TEXT NOT NULL, data BLOB NOT NULL,
+            PRIMARY KEY (run_id, layer, stat, step));
+        INSERT INTO probe_records SELECT * FROM old;
+        DROP TABLE old;
+        UPDATE meta SET value = '2' WHERE key = 'schema_version';
+        """
+    )
+    db.commit()
+    db.close()
+
+
+def test_version_2_store_gains_the_unit_columns_keeping_every_record(tmp_path: Path) -> None:
+    path = tmp_path / "v2.db"
+    _version_2_store(path)
+    with Store(path) as store:
+        (run,) = store.runs()
+        _, mean = store.probe(run.id, "h", "mean")
+        assert mean.tolist() == [1.0]  # the old record reads as before
+        (old,) = store.probe_units(run.id, "h")
+        assert (old.step, old.dim, old.source, old.rule) == (0, None, None, None)
+        store.log_probe(
+            run.id,
+            10,
+            "h",
+            {"mean": np.ones(3, np.float32), "std": np.ones(3, np.float32)},
+            unit_dim=2,
+            unit_source="layer",
+            unit_rule="Linear.out_features=3: axis 2 (last) of (N, 5, 3)",
+        )
+        store.log_probe(run.id, 20, "h", {"mean": np.ones(3, np.float32)})
+        units = store.probe_units(run.id, "h")
+        assert [(u.step, u.dim, u.source) for u in units] == [
+            (0, None, None),
+            (10, 2, "layer"),
+            (20, None, None),
+        ]
+        assert units[1].rule == "Linear.out_features=3: axis 2 (last) of (N, 5, 3)"
+    db = sqlite3.connect(path)
+    columns = [row[1] for row in db.execute("PRAGMA table_info(probe_records)")]
+    assert columns[-3:] == ["unit_dim", "unit_source", "unit_rule"]
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (
+        str(SCHEMA_VERSION),
+    )
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
 def test_claim_point_states(store: Store) -> None:

@@ -14,6 +14,7 @@ from rich.progress import (
 )
 
 from covshift.probe import ProbeRecord
+from covshift.probe.units import store_columns
 from covshift.store import Store
 from covshift.train import TrainState
 
@@ -33,7 +34,13 @@ class StoreRecorder:
 
     def probe_sink(self, record: ProbeRecord) -> None:
         """Pass as ``ShiftProbe(sink=...)``: records go straight to the store."""
-        self.store.log_probe(self.run_id, record.step, record.layer, record.stats)
+        self.store.log_probe(
+            self.run_id,
+            record.step,
+            record.layer,
+            record.stats,
+            **store_columns(record.unit_axis),
+        )
 
     def on_train_end(self, state: TrainState, status: str) -> None:
         error = None if status != "failed" else "training raised an exception"

@@ -110,3 +110,14 @@ def test_the_report_can_be_rebuilt_from_the_store(reported, tmp_path: Path) -> N
     assert stored_config(store, experiment) == config
     again = summarize(store, experiment, config)
     assert again["claims"] == summary["claims"] and again["points"] == summary["points"]
+
+
+def test_drift_table_says_which_axis_held_each_layers_units(reported) -> None:
+    store, _config, _experiment, summary, out = reported
+    index = (out / "index.html").read_text()
+    assert "<th>layer</th><th>units</th>" in index
+    run_id = summary["points"][0]["run_id"]
+    layer = next(iter(summary["points"][0]["drift"]))
+    (first, *_) = store.probe_units(run_id, layer)
+    assert first.dim == 1 and first.source in ("layer", "producer")  # an MLP's features
+    assert f"axis 1 ({first.source})</span>" in index

@@ -15,7 +15,7 @@ import contextlib
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -29,6 +29,7 @@ from covshift.experiments.metrics import FLOOR, TRAIN_MODE
 from covshift.models import build_cnn, build_deep_linear, build_mlp, build_vgg
 from covshift.probe import GradientICSMonitor, ProbeRecord, ShiftProbe, SmoothnessMonitor
 from covshift.probe.select import glob_match
+from covshift.probe.units import store_columns
 from covshift.store import Store
 from covshift.train import (
     DivergenceGuard,
@@ -71,7 +72,13 @@ class StoreSink:
         self.store.log_scalars(self.run_id, step, values)
 
     def probe(self, record: ProbeRecord) -> None:
-        self.store.log_probe(self.run_id, record.step, record.layer, record.stats)
+        self.store.log_probe(
+            self.run_id,
+            record.step,
+            record.layer,
+            record.stats,
+            **store_columns(record.unit_axis),
+        )
 
     def end(self, status: str, error: str | None = None, diverged_at: int | None = None) -> None:
         self.store.finish_run(self.run_id, status, error, diverged_at=diverged_at)
@@ -218,7 +225,7 @@ class _Recorder:
 
 def _renamed(sink: PointSink, suffix: str) -> Any:
     def deliver(record: ProbeRecord) -> None:
-        sink.probe(ProbeRecord(record.step, record.layer + suffix, record.stats))
+        sink.probe(replace(record, layer=record.layer + suffix))
 
     return deliver
 

@@ -3,6 +3,7 @@
 - :mod:`~covshift.probe.select`: which modules (patterns, types, ``auto``).
 - :mod:`~covshift.probe.schedule`: when to record (every k steps, listed, log-spaced).
 - :mod:`~covshift.probe.hooks`: how values are captured (hooks that live for one forward).
+- :mod:`~covshift.probe.units`: which axis of each layer's values holds its units.
 - :mod:`~covshift.probe.stats`, :mod:`~covshift.probe.summary`,
   :mod:`~covshift.probe.saturation`: what is recorded (moments, quantiles,
   histograms, saturation), on the device, one host transfer per record.
@@ -35,6 +36,7 @@ from covshift.probe.select import select_layers
 from covshift.probe.smoothness import Smoothness, SmoothnessMonitor, landscape_smoothness
 from covshift.probe.stats import Moments, unit_moments, unit_quantiles, unit_view
 from covshift.probe.tensorboard import TensorBoardSink
+from covshift.probe.units import UnitAxis, UnitAxisError, UnitAxisWarning
 
 __all__ = [
     "GradientICS",
@@ -48,6 +50,9 @@ __all__ = [
     "Smoothness",
     "SmoothnessMonitor",
     "TensorBoardSink",
+    "UnitAxis",
+    "UnitAxisError",
+    "UnitAxisWarning",
     "compare",
     "gaussian_kl",
     "gradient_ics",

@@ -40,11 +40,12 @@ from covshift.probe.batch import ProbeBatch, ProbeBatchError
 from covshift.probe.collector import Collector
 from covshift.probe.hooks import Taps
 from covshift.probe.summary import to_host
+from covshift.probe.units import UnitAxis, UnitAxisError
 
 __all__ = ["BackgroundRecorder", "HostRecord", "ModelSnapshot", "has_foreign_hooks"]
 
-# step, layer -> stats on the host, layer -> activation kind
-HostRecord = tuple[int, dict[str, dict[str, np.ndarray]], dict[str, str]]
+# step, layer -> stats on the host, layer -> activation kind, layer -> unit axis
+HostRecord = tuple[int, dict[str, dict[str, np.ndarray]], dict[str, str], dict[str, UnitAxis]]
 
 # Module attributes that hold forward hooks (torch >= 2.0 names; absent ones are skipped).
 _FORWARD_HOOK_DICTS = (
@@ -149,7 +150,7 @@ class BackgroundRecorder:
         self.explain = explain
         self.snapshot: ModelSnapshot | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._in_flight: tuple[int, Future[tuple[dict, dict]]] | None = None
+        self._in_flight: tuple[int, Future[tuple[dict, dict, dict]]] | None = None
 
     @property
     def busy(self) -> bool:
@@ -166,7 +167,7 @@ class BackgroundRecorder:
             self._executor = _single_threaded_worker()
         self._in_flight = (step, self._executor.submit(self._record, self.snapshot.copy, inputs))
 
-    def _record(self, net: nn.Module, inputs: ProbeBatch) -> tuple[dict, dict]:
+    def _record(self, net: nn.Module, inputs: ProbeBatch) -> tuple[dict, dict, dict]:
         # Runs in the worker: grad mode is per thread, so no_grad is set here.
         collector = self.new_collector()
         collector.batch = inputs
@@ -177,19 +178,20 @@ class BackgroundRecorder:
             self.record,
             collector.on_value,
             collector.on_feeds,
+            collector.on_output if collector.trace is not None else None,
         )
         with torch.no_grad():
             taps.attach()
             try:
                 inputs(net)
-            except ProbeBatchError:
+            except (ProbeBatchError, UnitAxisError):
                 raise
             except Exception as error:
                 taps.remove()
                 raise self.explain(net, inputs, error) from error
             finally:
                 taps.remove()
-            return to_host(collector.pending), dict(collector.kinds)
+            return to_host(collector.pending), dict(collector.kinds), dict(collector.axes)
 
     def collect(self, wait: bool) -> HostRecord | None:
         """The finished record, if any (waiting for the one in flight with ``wait``);
@@ -200,8 +202,8 @@ class BackgroundRecorder:
         if not wait and not future.done():
             return None
         self._in_flight = None
-        host, kinds = future.result()
-        return step, host, kinds
+        host, kinds, axes = future.result()
+        return step, host, kinds, axes
 
     def close(self) -> None:
         """Stop the worker (a record in flight is finished first, and dropped)."""

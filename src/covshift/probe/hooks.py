@@ -16,6 +16,10 @@ its hook. The taps never keep a tensor across forwards.
 - *Which activation an output feeds*: with ``record="output"``, a tensor that a chosen
   module returned and that an activation module then receives unchanged is reported
   to ``on_feeds`` (the saturation of that activation's inputs).
+- *What made each tensor* (``on_output``): with it, a forward hook on every module of
+  the model reports each module's output tensor (undetached, with the tensor the module
+  received), so that the unit axis of a layer that says nothing (an activation) can
+  follow the layer that produced its input (:mod:`covshift.probe.units`).
 - *Live forwards* (``gated=True``): a hook on the model itself opens the capture only
   for a forward run in training mode with gradients enabled (a training step, not an
   evaluation) and closes it when that forward returns.
@@ -34,8 +38,9 @@ from covshift.probe.select import is_activation
 
 __all__ = ["Taps", "first_tensor"]
 
-ValueCallback = Callable[[str, nn.Module, torch.Tensor], None]
+ValueCallback = Callable[[str, nn.Module, torch.Tensor, "torch.Tensor | None"], None]
 FeedsCallback = Callable[[str, nn.Module, torch.Tensor], None]
+OutputCallback = Callable[[str, nn.Module, "torch.Tensor | None", torch.Tensor], None]
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:
@@ -60,10 +65,14 @@ class Taps:
         model: the root module (the one whose forward is run).
         modules: name -> module to capture.
         record: ``"input"`` or ``"output"``.
-        on_value: ``(key, module, value)`` for every call of a chosen module; ``key`` is
-            the name, with ``#k`` for the k-th repeated call; ``value`` is detached.
+        on_value: ``(key, module, value, feed)`` for every call of a chosen module;
+            ``key`` is the name, with ``#k`` for the k-th repeated call; ``value`` is
+            detached; ``feed`` is the tensor the module received, undetached (the very
+            object its producer returned; ``value``'s origin with ``record="input"``).
         on_feeds: ``(key, activation, value)`` when an output captured under ``key``
             enters ``activation`` unchanged (``record="output"`` only).
+        on_output: ``(name, module, feed, output)`` for every module of ``model`` that
+            returns a tensor, undetached (None: no such hooks).
     """
 
     def __init__(
@@ -73,12 +82,14 @@ class Taps:
         record: str,
         on_value: ValueCallback,
         on_feeds: FeedsCallback | None = None,
+        on_output: OutputCallback | None = None,
     ) -> None:
         self.model = model
         self.modules = modules
         self.record = record
         self.on_value = on_value
         self.on_feeds = on_feeds
+        self.on_output = on_output
         self.calls: dict[str, int] = {}
         self.active = False  # whether the current forward is being captured
         self.done = False  # a gated capture has seen its forward
@@ -107,6 +118,10 @@ class Taps:
             else:
                 handle = module.register_forward_hook(hook, with_kwargs=True)
             self._handles.append(handle)
+        if self.on_output is not None:
+            for name, module in self.model.named_modules():
+                handle = module.register_forward_hook(self._traced(name), with_kwargs=True)
+                self._handles.append(handle)
         if self.record == "output" and self.on_feeds is not None:
             for module in self.model.modules():
                 if is_activation(module):
@@ -145,12 +160,10 @@ class Taps:
         ) -> None:
             if not self.active:
                 return
-            if self.record == "input":
-                value = first_tensor(args)
-                if value is None:
-                    value = first_tensor(kwargs)
-            else:
-                value = first_tensor(out[0])
+            feed = first_tensor(args)
+            if feed is None:
+                feed = first_tensor(kwargs)
+            value = feed if self.record == "input" else first_tensor(out[0])
             if value is None:
                 raise TypeError(
                     f"probe: the {self.record} of layer {name!r} contains no tensor "
@@ -161,11 +174,26 @@ class Taps:
             self.calls[name] = calls + 1
             key = name if calls == 0 else f"{name}#{calls}"
             with torch.no_grad():
-                self.on_value(key, module, value.detach())
+                self.on_value(key, module, value.detach(), feed)
             if self.record == "output" and self.on_feeds is not None:
                 # Keep the tensor (not a copy) until its consumer is known, so that its
                 # id cannot be reused; cleared when the forward ends.
                 self._outputs[id(value)] = (key, value)
+
+        return hook
+
+    def _traced(self, name: str) -> Callable[..., None]:
+        def hook(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+        ) -> None:
+            if not self.active or self.on_output is None:
+                return
+            out = first_tensor(output)
+            if out is not None:
+                feed = first_tensor(args)
+                self.on_output(
+                    name, module, feed if feed is not None else first_tensor(kwargs), out
+                )
 
         return hook
 

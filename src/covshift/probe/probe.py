@@ -6,7 +6,9 @@ Mechanics, schedule and statistics are separate (as in fastai's hooks):
   record is being taken, so a training step between records pays nothing;
 - *schedule* (:class:`~covshift.probe.schedule.Schedule`): which steps record;
 - *statistics* (:mod:`~covshift.probe.summary`): computed on the detached values
-  inside the hook, on their device; a record costs one transfer to the host.
+  inside the hook, on their device; a record costs one transfer to the host;
+- *units* (:mod:`~covshift.probe.units`): which axis of each layer's values holds its
+  units, found per layer (``unit_dim="auto"``) and said in every record.
 
 Two sources of values:
 
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -53,6 +56,13 @@ from covshift.probe.hooks import Taps
 from covshift.probe.schedule import Schedule
 from covshift.probe.select import LayerSpec, select_layers
 from covshift.probe.summary import StatsConfig, to_host
+from covshift.probe.units import (
+    UnitAxis,
+    UnitAxisError,
+    UnitAxisWarning,
+    UnitDim,
+    UnitPolicy,
+)
 
 __all__ = ["DEFAULT_QUANTILES", "ProbeRecord", "ShiftProbe"]
 
@@ -67,12 +77,16 @@ class ProbeRecord:
     ``stats["std"]`` have shape ``(U,)``; the other keys are listed in
     :mod:`covshift.probe.summary`. ``activation`` is the kind of activation the values
     feed (``"sigmoid"``, ``"tanh"``, ``"relu"``), which the saturation figures refer to.
+    ``unit_axis`` is the axis of the recorded values that holds the ``U`` units and how
+    it was found (:class:`~covshift.probe.units.UnitAxis`; None for records that are not
+    per unit, such as gradient ICS and smoothness).
     """
 
     step: int
     layer: str
     stats: dict[str, np.ndarray]
     activation: str | None = None
+    unit_axis: UnitAxis | None = None
 
 
 RecordSink = Callable[[ProbeRecord], None]
@@ -113,8 +127,18 @@ class ShiftProbe:
             sort of the whole layer per record; off by default for its cost).
         saturation_slope: a sigmoid/tanh input is saturated where the slope is below
             this fraction of the peak slope (see :mod:`covshift.probe.saturation`).
-        unit_dim: the axis of the units: 1 (features of ``(N, F)``, channels of
-            ``(N, C, H, W)``) or -1 (features of token sequences ``(N, T, E)``).
+        unit_dim: which axis of each layer's values holds its units (see
+            :mod:`covshift.probe.units`). ``"auto"`` (default): found per layer, from the
+            layer itself (a norm's ``normalized_shape`` or ``num_features``, a Linear's
+            features, a convolution's channels, checked against the tensor's shape), or
+            for layers that say nothing (activations, custom modules) from the layer
+            that produced their input. An int (1: channels of ``(N, C, H, W)``; -1: the
+            last axis, features of ``(N, T, E)``): that axis for every layer. A mapping
+            ``{glob: axis or "auto"}`` over layer names (first match wins; unmatched
+            layers are ``"auto"``). A given axis wins over what the layer says; a
+            contradiction is warned about (:class:`~covshift.probe.units.UnitAxisWarning`)
+            and said in the record, as is every axis that had to be assumed. Each
+            record's ``unit_axis`` says which axis was used and why.
         reduce: reduce statistics across the ranks of torch.distributed (each rank
             probes its own shard); None: whenever more than one process runs.
         process_group: the group to reduce over (None: the default group).
@@ -147,7 +171,7 @@ class ShiftProbe:
         unit_histograms: bool = False,
         pooled_quantiles: bool = False,
         saturation_slope: float = 0.05,
-        unit_dim: int = 1,
+        unit_dim: UnitDim = "auto",
         reduce: bool | None = None,
         process_group: Any = None,
         background: bool | None = None,
@@ -187,34 +211,57 @@ class ShiftProbe:
             raise ValueError(
                 f"saturation_slope must be a fraction in (0, 1), got {saturation_slope!r}"
             )
-        if unit_dim == 0:
-            raise ValueError("unit_dim must not be 0 (the batch axis); use 1 or -1")
+        units = UnitPolicy.of(unit_dim)
         self.schedule = Schedule.resolve(every, steps, schedule)
         self.model = model
         selection = select_layers(model, layers)
         self.modules = selection.modules
         self._optional = selection.optional
+        units.check_patterns(list(self.modules))
+        self.units = units
+        self._trace_units = units.needs_trace(self.modules, record)
         self.record = record
         self.source = source
         self.mode = mode
         self.config = StatsConfig(
-            quantiles, bins, unit_histograms, saturation_slope, unit_dim, pooled_quantiles
+            quantiles,
+            bins,
+            unit_histograms,
+            saturation_slope,
+            units.everywhere if units.everywhere is not None else 1,
+            pooled_quantiles,
         )
         self.quantiles = quantiles
         self._reduce = reduce
         self._group = process_group
         self.records: list[ProbeRecord] = []
         self._sink = sink or self.records.append
-        self._collector = Collector(self.config, record, self._group_arg)
+        self._collector = self._new_collector(self._group_arg)
         self._taps = Taps(
-            model, self.modules, record, self._collector.on_value, self._collector.on_feeds
+            model,
+            self.modules,
+            record,
+            self._collector.on_value,
+            self._collector.on_feeds,
+            self._collector.on_output if self._trace_units else None,
         )
         self._kinds: dict[str, str] = {}  # layer -> activation kind, over all records
+        self._axes: dict[str, UnitAxis] = {}  # layer -> unit axis of its latest record
+        self._doubted: set[str] = set()  # layers whose doubtful axis was warned about
         self._background_mode = background
         self._background: BackgroundRecorder | None = None
         self._checked = False  # a synchronous forward of the probe batch has succeeded
         self._armed: int | None = None  # live mode: the step label of the armed capture
         self._device_inputs: tuple[torch.device, ProbeBatch] | None = None
+
+    def _new_collector(self, group: Callable[[], Any]) -> Collector:
+        return Collector(self.config, self.record, group, self.units, self._trace_units)
+
+    @property
+    def unit_axes(self) -> dict[str, UnitAxis]:
+        """Layer (record key) -> the unit axis of its latest record, and how it was
+        found (empty before the first record)."""
+        return dict(self._axes)
 
     @property
     def probe_input(self) -> torch.Tensor | None:
@@ -285,9 +332,10 @@ class ShiftProbe:
     def _emit(self, step: int) -> list[ProbeRecord]:
         try:
             host = to_host(self._collector.pending)  # one transfer for the whole record
+            axes = dict(self._collector.axes)
         finally:
             self._collector.clear()
-        return self._deliver((step, host, self._collector.kinds))
+        return self._deliver((step, host, self._collector.kinds, axes))
 
     def _check_called(self, keys: Iterable[str]) -> None:
         called = {key.partition("#")[0] for key in keys}
@@ -301,21 +349,42 @@ class ShiftProbe:
             )
 
     def _deliver(
-        self, finished: tuple[int, dict[str, dict[str, np.ndarray]], dict[str, str]] | None
+        self,
+        finished: tuple[int, dict[str, dict[str, np.ndarray]], dict[str, str], dict[str, UnitAxis]]
+        | None,
     ) -> list[ProbeRecord]:
-        """Hand one record (step, layer -> host stats, layer -> activation kind) to
-        the sink, on the calling thread."""
+        """Hand one record (step, layer -> host stats, layer -> activation kind,
+        layer -> unit axis) to the sink, on the calling thread."""
         if finished is None:
             return []
-        step, host, kinds = finished
+        step, host, kinds, axes = finished
         self._check_called(host)
         self._kinds.update(kinds)
+        self._axes.update(axes)
+        self._warn_doubts(axes)
         records = []
         for key, stats in host.items():
-            record = ProbeRecord(step, key, stats, self._kinds.get(key))
+            record = ProbeRecord(step, key, stats, self._kinds.get(key), axes.get(key))
             self._sink(record)
             records.append(record)
         return records
+
+    def _warn_doubts(self, axes: Mapping[str, UnitAxis]) -> None:
+        """Warn once per layer whose unit axis was assumed or contradicts the layer."""
+        doubted = [(k, a) for k, a in axes.items() if a.doubt and k not in self._doubted]
+        if not doubted:
+            return
+        self._doubted.update(k for k, _ in doubted)
+        shown = "; ".join(f"{k!r}: axis {a.dim}, {a.doubt}" for k, a in doubted[:6])
+        more = f"; and {len(doubted) - 6} more" if len(doubted) > 6 else ""
+        warnings.warn(
+            UnitAxisWarning(
+                f"probe: the unit axis of {len(doubted)} layer(s) is not certain ({shown}"
+                f"{more}). Each record's unit_axis says how its axis was found; where it "
+                "is wrong, give it with unit_dim={'<layer pattern>': <axis>}"
+            ),
+            stacklevel=3,
+        )
 
     # -- recording ------------------------------------------------------------
     def maybe_record(self, step: int) -> bool:
@@ -364,7 +433,7 @@ class ShiftProbe:
             self._background = BackgroundRecorder(
                 list(self.modules),
                 self.record,
-                lambda: Collector(self.config, self.record, lambda: False),
+                lambda: self._new_collector(lambda: False),
                 _explain,
             )
         self.flush()  # at most one record in flight
@@ -420,7 +489,7 @@ class ShiftProbe:
                 )
                 with forked:
                     batch(self.model)
-            except ProbeBatchError:
+            except (ProbeBatchError, UnitAxisError):
                 raise
             except Exception as error:  # torch raises RuntimeError, IndexError, ValueError, ...
                 raise _explain(self.model, batch, error) from error

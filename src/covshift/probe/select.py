@@ -12,7 +12,8 @@ A layer specification is a string or a module type, or a list of them:
   activation is one of torch.nn's or any childless module whose class name says it is
   one (transformers' ``NewGELUActivation``, timm's ``GELUTanh``/``Swish``, ...);
 - ``"auto:linear"``: every Linear and Conv (``nn.Linear``, ``nn.Conv{1,2,3}d`` and the
-  transposed convolutions, subclasses included).
+  transposed convolutions, subclasses included, and transformers' ``Conv1D``, the
+  Linear of GPT-2 with a weight of shape ``(nx, nf)``).
 
 A name pattern or a type that matches nothing is an error that lists what the model
 has. Explicitly named modules must be called by the forward (else the record is an
@@ -29,6 +30,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from covshift.nn import kinds
@@ -155,8 +157,18 @@ def glob_match(name: str, pattern: str) -> bool:
 
 
 def is_linear(module: nn.Module) -> bool:
-    """A Linear, Bilinear or (transposed) convolution, subclasses included."""
-    return isinstance(module, _LINEAR_TYPES)
+    """A Linear, Bilinear or (transposed) convolution, subclasses included, or a
+    Linear with a transposed weight like transformers' ``Conv1D`` (an int ``nf`` and a
+    weight of shape ``(nx, nf)``)."""
+    if isinstance(module, _LINEAR_TYPES):
+        return True
+    nf, weight = getattr(module, "nf", None), getattr(module, "weight", None)
+    return (
+        isinstance(nf, int)
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and weight.shape[1] == nf
+    )
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ A *unit* is a feature of a fully connected layer or a channel of a convolution. 
 tensor of shape ``(N, C, *spatial)`` the values of unit ``c`` are all ``N * prod(spatial)``
 entries of channel ``c`` (the examples and positions the unit sees); for ``(N, C)`` they
 are the ``N`` examples. ``unit_dim`` chooses another axis (``-1`` for the features of a
-token sequence ``(N, T, E)``).
+token sequence ``(N, T, E)``); the probe finds it per layer (:mod:`covshift.probe.units`).
 
 Everything runs on the tensor's device; moments are accumulated in float64 with the
 pairwise update of Chan, Golub & LeVeque (1979), so that summaries of chunks, of

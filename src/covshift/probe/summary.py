@@ -69,7 +69,9 @@ class StatsConfig:
         bins: histogram bins (0: no histogram).
         unit_histograms: also keep one histogram per unit (``U x B`` counts per record).
         saturation_slope: slope fraction that defines a saturated sigmoid/tanh input.
-        unit_dim: axis of the units (1: channels; -1: last axis, e.g. token features).
+        unit_dim: axis of the units when :func:`summarize` is not given one (1:
+            channels; -1: last axis, e.g. token features). The probe finds the axis
+            per layer (:mod:`covshift.probe.units`) and passes it.
         pooled_quantiles: also the quantiles of all units' values together (a sort of
             the whole layer: the costliest statistic, off by default).
     """
@@ -92,6 +94,7 @@ def summarize(
     config: StatsConfig,
     group: dist_ops.Group | bool = False,
     activation: str | None = None,
+    unit_dim: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Statistics of one layer's detached value (any shape ``(N, ...)``).
 
@@ -103,12 +106,14 @@ def summarize(
             ``False`` keeps them local.
         activation: the kind of activation the values enter (``"sigmoid"``, ``"tanh"``,
             ``"relu"``), for the saturation figures; None for none.
+        unit_dim: the axis of the units (None: ``config.unit_dim``).
 
     One sort per unit serves the quantiles, the histogram (binary searches of the bin
     edges in the sorted values) and the saturation counts.
     """
     # One contiguous float copy: rows, their float64 chunks and the sort all stream.
-    rows = _as_float(unit_rows(value, config.unit_dim)).contiguous()  # (U, M)
+    dim = config.unit_dim if unit_dim is None else unit_dim
+    rows = _as_float(unit_rows(value, dim)).contiguous()  # (U, M)
     reduce = group is not False
     grp = None if group is False or group is True else group
     moments = Moments.of_rows(rows)
@@ -124,7 +129,7 @@ def summarize(
     }
     if not (config.quantiles or config.bins):
         if activation is not None:
-            out.update(saturation_stats(value, activation, config, group))
+            out.update(saturation_stats(value, activation, config, group, dim))
         return out
     if reduce:  # order statistics need the values of every rank
         rows = dist_ops.gather_rows(rows.t(), grp).t().contiguous()
@@ -157,11 +162,17 @@ def _levels(levels: tuple[float, ...], device: torch.device) -> torch.Tensor:
 
 
 def saturation_stats(
-    value: torch.Tensor, kind: str, config: StatsConfig, group: dist_ops.Group | bool = False
+    value: torch.Tensor,
+    kind: str,
+    config: StatsConfig,
+    group: dist_ops.Group | bool = False,
+    unit_dim: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Fraction of ``value``'s entries where an activation of ``kind`` is saturated
-    (see :mod:`covshift.probe.saturation`), per unit and pooled."""
-    values = _as_float(unit_view(value, config.unit_dim))
+    (see :mod:`covshift.probe.saturation`), per unit and pooled; units along
+    ``unit_dim`` (None: ``config.unit_dim``)."""
+    dim = config.unit_dim if unit_dim is None else unit_dim
+    values = _as_float(unit_view(value, dim))
     counts = torch.cat(
         [
             saturated(values, kind, config.saturation_slope),

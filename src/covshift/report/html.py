@@ -94,6 +94,29 @@ def _settings_rows(config: ExperimentConfig) -> list[list[str]]:
     return [[html.escape(k), html.escape(v)] for k, v in rows]
 
 
+def _unit_axes(store: Store, summary: dict[str, Any], layers: list[str]) -> dict[str, str]:
+    """Layer -> "axis k (source)" of its last record in the first run recording it
+    (HTML, with the rule as a tooltip); layers recorded before schema 3 are left out."""
+    found: dict[str, str] = {}
+    for row in summary["points"]:
+        run_id = row.get("run_id")
+        if run_id is None:
+            continue
+        for layer in layers:
+            if layer in found:
+                continue
+            recorded = store.probe_units(run_id, layer)
+            last = recorded[-1] if recorded else None
+            if last is not None and last.dim is not None:
+                found[layer] = (
+                    f'<span title="{html.escape(last.rule or "")}">axis {last.dim} '
+                    f"({html.escape(last.source or '')})</span>"
+                )
+        if len(found) == len(layers):
+            break
+    return found
+
+
 def write_report(
     store: Store,
     experiment_id: str,
@@ -128,8 +151,9 @@ def write_report(
     layers: list[str] = []
     for c in cells:
         layers += [x for x in c["drift"] if x not in layers]
+    units = _unit_axes(store, summary, layers)
     drift_rows = [
-        [html.escape(layer)]
+        [html.escape(layer), units.get(layer, "&ndash;")]
         + [_mean_sd(c["drift"].get(layer), c["drift_sd"].get(layer), 3) for c in cells]
         for layer in layers
     ]
@@ -194,8 +218,9 @@ point).{" Percentile panels:" if panel_notes else ""}</p><ul>{panel_notes}</ul>
 <p>Drift of a layer = mean over units of the displacement of the unit's recorded
 quantiles between the first and the last record, in units of the unit's typical
 15&ndash;85 width (docs/probe.md). 0 means no movement; 1 means the distribution moved by
-one typical width.</p>
-{_table(["layer"] + [_cell_name(config, c) for c in cells], drift_rows)}
+one typical width. Units: the axis of the layer's values that holds its units, in the
+first run that recorded the layer, and how it was found (hover for why; docs/probe.md).</p>
+{_table(["layer", "units"] + [_cell_name(config, c) for c in cells], drift_rows, 2)}
 <h2>Settings</h2>
 {_table(["setting", "value"], _settings_rows(config), numeric_from=99)}
 <h2>Choices the paper leaves open</h2>

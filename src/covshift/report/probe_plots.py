@@ -15,6 +15,7 @@ Functions take numpy arrays (what ``Store.probe`` returns), so they need no torc
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -189,6 +190,16 @@ def _stat(
     return (steps, values.reshape(len(steps))) if scalar else (steps, values)
 
 
+def _titled(store: Store, run_id: int, layer: str) -> str:
+    """``layer`` and the axis its units were on (its last record's), when recorded."""
+    recorded = store.probe_units(run_id, layer)
+    last = recorded[-1] if recorded else None
+    if last is None or last.dim is None:
+        return layer
+    text = f"{layer} (units on axis {last.dim}, {last.source}: {last.rule})"
+    return textwrap.fill(text, 120)
+
+
 def probe_figures(
     store: Store,
     run_id: int,
@@ -208,7 +219,11 @@ def probe_figures(
         levels = _stat(store, run_id, layer, "quantile_levels")
         if quantiles is not None and levels is not None and len(quantiles[0]) >= 1:
             fig = percentile_bands(
-                quantiles[0], quantiles[1], levels[1][0], units=units, title=layer
+                quantiles[0],
+                quantiles[1],
+                levels[1][0],
+                units=units,
+                title=_titled(store, run_id, layer),
             )
             paths += save(fig, out_dir, f"{stem}-percentiles")
         hist, edges = _stat(store, run_id, layer, "hist"), _stat(store, run_id, layer, "hist_edges")

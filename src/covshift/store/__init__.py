@@ -9,6 +9,7 @@ from covshift.store.rows import (
     Claim,
     ExperimentPoint,
     NewRun,
+    ProbeUnits,
     RunInfo,
 )
 from covshift.store.schema import SCHEMA_VERSION
@@ -24,6 +25,7 @@ __all__ = [
     "NewRun",
     "NoStoreError",
     "Orphan",
+    "ProbeUnits",
     "RunInfo",
     "Store",
     "StoreError",

@@ -17,7 +17,7 @@ import numpy as np
 
 from covshift.store.errors import StoreError
 from covshift.store.ownership import marked_stale
-from covshift.store.rows import SELECT_RUNS, ExperimentPoint, RunInfo
+from covshift.store.rows import SELECT_RUNS, ExperimentPoint, ProbeUnits, RunInfo
 
 __all__ = ["StoreReader"]
 
@@ -124,6 +124,17 @@ class StoreReader:
             (run_id, layer),
         )
         return [r[0] for r in rows]
+
+    def probe_units(self, run_id: int, layer: str) -> list[ProbeUnits]:
+        """Per record of ``layer`` (by step): the axis that held its units and how it
+        was found. Records made before schema 3 (and records that are not per unit)
+        have None there."""
+        rows = self._db.execute(
+            "SELECT step, MIN(unit_dim), MIN(unit_source), MIN(unit_rule) FROM probe_records"
+            " WHERE run_id = ? AND layer = ? GROUP BY step ORDER BY step",
+            (run_id, layer),
+        ).fetchall()
+        return [ProbeUnits(int(r[0]), r[1], r[2], r[3]) for r in rows]
 
     def probe(self, run_id: int, layer: str, stat: str) -> tuple[np.ndarray, np.ndarray]:
         """``(steps, values)``: one statistic of one layer over its records, stacked to

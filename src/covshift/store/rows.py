@@ -27,6 +27,7 @@ __all__ = [
     "Claim",
     "ExperimentPoint",
     "NewRun",
+    "ProbeUnits",
     "RunInfo",
     "new_run_values",
     "now",
@@ -138,6 +139,18 @@ class Claim:
 
     state: Literal["new", "resume", "done", "busy"]
     run: RunInfo
+
+
+@dataclass(frozen=True)
+class ProbeUnits:
+    """The axis that held the units of one probe record (see
+    :mod:`covshift.probe.units`); None where the record did not say (recorded before
+    schema 3, or not per unit)."""
+
+    step: int
+    dim: int | None  # the axis of the recorded values, 0 being the batch axis
+    source: str | None  # given | layer | producer | only | assumed
+    rule: str | None  # why, in words
 
 
 @dataclass(frozen=True)

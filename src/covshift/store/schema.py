@@ -15,6 +15,14 @@ Version 2 adds what sweeps need:
 Migration 1 -> 2 rebuilds ``runs`` (SQLite cannot change a CHECK constraint in place)
 inside one transaction with foreign keys off, so the scalars and probe records that
 reference runs are neither dropped nor orphaned; legacy runs keep ``point = NULL``.
+
+Version 3 says which axis of a layer's values held its units, per probe record
+(:mod:`covshift.probe.units`): ``probe_records.unit_dim`` (the axis, 0 being the batch
+axis), ``unit_source`` (``given``, ``layer``, ``producer``, ``only``, ``assumed``) and
+``unit_rule`` (why, in words), the same on every statistic row of one record.
+Migration 2 -> 3 adds the three columns; rows recorded before have NULL there (the
+probe then used one axis for every layer: 1 unless its ``unit_dim`` said otherwise),
+as have records that are not per unit (gradient ICS, smoothness).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from covshift.store.rows import RUN_COLUMNS, RUN_STATUSES, RunInfo
 
 __all__ = ["RUN_COLUMNS", "RUN_STATUSES", "SCHEMA_VERSION", "migrate", "stored_version"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def _runs_table(name: str) -> str:
@@ -56,6 +64,9 @@ CREATE TABLE IF NOT EXISTS probe_records (
     dtype TEXT NOT NULL,
     shape TEXT NOT NULL,
     data BLOB NOT NULL,
+    unit_dim INTEGER,
+    unit_source TEXT,
+    unit_rule TEXT,
     PRIMARY KEY (run_id, layer, stat, step)
 );
 CREATE TABLE IF NOT EXISTS experiments (
@@ -105,7 +116,20 @@ def _migrate_1_to_2(db: sqlite3.Connection) -> None:
         raise sqlite3.IntegrityError(f"migration left dangling references: {problems[:5]}")
 
 
-_MIGRATIONS = {1: _migrate_1_to_2}
+# Columns added to probe_records by version 3, with their types.
+_UNIT_COLUMNS = (("unit_dim", "INTEGER"), ("unit_source", "TEXT"), ("unit_rule", "TEXT"))
+
+
+def _migrate_2_to_3(db: sqlite3.Connection) -> None:
+    # ADD COLUMN keeps every row (NULL in the new columns); a table that already has a
+    # column (created by this version's CREATE TABLE in an earlier migration) keeps it.
+    have = {row[1] for row in db.execute("PRAGMA table_info(probe_records)")}
+    for column, kind in _UNIT_COLUMNS:
+        if column not in have:
+            db.execute(f"ALTER TABLE probe_records ADD COLUMN {column} {kind}")
+
+
+_MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
 
 
 def migrate(db: sqlite3.Connection, meta: Mapping[str, str] | None = None) -> None:

@@ -11,8 +11,10 @@ Tables (see :mod:`covshift.store.schema` for the columns and the migrations):
     meta(key, value)                      schema_version, created_by, store_id
     runs(...)                             one row per run; ``point`` unique
     scalars(run_id, name, step, value)    loss, test accuracy, ...
-    probe_records(run_id, layer, stat, step, dtype, shape, data)
-                                          one numpy array per (layer, statistic, step)
+    probe_records(run_id, layer, stat, step, dtype, shape, data,
+                  unit_dim, unit_source, unit_rule)
+                                          one numpy array per (layer, statistic, step),
+                                          with the axis that held the record's units
     experiments(id, name, config, created_at)
     experiment_points(experiment, point, position, network, seed, axes)
 

@@ -134,19 +134,29 @@ class StoreWriter(StoreReader):
             db.execute("UPDATE runs SET last_step = MAX(last_step, ?) WHERE id = ?", (step, run_id))
 
     def log_probe(
-        self, run_id: int, step: int, layer: str, stats: Mapping[str, np.ndarray]
+        self,
+        run_id: int,
+        step: int,
+        layer: str,
+        stats: Mapping[str, np.ndarray],
+        *,
+        unit_dim: int | None = None,
+        unit_source: str | None = None,
+        unit_rule: str | None = None,
     ) -> None:
-        """Record one probe record: named arrays (per-unit statistics) of ``layer``."""
+        """Record one probe record: named arrays (per-unit statistics) of ``layer``, and
+        the axis of the layer's values that held the units (``unit_dim``), how it was
+        found (``unit_source``) and why (``unit_rule``): a ``ProbeRecord.unit_axis``."""
+        units = (None if unit_dim is None else int(unit_dim), unit_source, unit_rule)
         rows = []
         for stat, array in stats.items():
             a = np.asarray(array, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
-            rows.append(
-                (run_id, layer, stat, step, a.dtype.str, json.dumps(list(a.shape)), a.tobytes())
-            )
+            shape = json.dumps(list(a.shape))
+            rows.append((run_id, layer, stat, step, a.dtype.str, shape, a.tobytes(), *units))
         with self._transaction() as db:
             db.executemany(
                 "INSERT OR REPLACE INTO probe_records (run_id, layer, stat, step, dtype, shape,"
-                " data) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " data, unit_dim, unit_source, unit_rule) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
 
