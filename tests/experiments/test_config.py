@@ -286,7 +286,7 @@ def test_a_float_field_takes_an_integer() -> None:
             r"claims\[0\]\.rulee: unknown field \(did you mean rule\?\); valid keys here: text,",
         ),
         (
-            '[sizes.quick]\nset = {}\nminuts = 3\n',
+            "[sizes.quick]\nset = {}\nminuts = 3\n",
             r"sizes\.quick\.minuts: unknown field \(did you mean minutes\?\)",
         ),
     ],

@@ -35,6 +35,7 @@ from covshift.probe.probe import ProbeRecord, ShiftProbe
 from covshift.probe.scalars import RecordScalars
 from covshift.probe.schedule import Schedule
 from covshift.probe.select import LayerSpec, select_layers
+from covshift.probe.units import UnitDim
 from covshift.store import Store
 
 __all__ = [
@@ -154,7 +155,7 @@ class ProbeSession:
         record: Literal["input", "output"] = "input",
         source: Literal["probe", "train"] = "probe",
         mode: Literal["eval", "train"] = "eval",
-        unit_dim: int = 1,
+        unit_dim: UnitDim = "auto",
         probe_options: Mapping[str, Any] | None = None,
         grad_ics: bool = False,
         grad_ics_every: int | None = None,

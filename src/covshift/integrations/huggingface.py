@@ -34,9 +34,9 @@ What happens, event by event:
 
 What is recorded: per watched layer, the statistics of
 :mod:`covshift.probe.summary` of its input (``record="input"``) on the probe batch,
-in eval mode under ``no_grad`` (``mode="eval"``), with units along the last axis
-(``unit_dim=-1``: a transformer's hidden features of ``(N, T, E)`` values; pass
-``unit_dim=1`` for channels-first convolutions). With ``grad_ics=True``, the gradient
+in eval mode under ``no_grad`` (``mode="eval"``), with each layer's units on the axis
+its layer says (``unit_dim="auto"``: a transformer's hidden features of ``(N, T, E)``
+values, a convolution's channels; every record names its axis). With ``grad_ics=True``, the gradient
 ICS of every weight layer (:func:`covshift.probe.gradient_ics`) on the probe batch,
 whose ``labels`` give the loss (``grad_ics_loss``: by default the model output's
 ``loss``), with the trainer's optimizer (unwrapped from accelerate).
@@ -76,6 +76,7 @@ from covshift.integrations._session import LossFn, ProbeSession, StoreSpec
 from covshift.probe.probe import ProbeRecord
 from covshift.probe.schedule import Schedule
 from covshift.probe.select import LayerSpec
+from covshift.probe.units import UnitDim
 
 if TYPE_CHECKING:
     from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
@@ -126,7 +127,8 @@ class ShiftProbeCallback(TrainerCallback):
             100, from step 0).
         record, source, mode: as in ``ShiftProbe`` (``source="train"`` records the live
             training forwards instead of the probe batch).
-        unit_dim: the axis of the units; -1 (default) for token sequences ``(N, T, E)``.
+        unit_dim: the axis of the units, as in ``ShiftProbe`` (default ``"auto"``: per
+            layer, from the layer).
         grad_ics: also measure gradient ICS on the probe batch.
         grad_ics_every: its own schedule (None: that of the probe).
         grad_ics_layers: its layers (None: every module that owns a weight matrix).
@@ -161,7 +163,7 @@ class ShiftProbeCallback(TrainerCallback):
         record: Literal["input", "output"] = "input",
         source: Literal["probe", "train"] = "probe",
         mode: Literal["eval", "train"] = "eval",
-        unit_dim: int = -1,
+        unit_dim: UnitDim = "auto",
         grad_ics: bool = False,
         grad_ics_every: int | None = None,
         grad_ics_layers: LayerSpec | Sequence[LayerSpec] | None = None,

@@ -34,8 +34,8 @@ collective is ever waited for):
   ``on_exception``: the same, as ``failed`` (``interrupted`` on Ctrl-C).
 
 What is recorded: per watched layer, the statistics of :mod:`covshift.probe.summary`
-of its input on the probe batch, in eval mode under ``no_grad`` (``unit_dim=1``:
-features of ``(N, F)``, channels of ``(N, C, H, W)``; pass -1 for token sequences).
+of its input on the probe batch, in eval mode under ``no_grad``, with each layer's
+units on the axis its layer says (``unit_dim="auto"``; every record names its axis).
 With ``grad_ics=True``, the gradient ICS of every weight layer
 (:func:`covshift.probe.gradient_ics`) on the probe batch and its targets, with
 ``grad_ics_loss(module(inputs), targets)`` and the trainer's one optimizer.
@@ -61,6 +61,7 @@ from covshift.integrations._session import LossFn, ProbeSession, StoreSpec
 from covshift.probe.probe import ProbeRecord
 from covshift.probe.schedule import Schedule
 from covshift.probe.select import LayerSpec
+from covshift.probe.units import UnitDim
 
 _BASES: list[type] = []
 _VERSIONS: list[str] = []
@@ -168,7 +169,7 @@ class ShiftProbeCallback(*_BASES):  # type: ignore[misc]
         record: Literal["input", "output"] = "input",
         source: Literal["probe", "train"] = "probe",
         mode: Literal["eval", "train"] = "eval",
-        unit_dim: int = 1,
+        unit_dim: UnitDim = "auto",
         grad_ics: bool = False,
         grad_ics_every: int | None = None,
         grad_ics_layers: LayerSpec | Sequence[LayerSpec] | None = None,
