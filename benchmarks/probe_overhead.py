@@ -40,6 +40,13 @@ steps: a flat series means nothing accumulates.
     python benchmarks/probe_overhead.py --quick         # fewer rounds, no ICS rows
     python benchmarks/probe_overhead.py --memory 20000  # plus the memory series
     python benchmarks/probe_overhead.py --threads 1     # one core: stable on a busy machine
+    python benchmarks/probe_overhead.py --only resnet18 --only gpt2 --quick
+
+Two models of the libraries people train (no weights, built from configs, needs the
+``huggingface`` extra): ResNet-18 (timm's when timm imports, else transformers' ResNet
+of the same layout) on random 3x64x64 images, batch 16, probe batch 64; and a GPT-2 of
+4 layers x 256 features on random 64-token sequences, batch 8, probe batch 32, its own
+next-token loss. Their probe is ``ShiftProbe(model, probe_input)`` at its defaults.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ import tracemalloc
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -76,12 +84,78 @@ except ImportError:  # the optional extra is not installed
     SummaryWriter = None
 
 
+def logits_of(out: object) -> torch.Tensor:
+    """A model's logits, from a tensor or from a Hugging Face output."""
+    return out if isinstance(out, torch.Tensor) else out.logits  # type: ignore[attr-defined]
+
+
+def classification_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits_of(net(x)), y)
+
+
+def language_model_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return net(input_ids=x, labels=x).loss  # next-token loss; y is unused
+
+
 @dataclass
 class Setup:
     name: str
     build: Callable[[], nn.Module]
     lr: float
     probe_examples: int
+    batch: int = 60
+    # None: the benchmark's dataset; else (x_train, y_train, x_test) of the model's own
+    data: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = classification_loss
+    measures: bool = True  # the gradient-ICS / smoothness rows (cross-entropy models)
+
+
+def resnet18() -> nn.Module:
+    """ResNet-18's layout (basic blocks 2-2-2-2, 64-512 channels, BatchNorm, ReLU):
+    timm's resnet18 when timm imports, else transformers' ResNet of the same config."""
+    try:
+        import timm
+
+        return timm.create_model("resnet18", pretrained=False, num_classes=10)
+    except ImportError:  # timm needs a torchvision that matches the CPU torch
+        from transformers import ResNetConfig, ResNetForImageClassification
+
+        config = ResNetConfig(
+            depths=[2, 2, 2, 2],
+            hidden_sizes=[64, 128, 256, 512],
+            layer_type="basic",
+            num_labels=10,
+        )
+        return ResNetForImageClassification(config)
+
+
+def gpt2() -> nn.Module:
+    """A GPT-2 of 4 layers, 256 features, 4 heads, 2,000 tokens (built from a config)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=4,
+        n_embd=256,
+        n_head=4,
+        n_positions=64,
+        vocab_size=2000,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def image_batches() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 3, 64, 64, generator=g)
+    return x, torch.randint(0, 10, (2000,), generator=g), x[:64]
+
+
+def token_batches() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 2000, (2000, 64), generator=g)
+    return ids, torch.zeros(2000, dtype=torch.long), ids[:32]
 
 
 SETUPS = [
@@ -91,7 +165,27 @@ SETUPS = [
     Setup(
         "CNN 16-32-64 relu + BN", lambda: build_cnn((1, 28, 28), 10, norm="batch", seed=0), 0.1, 500
     ),
+    Setup(
+        "ResNet-18 on 3x64x64 images",
+        resnet18,
+        0.05,
+        64,
+        batch=16,
+        data=image_batches,
+        measures=False,
+    ),
+    Setup(
+        "GPT-2 4x256, 64 tokens",
+        gpt2,
+        1e-3,
+        32,
+        batch=8,
+        data=token_batches,
+        loss=language_model_loss,
+        measures=False,
+    ),
 ]
+SETUP_KEYS = {"mlp": 0, "cnn": 1, "resnet18": 2, "gpt2": 3}
 
 
 @dataclass
@@ -169,7 +263,7 @@ def make_variants(
         return (
             net,
             torch.optim.SGD(net.parameters(), lr=setup.lr),
-            BatchSampler(len(data.x_train), 60, seed=0),
+            BatchSampler(len(data.x_train), setup.batch, seed=0),
         )
 
     x_probe = data.x_test[: setup.probe_examples]
@@ -214,7 +308,7 @@ def make_variants(
     variants.append(Variant("DIY TensorBoard histograms", net, opt, sampler, after, remove))
     net, opt, sampler = fresh()
     variants.append(Variant("DIY fastai-style stats", net, opt, sampler, close=diy_fastai(net)))
-    if not quick:
+    if not quick and setup.measures:
         for label, measure in (
             ("gradient ICS every 100", "ics"),
             ("smoothness every 100", "smooth"),
@@ -233,12 +327,14 @@ def make_variants(
     return variants, how
 
 
-def run_block(v: Variant, data: Dataset, steps: int) -> None:
+def run_block(
+    v: Variant, data: Dataset, steps: int, loss_fn: Callable = classification_loss
+) -> None:
     start = time.perf_counter()
     for _ in range(steps):
         v.step += 1
         idx = v.sampler.next()
-        loss = F.cross_entropy(v.net(data.x_train[idx]), data.y_train[idx])
+        loss = loss_fn(v.net, data.x_train[idx], data.y_train[idx])
         v.opt.zero_grad(set_to_none=True)
         loss.backward()
         v.opt.step()
@@ -247,21 +343,24 @@ def run_block(v: Variant, data: Dataset, steps: int) -> None:
 
 
 def time_setup(setup: Setup, data: Dataset, rounds: int, quick: bool, console: Console) -> Table:
+    if setup.data is not None:  # the model's own inputs (images of its size, token ids)
+        x_train, y_train, x_test = setup.data()
+        data = SimpleNamespace(x_train=x_train, y_train=y_train, x_test=x_test)  # type: ignore[assignment]
     with tempfile.TemporaryDirectory() as log_dir:
         variants, how = make_variants(setup, data, quick, log_dir)
         for v in variants:  # warm-up block: caches, optimizer state, first record
             v.after_step(0)
-            run_block(v, data, BLOCK)
+            run_block(v, data, BLOCK, setup.loss)
             v.times.clear()
         for r in range(rounds):
             order = variants[r % len(variants) :] + variants[: r % len(variants)]
             for v in order:
-                run_block(v, data, BLOCK)
+                run_block(v, data, BLOCK, setup.loss)
         for v in variants:
             v.close()
     base = statistics.median(variants[0].times)
     table = Table(
-        title=f"{setup.name}: batch 60, probe batch {setup.probe_examples}, "
+        title=f"{setup.name}: batch {setup.batch}, probe batch {setup.probe_examples}, "
         f"{rounds} rounds x {BLOCK} steps"
     )
     for col in ("variant", "ms / step (median)", "ratio to plain"):
@@ -327,7 +426,12 @@ def main() -> None:
         "--memory", type=int, default=0, metavar="STEPS", help="also run the memory series"
     )
     parser.add_argument("--sample-every", type=int, default=1000)
-    parser.add_argument("--only", choices=["mlp", "cnn"], help="time one model only")
+    parser.add_argument(
+        "--only",
+        choices=list(SETUP_KEYS),
+        action="append",
+        help="time these models only (repeatable; default: all)",
+    )
     parser.add_argument(
         "--probe-examples", type=int, default=0, help="probe batch size (0: 1000 MLP, 500 CNN)"
     )
@@ -349,7 +453,7 @@ def main() -> None:
     console.print(
         f"data: {data.name}; torch {torch.__version__}, {torch.get_num_threads()} threads, CPU"
     )
-    setups = {"mlp": SETUPS[:1], "cnn": SETUPS[1:]}.get(args.only or "", SETUPS)
+    setups = [SETUPS[SETUP_KEYS[k]] for k in args.only] if args.only else SETUPS
     if args.probe_examples:
         setups = [replace(s, probe_examples=args.probe_examples) for s in setups]
     for setup in setups:
