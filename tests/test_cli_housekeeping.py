@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from covshift.experiments.config import load_config
+from covshift.experiments.config_files import load_config
 from covshift.experiments.grid import experiment_id
 from covshift.store import Store
 

@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from covshift.data import IdxFormatError, read_idx
-from covshift.experiments.config import ConfigError, ExperimentConfig, load_config, read_preset
+from covshift.experiments.config import ConfigError, ExperimentConfig
+from covshift.experiments.config_files import load_config, read_preset
 from covshift.experiments.grid import expand_grid, experiment_id
 
 FUZZ = settings(

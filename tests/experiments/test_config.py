@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from covshift.experiments import ConfigError, load_config, preset_names
-from covshift.experiments.config import ExperimentConfig, apply_overrides
+from covshift.experiments.config import ExperimentConfig
+from covshift.experiments.config_files import apply_overrides
 
 SWEEP = """
 name = "lr-sweep"

@@ -8,7 +8,8 @@ from typing import Annotated, Any
 import typer
 
 from covshift.cli.app import MAX_THREADS, UserError, err_console, parse_sets
-from covshift.experiments.config import MAX_SEED_COUNT, load_config
+from covshift.experiments.config import MAX_SEED_COUNT
+from covshift.experiments.config_files import load_config
 from covshift.experiments.config_toml import config_to_toml
 
 

@@ -23,7 +23,8 @@ from covshift.cli.app import (
     report_dir,
 )
 from covshift.data import dataset_names
-from covshift.experiments.config import MAX_SEED_COUNT, load_config
+from covshift.experiments.config import MAX_SEED_COUNT
+from covshift.experiments.config_files import load_config
 from covshift.store import DEFAULT_DB, Store
 
 

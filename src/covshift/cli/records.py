@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from covshift.cli.app import DbOption, existing_store, out_console, report_dir
-from covshift.experiments.config import load_config, preset_names
+from covshift.experiments.config_files import load_config, preset_names
 from covshift.store import DEFAULT_DB, RunInfo
 
 

@@ -10,12 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from covshift.experiments.config import (
-    ConfigError,
-    ExperimentConfig,
-    load_config,
-    preset_names,
-)
+from covshift.experiments.config import ConfigError, ExperimentConfig
+from covshift.experiments.config_files import load_config, preset_names
 
 __all__ = [
     "ConfigError",

@@ -23,7 +23,8 @@ from scipy import stats as scipy_stats
 
 from covshift.experiments.claim_spec import ClaimSpec, rule_text
 from covshift.experiments.claims import INTERVAL_METHOD, t_interval, verdict
-from covshift.experiments.config import ExperimentConfig, load_config
+from covshift.experiments.config import ExperimentConfig
+from covshift.experiments.config_files import load_config
 from covshift.experiments.grid import Point
 from covshift.experiments.numbers import PointNumbers
 from covshift.experiments.sweep import SweepPlan, plan_sweep
