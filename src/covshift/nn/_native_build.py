@@ -1,0 +1,132 @@
+"""Compiling the native extension: its compiler flags, its cache folder and name, and
+the lock that keeps two processes from building it in one folder at once.
+
+The extension is built with :func:`torch.utils.cpp_extension.load` into
+``$COVSHIFT_CACHE_DIR`` or ``~/.cache/covshift/extensions``, under a name that hashes
+the C++ sources (``csrc/norm.cpp`` and the ``csrc/norm_kernels.h`` it includes), the
+torch version, the flags and the CPU (it is compiled with ``-march=native``): a changed
+source, torch or machine gets a build of its own, and later processes load the
+cached library in milliseconds. No Python file is hashed: nothing of the Python side
+is compiled into the library. When to build, and what a failure does, is
+:func:`covshift.nn._native.load`'s business.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+__all__ = ["build", "cache_dir"]
+
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = ("norm.cpp", "norm_kernels.h")
+
+
+def cache_dir() -> Path:
+    """Where built extensions live: ``$COVSHIFT_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/covshift/extensions`` (``~/.cache/covshift/extensions``)."""
+    root = os.environ.get("COVSHIFT_CACHE_DIR")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "covshift" / "extensions"
+
+
+def _flags() -> list[str]:
+    machine = platform.machine().lower()
+    arch = []
+    if machine in ("x86_64", "amd64"):
+        arch = ["-march=native"]
+    elif machine in ("aarch64", "arm64"):
+        arch = ["-mcpu=native"]
+    # -fopenmp-simd: honour `#pragma omp simd` everywhere.
+    return ["-O3", *arch, "-fopenmp-simd", "-DNDEBUG", *_openmp_flags()]
+
+
+def _openmp_flags() -> list[str]:
+    # With torch's OpenMP backend, at::parallel_for is inline code (ATen/ParallelOpenMP.h)
+    # that runs on one thread unless the extension itself is compiled with -fopenmp.
+    # Linked so, it shares torch's runtime: on Linux the wheel bundles libgomp.so.1,
+    # already loaded when the extension is, and the loader matches the soname, so
+    # torch.set_num_threads applies to the kernels too. (Elsewhere the compiler may
+    # lack the flag: the kernels then run on the calling thread.)
+    if platform.system() == "Linux" and torch.backends.openmp.is_available():
+        return ["-fopenmp"]
+    return []
+
+
+def _cpu_tag() -> str:
+    # The library is tuned for this CPU (-march=native): a cache shared between
+    # machines must not hand one machine's build to another.
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _name() -> str:
+    h = hashlib.sha256()
+    for src in _SOURCES:
+        h.update((_CSRC / src).read_bytes())
+    for part in (torch.__version__, " ".join(_flags()), _cpu_tag()):
+        h.update(part.encode())
+    return f"covshift_norm_{h.hexdigest()[:16]}"
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path) -> Iterator[None]:
+    """Hold an OS lock on the build folder while torch builds or loads the extension.
+
+    torch's own lock is a file (``build/lock``) that a process killed mid-build leaves
+    behind, after which every later process waits for it forever. An ``flock`` is
+    released by the kernel when its holder dies; while this process holds it, no other
+    covshift process is building here, so a ``lock`` file left in the folder is stale
+    and is removed."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: torch's lock alone
+        yield
+        return
+    with open(folder / "covshift-build.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (folder / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build() -> ModuleType:
+    """Build the extension into its cache folder, or load the build already there.
+
+    Raises whatever the build raises (no compiler, no ninja, a compile error); the
+    caller decides what a failure means.
+    """
+    # Imported here, not at the top: cpp_extension imports setuptools, which a
+    # process that never builds (GPU only, COVSHIFT_NATIVE=0) need not pay for.
+    from torch.utils import cpp_extension
+
+    name = _name()
+    folder = cache_dir() / name
+    folder.mkdir(parents=True, exist_ok=True)
+    with _build_lock(folder):
+        return cpp_extension.load(
+            name=name,
+            sources=[str(_CSRC / "norm.cpp")],
+            extra_cflags=_flags(),
+            extra_ldflags=_openmp_flags(),
+            extra_include_paths=[str(_CSRC)],
+            build_directory=str(folder),
+            verbose=False,
+        )
