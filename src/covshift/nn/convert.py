@@ -21,6 +21,10 @@ dropped something (``on_drop="raise"`` makes it an error, ``"ignore"`` silences 
 the identity (weight all ones, bias all zeros) carries no information, so losing it
 is not a drop.
 
+This module finds the layers and walks the model; building each replacement is
+:mod:`covshift.nn.convert_target`'s part, carrying the state into it
+:mod:`covshift.nn.convert_carry`'s.
+
 Example:
     >>> net = nn.Sequential(nn.Conv2d(3, 64, 3), nn.BatchNorm2d(64), nn.ReLU())
     >>> net = convert(net, to="group", num_groups=32)  # every BN by GroupNorm(32, C)
@@ -29,18 +33,16 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Literal
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from covshift.nn import kinds
+from covshift.nn.convert_carry import _carry, _place_like, _state_holder
 from covshift.nn.convert_report import ConversionEntry, ConversionReport, ConversionWarning
-from covshift.nn.noise import NoisyNorm
-from covshift.nn.registry import create_norm
+from covshift.nn.convert_target import Target, _build, _dims, _trailing
 
 __all__ = [
     "ConversionEntry",
@@ -51,9 +53,6 @@ __all__ = [
     "norm_kind",
 ]
 
-Target = str | type | Callable[..., nn.Module]
-
-
 # --------------------------------------------------------------------------------------
 # Recognizing normalization layers
 # --------------------------------------------------------------------------------------
@@ -61,209 +60,6 @@ Target = str | type | Callable[..., nn.Module]
 # What a layer is: the registry of norm kinds (covshift.nn.kinds).
 _classify = kinds.classify
 norm_kind = kinds.kind_of
-
-
-def _trailing(kind: str) -> bool:
-    """Whether ``kind``'s statistics run over the trailing dims (not over dim 1)."""
-    return kinds.get(kind).trailing
-
-
-def _num_features(m: nn.Module, kind: str) -> int:
-    if kind == "group":
-        return int(m.num_channels)
-    if _trailing(kind):
-        # (C,) for features last; (C, H, W) for a LayerNorm over a whole NCHW sample.
-        return int(m.normalized_shape[0])
-    return int(m.num_features)
-
-
-def _dims(m: nn.Module, kind: str, dims: int | None) -> int | None:
-    if dims is None and kind == "sync_batch":
-        original = getattr(m, "original_class", None)
-        found = None if original is None else kinds.classify_class(original)
-        dims = None if found is None else found[2]
-    return dims
-
-
-# --------------------------------------------------------------------------------------
-# Building the target
-# --------------------------------------------------------------------------------------
-
-
-def _same_kind_args(m: nn.Module, kind: str) -> tuple[tuple[object, ...], dict[str, object]]:
-    """Constructor arguments that rebuild ``m``'s exact configuration (torch's names)."""
-    if kind in ("batch", "instance", "sync_batch"):
-        return (m.num_features,), {
-            "eps": m.eps,
-            "momentum": m.momentum,
-            "affine": m.affine,
-            "track_running_stats": m.track_running_stats,
-        }
-    if kind == "group":
-        return (m.num_groups, m.num_channels), {"eps": m.eps, "affine": m.affine}
-    if kind == "layer":
-        kw: dict[str, object] = {"eps": m.eps, "elementwise_affine": m.elementwise_affine}
-        if m.elementwise_affine and getattr(m, "bias", None) is None:
-            kw["bias"] = False
-        return (tuple(m.normalized_shape),), kw
-    if kind == "rms":
-        return (tuple(m.normalized_shape),), {
-            "eps": m.eps,
-            "elementwise_affine": m.elementwise_affine,
-        }
-    raise AssertionError(kind)
-
-
-def _implementation_class(kind: str, base: type, library: str) -> type | None:
-    """The class of the same kind and input rank as ``base`` in ``library`` ("torch" or
-    "covshift"), from the registry of kinds; None where it has none (Batch Renorm and
-    Ghost BN have no torch counterpart)."""
-    entry = kinds.get(kind)
-    found = kinds.classify_class(base)
-    dims = None if found is None else found[2]
-    table = entry.torch_classes if library == "torch" else entry.classes
-    return table.get(dims)
-
-
-def _build_for_class(cls: type, channels: int, source: nn.Module, kind: str, kw: dict) -> nn.Module:
-    """``cls(channels, **kw)``, or ``cls(num_groups, channels, **kw)`` for GroupNorm-like
-    classes (whose first constructor parameter is ``num_groups``)."""
-    kw = dict(kw)
-    try:
-        params = list(inspect.signature(cls).parameters)
-    except (TypeError, ValueError):  # builtins without a signature
-        params = []
-    if params and params[0] == "num_groups":
-        groups = kw.pop("num_groups", source.num_groups if kind == "group" else None)
-        if groups is None:
-            raise ValueError(
-                f"to={cls.__name__} needs the number of groups: pass num_groups=..., e.g. "
-                f"convert(model, to={cls.__name__}, num_groups=32)"
-            )
-        return cls(groups, channels, **kw)
-    return cls(channels, **kw)
-
-
-def _build(
-    target: Target,
-    m: nn.Module,
-    base: type,
-    kind: str,
-    dims: int | None,
-    kw: dict,
-    notes: list[str],
-) -> nn.Module | None:
-    channels = _num_features(m, kind)
-    if isinstance(target, str) and target in ("torch", "covshift"):
-        cls = _implementation_class(kind, base, target)
-        if cls is None:
-            return None
-        args, same = _same_kind_args(m, kind if kind != "sync_batch" else "batch")
-        new = cls(*args, **{**same, **kw})
-        if kind == "sync_batch" and hasattr(new, "original_class"):
-            new.original_class = getattr(m, "original_class", None)
-        return new
-    if isinstance(target, str):
-        if dims is None:
-            dims = 1 if _trailing(kind) else 2
-            notes.append(
-                f"input rank unknown for {type(m).__name__}; assumed dims={dims} "
-                "(pass dims=... to choose)"
-            )
-        return create_norm(target, channels, dims=dims, **kw)
-    if isinstance(target, type):
-        return _build_for_class(target, channels, m, kind, kw)
-    if callable(target):
-        try:
-            takes_dims = "dims" in inspect.signature(target).parameters
-        except (TypeError, ValueError):
-            takes_dims = False
-        return target(channels, dims=dims, **kw) if takes_dims else target(channels, **kw)
-    raise TypeError(
-        f"to must be a registry name, 'torch', 'covshift', a class, a factory or a "
-        f"mapping of those; got {target!r}"
-    )
-
-
-# --------------------------------------------------------------------------------------
-# Carrying state
-# --------------------------------------------------------------------------------------
-
-_CONSUMED = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
-
-
-def _is_identity(name: str, t: Tensor) -> bool:
-    value = 1.0 if name == "weight" else 0.0
-    return bool(torch.all(t.detach() == value))
-
-
-def _is_fresh(m: nn.Module) -> bool:
-    """Running statistics never updated (they carry no information)."""
-    count = getattr(m, "num_batches_tracked", None)
-    if isinstance(count, Tensor):
-        return int(count) == 0
-    return bool(torch.all(m.running_mean == 0) and torch.all(m.running_var == 1))
-
-
-def _carry(src: nn.Module, dst: nn.Module, kw: dict, entry: ConversionEntry) -> None:
-    with torch.no_grad():
-        for name in ("weight", "bias"):
-            s, d = getattr(src, name, None), getattr(dst, name, None)
-            if not isinstance(s, Tensor):
-                continue
-            if isinstance(d, Tensor):
-                if d.shape == s.shape:
-                    d.copy_(s)
-                    d.requires_grad_(s.requires_grad)
-                    entry.carried.append(name)
-                else:
-                    entry.dropped.append(
-                        f"{name}: shape {tuple(s.shape)} does not fit {tuple(d.shape)}"
-                    )
-            elif not _is_identity(name, s):
-                entry.dropped.append(f"{name}: the target has no {name}")
-        s_mean, d_mean = getattr(src, "running_mean", None), getattr(dst, "running_mean", None)
-        if isinstance(s_mean, Tensor):
-            if isinstance(d_mean, Tensor) and d_mean.shape == s_mean.shape:
-                for name in ("running_mean", "running_var", "num_batches_tracked"):
-                    s, d = getattr(src, name, None), getattr(dst, name, None)
-                    if isinstance(s, Tensor) and isinstance(d, Tensor):
-                        d.copy_(s)
-                        entry.carried.append(name)
-            elif not _is_fresh(src):
-                entry.dropped.append(
-                    "running_mean, running_var: the target tracks no running statistics "
-                    "of that shape"
-                )
-        for name in ("eps", "momentum"):
-            value = getattr(src, name, None)
-            if name not in kw and hasattr(dst, name) and hasattr(src, name):
-                if value is None and name == "eps" and dst.eps is not None:
-                    continue  # RMSNorm's eps=None (machine eps) has no float equivalent
-                setattr(dst, name, value)
-                entry.carried.append(name)
-    # Whatever else the source holds (a subclass's extra parameters, buffers or
-    # child modules, e.g. a fused activation) has no place in the target.
-    for name, _ in src.named_parameters(recurse=False):
-        if name not in _CONSUMED:
-            entry.dropped.append(f"parameter {name}")
-    for name, _ in src.named_buffers(recurse=False):
-        if name not in _CONSUMED:
-            entry.dropped.append(f"buffer {name}")
-    for name, child in src.named_children():
-        entry.dropped.append(f"child module {name} ({type(child).__name__})")
-
-
-def _state_holder(new: nn.Module) -> nn.Module:
-    """Where the carried state goes: the wrapped norm of a NoisyNorm, else ``new``."""
-    return new.norm if isinstance(new, NoisyNorm) else new
-
-
-def _place_like(src: nn.Module, dst: nn.Module) -> nn.Module:
-    ref = next((t for t in (*src.parameters(), *src.buffers()) if t.is_floating_point()), None)
-    if ref is not None:
-        dst = dst.to(device=ref.device, dtype=ref.dtype)
-    return dst.train(src.training)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,95 @@
+"""Carrying a replaced layer's state into its replacement, for :func:`covshift.nn.convert`.
+
+The replacement is first put on the source's device and dtype, in its training mode.
+Weight, bias and the running statistics then go over where the target has them with
+the same shape; eps and momentum where the target has the attribute and the caller
+did not pass them; whatever else the source holds (a subclass's extra parameters,
+buffers, child modules) has no place and is dropped. Each is recorded in the layer's
+:class:`ConversionEntry`, as carried or, with the reason, as dropped. An identity
+affine map or never-updated running statistics carry no information: losing them is
+not a drop.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from covshift.nn.convert_report import ConversionEntry
+from covshift.nn.noise import NoisyNorm
+
+_CONSUMED = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+
+
+def _is_identity(name: str, t: Tensor) -> bool:
+    value = 1.0 if name == "weight" else 0.0
+    return bool(torch.all(t.detach() == value))
+
+
+def _is_fresh(m: nn.Module) -> bool:
+    """Running statistics never updated (they carry no information)."""
+    count = getattr(m, "num_batches_tracked", None)
+    if isinstance(count, Tensor):
+        return int(count) == 0
+    return bool(torch.all(m.running_mean == 0) and torch.all(m.running_var == 1))
+
+
+def _carry(src: nn.Module, dst: nn.Module, kw: dict, entry: ConversionEntry) -> None:
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            s, d = getattr(src, name, None), getattr(dst, name, None)
+            if not isinstance(s, Tensor):
+                continue
+            if isinstance(d, Tensor):
+                if d.shape == s.shape:
+                    d.copy_(s)
+                    d.requires_grad_(s.requires_grad)
+                    entry.carried.append(name)
+                else:
+                    entry.dropped.append(
+                        f"{name}: shape {tuple(s.shape)} does not fit {tuple(d.shape)}"
+                    )
+            elif not _is_identity(name, s):
+                entry.dropped.append(f"{name}: the target has no {name}")
+        s_mean, d_mean = getattr(src, "running_mean", None), getattr(dst, "running_mean", None)
+        if isinstance(s_mean, Tensor):
+            if isinstance(d_mean, Tensor) and d_mean.shape == s_mean.shape:
+                for name in ("running_mean", "running_var", "num_batches_tracked"):
+                    s, d = getattr(src, name, None), getattr(dst, name, None)
+                    if isinstance(s, Tensor) and isinstance(d, Tensor):
+                        d.copy_(s)
+                        entry.carried.append(name)
+            elif not _is_fresh(src):
+                entry.dropped.append(
+                    "running_mean, running_var: the target tracks no running statistics "
+                    "of that shape"
+                )
+        for name in ("eps", "momentum"):
+            value = getattr(src, name, None)
+            if name not in kw and hasattr(dst, name) and hasattr(src, name):
+                if value is None and name == "eps" and dst.eps is not None:
+                    continue  # RMSNorm's eps=None (machine eps) has no float equivalent
+                setattr(dst, name, value)
+                entry.carried.append(name)
+    # Whatever else the source holds (a subclass's extra parameters, buffers or
+    # child modules, e.g. a fused activation) has no place in the target.
+    for name, _ in src.named_parameters(recurse=False):
+        if name not in _CONSUMED:
+            entry.dropped.append(f"parameter {name}")
+    for name, _ in src.named_buffers(recurse=False):
+        if name not in _CONSUMED:
+            entry.dropped.append(f"buffer {name}")
+    for name, child in src.named_children():
+        entry.dropped.append(f"child module {name} ({type(child).__name__})")
+
+
+def _state_holder(new: nn.Module) -> nn.Module:
+    """Where the carried state goes: the wrapped norm of a NoisyNorm, else ``new``."""
+    return new.norm if isinstance(new, NoisyNorm) else new
+
+
+def _place_like(src: nn.Module, dst: nn.Module) -> nn.Module:
+    ref = next((t for t in (*src.parameters(), *src.buffers()) if t.is_floating_point()), None)
+    if ref is not None:
+        dst = dst.to(device=ref.device, dtype=ref.dtype)
+    return dst.train(src.training)

@@ -1,0 +1,140 @@
+"""Building what a normalization layer is replaced by, for :func:`covshift.nn.convert`.
+
+A target is a registry name, ``"torch"``/``"covshift"`` (the same kind and
+configuration in the other implementation), a class or a factory; :func:`_build`
+turns it into a module of the source's channel count (and input rank, where the
+target depends on it). Carrying the source's state into it is
+:mod:`covshift.nn.convert_carry`'s part.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+from torch import nn
+
+from covshift.nn import kinds
+from covshift.nn.registry import create_norm
+
+Target = str | type | Callable[..., nn.Module]
+
+
+def _trailing(kind: str) -> bool:
+    """Whether ``kind``'s statistics run over the trailing dims (not over dim 1)."""
+    return kinds.get(kind).trailing
+
+
+def _num_features(m: nn.Module, kind: str) -> int:
+    """The channel count of ``m``, which the target is built for."""
+    if kind == "group":
+        return int(m.num_channels)
+    if _trailing(kind):
+        # (C,) for features last; (C, H, W) for a LayerNorm over a whole NCHW sample.
+        return int(m.normalized_shape[0])
+    return int(m.num_features)
+
+
+def _dims(m: nn.Module, kind: str, dims: int | None) -> int | None:
+    """The input rank of ``m``: ``dims`` (its class's), or for a SyncBatchNorm, whose
+    class has none, that of its ``original_class`` (the class it was converted from)."""
+    if dims is None and kind == "sync_batch":
+        original = getattr(m, "original_class", None)
+        found = None if original is None else kinds.classify_class(original)
+        dims = None if found is None else found[2]
+    return dims
+
+
+def _same_kind_args(m: nn.Module, kind: str) -> tuple[tuple[object, ...], dict[str, object]]:
+    """Constructor arguments that rebuild ``m``'s exact configuration (torch's names)."""
+    if kind in ("batch", "instance", "sync_batch"):
+        return (m.num_features,), {
+            "eps": m.eps,
+            "momentum": m.momentum,
+            "affine": m.affine,
+            "track_running_stats": m.track_running_stats,
+        }
+    if kind == "group":
+        return (m.num_groups, m.num_channels), {"eps": m.eps, "affine": m.affine}
+    if kind == "layer":
+        kw: dict[str, object] = {"eps": m.eps, "elementwise_affine": m.elementwise_affine}
+        if m.elementwise_affine and getattr(m, "bias", None) is None:
+            kw["bias"] = False
+        return (tuple(m.normalized_shape),), kw
+    if kind == "rms":
+        return (tuple(m.normalized_shape),), {
+            "eps": m.eps,
+            "elementwise_affine": m.elementwise_affine,
+        }
+    raise AssertionError(kind)
+
+
+def _implementation_class(kind: str, base: type, library: str) -> type | None:
+    """The class of the same kind and input rank as ``base`` in ``library`` ("torch" or
+    "covshift"), from the registry of kinds; None where it has none (Batch Renorm and
+    Ghost BN have no torch counterpart)."""
+    entry = kinds.get(kind)
+    found = kinds.classify_class(base)
+    dims = None if found is None else found[2]
+    table = entry.torch_classes if library == "torch" else entry.classes
+    return table.get(dims)
+
+
+def _build_for_class(cls: type, channels: int, source: nn.Module, kind: str, kw: dict) -> nn.Module:
+    """``cls(channels, **kw)``, or ``cls(num_groups, channels, **kw)`` for GroupNorm-like
+    classes (whose first constructor parameter is ``num_groups``)."""
+    kw = dict(kw)
+    try:
+        params = list(inspect.signature(cls).parameters)
+    except (TypeError, ValueError):  # builtins without a signature
+        params = []
+    if params and params[0] == "num_groups":
+        groups = kw.pop("num_groups", source.num_groups if kind == "group" else None)
+        if groups is None:
+            raise ValueError(
+                f"to={cls.__name__} needs the number of groups: pass num_groups=..., e.g. "
+                f"convert(model, to={cls.__name__}, num_groups=32)"
+            )
+        return cls(groups, channels, **kw)
+    return cls(channels, **kw)
+
+
+def _build(
+    target: Target,
+    m: nn.Module,
+    base: type,
+    kind: str,
+    dims: int | None,
+    kw: dict,
+    notes: list[str],
+) -> nn.Module | None:
+    channels = _num_features(m, kind)
+    if isinstance(target, str) and target in ("torch", "covshift"):
+        cls = _implementation_class(kind, base, target)
+        if cls is None:
+            return None
+        args, same = _same_kind_args(m, kind if kind != "sync_batch" else "batch")
+        new = cls(*args, **{**same, **kw})
+        if kind == "sync_batch" and hasattr(new, "original_class"):
+            new.original_class = getattr(m, "original_class", None)
+        return new
+    if isinstance(target, str):
+        if dims is None:
+            dims = 1 if _trailing(kind) else 2
+            notes.append(
+                f"input rank unknown for {type(m).__name__}; assumed dims={dims} "
+                "(pass dims=... to choose)"
+            )
+        return create_norm(target, channels, dims=dims, **kw)
+    if isinstance(target, type):
+        return _build_for_class(target, channels, m, kind, kw)
+    if callable(target):
+        try:
+            takes_dims = "dims" in inspect.signature(target).parameters
+        except (TypeError, ValueError):
+            takes_dims = False
+        return target(channels, dims=dims, **kw) if takes_dims else target(channels, **kw)
+    raise TypeError(
+        f"to must be a registry name, 'torch', 'covshift', a class, a factory or a "
+        f"mapping of those; got {target!r}"
+    )
