@@ -31,7 +31,8 @@ from torch import nn
 
 from covshift.probe.batch import ProbeBatch, ProbeBatchError
 from covshift.probe.gradient_ics import gradient_ics
-from covshift.probe.probe import ProbeRecord, ShiftProbe
+from covshift.probe.probe import ShiftProbe
+from covshift.probe.record import ProbeRecord
 from covshift.probe.scalars import RecordScalars
 from covshift.probe.schedule import Schedule
 from covshift.probe.select import LayerSpec, select_layers
