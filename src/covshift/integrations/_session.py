@@ -13,14 +13,14 @@ callbacks translate their trainer's events into four calls:
 - :meth:`end` with the run's status (``finished``, ``failed``, ``interrupted``).
 
 It knows nothing of any trainer; the trainers' modules know nothing of the probe's
-mechanics.
+mechanics. What it reads off the trainer's objects (the first batch, the optimizer
+inside its wrapper, sharded parameters) is :mod:`~covshift.integrations._trainer_objects`;
+the store's run row is :mod:`~covshift.integrations._store_run`.
 """
 
 from __future__ import annotations
 
 import atexit
-import json
-import os
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -29,15 +29,25 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from covshift.probe.batch import ProbeBatch, ProbeBatchError
+from covshift.integrations._store_run import RunStatus, StoreRun, StoreSpec, _json_safe
+from covshift.integrations._trainer_objects import (
+    first_examples,
+    sharded_parameters,
+    unwrap_optimizer,
+)
+from covshift.probe.batch import ProbeBatch
+from covshift.probe.forward import model_device
 from covshift.probe.gradient_ics import gradient_ics
-from covshift.probe.probe import ProbeRecord, ShiftProbe
+from covshift.probe.probe import ShiftProbe
+from covshift.probe.record import ProbeRecord
 from covshift.probe.scalars import RecordScalars
 from covshift.probe.schedule import Schedule
 from covshift.probe.select import LayerSpec, select_layers
 from covshift.probe.units import UnitDim
 from covshift.store import Store
 
+# StoreSpec, first_examples, sharded_parameters and unwrap_optimizer are defined in the
+# two modules above, and exported from here too, where they were defined first.
 __all__ = [
     "LossFn",
     "ProbeSession",
@@ -48,76 +58,6 @@ __all__ = [
 ]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
-StoreSpec = Store | str | os.PathLike[str] | None
-RunStatus = Literal["finished", "failed", "interrupted"]
-
-
-def _take(value: Any, size: int, n: int | None) -> Any:
-    """Detached copies of the tensors of ``value``, cut to their first ``n`` examples
-    along a first axis of length ``size`` (other tensors and values as they are)."""
-    if isinstance(value, torch.Tensor):
-        value = value.detach()
-        if n is not None and value.dim() >= 1 and value.shape[0] == size:
-            value = value[:n]
-        return value.clone()
-    if isinstance(value, Mapping):
-        return {k: _take(v, size, n) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_take(v, size, n) for v in value)
-    return value
-
-
-def first_examples(
-    inputs: Any, targets: Any = None, n: int | None = None
-) -> tuple[ProbeBatch, Any]:
-    """A fixed probe batch from a training batch: ``inputs`` (any form
-    :class:`~covshift.probe.batch.ProbeBatch` accepts) and ``targets``, detached,
-    copied (the trainer may reuse its buffers) and cut to the first ``n`` examples."""
-    try:
-        batch = ProbeBatch.of(inputs)
-        size = batch.size
-    except ProbeBatchError as error:
-        raise ProbeBatchError(
-            f"the first training batch cannot serve as the probe batch ({error}); pass "
-            "probe_input= (a fixed batch of N >= 2 examples) to the callback"
-        ) from None
-    cut = ProbeBatch(_take(batch.args, size, n), _take(batch.kwargs, size, n))
-    return cut, _take(targets, size, n)
-
-
-def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
-    """The torch optimizer inside a trainer's wrapper (accelerate's
-    ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``): gradient ICS steps a
-    deep copy of the real one."""
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
-
-
-def _json_safe(value: Any) -> dict[str, Any]:
-    return json.loads(json.dumps(value, default=str))
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    first = next(model.parameters(), None)
-    if first is None:
-        first = next(model.buffers(), None)
-    return first.device if first is not None else torch.device("cpu")
-
-
-def sharded_parameters(model: nn.Module) -> str | None:
-    """What shards the model's parameters across ranks (FSDP, DeepSpeed ZeRO-3), if
-    anything: a forward of it on rank 0 alone would wait forever for the other ranks'
-    shards."""
-    for module in model.modules():
-        if type(module).__name__ in ("FullyShardedDataParallel", "FSDPModule"):
-            return "FSDP"
-    for p in model.parameters():
-        if hasattr(p, "ds_id"):
-            return "DeepSpeed ZeRO-3"
-        if type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor":
-            return "FSDP2 / DTensor"
-    return None
 
 
 class ProbeSession:
@@ -203,7 +143,7 @@ class ProbeSession:
         self.grad_ics_loss = grad_ics_loss
         self._given = None if probe_input is None else ProbeBatch.of(probe_input)
         self._given_target = probe_target
-        self._store_spec = store
+        self._run = StoreRun(store)
         self.run_name = run_name
         self.prefix = prefix
         self.log_shift = log_shift
@@ -211,8 +151,6 @@ class ProbeSession:
         self.model: nn.Module | None = None
         self.probe: ShiftProbe | None = None
         self.records: list[ProbeRecord] = []
-        self.store: Store | None = None
-        self.run_id: int | None = None
         self.active = False
         self._batch: ProbeBatch | None = None
         self._target: Any = None
@@ -222,7 +160,16 @@ class ProbeSession:
         self._waited = False  # optimizer steps went by while the first batch was awaited
         self._pending: dict[int, dict[str, float]] = {}
         self._scalars = RecordScalars(shift=log_shift, prefix=prefix, skip=("count",))
-        self._own_store = False
+
+    @property
+    def store(self) -> Store | None:
+        """The open store of the run (None without one)."""
+        return self._run.store
+
+    @property
+    def run_id(self) -> int | None:
+        """The run's row in the store (None without a store)."""
+        return self._run.run_id
 
     # -- what the run row records about the probe ----------------------------
     def describe(self) -> dict[str, Any]:
@@ -321,17 +268,8 @@ class ProbeSession:
 
     def log_metrics(self, step: int, values: Mapping[str, Any]) -> None:
         """The trainer's own scalars (loss, learning rate, ...) into the store's run."""
-        if not self.active or self.store is None or self.run_id is None:
-            return
-        numbers = {
-            k: float(v)
-            for k, v in values.items()
-            if isinstance(v, (int, float, torch.Tensor))
-            and not isinstance(v, bool)
-            and (not isinstance(v, torch.Tensor) or v.numel() == 1)
-        }
-        if numbers:
-            self.store.log_scalars(self.run_id, int(step), numbers)
+        if self.active:
+            self._run.log_scalars(step, values)
 
     def take_scalars(self) -> list[tuple[int, dict[str, float]]]:
         """The scalar summaries of the records made since the last call, by step."""
@@ -355,7 +293,7 @@ class ProbeSession:
             status, error = "failed", f"{type(e).__name__}: {e}"
         finally:
             self.probe = None
-            self._close_store(status, error)
+            self._run.finish(status, error)
         if failure is not None:
             raise failure
 
@@ -383,8 +321,7 @@ class ProbeSession:
 
     def _sink(self, record: ProbeRecord) -> None:
         self.records.append(record)
-        if self.store is not None and self.run_id is not None:
-            self.store.log_probe(self.run_id, record.step, record.layer, record.stats)
+        self._run.log_record(record)
         self._pending.setdefault(record.step, {}).update(self._scalars(record))
 
     def _measure_grad_ics(self, step: int) -> None:
@@ -395,7 +332,7 @@ class ProbeSession:
                 "gradient ICS needs the trainer's torch optimizer, and the trainer gave "
                 f"{type(self._optimizer).__name__}"
             )
-        device = _model_device(self.model)
+        device = model_device(self.model, torch.device("cpu"))
         target = self._target
         if isinstance(target, torch.Tensor):
             target = target.to(device)
@@ -414,30 +351,12 @@ class ProbeSession:
     def _open_store(
         self, model: nn.Module, config: Mapping[str, Any], seed: int | None, default_name: str
     ) -> None:
-        spec = self._store_spec
-        if spec is None:
-            return
-        self._own_store = not isinstance(spec, Store)
-        self.store = spec if isinstance(spec, Store) else Store(spec)
-        self.run_id = self.store.start_run(
+        self._run.open(
             self.run_name or default_name,
-            config=_json_safe({**config, "probe": self.describe()}),
-            seed=seed,
-            device=str(_model_device(model)),
-            torch_version=torch.__version__,
-            threads=torch.get_num_threads(),
+            {**config, "probe": self.describe()},
+            seed,
+            model_device(model, torch.device("cpu")),
         )
-
-    def _close_store(self, status: RunStatus, error: str | None) -> None:
-        store, run_id = self.store, self.run_id
-        if store is None or run_id is None:
-            return
-        try:
-            store.finish_run(run_id, status, error)
-        finally:
-            if self._own_store:
-                store.close()
-                self.store = None
 
     def _warn_if_never_captured(self) -> None:
         """Training went by and the probe saw none of it: the trainer never called the

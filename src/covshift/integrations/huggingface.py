@@ -73,7 +73,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     ) from error
 
 from covshift.integrations._session import LossFn, ProbeSession, StoreSpec
-from covshift.probe.probe import ProbeRecord
+from covshift.probe.record import ProbeRecord
 from covshift.probe.schedule import Schedule
 from covshift.probe.select import LayerSpec
 from covshift.probe.units import UnitDim

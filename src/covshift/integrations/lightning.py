@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from covshift.integrations._session import LossFn, ProbeSession, StoreSpec
-from covshift.probe.probe import ProbeRecord
+from covshift.probe.record import ProbeRecord
 from covshift.probe.schedule import Schedule
 from covshift.probe.select import LayerSpec
 from covshift.probe.units import UnitDim

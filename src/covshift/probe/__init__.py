@@ -8,7 +8,8 @@
   :mod:`~covshift.probe.saturation`: what is recorded (moments, quantiles,
   histograms, saturation), on the device, one host transfer per record.
 - :mod:`~covshift.probe.distributed`: the same statistics across torch.distributed ranks.
-- :mod:`~covshift.probe.probe`: :class:`ShiftProbe`, tying them together.
+- :mod:`~covshift.probe.probe`: :class:`ShiftProbe`, tying them together; its records
+  are :class:`ProbeRecord` s (:mod:`~covshift.probe.record`).
 - :mod:`~covshift.probe.metrics`: how far the recorded distributions moved.
 - :mod:`~covshift.probe.gradient_ics`, :mod:`~covshift.probe.smoothness`: Santurkar
   et al. 2018's gradient-based shift and landscape smoothness, without side effects.
@@ -29,7 +30,8 @@ from covshift.probe.metrics import (
     sample_w1,
     shift_series,
 )
-from covshift.probe.probe import ProbeRecord, ShiftProbe
+from covshift.probe.probe import ShiftProbe
+from covshift.probe.record import ProbeRecord
 from covshift.probe.scalars import RecordScalars
 from covshift.probe.schedule import Schedule
 from covshift.probe.select import select_layers

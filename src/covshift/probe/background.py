@@ -32,20 +32,19 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from covshift.probe.batch import ProbeBatch, ProbeBatchError
 from covshift.probe.collector import Collector
 from covshift.probe.hooks import Taps
+from covshift.probe.record import HostRecord
 from covshift.probe.summary import to_host
-from covshift.probe.units import UnitAxis, UnitAxisError
+from covshift.probe.units import UnitAxisError
 
+# HostRecord is defined in covshift.probe.record, with the records it becomes, and
+# exported from here too, where it was defined first.
 __all__ = ["BackgroundRecorder", "HostRecord", "ModelSnapshot", "has_foreign_hooks"]
-
-# step, layer -> stats on the host, layer -> activation kind, layer -> unit axis
-HostRecord = tuple[int, dict[str, dict[str, np.ndarray]], dict[str, str], dict[str, UnitAxis]]
 
 # Module attributes that hold forward hooks (torch >= 2.0 names; absent ones are skipped).
 _FORWARD_HOOK_DICTS = (

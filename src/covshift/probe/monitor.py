@@ -15,7 +15,7 @@ from typing import Any
 import torch.nn.functional as F
 
 from covshift.probe._copies import LossFn, draw_batch
-from covshift.probe.probe import ProbeRecord
+from covshift.probe.record import ProbeRecord
 from covshift.probe.schedule import Schedule
 
 __all__ = ["TrainingMonitor"]

@@ -8,7 +8,16 @@ Mechanics, schedule and statistics are separate (as in fastai's hooks):
 - *statistics* (:mod:`~covshift.probe.summary`): computed on the detached values
   inside the hook, on their device; a record costs one transfer to the host;
 - *units* (:mod:`~covshift.probe.units`): which axis of each layer's values holds its
-  units, found per layer (``unit_dim="auto"``) and said in every record.
+  units, found per layer (``unit_dim="auto"``) and said in every record;
+- *records* (:mod:`~covshift.probe.record`): how the summaries of a forward become
+  :class:`~covshift.probe.record.ProbeRecord` s in the sink;
+- *the probe forward* (:mod:`~covshift.probe.forward`): the probe batch's forward
+  through the model, which leaves its mode, buffers and random state as they were.
+
+This module is the public face that ties them together: its arguments (checked by
+:mod:`~covshift.probe.probe_args`), when each record is taken and where (on this
+thread, in the background worker, or from the next training forward), and the events
+of :mod:`covshift.train`'s loop.
 
 Two sources of values:
 
@@ -35,61 +44,32 @@ Example (your own loop)::
 
 from __future__ import annotations
 
-import contextlib
 import os
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
 
 from covshift.probe import distributed as dist_ops
-from covshift.probe._copies import isolated_randomness
 from covshift.probe.background import BackgroundRecorder, has_foreign_hooks
-from covshift.probe.batch import ProbeBatch, ProbeBatchError
+from covshift.probe.batch import ProbeBatch
 from covshift.probe.collector import Collector
 from covshift.probe.explain import explain_failure as _explain
+from covshift.probe.forward import model_device, probe_forward
 from covshift.probe.hooks import Taps
+from covshift.probe.probe_args import check_modes, check_statistics, probe_batch
+from covshift.probe.record import ProbeRecord, RecordDelivery, RecordSink
 from covshift.probe.schedule import Schedule
 from covshift.probe.select import LayerSpec, select_layers
 from covshift.probe.summary import StatsConfig, to_host
-from covshift.probe.units import (
-    UnitAxis,
-    UnitAxisError,
-    UnitAxisWarning,
-    UnitDim,
-    UnitPolicy,
-)
+from covshift.probe.units import UnitAxis, UnitDim, UnitPolicy
 
-__all__ = ["DEFAULT_QUANTILES", "ProbeRecord", "ShiftProbe"]
+# ProbeRecord and RecordSink are defined in covshift.probe.record, and exported from
+# here too, where they were defined first.
+__all__ = ["DEFAULT_QUANTILES", "ProbeRecord", "RecordSink", "ShiftProbe"]
 
 DEFAULT_QUANTILES = (0.15, 0.5, 0.85)
-
-
-@dataclass(frozen=True)
-class ProbeRecord:
-    """Statistics of one layer at one step: name -> numpy array.
-
-    ``stats["quantiles"]`` has shape ``(len(quantile_levels), U)``; ``stats["mean"]`` and
-    ``stats["std"]`` have shape ``(U,)``; the other keys are listed in
-    :mod:`covshift.probe.summary`. ``activation`` is the kind of activation the values
-    feed (``"sigmoid"``, ``"tanh"``, ``"relu"``), which the saturation figures refer to.
-    ``unit_axis`` is the axis of the recorded values that holds the ``U`` units and how
-    it was found (:class:`~covshift.probe.units.UnitAxis`; None for records that are not
-    per unit, such as gradient ICS and smoothness).
-    """
-
-    step: int
-    layer: str
-    stats: dict[str, np.ndarray]
-    activation: str | None = None
-    unit_axis: UnitAxis | None = None
-
-
-RecordSink = Callable[[ProbeRecord], None]
 
 
 class ShiftProbe:
@@ -177,40 +157,9 @@ class ShiftProbe:
         background: bool | None = None,
         sink: RecordSink | None = None,
     ) -> None:
-        if record not in ("input", "output"):
-            raise ValueError(f"record must be 'input' or 'output', got {record!r}")
-        if source not in ("probe", "train"):
-            raise ValueError(
-                f"source must be 'probe' (a fixed probe batch) or 'train' (the live "
-                f"training batches), got {source!r}"
-            )
-        if mode not in ("eval", "train"):
-            raise ValueError(
-                f"mode must be 'eval' (running statistics) or 'train' (the probe batch's "
-                f"own statistics), got {mode!r}"
-            )
-        if background and mode == "train":
-            raise ValueError(
-                "mode='train' records on the training thread (its buffers are restored "
-                "after each record); drop background=True"
-            )
-        if background and source == "train":
-            raise ValueError(
-                "background=True records the probe batch on a snapshot of the model; with "
-                "source='train' the values come from the training forward itself: drop it"
-            )
-        self._inputs = self._check_input(probe_input, source)
-        quantiles = tuple(float(q) for q in quantiles)
-        if not all(0.0 <= q <= 1.0 for q in quantiles) or list(quantiles) != sorted(quantiles):
-            raise ValueError(
-                f"quantiles must be increasing levels in [0, 1], got {list(quantiles)}"
-            )
-        if not isinstance(bins, int) or isinstance(bins, bool) or bins < 0:
-            raise ValueError(f"bins must be a whole number >= 0 (0: no histogram), got {bins!r}")
-        if not 0.0 < saturation_slope < 1.0:
-            raise ValueError(
-                f"saturation_slope must be a fraction in (0, 1), got {saturation_slope!r}"
-            )
+        check_modes(record, source, mode, background)
+        self._inputs = probe_batch(probe_input, source)
+        quantiles = check_statistics(quantiles, bins, saturation_slope)
         units = UnitPolicy.of(unit_dim)
         self.schedule = Schedule.resolve(every, steps, schedule)
         self.model = model
@@ -235,7 +184,9 @@ class ShiftProbe:
         self._reduce = reduce
         self._group = process_group
         self.records: list[ProbeRecord] = []
-        self._sink = sink or self.records.append
+        self._delivery = RecordDelivery(
+            list(self.modules), self._optional, sink or self.records.append
+        )
         self._collector = self._new_collector(self._group_arg)
         self._taps = Taps(
             model,
@@ -245,9 +196,6 @@ class ShiftProbe:
             self._collector.on_feeds,
             self._collector.on_output if self._trace_units else None,
         )
-        self._kinds: dict[str, str] = {}  # layer -> activation kind, over all records
-        self._axes: dict[str, UnitAxis] = {}  # layer -> unit axis of its latest record
-        self._doubted: set[str] = set()  # layers whose doubtful axis was warned about
         self._background_mode = background
         self._background: BackgroundRecorder | None = None
         self._checked = False  # a synchronous forward of the probe batch has succeeded
@@ -261,29 +209,12 @@ class ShiftProbe:
     def unit_axes(self) -> dict[str, UnitAxis]:
         """Layer (record key) -> the unit axis of its latest record, and how it was
         found (empty before the first record)."""
-        return dict(self._axes)
+        return dict(self._delivery.axes)
 
     @property
     def probe_input(self) -> torch.Tensor | None:
         """The first tensor of the probe batch (None with ``source="train"``)."""
         return None if self._inputs is None else self._inputs.first
-
-    @staticmethod
-    def _check_input(probe_input: Any, source: str) -> ProbeBatch | None:
-        if source == "train":
-            if probe_input is not None:
-                raise ValueError(
-                    "probe_input must be None with source='train' (the training batches "
-                    "are recorded); drop it, or use source='probe'"
-                )
-            return None
-        if probe_input is None:
-            raise ValueError(
-                "probe_input is needed with source='probe' (the default): pass a fixed "
-                "batch of shape (N, ...) such as x_test[:1000], or source='train' to "
-                "record the live training batches"
-            )
-        return ProbeBatch.of(probe_input)
 
     @property
     def layer_names(self) -> list[str]:
@@ -322,7 +253,7 @@ class ShiftProbe:
         """Wait for the record being computed in the background, if any, and emit it."""
         if self._background is None:
             return []
-        return self._deliver(self._background.collect(wait=True))
+        return self._delivery.deliver(self._background.collect(wait=True))
 
     # -- what the hooks do ----------------------------------------------------
     def _group_arg(self) -> Any:
@@ -335,56 +266,7 @@ class ShiftProbe:
             axes = dict(self._collector.axes)
         finally:
             self._collector.clear()
-        return self._deliver((step, host, self._collector.kinds, axes))
-
-    def _check_called(self, keys: Iterable[str]) -> None:
-        called = {key.partition("#")[0] for key in keys}
-        missing = [n for n in self.modules if n not in called and n not in self._optional]
-        if missing:
-            raise RuntimeError(f"probe: layers {missing} were not called by the model's forward")
-        if not called:
-            raise RuntimeError(
-                f"probe: none of the layers {self.layer_names} was called by the model's "
-                "forward; choose layers that the forward calls"
-            )
-
-    def _deliver(
-        self,
-        finished: tuple[int, dict[str, dict[str, np.ndarray]], dict[str, str], dict[str, UnitAxis]]
-        | None,
-    ) -> list[ProbeRecord]:
-        """Hand one record (step, layer -> host stats, layer -> activation kind,
-        layer -> unit axis) to the sink, on the calling thread."""
-        if finished is None:
-            return []
-        step, host, kinds, axes = finished
-        self._check_called(host)
-        self._kinds.update(kinds)
-        self._axes.update(axes)
-        self._warn_doubts(axes)
-        records = []
-        for key, stats in host.items():
-            record = ProbeRecord(step, key, stats, self._kinds.get(key), axes.get(key))
-            self._sink(record)
-            records.append(record)
-        return records
-
-    def _warn_doubts(self, axes: Mapping[str, UnitAxis]) -> None:
-        """Warn once per layer whose unit axis was assumed or contradicts the layer."""
-        doubted = [(k, a) for k, a in axes.items() if a.doubt and k not in self._doubted]
-        if not doubted:
-            return
-        self._doubted.update(k for k, _ in doubted)
-        shown = "; ".join(f"{k!r}: axis {a.dim}, {a.doubt}" for k, a in doubted[:6])
-        more = f"; and {len(doubted) - 6} more" if len(doubted) > 6 else ""
-        warnings.warn(
-            UnitAxisWarning(
-                f"probe: the unit axis of {len(doubted)} layer(s) is not certain ({shown}"
-                f"{more}). Each record's unit_axis says how its axis was found; where it "
-                "is wrong, give it with unit_dim={'<layer pattern>': <axis>}"
-            ),
-            stacklevel=3,
-        )
+        return self._delivery.deliver((step, host, self._collector.kinds, axes))
 
     # -- recording ------------------------------------------------------------
     def maybe_record(self, step: int) -> bool:
@@ -399,7 +281,7 @@ class ShiftProbe:
             self._arm(step)
             return True
         if self._background is not None:
-            self._deliver(self._background.collect(wait=False))
+            self._delivery.deliver(self._background.collect(wait=False))
         if not self.schedule.due(step):
             return False
         if self._use_background():
@@ -460,44 +342,16 @@ class ShiftProbe:
 
     def _device_batch(self) -> ProbeBatch:
         assert self._inputs is not None
-        first = next(self.model.parameters(), None)
-        if first is None:
-            first = next(self.model.buffers(), None)
-        device = first.device if first is not None else self._inputs.first.device
+        device = model_device(self.model, self._inputs.first.device)
         # Move the probe batch once per device, not once per record.
         if self._device_inputs is None or self._device_inputs[0] != device:
             self._device_inputs = (device, self._inputs.to(device))
         return self._device_inputs[1]
 
-    @torch.no_grad()
     def _forward(self, batch: ProbeBatch) -> None:
-        was_training = self.model.training
         self._collector.clear()
         self._collector.batch = batch
-        self._taps.attach()
-        saved = [b.detach().clone() for b in self.model.buffers()] if self.mode == "train" else []
-        try:
-            self.model.train(self.mode == "train")
-            try:
-                # Noise layers draw in train mode: from a forked random state (CPU and
-                # every CUDA device of the model), so the training steps after a record
-                # draw what they would without it.
-                forked = (
-                    isolated_randomness(self.model)
-                    if self.mode == "train"
-                    else contextlib.nullcontext()
-                )
-                with forked:
-                    batch(self.model)
-            except (ProbeBatchError, UnitAxisError):
-                raise
-            except Exception as error:  # torch raises RuntimeError, IndexError, ValueError, ...
-                raise _explain(self.model, batch, error) from error
-        finally:
-            for buffer, value in zip(self.model.buffers(), saved, strict=False):
-                buffer.copy_(value)  # running statistics and counters, as before the record
-            self.model.train(was_training)
-            self._taps.remove()
+        probe_forward(self.model, batch, self.mode, self._taps)
         self._checked = True
 
     def record_now(self, step: int) -> list[ProbeRecord]:

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from covshift.probe.metrics import compare
-from covshift.probe.probe import ProbeRecord
+from covshift.probe.record import ProbeRecord
 
 __all__ = ["RecordScalars"]
 

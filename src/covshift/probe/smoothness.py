@@ -30,7 +30,7 @@ from torch import nn
 
 from covshift.probe._copies import Evaluator, LossFn, deep_copy, isolated_randomness
 from covshift.probe.monitor import TrainingMonitor
-from covshift.probe.probe import ProbeRecord
+from covshift.probe.record import ProbeRecord
 
 __all__ = ["Smoothness", "SmoothnessMonitor", "landscape_smoothness"]
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from covshift.probe.probe import ProbeRecord
+from covshift.probe.record import ProbeRecord
 from covshift.probe.scalars import RecordScalars
 
 __all__ = ["TensorBoardSink"]
