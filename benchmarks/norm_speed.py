@@ -12,6 +12,12 @@ moved by a preempted sample on a busy machine). The last row times one SGD train
 Ioffe & Szegedy MLP (``build_mlp(784, 10, norm="batch")``, batch 60) against the same
 model with torch.nn.BatchNorm1d swapped in.
 
+Floor columns: the time of a layer's least memory traffic, five tensors of x's size
+(forward: read x, write y; backward: read g and x, write dx), at the bandwidth of a
+plain ``copy_`` of x measured in the same run (5/2 of the copy's time), and covshift's
+native time over it. Below ~2 a kernel is near what memory allows; the small shapes,
+which sit in cache, are bound by per-call overhead instead.
+
 Memory columns: bytes autograd saves for backward (``saved_tensors_hooks``, distinct
 storages) and the peak of tensor bytes allocated during forward+backward above what
 was live before (CPU: from the profiler's per-op memory records, an approximation that
@@ -43,13 +49,15 @@ The native extension builds at first use; the header line reports how long that 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import ctypes
 import os
 import statistics
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -93,6 +101,15 @@ class Result:
     ms: list[float] = field(default_factory=list)
     saved: int | None = None
     peak: int | None = None
+
+
+# A normalization layer's forward+backward cannot move fewer than five tensors of x's
+# size through memory: the forward reads x and writes y, the backward reads g and x
+# and writes dx (the statistics and parameter gradients are a few values per channel).
+# A copy moves two (reads x, writes the copy), so the floor is 5/2 of a copy's time,
+# measured in the same run and memory regime as the layers.
+FLOOR_PASSES = 5
+COPY_PASSES = 2
 
 
 def _layers(case: Case, device: torch.device) -> tuple[nn.Module, nn.Module]:
@@ -162,6 +179,26 @@ def _saved_bytes(run_forward: Callable[[], object]) -> int:
     return sum(storages.values())
 
 
+@contextlib.contextmanager
+def _quiet_fd2() -> Iterator[None]:
+    """Sends file descriptor 2 to /dev/null meanwhile.
+
+    The profiler's C++ side (kineto) writes "USDT: ... profiler_start/stop" lines
+    straight to fd 2, past Python's sys.stderr and past any log-level setting; they
+    would land in the middle of the table.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _peak_bytes(run: Callable[[], None], device: torch.device) -> int | None:
     """Peak of bytes allocated above the starting point while ``run`` runs."""
     if device.type == "cuda":
@@ -172,9 +209,12 @@ def _peak_bytes(run: Callable[[], None], device: torch.device) -> int | None:
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - start
     try:
-        with torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-        ) as prof:
+        with (
+            _quiet_fd2(),
+            torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+            ) as prof,
+        ):
             run()
         # Each event's own (not its children's) allocations, net of its frees: put
         # growth at its start and shrinkage at its end, then take the running maximum.
@@ -250,6 +290,10 @@ def measure_case(
                 saved=_saved_bytes(lambda fn=fn: fn(x)), peak=_peak_bytes(runs[key], device)
             )
     _timed(runs, device, repeats, results)
+    dst = torch.empty_like(x)
+    copy = {"torch": Result()}
+    _timed({"torch": lambda: dst.copy_(x)}, device, repeats, copy)
+    results["floor"] = Result(ms=[t * FLOOR_PASSES / COPY_PASSES for t in copy["torch"].ms])
     return results
 
 
@@ -284,6 +328,8 @@ def _table(title: str) -> Table:
         "native/torch",
         "pure/torch",
         "n/t min",
+        "floor ms",
+        "native/floor",
         "saved MB t/n/p",
         "peak MB t/n/p",
     ):
@@ -299,8 +345,12 @@ def _ratio(num: Result | None, den: Result) -> str:
     return f"[{style}]{r:.2f}[/{style}]"
 
 
+def _median_ratio(num: Result, den: Result) -> float:
+    return statistics.median(num.ms) / statistics.median(den.ms)
+
+
 def _row(table: Table, label: str, shape: str, mode: str, res: dict[str, Result]) -> None:
-    t, n, p = res["torch"], res.get("native"), res.get("pure")
+    t, n, p, f = res["torch"], res.get("native"), res.get("pure"), res.get("floor")
 
     def ms(r: Result | None) -> str:
         if r is None:
@@ -321,6 +371,8 @@ def _row(table: Table, label: str, shape: str, mode: str, res: dict[str, Result]
         _ratio(n, t),
         _ratio(p, t),
         "-" if n is None else f"{min(n.ms) / min(t.ms):.2f}",
+        ms(f),
+        "-" if n is None or f is None else f"{_median_ratio(n, f):.1f}",
         mem("saved"),
         mem("peak"),
     )
