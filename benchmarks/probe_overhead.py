@@ -27,9 +27,12 @@ same batches, a hand-written loop (what a user's own loop looks like). Variants:
 - ``gradient ICS / smoothness every 100`` (not with ``--quick``): Santurkar et al.'s
   measures, for scale: a deep copy and several extra forward-backward passes each.
 
-Timing: variants are interleaved in blocks of 100 steps (one probe record per block),
-in a rotating order, so that background load hits all alike; the table shows the
-median block time per step and its ratio to ``plain`` from the same run.
+Timing: variants are interleaved in blocks of 100 steps (10 for ResNet-18 and GPT-2,
+whose steps take ~0.5 s on one thread; the probes then record every 10 steps, one
+record per block), in a rotating order, so that background load hits all alike; the
+table shows the median block time per step, its ratio to ``plain`` from the same run,
+and the extra milliseconds per block: for a probe, what one record costs, which a user
+divides by their own interval.
 
 ``--memory STEPS`` also runs a probed training of STEPS steps (records written to a
 SQLite store, as in an experiment) and samples the process's resident memory, the
@@ -67,6 +70,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from torch import nn
 
@@ -76,7 +87,7 @@ from covshift.probe import ShiftProbe, gradient_ics, landscape_smoothness
 from covshift.probe.select import select_layers
 from covshift.store import Store
 
-BLOCK = 100  # steps per timed block: one probe record each at every=100
+BLOCK = 100  # steps per timed block for the small models: one probe record each at every=100
 
 try:
     from torch.utils.tensorboard import SummaryWriter
@@ -108,6 +119,9 @@ class Setup:
     data: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = classification_loss
     measures: bool = True  # the gradient-ICS / smoothness rows (cross-entropy models)
+    # Steps per timed block, and the probe's interval (one record per block). The big
+    # models take ~0.5 s a step on one CPU thread: blocks of 100 would take hours.
+    block: int = BLOCK
 
 
 def resnet18() -> nn.Module:
@@ -173,6 +187,7 @@ SETUPS = [
         batch=16,
         data=image_batches,
         measures=False,
+        block=10,
     ),
     Setup(
         "GPT-2 4x256, 64 tokens",
@@ -183,6 +198,7 @@ SETUPS = [
         data=token_batches,
         loss=language_model_loss,
         measures=False,
+        block=10,
     ),
 ]
 SETUP_KEYS = {"mlp": 0, "cnn": 1, "resnet18": 2, "gpt2": 3}
@@ -269,14 +285,15 @@ def make_variants(
     x_probe = data.x_test[: setup.probe_examples]
     variants = [Variant("plain", *fresh())]
     net, opt, sampler = fresh()
-    probe = ShiftProbe(net, probe_input=x_probe)
+    every = setup.block
+    probe = ShiftProbe(net, probe_input=x_probe, every=every)
     probe.check()  # what the first record does: the later ones may go to the background
     mode = "background" if probe._use_background() else "synchronous"
     variants.append(
         Variant(f"ShiftProbe defaults ({mode})", net, opt, sampler, probe.maybe_record, probe.close)
     )
     net, opt, sampler = fresh()
-    other = ShiftProbe(net, probe_input=x_probe, background=mode == "synchronous")
+    other = ShiftProbe(net, probe_input=x_probe, every=every, background=mode == "synchronous")
     variants.append(
         Variant(
             f"ShiftProbe background={mode == 'synchronous'}",
@@ -292,14 +309,14 @@ def make_variants(
     @torch.no_grad()
     def forward_only(step: int, net: nn.Module = net) -> None:
         # The floor of any fixed-batch probe: the probe batch's forward itself.
-        if step % BLOCK == 0:
+        if step % every == 0:
             net.eval()
             net(x_probe)
             net.train()
 
     variants.append(Variant("probe-batch forward alone (floor)", net, opt, sampler, forward_only))
     net, opt, sampler = fresh()
-    live = ShiftProbe(net, source="train")
+    live = ShiftProbe(net, source="train", every=every)
     variants.append(
         Variant("ShiftProbe live batches", net, opt, sampler, live.maybe_record, live.close)
     )
@@ -310,14 +327,14 @@ def make_variants(
     variants.append(Variant("DIY fastai-style stats", net, opt, sampler, close=diy_fastai(net)))
     if not quick and setup.measures:
         for label, measure in (
-            ("gradient ICS every 100", "ics"),
-            ("smoothness every 100", "smooth"),
+            (f"gradient ICS every {every}", "ics"),
+            (f"smoothness every {every}", "smooth"),
         ):
             net, opt, sampler = fresh()
             x, y = data.x_train[:60], data.y_train[:60]
 
             def after_step(step: int, net=net, opt=opt, x=x, y=y, measure=measure) -> None:
-                if step % BLOCK == 0:
+                if step % every == 0:
                     if measure == "ics":
                         gradient_ics(net, opt, x, y)
                     else:
@@ -346,29 +363,48 @@ def time_setup(setup: Setup, data: Dataset, rounds: int, quick: bool, console: C
     if setup.data is not None:  # the model's own inputs (images of its size, token ids)
         x_train, y_train, x_test = setup.data()
         data = SimpleNamespace(x_train=x_train, y_train=y_train, x_test=x_test)  # type: ignore[assignment]
+    block = setup.block
     with tempfile.TemporaryDirectory() as log_dir:
         variants, how = make_variants(setup, data, quick, log_dir)
-        for v in variants:  # warm-up block: caches, optimizer state, first record
-            v.after_step(0)
-            run_block(v, data, BLOCK, setup.loss)
-            v.times.clear()
-        for r in range(rounds):
-            order = variants[r % len(variants) :] + variants[: r % len(variants)]
-            for v in order:
-                run_block(v, data, BLOCK, setup.loss)
+        progress = Progress(
+            TextColumn(f"{setup.name}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("blocks"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+        with progress:
+            task = progress.add_task("blocks", total=len(variants) * (rounds + 1))
+            for v in variants:  # warm-up block: caches, optimizer state, first record
+                v.after_step(0)
+                run_block(v, data, block, setup.loss)
+                v.times.clear()
+                progress.advance(task)
+            for r in range(rounds):
+                order = variants[r % len(variants) :] + variants[: r % len(variants)]
+                for v in order:
+                    run_block(v, data, block, setup.loss)
+                    progress.advance(task)
         for v in variants:
             v.close()
     base = statistics.median(variants[0].times)
     table = Table(
         title=f"{setup.name}: batch {setup.batch}, probe batch {setup.probe_examples}, "
-        f"{rounds} rounds x {BLOCK} steps"
+        f"{rounds} rounds x {block} steps, probes record every {block} steps"
     )
-    for col in ("variant", "ms / step (median)", "ratio to plain"):
+    columns = ("variant", "ms / step (median)", "ratio to plain", "extra ms per block")
+    for col in columns:
         table.add_column(col, justify="left" if col == "variant" else "right")
     for v in variants:
         med = statistics.median(v.times)
         label = v.label + (f" ({how})" if v.label.startswith("DIY TensorBoard") else "")
-        table.add_row(label, f"{med * 1e3:.3f}", f"{med / base:.3f}")
+        # What one block of `block` steps costs beyond plain: for the probes, the price of
+        # one record, which a user divides by their own interval.
+        extra = (med - base) * block * 1e3
+        table.add_row(label, f"{med * 1e3:.3f}", f"{med / base:.3f}", f"{extra:.1f}")
     return table
 
 
@@ -449,7 +485,7 @@ def main() -> None:
         data = load_dataset("fashion-mnist")
     except DatasetError:
         data = load_dataset("synthetic", n_train=60000, n_test=10000)
-    console = Console()
+    console = Console(width=130)  # whole rows, also when the output goes to a file
     console.print(
         f"data: {data.name}; torch {torch.__version__}, {torch.get_num_threads()} threads, CPU"
     )
