@@ -44,14 +44,25 @@ using ParFor =
 // Elements per block: 8 KB of float, so a block's second pass reads from L1.
 constexpr int64_t kBlock = 2048;
 
-// Reductions use GCC/Clang vector extensions: one 64-byte vector (16 float, 8 double;
-// two AVX2 registers where AVX-512 is missing) and four independent accumulators, so
-// that the additions do not wait on each other's latency. (`#pragma omp simd
-// reduction` gives one accumulator, about half the speed on rows that sit in cache.)
+// Reductions use GCC/Clang vector extensions: one vector of the widest registers the
+// build targets (64 bytes with AVX-512, 32 with AVX/AVX2, else 16: SSE2, NEON) and four
+// independent accumulators, so that the additions do not wait on each other's
+// latency. (`#pragma omp simd reduction` gives one accumulator, about half the speed on
+// rows that sit in cache.) A vector wider than the registers is not split cleanly:
+// GCC keeps 64-byte vectors on an AVX2 machine on the stack and moves them through
+// general registers, and a pass over a row in L1 then ran at about one float per
+// cycle (GroupNorm's forward took twice a copy's time; with 32 bytes, one copy's).
+#if defined(__AVX512F__)
+constexpr int64_t kVecBytes = 64;
+#elif defined(__AVX__)
+constexpr int64_t kVecBytes = 32;
+#else
+constexpr int64_t kVecBytes = 16;
+#endif
 template <typename A>
 struct Vec {
-  typedef A type __attribute__((vector_size(64)));
-  static constexpr int64_t L = 64 / sizeof(A);
+  typedef A type __attribute__((vector_size(kVecBytes)));
+  static constexpr int64_t L = kVecBytes / sizeof(A);
 };
 
 // Loads L elements at p + i as a vector of A (converting 16-bit floats).
@@ -218,6 +229,9 @@ inline void stream_store(A* p, typename Vec<A>::type v) {
 #if defined(__AVX512F__)
     if constexpr (std::is_same_v<A, float>) _mm512_stream_ps(p, reinterpret_cast<__m512&>(v));
     else _mm512_stream_pd(p, reinterpret_cast<__m512d&>(v));
+#elif defined(__AVX__)
+    if constexpr (std::is_same_v<A, float>) _mm256_stream_ps(p, reinterpret_cast<__m256&>(v));
+    else _mm256_stream_pd(p, reinterpret_cast<__m256d&>(v));
 #else
     constexpr int64_t h = 16 / sizeof(A);  // lanes per 16-byte store
     for (int64_t j = 0; j < Vec<A>::L; j += h) {
