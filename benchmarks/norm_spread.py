@@ -78,7 +78,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory == "reused" and not _reuse_memory():
         console.print("no mallopt (not glibc): cannot run the reused regime")
         return
+    # Only the big shapes: a small layer's call lasts microseconds, below the timer's
+    # resolution for a single call (norm_speed.py times those in repeated runs).
     cases = [c for c in CASES if c.name in args.only and torch.Size(c.shape).numel() >= 2**18]
+    if not cases:
+        big = sorted({c.name for c in CASES if torch.Size(c.shape).numel() >= 2**18})
+        parser.error(f"--only {' '.join(args.only)}: no big-shape case; choose from {big}")
     table = Table(
         title=f"forward+backward, call by call ({args.calls} calls each, alternating; "
         f"{args.memory} memory; torch {torch.__version__})"
