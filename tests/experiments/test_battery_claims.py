@@ -16,7 +16,7 @@ from covshift.experiments.battery import (
     battery_pairs,
     shift_speed_correlation,
 )
-from covshift.experiments.claims import evaluate_claims, t_interval
+from covshift.experiments.claims import evaluate_claims
 from covshift.experiments.numbers import PointNumbers, _floor
 
 from .test_claims import run_info
@@ -184,15 +184,75 @@ def test_pairs_and_correlation_against_scipy(tmp_path: Path) -> None:
     t_bn = bn.value("steps_to/test_accuracy/0.6")
     t_plain = plain.value("steps_to/test_accuracy/0.6")
     assert first["speedup"] == pytest.approx(np.log2(t_plain / t_bn))
-    result = shift_speed_correlation(pairs, config.seeds)
-    for seed in config.seeds:
-        mine = [p for p in pairs if p["seed"] == seed]
-        rho = stats.spearmanr([p["drift_reduction"] for p in mine], [p["speedup"] for p in mine])
-        assert result["per_seed"][str(seed)] == pytest.approx(rho.statistic)
-    mean, interval = t_interval(list(result["per_seed"].values()))
-    assert result["estimate"] == pytest.approx(mean)
-    assert result["interval"] == pytest.approx(list(interval))
-    assert result["verdict"] in ("supported", "contradicted", "inconclusive")
+    assert all(p["censored"] == [False, False] for p in pairs)  # every run reaches 0.6
+
+
+def _pair(experiment: str, seed: int, drift: float, speed: float, censored=(False, False)):
+    return {
+        "experiment": experiment,
+        "seed": seed,
+        "drift_reduction": drift,
+        "speedup": speed,
+        "censored": list(censored),
+    }
+
+
+def test_correlation_is_stratified_by_preset() -> None:
+    """Simpson's paradox: within each preset more drift reduction goes with LESS speed-up,
+    while the presets' offsets make the pooled correlation positive. The stratified
+    claim follows the strata (Fisher's z, weighted by n - 3), not the pooled sign."""
+    rng = np.random.default_rng(4)
+    pairs = []
+    for k, name in enumerate(("a", "b", "c")):
+        for seed in range(5):
+            for i in range(6):
+                x = 10.0 * k + i + rng.normal(0, 0.2)
+                pairs.append(_pair(name, seed, x, 10.0 * k - 0.5 * i + rng.normal(0, 0.6)))
+    pairs.append(_pair("a", 0, 99.0, 99.0, censored=(False, True)))  # not in the primary
+    pooled = stats.spearmanr(
+        [p["drift_reduction"] for p in pairs[:-1]], [p["speedup"] for p in pairs[:-1]]
+    ).statistic
+    assert pooled > 0.5
+    combined, *strata = shift_speed_correlation(pairs, range(5))
+    expected_z, weights = [], []
+    for name, result in zip(("a", "b", "c"), strata, strict=True):
+        mine = [p for p in pairs[:-1] if p["experiment"] == name]
+        rho = stats.spearmanr(
+            [p["drift_reduction"] for p in mine], [p["speedup"] for p in mine]
+        ).statistic
+        assert result.slice == {"preset": name}
+        assert result.estimate == pytest.approx(rho)
+        expected_z.append(np.arctanh(rho))
+        weights.append(len(mine) - 3)
+    assert combined.estimate == pytest.approx(np.tanh(np.average(expected_z, weights=weights)))
+    assert combined.estimate < -0.5
+    assert combined.interval[1] < 0 and combined.verdict_unadjusted == "contradicted"
+    assert combined.p_contradict < 0.001 and combined.p_value > 0.9
+    assert combined.extra["pairs_total"] == len(pairs)
+    assert combined.extra["secondary"]["pairs"] == len(pairs)
+    # each seed's own combined correlation is reported beside the pooled-over-seeds one
+    for seed in range(5):
+        mine = [p for p in pairs[:-1] if p["seed"] == seed]
+        rhos = [
+            stats.spearmanr(
+                [p["drift_reduction"] for p in mine if p["experiment"] == n],
+                [p["speedup"] for p in mine if p["experiment"] == n],
+            ).statistic
+            for n in ("a", "b", "c")
+        ]
+        z = np.arctanh(np.clip(rhos, -0.999999, 0.999999))  # +-1 is taken as +-0.999999
+        assert combined.per_seed[str(seed)] == pytest.approx(np.tanh(np.mean(z)))
+
+
+def test_correlation_without_trained_pairs_is_not_measured() -> None:
+    pairs = [
+        _pair("a", s, float(i), float(i), censored=(True, False))
+        for s in range(3)
+        for i in range(5)
+    ]
+    (combined,) = shift_speed_correlation(pairs, range(3))
+    assert combined.verdict == "not measured"
+    assert "0 such pairs of 15" in combined.reason
 
 
 def test_attribution_matrix(tmp_path: Path) -> None:

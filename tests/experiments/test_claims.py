@@ -12,8 +12,9 @@ from scipy import stats
 
 from covshift.experiments import expand_grid, load_config
 from covshift.experiments.claim_spec import ClaimSpec, rule_text
-from covshift.experiments.claims import evaluate_claims, t_interval, verdict
+from covshift.experiments.claims import evaluate_claims, t_interval
 from covshift.experiments.numbers import PointNumbers
+from covshift.experiments.significance import Bounds, rule_p_values
 from covshift.store import RunInfo
 
 from .test_config import write
@@ -102,13 +103,22 @@ def test_t_interval_matches_scipy() -> None:
         ("within", 0.05, (-0.04, 0.3), "inconclusive"),
     ],
 )
-def test_verdicts_follow_the_rule(rule: str, margin: float, interval, expected: str) -> None:
+def test_unadjusted_p_values_decide_as_the_interval_does(
+    rule: str, margin: float, interval, expected: str
+) -> None:
+    """Three seeds whose 95% t interval is ``interval``: the one-sided p-values at the
+    0.025 level reach the verdict the interval rule gives."""
+    lo, hi = interval
+    half = (hi - lo) / 2
+    sd = half * math.sqrt(3) / stats.t.ppf(0.975, 2)
+    values = [(lo + hi) / 2 + sd * z for z in (-1.0, 0.0, 1.0)]  # sd of these is sd
+    assert t_interval(values)[1] == pytest.approx(interval)
+    p_for, p_against = rule_p_values(rule, 0.0, margin, [Bounds.exact(v) for v in values])
+    got = "supported" if p_for < 0.025 else "contradicted" if p_against < 0.025 else "inconclusive"
+    assert got == expected
     claim = ClaimSpec(
         text="t", metric="diverged", network="a", baseline="b", rule=rule, margin=margin
     )
-    assert verdict(claim, interval, 3)[0] == expected
-    assert verdict(claim, None, 1) == ("inconclusive", "one seed: no interval")
-    assert verdict(claim, None, 0)[0] == "not measured"
     assert "95% interval" in rule_text(claim)
 
 
@@ -235,7 +245,26 @@ rule = "greater"
     (r,) = evaluate_claims(config, "e", points, table)
     expected = [math.log2(6.4) - math.log2(0.4 if s % 2 else 1.6) for s in config.seeds]
     assert list(r["per_seed"].values()) == pytest.approx(expected)
-    assert r["verdict"] == "supported" and r["data"]["0"]["curve"]["plain"][3][2] is True
+    assert r["data"]["0"]["curve"]["plain"][3][2] is True
+    # BN trains at the grid's largest rate: its threshold is censored above (at least
+    # 6.4), and the plain network's lies between its last rate that trains and the next.
+    nxt = {0.4: 1.6, 1.6: 6.4}
+    for s in config.seeds:
+        plain = 0.4 if s % 2 else 1.6
+        lo = math.log2(6.4) - math.log2(nxt[plain])
+        assert r["per_seed_bounds"][str(s)] == pytest.approx([lo, math.inf])
+    assert r["censored"] == {
+        "censored": True,
+        "side": "above",
+        "seeds": 4,
+        "note": "known only as a lower bound (at least the estimate)",
+    }
+    lows = [math.log2(6.4) - math.log2(nxt[0.4 if s % 2 else 1.6]) for s in config.seeds]
+    assert r["interval"][0] == pytest.approx(t_interval(lows)[1][0])
+    assert r["interval"][1] == math.inf
+    assert r["p_value"] == pytest.approx(stats.ttest_1samp(lows, 0, alternative="greater").pvalue)
+    # Lower bounds of 0 and 2 over four seeds: not enough for the claim.
+    assert r["verdict"] == "inconclusive"
 
 
 def test_missing_points_and_one_seed(tmp_path: Path) -> None:
@@ -298,12 +327,17 @@ rule = "greater"
     points = expand_grid(config)
     table = {
         p.id: numbers(
-            {0: 0.1, 100: 0.6 + 0.01 * p.seed + (0.2 if p.axes["model.norm"] == "batch" else 0.0)}
+            {
+                0: 0.1,
+                100: 0.6
+                + 0.01 * p.seed
+                + (0.2 + 0.001 * p.seed if p.axes["model.norm"] == "batch" else 0.0),
+            }
         )
         for p in points
     }
     (r,) = evaluate_claims(config, "e", points, table)
-    assert r["per_seed"] == pytest.approx({str(s): 0.2 for s in config.seeds})
+    assert r["per_seed"] == pytest.approx({str(s): 0.2 + 0.001 * s for s in config.seeds})
     assert r["verdict"] == "supported" and r["slice"] == {}
     with pytest.raises(Exception, match="fix the compared side of each in where too"):
         load_config(

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 from scipy import stats as scipy_stats
 
-from covshift.experiments.claim_spec import ClaimSpec, rule_text
-from covshift.experiments.claims import INTERVAL_METHOD, t_interval, verdict
-from covshift.experiments.config import ExperimentConfig
+from covshift.experiments.claim_result import ClaimResult
+from covshift.experiments.claim_spec import ClaimSpec
+from covshift.experiments.config import ConfigError, ExperimentConfig
 from covshift.experiments.config_files import load_config
 from covshift.experiments.grid import Point
 from covshift.experiments.numbers import PointNumbers
@@ -45,31 +45,46 @@ BATTERY = (
     "lr-sensitivity",
     "init-sensitivity",
     "ioffe2015",
+    "ghost-bn",
     "norm-scopes",
     "santurkar2018",
     "santurkar2018-linear",
 )
 
-CORRELATION_CLAIM = {
-    "id": "shift-vs-speed",
-    "text": (
+CORRELATION_CLAIM = ClaimSpec(
+    id="shift-vs-speed",
+    text=(
         "Across the whole battery, less shift goes with faster training: the networks "
         "whose normalization reduces the drift most are those it speeds up most"
     ),
-    "reading": (
+    reading=(
         "Every point of a battery preset with a [battery] target that has a norm is paired "
         "with the point that differs from it only in having none (same seed, same axis "
         "values). For each pair: drift reduction = mean over the probed layers of "
         "(drift without norm - drift with it); speed-up = log2(steps to the target "
-        "without norm / steps with it), where a run that never reaches the target (or "
-        "diverges) counts as its length plus one evaluation interval, a lower bound; pairs "
-        "where neither reaches it are left out. Per seed: the Spearman correlation over "
-        "all pairs of all presets; the textbook account predicts it positive."
+        "without norm / steps with it). Primary analysis: the pairs where both networks "
+        "reach the target (train), so that neither axis measures 'the unnormalized network "
+        "failed'; per preset (stratum), the Spearman correlation over its pairs of every "
+        "seed; combined over presets by the mean of Fisher's z = atanh(rho) weighted by "
+        "(pairs - 3), so that a correlation between presets (Simpson's paradox) cannot "
+        "drive it. Interval: bootstrap over seeds; p: permutation of the speed-ups within "
+        "each preset. Secondary (no verdict): every pair, a run that never reaches the "
+        "target counted as its length plus one evaluation interval (a lower bound)."
     ),
-    "rule": "greater",
-    "value": 0.0,
-    "margin": 0.0,
-}
+    statistic="trend",
+    method="spearman",
+    metric="diverged",
+    network="-",
+    axis="-",
+    rule="greater",
+    value=0.0,
+    margin_reason=("any positive association counts: the textbook predicts the sign, not a size"),
+)
+
+# Pairs a stratum needs for a rank correlation worth combining (Fisher's weight n - 3).
+MIN_PAIRS = 4
+BOOTSTRAP_DRAWS = 2000
+PERMUTATION_DRAWS = 5000
 
 
 @dataclass(frozen=True)
@@ -96,7 +111,40 @@ def plan_battery(
     for name in presets:
         config = load_config(name, overrides, size=size)
         parts.append(BatteryPart(name, config, plan_sweep(config, store_path)))
+    _add_cross_controls(parts, size, store_path, overrides)
     return parts
+
+
+def _add_cross_controls(
+    parts: list[BatteryPart],
+    size: str,
+    store_path: str | Path,
+    overrides: dict[str, Any] | None,
+) -> None:
+    """A control written ``<preset>:<id>`` names a check of a battery preset; it is
+    planned too (a control is run beside the claim it guards)."""
+    planned = {p.preset: p.config for p in parts}
+    for part in list(parts):
+        for claim in part.config.claims:
+            for control in claim.controls:
+                if ":" not in control:
+                    continue
+                preset, _, check = control.partition(":")
+                if preset not in BATTERY:
+                    raise ConfigError(
+                        f"{part.preset}: claim {claim.id!r} names the control {control!r}, but "
+                        f"{preset!r} is not a battery preset; battery: {', '.join(BATTERY)}"
+                    )
+                config = planned.get(preset) or load_config(preset, overrides, size=size)
+                checks = [c.id for c in config.claims if c.kind == "check"]
+                if check not in checks:
+                    raise ConfigError(
+                        f"{part.preset}: claim {claim.id!r} names the control {control!r}, but "
+                        f"{preset} has no check {check!r}; its checks: {', '.join(checks)}"
+                    )
+                if preset not in planned:  # run the control beside the claim
+                    planned[preset] = config
+                    parts.append(BatteryPart(preset, config, plan_sweep(config, store_path)))
 
 
 def _mean_drift(numbers: PointNumbers, layers: list[str]) -> float | None:
@@ -155,67 +203,149 @@ def battery_pairs(
     return out
 
 
-def shift_speed_correlation(pairs: Sequence[dict[str, Any]], seeds: Sequence[int]) -> dict:
-    """The battery's across-experiment claim, as a claim result (see the module
-    docstring and :data:`CORRELATION_CLAIM`)."""
-    per_seed: dict[str, float] = {}
-    data: dict[str, Any] = {}
-    for seed in seeds:
-        mine = [p for p in pairs if p["seed"] == seed]
-        data[str(seed)] = {"pairs": len(mine)}
-        xs = np.array([p["drift_reduction"] for p in mine])
-        ys = np.array([p["speedup"] for p in mine])
-        if len(mine) >= 4 and np.ptp(xs) > 0 and np.ptp(ys) > 0:
-            per_seed[str(seed)] = float(scipy_stats.spearmanr(xs, ys).statistic)
-    values = list(per_seed.values())
-    estimate, interval = t_interval(values) if values else (None, None)
-    rule = ClaimSpec(
-        text=CORRELATION_CLAIM["text"],
-        metric="diverged",
-        network="-",
-        baseline_metric="diverged",
-        rule="greater",
-        value=0.0,
+def _rho(pairs: Sequence[dict[str, Any]]) -> float | None:
+    xs = np.array([p["drift_reduction"] for p in pairs])
+    ys = np.array([p["speedup"] for p in pairs])
+    if len(pairs) < MIN_PAIRS or np.ptp(xs) == 0 or np.ptp(ys) == 0:
+        return None
+    return float(scipy_stats.spearmanr(xs, ys).statistic)
+
+
+def _combined(strata: dict[str, list[dict[str, Any]]]) -> float | None:
+    """``tanh`` of the (n - 3)-weighted mean of ``atanh(rho)`` over the strata that
+    have a correlation."""
+    z, w = [], []
+    for pairs in strata.values():
+        rho = _rho(pairs)
+        if rho is not None:
+            z.append(math.atanh(max(-0.999999, min(0.999999, rho))))
+            w.append(len(pairs) - 3)
+    if not w:
+        return None
+    return math.tanh(float(np.average(z, weights=w)))
+
+
+def _by(pairs: Sequence[dict[str, Any]], key: str) -> dict[Any, list[dict[str, Any]]]:
+    out: dict[Any, list[dict[str, Any]]] = {}
+    for p in pairs:
+        out.setdefault(p[key], []).append(p)
+    return out
+
+
+def _bootstrap(pairs: Sequence[dict[str, Any]], seeds: Sequence[int]) -> tuple[float, float] | None:
+    """Percentile 95% interval of the combined correlation over seeds drawn with
+    replacement (a seed's pairs stay together: the seed is the replicate)."""
+    by_seed = _by(pairs, "seed")
+    present = [s for s in seeds if s in by_seed]
+    if len(present) < 2:
+        return None
+    rng = np.random.default_rng(2018)
+    draws = []
+    for _ in range(BOOTSTRAP_DRAWS):
+        chosen = rng.choice(len(present), size=len(present), replace=True)
+        sample = [p for i in chosen for p in by_seed[present[i]]]
+        value = _combined(_by(sample, "experiment"))
+        if value is not None:
+            draws.append(value)
+    if len(draws) < BOOTSTRAP_DRAWS // 2:
+        return None
+    return float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
+
+
+def _permutation_p(pairs: Sequence[dict[str, Any]], observed: float) -> tuple[float, float]:
+    """p of a combined correlation this far above / below 0 when the speed-ups are
+    shuffled within each stratum (no association inside any preset)."""
+    rng = np.random.default_rng(2019)
+    strata = _by(pairs, "experiment")
+    above = below = 0
+    for _ in range(PERMUTATION_DRAWS):
+        shuffled = {}
+        for name, group in strata.items():
+            speeds = rng.permutation([p["speedup"] for p in group])
+            shuffled[name] = [
+                {**p, "speedup": float(v)} for p, v in zip(group, speeds, strict=True)
+            ]
+        value = _combined(shuffled)
+        if value is None:
+            continue
+        above += value >= observed - 1e-12
+        below += value <= observed + 1e-12
+    return (1 + above) / (1 + PERMUTATION_DRAWS), (1 + below) / (1 + PERMUTATION_DRAWS)
+
+
+def _correlation_result(
+    name: str, pairs: Sequence[dict[str, Any]], seeds: Sequence[int], all_pairs: int
+) -> ClaimResult:
+    from covshift.experiments.claims import claim_result
+    from covshift.experiments.verdicts import decide_unadjusted
+
+    where = {"preset": name}
+    result = claim_result(CORRELATION_CLAIM, 0, "battery", where, len(seeds))
+    result.statistic = "correlation"
+    result.extra["statistic_text"] = (
+        "Spearman correlation of the drift reduction with the log2 speed-up to the target, "
+        "over the (norm, no norm) pairs in which both networks reach it"
+        + (", per preset, Fisher-combined over presets" if name.startswith("all") else "")
     )
-    outcome, reason = verdict(rule, interval, len(values))
-    if not values:
-        reason = "fewer than 4 pairs per seed with a drift and a time to target"
-    return {
-        **CORRELATION_CLAIM,
-        "index": 0,
-        "experiment": "battery",
-        "statistic": "correlation",
-        "statistic_text": (
-            "Spearman correlation, over all (norm, no norm) pairs of one seed, of the drift "
-            "reduction with the log2 speed-up to the target"
-        ),
-        "metric": "drift reduction vs log2 speed-up",
-        "baseline_metric": None,
-        "network": None,
-        "baseline": None,
-        "axis": None,
-        "method": "spearman",
-        "target": None,
-        "pick": None,
-        "below": False,
-        "log_axis": False,
-        "where": {},
-        "baseline_where": {},
-        "interaction": False,
-        "slice": {},
-        "slice_text": "",
-        "estimate": estimate,
-        "interval": list(interval) if interval is not None else None,
-        "seeds": len(values),
-        "seeds_total": len(seeds),
-        "per_seed": per_seed,
-        "data": data,
-        "pairs": list(pairs),
-        "interval_method": INTERVAL_METHOD,
-        "rule_text": rule_text(rule),
-        "verdict": outcome,
-        "reason": reason,
+    result.interval_method = (
+        "Spearman correlation over the pairs of every seed, per preset, combined over "
+        "presets by Fisher's z weighted by (pairs - 3); 95% percentile interval of "
+        f"{BOOTSTRAP_DRAWS:,} bootstrap draws of the seeds; p from {PERMUTATION_DRAWS:,} "
+        "permutations of the speed-ups within each preset"
+    )
+    strata = _by(pairs, "experiment")
+    estimate = _combined(strata)
+    per_seed = {
+        str(s): _combined(_by(group, "experiment")) for s, group in _by(pairs, "seed").items()
     }
+    result.per_seed = {s: v for s, v in per_seed.items() if v is not None}
+    result.seeds = len(result.per_seed)
+    result.extra["pairs"] = list(pairs)
+    result.extra["strata"] = {
+        k: {"pairs": len(v), "rho": _rho(v)} for k, v in sorted(strata.items())
+    }
+    result.extra["pairs_total"] = all_pairs
+    result.data = {str(s): {"pairs": len(v)} for s, v in _by(pairs, "seed").items()}
+    if estimate is None:
+        result.verdict = result.verdict_unadjusted = "not measured"
+        result.reason = (
+            f"no preset has {MIN_PAIRS} or more pairs in which both networks reach the target "
+            f"({len(pairs)} such pairs of {all_pairs})"
+        )
+        return result
+    result.estimate = estimate
+    interval = _bootstrap(pairs, seeds)
+    result.interval = list(interval) if interval is not None else None
+    if interval is None:
+        result.verdict = result.verdict_unadjusted = "inconclusive"
+        result.reason = "fewer than two seeds with pairs: no interval"
+        return result
+    up, down = _permutation_p(pairs, estimate)
+    result.p_value, result.p_contradict = up, down
+    result.extra["p_method"] = f"permutation within presets ({PERMUTATION_DRAWS:,} draws)"
+    return decide_unadjusted(result)
+
+
+def shift_speed_correlation(
+    pairs: Sequence[dict[str, Any]], seeds: Sequence[int]
+) -> list[ClaimResult]:
+    """The battery's across-experiment claim (module docstring, :data:`CORRELATION_CLAIM`):
+    the combined result over every preset first, then one per preset (stratum), all on
+    the pairs where both networks train; the secondary analysis over every pair is in
+    the combined result's ``secondary``."""
+    trained = [p for p in pairs if not any(p["censored"])]
+    combined = _correlation_result("all presets (stratified)", trained, seeds, len(pairs))
+    secondary = _by(pairs, "experiment")
+    combined.extra["secondary"] = {
+        "pairs": len(pairs),
+        "rho": _combined(secondary),
+        "strata": {k: {"pairs": len(v), "rho": _rho(v)} for k, v in sorted(secondary.items())},
+        "note": "every pair, censored times as lower bounds; descriptive, no verdict",
+    }
+    results = [combined]
+    for name, group in sorted(_by(trained, "experiment").items()):
+        results.append(_correlation_result(name, group, seeds, len(pairs)))
+    return results
 
 
 def attribution_matrix(

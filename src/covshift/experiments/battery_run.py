@@ -22,9 +22,18 @@ from covshift.experiments.battery import (
     battery_pairs,
     shift_speed_correlation,
 )
+from covshift.experiments.claim_result import ClaimResult
+from covshift.experiments.claims import judge_claims
 from covshift.experiments.preflight import estimate_seconds, format_seconds, preflight
+from covshift.experiments.preregistration import preregistration
 from covshift.experiments.summary import load_experiment_numbers, summarize
-from covshift.experiments.sweep import make_backend, make_sweep_progress, run_sweep
+from covshift.experiments.sweep import (
+    make_backend,
+    make_sweep_progress,
+    record_experiment,
+    run_sweep,
+)
+from covshift.experiments.verdicts import combine_slices, judge_family
 from covshift.store import Store
 
 __all__ = ["report_battery", "run_battery"]
@@ -70,7 +79,15 @@ def run_battery(
         )
     console.print(table)
     console.print(f"estimated {format_seconds(total)} to run", highlight=False)
-    if dry_run or not todo:
+    if dry_run:
+        return 0.0
+    store = Store(store_path)
+    try:
+        for part in parts:  # the pre-registration record, before anything runs
+            record_experiment(part.plan, store)
+    finally:
+        store.close()
+    if not todo:
         return 0.0
     start = time.perf_counter()
     store = Store(store_path)
@@ -86,14 +103,18 @@ def run_battery(
 def report_battery(
     parts: list[BatteryPart], store_path: str | Path, out_dir: Path, *, size: str
 ) -> tuple[list[dict[str, Any]], Path]:
-    """Each part's report (under ``out_dir/<experiment id>``) and the battery's page;
-    returns every claim result (the correlation claim last) and the page's path."""
+    """Each part's report (under ``out_dir/<experiment id>``, its claims adjusted over
+    its own hypotheses) and the battery's page (every hypothesis adjusted over the whole
+    battery); returns every claim result (the correlation claims last) and the page."""
     from covshift.report import write_report
     from covshift.report.battery_page import BatterySection, write_battery
 
     sections = []
     pairs: list[dict[str, Any]] = []
     seeds: list[int] = []
+    results: list[ClaimResult] = []
+    groups: list[str] = []
+    records = []
     with Store(store_path, create=False) as store:
         for part in parts:
             config = part.config
@@ -103,18 +124,31 @@ def report_battery(
             write_report(store, part.experiment_id, config, summary, report_dir)
             pairs += battery_pairs(config, points, numbers)
             seeds += [s for s in config.seeds if s not in seeds]
-            for claim in summary["claims"]:
-                claim["preset"] = part.preset
+            judged = judge_claims(config, part.experiment_id, points, numbers)
+            for r in judged:
+                r.extra["preset"] = part.preset
+            results += judged
+            groups += [part.preset] * len(judged)
+            records.append(preregistration(store, config))
             sections.append(
                 BatterySection(
                     part.preset,
                     config,
                     part.experiment_id,
-                    summary["claims"],
+                    judged,  # type: ignore[arg-type]  # JSON objects once judged below
                     report_dir,
                     attribution_matrix(config, points, numbers),
                 )
             )
     correlation = shift_speed_correlation(pairs, seeds)
-    _, page = write_battery(sections, correlation, out_dir, size=size)
-    return [c for s in sections for c in s.claims] + [correlation], page
+    for r in correlation:
+        r.extra["preset"] = "battery"
+    judge_family([*results, *correlation], [*groups, *(["battery"] * len(correlation))])
+    for section in sections:
+        section.claims = [r.to_json() for r in section.claims]  # type: ignore[union-attr]
+    corr = [r.to_json() for r in correlation]
+    combined = combine_slices(results)
+    _, page = write_battery(
+        sections, corr, out_dir, size=size, combined=combined, preregistration=records
+    )
+    return [c for s in sections for c in s.claims] + corr, page

@@ -16,8 +16,10 @@ Statistics (per seed ``s``; ``m(net, point)`` is a metric path, :mod:`.metrics`)
   _baseline_where`` (e.g. BN's gain in a deep network minus its gain in a shallow one).
 - ``value``: ``m(network, s)`` itself (e.g. a drift that must be zero).
 - ``trend``: over the values ``v`` of one sweep ``axis``, the Spearman rank correlation
-  of ``m(network, v, s)`` with ``v`` (``method = "spearman"``), or the least-squares
-  slope against ``v`` or ``log2 v`` (``method = "slope"``, ``log_axis``); with a
+  of ``m(network, v, s)`` with ``v`` (``method = "spearman"``), the least-squares
+  slope against ``v`` or ``log2 v`` (``method = "slope"``, ``log_axis``), or the range
+  ``max_v m - min_v m`` (``method = "range"``: how much the metric moves along the
+  axis in any pattern, which a slope misses when it jumps up and down); with a
   ``baseline``, of the paired difference ``m(network, v, s) - m(baseline, v, s)``.
 - ``layer_trend``: the same along the probed layers of one network, in forward order
   (layer index 0, 1, ...), of a per-layer metric written with ``*`` for the layer
@@ -42,7 +44,24 @@ not_greater  hi <= value + m                lo > value + m
 within       value - m <= lo, hi <= value+m hi < value - m or lo > value + m
 ============ ============================== ===============================
 
-anything else is ``inconclusive`` (and so is a claim measured on one seed).
+anything else is ``inconclusive`` (and so is a claim measured on one seed). The
+interval, the p-values that decide the verdict and their correction over the family
+of hypotheses are in :mod:`covshift.experiments.significance`.
+
+Each claim is a ``kind``:
+
+- ``hypothesis`` (the default): a claim of the textbook or a paper, judged with the
+  other hypotheses of its family (p-values adjusted for multiple comparisons);
+- ``check``: a control of the instrument or of the setup, not a finding: a negative
+  control (frozen layers give exactly zero drift) or a positive control (a setup in
+  which the effect is known to appear shows it). A check passes or fails on its own
+  unadjusted interval; it is never counted among supported claims. A failed check
+  makes the hypotheses it ``guards`` "not interpretable": every hypothesis of the
+  preset (``guards = "preset"``, the default) or only those that name it in their
+  ``controls`` (``guards = "controls"``).
+
+``margin_reason`` says in one sentence why the rule's margin is what it is (the
+smallest effect that matters), and is quoted beside the rule.
 """
 
 from __future__ import annotations
@@ -73,6 +92,10 @@ class ClaimSpec(BaseModel):
 
     text: str
     id: str | None = None
+    kind: Literal["hypothesis", "check"] = "hypothesis"
+    # hypothesis: the checks (positive controls) its verdict needs; check: what it guards
+    controls: tuple[str, ...] = ()
+    guards: Literal["preset", "controls"] = "preset"
     reading: str = ""  # the operational reading of the claim, quoted in the report
     statistic: Literal["difference", "value", "trend", "layer_trend", "threshold"] = "difference"
     metric: str
@@ -83,7 +106,7 @@ class ClaimSpec(BaseModel):
     baseline_where: dict[str, Any] = Field(default_factory=dict)
     interaction: StrictBool = False
     axis: str | None = None
-    method: Literal["spearman", "slope"] = "spearman"
+    method: Literal["spearman", "slope", "range"] = "spearman"
     log_axis: StrictBool = False
     target: StrictFloat | None = None
     below: StrictBool = False
@@ -91,6 +114,7 @@ class ClaimSpec(BaseModel):
     rule: Literal["greater", "less", "not_less", "not_greater", "within"]
     value: StrictFloat = 0.0
     margin: StrictFloat = Field(0.0, ge=0)
+    margin_reason: str = ""
 
     @model_validator(mode="before")
     @classmethod
@@ -112,6 +136,13 @@ class ClaimSpec(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> ClaimSpec:
+        if self.kind == "check" and self.controls:
+            raise ValueError(
+                "controls belong to hypotheses (the checks their verdict needs); a check "
+                'says what it guards with guards = "preset" or "controls"'
+            )
+        if self.kind == "hypothesis" and self.guards != "preset":
+            raise ValueError('guards belongs to checks (kind = "check")')
         for path in (self.metric, self.baseline_metric):
             if path is not None:
                 parse_metric(path.replace("/*", "/last"))

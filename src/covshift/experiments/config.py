@@ -194,7 +194,23 @@ class ExperimentConfig(Strict):
             raise ValueError(f"claims: the ids {repeated} are given to more than one claim")
         for i, claim in enumerate(self.claims):
             self._check_claim(i, claim)
+        self._check_controls()
         return self
+
+    def _check_controls(self) -> None:
+        """Every control a hypothesis names is a check of this experiment (or, written
+        ``<preset>:<id>``, of another battery preset: checked by the battery's plan)."""
+        checks = [c.id for c in self.claims if c.kind == "check" and c.id is not None]
+        known = ", ".join(checks) or 'none (a check is a claim with kind = "check" and an id)'
+        for i, claim in enumerate(self.claims):
+            for control in claim.controls:
+                if ":" in control:  # <preset>:<check id>, checked where presets meet
+                    continue
+                if control not in checks:
+                    raise ValueError(
+                        f"claims[{i}].controls: {control!r} is not the id of a check of this "
+                        f"experiment{closest(control, checks)}; checks: {known}"
+                    )
 
     def _check_axes(self) -> None:
         """Each axis value, applied alone to this configuration, must validate, and no

@@ -18,12 +18,18 @@ A metric path is ``/``-separated:
   two different probe batches at the same weights (``probe.noise_floor``): mean over
   the first and last probe steps of ``(1/U) sum_u (1/|Q|) sum_q |Q^B_{u,q} - Q^A_{u,q}|
   / w_u`` with the drift's own widths ``w_u``;
-- ``ics_cos/<layer>``, ``ics_l2/<layer>``: gradient ICS (Santurkar et al. 2018,
-  Def. 2.1) of a weight layer, ``cos(G, G')`` and ``||G - G'||``, averaged over its
-  measurements (``probe.gradient_ics_every``); ``<layer>`` = ``mean`` averages the
-  layers too;
+- ``ics_cos/<layer>``, ``ics_l2/<layer>``, ``ics_rel/<layer>``: gradient ICS
+  (Santurkar et al. 2018, Def. 2.1) of a weight layer, ``cos(G, G')``, ``||G - G'||``
+  and ``||G - G'|| / ||G||`` (the relative form, which does not grow with the
+  gradient's own size; the paper compares the change relative to the gradient),
+  averaged over its measurements (``probe.gradient_ics_every``); ``<layer>`` = ``mean``
+  averages the layers too;
 - ``smooth/<figure>``: a landscape figure (``loss_range``, ``grad_predictiveness``,
-  ``beta_smoothness``) averaged over its measurements (``probe.smoothness_every``).
+  ``beta_smoothness``) averaged over its measurements (``probe.smoothness_every``);
+- ``log10/<metric path>``: the base-10 logarithm of another metric (missing where it
+  is not positive), for quantities that move by orders of magnitude (a regression
+  loss: ``log10/test_loss/final`` minus ``log10/test_loss/0`` is the number of orders
+  of magnitude it fell).
 
 A layer may be named ``first`` or ``last``: the first or last probed layer of the
 network in forward order (``drift/last`` is the last hidden layer of an MLP of any
@@ -50,7 +56,7 @@ SERIES = ("test_accuracy", "test_loss", "train_loss")
 # Suffixes of the probe records stored beside a layer's own (eval-mode) records.
 TRAIN_MODE = "@train"  # the probe batch in train mode (batch statistics, noise on)
 FLOOR = "@floor"  # a second probe batch at the same weights (the noise floor)
-ICS_STATS = {"ics_cos": "grad_ics_cos", "ics_l2": "grad_ics_l2"}
+ICS_STATS = {"ics_cos": "grad_ics_cos", "ics_l2": "grad_ics_l2", "ics_rel": "grad_ics_rel"}
 SMOOTHNESS = ("loss_range", "grad_predictiveness", "beta_smoothness")
 
 
@@ -58,12 +64,15 @@ SMOOTHNESS = ("loss_range", "grad_predictiveness", "beta_smoothness")
 class MetricPath:
     """A parsed metric path (see the module docstring)."""
 
-    kind: Literal["series", "drift", "steps_to", "reach", "diverged", "floor", "ics", "smooth"]
+    kind: Literal[
+        "series", "drift", "steps_to", "reach", "diverged", "floor", "ics", "smooth", "log10"
+    ]
     series: str | None = None
     when: int | Literal["final", "max", "min"] | None = None
     layer: str | None = None
     target: float | None = None
     stat: str | None = None  # the stored statistic of an ics / smooth metric
+    inner: MetricPath | None = None  # the metric a log10 path takes the logarithm of
 
     @property
     def lower_is_better(self) -> bool:
@@ -74,12 +83,19 @@ def parse_metric(path: str) -> MetricPath:
     """Parse a metric path; ``ValueError`` with what is accepted when it is malformed."""
     accepted = (
         "accepted: <series>/<step|final|max|min>, drift/<layer>, floor/<layer>, "
-        "ics_cos/<layer|mean>, ics_l2/<layer|mean>, smooth/<figure>, "
-        "steps_to/<series>/<target>, reach/<series>/<target>, diverged; "
+        "ics_cos/<layer|mean>, ics_l2/<layer|mean>, ics_rel/<layer|mean>, smooth/<figure>, "
+        "steps_to/<series>/<target>, reach/<series>/<target>, diverged, log10/<metric>; "
         f"series: {', '.join(SERIES)}; "
         f"figures: {', '.join(SMOOTHNESS)}"
     )
     head, _, rest = path.partition("/")
+    if head == "log10":
+        if not rest:
+            raise ValueError(f"metric {path!r}: log10 needs a metric (log10/test_loss/final)")
+        inner = parse_metric(rest)
+        if inner.kind == "log10":
+            raise ValueError(f"metric {path!r}: one log10 is enough")
+        return MetricPath("log10", inner=inner)
     if path == "diverged":
         return MetricPath("diverged")
     if head in ("drift", "floor"):

@@ -7,6 +7,7 @@ CSV and the claims all come from here, so they cannot disagree.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,17 +21,36 @@ from covshift.experiments.metrics import (
     MetricPath,
     parse_metric,
 )
+from covshift.experiments.significance import Bounds
 from covshift.probe.metrics import unit_quantile_drift, unit_widths
 from covshift.store import RunInfo, Store
 
-__all__ = ["PointNumbers", "load_numbers", "probed_layers"]
+__all__ = ["PointNumbers", "Reading", "load_numbers", "probed_layers"]
 
 SMOOTHNESS_LAYER = "(model)"  # the layer name of smoothness records (SmoothnessMonitor)
 MEASURED = {"grad_ics_cos", "grad_ics_l2", *SMOOTHNESS}
+RELATIVE_ICS = "grad_ics_rel"  # ||G - G'|| / ||G||, from grad_ics_l2 and grad_norm
 
 
 def _finite(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
+
+
+@dataclass(frozen=True)
+class Reading:
+    """A metric of one point: its value with the bounds it is known within
+    (:class:`~covshift.experiments.significance.Bounds`), or None; ``reason`` says why
+    a metric that exists could not be measured honestly (degenerate units), and
+    ``excluded`` / ``units`` count the units a drift left out and had."""
+
+    bounds: Bounds | None
+    reason: str | None = None
+    excluded: int = 0
+    units: int = 0
+
+    @property
+    def value(self) -> float | None:
+        return None if self.bounds is None else self.bounds.value
 
 
 @dataclass
@@ -72,9 +92,42 @@ class PointNumbers:
 
     def value(self, metric: str | MetricPath) -> float | None:
         """The value of a metric path; None when it is not measured (or not finite)."""
+        return self.reading(metric).value
+
+    def reading(self, metric: str | MetricPath) -> Reading:
+        """The metric with its bounds: a time to target is known to the evaluation
+        interval, ``(previous evaluation, first evaluation that reached it]``, and a
+        censored one (``reach/``, never reached) only as at least the last evaluation;
+        everything else is exact."""
         m = parse_metric(metric) if isinstance(metric, str) else metric
+        if m.kind in ("steps_to", "reach"):
+            return self._time_to_target(m)
+        found = self._value(m)
+        return Reading(None if found is None else Bounds.exact(found))
+
+    def _time_to_target(self, m: MetricPath) -> Reading:
+        assert m.target is not None
+        steps, values = self.series.get(m.series or "", (np.array([]), np.array([])))
+        if self.run is None or not len(steps):
+            return Reading(None)
+        reached = values <= m.target if m.lower_is_better else values >= m.target
+        hits = np.nonzero(reached & np.isfinite(values))[0]
+        if len(hits):
+            h = int(hits[0])
+            at = float(steps[h])
+            return Reading(Bounds(at, float(steps[h - 1]) if h > 0 else 0.0, at))
+        if m.kind == "reach" and self.planned is not None:
+            censored = float(self.planned[0] + self.planned[1])
+            return Reading(Bounds(censored, float(steps[-1]), np.inf))
+        return Reading(None)
+
+    def _value(self, m: MetricPath) -> float | None:
         if self.run is None:
             return None
+        if m.kind == "log10":
+            assert m.inner is not None
+            inner = self.reading(m.inner).value
+            return math.log10(inner) if inner is not None and inner > 0 else None
         if m.kind == "diverged":
             return 1.0 if self.diverged else 0.0
         if m.kind == "drift":
@@ -96,15 +149,6 @@ class PointNumbers:
             return float(np.mean(found))
         steps, values = self.series.get(m.series or "", (np.array([]), np.array([])))
         if not len(steps):
-            return None
-        if m.kind in ("steps_to", "reach"):
-            assert m.target is not None
-            reached = values <= m.target if m.lower_is_better else values >= m.target
-            hits = np.nonzero(reached & np.isfinite(values))[0]
-            if len(hits):
-                return float(steps[hits[0]])
-            if m.kind == "reach" and self.planned is not None:
-                return float(self.planned[0] + self.planned[1])  # censored
             return None
         if m.when == "final":
             return _finite(values[-1])
@@ -169,6 +213,11 @@ def load_numbers(
                     _, values = store.probe(run.id, layer, stat)
                     mean = float(np.mean(values)) if len(values) else float("nan")
                     measures[(layer, stat)] = _finite(mean)
+            if "grad_ics_l2" in stats and "grad_norm" in stats:
+                measures[(layer, RELATIVE_ICS)] = _relative_ics(
+                    store.probe(run.id, layer, "grad_ics_l2")[1],
+                    store.probe(run.id, layer, "grad_norm")[1],
+                )
             continue
         if layer.endswith(FLOOR):
             continue
@@ -180,6 +229,17 @@ def load_numbers(
                 steps, quantiles, *store.probe(run.id, layer + FLOOR, "quantiles")
             )
     return PointNumbers(run, series, drift, floor, measures, planned)
+
+
+def _relative_ics(l2: np.ndarray, norm: np.ndarray) -> float | None:
+    """Mean over measurements of ``||G - G'|| / ||G||``; None where a measurement has
+    ``||G|| = 0`` (no gradient to compare with) or a non-finite value."""
+    l2, norm = np.asarray(l2, np.float64).ravel(), np.asarray(norm, np.float64).ravel()
+    if not len(l2) or not np.all(np.isfinite(l2)) or not np.all(np.isfinite(norm)):
+        return None
+    if np.any(norm <= 0):
+        return None
+    return float(np.mean(l2 / norm))
 
 
 def _floor(

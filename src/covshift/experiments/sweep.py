@@ -31,6 +31,7 @@ __all__ = [
     "available_cores",
     "make_backend",
     "plan_sweep",
+    "record_experiment",
     "run_experiment",
     "run_sweep",
 ]
@@ -188,6 +189,17 @@ def _outcome_line(point: Point, outcome: PointOutcome) -> str:
     return "  ".join(parts)
 
 
+def record_experiment(plan: SweepPlan, store: Store) -> None:
+    """Save ``plan``'s configuration (claims included) and grid in ``store``, before
+    any of its points runs: the pre-registration record (idempotent)."""
+    store.save_experiment(
+        plan.experiment_id,
+        plan.config.name,
+        plan.config.model_dump(mode="json"),
+        [ExperimentPoint(p.id, p.position, p.network, p.seed, p.axes) for p in plan.points],
+    )
+
+
 def run_sweep(
     plan: SweepPlan,
     store: Store,
@@ -201,12 +213,7 @@ def run_sweep(
     next call resumes).
     """
     config = plan.config
-    store.save_experiment(
-        plan.experiment_id,
-        config.name,
-        config.model_dump(mode="json"),
-        [ExperimentPoint(p.id, p.position, p.network, p.seed, p.axes) for p in plan.points],
-    )
+    record_experiment(plan, store)
     points = plan.to_run
     context = SweepContext(str(store.path), plan.experiment_id, config.name)
     progress = progress or make_sweep_progress(disable=True)

@@ -28,9 +28,20 @@ __all__ = ["claim_figure", "describe_statistic"]
 _COLORS = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 _VERDICT_COLORS = {
     "supported": "#1a7f37",
+    "pass": "#1a7f37",
     "contradicted": "#b42318",
+    "fail": "#b42318",
     "inconclusive": "#9a6700",
+    "not interpretable": "#6f42c1",
+    "not measurable": "#777777",
     "not measured": "#777777",
+}
+
+
+_HOW = {
+    "spearman": "Spearman correlation",
+    "slope": "least-squares slope",
+    "range": "range (largest minus smallest value)",
 }
 
 
@@ -49,7 +60,7 @@ def describe_statistic(result: dict[str, Any], config: ExperimentConfig) -> str:
     if result["statistic"] == "value":
         return f"{result['metric']} of {a}, per seed"
     if result["statistic"] == "layer_trend":
-        how = "Spearman correlation" if result["method"] == "spearman" else "least-squares slope"
+        how = _HOW[result["method"]]
         return f"{how} of {result['metric']} with the layer index (forward order), for {a}"
     if result["statistic"] == "difference" and result.get("interaction"):
         b = _label(config, result["baseline"])
@@ -70,7 +81,7 @@ def describe_statistic(result: dict[str, Any], config: ExperimentConfig) -> str:
         return f"{left} minus {right}, paired by seed"
     if result["statistic"] == "trend":
         axis = f"log2 {result['axis']}" if result["log_axis"] else result["axis"]
-        how = "Spearman correlation" if result["method"] == "spearman" else "least-squares slope"
+        how = _HOW[result["method"]]
         if result["baseline"]:
             b = _label(config, result["baseline"])
             return f"{how} of ({result['metric']} of {a} minus {b}) with {axis}, paired by seed"

@@ -1,0 +1,72 @@
+"""The pre-registration record: the claims' hash, when the store first saw it, and
+rules changed after results existed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from covshift.experiments import load_config, run_experiment
+from covshift.experiments.preregistration import claims_hash, preregistration
+from covshift.experiments.sweep import plan_sweep, record_experiment
+from covshift.store import Store
+
+from .helpers import SMALL_SWEEP, sweep_file
+
+TINY = SMALL_SWEEP.replace("seeds = 3", "seeds = 1").replace(
+    "optimizer.lr = [0.1, 0.5, 2.0]", "optimizer.lr = [0.5]"
+)
+
+
+def test_hash_covers_the_claims_and_nothing_else(tmp_path: Path) -> None:
+    config = load_config(str(sweep_file(tmp_path, TINY)))
+    dumped = [c.model_dump(mode="json") for c in config.claims]
+    expected = hashlib.sha256(
+        json.dumps(dumped, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()[:16]
+    assert claims_hash(config) == expected
+    longer = load_config(str(sweep_file(tmp_path, TINY.replace("steps = 60", "steps = 80"))))
+    assert claims_hash(longer) == claims_hash(config)  # a size is not a rule
+    margin = load_config(
+        str(
+            sweep_file(tmp_path, TINY.replace('rule = "greater"', 'rule = "greater"\nvalue = 0.01'))
+        )
+    )
+    assert claims_hash(margin) != claims_hash(config)
+
+
+def test_a_rule_changed_after_results_is_shown_with_both_versions(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    first = load_config(str(sweep_file(tmp_path, TINY)))
+    with Store(db) as store:
+        record_experiment(plan_sweep(first, db), store)
+        record = preregistration(store, first)
+        assert record["hash"] == claims_hash(first) and record["changes"] == []
+        assert record["first_recorded"] is not None
+        run_experiment(first, store)  # results now exist for this version
+        time.sleep(0.01)
+        changed_text = TINY.replace('rule = "greater"', 'rule = "greater"\nvalue = 0.01')
+        second = load_config(str(sweep_file(tmp_path, changed_text)))
+        record_experiment(plan_sweep(second, db), store)
+        record = preregistration(store, second)
+    assert record["hash"] == claims_hash(second)
+    (change,) = record["changes"]
+    assert change["hash"] == claims_hash(first)
+    assert change["first_recorded"] < record["first_recorded"]
+    (diff,) = change["differences"]
+    assert diff["fields"] == ["value"]
+    assert diff["before"] == {"value": 0.0} and diff["after"] == {"value": 0.01}
+
+
+def test_a_version_without_results_is_not_a_change(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    first = load_config(str(sweep_file(tmp_path, TINY)))
+    second = load_config(
+        str(sweep_file(tmp_path, TINY.replace('rule = "greater"', 'rule = "less"')))
+    )
+    with Store(db) as store:
+        record_experiment(plan_sweep(first, db), store)  # recorded, never run
+        record_experiment(plan_sweep(second, db), store)
+        assert preregistration(store, second)["changes"] == []
