@@ -37,6 +37,14 @@ CNN_NORMS = [
 ]
 
 
+@pytest.fixture
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _close(a: torch.Tensor, b: torch.Tensor, what: str, rtol: float = 2e-5) -> None:
     scale = a.abs().max().clamp_min(1e-3)
     err = ((a - b).abs().max() / scale).item()
@@ -166,17 +174,18 @@ def test_batched_batchnorm_is_k_batchnorm_layers_with_their_running_statistics()
         lambda s: build_mlp(20, 5, width=32, depth=3, seed=s),
         lambda s: build_mlp(20, 5, width=32, depth=3, norm="batch", seed=s),
         lambda s: build_mlp(20, 5, width=32, depth=2, norm="ghost_batch", seed=s),
+        lambda s: build_mlp(20, 5, width=25, depth=2, norm="batch", activation="tanh", seed=s),
         lambda s: build_deep_linear(8, 8, depth=5, norm="batch", seed=s),
     ],
-    ids=["mlp", "mlp-bn", "mlp-ghost", "deep-linear-bn"],
+    ids=["mlp", "mlp-bn", "mlp-ghost", "mlp-tanh-odd-width", "deep-linear-bn"],
 )
-def test_a_members_numbers_do_not_depend_on_its_company(build) -> None:
-    """Fully connected members (blocks of 32 floats): bitwise the same outputs and
-    gradients in a batch of 4, of 2 (in another order) or alone."""
+def test_a_members_numbers_do_not_depend_on_its_company(build, one_thread: None) -> None:
+    """Fully connected members: bitwise the same outputs and gradients in a batch of 4,
+    of 2 (in another order) or alone (with one torch thread)."""
     singles = [build(s) for s in range(4)]
     features = singles[0].hidden[0].linear.in_features
-    x = torch.randn(4, 32, features)
-    grad = torch.randn(4, 32, 5 if features == 20 else 8)
+    x = torch.randn(4, 30, features)
+    grad = torch.randn(4, 30, 5 if features == 20 else 8)
 
     def run(chosen: list[int]) -> dict[str, torch.Tensor]:
         stacked = stack_models([singles[i] for i in chosen])
@@ -194,6 +203,30 @@ def test_a_members_numbers_do_not_depend_on_its_company(build) -> None:
         part = run(chosen)
         for name, value in part.items():
             assert torch.equal(everyone[name][chosen], value), name
+
+
+@pytest.mark.parametrize("shape", [(3, 20, 784, 16), (3, 60, 100, 100), (3, 1000, 10, 10)])
+def test_batched_linear_is_k_linears_bit_for_bit(shape: tuple[int, int, int, int]) -> None:
+    """Each member's output, input, weight and bias gradients are F.linear's and its
+    autograd backward's, bit for bit."""
+    k, b, i, o = shape
+    layer = BatchedLinear(k, i, o, bias=True)
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.1)
+        layer.bias.normal_(0, 0.1)
+    x = torch.rand(k, b, i, requires_grad=True)
+    grad = torch.randn(k, b, o)
+    layer(x).backward(grad)
+    for m in range(k):
+        w = layer.weight[m].detach().clone().requires_grad_()
+        bias = layer.bias[m].detach().clone().requires_grad_()
+        xm = x[m].detach().clone().requires_grad_()
+        y = torch.nn.functional.linear(xm, w, bias)
+        y.backward(grad[m])
+        assert torch.equal(y, layer(x)[m])
+        assert torch.equal(xm.grad, x.grad[m])
+        assert torch.equal(w.grad, layer.weight.grad[m])
+        assert torch.equal(bias.grad, layer.bias.grad[m])
 
 
 def test_batched_linear_and_conv_shapes_and_errors() -> None:

@@ -302,3 +302,40 @@ def test_member_sgd_is_torch_sgd_for_each_member() -> None:
     weight.grad = torch.randn(4, 3, 5)
     sgd.step()
     assert torch.equal(weight[2], before)
+
+
+class _InterruptAt:
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, state) -> None:
+        if state.step == self.step:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("norm", ["batch", "none"])
+def test_members_resuming_from_different_steps(tmp_path: Path, data, norm: str) -> None:
+    """A killed batch whose members were saved at different evaluations (a crash while
+    their checkpoints were written) resumes as batches of those at one step, with the
+    numbers of an uninterrupted batch (fully connected members: bitwise)."""
+    points = _points(tmp_path, norm)[:3]
+    text = CONFIG.replace("steps = 40", "steps = 80")
+    points = _points(tmp_path, norm, text)[:3]
+    specs = [p.spec for p in points]
+    reference = _together(points, data)
+    keepers = [FileCheckpointer(tmp_path / f"{i}.pt") for i in range(3)]
+    with pytest.raises(KeyboardInterrupt):  # all three saved at step 20
+        train_point_members(
+            specs, data, [Sink()] * 3, checkpoints=keepers, callbacks=[(_InterruptAt(30),), (), ()]
+        )
+    with pytest.raises(KeyboardInterrupt):  # the first alone, on to its save at 40
+        train_point_members(
+            specs[:1], data, [Sink()], checkpoints=keepers[:1], callbacks=[(_InterruptAt(50),)]
+        )
+    assert [torch.load(k.path, weights_only=False)["step"] for k in keepers] == [40, 20, 20]
+    sinks = [Sink() for _ in points]
+    outcomes = train_point_members(specs, data, sinks, checkpoints=keepers)
+    assert {o.status for o in outcomes} == {"finished"}
+    for ref, sink, start in zip(reference, sinks, (40, 20, 20), strict=True):
+        tail = [r for r in _bits(ref) if r[0] == "end" or r[1] > start]
+        assert [r for r in _bits(sink) if r[0] == "end" or r[1] > start] == tail

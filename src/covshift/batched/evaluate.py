@@ -7,7 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["evaluate_members", "member_losses"]
+__all__ = ["evaluate_members", "gather_rows", "member_losses"]
+
+
+def gather_rows(table: Tensor, idx: Tensor) -> Tensor:
+    """``table[idx]`` for a 2-D index (``(K, B)`` or ``(B, K)``): the same rows, by one
+    ``index_select`` (several times faster than advanced indexing here)."""
+    return torch.index_select(table, 0, idx.reshape(-1)).view(*idx.shape, *table.shape[1:])
 
 
 def member_losses(out: Tensor, targets: Tensor, regression: bool) -> Tensor:

@@ -20,7 +20,66 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["BatchedConv2d", "BatchedLinear", "channels_to_rows", "rows_to_channels"]
+__all__ = [
+    "BatchedConv2d",
+    "BatchedLinear",
+    "MemberwiseActivation",
+    "channels_to_rows",
+    "rows_to_channels",
+]
+
+# Members' values are padded to a multiple of this many floats before a transcendental
+# activation: twice the widest vector registers (AVX-512: 16 floats) that torch's
+# element-wise loops unroll to.
+_VECTOR_FLOATS = 64
+
+
+class _MembersLinear(torch.autograd.Function):
+    """``y_k = x_k W_k^T + b_k`` for every member, forward and backward as K Linears.
+
+    Every matmul writes a contiguous result through its transpose (``y_k^T = W_k
+    x_k^T``, ``dx_k^T = W_k^T dy_k^T``, ``dW_k^T = x_k^T dy_k``): a result that is not
+    contiguous makes torch run the batched matmul member by member through the same
+    BLAS call as a single Linear (on this result's transposed layout, the one a single
+    Linear computes in), where a contiguous one would go to a batched-GEMM kernel that
+    is slower here and rounds differently. So each member's output, input gradient and
+    weight gradient are those of ``torch.nn.functional.linear`` and its autograd
+    backward, bit for bit; ``db_k = sum_b dy_k`` sums each member's contiguous block as
+    a single Linear sums its gradient (tests/batched/test_layers.py). The input gradient
+    is computed only when asked for (not for the first layer).
+    """
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        members, batch, _ = x.shape
+        out = x.new_empty(members, batch, weight.shape[1])
+        if bias is None:
+            torch.bmm(weight, x.transpose(1, 2), out=out.transpose(1, 2))
+        else:
+            torch.baddbmm(bias.unsqueeze(2), weight, x.transpose(1, 2), out=out.transpose(1, 2))
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = x.new_empty(x.shape)
+            torch.bmm(weight.transpose(1, 2), grad.transpose(1, 2), out=dx.transpose(1, 2))
+        if ctx.needs_input_grad[1]:
+            dw = weight.new_empty(weight.shape)
+            torch.bmm(x.transpose(1, 2), grad, out=dw.transpose(1, 2))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            # Each member's rows reduced as a single Linear's (B, out) gradient is: a
+            # contiguous block per member (a strided one sums in another order).
+            db = grad.contiguous().sum(dim=1)
+        return dx, dw, db
 
 
 class BatchedLinear(nn.Module):
@@ -34,10 +93,10 @@ class BatchedLinear(nn.Module):
     Shape:
         Input ``(K, B, in_features)`` (any strides); output ``(K, B, out_features)``.
 
-    One ``baddbmm`` (``bmm`` without bias) computes all members: forward
-    ``x_k W_k^T + b_k`` and, through autograd, ``dW_k = dy_k^T x_k``,
-    ``db_k = sum_b dy_k``, ``dx_k = dy_k W_k``; the matmuls of one member never read
-    another's rows.
+    One ``baddbmm`` (``bmm`` without bias) computes all members, one BLAS call each
+    (:class:`_MembersLinear`): forward ``x_k W_k^T + b_k``, backward
+    ``dW_k = dy_k^T x_k``, ``db_k = sum_b dy_k``, ``dx_k = dy_k W_k``; the matmuls of one
+    member never read another's rows. The output is contiguous.
     """
 
     def __init__(self, members: int, in_features: int, out_features: int, bias: bool) -> None:
@@ -58,15 +117,7 @@ class BatchedLinear(nn.Module):
                 f"BatchedLinear of {self.members} members expects (K={self.members}, B, "
                 f"{self.in_features}), got {tuple(x.shape)}"
             )
-        # Rows packed densely (a member's rows one after another, as in a contiguous or
-        # a broadcast input): the batched matmul then sees the same leading dimension
-        # whatever K is, so a member's result does not depend on how many share the call.
-        if x.stride(2) != 1 or x.stride(1) != x.shape[2]:
-            x = x.contiguous()
-        weight_t = self.weight.transpose(1, 2)  # (K, in, out)
-        if self.bias is None:
-            return torch.bmm(x, weight_t)
-        return torch.baddbmm(self.bias.unsqueeze(1), x, weight_t)
+        return _MembersLinear.apply(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (
@@ -118,6 +169,31 @@ class BatchedConv2d(nn.Module):
             f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
             f"groups={self.groups}, bias={self.bias is not None}"
         )
+
+
+class MemberwiseActivation(nn.Module):
+    """An element-wise activation (sigmoid, tanh) of fully connected members' rows
+    ``(K, B, F)``, each member's ``B*F`` values padded to whole vector blocks.
+
+    torch computes an element-wise function in vector blocks and the few values left
+    at the end of the tensor one by one, and its vector and one-by-one ``exp`` may
+    differ in the last bit. Which of a member's values are left over would then depend
+    on how many members share the tensor; padded, none are, so a member's activations
+    are the same bits in any batch (with one torch thread).
+    """
+
+    def __init__(self, act: nn.Module, members: int) -> None:
+        super().__init__()
+        self.act = act
+        self.members = members
+
+    def forward(self, x: Tensor) -> Tensor:
+        count = x[0].numel()
+        pad = (-count) % _VECTOR_FLOATS
+        if pad == 0:
+            return self.act(x)
+        padded = F.pad(x.reshape(self.members, count), (0, pad))
+        return self.act(padded)[:, :count].reshape(x.shape)
 
 
 def rows_to_channels(x: Tensor) -> Tensor:

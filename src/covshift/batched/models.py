@@ -25,7 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from covshift.batched.layers import BatchedConv2d, BatchedLinear, channels_to_rows
+from covshift.batched.layers import (
+    BatchedConv2d,
+    BatchedLinear,
+    MemberwiseActivation,
+    channels_to_rows,
+)
 from covshift.batched.norms import BatchedNoise, stack_norm
 from covshift.batched.slots import NotBatchable, Slot
 from covshift.models import CNN, MLP, VGG
@@ -198,6 +203,8 @@ def _stack_layer(singles: Sequence[nn.Module], rows: bool) -> tuple[nn.Module, l
         conv = BatchedConv2d(first, members)
         return conv, [Slot(n, conv, n) for n in ("weight", "bias") if getattr(conv, n) is not None]
     if isinstance(first, _STATELESS) and not list(first.parameters()):
+        if rows and isinstance(first, (nn.Sigmoid, nn.Tanh)):
+            return MemberwiseActivation(copy.deepcopy(first), members), []
         return copy.deepcopy(first), []
     return stack_norm(singles, rows)
 

@@ -65,18 +65,62 @@ class RowsNorm(nn.Module):
         return channels_to_rows(self.norm(rows_to_channels(x)), self.members)
 
 
+class _RowsBatchNormFunction(torch.autograd.Function):
+    """BatchNorm's training math on contiguous rows ``(K, B, F)``, statistics over dim 1
+    (Ioffe & Szegedy 2015), in a few whole-tensor operations::
+
+        mu, var = mean, biased variance over the B rows        (K, 1, F)
+        rstd = 1 / sqrt(var + eps),  x_hat = (x - mu) * rstd
+        y = x_hat * w + b
+        dx = rstd * (g_w - mean_B(g_w) - x_hat * mean_B(g_w * x_hat)),  g_w = dy * w
+        dw = sum_B(dy * x_hat),  db = sum_B(dy)
+
+    (docs/derivations.md §2, the per-channel BatchNorm backward, with the batch axis 1).
+    Each member is reduced over its own rows only, in the same order whatever K is.
+    Returns ``y`` and the batch statistics (no gradient through them)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+        # Two passes (the mean, then the mean square of the centred rows): faster here
+        # than a one-pass var_mean over the middle dim, and how covshift.nn computes it.
+        mean = x.mean(dim=1, keepdim=True)
+        centred = x - mean
+        var = (centred * centred).mean(dim=1, keepdim=True)
+        rstd = torch.rsqrt(var + eps)
+        x_hat = centred * rstd
+        if weight is None:
+            y = x_hat if bias is None else x_hat + bias
+        else:
+            y = x_hat * weight if bias is None else torch.addcmul(bias, x_hat, weight)
+        ctx.mark_non_differentiable(mean, var)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x_hat, rstd, weight)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy: Tensor, _mean: Tensor, _var: Tensor):
+        x_hat, rstd, weight = ctx.saved_tensors
+        dy = dy.contiguous()
+        gw = dy if weight is None else dy * weight
+        proj = (gw * x_hat).mean(dim=1, keepdim=True)
+        dx = (gw - gw.mean(dim=1, keepdim=True) - x_hat * proj) * rstd
+        dw = (dy * x_hat).sum(dim=1, keepdim=True) if ctx.needs_input_grad[1] else None
+        db = dy.sum(dim=1, keepdim=True) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None
+
+
 class RowsBatchNorm(nn.Module):
     """``K`` BatchNorms (Ioffe & Szegedy 2015) on fully connected members' rows
     ``(K, B, F)``, holding their parameters and buffers in ``norm``, a BatchNorm over
     ``K*F`` channels.
 
     Training: ``x_hat = (x - mu_k) / sqrt(var_k + eps)`` with each member's batch mean
-    and biased variance over its ``B`` rows (dim 1), then ``x_hat * w_k + b_k``; the
-    running statistics move by BatchNorm's rule (``running = (1 - m) running + m
-    batch``, the unbiased variance, ``momentum=None`` the cumulative average), one step
-    counted for all members. Eval (running statistics): ``norm`` itself on the
-    ``(B, K*F)`` view, a per-channel affine map, so element by element the member's
-    own eval.
+    and biased variance over its ``B`` rows (dim 1), then ``x_hat * w_k + b_k``
+    (:class:`_RowsBatchNormFunction`); the running statistics move by BatchNorm's rule
+    (``running = (1 - m) running + m batch``, the unbiased variance, ``momentum=None``
+    the cumulative average), one step counted for all members. Eval (running
+    statistics): ``norm`` itself on the ``(B, K*F)`` view, a per-channel affine map,
+    so element by element the member's own eval.
     """
 
     def __init__(self, norm: nn.Module, members: int) -> None:
@@ -95,9 +139,9 @@ class RowsBatchNorm(nn.Module):
                 f"Expected more than 1 value per channel when training, got input size "
                 f"{[batch, features]} (per member)"
             )
-        y, mean, var = functional.normalize_with_stats(
-            x, (1,), None, None, eps=norm.eps, channel_dim=None
-        )
+        weight = None if norm.weight is None else norm.weight.view(k, 1, features)
+        bias = None if norm.bias is None else norm.bias.view(k, 1, features)
+        y, mean, var = _RowsBatchNormFunction.apply(x.contiguous(), weight, bias, norm.eps)
         if self.training and tracked:
             factor = running_stats.step_factor(norm.momentum, norm.num_batches_tracked, True)
             running_stats.update(
@@ -108,7 +152,7 @@ class RowsBatchNorm(nn.Module):
                 factor,
                 running_stats.bessel(batch),
             )
-        return _member_affine(y, norm.weight, norm.bias, k)
+        return y
 
 
 def _member_affine(y: Tensor, weight: Tensor | None, bias: Tensor | None, k: int) -> Tensor:
@@ -141,7 +185,7 @@ class RowsLayerNorm(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = functional.layer_norm(x, (self.features,), None, None, self.eps)
+        y = functional.layer_norm(x.contiguous(), (self.features,), None, None, self.eps)
         return _member_affine(y, self.weight, self.bias, self.members)
 
 
@@ -161,7 +205,7 @@ class RowsRMSNorm(nn.Module):
             self.register_parameter("weight", None)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = functional.rms_norm(x, (self.features,), None, self.eps)
+        y = functional.rms_norm(x.contiguous(), (self.features,), None, self.eps)
         return y if self.weight is None else y * self.weight.unsqueeze(1)
 
 

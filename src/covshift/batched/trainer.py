@@ -31,9 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from covshift.batched.evaluate import evaluate_members, member_losses
+from covshift.batched.evaluate import evaluate_members, gather_rows, member_losses
 from covshift.batched.member import Member, MemberRun
 from covshift.batched.models import StackedModel, stack_models
 from covshift.batched.optim import MemberSGD, SGDSettings
@@ -242,8 +241,8 @@ class _BatchedLoop:
                 if not self.active():
                     break
                 idx = torch.stack([m.sampler.next() for m in self.members]).to(self.device)
-                x = x_train[idx] if members_first else x_train[idx.t()]
-                losses = member_losses(model(x), y_train[idx], regression)
+                x = gather_rows(x_train, idx if members_first else idx.t())
+                losses = member_losses(model(x), gather_rows(y_train, idx), regression)
                 self.optimizer.zero_grad()
                 losses.sum().backward()
                 self.optimizer.step()
@@ -322,12 +321,3 @@ class _BatchedLoop:
                             fn(member.state, status)
             except Exception:  # the error on its way up is the one to report
                 pass
-
-
-def stackable(models: Sequence[nn.Module]) -> str | None:
-    """None when ``models`` stack into one batched model; otherwise why not."""
-    try:
-        stack_models(models)
-    except NotBatchable as e:
-        return str(e)
-    return None
