@@ -1,13 +1,15 @@
 """The Ray backend: points as Ray tasks, on one machine or a cluster.
 
-Each point is one Ray task (a streaming generator) that needs nothing from the
-driver's disk: the dataset travels through Ray's object store (put once per sweep),
-the point's spec and its last checkpoint (bytes) travel as arguments, and the task
-sends back, at every evaluation, the records made since the last one together with
-the new checkpoint. The driver alone writes the store: it applies each chunk, keeps
-the latest checkpoint in a file beside the store, and closes the run when the task
-ends. Ray's scheduler decides where and when tasks run; the driver submits every
-point at once and only reacts to what comes back.
+Each point (or batch of points, the members of one batched model: one task for the
+batch, :mod:`~covshift.experiments.backends.ray_group`) is one Ray task (a streaming
+generator) that needs nothing from the driver's disk: the dataset travels through
+Ray's object store (put once per sweep), the point's spec and its last checkpoint
+(bytes) travel as arguments, and the task sends back, at every evaluation, the
+records made since the last one together with the new checkpoint. The driver alone
+writes the store: it applies each chunk, keeps the latest checkpoint in a file beside
+the store, and closes the run when the task ends. Ray's scheduler decides where and
+when tasks run; the driver submits every point at once and only reacts to what comes
+back.
 
 Failures:
 
@@ -50,6 +52,7 @@ from covshift.experiments.backends.ray_tasks import (  # noqa: F401
     _TaskEvents,
 )
 from covshift.experiments.grid import Point, PointSpec
+from covshift.experiments.members import batch_key
 from covshift.experiments.point import PointOutcome, StoreSink, error_text
 from covshift.store import Store
 
@@ -176,14 +179,19 @@ class RayBackend:
         return max(1, cpus // self.threads)
 
     def run(
-        self, points: Sequence[Point], context: SweepContext, events: SweepEvents
+        self,
+        points: Sequence[Point],
+        context: SweepContext,
+        events: SweepEvents,
+        groups: Sequence[Sequence[Point]] | None = None,
     ) -> list[PointOutcome]:
         ray = _ray()
         started_here = self.connect()
         try:
             self.workers = self.cluster_workers()
             with Store(context.store_path) as store:
-                return self._run(ray, store, points, context, events)
+                batches = groups if groups is not None else [[p] for p in points]
+                return self._run(ray, store, points, batches, context, events, groups is not None)
         finally:
             if started_here:
                 ray.shutdown()
@@ -193,38 +201,56 @@ class RayBackend:
         ray: Any,
         store: Store,
         points: Sequence[Point],
+        batches: Sequence[Sequence[Point]],
         context: SweepContext,
         events: SweepEvents,
+        batched: bool,
     ) -> list[PointOutcome]:
-        task = ray.remote(_point_task).options(
-            num_cpus=self.threads, num_gpus=self.gpus, max_retries=0
-        )
+        from covshift.experiments.backends.ray_group import group_task
+
+        options = dict(num_cpus=self.threads, num_gpus=self.gpus, max_retries=0)
+        single = ray.remote(_point_task).options(**options)
+        batched = ray.remote(group_task).options(**options)
         data_refs: dict[str, list[Any]] = {}
-        active: dict[Any, _Active] = {}
+        active: dict[Any, list[_Active]] = {}  # a task -> its points (a batch's members)
         outcomes: dict[str, PointOutcome] = {}
 
-        def submit(job: _Active) -> None:
-            spec = job.point.spec
+        def submit(jobs: list[_Active]) -> None:
+            spec = jobs[0].point.spec
             key = f"{spec.dataset}:{spec.data_dir}"
             if key not in data_refs:
                 data_refs[key] = [ray.put(_dataset_payload(spec))]
-            path = store.checkpoint_path(job.run_id)
-            checkpoint = path.read_bytes() if path.exists() else None
-            owner = store.checkpoint_owner(job.run_id)
-            active[task.remote(spec, data_refs[key], key, checkpoint, self.threads, owner)] = job
+            paths = [store.checkpoint_path(job.run_id) for job in jobs]
+            saved = [path.read_bytes() if path.exists() else None for path in paths]
+            owners = [store.checkpoint_owner(job.run_id) for job in jobs]
+            if not batched or batch_key(spec) is None:  # alone: today's path
+                gen = single.remote(spec, data_refs[key], key, saved[0], self.threads, owners[0])
+            else:
+                specs = [job.point.spec for job in jobs]
+                gen = batched.remote(specs, data_refs[key], key, saved, self.threads, owners)
+            active[gen] = jobs
 
-        for point in points:
-            claim = claim_point(store, point, context, self.threads)
-            if claim.state in ("done", "busy"):
-                outcomes[point.id] = settled_outcome(point, claim)
-                events.ended(outcomes[point.id])
-                continue
-            submit(_Active(point, claim.run.id, step=claim.run.last_step))
+        def end(job: _Active, outcome: PointOutcome) -> None:
+            outcomes[job.point.id] = outcome
+            events.ended(outcome)
+
+        for batch in batches:
+            jobs = []
+            for point in batch:
+                claim = claim_point(store, point, context, self.threads)
+                if claim.state in ("done", "busy"):
+                    outcomes[point.id] = settled_outcome(point, claim)
+                    events.ended(outcomes[point.id])
+                    continue
+                jobs.append(_Active(point, claim.run.id, step=claim.run.last_step))
+            if jobs:
+                submit(jobs)
         try:
             while active:
                 ready, _ = ray.wait(list(active), num_returns=1, timeout=0.5)
                 for gen in ready:
-                    job = active[gen]
+                    jobs = active[gen]
+                    open_jobs = [j for j in jobs if j.point.id not in outcomes]
                     try:
                         item = ray.get(next(gen))
                     except StopIteration:
@@ -233,27 +259,39 @@ class RayBackend:
                     except ray.exceptions.RayTaskError as e:
                         del active[gen]
                         cause = e.cause if e.cause is not None else e
-                        outcomes[job.point.id] = self._fail(store, job, error_text(cause))
-                        events.ended(outcomes[job.point.id])
+                        for job in open_jobs:
+                            end(job, self._fail(store, job, error_text(cause)))
                     except ray.exceptions.RayError as e:  # the task's process or node died
                         del active[gen]
-                        job.attempts += 1
-                        if job.attempts > self.max_failures:
-                            error = f"its Ray task crashed {job.attempts} times: {error_text(e)}"
-                            outcomes[job.point.id] = self._fail(store, job, error)
-                            events.ended(outcomes[job.point.id])
-                        else:
-                            submit(job)
+                        again = []
+                        for job in open_jobs:
+                            job.attempts += 1
+                            if job.attempts > self.max_failures:
+                                error = (
+                                    f"its Ray task crashed {job.attempts} times: {error_text(e)}"
+                                )
+                                end(job, self._fail(store, job, error))
+                            else:
+                                again.append(job)
+                        if again:
+                            submit(again)
                     else:
+                        if item["kind"] == "hello":
+                            for job in jobs:
+                                self._apply(store, job, item, events)
+                            continue
+                        job = jobs[item.get("member", 0)]
                         done = self._apply(store, job, item, events)
                         if done is not None:
-                            del active[gen]
-                            outcomes[job.point.id] = done
-                            events.ended(done)
+                            end(job, done)
+                            if all(j.point.id in outcomes for j in jobs):
+                                del active[gen]
         except KeyboardInterrupt:
-            for gen, job in active.items():
+            for gen, jobs in active.items():
                 ray.cancel(gen, force=True)
-                store.finish_run(job.run_id, "interrupted")
+                for job in jobs:
+                    if job.point.id not in outcomes:
+                        store.finish_run(job.run_id, "interrupted")
             raise
         return [outcomes[p.id] for p in points]
 
