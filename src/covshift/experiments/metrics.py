@@ -7,6 +7,9 @@ A metric path is ``/``-separated:
   (last) evaluation, or its ``max`` / ``min`` over the run;
 - ``drift/<layer>``: the quantile drift of a probed layer between its first and last
   records (:func:`covshift.probe.metrics.unit_quantile_drift`, averaged over units);
+- ``fluct/<layer>``: its fluctuation, the same drift between consecutive records,
+  averaged over the pairs of consecutive records (what moves from record to record,
+  which the first-to-last displacement ignores);
 - ``steps_to/<series>/<target>``: the first evaluation step at which the series
   reaches ``target`` (``>=``; for a ``*_loss`` series, ``<=``); missing when it never
   does;
@@ -65,7 +68,16 @@ class MetricPath:
     """A parsed metric path (see the module docstring)."""
 
     kind: Literal[
-        "series", "drift", "steps_to", "reach", "diverged", "floor", "ics", "smooth", "log10"
+        "series",
+        "drift",
+        "fluct",
+        "steps_to",
+        "reach",
+        "diverged",
+        "floor",
+        "ics",
+        "smooth",
+        "log10",
     ]
     series: str | None = None
     when: int | Literal["final", "max", "min"] | None = None
@@ -82,7 +94,7 @@ class MetricPath:
 def parse_metric(path: str) -> MetricPath:
     """Parse a metric path; ``ValueError`` with what is accepted when it is malformed."""
     accepted = (
-        "accepted: <series>/<step|final|max|min>, drift/<layer>, floor/<layer>, "
+        "accepted: <series>/<step|final|max|min>, drift/<layer>, fluct/<layer>, floor/<layer>, "
         "ics_cos/<layer|mean>, ics_l2/<layer|mean>, ics_rel/<layer|mean>, smooth/<figure>, "
         "steps_to/<series>/<target>, reach/<series>/<target>, diverged, log10/<metric>; "
         f"series: {', '.join(SERIES)}; "
@@ -98,7 +110,7 @@ def parse_metric(path: str) -> MetricPath:
         return MetricPath("log10", inner=inner)
     if path == "diverged":
         return MetricPath("diverged")
-    if head in ("drift", "floor"):
+    if head in ("drift", "floor", "fluct"):
         if not rest:
             raise ValueError(f"metric {path!r}: {head} needs a layer ({head}/hidden.2.act)")
         return MetricPath(head, layer=rest)  # type: ignore[arg-type]

@@ -64,6 +64,7 @@ class PointNumbers:
     # (layer, stored stat) -> mean over measurements, for gradient ICS and smoothness
     measures: dict[tuple[str, str], float | None] = field(default_factory=dict)
     planned: tuple[int, int] | None = None  # (steps, eval_every) of the point
+    fluct: dict[str, float | None] = field(default_factory=dict)
 
     def layers(self) -> list[str]:
         """The eval-mode probed layers, in the order the probe records them (the
@@ -132,6 +133,8 @@ class PointNumbers:
             return 1.0 if self.diverged else 0.0
         if m.kind == "drift":
             return self.drift.get(self.layer(m.layer or ""))
+        if m.kind == "fluct":
+            return self.fluct.get(self.layer(m.layer or ""))
         if m.kind == "floor":
             return self.floor.get(self.layer(m.layer or ""))
         if m.kind == "smooth":

@@ -299,7 +299,7 @@ def _check_claim_layers(config: ExperimentConfig, probed: dict[str, list[str]]) 
                 continue
             metric = parse_metric(path)
             layers = probed.get(net) or []
-            if metric.kind not in ("drift", "floor") or not layers:
+            if metric.kind not in ("drift", "fluct", "floor") or not layers:
                 continue
             probe = config.probe
             name = metric.layer or ""
