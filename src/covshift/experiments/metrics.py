@@ -7,6 +7,9 @@ A metric path is ``/``-separated:
   (last) evaluation, or its ``max`` / ``min`` over the run;
 - ``drift/<layer>``: the quantile drift of a probed layer between its first and last
   records (:func:`covshift.probe.metrics.unit_quantile_drift`, averaged over units);
+- ``drift_layer/<layer>``: the same displacement in units of the layer's typical
+  outer-quantile width at the first record (one scale for the whole layer, so a single
+  unit whose spread shrinks cannot blow it up), over the same usable units;
 - ``fluct/<layer>``: its fluctuation, the same drift between consecutive records,
   averaged over the pairs of consecutive records (what moves from record to record,
   which the first-to-last displacement ignores);
@@ -84,6 +87,7 @@ class MetricPath:
     layer: str | None = None
     target: float | None = None
     stat: str | None = None  # the stored statistic of an ics / smooth metric
+    scale: Literal["unit", "layer"] = "unit"  # a drift's unit of length
     inner: MetricPath | None = None  # the metric a log10 path takes the logarithm of
 
     @property
@@ -94,7 +98,8 @@ class MetricPath:
 def parse_metric(path: str) -> MetricPath:
     """Parse a metric path; ``ValueError`` with what is accepted when it is malformed."""
     accepted = (
-        "accepted: <series>/<step|final|max|min>, drift/<layer>, fluct/<layer>, floor/<layer>, "
+        "accepted: <series>/<step|final|max|min>, drift/<layer>, drift_layer/<layer>, "
+        "fluct/<layer>, floor/<layer>, "
         "ics_cos/<layer|mean>, ics_l2/<layer|mean>, ics_rel/<layer|mean>, smooth/<figure>, "
         "steps_to/<series>/<target>, reach/<series>/<target>, diverged, log10/<metric>; "
         f"series: {', '.join(SERIES)}; "
@@ -110,9 +115,11 @@ def parse_metric(path: str) -> MetricPath:
         return MetricPath("log10", inner=inner)
     if path == "diverged":
         return MetricPath("diverged")
-    if head in ("drift", "floor", "fluct"):
+    if head in ("drift", "floor", "fluct", "drift_layer"):
         if not rest:
             raise ValueError(f"metric {path!r}: {head} needs a layer ({head}/hidden.2.act)")
+        if head == "drift_layer":
+            return MetricPath("drift", layer=rest, scale="layer")
         return MetricPath(head, layer=rest)  # type: ignore[arg-type]
     if head in ICS_STATS:
         if not rest:
