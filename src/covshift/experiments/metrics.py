@@ -32,6 +32,10 @@ A metric path is ``/``-separated:
   averages the layers too;
 - ``smooth/<figure>``: a landscape figure (``loss_range``, ``grad_predictiveness``,
   ``beta_smoothness``) averaged over its measurements (``probe.smoothness_every``);
+- ``rise/<series>/<fraction>``: the series' value at the final evaluation minus its
+  value at the last evaluation at or before ``fraction`` of the planned steps (how much
+  it still moved over the last part of the run: a run that has converged rises by
+  about nothing);
 - ``log10/<metric path>``: the base-10 logarithm of another metric (missing where it
   is not positive), for quantities that move by orders of magnitude (a regression
   loss: ``log10/test_loss/final`` minus ``log10/test_loss/0`` is the number of orders
@@ -72,6 +76,7 @@ class MetricPath:
 
     kind: Literal[
         "series",
+        "rise",
         "drift",
         "fluct",
         "steps_to",
@@ -89,6 +94,7 @@ class MetricPath:
     stat: str | None = None  # the stored statistic of an ics / smooth metric
     scale: Literal["unit", "layer"] = "unit"  # a drift's unit of length
     inner: MetricPath | None = None  # the metric a log10 path takes the logarithm of
+    fraction: float | None = None  # where a rise starts, as a fraction of the run
 
     @property
     def lower_is_better(self) -> bool:
@@ -101,7 +107,8 @@ def parse_metric(path: str) -> MetricPath:
         "accepted: <series>/<step|final|max|min>, drift/<layer>, drift_layer/<layer>, "
         "fluct/<layer>, floor/<layer>, "
         "ics_cos/<layer|mean>, ics_l2/<layer|mean>, ics_rel/<layer|mean>, smooth/<figure>, "
-        "steps_to/<series>/<target>, reach/<series>/<target>, diverged, log10/<metric>; "
+        "steps_to/<series>/<target>, reach/<series>/<target>, rise/<series>/<fraction>, "
+        "diverged, log10/<metric>; "
         f"series: {', '.join(SERIES)}; "
         f"figures: {', '.join(SMOOTHNESS)}"
     )
@@ -129,6 +136,17 @@ def parse_metric(path: str) -> MetricPath:
         if rest not in SMOOTHNESS:
             raise ValueError(f"metric {path!r}: unknown figure {rest!r}; {accepted}")
         return MetricPath("smooth", stat=rest)
+    if head == "rise":
+        series, _, fraction = rest.partition("/")
+        if series not in SERIES:
+            raise ValueError(f"metric {path!r}: unknown series {series!r}; {accepted}")
+        try:
+            share = float(fraction)
+        except ValueError:
+            raise ValueError(f"metric {path!r}: fraction {fraction!r} is not a number") from None
+        if not 0.0 <= share < 1.0:
+            raise ValueError(f"metric {path!r}: the fraction must lie in [0, 1), got {share:g}")
+        return MetricPath("rise", series=series, fraction=share)
     if head in ("steps_to", "reach"):
         series, _, target = rest.partition("/")
         if series not in SERIES:

@@ -176,6 +176,13 @@ class PointNumbers:
         steps, values = self.series.get(m.series or "", (np.array([]), np.array([])))
         if not len(steps):
             return None
+        if m.kind == "rise":
+            assert m.fraction is not None
+            planned = self.planned[0] if self.planned is not None else int(steps[-1])
+            before = np.nonzero(steps <= m.fraction * planned)[0]
+            if not len(before) or before[-1] == len(steps) - 1:
+                return None  # no evaluation before the last one to compare with
+            return _finite(values[-1] - values[before[-1]])
         if m.when == "final":
             return _finite(values[-1])
         if m.when in ("max", "min"):
