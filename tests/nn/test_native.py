@@ -231,12 +231,16 @@ def test_compiled_autograd_declines_native(monkeypatch: pytest.MonkeyPatch) -> N
         model = nn.Sequential(
             nn.Linear(8, 12), cn.LayerNorm(12), nn.ReLU(), nn.Linear(12, 6), cn.BatchNorm1d(6)
         )
-        x = torch.randn(5, 8)
+        x = torch.randn(5, 8, requires_grad=True)
+        # A random weighting of the output, not its sum of squares: after the last
+        # BatchNorm (identity affine) that is a constant, and its gradients rounding noise.
+        weights = torch.randn(5, 6)
 
         def grads() -> list[torch.Tensor]:
             model.zero_grad()
-            model(x).square().sum().backward()
-            return [p.grad.clone() for p in model.parameters()]
+            x.grad = None
+            (model(x) * weights).sum().backward()
+            return [x.grad.clone(), *(p.grad.clone() for p in model.parameters())]
 
         with torch.no_grad():
             state = {k: v.clone() for k, v in model.state_dict().items()}
