@@ -8,8 +8,9 @@ other temporaries live in a small per-thread workspace reused across calls. (Fre
 whole-size temporaries would each cost a trip to memory and, once the allocator hands
 the pages back to the OS, page faults that cost more than the arithmetic.)
 
-Used where the native kernels do not apply or are off; :mod:`covshift.nn.backend`
-decides. The tests run it against torch.nn with pieces forced down to one slice.
+:class:`covshift.nn.backend.ReferenceFunction` runs it where the native node does not
+apply; :func:`covshift.nn.backend.normalize` decides. The tests run it against torch.nn
+with pieces forced down to one slice.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from covshift.nn import _native
 from covshift.nn.layout import NormLayout
 from covshift.nn.reference import compute_dtype, sum_dims
 
@@ -60,10 +60,10 @@ def plan(layout: NormLayout, x: Tensor, dtype: torch.dtype) -> tuple[int, int] |
     """``(dim, step)``: split the view along ``dim`` (not reduced) in pieces of ``step``.
 
     Every piece holds whole statistics groups, so pieces are independent. None (use
-    the plain path) where :func:`._native.cpu_eager` says no: off the CPU, where the
-    caching allocator makes temporaries cheap, and under torch.compile.
+    the plain path) off the CPU, where the caching allocator makes temporaries cheap,
+    and for an empty ``x``.
     """
-    if not _native.cpu_eager(x):
+    if x.device.type != "cpu" or x.numel() == 0:
         return None
     total = x.numel() * torch.empty((), dtype=dtype).element_size()
     shape = layout.view_shape

@@ -8,8 +8,7 @@ over the axes each layer states (:mod:`.layout`); the math, forward and closed-f
 backward, is in :mod:`.reference` (the one place to read it, with the equation numbers
 of docs/derivations.md). A call goes: checks on the first call per argument shapes
 (:mod:`.checks`), a remembered layout, then :func:`.backend.normalize`, which picks the
-path that runs (native node, native kernels, chunked, reference); under torch.compile
-each function's first line goes to :mod:`.compiled` instead.
+path that runs (the native node, or the reference Function).
 
 Numeric choices, the same for every layer: statistics in float32 at least (float16 /
 bfloat16 inputs upcast, float64 stays); the biased variance by two passes; eps inside
@@ -26,11 +25,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from covshift.nn import backend, checks, compiled
+from covshift.nn import backend, checks, reference
 from covshift.nn import layout as L
 from covshift.nn import running as running_stats
 from covshift.nn.layout import NormLayout, resolve_layout
 from covshift.nn.reference import affine_with_stats, compute_dtype, moments
+from covshift.nn.running import RunningStats
 
 __all__ = [
     "NormLayout",
@@ -50,11 +50,10 @@ __all__ = [
 
 Dims = int | Sequence[int]
 
-#: ``(y, mean, rstd, var)`` by the first path that applies (grad mode off: native
-#: kernels, chunked, reference; grad mode on: the reference).
-normalize_fwd = backend.forward
-#: The closed-form ``(dx, dweight, dbias)``, the same choice of path.
-normalize_bwd = backend.backward
+#: ``(y, mean, rstd, var)`` over a layout: the reference forward, differentiable.
+normalize_fwd = reference.forward
+#: The closed-form ``(dx, dweight, dbias)``: the reference backward, differentiable.
+normalize_bwd = reference.backward
 
 
 def normalize(
@@ -195,10 +194,6 @@ def batch_norm(
             )
         return affine_with_stats(x, running_mean, running_var, weight, bias, eps, channel_dim=1)
 
-    if torch.compiler.is_compiling():
-        return compiled.batch_norm(
-            x, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked
-        )
     layout = L.batch_norm_layout(x, running_mean, running_var, weight, bias, eps)
     checks.batch_norm_eps(eps)  # (checked with the shapes on their first call; may differ since)
     if running_mean is None and running_var is None:
@@ -214,7 +209,7 @@ def batch_norm(
     m = None if momentum is None else float(momentum)
     # One native call where it applies: the step counter, the normalization, the updates.
     bessel = running_stats.bessel(layout.count)
-    running = (running_mean, running_var, num_batches_tracked, m, bessel)
+    running = RunningStats(running_mean, running_var, num_batches_tracked, m, bessel)
     return backend.normalize(x, weight, bias, layout, float(eps), True, running=running)
 
 
@@ -231,8 +226,6 @@ def layer_norm(
     shape (element-wise affine, derivations §6). Same arguments as
     ``torch.nn.functional.layer_norm``.
     """
-    if torch.compiler.is_compiling():
-        return compiled.trailing_norm(x, normalized_shape, weight, bias, eps, True)
     layout = L.trailing_norm_layout(x, normalized_shape, weight, bias, eps, rms=False)
     checks.eps(eps)
     return backend.normalize(x, weight, bias, layout, float(eps), True)
@@ -252,8 +245,6 @@ def rms_norm(
     """
     if eps is None:
         eps = torch.finfo(compute_dtype(x.dtype)).eps
-    if torch.compiler.is_compiling():
-        return compiled.trailing_norm(x, normalized_shape, weight, None, eps, False)
     layout = L.trailing_norm_layout(x, normalized_shape, weight, None, eps, rms=True)
     checks.eps(eps)
     return backend.normalize(x, weight, None, layout, float(eps), False)
@@ -273,8 +264,6 @@ def group_norm(
     The math: :func:`.reference.forward` / :func:`.reference.backward` over
     :func:`.layout.group_norm_layout` (derivations §5).
     """
-    if torch.compiler.is_compiling():
-        return compiled.group_norm(x, num_groups, weight, bias, eps)
     layout = L.group_norm_layout(x, num_groups, weight, bias, eps)
     checks.eps(eps)
     return backend.normalize(x, weight, bias, layout, float(eps), True)
@@ -310,10 +299,7 @@ def instance_norm(
         return affine_with_stats(x, running_mean, running_var, weight, bias, eps, channel_dim=1)
     checks.spatial_size(x.shape)
     dims = tuple(range(2, x.dim()))
-    if torch.compiler.is_compiling():
-        y, mean, var = compiled.instance_norm(x, weight, bias, eps)
-    else:
-        y, mean, var = normalize_with_stats(x, dims, weight, bias, eps=eps, channel_dim=1)
+    y, mean, var = normalize_with_stats(x, dims, weight, bias, eps=eps, channel_dim=1)
     if running_mean is not None or running_var is not None:
         # mean, var: (N, C) per instance; the buffers track their batch average.
         assert mean is not None

@@ -10,12 +10,11 @@ comments are those of ``docs/derivations.md``:
 
 with μ = 0 for RMS normalization (§4). The backward is the closed form of §3-§6,
 with plain out-of-place torch ops, so autograd can differentiate it again (double
-backward, §9). The other paths compute the same terms faster and are held to these
-functions by the tests: the chunked path (:mod:`.chunked`), the native kernels
-(:mod:`._native`, ``csrc/norm_kernels.h``); which one runs is decided by
-:func:`covshift.nn.backend.forward`/``backward``. Under torch.compile these functions
-are what Dynamo traces (:mod:`.compiled`), so they are written flat: tensor methods,
-no helpers beyond :func:`two_pass`, since Dynamo guards on each function it inlines.
+backward, §9). The native node (:mod:`._native`, ``csrc/norm_kernels.h``) and the
+chunked pieces (:mod:`.chunked`) compute the same terms faster and are held to these
+functions by the tests; :func:`covshift.nn.backend.normalize` decides which runs.
+Under torch.compile these functions are what Dynamo traces, so they are written flat:
+tensor methods, no helpers beyond :func:`two_pass` (Dynamo guards on each function).
 
 Numeric choices (§10): statistics in float32 at least (:func:`compute_dtype`); the
 biased variance by two passes, not E[x²] - E[x]²; ε inside the square root.
@@ -71,7 +70,7 @@ def forward(
     bias: Tensor | None,
     layout: NormLayout,
     eps: float,
-    subtract_mean: bool,
+    subtract_mean: bool = True,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
     """``(y, mean, rstd, var)`` of ``x`` over ``layout``; the statistics keepdim, in the
     compute dtype. The backward needs ``x``, ``mean`` and ``rstd`` (and ``weight``),

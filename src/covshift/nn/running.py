@@ -10,21 +10,40 @@ load both ways (docs/derivations.md §7)::
 σ²_B is the biased batch variance (it normalizes); running_var stores the unbiased
 one (Bessel's factor M / (M - 1), :func:`bessel`). ``momentum=None`` means the
 cumulative average m_k = 1/k, k the step counter ``num_batches_tracked`` after its
-increment (7.3).
-
-The native node applies the same rule in C++ inside the normalization call
-(``csrc/norm.cpp``, ``normalize`` with running buffers), given :func:`bessel`'s factor;
-everything else calls :func:`step_factor` then :func:`update`.
+increment (7.3). The native node applies the same rule in C++ inside the
+normalization call (``csrc/norm.cpp``), given a :class:`RunningStats`.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
-from covshift.nn import _native
+__all__ = ["RunningStats", "bessel", "step_factor", "track_batch", "update"]
 
-__all__ = ["bessel", "step_factor", "track_batch", "update"]
+
+class RunningStats(NamedTuple):
+    """What a BatchNorm call in training updates besides its output, (7.1)-(7.3).
+
+    Attributes:
+        mean, var: the running buffers, moved in place (either may be None).
+        counter: ``num_batches_tracked``, incremented first when given.
+        momentum: m, or None for the cumulative average ``1 / counter``.
+        bessel: M / (M - 1) (a tensor for SyncBatchNorm's global count).
+    """
+
+    mean: Tensor | None
+    var: Tensor | None
+    counter: Tensor | None
+    momentum: float | None
+    bessel: float | Tensor
+
+    def track(self, batch_mean: Tensor, batch_var: Tensor) -> None:
+        """Count the step and fold the batch's mean and biased variance in."""
+        factor = step_factor(self.momentum, self.counter, self.mean is not None)
+        update(self.mean, self.var, batch_mean, batch_var, factor, self.bessel)
 
 
 def bessel(count: int | Tensor) -> float | Tensor:
@@ -72,14 +91,6 @@ def update(
 
     ``running = (1 - m) · running + m · batch`` (torch's convention, not Keras's).
     """
-    # One native call where it applies: four torch calls from Python cost more on small
-    # layers. (Not under torch.compile, which would trace into the native bridge.)
-    if (
-        not isinstance(bessel, Tensor)
-        and not torch.compiler.is_compiling()
-        and _native.update_running(running_mean, running_var, mean, var, factor, bessel)
-    ):
-        return
     if isinstance(bessel, Tensor):
         bessel = bessel.to(var.dtype)
     with torch.no_grad():
@@ -98,6 +109,6 @@ def track_batch(module: nn.Module, mean: Tensor, var: Tensor, count: int) -> Non
         mean, var: ``(C,)`` batch mean and *biased* variance.
         count: M, the number of values each statistic was taken over.
     """
+    buffers = (module.running_mean, module.running_var, module.num_batches_tracked)
     with torch.no_grad():
-        factor = step_factor(module.momentum, module.num_batches_tracked, True)
-    update(module.running_mean, module.running_var, mean, var, factor, bessel(count))
+        RunningStats(*buffers, module.momentum, bessel(count)).track(mean, var)
