@@ -13,7 +13,6 @@ from covshift.nn.convert import (
     ConversionWarning,
     convert,
     convert_with_report,
-    norm_kind,
 )
 from covshift.nn.fold import (
     fold_batchnorm,
@@ -32,7 +31,7 @@ from covshift.nn.layers import (
     LayerNorm,
     RMSNorm,
 )
-from covshift.nn.registry import create_norm, norm_names, register_norm
+from covshift.nn.registry import create_norm, norm_kind, norm_names, register_norm
 from covshift.nn.variants import (
     BatchRenorm1d,
     BatchRenorm2d,

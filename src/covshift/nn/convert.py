@@ -39,7 +39,7 @@ from typing import Literal
 
 from torch import nn
 
-from covshift.nn import kinds
+from covshift.nn import registry
 from covshift.nn.convert_carry import _carry, _place_like, _state_holder
 from covshift.nn.convert_report import ConversionEntry, ConversionReport, ConversionWarning
 from covshift.nn.convert_target import Target, _build, _dims, _trailing
@@ -50,17 +50,7 @@ __all__ = [
     "ConversionWarning",
     "convert",
     "convert_with_report",
-    "norm_kind",
 ]
-
-# --------------------------------------------------------------------------------------
-# Recognizing normalization layers
-# --------------------------------------------------------------------------------------
-
-# What a layer is: the registry of norm kinds (covshift.nn.kinds).
-_classify = kinds.classify
-norm_kind = kinds.kind_of
-
 
 # --------------------------------------------------------------------------------------
 # The entry points
@@ -139,7 +129,7 @@ def convert_with_report(
     def visit(m: nn.Module, path: str) -> nn.Module:
         if id(m) in done:
             return done[id(m)]
-        found = _classify(m)
+        found = registry.match(type(m))
         target = None if found is None else _resolve_target(to, m, found[1])
         if found is None or target is None:
             for name, child in list(m.named_children()):
@@ -166,7 +156,7 @@ def convert_with_report(
             done[id(m)] = m
             return m
         entry.target = type(new).__name__
-        new_kind = norm_kind(new)
+        new_kind = registry.norm_kind(new)
         if new_kind is not None and _trailing(new_kind) != _trailing(kind):
             entry.notes.append(
                 f"{entry.source} and {entry.target} normalize different dims (trailing vs "

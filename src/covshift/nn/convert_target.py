@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from covshift.nn import kinds
+from covshift.nn import registry
 from covshift.nn.registry import create_norm
 
 Target = str | type | Callable[..., nn.Module]
@@ -22,7 +22,7 @@ Target = str | type | Callable[..., nn.Module]
 
 def _trailing(kind: str) -> bool:
     """Whether ``kind``'s statistics run over the trailing dims (not over dim 1)."""
-    return kinds.get(kind).trailing
+    return registry.get_kind(kind).trailing
 
 
 def _num_features(m: nn.Module, kind: str) -> int:
@@ -40,8 +40,8 @@ def _dims(m: nn.Module, kind: str, dims: int | None) -> int | None:
     class has none, that of its ``original_class`` (the class it was converted from)."""
     if dims is None and kind == "sync_batch":
         original = getattr(m, "original_class", None)
-        found = None if original is None else kinds.classify_class(original)
-        dims = None if found is None else found[2]
+        found = None if original is None else registry.match(original)
+        dims = None if found is None else found.dims
     return dims
 
 
@@ -73,9 +73,9 @@ def _implementation_class(kind: str, base: type, library: str) -> type | None:
     """The class of the same kind and input rank as ``base`` in ``library`` ("torch" or
     "covshift"), from the registry of kinds; None where it has none (Batch Renorm and
     Ghost BN have no torch counterpart)."""
-    entry = kinds.get(kind)
-    found = kinds.classify_class(base)
-    dims = None if found is None else found[2]
+    entry = registry.get_kind(kind)
+    found = registry.match(base)
+    dims = None if found is None else found.dims
     table = entry.torch_classes if library == "torch" else entry.classes
     return table.get(dims)
 

@@ -43,7 +43,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from covshift.nn import kinds
+from covshift.nn import registry
 from covshift.nn.convert import ConversionEntry, ConversionReport
 from covshift.nn.fold_pairs import Pair, find_pairs
 
@@ -108,10 +108,10 @@ def _is_plain(bn: nn.Module) -> bool:
     """Whether ``bn`` computes exactly its kind's map: the forward of the class it was
     recognized as (not a subclass's own, e.g. timm's BatchNormAct2d with its fused
     activation) and no child modules."""
-    found = kinds.classify(bn)
+    found = registry.match(type(bn))
     return (
         found is not None
-        and type(bn).forward is found[0].forward
+        and type(bn).forward is found.cls.forward
         and not any(True for _ in bn.children())
     )
 
@@ -212,7 +212,7 @@ def fold_batchnorm_with_report(
     reference = None if check_input is None else _eval_output(model, check_input)
     pairing = find_pairs(
         model,
-        lambda m: kinds.kind_of(m) in kinds.batch_kinds(),
+        lambda m: registry.norm_kind(m) in registry.batch_kinds(),
         check_input=check_input,
         by_name=by_name,
     )
@@ -249,7 +249,7 @@ def fold_batchnorm_with_report(
             ConversionEntry(pair.norm, type(bn).__name__, target, carried=into, notes=notes)
         )
     for path, m in model.named_modules():  # what is left unfolded
-        if kinds.kind_of(m) in kinds.batch_kinds() and id(m) not in folded_norms:
+        if registry.norm_kind(m) in registry.batch_kinds() and id(m) not in folded_norms:
             why = reasons.get(path, f"not applied to a Linear/Conv output ({pairing.method})")
             report.entries.append(ConversionEntry(path, type(m).__name__, "", notes=[why]))
     return model, report
@@ -358,7 +358,7 @@ def freeze_batchnorm(model: nn.Module) -> nn.Module:
         >>> _ = net.train()(torch.randn(16, 4))  # the BN's running stats do not move
     """
     for m in model.modules():
-        if kinds.kind_of(m) not in kinds.batch_kinds():
+        if registry.norm_kind(m) not in registry.batch_kinds():
             continue
         m.train(False)
         for p in m.parameters(recurse=False):

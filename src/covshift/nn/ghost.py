@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from covshift.nn import checks, kinds
+from covshift.nn import checks, registry
 from covshift.nn import functional as F
 from covshift.nn._base import BatchNormBase
 from covshift.nn.layers import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -155,8 +155,8 @@ class GhostBatchNorm3d(_GhostBatchNorm, BatchNorm3d):
     )
 
 
-kinds.register(
-    kinds.NormKind(
+registry.register_kind(
+    registry.NormKind(
         "ghost_batch",
         {1: GhostBatchNorm1d, 2: GhostBatchNorm2d, 3: GhostBatchNorm3d},
         {},

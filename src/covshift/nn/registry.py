@@ -1,45 +1,163 @@
-"""Name registry of normalization layers: ``create_norm(name, num_features, **kw)``.
+"""The registry of normalization kinds: what a layer is, and how to build one by name.
 
-The channel count is always the first argument (as in timm). ``dims`` says what the
-layer will see: 1 for (N, C) or (N, C, L) inputs, 2 for (N, C, H, W), 3 for
-(N, C, D, H, W); per-sample norms (layer, group, rms) use it to pick the axes.
+One table that every consumer queries: :func:`norm_kind` says what kind of
+normalization a module is (``"batch"``, ``"group"``, ...; :func:`match` adds the
+registered class and input rank behind the answer, for :mod:`.convert`, :mod:`.fold`
+and :mod:`.sync`), and :func:`create_norm` builds the layer registered under a name
+(``covshift.probe.select`` asks for torch.nn's classes).
+
+A kind lists its covshift classes and torch.nn's by the input's spatial rank (``dims``
+1, 2, 3; None for a class that serves every rank). The base kinds are registered
+here; each variant registers itself where it is defined (:mod:`.renorm`,
+:mod:`.ghost`, :mod:`.sync`), and ``covshift.nn`` imports them all, so the table is
+complete before any query. A kind's name is also a :func:`create_norm` name; other
+names (``"batch_noisy"``) are factories registered with :func:`register_norm`. The
+channel count is always the first argument (as in timm).
 """
 
 from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from torch import nn
 
-from covshift.nn import kinds
+from covshift.nn import layers
 from covshift.nn.noise import NoisyNorm
+
+__all__ = [
+    "Match",
+    "NormKind",
+    "batch_kinds",
+    "create_norm",
+    "default_num_groups",
+    "get_kind",
+    "match",
+    "norm_kind",
+    "norm_names",
+    "register_kind",
+    "register_norm",
+    "torch_classes",
+]
 
 NormFactory = Callable[..., nn.Module]
 
-_REGISTRY: dict[str, NormFactory] = {}
+
+@dataclass(frozen=True)
+class NormKind:
+    """One kind of normalization.
+
+    Attributes:
+        name: ``"batch"``, ``"group"``, ... (also its :func:`create_norm` name).
+        classes: covshift's classes by ``dims`` (None: one class for every rank).
+        torch_classes: torch.nn's classes of the same kind, likewise.
+        trailing: the statistics run over the trailing dims (LayerNorm, RMSNorm), not
+            over dim 1 (channels first).
+        batch_statistics: a BatchNorm kind: batch statistics in training, running
+            statistics in eval (so it folds into the layer before it).
+    """
+
+    name: str
+    classes: Mapping[int | None, type[nn.Module]]
+    torch_classes: Mapping[int | None, type[nn.Module]] = field(default_factory=dict)
+    trailing: bool = False
+    batch_statistics: bool = False
+
+    def cls(self, dims: int) -> type[nn.Module]:
+        """The covshift class of this kind for inputs of spatial rank ``dims``."""
+        return self.classes[dims] if dims in self.classes else self.classes[None]
+
+
+class Match(NamedTuple):
+    """The registered class a module's class is or subclasses, its kind and rank."""
+
+    cls: type[nn.Module]
+    kind: str
+    dims: int | None
+
+
+_KINDS: dict[str, NormKind] = {}
+_FACTORIES: dict[str, NormFactory] = {}
 
 
 def register_norm(name: str) -> Callable[[NormFactory], NormFactory]:
     """Decorator that registers ``factory(num_features, *, dims, **kw)`` under ``name``."""
 
     def decorate(factory: NormFactory) -> NormFactory:
-        if name in _REGISTRY:
+        if name in _FACTORIES:
             raise ValueError(f"normalization {name!r} is already registered")
-        _REGISTRY[name] = factory
+        _FACTORIES[name] = factory
         return factory
 
     return decorate
 
 
+def register_kind(kind: NormKind, factory: NormFactory | None = None) -> NormKind:
+    """Add ``kind`` to the table, and its name to :func:`create_norm`'s, built by
+    ``factory`` or by default as ``kind.cls(dims)(num_features, **kw)``."""
+    if kind.name in _KINDS:
+        raise ValueError(f"norm kind {kind.name!r} is already registered")
+    _KINDS[kind.name] = kind
+
+    def build(num_features: int, *, dims: int, **kw: object) -> nn.Module:
+        return kind.cls(dims)(num_features, **kw)
+
+    register_norm(kind.name)(factory or build)
+    return kind
+
+
+def get_kind(name: str) -> NormKind:
+    """The kind registered as ``name``."""
+    return _KINDS[name]
+
+
+def match(cls: type) -> Match | None:
+    """The most specific registered class that ``cls`` is or subclasses (covshift's
+    BatchNorm2d before torch's, which it subclasses), with its kind and rank; None for
+    a class of no kind."""
+    found = [
+        Match(known, kind.name, dims)
+        for kind in _KINDS.values()
+        for table in (kind.classes, kind.torch_classes)
+        for dims, known in table.items()
+        if issubclass(cls, known)
+    ]
+    return max(found, key=lambda m: len(m.cls.__mro__), default=None)
+
+
+def norm_kind(module: nn.Module) -> str | None:
+    """The kind of normalization ``module`` is (``"batch"``, ``"group"``, ``"layer"``,
+    ``"instance"``, ``"rms"``, ``"sync_batch"``, ``"batch_renorm"``,
+    ``"ghost_batch"``), for covshift's and torch.nn's classes and their subclasses;
+    None if it is not one."""
+    found = match(type(module))
+    return None if found is None else found.kind
+
+
+def batch_kinds() -> frozenset[str]:
+    """The names of the BatchNorm kinds (batch statistics, running statistics)."""
+    return frozenset(k.name for k in _KINDS.values() if k.batch_statistics)
+
+
+def torch_classes() -> tuple[type[nn.Module], ...]:
+    """torch.nn's classes of every kind."""
+    return tuple(cls for k in _KINDS.values() for cls in k.torch_classes.values())
+
+
 def norm_names() -> list[str]:
-    """The registered names, sorted."""
-    return sorted(_REGISTRY)
+    """The names :func:`create_norm` knows, sorted."""
+    return sorted(_FACTORIES)
 
 
 def create_norm(name: str, num_features: int, *, dims: int = 1, **kw: object) -> nn.Module:
     """Build the normalization layer registered as ``name`` for ``num_features`` channels.
+
+    ``dims`` says what the layer will see: 1 for (N, C) or (N, C, L) inputs, 2 for
+    (N, C, H, W), 3 for (N, C, D, H, W); per-sample norms (layer, group, rms) use it to
+    pick the axes.
 
     Raises:
         ValueError: unknown name (the message lists the known ones) or bad ``dims``.
@@ -47,7 +165,7 @@ def create_norm(name: str, num_features: int, *, dims: int = 1, **kw: object) ->
     if dims not in (1, 2, 3):
         raise ValueError(f"dims must be 1, 2 or 3 (spatial rank of the input), got {dims!r}")
     try:
-        factory = _REGISTRY[name]
+        factory = _FACTORIES[name]
     except KeyError:
         known = ", ".join(norm_names())
         raise ValueError(f"unknown normalization {name!r}; known: {known}") from None
@@ -87,31 +205,6 @@ def _keywords(factory: NormFactory, num_features: int, dims: int) -> list[str]:
     ]
 
 
-def _class(kind: str, dims: int) -> type[nn.Module]:
-    """The covshift class of ``kind`` for inputs of spatial rank ``dims``."""
-    classes = kinds.get(kind).classes
-    return classes[dims] if dims in classes else classes[None]
-
-
-@register_norm("batch")
-def _batch(num_features: int, *, dims: int, **kw: object) -> nn.Module:
-    return _class("batch", dims)(num_features, **kw)
-
-
-@register_norm("instance")
-def _instance(num_features: int, *, dims: int, **kw: object) -> nn.Module:
-    return _class("instance", dims)(num_features, **kw)
-
-
-@register_norm("layer")
-def _layer(num_features: int, *, dims: int, **kw: object) -> nn.Module:
-    # Over the channels of each sample (and, for images, through GroupNorm(1, C):
-    # LayerNorm over (C, *spatial) with a per-channel affine).
-    if dims == 1:
-        return _class("layer", dims)(num_features, **kw)  # type: ignore[arg-type]
-    return _class("group", dims)(1, num_features, **kw)  # type: ignore[arg-type]
-
-
 def default_num_groups(num_channels: int, *, dims: int, preferred: int = 32) -> int:
     """The group count used when none is given: the largest divisor of
     ``num_channels`` that is at most ``preferred`` (Wu & He 2018 use G = 32).
@@ -129,32 +222,20 @@ def default_num_groups(num_channels: int, *, dims: int, preferred: int = 32) -> 
     )
 
 
-@register_norm("group")
+def _layer(num_features: int, *, dims: int, **kw: object) -> nn.Module:
+    # Over the channels of each sample (and, for images, through GroupNorm(1, C):
+    # LayerNorm over (C, *spatial) with a per-channel affine).
+    if dims == 1:
+        return layers.LayerNorm(num_features, **kw)  # type: ignore[arg-type]
+    return layers.GroupNorm(1, num_features, **kw)  # type: ignore[arg-type]
+
+
 def _group(
     num_features: int, *, dims: int, num_groups: int | None = None, **kw: object
 ) -> nn.Module:
     # An explicit num_groups is used as given (GroupNorm checks that it divides C).
     groups = default_num_groups(num_features, dims=dims) if num_groups is None else num_groups
-    return _class("group", dims)(groups, num_features, **kw)  # type: ignore[arg-type]
-
-
-@register_norm("rms")
-def _rms(num_features: int, *, dims: int, **kw: object) -> nn.Module:
-    return _class("rms", dims)(num_features, **kw)  # type: ignore[arg-type]
-
-
-# Variants (covshift.nn.renorm, ghost, noise, sync): their classes from the registry
-# of kinds, where each registers itself.
-
-
-@register_norm("batch_renorm")
-def _batch_renorm(num_features: int, *, dims: int, **kw: object) -> nn.Module:
-    return _class("batch_renorm", dims)(num_features, **kw)
-
-
-@register_norm("ghost_batch")
-def _ghost_batch(num_features: int, *, dims: int, **kw: object) -> nn.Module:
-    return _class("ghost_batch", dims)(num_features, **kw)
+    return layers.GroupNorm(groups, num_features, **kw)  # type: ignore[arg-type]
 
 
 @register_norm("batch_noisy")
@@ -163,11 +244,27 @@ def _batch_noisy(num_features: int, *, dims: int, **kw: object) -> nn.Module:
     # own arguments (generator, mean_range, ...) go to NormNoise, the rest to BN.
     noise_keys = ("generator", "mean_range", "scale_range", "mean_spread", "scale_std")
     noise_kw = {k: kw.pop(k) for k in noise_keys if k in kw}
-    return NoisyNorm(_class("batch", dims)(num_features, **kw), **noise_kw)  # type: ignore[arg-type]
+    norm = get_kind("batch").cls(dims)(num_features, **kw)
+    return NoisyNorm(norm, **noise_kw)
 
 
-@register_norm("sync_batch")
-def _sync_batch(num_features: int, *, dims: int, **kw: object) -> nn.Module:
-    layer = _class("sync_batch", dims)(num_features, **kw)
-    layer.original_class = _class("batch", dims)  # what revert_sync_batchnorm restores
-    return layer
+register_kind(
+    NormKind(
+        "batch",
+        {1: layers.BatchNorm1d, 2: layers.BatchNorm2d, 3: layers.BatchNorm3d},
+        {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d},
+        batch_statistics=True,
+    )
+)
+register_kind(
+    NormKind(
+        "instance",
+        {1: layers.InstanceNorm1d, 2: layers.InstanceNorm2d, 3: layers.InstanceNorm3d},
+        {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d},
+    )
+)
+register_kind(
+    NormKind("layer", {None: layers.LayerNorm}, {None: nn.LayerNorm}, trailing=True), _layer
+)
+register_kind(NormKind("group", {None: layers.GroupNorm}, {None: nn.GroupNorm}), _group)
+register_kind(NormKind("rms", {None: layers.RMSNorm}, {None: nn.RMSNorm}, trailing=True))

@@ -42,7 +42,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from covshift.nn import checks, kinds
+from covshift.nn import checks, registry
 from covshift.nn import functional as F
 from covshift.nn._base import BatchNormBase
 from covshift.nn.layers import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -262,8 +262,8 @@ class BatchRenorm3d(_BatchRenorm, BatchNorm3d):
     )
 
 
-kinds.register(
-    kinds.NormKind(
+registry.register_kind(
+    registry.NormKind(
         "batch_renorm",
         {1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d},
         {},

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
-from covshift.nn import checks, kinds, sync_convert
+from covshift.nn import checks, registry, sync_convert
 from covshift.nn import functional as CF
 from covshift.nn import running as running_stats
 from covshift.nn._base import BatchNormBase
@@ -377,8 +377,15 @@ class SyncBatchNorm(BatchNormBase):
         return sync_convert.from_sync(module, to)
 
 
-kinds.register(
-    kinds.NormKind(
+def _create(num_features: int, *, dims: int, **kw: object) -> SyncBatchNorm:
+    layer = SyncBatchNorm(num_features, **kw)  # type: ignore[arg-type]
+    layer.original_class = registry.get_kind("batch").cls(dims)  # what revert restores
+    return layer
+
+
+registry.register_kind(
+    registry.NormKind(
         "sync_batch", {None: SyncBatchNorm}, {None: nn.SyncBatchNorm}, batch_statistics=True
-    )
+    ),
+    _create,
 )

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from covshift.nn import kinds
+from covshift.nn import registry
 
 __all__ = ["from_sync", "to_sync"]
 
@@ -45,7 +45,7 @@ def from_sync(module: nn.Module, to: type[nn.Module] | None) -> nn.Module:
     replaced (its ``original_class``), else ``to``."""
 
     def swap(m: nn.Module) -> nn.Module | None:
-        if kinds.kind_of(m) != "sync_batch":
+        if registry.norm_kind(m) != "sync_batch":
             return None
         target = getattr(m, "original_class", None) or to
         if target is None:
@@ -69,7 +69,7 @@ def from_sync(module: nn.Module, to: type[nn.Module] | None) -> nn.Module:
 def _batchnorm_bases() -> tuple[type[nn.Module], ...]:
     """The BatchNorm classes with batch statistics and no extra behaviour: the "batch"
     kind's (covshift's and torch's) and torch's SyncBatchNorm."""
-    batch = kinds.get("batch")
+    batch = registry.get_kind("batch")
     return (*batch.torch_classes.values(), nn.SyncBatchNorm, *batch.classes.values())
 
 
