@@ -5,7 +5,7 @@ value or a batch with one value per channel, RuntimeError for a tensor whose sha
 does not fit the layer), with torch's wording where torch has one, and says what to
 do next where it can. Two groups:
 
-- at construction (``eps_arg``, ``momentum_arg``, ``positive_int``): the layers check
+- at construction (``norm_args``, ``eps_arg``, ``momentum_arg``, ``positive_int``): the layers check
   their arguments when they are built, which torch does not;
 - at call time (everything else): the functional wrappers and :mod:`.layout` call
   them on the first call per argument shapes (see :func:`.layout.remembered`), and
@@ -31,6 +31,7 @@ __all__ = [
     "groups",
     "groups_need_channel_dim",
     "momentum_arg",
+    "norm_args",
     "per_channel",
     "positive_int",
     "same_affine_shapes",
@@ -71,6 +72,13 @@ def momentum_arg(momentum: float | None) -> float | None:
             f"batch), or None for a cumulative average; got {momentum!r}"
         )
     return float(momentum)
+
+
+def norm_args(
+    num_features: int, eps: float, momentum: float | None
+) -> tuple[int, float, float | None]:
+    """A BatchNorm's or InstanceNorm's ``num_features``, ``eps`` and ``momentum``."""
+    return positive_int(num_features, "num_features"), eps_arg(eps), momentum_arg(momentum)
 
 
 def positive_int(value: int, name: str, meaning: str = "") -> int:

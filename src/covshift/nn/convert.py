@@ -76,17 +76,6 @@ def _resolve_target(to: Target | Mapping, m: nn.Module, kind: str) -> Target | N
     return target
 
 
-def _own_behaviour(m: nn.Module, base: type) -> str | None:
-    """What ``m`` does beyond its base norm class (None: nothing), e.g. timm's
-    BatchNormAct2d (a fused activation) or LayerNorm2d (a channels-first permute)."""
-    if type(m).forward is not base.forward:
-        return f"{type(m).__name__} overrides {base.__name__}'s forward"
-    children = [f"{name} ({type(c).__name__})" for name, c in m.named_children()]
-    if children:
-        return f"{type(m).__name__} has child modules: {', '.join(children)}"
-    return None
-
-
 def convert_with_report(
     model: nn.Module,
     to: Target | Mapping[type | str, Target],
@@ -140,7 +129,7 @@ def convert_with_report(
             return m
         base, kind, base_dims = found
         entry = ConversionEntry(path, type(m).__name__, "")
-        own = _own_behaviour(m, base)
+        own = registry.own_behaviour(m)
         if own is not None:
             # A behaviour (a fused activation, a permutation) no target would keep: the
             # layer stays, and the report says why.

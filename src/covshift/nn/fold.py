@@ -104,18 +104,6 @@ def _fold_into(layer: nn.Module, bn: nn.Module) -> None:
         layer.bias.copy_(shift.to(layer.bias.dtype))
 
 
-def _is_plain(bn: nn.Module) -> bool:
-    """Whether ``bn`` computes exactly its kind's map: the forward of the class it was
-    recognized as (not a subclass's own, e.g. timm's BatchNormAct2d with its fused
-    activation) and no child modules."""
-    found = registry.match(type(bn))
-    return (
-        found is not None
-        and type(bn).forward is found.cls.forward
-        and not any(True for _ in bn.children())
-    )
-
-
 @torch.no_grad()
 def _make_identity(bn: nn.Module) -> None:
     """Statistics and affine for which ``bn``'s eval map is ``y = x`` (to float
@@ -276,7 +264,7 @@ def _fold_checked(
     _fold_into(layer, bn)
     parent_path, _, child = pair.norm.rpartition(".")
     parent = model.get_submodule(parent_path)
-    plain = _is_plain(bn)
+    plain = registry.own_behaviour(bn) is None
     if plain:
         setattr(parent, child, nn.Identity())
     else:

@@ -30,14 +30,13 @@ from torch import Tensor
 
 from covshift.nn import checks, registry
 from covshift.nn import functional as F
-from covshift.nn._base import BatchNormBase
-from covshift.nn.layers import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from covshift.nn._base import BatchNormVariant
 from covshift.nn.running import track_batch
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
 
 
-class _GhostBatchNorm(BatchNormBase):
+class _GhostBatchNorm(BatchNormVariant):
     """Ghost BN's forward on top of covshift's BatchNorm: the core's normalization over
     the (k, v, C, *) view (derivations §14), running statistics per virtual batch."""
 
@@ -125,7 +124,7 @@ _DOC = """Ghost Batch Normalization over {input} (Hoffer et al. 2017, arXiv 1705
 """
 
 
-class GhostBatchNorm1d(_GhostBatchNorm, BatchNorm1d):
+class GhostBatchNorm1d(_GhostBatchNorm):
     __doc__ = _DOC.format(
         input="(N, C) or (N, C, L)",
         base="BatchNorm1d",
@@ -133,9 +132,10 @@ class GhostBatchNorm1d(_GhostBatchNorm, BatchNorm1d):
         name="GhostBatchNorm1d",
         example="8, 16",
     )
+    _ranks = (2, 3)
 
 
-class GhostBatchNorm2d(_GhostBatchNorm, BatchNorm2d):
+class GhostBatchNorm2d(_GhostBatchNorm):
     __doc__ = _DOC.format(
         input="(N, C, H, W)",
         base="BatchNorm2d",
@@ -143,9 +143,10 @@ class GhostBatchNorm2d(_GhostBatchNorm, BatchNorm2d):
         name="GhostBatchNorm2d",
         example="8, 16, 5, 5",
     )
+    _ranks = (4,)
 
 
-class GhostBatchNorm3d(_GhostBatchNorm, BatchNorm3d):
+class GhostBatchNorm3d(_GhostBatchNorm):
     __doc__ = _DOC.format(
         input="(N, C, D, H, W)",
         base="BatchNorm3d",
@@ -153,6 +154,7 @@ class GhostBatchNorm3d(_GhostBatchNorm, BatchNorm3d):
         name="GhostBatchNorm3d",
         example="4, 16, 3, 5, 5",
     )
+    _ranks = (5,)
 
 
 registry.register_kind(

@@ -38,6 +38,7 @@ __all__ = [
     "match",
     "norm_kind",
     "norm_names",
+    "own_behaviour",
     "register_kind",
     "register_norm",
     "torch_classes",
@@ -135,6 +136,22 @@ def norm_kind(module: nn.Module) -> str | None:
     None if it is not one."""
     found = match(type(module))
     return None if found is None else found.kind
+
+
+def own_behaviour(module: nn.Module) -> str | None:
+    """What ``module`` does beyond the registered class it is recognized as (None:
+    nothing, or not a norm): its own ``forward`` (timm's BatchNormAct2d, a fused
+    activation; LayerNorm2d, a permutation) or child modules. Replacing such a layer
+    by another norm, or folding it away, would change its outputs."""
+    found = match(type(module))
+    if found is None:
+        return None
+    if type(module).forward is not found.cls.forward:
+        return f"{type(module).__name__} overrides {found.cls.__name__}'s forward"
+    children = [f"{name} ({type(c).__name__})" for name, c in module.named_children()]
+    if children:
+        return f"{type(module).__name__} has child modules: {', '.join(children)}"
+    return None
 
 
 def batch_kinds() -> frozenset[str]:

@@ -44,8 +44,7 @@ from torch import Tensor
 
 from covshift.nn import checks, registry
 from covshift.nn import functional as F
-from covshift.nn._base import BatchNormBase
-from covshift.nn.layers import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from covshift.nn._base import BatchNormVariant
 from covshift.nn.running import track_batch
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "renorm_limits"]
@@ -99,7 +98,7 @@ def _check_schedule(
     return float(r_max), float(d_max)
 
 
-class _BatchRenorm(BatchNormBase):
+class _BatchRenorm(BatchNormVariant):
     """Batch Renorm's training forward on top of covshift's BatchNorm.
 
     The math: BatchNorm's normalization (:func:`covshift.nn.functional.normalize`, so
@@ -232,7 +231,7 @@ _DOC = """Batch Renormalization over {input} (Ioffe 2017, arXiv 1702.03275).
 """
 
 
-class BatchRenorm1d(_BatchRenorm, BatchNorm1d):
+class BatchRenorm1d(_BatchRenorm):
     __doc__ = _DOC.format(
         input="(N, C) or (N, C, L)",
         base="BatchNorm1d",
@@ -240,9 +239,10 @@ class BatchRenorm1d(_BatchRenorm, BatchNorm1d):
         name="BatchRenorm1d",
         example="8, 16",
     )
+    _ranks = (2, 3)
 
 
-class BatchRenorm2d(_BatchRenorm, BatchNorm2d):
+class BatchRenorm2d(_BatchRenorm):
     __doc__ = _DOC.format(
         input="(N, C, H, W)",
         base="BatchNorm2d",
@@ -250,9 +250,10 @@ class BatchRenorm2d(_BatchRenorm, BatchNorm2d):
         name="BatchRenorm2d",
         example="8, 16, 5, 5",
     )
+    _ranks = (4,)
 
 
-class BatchRenorm3d(_BatchRenorm, BatchNorm3d):
+class BatchRenorm3d(_BatchRenorm):
     __doc__ = _DOC.format(
         input="(N, C, D, H, W)",
         base="BatchNorm3d",
@@ -260,6 +261,7 @@ class BatchRenorm3d(_BatchRenorm, BatchNorm3d):
         name="BatchRenorm3d",
         example="4, 16, 3, 5, 5",
     )
+    _ranks = (5,)
 
 
 registry.register_kind(

@@ -39,7 +39,7 @@ from torch.autograd.function import FunctionCtx
 from covshift.nn import checks, registry, sync_convert
 from covshift.nn import functional as CF
 from covshift.nn import running as running_stats
-from covshift.nn._base import BatchNormBase
+from covshift.nn._base import batch_norm_forward
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm"]
 
@@ -251,32 +251,20 @@ def sync_batch_norm(
     )
 
 
-class SyncBatchNorm(BatchNormBase):
+class SyncBatchNorm(nn.SyncBatchNorm):
     """Batch normalization whose batch statistics span a torch.distributed group.
 
     ``y = (x - E[x]) / sqrt(Var[x] + eps) * gamma + beta`` where ``E`` and ``Var``
     (biased) run over the batch of *every* process in the group and, per channel,
-    over all dims but dim 1. Works on any backend (gloo on CPU, NCCL on CUDA) and any
-    number of ranks with unequal batch sizes; with torch.distributed uninitialized, a
-    group of one, or in eval mode it is local BatchNorm. Ioffe & Szegedy 2015
-    (arXiv 1502.03167); the cross-process statistics follow torch.nn.SyncBatchNorm.
+    over all dims but dim 1 (Ioffe & Szegedy 2015, arXiv 1502.03167).
 
-    Parameters, buffers, defaults and running-statistics semantics are those of
-    torch.nn.BatchNorm (``running = (1 - m) * running + m * batch``, ``momentum=None``
-    a cumulative average, unbiased running variance using the global count), so a
-    BatchNorm state_dict loads into it and back. Parameter gradients are local sums
-    (DDP averages them across ranks as for any parameter).
-
-    Args:
-        num_features: channels ``C``.
-        eps: added to the variance. Default: 1e-5.
-        momentum: running-statistics factor, or None for a cumulative average. Default: 0.1.
-        affine: learnable ``gamma`` (weight) and ``beta`` (bias). Default: True.
-        track_running_stats: keep running statistics for eval. Default: True.
-        process_group: the group to synchronize in; None means the whole world.
-
-    Shape:
-        Input ``(N, C, *)``, output the same.
+    ``torch.nn.SyncBatchNorm`` (same arguments, parameters, buffers and running-
+    statistics rule, with the global count's unbiased variance) with covshift's
+    forward, which works on any backend (gloo on CPU, NCCL on CUDA) and any number of
+    ranks with unequal batch sizes, where torch's runs on GPUs only. With
+    torch.distributed uninitialized, a group of one, or in eval mode it is local
+    BatchNorm. Parameter gradients are local sums (DDP reduces them across ranks as
+    for any parameter).
 
     Example:
         >>> bn = SyncBatchNorm(16)  # shares statistics once dist.init_process_group ran
@@ -294,11 +282,12 @@ class SyncBatchNorm(BatchNormBase):
         process_group: ProcessGroup | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
     ) -> None:
-        # Parameters, running buffers, their reset and old-checkpoint loading: those of
-        # every covshift BatchNorm (the base checks eps, momentum and num_features).
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        self.process_group = process_group
+        num_features, eps, momentum = checks.norm_args(num_features, eps, momentum)
+        args = (num_features, eps, momentum, affine, track_running_stats, process_group)
+        super().__init__(*args, device, dtype, bias=bias)
         # The class this layer replaced (set by convert_sync_batchnorm and the
         # registry), so that revert_sync_batchnorm can restore it.
         self.original_class: type[nn.Module] | None = None
@@ -313,11 +302,11 @@ class SyncBatchNorm(BatchNormBase):
             )
 
     def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
         # As torch's SyncBatchNorm: synchronize only in training. Eval may run on one
         # rank alone (validation on rank 0) and must not wait for the others.
         if not (self.training and _world_size(self.process_group) > 1):
-            return super().forward(input)  # alone: exactly BatchNorm
-        self._check_input_dim(input)
+            return batch_norm_forward(self, input)  # alone: exactly BatchNorm
         tracking = self.track_running_stats
         counter = self.num_batches_tracked if tracking else None
         factor = running_stats.step_factor(self.momentum, counter, tracking)
@@ -332,24 +321,20 @@ class SyncBatchNorm(BatchNormBase):
             self.process_group,
         )
 
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
-        )
-
     @classmethod
     def convert_sync_batchnorm(
         cls, module: nn.Module, process_group: ProcessGroup | None = None
     ) -> nn.Module:
-        """Replace every BatchNorm{1,2,3}d (torch's, covshift's, torch's SyncBatchNorm)
-        in ``module`` by a :class:`SyncBatchNorm` sharing its parameters and buffers.
+        """Replace every BatchNorm1d/2d/3d (torch's, covshift's) and torch's
+        SyncBatchNorm in ``module`` by this class, sharing its parameters and buffers.
 
-        The parameter and buffer *objects* are reused, so an optimizer built before
-        the conversion keeps working. Subclasses that override ``forward`` (e.g. a BN
-        fused with an activation) are left alone, with a warning: converting them would
-        drop their extra behaviour. Returns ``module`` itself, or its replacement when
-        ``module`` is a BatchNorm.
+        What torch's classmethod does, with three differences: the result runs on any
+        backend; a subclass with its own ``forward`` or child modules (a BatchNorm
+        fused with an activation) is left alone, with a warning, where torch's would
+        drop what it adds; and each layer records the class it replaced, for
+        :meth:`revert_sync_batchnorm`. The parameter and buffer *objects* are reused,
+        so an optimizer built before the conversion keeps working. Returns ``module``
+        itself, or its replacement when ``module`` is a BatchNorm.
 
         Example:
             >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
@@ -357,7 +342,6 @@ class SyncBatchNorm(BatchNormBase):
             >>> type(net[1]).__name__
             'SyncBatchNorm'
         """
-
         return sync_convert.to_sync(module, cls, process_group)
 
     @staticmethod
@@ -373,7 +357,6 @@ class SyncBatchNorm(BatchNormBase):
             ValueError: a SyncBatchNorm with no recorded class and ``to`` is None (the
                 input rank decides between BatchNorm1d/2d/3d and only you know it).
         """
-
         return sync_convert.from_sync(module, to)
 
 

@@ -9,6 +9,7 @@ shared, how a model's modules are replaced once each.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,19 +24,19 @@ def to_sync(module: nn.Module, cls: type[nn.Module], process_group: Any) -> nn.M
     """Replace every plain BatchNorm in ``module`` by ``cls`` (a SyncBatchNorm)."""
 
     def swap(m: nn.Module) -> nn.Module | None:
-        if isinstance(m, cls) or not _is_plain_batchnorm(m, warn=True):
+        if isinstance(m, cls) or registry.norm_kind(m) not in ("batch", "sync_batch"):
             return None
-        new = cls(
-            m.num_features,
-            m.eps,
-            m.momentum,
-            m.affine,
-            m.track_running_stats,
-            process_group,
-        )
+        own = registry.own_behaviour(m)
+        if own is not None:
+            warnings.warn(
+                f"{own}; left unconverted (converting it would drop its extra behaviour)",
+                stacklevel=4,
+            )
+            return None
+        args = (m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+        new = cls(*args, process_group, bias=m.bias is not None)
         new.original_class = getattr(m, "original_class", None) or type(m)
-        _share_state(m, new)
-        return new
+        return _share_state(m, new)
 
     return _replace_modules(module, swap)
 
@@ -53,58 +54,22 @@ def from_sync(module: nn.Module, to: type[nn.Module] | None) -> nn.Module:
                 f"{type(m).__name__}({m.num_features}) has no record of the class it "
                 "replaced; pass to=nn.BatchNorm1d/2d/3d (or covshift's) to revert it"
             )
-        new = target(
-            m.num_features,
-            eps=m.eps,
-            momentum=m.momentum,
-            affine=m.affine,
-            track_running_stats=m.track_running_stats,
-        )
-        _share_state(m, new)
-        return new
+        args = (m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+        return _share_state(m, target(*args, bias=m.bias is not None))
 
     return _replace_modules(module, swap)
 
 
-def _batchnorm_bases() -> tuple[type[nn.Module], ...]:
-    """The BatchNorm classes with batch statistics and no extra behaviour: the "batch"
-    kind's (covshift's and torch's) and torch's SyncBatchNorm."""
-    batch = registry.get_kind("batch")
-    return (*batch.torch_classes.values(), nn.SyncBatchNorm, *batch.classes.values())
-
-
-def _is_plain_batchnorm(m: nn.Module, *, warn: bool = False) -> bool:
-    """True for a BatchNorm (or a subclass that keeps its base's ``forward``, e.g. a
-    timm-style subclass adding attributes); a subclass with its own ``forward``
-    (a fused activation, Batch Renorm, Ghost BN) is not plain: swapping it would
-    change what it computes."""
-    for base in _batchnorm_bases():
-        if isinstance(m, base):
-            if type(m).forward is base.forward:
-                return True
-            if warn:
-                warnings.warn(
-                    f"{type(m).__name__} subclasses {base.__name__} but overrides forward; "
-                    "left unconverted (converting it would drop its extra behaviour)",
-                    stacklevel=4,
-                )
-            return False
-    return False
-
-
-def _share_state(src: nn.Module, dst: nn.Module) -> None:
+def _share_state(src: nn.Module, dst: nn.Module) -> nn.Module:
     """Make ``dst`` use ``src``'s parameter and buffer objects, and its mode."""
     with torch.no_grad():
-        if src.weight is not None and dst.weight is not None:
-            dst.weight = src.weight
-            dst.bias = src.bias
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
             if getattr(src, name, None) is not None and getattr(dst, name, None) is not None:
                 setattr(dst, name, getattr(src, name))
-    dst.train(src.training)
+    return dst.train(src.training)
 
 
-def _replace_modules(root: nn.Module, swap: Any) -> nn.Module:
+def _replace_modules(root: nn.Module, swap: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
     """Apply ``swap(m) -> replacement | None`` to ``root`` and, below replaced-not
     modules, to every descendant; a module shared by several parents is replaced once."""
     done: dict[int, nn.Module | None] = {}
