@@ -42,6 +42,7 @@ import copy
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from covshift.nn import registry
 from covshift.nn.convert import ConversionEntry, ConversionReport
@@ -87,21 +88,23 @@ def _why_not(layer: nn.Module, bn: nn.Module) -> str | None:
 
 @torch.no_grad()
 def _fold_into(layer: nn.Module, bn: nn.Module) -> None:
-    w = layer.weight
-    f64 = {"dtype": torch.float64}
-    scale = torch.rsqrt(bn.running_var.to(**f64) + bn.eps)  # (C,)
-    if bn.weight is not None:
-        scale = scale * bn.weight.to(**f64)
-    shift = -bn.running_mean.to(**f64) * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.to(**f64)
-    if layer.bias is not None:
-        shift = shift + layer.bias.to(**f64) * scale
-    w.copy_((w.to(**f64) * scale.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype))
+    """torch's arithmetic (``fuse_conv_bn_weights``, which serves a Linear's (O, I)
+    weight too) in float64, written into the layer's own parameters (an optimizer
+    built before keeps working)."""
+
+    def f64(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.detach().to(torch.float64)
+
+    state = (bn.running_mean, bn.running_var)
+    w, b = fuse_conv_bn_weights(
+        f64(layer.weight), f64(layer.bias), *map(f64, state), bn.eps, f64(bn.weight), f64(bn.bias)
+    )
+    layer.weight.copy_(w)
     if layer.bias is None:
-        layer.bias = nn.Parameter(shift.to(w.dtype), requires_grad=w.requires_grad)
+        grad = layer.weight.requires_grad
+        layer.bias = nn.Parameter(b.detach().to(layer.weight.dtype), requires_grad=grad)
     else:
-        layer.bias.copy_(shift.to(layer.bias.dtype))
+        layer.bias.copy_(b)
 
 
 @torch.no_grad()
