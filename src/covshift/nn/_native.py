@@ -1,30 +1,18 @@
-"""Fused CPU kernels for the normalization family, compiled at first use: the bridge
-between the layers and the C++ extension.
+"""The bridge to the fused CPU kernels (``csrc/``), compiled at first use.
 
-``csrc/norm_kernels.h`` computes the same closed forms as :mod:`covshift.nn.reference`
-(``docs/derivations.md``, "Native kernels") in one fused pass per direction where the
-data allows, for two access patterns (channel and row) that cover every layer of the
-family; :mod:`._native_plan` matches each layout to one of them.
+``csrc/norm_kernels.h`` computes the closed forms of :mod:`covshift.nn.reference` in
+one fused pass per direction, for two access patterns (channel and row) that cover
+every layer of the family (:mod:`._native_plan` matches a layout to one; derivations
+§17). The extension is built the first time a layer runs on the CPU, never at import,
+into a cache later processes load in milliseconds (:mod:`._native_build`); if the
+build fails, one warning says so and the reference Function serves every call.
+``COVSHIFT_NATIVE=0`` switches the native path off without building.
 
-The extension is built the first time a layer runs on the CPU (never at import, never
-at install time), into a cache that later processes load in milliseconds (how, where
-and under what name: :mod:`._native_build`). If the build fails (no compiler, no
-ninja), a warning says so once and every call takes the pure-PyTorch paths of
-:mod:`covshift.nn.backend`; nothing raises. ``COVSHIFT_NATIVE=0`` in the environment
-switches the native path off without trying to build.
-
-The one entry point, :func:`normalize`, runs forward and backward in one C++ autograd
-node, so a training step runs no Python on the way back; under ``create_graph=True``
-the node's backward is the closed form as differentiable ATen ops (double backward).
-It returns None whenever the native path does not apply (CPU only; not under
-torch.compile; float32/float64/float16/bfloat16; contiguous, or channels_last for
-BatchNorm) and the caller takes the reference Function. Those guards run in C++
-(``norm.cpp``, ``pick_config``): from Python they cost more than the kernels
-themselves on small layers.
-
-The process-wide state (the loaded module, the build error, the on/off switch) lives
-in this module, beside the entry points that read it: :func:`normalize` runs on every
-training step of every layer and reads it as plain globals.
+:func:`normalize` runs forward and backward in one C++ autograd node (no Python on the
+way back; under ``create_graph=True`` its backward is differentiable ATen ops), or
+answers None where it does not apply (CPU, eager, float32/64/16/bfloat16, contiguous or
+BatchNorm's channels_last); those guards run in C++, cheaper than from Python. The
+process-wide state is plain globals here, read on every training step.
 """
 
 from __future__ import annotations
@@ -68,10 +56,8 @@ def enabled() -> bool:
 
 @contextmanager
 def use_native(flag: bool) -> Iterator[None]:
-    """Switch the native path on or off inside a ``with`` block (tests, benchmarks).
-
-    Switching it on builds nothing by itself; the first call that can use it does.
-    """
+    """Switch the native path on or off inside a ``with`` block (tests, benchmarks);
+    switching it on builds nothing by itself, the first call that can use it does."""
     global _enabled
     old, _enabled = _enabled, bool(flag)
     try:
@@ -81,10 +67,8 @@ def use_native(flag: bool) -> Iterator[None]:
 
 
 def load() -> ModuleType | None:
-    """The compiled extension, building it on first use; None if it cannot be had.
-
-    Thread-safe; tries once per process. A failure warns (RuntimeWarning) once.
-    """
+    """The compiled extension, built on first use (thread-safe, tried once per process);
+    None, with one RuntimeWarning, if it cannot be had."""
     global _module, _error, build_seconds
     if _module is not None or _error is not None:
         return _module
@@ -114,12 +98,8 @@ def available() -> bool:
 
 
 def _ready(x: Tensor) -> ModuleType | None:
-    """The extension, if the native path may be tried on ``x``; the C++ entry points
-    check the rest (device, dtype, memory layout, ...) and answer None.
-
-    Before the extension is loaded ``x`` itself is checked here too, so that a
-    process that never runs a kernel-eligible input (GPU only) never builds it.
-    """
+    """The extension, if the native path may be tried on ``x`` (C++ checks the rest);
+    before it is loaded ``x`` is checked here, so a GPU-only process never builds it."""
     if not _enabled or torch.compiler.is_compiling():
         return None
     if _module is not None:
@@ -143,17 +123,11 @@ def declined(x: Tensor) -> str:
 
 
 def _compiled_autograd_on() -> bool:
-    """Whether compiled autograd (``torch._dynamo.compiled_autograd``) is enabled now.
-
-    The C++ node has no ``compiled_args``/``apply_with_saved`` (what compiled autograd
-    asks of every node: the generic torch::autograd::Function that has them costs as
-    much as the kernels on small layers, see norm.cpp), so :func:`normalize` declines
-    while it is on, and the layers take the pure path's Python autograd.Function,
-    which compiled autograd traces. Enabled by ``compiled_autograd._enable`` and, with
-    ``torch._dynamo.config.compiled_autograd``, inside every compiled frame (also in
-    its graph-broken eager parts). A module lookup: nothing to ask before dynamo is
-    imported, and no import of it from here.
-    """
+    """Whether compiled autograd is enabled now (``compiled_autograd._enable``, or the
+    dynamo config inside a compiled frame). The C++ node has no ``compiled_args`` (the
+    generic torch::autograd::Function that has them costs as much as the kernels on
+    small layers), so :func:`normalize` declines meanwhile, and the reference Function,
+    which compiled autograd traces, serves. A module lookup: no dynamo import here."""
     ca = sys.modules.get("torch._dynamo.compiled_autograd")
     return ca is not None and bool(ca.compiled_autograd_enabled)
 
@@ -169,15 +143,8 @@ def normalize(
     running: RunningStats | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor] | Tensor | None:
     """``(y, mean, var)`` as :func:`~covshift.nn.functional.normalize_with_stats` (``y``
-    alone when ``stats`` is False), from one C++ autograd node (forward and backward
-    without Python), or None.
-
-    The node's backward runs the native kernel, or under ``create_graph=True`` the
-    same closed form as differentiable ATen ops (double backward). ``running``: the
-    buffers to update in the same call (BatchNorm in training): the counter (if given)
-    += 1, then ``running ← (1 − m)·running + m·batch`` (``var·bessel``) with
-    ``m = momentum``, or ``1 / counter`` when ``momentum`` is None.
-    """
+    alone without ``stats``) from the C++ autograd node, or None; ``running``: the
+    buffers to update in the same call, by the rule of :mod:`covshift.nn.running`."""
     # _ready, inlined for the common case (called on every training step of every layer).
     mod = _module if _enabled and _module is not None else None
     if mod is None or torch.compiler.is_compiling():

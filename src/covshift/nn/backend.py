@@ -1,26 +1,18 @@
 """Which path computes a normalization, chosen in one place, and a way to see it.
 
-Two paths compute the math of :mod:`covshift.nn.reference`:
+Two paths compute the math of :mod:`covshift.nn.reference`: the ``native`` C++ autograd
+node (:mod:`._native`: CPU, eager, the dtypes and layouts its kernels serve) and
+:class:`ReferenceFunction`, the reference's forward and closed-form backward,
+anywhere. :func:`normalize` chooses once per call: the node where it applies, else the
+Function, which on the CPU cuts its work into cache-sized pieces (``chunked``,
+:mod:`.chunked`: the same terms in place, 2-5x faster than the plain ops and without
+their full-size temporaries; docs/nn.md names the benchmark column) and reuses the
+forward's choice in its backward. A ``create_graph=True`` backward is always the
+reference's plain ops, which autograd differentiates again (docs/derivations.md §9);
+under torch.compile the Function runs unchunked and inductor fuses it.
 
-- ``native``: one C++ autograd node, fused kernels both ways (:mod:`._native`), on the
-  CPU in eager mode, for the dtypes and layouts its kernels serve;
-- ``reference``: :class:`ReferenceFunction`, ``reference.forward``/``backward``, anywhere;
-
-and the reference Function cuts its work into cache-sized pieces on the CPU with grad
-mode off (``chunked``, :mod:`.chunked`): the same terms, in place, two to five times
-faster and with one full-size temporary less where the native node does not serve
-(the extension did not build, ``COVSHIFT_NATIVE=0``, a layout no kernel fits such as
-Ghost BN's split batch); docs/nn.md, "Speed", says which benchmark row shows it.
-
-:func:`normalize` makes the choice, once per call: the native node when it applies
-(it answers None where it does not: the checks run in C++, cheaper than from Python),
-else :class:`ReferenceFunction` with the chunk plan, which its backward reuses. With
-grad mode on in the backward (``create_graph=True``) the backward is always the
-reference's plain ops, which autograd differentiates again (docs/derivations.md §9).
-Under torch.compile the reference Function runs, unchunked; inductor fuses it.
-
-For tests and debugging, :func:`report_paths` records every choice with its reason,
-and :func:`force` makes the choice take one path (and raise where it cannot).
+:func:`report_paths` records every choice with its reason; :func:`force` makes the
+choice take one path (and raise where it cannot): for tests and debugging.
 """
 
 from __future__ import annotations
@@ -65,13 +57,7 @@ _forced: Path | None = None  # set by force
 
 @contextmanager
 def report_paths() -> Iterator[list[Choice]]:
-    """Record every path choice made inside the ``with`` block, in order.
-
-    Example:
-        >>> with report_paths() as choices:
-        ...     covshift.nn.GroupNorm(2, 4)(torch.randn(3, 4, 5)).sum().backward()
-        >>> [c.path.value for c in choices]  # ['native'] where the kernels build
-    """
+    """Record every path choice made inside the ``with`` block, in order."""
     global _report
     old, _report = _report, []
     try:
@@ -82,12 +68,8 @@ def report_paths() -> Iterator[list[Choice]]:
 
 @contextmanager
 def force(path: Path | str) -> Iterator[None]:
-    """Take ``path`` for every eager normalization inside the ``with`` block.
-
-    A call the forced path cannot serve raises RuntimeError (a test that names a path
-    then runs that path or fails). The backward of a ``create_graph=True`` call has
-    one path, the reference, forced or not.
-    """
+    """Take ``path`` for every eager normalization inside the ``with`` block; a call it
+    cannot serve raises RuntimeError (a ``create_graph`` backward is the reference)."""
     global _forced
     old, _forced = _forced, Path(path)
     try:
@@ -116,13 +98,9 @@ def normalize(
     stats: bool = False,
     running: RunningStats | None = None,
 ) -> Any:
-    """A normalization call: ``y``, or ``(y, mean, var)`` when ``stats``.
-
-    ``mean``/``var`` are detached, in the compute dtype, the reduced dims removed
-    (:func:`covshift.nn.functional.normalize_with_stats`). ``running``: the buffers
-    to update in the same call (BatchNorm in training), in C++ with the native node,
-    else in Python after the forward.
-    """
+    """``y``, or ``(y, mean, var)`` when ``stats`` (as
+    :func:`covshift.nn.functional.normalize_with_stats`); ``running``: the buffers to
+    update in the same call (BatchNorm in training)."""
     pieces = None
     if not torch.compiler.is_compiling():
         if _forced is None or _forced is Path.NATIVE:
@@ -151,14 +129,12 @@ def normalize(
 
 
 class ReferenceFunction(torch.autograd.Function):
-    """``(y, mean, var) = normalize(x, weight, bias)`` by :mod:`.reference` (in pieces
-    by :mod:`.chunked` when ``pieces`` is given); ``mean``/``var`` carry no gradient.
+    """``(y, mean, var) = normalize(x, weight, bias)`` by :mod:`.reference` (in pieces by
+    :mod:`.chunked` when ``pieces`` is given); ``mean``/``var`` carry no gradient.
 
-    Saves ``x`` (alive anyway), ``weight`` and the two statistics ``mean`` and
-    ``rstd``: no full-size temporary. Under ``create_graph=True`` the backward runs
-    with grad mode on, and the saved statistics, computed without a graph, would be
-    constants to the second differentiation: they are recomputed from ``x`` with
-    differentiable ops then (docs/derivations.md §9).
+    Saves ``x``, ``weight``, ``mean`` and ``rstd``, nothing full-size but ``x``. Under
+    ``create_graph=True`` the saved statistics would be constants to the second
+    differentiation, so they are recomputed from ``x`` with differentiable ops (§9).
     """
 
     @staticmethod

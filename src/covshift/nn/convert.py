@@ -1,34 +1,17 @@
 """Swap the normalization layers inside any model: ``convert(model, to=...)``.
 
-Every normalization layer (torch.nn's BatchNorm*/SyncBatchNorm/InstanceNorm*/
-LayerNorm/GroupNorm/RMSNorm, subclasses of those such as timm's, covshift's own and
-its variants) is replaced by another kind, and what can be carried over is:
+Every normalization layer (torch.nn's, subclasses of those such as timm's, covshift's
+variants) is replaced by another kind, carrying what fits: weight and bias (same
+shapes), running statistics (both tracking, same shape), eps and momentum (unless
+passed), ``requires_grad``, mode, device and dtype. What could not be carried is
+*reported*, never silently lost: one :class:`ConversionEntry` per layer in a
+:class:`ConversionReport`; :func:`convert` warns once (:class:`ConversionWarning`) for
+the entries that dropped something (``on_drop="raise"``: an error). An identity
+affine map carries no information, so losing it is not a drop. Building each
+replacement is :mod:`.convert_target`'s part, carrying the state :mod:`.convert_carry`'s.
 
-==================  =================================================================
-carried             when
-==================  =================================================================
-weight, bias        both layers have them and the shapes agree
-running statistics  both track them with the same shape (``num_batches_tracked`` too)
-eps, momentum       the target has the attribute and ``eps=``/``momentum=`` not passed
-requires_grad       per parameter; training/eval mode; device and dtype
-==================  =================================================================
-
-What could not be carried is *reported*, never silently lost: every replacement is
-an entry of a :class:`ConversionReport` (path, from, to, carried, dropped, notes).
-:func:`convert` warns once (:class:`ConversionWarning`) listing the entries that
-dropped something (``on_drop="raise"`` makes it an error, ``"ignore"`` silences it);
-:func:`convert_with_report` returns the report with the model. An affine map that is
-the identity (weight all ones, bias all zeros) carries no information, so losing it
-is not a drop.
-
-This module finds the layers and walks the model; building each replacement is
-:mod:`covshift.nn.convert_target`'s part, carrying the state into it
-:mod:`covshift.nn.convert_carry`'s.
-
-Example:
-    >>> net = nn.Sequential(nn.Conv2d(3, 64, 3), nn.BatchNorm2d(64), nn.ReLU())
-    >>> net = convert(net, to="group", num_groups=32)  # every BN by GroupNorm(32, C)
-    >>> net = convert(net, to="covshift")  # same kinds, covshift's implementation
+Example: ``convert(net, to="group", num_groups=32)`` puts GroupNorm(32, C) for every
+BatchNorm; ``convert(net, to="covshift")`` the same kinds in covshift's implementation.
 """
 
 from __future__ import annotations

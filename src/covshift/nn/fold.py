@@ -1,39 +1,23 @@
 """BatchNorm at inference: fold it into the layer before it, or freeze it.
 
 **Folding.** In eval mode BatchNorm is the per-channel affine map
-``y = (z - mu) * s + beta`` with ``s = gamma / sqrt(running_var + eps)``; after
-``z = W x + b`` (Linear or Conv) the two compose into one layer::
+``y = (z - μ) · s + β``, ``s = γ / sqrt(running_var + eps)``; after ``z = W x + b``
+(Linear or Conv, subclasses that keep its forward; not weight-standardized or
+transposed convs) the two compose into one layer, ``W'[o] = s[o] · W[o]``,
+``b' = (b - μ) · s + β`` (torch's ``fuse_conv_bn_weights``, here in float64), and
+``nn.Identity()`` takes the norm's place (the other state_dict keys keep their names).
+Any BatchNorm kind with running statistics folds (torch's, covshift's, SyncBatchNorm,
+Batch Renorm and Ghost BN, all BatchNorm in eval); a subclass with its own forward or
+child modules (timm's BatchNormAct2d) stays, with identity statistics, so what it adds
+still runs. Which norm consumes which layer's output comes from the dataflow
+(:mod:`.fold_pairs`); every fold is checked, the pair on a random input and the model
+on ``check_input`` when given, and undone if an output changed; the report says why
+for every norm left.
 
-    W' = s[o] * W[o]            b' = (b - mu) * s + beta        (per output channel o)
-
-:func:`fold_batchnorm` rewrites the Linear/Conv in place of the pair and puts
-``nn.Identity()`` where the BatchNorm was (so the other state_dict keys keep their
-names). Which norm consumes which layer's output is read from the model's dataflow
-(:mod:`covshift.nn.fold_pairs`: the torch.fx graph, else a forward trace on
-``check_input``, else Sequential order and, with ``by_name``, names); a norm whose
-layer's output has another user is not folded.
-
-A BatchNorm subclass with its own ``forward`` or child modules (timm's
-``BatchNormAct2d``, a BN with a fused activation) is not replaced: its statistics
-and affine go into the layer and it is kept with identity statistics, so what its
-forward adds still runs. Every fold is checked before it is kept: the pair on a
-random input (a subclass whose eval output is not its running-statistics affine map
-fails here), and the whole model on ``check_input`` when one is given. A fold that
-changes an output is undone, and the report says why; so does every norm left.
-
-``layer`` is a ``Linear`` or ``Conv1d/2d/3d`` (subclasses that keep the base
-``forward`` too; not weight-standardized or transposed convs, whose weight does not
-enter linearly per output channel); ``bn`` any BatchNorm kind with running statistics
-(torch's, covshift's, SyncBatchNorm, Batch Renorm and Ghost BN, which are all
-BatchNorm in eval) whose ``num_features`` equals the layer's output channels. A
-Linear is assumed to feed the BatchNorm ``(N, C)`` inputs (features in dim 1).
-The arithmetic runs in float64 and is cast back to the layer's dtype.
-
-**Freezing.** ``requires_grad=False`` on a BatchNorm stops its affine from learning
-but *not* its running statistics, which keep moving in train mode; and
-``model.train()`` undoes a ``bn.eval()``. :func:`freeze_batchnorm` does both and
-makes it stick: a forward pre-hook puts frozen layers back in eval mode at every
-call. :func:`unfreeze_batchnorm` reverses it.
+**Freezing.** ``requires_grad=False`` stops a BatchNorm's affine from learning but not
+its running statistics, and ``model.train()`` undoes a ``bn.eval()``:
+:func:`freeze_batchnorm` does both and makes it stick (a forward pre-hook puts the
+layer back in eval mode); :func:`unfreeze_batchnorm` reverses it.
 """
 
 from __future__ import annotations
@@ -301,29 +285,19 @@ def fold_batchnorm(
     by_name: bool = False,
     check_input: Tensor | None = None,
 ) -> nn.Module:
-    """Fold every BatchNorm that directly follows a Linear/Conv into it, for inference.
-
-    The folded model computes the original's *eval-mode* output (running
-    statistics) within float tolerance, with one layer instead of two. See the
-    module docstring for how pairs are found and checked; BatchNorms elsewhere stay
-    as they are (:func:`fold_batchnorm_with_report` lists them and why).
+    """Fold every BatchNorm that directly follows a Linear/Conv into it, for inference:
+    the result computes the original's eval-mode output within float tolerance (see
+    the module docstring; :func:`fold_batchnorm_with_report` lists what stayed, and why).
 
     Args:
-        model: any module.
         inplace: change ``model`` itself; by default a deep copy is folded.
-        by_name: when the model can be neither traced (torch.fx) nor run (no
-            ``check_input``), also pair siblings by name (``conv1``/``bn1``, ...),
-            which *assumes* the forward applies the norm right after the layer (the
-            report notes it).
-        check_input: an example input: it pairs layers by a forward trace when
-            torch.fx cannot trace the model, and each fold is kept only if the
-            model's eval output on it is unchanged.
+        by_name: when the model can be neither traced (torch.fx) nor run, also pair
+            siblings by name (``conv1``/``bn1``), an assumption the report notes.
+        check_input: an example input: pairs by a forward trace when torch.fx cannot
+            trace the model, and a fold is kept only if the output on it is unchanged.
 
-    Example:
-        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
-        >>> fused = fold_batchnorm(net)
-        >>> type(fused[1]).__name__
-        'Identity'
+    Example: ``fold_batchnorm(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))[1]``
+    is ``nn.Identity()``.
     """
     folded, _ = fold_batchnorm_with_report(
         model, inplace=inplace, by_name=by_name, check_input=check_input
@@ -337,17 +311,10 @@ def _stay_in_eval(module: nn.Module, args: object) -> None:
 
 
 def freeze_batchnorm(model: nn.Module) -> nn.Module:
-    """Freeze every BatchNorm-kind layer: running statistics *and* affine, for good.
-
-    Each layer goes to eval mode (its running statistics normalize and stop
-    updating), its parameters get ``requires_grad=False``, and a forward pre-hook
-    returns it to eval mode whenever ``model.train()`` switched it back. Returns
-    ``model`` (changed in place).
-
-    Example:
-        >>> net = freeze_batchnorm(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8)))
-        >>> _ = net.train()(torch.randn(16, 4))  # the BN's running stats do not move
-    """
+    """Freeze every BatchNorm-kind layer, running statistics *and* affine, for good: eval
+    mode, ``requires_grad=False``, and a forward pre-hook that returns it to eval mode
+    whenever ``model.train()`` switched it back. Returns ``model``, changed in place
+    (timm's ``freeze_batch_norm_2d`` swaps the modules instead)."""
     for m in model.modules():
         if registry.norm_kind(m) not in registry.batch_kinds():
             continue

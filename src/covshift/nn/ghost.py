@@ -1,26 +1,16 @@
 """Ghost Batch Normalization (Hoffer, Hubara & Soudry 2017, arXiv 1705.08741).
 
-BatchNorm whose statistics are taken over *virtual* sub-batches: the batch of N
-samples is cut, in order, into chunks of ``virtual_batch_size`` samples (the last
-chunk holds the remainder when N is not a multiple), and each chunk is batch-
-normalized on its own. Large-batch training then keeps the regularizing noise of
-small-batch statistics ("train longer, generalize better", Section 4).
-
-Numeric and bookkeeping choices:
-
-- the chunks are ``x.split(virtual_batch_size)`` along dim 0: full chunks first, a
-  shorter last one when N is not a multiple, one chunk (plain BatchNorm) when
-  N <= virtual_batch_size;
-- running statistics are updated once *per virtual batch*, in chunk order, each
-  update counting as one step of ``num_batches_tracked`` (so ``momentum=None``
-  averages over virtual batches). The layer's state after a batch is therefore
-  exactly that of a BatchNorm fed the chunks one after another;
-- in eval the running statistics normalize, as BatchNorm; with
-  ``track_running_stats=False`` eval uses the virtual-batch statistics too.
-
-All full chunks are normalized in one call of the shared core (the input viewed as
-``(k, virtual_batch_size, C, *)``, statistics over dims 1 and the spatial ones), so
-the cost is BatchNorm's, not k times a small BatchNorm.
+BatchNorm whose statistics are taken over *virtual* sub-batches: the batch of N samples
+is cut, in order, into chunks of ``virtual_batch_size`` (``x.split``: full chunks first,
+a shorter last one when N is not a multiple, one chunk when N <= virtual_batch_size),
+each batch-normalized on its own; large-batch training then keeps the regularizing
+noise of small-batch statistics ("train longer, generalize better", Section 4).
+Running statistics are updated once *per virtual batch*, in chunk order, each a step
+of ``num_batches_tracked``: the state after a batch is that of a BatchNorm fed the
+chunks one after another. In eval the running statistics normalize, as BatchNorm
+(without ``track_running_stats``, the virtual-batch statistics). All full chunks are
+normalized in one call of the core, over the ``(k, virtual_batch_size, C, *)`` view
+(docs/derivations.md §14), so the cost is BatchNorm's, not k small BatchNorms'.
 """
 
 from __future__ import annotations
@@ -37,8 +27,19 @@ __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
 
 
 class _GhostBatchNorm(BatchNormVariant):
-    """Ghost BN's forward on top of covshift's BatchNorm: the core's normalization over
-    the (k, v, C, *) view (derivations §14), running statistics per virtual batch."""
+    """Ghost BN's forward on top of BatchNorm's: the core's normalization over the
+    (k, v, C, *) view (derivations §14), running statistics per virtual batch."""
+
+    _doc_template = """Ghost Batch Normalization of {shape} inputs (Hoffer et al. 2017).
+
+    BatchNorm with statistics over virtual batches of ``virtual_batch_size`` samples
+    (``x.split``; the last may be shorter), one shared affine, running statistics
+    updated once per virtual batch, in order; eval as BatchNorm. Arguments, parameters
+    and buffers are BatchNorm's, and ``virtual_batch_size`` (>= 1; default 128, the
+    paper's). Raises ValueError for a virtual batch with one value per channel in
+    training (N = 33 with virtual_batch_size = 32 on (N, C) input).
+    Example: ``{name}(16, virtual_batch_size=4)``.
+    """
 
     def __init__(
         self,
@@ -96,72 +97,19 @@ class _GhostBatchNorm(BatchNormVariant):
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
 
 
-_DOC = """Ghost Batch Normalization over {input} (Hoffer et al. 2017, arXiv 1705.08741).
-
-    BatchNorm with statistics over virtual batches of ``virtual_batch_size``
-    samples: ``x.split(virtual_batch_size)`` (the last chunk may be shorter), each
-    chunk normalized with its own mean and biased variance, one shared affine.
-    Running statistics are updated once per virtual batch, in order (the state after
-    a batch equals a BatchNorm fed the chunks one by one); eval uses them as
-    BatchNorm does. Parameters and buffers are BatchNorm's.
-
-    Args:
-        num_features, eps, momentum, affine, track_running_stats, device, dtype, bias:
-            as {base}.
-        virtual_batch_size: samples per virtual batch, >= 1. Default 128 (the paper's).
-
-    Shape:
-        Input {shape}; output the same.
-
-    Raises:
-        ValueError: virtual_batch_size < 1; a virtual batch with one value per channel
-            in training (e.g. N = 33 with virtual_batch_size = 32 on (N, C) input);
-            the errors of {base}.
-
-    Example:
-        >>> m = {name}(16, virtual_batch_size=4)
-        >>> y = m(torch.randn({example}))  # two virtual batches of 4
-"""
+class GhostBatchNorm1d(_GhostBatchNorm, dims=1): ...
 
 
-class GhostBatchNorm1d(_GhostBatchNorm):
-    __doc__ = _DOC.format(
-        input="(N, C) or (N, C, L)",
-        base="BatchNorm1d",
-        shape="(N, C) or (N, C, L)",
-        name="GhostBatchNorm1d",
-        example="8, 16",
-    )
-    _ranks = (2, 3)
+class GhostBatchNorm2d(_GhostBatchNorm, dims=2): ...
 
 
-class GhostBatchNorm2d(_GhostBatchNorm):
-    __doc__ = _DOC.format(
-        input="(N, C, H, W)",
-        base="BatchNorm2d",
-        shape="(N, C, H, W)",
-        name="GhostBatchNorm2d",
-        example="8, 16, 5, 5",
-    )
-    _ranks = (4,)
-
-
-class GhostBatchNorm3d(_GhostBatchNorm):
-    __doc__ = _DOC.format(
-        input="(N, C, D, H, W)",
-        base="BatchNorm3d",
-        shape="(N, C, D, H, W)",
-        name="GhostBatchNorm3d",
-        example="4, 16, 3, 5, 5",
-    )
-    _ranks = (5,)
+class GhostBatchNorm3d(_GhostBatchNorm, dims=3): ...
 
 
 registry.register_kind(
     registry.NormKind(
         "ghost_batch",
         {1: GhostBatchNorm1d, 2: GhostBatchNorm2d, 3: GhostBatchNorm3d},
-        {},
         batch_statistics=True,
     )
 )

@@ -1,25 +1,18 @@
 """torch.nn's normalization layers with covshift's forward, as their subclasses.
 
-``covshift.nn.BatchNorm2d`` *is* a ``torch.nn.BatchNorm2d`` (``isinstance`` holds, so
-torch's and timm's helpers and Hugging Face's init code treat it as one): torch's
-constructor, parameters, buffers, ``state_dict``, ``reset_parameters`` and
-``extra_repr``, and covshift's ``forward``, which calls :mod:`covshift.nn.functional`:
-what it computes, forward and closed-form backward, is :mod:`covshift.nn.reference`
-over the layer's layout (docs/derivations.md says why, section by section), on the
-native node or the reference Function (:mod:`covshift.nn.backend`).
+``covshift.nn.BatchNorm2d`` *is* a ``torch.nn.BatchNorm2d``: torch's constructor,
+parameters, buffers, ``state_dict`` and ``extra_repr``, so torch's, timm's and Hugging
+Face's code that finds norm layers by type treats it as torch's (docs/nn.md), and
+covshift's ``forward``: :mod:`covshift.nn.functional`, whose math is
+:mod:`covshift.nn.reference` (docs/derivations.md), on the native node or the
+reference Function (:mod:`covshift.nn.backend`). Numeric choices, for all: statistics
+in float32 at least (the output keeps the input dtype), the biased variance normalizes
+and the running variance stores the unbiased one, eps inside the square root.
 
-Numeric choices, shared by all layers: statistics in float32 at least (float16 and
-bfloat16 inputs are upcast; the output keeps the input dtype); the biased variance
-normalizes; the running variance stores the unbiased one; eps goes inside the square
-root: ``(x - μ) / sqrt(σ² + eps)``.
-
-What covshift adds to torch's constructors: every layer checks ``eps > 0`` (and
-BatchNorm/InstanceNorm ``0 <= momentum <= 1``, the sizes positive ints) when it is
-built and raises ValueError, where torch checks eps only for BatchNorm, only at
-forward time, and not at all for the others.
-
-The variants torch.nn has no class for (Batch Renorm, Ghost BN, ...) are *not*
-subclasses of torch's classes: :mod:`covshift.nn._base` says why.
+covshift adds to torch's constructors: every layer checks ``eps > 0`` (BatchNorm and
+InstanceNorm also ``0 <= momentum <= 1``, and the sizes) when it is built, and raises
+ValueError. The variants torch.nn has no class for are not subclasses of torch's:
+:mod:`covshift.nn._base` says why.
 """
 
 from __future__ import annotations
@@ -34,7 +27,7 @@ from torch import Tensor, nn
 
 from covshift.nn import checks
 from covshift.nn import functional as F
-from covshift.nn._base import batch_norm_forward
+from covshift.nn._base import BatchNormForward
 
 __all__ = [
     "BatchNorm1d",
@@ -51,75 +44,24 @@ __all__ = [
 Device = torch.device | str | None
 
 
-class _BatchNorm:
-    """covshift's forward (and constructor checks) for torch.nn's BatchNorm classes."""
+_BN_DOC = """Batch Normalization (Ioffe & Szegedy 2015, arXiv 1502.03167) of {shape}.
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: Device = None,
-        dtype: torch.dtype | None = None,
-        *,
-        bias: bool = True,
-    ) -> None:
-        num_features, eps, momentum = checks.norm_args(num_features, eps, momentum)
-        super().__init__(  # type: ignore[call-arg]
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
-        )
-
-    def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)  # type: ignore[attr-defined]
-        return batch_norm_forward(self, input)  # type: ignore[arg-type]
-
-
-_BN_DOC = """Batch Normalization over {input} (Ioffe & Szegedy 2015, arXiv 1502.03167).
-
-    .. math:: y = \\frac{{x - E[x]}}{{\\sqrt{{Var[x] + \\epsilon}}}} \\cdot \\gamma + \\beta
-
-    ``torch.nn.{name}`` (same arguments, state and running-statistics rule,
-    ``momentum=None`` a cumulative average) with covshift's forward: statistics per
-    channel over the batch{spatial}, float32 at least.
-
-    Shape: input {shape}; output the same (and in the same memory format).
-
-    Example:
-        >>> m = {name}(16)
-        >>> y = m(torch.randn({example}))
+    ``y = (x - E[x]) / sqrt(Var[x] + eps) * γ + β``, statistics per channel over all
+    dims but C: ``torch.nn.{name}`` (its arguments, state and running-statistics rule)
+    with covshift's forward. Example: ``{name}(16)(torch.randn({example}))``.
     """
 
 
-class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
-    __doc__ = _BN_DOC.format(
-        input="(N, C) or (N, C, L)",
-        spatial=" (and L)",
-        shape="(N, C) or (N, C, L)",
-        name="BatchNorm1d",
-        example="8, 16, 10",
-    )
+class BatchNorm1d(BatchNormForward, nn.BatchNorm1d):
+    __doc__ = _BN_DOC.format(shape="(N, C) or (N, C, L)", name="BatchNorm1d", example="8, 16, 10")
 
 
-class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
-    __doc__ = _BN_DOC.format(
-        input="(N, C, H, W)",
-        spatial=" and (H, W)",
-        shape="(N, C, H, W)",
-        name="BatchNorm2d",
-        example="8, 16, 5, 5",
-    )
+class BatchNorm2d(BatchNormForward, nn.BatchNorm2d):
+    __doc__ = _BN_DOC.format(shape="(N, C, H, W)", name="BatchNorm2d", example="8, 16, 5, 5")
 
 
-class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
-    __doc__ = _BN_DOC.format(
-        input="(N, C, D, H, W)",
-        spatial=" and (D, H, W)",
-        shape="(N, C, D, H, W)",
-        name="BatchNorm3d",
-        example="4, 16, 3, 5, 5",
-    )
+class BatchNorm3d(BatchNormForward, nn.BatchNorm3d):
+    __doc__ = _BN_DOC.format(shape="(N, C, D, H, W)", name="BatchNorm3d", example="4, 16, 3, 5, 5")
 
 
 class _InstanceNorm:
@@ -174,42 +116,27 @@ class _InstanceNorm:
         return y.squeeze(0) if unbatched else y
 
 
-_IN_DOC = """Instance Normalization over {input} (Ulyanov et al. 2016, arXiv 1607.08022).
+_IN_DOC = """Instance Normalization (Ulyanov et al. 2016, arXiv 1607.08022) of {shape}.
 
-    .. math:: y = \\frac{{x - E[x]}}{{\\sqrt{{Var[x] + \\epsilon}}}} \\cdot \\gamma + \\beta
-
-    ``torch.nn.{name}`` (same arguments and state; ``track_running_stats=True`` keeps
-    the batch mean of the per-instance statistics for eval) with covshift's forward:
-    statistics per sample and channel over the spatial dims, float32 at least.
-
-    Shape: input {shape} (or unbatched, without N); output the same.
-
-    Example:
-        >>> m = {name}(16, affine=True)
-        >>> y = m(torch.randn({example}))
+    ``y = (x - E[x]) / sqrt(Var[x] + eps) * γ + β``, statistics per sample and channel
+    over the spatial dims: ``torch.nn.{name}`` (its arguments and state; unbatched input
+    too) with covshift's forward. Example: ``{name}(16)(torch.randn({example}))``.
     """
 
 
 class InstanceNorm1d(_InstanceNorm, nn.InstanceNorm1d):
-    __doc__ = _IN_DOC.format(
-        input="(N, C, L)", shape="(N, C, L)", name="InstanceNorm1d", example="8, 16, 10"
-    )
+    __doc__ = _IN_DOC.format(shape="(N, C, L)", name="InstanceNorm1d", example="8, 16, 10")
     _batched_rank = 3
 
 
 class InstanceNorm2d(_InstanceNorm, nn.InstanceNorm2d):
-    __doc__ = _IN_DOC.format(
-        input="(N, C, H, W)", shape="(N, C, H, W)", name="InstanceNorm2d", example="8, 16, 5, 5"
-    )
+    __doc__ = _IN_DOC.format(shape="(N, C, H, W)", name="InstanceNorm2d", example="8, 16, 5, 5")
     _batched_rank = 4
 
 
 class InstanceNorm3d(_InstanceNorm, nn.InstanceNorm3d):
     __doc__ = _IN_DOC.format(
-        input="(N, C, D, H, W)",
-        shape="(N, C, D, H, W)",
-        name="InstanceNorm3d",
-        example="4, 16, 3, 5, 5",
+        shape="(N, C, D, H, W)", name="InstanceNorm3d", example="4, 16, 3, 5, 5"
     )
     _batched_rank = 5
 
@@ -228,18 +155,11 @@ def _as_shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
 
 
 class LayerNorm(nn.LayerNorm):
-    """Layer Normalization over the trailing dims (Ba, Kiros & Hinton 2016, arXiv 1607.06450).
+    """Layer Normalization (Ba, Kiros & Hinton 2016, arXiv 1607.06450).
 
-    .. math:: y = \\frac{x - E[x]}{\\sqrt{Var[x] + \\epsilon}} \\cdot \\gamma + \\beta
-
-    ``torch.nn.LayerNorm`` (same arguments and state; ``γ``, ``β`` element-wise, of
-    shape ``normalized_shape``) with covshift's forward: statistics per sample over
-    the last ``len(normalized_shape)`` dims, float32 at least. For images, LayerNorm
-    over (C, H, W) with a per-channel affine is ``GroupNorm(1, C)``.
-
-    Example:
-        >>> m = LayerNorm(768)
-        >>> y = m(torch.randn(4, 10, 768))
+    ``y = (x - E[x]) / sqrt(Var[x] + eps) * γ + β``, statistics per sample over the
+    trailing ``normalized_shape``, ``γ``, ``β`` element-wise: ``torch.nn.LayerNorm``
+    with covshift's forward. Example: ``LayerNorm(768)(torch.randn(4, 10, 768))``.
     """
 
     def __init__(
@@ -261,25 +181,11 @@ class LayerNorm(nn.LayerNorm):
 class GroupNorm(nn.GroupNorm):
     """Group Normalization (Wu & He 2018, arXiv 1803.08494).
 
-    .. math:: y = \\frac{x - E[x]}{\\sqrt{Var[x] + \\epsilon}} \\cdot \\gamma + \\beta
-
-    ``torch.nn.GroupNorm`` (same arguments and state) with covshift's forward: the C
-    channels fall into ``num_groups`` groups; mean and biased variance per sample and
-    group, over the group's channels and the spatial dims, float32 at least; ``γ``,
-    ``β`` per channel. ``GroupNorm(1, C)`` is LayerNorm over (C, *) with a per-channel
-    affine; ``GroupNorm(C, C)`` is InstanceNorm with affine.
-
-    The math that runs: :func:`covshift.nn.functional.group_norm` ->
-    :func:`covshift.nn.layout.group_norm_layout` (the (N, G, C/G, *) view) ->
-    :func:`covshift.nn.reference.forward` / :func:`~covshift.nn.reference.backward`
-    (their per-channel branch, (5.1)-(5.5)), whichever path runs
-    (:mod:`covshift.nn.backend`). Derivation: docs/derivations.md §1, §3, §5. Tests:
-    tests/nn/test_layers.py (``test_groupnorm_*``, against torch.nn),
-    tests/nn/test_autograd.py (gradcheck, double backward), tests/nn/test_native.py.
-
-    Example:
-        >>> m = GroupNorm(4, 16)
-        >>> y = m(torch.randn(2, 16, 8, 8))
+    ``y = (x - E[x]) / sqrt(Var[x] + eps) * γ + β``, statistics per sample and group of
+    ``C / num_groups`` channels (and the spatial dims), ``γ``, ``β`` per channel:
+    ``torch.nn.GroupNorm`` with covshift's forward, :func:`.functional.group_norm` over
+    the (N, G, C/G, *) view (docs/derivations.md §5). ``GroupNorm(1, C)`` is LayerNorm
+    over (C, *) with a per-channel affine. Example: ``GroupNorm(4, 16)(x)``.
     """
 
     def __init__(
@@ -310,16 +216,9 @@ class GroupNorm(nn.GroupNorm):
 class RMSNorm(nn.RMSNorm):
     """Root-mean-square normalization (Zhang & Sennrich 2019, arXiv 1910.07467).
 
-    .. math:: y = \\frac{x}{\\sqrt{E[x^2] + \\epsilon}} \\cdot \\gamma
-
-    ``torch.nn.RMSNorm`` (same arguments and state) with covshift's forward: no mean
-    subtraction and no bias, the mean of squares over the trailing
-    ``normalized_shape`` in float32 at least. ``eps=None`` means
-    ``torch.finfo(compute dtype).eps``, float32's for float16/bfloat16 inputs.
-
-    Example:
-        >>> m = RMSNorm(768)
-        >>> y = m(torch.randn(4, 10, 768))
+    ``y = x / sqrt(E[x²] + eps) * γ`` over the trailing ``normalized_shape``:
+    ``torch.nn.RMSNorm`` with covshift's forward; ``eps=None`` is the machine epsilon
+    of the compute dtype (float32's for half inputs), as torch's.
     """
 
     def __init__(

@@ -1,18 +1,13 @@
 """The registry of normalization kinds: what a layer is, and how to build one by name.
 
-One table that every consumer queries: :func:`norm_kind` says what kind of
-normalization a module is (``"batch"``, ``"group"``, ...; :func:`match` adds the
-registered class and input rank behind the answer, for :mod:`.convert`, :mod:`.fold`
-and :mod:`.sync`), and :func:`create_norm` builds the layer registered under a name
-(``covshift.probe.select`` asks for torch.nn's classes).
-
-A kind lists its covshift classes and torch.nn's by the input's spatial rank (``dims``
-1, 2, 3; None for a class that serves every rank). The base kinds are registered
-here; each variant registers itself where it is defined (:mod:`.renorm`,
-:mod:`.ghost`, :mod:`.sync`), and ``covshift.nn`` imports them all, so the table is
-complete before any query. A kind's name is also a :func:`create_norm` name; other
-names (``"batch_noisy"``) are factories registered with :func:`register_norm`. The
-channel count is always the first argument (as in timm).
+One table every consumer queries: :func:`norm_kind` (what kind a module is;
+:func:`match` adds the registered class and input rank behind the answer) for
+:mod:`.convert`, :mod:`.fold`, :mod:`.sync` and ``covshift.probe.select``, and
+:func:`create_norm` (the layer registered under a name, the channel count first, as
+in timm). A kind lists covshift's and torch.nn's classes by the input's spatial rank
+(None: every rank); its name is also a :func:`create_norm` name, and other names are
+factories registered with :func:`register_norm`. The base kinds are registered here,
+each variant where it is defined; ``covshift.nn`` imports them all before any query.
 """
 
 from __future__ import annotations
@@ -49,17 +44,10 @@ NormFactory = Callable[..., nn.Module]
 
 @dataclass(frozen=True)
 class NormKind:
-    """One kind of normalization.
-
-    Attributes:
-        name: ``"batch"``, ``"group"``, ... (also its :func:`create_norm` name).
-        classes: covshift's classes by ``dims`` (None: one class for every rank).
-        torch_classes: torch.nn's classes of the same kind, likewise.
-        trailing: the statistics run over the trailing dims (LayerNorm, RMSNorm), not
-            over dim 1 (channels first).
-        batch_statistics: a BatchNorm kind: batch statistics in training, running
-            statistics in eval (so it folds into the layer before it).
-    """
+    """One kind of normalization: its name (also a :func:`create_norm` name), covshift's
+    and torch.nn's classes by input rank, whether its statistics run over the trailing
+    dims (LayerNorm, RMSNorm) rather than dim 1, and whether it is a BatchNorm kind
+    (batch statistics in training, running ones in eval, so it folds)."""
 
     name: str
     classes: Mapping[int | None, type[nn.Module]]
@@ -170,11 +158,8 @@ def norm_names() -> list[str]:
 
 
 def create_norm(name: str, num_features: int, *, dims: int = 1, **kw: object) -> nn.Module:
-    """Build the normalization layer registered as ``name`` for ``num_features`` channels.
-
-    ``dims`` says what the layer will see: 1 for (N, C) or (N, C, L) inputs, 2 for
-    (N, C, H, W), 3 for (N, C, D, H, W); per-sample norms (layer, group, rms) use it to
-    pick the axes.
+    """Build the normalization layer registered as ``name`` for ``num_features`` channels
+    and inputs of spatial rank ``dims`` (1: (N, C) or (N, C, L); 2: (N, C, H, W); 3).
 
     Raises:
         ValueError: unknown name (the message lists the known ones) or bad ``dims``.
@@ -202,8 +187,8 @@ _SHAPE_ARGUMENTS = {"self", "num_features", "normalized_shape", "num_channels", 
 
 
 def _keywords(factory: NormFactory, num_features: int, dims: int) -> list[str]:
-    """The keyword arguments ``name``'s layer accepts: its factory's own and its
-    class's constructor's (less the shape arguments the factory fills in)."""
+    """The keywords a factory's layer accepts: the factory's own and its class's (less
+    the shape arguments the factory fills in)."""
     own = [
         p.name
         for p in inspect.signature(factory).parameters.values()
@@ -223,12 +208,9 @@ def _keywords(factory: NormFactory, num_features: int, dims: int) -> list[str]:
 
 
 def default_num_groups(num_channels: int, *, dims: int, preferred: int = 32) -> int:
-    """The group count used when none is given: the largest divisor of
-    ``num_channels`` that is at most ``preferred`` (Wu & He 2018 use G = 32).
-
-    Without spatial positions (``dims=1``, an MLP's features) each group must hold at
-    least two channels, or every value would be normalized to 0.
-    """
+    """The group count used when none is given: the largest divisor of ``num_channels``
+    at most ``preferred`` (Wu & He 2018 use 32); without spatial positions (``dims=1``)
+    each group holds two channels at least, or every value would be normalized to 0."""
     min_size = 2 if dims == 1 else 1
     for groups in range(min(preferred, num_channels), 0, -1):
         if num_channels % groups == 0 and num_channels // groups >= min_size:

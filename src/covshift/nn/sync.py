@@ -1,30 +1,12 @@
 """SyncBatchNorm on any torch.distributed backend (gloo on CPU included), and back.
 
-torch.nn.SyncBatchNorm runs only on CUDA/NCCL and offers no way back to BatchNorm.
-This one shares the batch statistics across a process group with two ``all_reduce``
-calls per training step, one in forward and one in backward:
-
-forward, per channel c (``n_r`` values per channel on rank r, ``N = sum_r n_r``)::
-
-    all_reduce [ sum_r S1_r, sum_r S2_r, sum_r n_r ]    S1 = sum x,  S2 = sum x^2
-    mu = S1 / N,   var = S2 / N - mu^2  (biased),   xhat = (x - mu) / sqrt(var + eps)
-    y = gamma * xhat + beta
-
-backward (derivation in docs/derivations.md, "SyncBatchNorm")::
-
-    all_reduce [ sum dy, sum dy * xhat ]   (over every rank's batch)
-    dx = gamma / sqrt(var + eps) * (dy - sum(dy) / N - xhat * sum(dy * xhat) / N)
-    dgamma = sum_local dy * xhat,   dbeta = sum_local dy
-
-Unequal batch sizes across ranks are exact: the counts travel with the sums.
-The parameter gradients are the *local* sums, as in torch's SyncBatchNorm: the
-data-parallel wrapper (DDP) all-reduces parameter gradients itself.
-
-Numerics: each rank computes its local mean and biased variance in float32 at least
-(the shared core's two-pass :func:`~covshift.nn.functional.moments`), turns them into
-sums ``n*mu`` and ``n*(var + mu^2)`` in float64, and the float64 sums are reduced; the
-cancellation in ``S2/N - mu^2`` then costs less than float32 rounding for |mu|/sigma
-up to about 1e4.
+torch.nn.SyncBatchNorm runs only on GPUs and offers no way back to BatchNorm. This one
+shares the batch statistics across a process group with one ``all_reduce`` in forward
+(``[Σx, Σx², n]`` per channel, the counts with the sums, so unequal batch sizes are
+exact) and one in backward (``[Σdy, Σdy·x̂]``); parameter gradients are the local sums,
+as torch's (DDP reduces them). Each rank's moments are two-pass, in float32 at least,
+and the sums float64, so ``Σx²/N − μ²`` loses less than float32 rounding for |μ|/σ up to
+about 1e4. Derivation, double backward included: docs/derivations.md §12.
 """
 
 from __future__ import annotations
@@ -39,13 +21,11 @@ from torch.autograd.function import FunctionCtx
 from covshift.nn import checks, registry, sync_convert
 from covshift.nn import functional as CF
 from covshift.nn import running as running_stats
-from covshift.nn._base import batch_norm_forward
+from covshift.nn._base import BatchNormForward
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm"]
 
-ProcessGroup = (
-    Any  # torch.distributed.ProcessGroup; Any keeps builds without distributed importable
-)
+ProcessGroup = Any  # torch.distributed.ProcessGroup: Any keeps builds without it importable
 
 
 def _world_size(group: ProcessGroup | None) -> int:
@@ -56,12 +36,8 @@ def _world_size(group: ProcessGroup | None) -> int:
 
 
 class _AllReduceSum(torch.autograd.Function):
-    """Differentiable ``all_reduce(SUM)``: the adjoint of a sum-all-reduce is itself.
-
-    Every rank gets ``y = sum_r x_r``; for a total loss ``sum_r L_r(y)`` the gradient
-    with respect to ``x_s`` is ``sum_r dL_r/dy``, an all-reduce of the incoming grads.
-    Backward calls ``apply`` again so that higher derivatives work too.
-    """
+    """Differentiable ``all_reduce(SUM)``, whose adjoint is itself (§12): backward calls
+    ``apply`` again, so higher derivatives work too."""
 
     @staticmethod
     def forward(ctx: FunctionCtx, x: Tensor, group: ProcessGroup | None) -> Tensor:
@@ -76,16 +52,6 @@ class _AllReduceSum(torch.autograd.Function):
         return _AllReduceSum.apply(grad.contiguous(), ctx.group), None
 
 
-def _stat_dtype(x: Tensor) -> torch.dtype:
-    return CF.compute_dtype(x.dtype)  # float32 at least, float64 for float64 inputs
-
-
-def _sum_dtype(x: Tensor) -> torch.dtype:
-    # The reduced sums in float64 (see the module docstring), except where the device
-    # has no float64 (Apple MPS).
-    return torch.float32 if x.device.type == "mps" else torch.float64
-
-
 def _reduce_dims(x: Tensor) -> list[int]:
     return [0, *range(2, x.dim())]  # every dim but the channels (dim 1)
 
@@ -95,14 +61,12 @@ def _channel_view(v: Tensor, x: Tensor) -> Tensor:
 
 
 def _global_moments(x: Tensor, group: ProcessGroup | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean and biased variance per channel over every rank's batch, and the count N.
-
-    Differentiable in ``x`` (used as such by the double backward). Returns ``mean``
-    and ``var`` of shape ``(C,)`` in the statistics dtype and ``N`` as a 0-dim tensor.
-    """
+    """``(C,)`` mean and biased variance over every rank's batch (in the compute dtype),
+    and the count N (0-dim), differentiable in ``x`` (the double backward uses that)."""
     c = x.shape[1]
     n = x.numel() // c if c else 0  # values per channel on this rank
-    sum_dtype = _sum_dtype(x)
+    # The reduced sums in float64, except where the device has none (Apple MPS).
+    sum_dtype = torch.float32 if x.device.type == "mps" else torch.float64
     if n > 0:
         mean, var = CF.moments(x, _reduce_dims(x))  # (C,) local, two-pass, stat dtype
         mean = mean.to(sum_dtype)
@@ -115,7 +79,8 @@ def _global_moments(x: Tensor, group: ProcessGroup | None) -> tuple[Tensor, Tens
     s1, s2, big_n = total[:c], total[c : 2 * c], total[2 * c]
     mean = s1 / big_n  # (12.2)
     var = (s2 / big_n - mean * mean).clamp_min(0)  # (12.2); rounding can dip below 0
-    return mean.to(_stat_dtype(x)), var.to(_stat_dtype(x)), big_n
+    stat = CF.compute_dtype(x.dtype)
+    return mean.to(stat), var.to(stat), big_n
 
 
 def _backward(
@@ -154,13 +119,10 @@ def _backward(
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
-    """Normalize with given global statistics; backward reduces ``[sum dy, sum dy*xhat]``.
-
-    ``mean``/``invstd`` come in detached (computed once in forward); the backward
-    accounts for their dependence on ``x`` in closed form. Under ``create_graph`` the
-    backward recomputes the statistics differentiably so that double backward is exact.
-    Saves ``x``, ``weight``, ``mean``, ``invstd`` (as torch's BatchNorm does).
-    """
+    """Normalize with the given global statistics; the backward reduces ``[Σdy, Σdy·x̂]``
+    and accounts for the statistics' dependence on ``x`` in closed form, (12.3). Saves
+    ``x``, ``weight``, ``mean``, ``invstd``; under ``create_graph`` the statistics are
+    recomputed differentiably, so double backward is exact."""
 
     @staticmethod
     def forward(
@@ -212,22 +174,12 @@ def sync_batch_norm(
     eps: float = 1e-5,
     process_group: ProcessGroup | None = None,
 ) -> Tensor:
-    """Batch normalization with batch statistics shared across ``process_group``.
+    """Batch normalization of ``input`` ``(N, C, *)`` (N may differ between ranks) with
+    the batch statistics of every rank in ``process_group`` (None: the world).
 
-    Always uses the batch statistics (the training-mode computation) and updates
-    ``running_mean``/``running_var`` in place when given:
-    ``running = (1 - momentum) * running + momentum * batch``, the variance unbiased
-    with the global count ``N / (N - 1)``. Without torch.distributed initialized (or a
-    group of one) the all-reduces are identities: it is exactly local batch norm.
-    See :class:`SyncBatchNorm` for the formulas.
-
-    Args:
-        input: ``(N, C, *)`` on this rank; ``N`` may differ between ranks.
-        running_mean, running_var: ``(C,)`` buffers to update, or None.
-        weight, bias: ``(C,)`` affine parameters, or None.
-        momentum: running-statistics factor (the caller resolves ``momentum=None``).
-        eps: added to the variance.
-        process_group: the group to share statistics in; None means the whole world.
+    Updates ``running_mean``/``running_var`` when given, with factor ``momentum`` (the
+    caller resolves None) and the global count's unbiased variance (§7). Without
+    torch.distributed initialized, or in a group of one, it is local batch norm.
 
     Raises:
         ValueError: fewer than two values per channel over the whole group.
@@ -254,17 +206,12 @@ def sync_batch_norm(
 class SyncBatchNorm(nn.SyncBatchNorm):
     """Batch normalization whose batch statistics span a torch.distributed group.
 
-    ``y = (x - E[x]) / sqrt(Var[x] + eps) * gamma + beta`` where ``E`` and ``Var``
-    (biased) run over the batch of *every* process in the group and, per channel,
-    over all dims but dim 1 (Ioffe & Szegedy 2015, arXiv 1502.03167).
-
-    ``torch.nn.SyncBatchNorm`` (same arguments, parameters, buffers and running-
-    statistics rule, with the global count's unbiased variance) with covshift's
-    forward, which works on any backend (gloo on CPU, NCCL on CUDA) and any number of
-    ranks with unequal batch sizes, where torch's runs on GPUs only. With
-    torch.distributed uninitialized, a group of one, or in eval mode it is local
-    BatchNorm. Parameter gradients are local sums (DDP reduces them across ranks as
-    for any parameter).
+    ``y = (x - E[x]) / sqrt(Var[x] + eps) * gamma + beta`` with ``E``, ``Var`` (biased)
+    per channel over the batch of *every* process in the group (Ioffe & Szegedy 2015,
+    arXiv 1502.03167). ``torch.nn.SyncBatchNorm`` (same arguments and state) with
+    covshift's forward, which runs on any backend and unequal batch sizes, where
+    torch's needs GPUs; alone (no process group, a group of one) or in eval mode it is
+    local BatchNorm.
 
     Example:
         >>> bn = SyncBatchNorm(16)  # shares statistics once dist.init_process_group ran
@@ -302,11 +249,11 @@ class SyncBatchNorm(nn.SyncBatchNorm):
             )
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
         # As torch's SyncBatchNorm: synchronize only in training. Eval may run on one
         # rank alone (validation on rank 0) and must not wait for the others.
         if not (self.training and _world_size(self.process_group) > 1):
-            return batch_norm_forward(self, input)  # alone: exactly BatchNorm
+            return BatchNormForward.forward(self, input)  # alone: exactly BatchNorm
+        self._check_input_dim(input)
         tracking = self.track_running_stats
         counter = self.num_batches_tracked if tracking else None
         factor = running_stats.step_factor(self.momentum, counter, tracking)
@@ -326,15 +273,14 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         cls, module: nn.Module, process_group: ProcessGroup | None = None
     ) -> nn.Module:
         """Replace every BatchNorm1d/2d/3d (torch's, covshift's) and torch's
-        SyncBatchNorm in ``module`` by this class, sharing its parameters and buffers.
+        SyncBatchNorm in ``module`` by this class, sharing their parameter and buffer
+        objects (an optimizer built before keeps working); return ``module``, or its
+        replacement when it is one.
 
-        What torch's classmethod does, with three differences: the result runs on any
-        backend; a subclass with its own ``forward`` or child modules (a BatchNorm
-        fused with an activation) is left alone, with a warning, where torch's would
-        drop what it adds; and each layer records the class it replaced, for
-        :meth:`revert_sync_batchnorm`. The parameter and buffer *objects* are reused,
-        so an optimizer built before the conversion keeps working. Returns ``module``
-        itself, or its replacement when ``module`` is a BatchNorm.
+        As torch's classmethod, but the result runs on any backend, a subclass with
+        its own ``forward`` or child modules (a fused activation) is left alone with a
+        warning, and each layer records the class it replaced for
+        :meth:`revert_sync_batchnorm`.
 
         Example:
             >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
@@ -346,16 +292,13 @@ class SyncBatchNorm(nn.SyncBatchNorm):
 
     @staticmethod
     def revert_sync_batchnorm(module: nn.Module, to: type[nn.Module] | None = None) -> nn.Module:
-        """Replace every SyncBatchNorm (covshift's or torch's) by a plain BatchNorm.
-
-        The class is the one recorded by :meth:`convert_sync_batchnorm` (or by
-        ``create_norm("sync_batch", dims=...)``); ``to`` names it for layers without a
-        record (a SyncBatchNorm built directly). Parameters and buffers are shared, as
-        in the conversion. Returns ``module`` itself, or its replacement.
+        """Replace every SyncBatchNorm (covshift's or torch's) by the class recorded by
+        :meth:`convert_sync_batchnorm` or ``create_norm("sync_batch", dims=...)``, else
+        ``to``, sharing parameters and buffers; return ``module`` or its replacement.
 
         Raises:
-            ValueError: a SyncBatchNorm with no recorded class and ``to`` is None (the
-                input rank decides between BatchNorm1d/2d/3d and only you know it).
+            ValueError: no recorded class and no ``to`` (the input rank decides between
+                BatchNorm1d/2d/3d, and only the caller knows it).
         """
         return sync_convert.from_sync(module, to)
 
