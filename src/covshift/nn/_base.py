@@ -1,17 +1,11 @@
 """BatchNorm's covshift forward, shared by the plain BatchNorms and the BatchNorm
-variants, and the base of the variants: the layers torch.nn has no class for.
+variants, and the base of the variants, the layers torch.nn has no class for.
 
-covshift's plain layers (:mod:`.layers`) subclass torch.nn's. The variants (Batch
-Renorm, Ghost BN, and any new layer such as Dynamic Tanh) subclass :class:`NormVariant`
-instead, *not* a torch.nn norm class, on purpose: torch's and timm's helpers find norm
-layers by ``isinstance`` and rebuild them as their own (torch's
-``SyncBatchNorm.convert_sync_batchnorm`` makes every ``_BatchNorm`` a ``SyncBatchNorm``,
-timm's ``freeze_batch_norm_2d`` every ``BatchNorm2d`` a ``FrozenBatchNorm2d``), which
-would turn a Batch Renorm (r, d clipping) or a Ghost BN (statistics per virtual batch)
-into plain BatchNorm without a word. covshift's own tools know the variants through
-the registry of kinds (:mod:`.registry`). A new layer declares its parameters with
-:meth:`NormVariant.register_affine` (torch's names), writes ``__init__``, ``forward``
-and ``extra_repr``, and registers its kind (docs/nn.md, "Adding a layer").
+The variants subclass :class:`NormVariant`, not a torch.nn norm class, on purpose:
+torch's and timm's helpers find norm layers by ``isinstance`` and rebuild them as their
+own (``SyncBatchNorm.convert_sync_batchnorm``, timm's ``freeze_batch_norm_2d``), which
+would make a Batch Renorm or a Ghost BN plain BatchNorm without a word; covshift's
+tools know them through :mod:`.registry`. How to add one: docs/nn.md.
 """
 
 from __future__ import annotations

@@ -1,18 +1,11 @@
-"""The bridge to the fused CPU kernels (``csrc/``), compiled at first use.
+"""The bridge to the fused CPU kernels (``csrc/``, docs/derivations.md §17).
 
-``csrc/norm_kernels.h`` computes the closed forms of :mod:`covshift.nn.reference` in
-one fused pass per direction, for two access patterns (channel and row) that cover
-every layer of the family (:mod:`._native_plan` matches a layout to one; derivations
-§17). The extension is built the first time a layer runs on the CPU, never at import,
+The extension is compiled the first time a layer runs on the CPU, never at import,
 into a cache later processes load in milliseconds (:mod:`._native_build`); if the
-build fails, one warning says so and the reference Function serves every call.
-``COVSHIFT_NATIVE=0`` switches the native path off without building.
-
-:func:`normalize` runs forward and backward in one C++ autograd node (no Python on the
-way back; under ``create_graph=True`` its backward is differentiable ATen ops), or
-answers None where it does not apply (CPU, eager, float32/64/16/bfloat16, contiguous or
-BatchNorm's channels_last); those guards run in C++, cheaper than from Python. The
-process-wide state is plain globals here, read on every training step.
+build fails, one warning says so and the reference Function serves every call;
+``COVSHIFT_NATIVE=0`` switches it off without building. :func:`normalize` runs forward
+and backward in one C++ autograd node, or answers None where it does not apply (the
+guards run in C++, cheaper than from Python on small layers).
 """
 
 from __future__ import annotations

@@ -1,17 +1,9 @@
-"""Matching a normalization layout to a native kernel, and packing the match for C++.
+"""Matching a layout to a native kernel's access pattern, packed for ``norm.cpp``.
 
-``csrc/norm_kernels.h`` has two access patterns that cover every layer of the family:
-
-- **channel**: ``x`` viewed as ``(A, C, B)`` in memory, one statistic per channel over
-  ``A·B`` elements (BatchNorm: ``A = N, B = H·W`` in NCHW; ``B = 1`` for channels_last
-  and for ``(N, C)`` inputs);
-- **row**: ``x`` viewed as ``(R, K)``, one statistic per contiguous row (LayerNorm and
-  RMSNorm over trailing dims; GroupNorm and InstanceNorm, whose ``(n, group)`` blocks
-  are contiguous in NCHW), with the affine index ``(r mod G)·Cg + k // S``.
-
-A layout is matched once, for a contiguous and for a channels_last input, and the
-result is kept on the layout as int64 tensors in the format ``norm.cpp``'s ``Config``
-reads; anything that fits neither pattern gets None and keeps the pure-PyTorch path.
+**channel**: ``x`` as ``(A, C, B)`` in memory, a statistic per channel (BatchNorm;
+``B = 1`` for channels_last and (N, C)); **row**: ``x`` as ``(R, K)``, a statistic per
+contiguous row (LayerNorm, RMSNorm, GroupNorm, InstanceNorm), the affine index
+``(r mod G)·Cg + k // S``. A layout that fits neither keeps the reference Function.
 """
 
 from __future__ import annotations

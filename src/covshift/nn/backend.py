@@ -1,18 +1,12 @@
-"""Which path computes a normalization, chosen in one place, and a way to see it.
+"""Which path computes a normalization, chosen once per call, and a way to see it.
 
-Two paths compute the math of :mod:`covshift.nn.reference`: the ``native`` C++ autograd
-node (:mod:`._native`: CPU, eager, the dtypes and layouts its kernels serve) and
-:class:`ReferenceFunction`, the reference's forward and closed-form backward,
-anywhere. :func:`normalize` chooses once per call: the node where it applies, else the
-Function, which on the CPU cuts its work into cache-sized pieces (``chunked``,
-:mod:`.chunked`: the same terms in place, 2-5x faster than the plain ops and without
-their full-size temporaries; docs/nn.md names the benchmark column) and reuses the
-forward's choice in its backward. A ``create_graph=True`` backward is always the
-reference's plain ops, which autograd differentiates again (docs/derivations.md §9);
-under torch.compile the Function runs unchunked and inductor fuses it.
-
-:func:`report_paths` records every choice with its reason; :func:`force` makes the
-choice take one path (and raise where it cannot): for tests and debugging.
+:func:`normalize` takes the native C++ node (:mod:`._native`) where it applies, else
+:class:`ReferenceFunction`, the forward and closed-form backward of
+:mod:`.reference`, which on the CPU runs in cache-sized pieces (:mod:`.chunked`, which
+docs/nn.md justifies with a benchmark column) and reuses the forward's choice in its
+backward; a ``create_graph`` backward is always the reference's plain ops (§9), and
+under torch.compile the Function runs unchunked. :func:`report_paths` records the
+choices, :func:`force` imposes one (tests, debugging).
 """
 
 from __future__ import annotations

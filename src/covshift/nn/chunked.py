@@ -1,16 +1,8 @@
-"""The chunked fast path: the reference math on the CPU with grad mode off, in pieces.
-
-The same terms as :mod:`covshift.nn.reference`, term for term (docs/derivations.md
-§11), cut along a dim that no statistic spans into pieces of about 2 MB, each piece
-holding whole statistics groups. Only ``y`` and ``dx`` are allocated at full size;
-the deviations x - μ are written into the output piece and transformed in place;
-other temporaries live in a small per-thread workspace reused across calls. (Fresh
-whole-size temporaries would each cost a trip to memory and, once the allocator hands
-the pages back to the OS, page faults that cost more than the arithmetic.)
-
-:class:`covshift.nn.backend.ReferenceFunction` runs it where the native node does not
-apply; :func:`covshift.nn.backend.normalize` decides. The tests run it against torch.nn
-with pieces forced down to one slice.
+"""The reference's terms on the CPU in pieces of about 2 MB along a dim no statistic
+spans (docs/derivations.md §11): only ``y`` and ``dx`` are full-size, x - μ is written
+into the output piece and transformed in place, other temporaries live in a per-thread
+workspace (fresh full-size temporaries cost memory trips and page faults).
+:class:`covshift.nn.backend.ReferenceFunction` runs it; tests force tiny pieces.
 """
 
 from __future__ import annotations

@@ -35,9 +35,7 @@ __all__ = [
     "convert_with_report",
 ]
 
-# --------------------------------------------------------------------------------------
-# The entry points
-# --------------------------------------------------------------------------------------
+# --- The entry points
 
 
 def _resolve_target(to: Target | Mapping, m: nn.Module, kind: str) -> Target | None:

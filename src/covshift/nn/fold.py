@@ -1,23 +1,12 @@
-"""BatchNorm at inference: fold it into the layer before it, or freeze it.
+"""BatchNorm at inference: fold it into the Linear/Conv before it, or freeze it.
 
-**Folding.** In eval mode BatchNorm is the per-channel affine map
-``y = (z - μ) · s + β``, ``s = γ / sqrt(running_var + eps)``; after ``z = W x + b``
-(Linear or Conv, subclasses that keep its forward; not weight-standardized or
-transposed convs) the two compose into one layer, ``W'[o] = s[o] · W[o]``,
-``b' = (b - μ) · s + β`` (torch's ``fuse_conv_bn_weights``, here in float64), and
-``nn.Identity()`` takes the norm's place (the other state_dict keys keep their names).
-Any BatchNorm kind with running statistics folds (torch's, covshift's, SyncBatchNorm,
-Batch Renorm and Ghost BN, all BatchNorm in eval); a subclass with its own forward or
-child modules (timm's BatchNormAct2d) stays, with identity statistics, so what it adds
-still runs. Which norm consumes which layer's output comes from the dataflow
-(:mod:`.fold_pairs`); every fold is checked, the pair on a random input and the model
-on ``check_input`` when given, and undone if an output changed; the report says why
-for every norm left.
-
-**Freezing.** ``requires_grad=False`` stops a BatchNorm's affine from learning but not
-its running statistics, and ``model.train()`` undoes a ``bn.eval()``:
-:func:`freeze_batchnorm` does both and makes it stick (a forward pre-hook puts the
-layer back in eval mode); :func:`unfreeze_batchnorm` reverses it.
+A BatchNorm in eval is a per-channel affine map, and after ``W x + b`` the two compose
+into one layer (torch's ``fuse_conv_bn_weights``, here in float64); ``nn.Identity()``
+takes the norm's place. Every BatchNorm kind folds, variants included; a subclass with
+its own forward stays, with identity statistics. Pairs come from the dataflow
+(:mod:`.fold_pairs`), every fold is checked and undone if an output changed, and the
+report says why for every norm left. Freezing: eval mode and no gradients, made to
+stick through ``model.train()``. docs/nn.md compares both with torch's and timm's.
 """
 
 from __future__ import annotations

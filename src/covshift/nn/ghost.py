@@ -1,16 +1,10 @@
 """Ghost Batch Normalization (Hoffer, Hubara & Soudry 2017, arXiv 1705.08741).
 
-BatchNorm whose statistics are taken over *virtual* sub-batches: the batch of N samples
-is cut, in order, into chunks of ``virtual_batch_size`` (``x.split``: full chunks first,
-a shorter last one when N is not a multiple, one chunk when N <= virtual_batch_size),
-each batch-normalized on its own; large-batch training then keeps the regularizing
-noise of small-batch statistics ("train longer, generalize better", Section 4).
-Running statistics are updated once *per virtual batch*, in chunk order, each a step
-of ``num_batches_tracked``: the state after a batch is that of a BatchNorm fed the
-chunks one after another. In eval the running statistics normalize, as BatchNorm
-(without ``track_running_stats``, the virtual-batch statistics). All full chunks are
-normalized in one call of the core, over the ``(k, virtual_batch_size, C, *)`` view
-(docs/derivations.md §14), so the cost is BatchNorm's, not k small BatchNorms'.
+BatchNorm over *virtual* batches: ``x.split(virtual_batch_size)`` in order (a shorter
+last chunk when N is not a multiple), each normalized on its own, one affine; running
+statistics move once per virtual batch, in order, so the state is that of a BatchNorm
+fed the chunks one by one; eval as BatchNorm. All full chunks run in one call of the
+core over the ``(k, virtual_batch_size, C, *)`` view (docs/derivations.md §14).
 """
 
 from __future__ import annotations

@@ -1,18 +1,10 @@
 """torch.nn's normalization layers with covshift's forward, as their subclasses.
 
-``covshift.nn.BatchNorm2d`` *is* a ``torch.nn.BatchNorm2d``: torch's constructor,
-parameters, buffers, ``state_dict`` and ``extra_repr``, so torch's, timm's and Hugging
-Face's code that finds norm layers by type treats it as torch's (docs/nn.md), and
-covshift's ``forward``: :mod:`covshift.nn.functional`, whose math is
-:mod:`covshift.nn.reference` (docs/derivations.md), on the native node or the
-reference Function (:mod:`covshift.nn.backend`). Numeric choices, for all: statistics
-in float32 at least (the output keeps the input dtype), the biased variance normalizes
-and the running variance stores the unbiased one, eps inside the square root.
-
-covshift adds to torch's constructors: every layer checks ``eps > 0`` (BatchNorm and
-InstanceNorm also ``0 <= momentum <= 1``, and the sizes) when it is built, and raises
-ValueError. The variants torch.nn has no class for are not subclasses of torch's:
-:mod:`covshift.nn._base` says why.
+``covshift.nn.BatchNorm2d`` *is* a ``torch.nn.BatchNorm2d``: torch's constructor (after
+covshift's argument checks: eps > 0, momentum in [0, 1], positive sizes), parameters,
+buffers, ``state_dict`` and ``extra_repr``, and covshift's ``forward``
+(:mod:`covshift.nn.functional`: statistics in float32 at least, the hand-derived
+backward, the native kernels). docs/nn.md says what ``isinstance`` now reaches.
 """
 
 from __future__ import annotations

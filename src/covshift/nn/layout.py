@@ -18,17 +18,6 @@ import torch
 
 from covshift.nn import checks
 
-__all__ = [
-    "NormLayout",
-    "batch_norm_layout",
-    "count",
-    "group_norm_layout",
-    "remember",
-    "remembered",
-    "resolve_layout",
-    "trailing_norm_layout",
-]
-
 Dims = int | Sequence[int]
 
 
@@ -63,15 +52,6 @@ class NormLayout:
     count: int
     param_shape: tuple[int, ...] | None = None
 
-    def __hash__(self) -> int:
-        # Layouts key caches on every call (the native kernels' plans): hash the
-        # fields once, not on every lookup.
-        h = self.__dict__.get("_hash")
-        if h is None:
-            h = hash(tuple(getattr(self, f) for f in self.__dataclass_fields__))
-            object.__setattr__(self, "_hash", h)
-        return h
-
     @property
     def affine_dims(self) -> tuple[int, ...]:
         """Dims of the view along which the affine is constant (dw, db sum over them)."""
@@ -88,9 +68,7 @@ def count(shape: Sequence[int], dims: Sequence[int]) -> int:
     return m
 
 
-# --------------------------------------------------------------------------------------
-# The cache: one dict for resolve_layout's keys and the wrappers' keys
-# --------------------------------------------------------------------------------------
+# --- The cache: one dict for resolve_layout's keys and the wrappers' keys
 
 _layouts: dict[tuple, NormLayout] = {}
 _MAX_LAYOUTS = 4096
@@ -114,9 +92,7 @@ def remember(key: tuple, layout: NormLayout) -> None:
     _layouts[key] = layout
 
 
-# --------------------------------------------------------------------------------------
-# The general case
-# --------------------------------------------------------------------------------------
+# --- The general case
 
 
 def resolve_layout(
@@ -208,9 +184,7 @@ def _resolve(
     )
 
 
-# --------------------------------------------------------------------------------------
-# The functional wrappers' layouts: checked on the first call per shapes, remembered
-# --------------------------------------------------------------------------------------
+# --- The functional wrappers' layouts: checked on the first call per shapes, remembered
 
 
 def _shape(t: torch.Tensor | None) -> tuple[int, ...] | None:

@@ -1,18 +1,9 @@
 """Santurkar et al.'s "noisy BN": time-varying noise injected after a norm layer.
 
-Santurkar, Tsipras, Ilyas, Madry 2018, "How Does Batch Normalization Help
-Optimization?" (arXiv 1805.11604), Section 2.1: after each BN layer the activations
-are perturbed by noise whose distribution changes at every step, so that the
-layer-input distributions are *less* stable than without BN, and the network still
-trains nearly as well as with BN. Per step ``t`` and layer::
-
-    mu_t    ~ U(-0.5, 0.5)            sigma_t ~ U(1, 1.25)          (scalars)
-    m       ~ U(mu_t - 0.1, mu_t + 0.1)   s ~ N(sigma_t, 0.1)       (per element)
-    a      <-  s * a + m
-
-"Per element" means one draw for every entry of the activation tensor (every
-sample, channel and position). ``s`` and ``m`` are constants for backprop
-(``da = s * dy``). No noise in eval mode.
+Santurkar, Tsipras, Ilyas & Madry 2018 (arXiv 1805.11604), Section 2.1: per step
+``mu_t ~ U(-0.5, 0.5)``, ``sigma_t ~ U(1, 1.25)``, then per element
+``m ~ U(mu_t ± 0.1)``, ``s ~ N(sigma_t, 0.1)`` and ``a <- s·a + m`` (``s``, ``m``
+constants for backprop); no noise in eval mode.
 """
 
 from __future__ import annotations

@@ -1,27 +1,14 @@
 """Batch Renormalization (Ioffe 2017, arXiv 1702.03275).
 
-In training, BatchNorm's output is corrected towards what the running statistics
-would give, so that training and inference compute the same function in expectation
-(which matters for small or non-i.i.d. batches)::
+Training corrects BatchNorm towards the running statistics, so that training and
+inference compute the same function in expectation (docs/derivations.md §13)::
 
     r = clip(σ_B / σ_run, 1/r_max, r_max)     d = clip((μ_B - μ_run) / σ_run, -d_max, d_max)
-    y = γ · (x̂ · r + d) + β                   σ = sqrt(var + eps), x̂ BatchNorm's
+    y = γ · (x̂ · r + d) + β                   (r, d constants in backprop)
 
-with ``r`` and ``d`` constants in backprop (the paper's ``stop_gradient``); in eval the
-running statistics normalize, as BatchNorm; with ``r_max = 1, d_max = 0`` it *is*
-BatchNorm (derivation: docs/derivations.md §13). The paper's schedule ("r_max = 1,
-d_max = 0 for the first 5000 training steps, after which these were gradually relaxed
-to reach r_max = 3 at 40k steps, and d_max = 5 at 25k steps") is a warmup and two linear
-ramps (linear is the choice here: the paper says "gradually")::
-
-    t = num_batches_tracked before the current batch
-    r_max(t) = 1 + (r_max - 1) · clip((t - warmup_steps) / r_max_ramp_steps, 0, 1)
-    d_max(t) =          d_max  · clip((t - warmup_steps) / d_max_ramp_steps, 0, 1)
-
-(a ramp of 0 steps jumps at ``warmup_steps``). The step counter is the layer's own
-buffer, so it survives checkpoints. Running statistics follow BatchNorm exactly
-(torch's momentum convention, unbiased ``running_var``), so a BatchNorm state_dict
-loads into these layers and back.
+r_max and d_max follow the paper's schedule, a warmup then linear ramps (the paper
+says "gradually"), counted by the layer's own ``num_batches_tracked``
+(:func:`renorm_limits`); eval is BatchNorm, and so is ``r_max = 1, d_max = 0``.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ about 1e4. Derivation, double backward included: docs/derivations.md §12.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,7 +20,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
-from covshift.nn import checks, registry, sync_convert
+from covshift.nn import checks, registry
 from covshift.nn import functional as CF
 from covshift.nn import running as running_stats
 from covshift.nn._base import BatchNormForward
@@ -83,41 +85,6 @@ def _global_moments(x: Tensor, group: ProcessGroup | None) -> tuple[Tensor, Tens
     return mean.to(stat), var.to(stat), big_n
 
 
-def _backward(
-    dy: Tensor,
-    x: Tensor,
-    weight: Tensor | None,
-    mean: Tensor,
-    invstd: Tensor,
-    big_n: Tensor,
-    group: ProcessGroup | None,
-    needs: tuple[bool, bool, bool],
-    bias_dtype: torch.dtype | None,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Closed-form gradients ``(dx, dweight, dbias)``; differentiable when grad mode is on."""
-    dims = _reduce_dims(x)
-    stat = mean.dtype
-    xhat = (x.to(stat) - _channel_view(mean, x)) * _channel_view(invstd, x)  # (N, C, *)
-    dy_s = dy.to(stat)
-    sum_dy = dy_s.sum(dims)  # (C,) local
-    sum_dy_xhat = (dy_s * xhat).sum(dims)  # (C,) local
-    dx = None
-    if needs[0]:
-        both = _AllReduceSum.apply(torch.cat([sum_dy, sum_dy_xhat]), group)  # (2C,) global
-        c = x.shape[1]
-        g_dy = both[:c] / big_n.to(stat)
-        g_dy_xhat = both[c:] / big_n.to(stat)
-        scale = invstd if weight is None else weight.to(stat) * invstd  # (C,)
-        dx = _channel_view(scale, x) * (  # (12.3)
-            dy_s - _channel_view(g_dy, x) - xhat * _channel_view(g_dy_xhat, x)
-        )
-        dx = dx.to(x.dtype)
-    # (12.4), the local sums: DDP reduces parameter gradients itself.
-    dweight = sum_dy_xhat.to(weight.dtype) if needs[1] and weight is not None else None
-    dbias = sum_dy.to(bias_dtype) if needs[2] and bias_dtype is not None else None
-    return dx, dweight, dbias
-
-
 class _SyncBatchNormFunction(torch.autograd.Function):
     """Normalize with the given global statistics; the backward reduces ``[Σdy, Σdy·x̂]``
     and accounts for the statistics' dependence on ``x`` in closed form, (12.3). Saves
@@ -138,7 +105,6 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     ) -> Tensor:
         ctx.save_for_backward(x, weight, mean, invstd, big_n)
         ctx.eps, ctx.group = eps, group
-        ctx.has_bias = bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
         scale = invstd if weight is None else weight.to(invstd.dtype) * invstd  # (C,)
         shift = -mean * scale if bias is None else bias.to(invstd.dtype) - mean * scale
@@ -148,19 +114,27 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, mean, invstd, big_n = ctx.saved_tensors
-        needs = (
-            ctx.needs_input_grad[0],
-            weight is not None and ctx.needs_input_grad[1],
-            ctx.has_bias and ctx.needs_input_grad[2],
-        )
         if torch.is_grad_enabled():
             # create_graph: the saved statistics are constants; recompute them as
             # functions of x so that d(dx)/dx includes their dependence on x.
             mean, var, big_n = _global_moments(x, ctx.group)
             invstd = torch.rsqrt(var + ctx.eps)
-        dx, dweight, dbias = _backward(
-            dy, x, weight, mean, invstd, big_n, ctx.group, needs, ctx.bias_dtype
-        )
+        dims, stat, c = _reduce_dims(x), mean.dtype, x.shape[1]
+        xhat = (x.to(stat) - _channel_view(mean, x)) * _channel_view(invstd, x)  # (N, C, *)
+        dy_s = dy.to(stat)
+        sum_dy, sum_dy_xhat = dy_s.sum(dims), (dy_s * xhat).sum(dims)  # (C,) local
+        dx = dweight = dbias = None
+        if ctx.needs_input_grad[0]:
+            both = _AllReduceSum.apply(torch.cat([sum_dy, sum_dy_xhat]), ctx.group)  # global
+            means = both / big_n.to(stat)  # [Σdy / N, Σdy·x̂ / N]
+            scale = invstd if weight is None else weight.to(stat) * invstd  # (C,)
+            dx = dy_s - _channel_view(means[:c], x) - xhat * _channel_view(means[c:], x)
+            dx = (_channel_view(scale, x) * dx).to(x.dtype)  # (12.3)
+        # (12.4), the local sums: DDP reduces parameter gradients itself.
+        if weight is not None and ctx.needs_input_grad[1]:
+            dweight = sum_dy_xhat.to(weight.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            dbias = sum_dy.to(ctx.bias_dtype)
         return dx, dweight, dbias, None, None, None, None, None
 
 
@@ -288,7 +262,7 @@ class SyncBatchNorm(nn.SyncBatchNorm):
             >>> type(net[1]).__name__
             'SyncBatchNorm'
         """
-        return sync_convert.to_sync(module, cls, process_group)
+        return _to_sync(module, cls, process_group)
 
     @staticmethod
     def revert_sync_batchnorm(module: nn.Module, to: type[nn.Module] | None = None) -> nn.Module:
@@ -300,7 +274,77 @@ class SyncBatchNorm(nn.SyncBatchNorm):
             ValueError: no recorded class and no ``to`` (the input rank decides between
                 BatchNorm1d/2d/3d, and only the caller knows it).
         """
-        return sync_convert.from_sync(module, to)
+        return _from_sync(module, to)
+
+
+# Converting to SyncBatchNorm and back, sharing parameters and buffers.
+
+
+def _to_sync(module: nn.Module, cls: type[nn.Module], process_group: Any) -> nn.Module:
+    """Replace every plain BatchNorm in ``module`` by ``cls`` (a SyncBatchNorm)."""
+
+    def swap(m: nn.Module) -> nn.Module | None:
+        if isinstance(m, cls) or registry.norm_kind(m) not in ("batch", "sync_batch"):
+            return None
+        own = registry.own_behaviour(m)
+        if own is not None:
+            warnings.warn(
+                f"{own}; left unconverted (converting it would drop its extra behaviour)",
+                stacklevel=4,
+            )
+            return None
+        args = (m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+        new = cls(*args, process_group, bias=m.bias is not None)
+        new.original_class = getattr(m, "original_class", None) or type(m)
+        return _share_state(m, new)
+
+    return _replace_modules(module, swap)
+
+
+def _from_sync(module: nn.Module, to: type[nn.Module] | None) -> nn.Module:
+    """Replace every SyncBatchNorm (covshift's or torch's) in ``module`` by the class it
+    replaced (its ``original_class``), else ``to``."""
+
+    def swap(m: nn.Module) -> nn.Module | None:
+        if registry.norm_kind(m) != "sync_batch":
+            return None
+        target = getattr(m, "original_class", None) or to
+        if target is None:
+            raise ValueError(
+                f"{type(m).__name__}({m.num_features}) has no record of the class it "
+                "replaced; pass to=nn.BatchNorm1d/2d/3d (or covshift's) to revert it"
+            )
+        args = (m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+        return _share_state(m, target(*args, bias=m.bias is not None))
+
+    return _replace_modules(module, swap)
+
+
+def _share_state(src: nn.Module, dst: nn.Module) -> nn.Module:
+    """Make ``dst`` use ``src``'s parameter and buffer objects, and its mode."""
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            if getattr(src, name, None) is not None and getattr(dst, name, None) is not None:
+                setattr(dst, name, getattr(src, name))
+    return dst.train(src.training)
+
+
+def _replace_modules(root: nn.Module, swap: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
+    """Apply ``swap(m) -> replacement | None`` to ``root`` and, below replaced-not
+    modules, to every descendant; a module shared by several parents is replaced once."""
+    done: dict[int, nn.Module | None] = {}
+
+    def visit(m: nn.Module) -> nn.Module:
+        if id(m) not in done:
+            done[id(m)] = swap(m)
+            if done[id(m)] is None:
+                for name, child in list(m.named_children()):
+                    new = visit(child)
+                    if new is not child:
+                        setattr(m, name, new)
+        return done[id(m)] or m
+
+    return visit(root)
 
 
 def _create(num_features: int, *, dims: int, **kw: object) -> SyncBatchNorm:

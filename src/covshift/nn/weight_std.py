@@ -1,15 +1,9 @@
 """Weight Standardization (Qiao et al. 2019, arXiv 1903.10520).
 
-Each output filter of a conv or linear layer is standardized over its fan-in before
-every use, ``Ŵ[o] = (W[o] - mean(W[o])) / sqrt(var(W[o]) + eps)`` (biased variance over
-``in_channels / groups · prod(kernel)`` entries); gradients flow through it, which is
-what smooths the loss landscape in the paper, and with GroupNorm it matches
-large-batch BN at one image per GPU. eps sits inside the square root (as BN; Qiao et
-al.'s code adds 1e-5 to the unbiased std), 1e-6 by default because a filter's variance
-is small (about 1 / (3 fan_in) under PyTorch's init, 7e-5 for a 3x3x512 filter).
-The standardization is the core's :func:`covshift.nn.functional.normalize` over each
-filter (LayerNorm over the fan-in without affine): float32 statistics at least and the
-hand-derived backward of docs/derivations.md §16.
+Each output filter is standardized over its fan-in before every use,
+``Ŵ[o] = (W[o] - mean W[o]) / sqrt(var W[o] + eps)`` (biased variance, eps 1e-6 by
+default: a filter's variance is about 1 / (3 fan_in)), gradients flowing through it:
+the core's :func:`covshift.nn.functional.normalize` over each filter (§16).
 """
 
 from __future__ import annotations
@@ -18,6 +12,7 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
+from covshift.nn import checks
 from covshift.nn import functional as F
 
 __all__ = ["WSConv2d", "WSLinear", "standardize_weight"]
@@ -33,11 +28,6 @@ def standardize_weight(weight: Tensor, eps: float = 1e-6) -> Tensor:
     # The shared core: statistics in float32 at least, hand-derived (and twice
     # differentiable) backward, output in the weight's dtype.
     return F.normalize(flat, 1, eps=eps, channel_dim=None).view_as(weight)
-
-
-def _check_eps(eps: float) -> None:
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0 (it keeps the filter std away from 0), got {eps!r}")
 
 
 class WSConv2d(nn.Conv2d):
@@ -63,7 +53,7 @@ class WSConv2d(nn.Conv2d):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        _check_eps(eps)
+        eps = checks.eps_arg(eps)
         super().__init__(
             in_channels,
             out_channels,
@@ -106,7 +96,7 @@ class WSLinear(nn.Linear):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        _check_eps(eps)
+        eps = checks.eps_arg(eps)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.eps = eps
 
