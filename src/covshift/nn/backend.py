@@ -105,7 +105,8 @@ def normalize(
             if _forced is Path.NATIVE:
                 raise _refuse(_forced, _native.declined(x))
         if _forced is not Path.REFERENCE:
-            pieces = chunked.plan(layout, x, reference.compute_dtype(x.dtype))
+            dtype = reference.compute_dtype(x.dtype)
+            pieces = chunked.plan(layout, x, dtype, any_size=_forced is Path.CHUNKED)
             if pieces is None and _forced is Path.CHUNKED:
                 raise _refuse(_forced, "no chunk plan (not a CPU tensor, or a slice too big)")
     if _report is not None:
