@@ -25,7 +25,22 @@ TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 echo "$TORCH_SPEC" > "$constraints"
+if [[ -n "$extras" ]] && "$PYTHON" -c 'import sys, torch; sys.exit("+cpu" not in torch.__version__)'; then
+  # The test extra's timm imports torchvision, and PyPI's torchvision is built against
+  # PyPI's (CUDA) torch: beside a CPU-only torch its C++ ops do not load and its import
+  # fails ("operator torchvision::nms does not exist"). The matching CPU build is on
+  # PyTorch's own index; installed first, it satisfies timm's requirement.
+  "$PYTHON" -m pip install --quiet -c "$constraints" \
+    --index-url https://download.pytorch.org/whl/cpu torchvision
+fi
 "$PYTHON" -m pip install --quiet -c "$constraints" -e ".${extras}"
+if [[ -n "$extras" ]] && ! "$PYTHON" -c 'import torchvision' 2>/dev/null; then
+  # No matching torchvision could be had (PyTorch's index unreachable): a torchvision
+  # that fails at import breaks whatever imports it (transformers' vision models too),
+  # so it goes, with timm; the timm test then skips and says why.
+  echo "note: torchvision does not import beside torch here; removing timm and torchvision" >&2
+  "$PYTHON" -m pip uninstall --quiet -y timm torchvision
+fi
 
 # Fashion-MNIST (the default dataset) comes from Debian's dataset-fashion-mnist.
 if [[ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]]; then

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from covshift.nn import kinds
+from covshift.nn import registry
 
 __all__ = [
     "AUTO_MODES",
@@ -48,7 +48,7 @@ __all__ = [
 LayerSpec = str | type[nn.Module]
 
 # torch.nn's norm classes, from covshift.nn's registry of norm kinds, and LocalResponseNorm.
-_NORM_TYPES: tuple[type[nn.Module], ...] = (*kinds.torch_classes(), nn.LocalResponseNorm)
+_NORM_TYPES: tuple[type[nn.Module], ...] = (*registry.torch_classes(), nn.LocalResponseNorm)
 # Norms from other libraries (covshift.nn, timm, user code) are recognized by name.
 _NORM_NAME = re.compile(r"(Norm|Renorm|Normalization)(\d+d)?$")
 
