@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from covshift.checkpoints import Checkpointer, CheckpointOwnerError, as_checkpointer
+from covshift.checkpoints import Checkpointer, as_checkpointer
 from covshift.data import BatchSampler, Dataset, is_text
 from covshift.losses import loss_function, next_token_cross_entropy, squared_error
 from covshift.optimizers import OPTIMIZERS, learning_rate, make_optimizer
+from covshift.train_checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = [
     "Callback",
@@ -300,7 +301,7 @@ def train(
     first_step = 1
     keeper = as_checkpointer(checkpoint)
     if keeper is not None:
-        resumed = _load_checkpoint(keeper, state, sampler, callbacks)
+        resumed = load_checkpoint(keeper, state, sampler, callbacks)
         if resumed is not None:
             history = resumed
             first_step = state.step + 1
@@ -320,7 +321,7 @@ def train(
         state.metrics = metrics
         _call(callbacks, "on_eval", state, metrics)
         if keeper is not None and state.step < config.steps and not state.stop:
-            _save_checkpoint(keeper, state, sampler, history, callbacks)
+            save_checkpoint(keeper, state, sampler, history, callbacks)
 
     start = time.perf_counter()
     try:
@@ -356,67 +357,3 @@ def train(
     if keeper is not None:
         keeper.clear()
     return TrainResult(history, time.perf_counter() - start, state.step, status, state.outcome_step)
-
-
-def _callback_states(callbacks: Sequence[object]) -> dict[str, object]:
-    # Keyed by position and class, so a state is only restored into the same callback.
-    return {
-        f"{i}:{type(cb).__qualname__}": cb.state_dict()  # type: ignore[attr-defined]
-        for i, cb in enumerate(callbacks)
-        if hasattr(cb, "state_dict") and hasattr(cb, "load_state_dict")
-    }
-
-
-def _save_checkpoint(
-    keeper: Checkpointer,
-    state: TrainState,
-    sampler: BatchSampler,
-    history: dict[int, dict[str, float]],
-    callbacks: Sequence[object],
-) -> None:
-    keeper.save(
-        {
-            "step": state.step,
-            "model": state.model.state_dict(),
-            "optimizer": state.optimizer.state_dict(),
-            "sampler": sampler.state_dict(),
-            "cpu_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "history": history,
-            "outcome": (state.outcome, state.outcome_step),
-            "callbacks": _callback_states(callbacks),
-        }
-    )
-
-
-def _load_checkpoint(
-    keeper: Checkpointer,
-    state: TrainState,
-    sampler: BatchSampler,
-    callbacks: Sequence[object],
-) -> dict[int, dict[str, float]] | None:
-    """Restore a saved state into ``state``; returns its history (None: nothing saved)."""
-    try:
-        payload = keeper.load(state.device)
-        if payload is None:
-            return None
-        state.model.load_state_dict(payload["model"])
-        state.optimizer.load_state_dict(payload["optimizer"])
-    except CheckpointOwnerError:
-        raise  # its message says whose state it is and what to do
-    except Exception as e:
-        raise ValueError(
-            f"checkpoint {keeper} cannot be resumed for this model: {e}; delete it to start over"
-        ) from None
-    sampler.load_state_dict(payload["sampler"])
-    torch.set_rng_state(payload["cpu_rng"].cpu())
-    if payload["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in payload["cuda_rng"]])
-    state.step = int(payload["step"])
-    state.outcome, state.outcome_step = payload.get("outcome", (None, None))
-    saved = payload.get("callbacks", {})
-    for i, cb in enumerate(callbacks):
-        key = f"{i}:{type(cb).__qualname__}"
-        if key in saved and hasattr(cb, "load_state_dict"):
-            cb.load_state_dict(saved[key])
-    return dict(payload["history"])
