@@ -32,8 +32,9 @@ def make_optimizer(
 
 
 def learning_rate(lr: float, warmup_steps: int, step: int) -> float:
-    """The learning rate of step ``step`` (1, 2, ...): linear warm-up, ``lr * step /
-    warmup_steps`` over the first ``warmup_steps`` steps, then ``lr``."""
+    """The learning rate of step ``step`` (1, 2, ...): linear warm-up, ``lr * (step /
+    warmup_steps)`` over the first ``warmup_steps`` steps, then ``lr`` (the rates of
+    ``LambdaLR`` with ``lambda k: min(1, (k + 1) / warmup_steps)``, to the bit)."""
     if warmup_steps and step < warmup_steps:
-        return lr * step / warmup_steps
+        return lr * (step / warmup_steps)
     return lr
