@@ -142,3 +142,26 @@ def test_covshift_run_trains_probes_stores_and_reports(tmp_path: Path) -> None:
     report = (tmp_path / summary["report"]).read_text()
     assert "decoder-only transformer, 2 blocks, d_model 32" in report
     assert "AdamW, lr 0.003" in report and "warm-up over 10 steps" in report
+
+
+@pytest.mark.slow
+def test_ray_backend_gives_the_local_numbers(tmp_path: Path) -> None:
+    # Ray ships the dataset to its tasks: a text dataset travels as its byte streams.
+    pytest.importorskip("ray", reason="the ray extra: pip install 'covshift[ray]'")
+    (tmp_path / "lm.toml").write_text(LM)
+
+    def run(*extra: str) -> dict:
+        proc = subprocess.run(
+            [sys.executable, "-m", "covshift.cli", "run", "lm.toml", "--json", "-q", *extra],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    local = run("--workers", "2", "--threads", "1", "--db", "local.db")
+    ray = run("--backend", "ray", "--db", "ray.db")
+    strip = [{k: v for k, v in c.items() if k != "run_ids"} for c in local["cells"]]
+    assert strip == [{k: v for k, v in c.items() if k != "run_ids"} for c in ray["cells"]]
