@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install covshift and what it needs on a fresh machine.
 #
-#   bash scripts/install.sh          # the package, its dependencies and Fashion-MNIST
+#   bash scripts/install.sh          # the package, its dependencies and the data
+#                                    # (Fashion-MNIST, the World English Bible)
 #   bash scripts/install.sh --test   # the same, plus the test and lint tools and the
 #                                    # optional extras the tests cover (Ray, TensorBoard,
 #                                    # transformers + accelerate, pytorch-lightning)
@@ -42,14 +43,21 @@ if [[ -n "$extras" ]] && ! "$PYTHON" -c 'import torchvision' 2>/dev/null; then
   "$PYTHON" -m pip uninstall --quiet -y timm torchvision
 fi
 
-# Fashion-MNIST (the default dataset) comes from Debian's dataset-fashion-mnist.
-if [[ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]]; then
+# The data, from Debian's packages: Fashion-MNIST (the default dataset) from
+# dataset-fashion-mnist, and the World English Bible (public domain; the language
+# model's text, dataset world-english-bible) from sword-text-web.
+missing=()
+[[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]] ||
+  missing+=(dataset-fashion-mnist)
+[[ -f /usr/share/sword/modules/texts/ztext/engWEB2015eb/ot.bzz ]] ||
+  missing+=(sword-text-web)
+if (( ${#missing[@]} )); then
   if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
-    echo "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"
+    echo "installing the data (Debian packages ${missing[*]})"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "note: Fashion-MNIST is missing; as root run: apt-get install -y dataset-fashion-mnist" >&2
+    echo "note: data missing; as root run: apt-get install -y ${missing[*]}" >&2
     echo "      (or point --data-dir / COVSHIFT_DATA_DIR at a folder with the IDX files)" >&2
   fi
 fi

@@ -3,7 +3,8 @@
 A metric path is ``/``-separated:
 
 - ``<series>/<when>``: a scalar series recorded at evaluations (``test_accuracy``,
-  ``test_loss``, ``train_loss``) at step ``<when>`` (an integer), at the ``final``
+  ``test_loss``, ``train_loss``; for text also ``test_bpb``, ``train_bpb``, the
+  losses in bits per byte) at step ``<when>`` (an integer), at the ``final``
   (last) evaluation, or its ``max`` / ``min`` over the run;
 - ``drift/<layer>``: the quantile drift of a probed layer between its first and last
   records (:func:`covshift.probe.metrics.unit_quantile_drift`, averaged over units);
@@ -14,8 +15,8 @@ A metric path is ``/``-separated:
   averaged over the pairs of consecutive records (what moves from record to record,
   which the first-to-last displacement ignores);
 - ``steps_to/<series>/<target>``: the first evaluation step at which the series
-  reaches ``target`` (``>=``; for a ``*_loss`` series, ``<=``); missing when it never
-  does;
+  reaches ``target`` (``>=``; for a ``*_loss`` or ``*_bpb`` series, ``<=``); missing
+  when it never does;
 - ``reach/<series>/<target>``: ``steps_to``, censored: a run that never reaches the
   target (or diverges first) counts as its planned length plus one evaluation
   interval, a lower bound on its true time (so slow networks are not dropped);
@@ -62,7 +63,8 @@ from typing import Literal
 
 __all__ = ["FLOOR", "ICS_STATS", "SERIES", "SMOOTHNESS", "TRAIN_MODE", "MetricPath", "parse_metric"]
 
-SERIES = ("test_accuracy", "test_loss", "train_loss")
+# test_bpb / train_bpb: the losses in bits per byte, recorded for text datasets
+SERIES = ("test_accuracy", "test_loss", "train_loss", "test_bpb", "train_bpb")
 # Suffixes of the probe records stored beside a layer's own (eval-mode) records.
 TRAIN_MODE = "@train"  # the probe batch in train mode (batch statistics, noise on)
 FLOOR = "@floor"  # a second probe batch at the same weights (the noise floor)
@@ -98,7 +100,7 @@ class MetricPath:
 
     @property
     def lower_is_better(self) -> bool:
-        return self.series is not None and self.series.endswith("_loss")
+        return self.series is not None and self.series.endswith(("_loss", "_bpb"))
 
 
 def parse_metric(path: str) -> MetricPath:

@@ -199,8 +199,11 @@ class PointNumbers:
         return None
 
     def headline(self, checkpoints: tuple[int, ...]) -> dict[str, Any]:
-        """The numbers tables show for a point."""
+        """The numbers tables show for a point (and, for text, the final test loss
+        in bits per byte)."""
         steps = self.series.get("test_accuracy", (np.array([]),))[0]
+        text = len(self.series.get("test_bpb", (np.array([]),))[0]) > 0
+        bits = {"test_bpb": {"final": self.value("test_bpb/final")}} if text else {}
         return {
             "status": self.status,
             "run_id": self.run.id if self.run is not None else None,
@@ -211,6 +214,7 @@ class PointNumbers:
                 "final": self.value("test_accuracy/final"),
             },
             "test_loss": {"final": self.value("test_loss/final")},
+            **bits,
             "drift": dict(self.drift),
         }
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import time
 import traceback
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -22,11 +21,17 @@ import numpy as np
 import torch
 
 from covshift.checkpoints import Checkpointer
-from covshift.data import Dataset, load_dataset
+from covshift.data import Dataset, is_text
 from covshift.experiments.config import ConfigError, ModelSpec
 from covshift.experiments.grid import PointSpec
 from covshift.experiments.metrics import FLOOR, TRAIN_MODE
-from covshift.models import build_cnn, build_deep_linear, build_mlp, build_vgg
+from covshift.experiments.point_data import (
+    dataset_arguments,
+    dataset_for,
+    preload_datasets,
+    shared_datasets,
+)
+from covshift.models import build_cnn, build_deep_linear, build_mlp, build_transformer, build_vgg
 from covshift.probe import GradientICSMonitor, ProbeRecord, ShiftProbe, SmoothnessMonitor
 from covshift.probe.select import glob_match
 from covshift.probe.units import store_columns
@@ -36,7 +41,6 @@ from covshift.train import (
     TrainConfig,
     TrainState,
     loss_function,
-    resolve_device,
     train,
 )
 
@@ -45,8 +49,11 @@ __all__ = [
     "PointSink",
     "StoreSink",
     "build_model",
+    "dataset_arguments",
     "dataset_for",
     "error_text",
+    "preload_datasets",
+    "shared_datasets",
     "train_point",
 ]
 
@@ -131,6 +138,8 @@ def build_model(spec: ModelSpec, data: Dataset, seed: int) -> torch.nn.Module:
 
 
 def _build(spec: ModelSpec, data: Dataset, seed: int) -> torch.nn.Module:
+    if spec.kind == "transformer" or is_text(data):
+        return _build_transformer(spec, data, seed)
     if spec.kind == "linear":
         return build_deep_linear(
             data.num_features,
@@ -175,38 +184,30 @@ def _build(spec: ModelSpec, data: Dataset, seed: int) -> torch.nn.Module:
     )
 
 
-_DATASETS: dict[tuple[str, str | None, str], Dataset] = {}
-
-
-def dataset_for(spec: PointSpec, device: torch.device | None = None) -> Dataset:
-    """The point's dataset on its device, loaded once per process and kept."""
-    dev = device or resolve_device(spec.device)
-    key = (spec.dataset, spec.data_dir, str(dev))
-    if key not in _DATASETS:
-        _DATASETS[key] = load_dataset(spec.dataset, spec.data_dir).to(dev)
-    return _DATASETS[key]
-
-
-def shared_datasets(points: Sequence[Any]) -> dict[tuple[str, str | None, str], Dataset]:
-    """The CPU datasets of ``points``, their tensors moved to shared memory, to hand to
-    worker processes (which then map them instead of reading and decoding the files)."""
-    out: dict[tuple[str, str | None, str], Dataset] = {}
-    cpu = torch.device("cpu")
-    for point in points:
-        spec = point.spec
-        key = (spec.dataset, spec.data_dir, "cpu")
-        if key in out or resolve_device(spec.device) != cpu:
-            continue
-        data = dataset_for(spec, cpu)
-        for tensor in (data.x_train, data.y_train, data.x_test, data.y_test):
-            tensor.share_memory_()
-        out[key] = data
-    return out
-
-
-def preload_datasets(datasets: dict[tuple[str, str | None, str], Dataset]) -> None:
-    """Put datasets received from the driver into this process's cache."""
-    _DATASETS.update(datasets)
+def _build_transformer(spec: ModelSpec, data: Dataset, seed: int) -> torch.nn.Module:
+    if spec.kind != "transformer" or not is_text(data):
+        raise ConfigError(
+            f"model.kind = {spec.kind!r} and dataset {data.name!r} do not go together: a "
+            "transformer trains on a text dataset, and a text dataset needs a transformer"
+        )
+    if data.num_features != spec.context:
+        raise ConfigError(
+            f"dataset {data.name!r} has windows of {data.num_features} bytes, and "
+            f"model.context is {spec.context}; load it with context={spec.context}"
+        )
+    return build_transformer(
+        data.num_classes,
+        spec.context,
+        d_model=spec.width,
+        n_layer=spec.depth,
+        n_head=spec.heads,
+        mlp_ratio=spec.mlp_ratio,
+        norm=spec.norm,
+        placement=spec.norm_position,  # type: ignore[arg-type]
+        init=spec.init,  # type: ignore[arg-type]
+        norm_kwargs=dict(spec.norm_kwargs),
+        seed=seed,
+    )
 
 
 class _Recorder:
@@ -354,6 +355,9 @@ def train_point(
             weight_decay=spec.optimizer.weight_decay,
             eval_every=spec.eval_every,
             seed=spec.seed,
+            optimizer=spec.optimizer.kind,
+            betas=spec.optimizer.betas,
+            warmup_steps=spec.optimizer.warmup_steps,
         )
         with contextlib.ExitStack() as stack:
             for measure in measures:

@@ -122,6 +122,7 @@ _SIZE_FIELDS = {
     "linear": ("width", "depth"),
     "cnn": ("channels",),
     "vgg": ("width", "depth", "convs_per_stage"),
+    "transformer": ("width", "depth", "context", "mlp_ratio"),
 }
 
 

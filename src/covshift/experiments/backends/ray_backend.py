@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from covshift.checkpoints import BytesCheckpointer
-from covshift.data import Dataset, load_dataset
+from covshift.data import Dataset, is_text, load_dataset
 from covshift.experiments.backends.base import (
     BackendError,
     ProgressReporter,
@@ -49,7 +49,13 @@ from covshift.experiments.backends.base import (
     settled_outcome,
 )
 from covshift.experiments.grid import Point, PointSpec
-from covshift.experiments.point import PointOutcome, StoreSink, error_text, train_point
+from covshift.experiments.point import (
+    PointOutcome,
+    StoreSink,
+    dataset_arguments,
+    error_text,
+    train_point,
+)
 from covshift.probe import ProbeRecord
 from covshift.store import Store
 from covshift.train import resolve_device
@@ -120,6 +126,9 @@ def _task_dataset(holder: list[Any], key: str, device: torch.device) -> Dataset:
     cache_key = f"{key}@{device}"
     if cache_key not in _TASK_DATA:
         arrays = _ray().get(holder[0])
+        if "text" in arrays:  # a TextDataset pickles as its byte streams
+            _TASK_DATA[cache_key] = arrays["text"].to(device)
+            return _TASK_DATA[cache_key]
         tensors = {k: torch.from_numpy(np.array(v)) for k, v in arrays["tensors"].items()}
         _TASK_DATA[cache_key] = Dataset(**arrays["fields"], **tensors).to(device)
     return _TASK_DATA[cache_key]
@@ -207,7 +216,9 @@ class _Active:
 
 
 def _dataset_payload(spec: PointSpec) -> dict[str, Any]:
-    data = load_dataset(spec.dataset, spec.data_dir)
+    data = load_dataset(spec.dataset, spec.data_dir, **dataset_arguments(spec))
+    if is_text(data):
+        return {"text": data}
     return {
         "fields": {
             "name": data.name,
@@ -308,7 +319,7 @@ class RayBackend:
 
         def submit(job: _Active) -> None:
             spec = job.point.spec
-            key = f"{spec.dataset}:{spec.data_dir}"
+            key = f"{spec.dataset}:{spec.data_dir}:{dataset_arguments(spec)}"
             if key not in data_refs:
                 data_refs[key] = [ray.put(_dataset_payload(spec))]
             path = store.checkpoint_path(job.run_id)
