@@ -5,43 +5,40 @@
 #                                    # (Fashion-MNIST, the World English Bible)
 #   bash scripts/install.sh --test   # the same, plus the test and lint tools and the
 #                                    # optional extras the tests cover (Ray, TensorBoard,
-#                                    # transformers + accelerate, pytorch-lightning)
+#                                    # transformers + accelerate, pytorch-lightning, timm)
 #
-# torch is pinned to the CPU build that lies on this machine's disk (2.13.0): an open
-# requirement would let pip pull a several-GB CUDA build. Override with TORCH_SPEC,
-# e.g. TORCH_SPEC="torch==2.5.1" on a machine with its own wheel.
+# torch is pinned, so that an open requirement never lets pip pull another build:
+# - by default the CPU build of 2.13.0 that lies on this machine's disk;
+# - with --test, torch 2.14.1 and its torchvision 0.29.1 (PyPI's builds, on this
+#   machine's disk too; they run on the CPU). The test extra's timm imports torchvision,
+#   and a torchvision loads only beside the torch build it was compiled for: PyPI's
+#   torchvision wheels are built against PyPI's torch, and beside the CPU-only 2.13.0
+#   their C++ ops fail to load ("operator torchvision::nms does not exist").
+# Override with TORCH_SPEC (and TORCHVISION_SPEC), e.g. TORCH_SPEC="torch==2.5.1".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=""
+default_torch="torch==2.13.0"
+torchvision=""
 if [[ "${1:-}" == "--test" ]]; then
   extras="[test]"
+  default_torch="torch==2.14.1"
+  torchvision="${TORCHVISION_SPEC:-torchvision==0.29.1}"
 fi
 
 PYTHON="${PYTHON:-python3}"
-TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
-"$PYTHON" -m pip install --quiet "$TORCH_SPEC"
-# The pin as a constraint, so that no dependency (or extra: Ray, TensorBoard, the
-# trainers) can replace that torch with another build.
+TORCH_SPEC="${TORCH_SPEC:-$default_torch}"
+"$PYTHON" -m pip install --quiet "$TORCH_SPEC" ${torchvision:+"$torchvision"}
+# The pins as constraints, so that no dependency (or extra: Ray, TensorBoard, the
+# trainers, timm) can replace that torch (or torchvision) with another build.
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 echo "$TORCH_SPEC" > "$constraints"
-if [[ -n "$extras" ]] && "$PYTHON" -c 'import sys, torch; sys.exit("+cpu" not in torch.__version__)'; then
-  # The test extra's timm imports torchvision, and PyPI's torchvision is built against
-  # PyPI's (CUDA) torch: beside a CPU-only torch its C++ ops do not load and its import
-  # fails ("operator torchvision::nms does not exist"). The matching CPU build is on
-  # PyTorch's own index; installed first, it satisfies timm's requirement.
-  "$PYTHON" -m pip install --quiet -c "$constraints" \
-    --index-url https://download.pytorch.org/whl/cpu torchvision
+if [[ -n "$torchvision" ]]; then
+  echo "$torchvision" >> "$constraints"
 fi
 "$PYTHON" -m pip install --quiet -c "$constraints" -e ".${extras}"
-if [[ -n "$extras" ]] && ! "$PYTHON" -c 'import torchvision' 2>/dev/null; then
-  # No matching torchvision could be had (PyTorch's index unreachable): a torchvision
-  # that fails at import breaks whatever imports it (transformers' vision models too),
-  # so it goes, with timm; the timm test then skips and says why.
-  echo "note: torchvision does not import beside torch here; removing timm and torchvision" >&2
-  "$PYTHON" -m pip uninstall --quiet -y timm torchvision
-fi
 
 # The data, from Debian's packages: Fashion-MNIST (the default dataset) from
 # dataset-fashion-mnist, and the World English Bible (public domain; the language
