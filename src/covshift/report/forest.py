@@ -81,7 +81,14 @@ def _row(ax: Any, r: dict[str, Any]) -> None:
         if r.get("measurable") is False:
             text = "not measurable"
         ax.text(
-            0.5, 0, text, transform=ax.transAxes, ha="center", va="center", fontsize=7, color=color
+            0.5,
+            0.5,
+            text,
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            fontsize=7,
+            color=color,
         )
         return
     a, b = r["interval"]
