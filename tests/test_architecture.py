@@ -89,7 +89,7 @@ def test_no_import_cycle_at_module_level() -> None:
                 continue
             if state.get(dep) == 1:
                 cycle.extend(
-                    [*stack[stack.index(dep):], node, dep] if dep in stack else [node, dep]
+                    [*stack[stack.index(dep) :], node, dep] if dep in stack else [node, dep]
                 )
                 return True
             if state.get(dep) is None and visit(dep, [*stack, node]):
