@@ -29,6 +29,12 @@ SMOOTHNESS_LAYER = "(model)"  # the layer name of smoothness records (Smoothness
 MEASURED = {"grad_ics_cos", "grad_ics_l2", *SMOOTHNESS}
 
 
+def _quiet() -> np.errstate:
+    """A diverged run's records hold inf and NaN: what they make is not finite, and is
+    reported as not measured (None), so numpy's warnings about it would say nothing."""
+    return np.errstate(over="ignore", invalid="ignore", divide="ignore")
+
+
 def _finite(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
 
@@ -93,7 +99,8 @@ class PointNumbers:
             ]
             if not found or any(v is None for v in found):
                 return None
-            return float(np.mean(found))
+            with _quiet():
+                return _finite(np.mean(found))
         steps, values = self.series.get(m.series or "", (np.array([]), np.array([])))
         if not len(steps):
             return None
@@ -149,6 +156,7 @@ def probed_layers(store: Store, run_id: int) -> list[str]:
     ]
 
 
+@_quiet()
 def load_numbers(
     store: Store, run: RunInfo | None, planned: tuple[int, int] | None = None
 ) -> PointNumbers:
@@ -182,6 +190,7 @@ def load_numbers(
     return PointNumbers(run, series, drift, floor, measures, planned)
 
 
+@_quiet()
 def _floor(
     steps: np.ndarray, quantiles: np.ndarray, floor_steps: np.ndarray, floor_q: np.ndarray
 ) -> float | None:
