@@ -168,6 +168,10 @@ def test_a_write_that_fails_as_read_only_names_the_file(tmp_path: Path) -> None:
                 raise sqlite3.OperationalError("attempt to write a readonly database")
             return self.db.execute(sql, *args)
 
+        @property
+        def in_transaction(self) -> bool:
+            return self.db.in_transaction
+
     path = tmp_path / "covshift.db"
     store = Store(path)
     real = store._db

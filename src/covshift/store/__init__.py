@@ -1,12 +1,13 @@
 """The results store (SQLite): runs, their series and probe records, experiments."""
 
-from covshift.store.errors import NoStoreError, StoreError
+from covshift.store.errors import NoStoreError, StorageFault, StoreDamagedError, StoreError
 from covshift.store.housekeeping import Orphan, close_stale_runs, orphan_checkpoints, stale_runs
 from covshift.store.ownership import pid_alive
 from covshift.store.rows import (
     FINAL_OUTCOMES,
     RUN_STATUSES,
     Claim,
+    Event,
     ExperimentPoint,
     NewRun,
     ProbeUnits,
@@ -21,13 +22,16 @@ __all__ = [
     "RUN_STATUSES",
     "SCHEMA_VERSION",
     "Claim",
+    "Event",
     "ExperimentPoint",
     "NewRun",
     "NoStoreError",
     "Orphan",
     "ProbeUnits",
     "RunInfo",
+    "StorageFault",
     "Store",
+    "StoreDamagedError",
     "StoreError",
     "close_stale_runs",
     "orphan_checkpoints",
