@@ -22,37 +22,30 @@ Failures:
 - the driver dies: its Ray job's tasks end with it; the runs it owned show as
   ``stale`` and resume on the next call.
 
-Ray is an optional extra: ``pip install 'covshift[ray]'``.
+Ray is an optional extra: ``pip install 'covshift[ray]'``. What runs inside a task
+is in :mod:`.ray_task`.
 """
 
 from __future__ import annotations
 
 import os
-import queue as queue_module
 import socket
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
-import torch
-
-from covshift.checkpoints import BytesCheckpointer
-from covshift.data import Dataset, load_dataset
+from covshift.data import load_dataset
 from covshift.experiments.backends.base import (
     BackendError,
-    ProgressReporter,
     SweepContext,
     SweepEvents,
     claim_point,
     settled_outcome,
 )
+from covshift.experiments.backends.ray_task import point_task
 from covshift.experiments.grid import Point, PointSpec
-from covshift.experiments.point import PointOutcome, StoreSink, error_text, train_point
-from covshift.probe import ProbeRecord
+from covshift.experiments.point import PointOutcome, StoreSink, error_text
 from covshift.store import Store
-from covshift.train import resolve_device
 
 __all__ = ["RayBackend", "RayUnavailable"]
 
@@ -69,108 +62,6 @@ def _ray() -> Any:
             "--backend ray needs Ray, an optional extra: pip install 'covshift[ray]'"
         ) from None
     return ray
-
-
-# -- inside a Ray task ---------------------------------------------------------------
-class _Buffer:
-    """A :class:`PointSink` that keeps rows until the next chunk is sent."""
-
-    def __init__(self) -> None:
-        self.rows: list[tuple[Any, ...]] = []
-        self.lock = threading.Lock()
-
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        with self.lock:
-            self.rows.append(("scalars", step, dict(values)))
-
-    def probe(self, record: ProbeRecord) -> None:
-        with self.lock:
-            self.rows.append(("probe", record))
-
-    def end(self, status: str, error: str | None = None, diverged_at: int | None = None) -> None:
-        with self.lock:
-            self.rows.append(("end", status, error, diverged_at))
-
-    def take(self) -> list[tuple[Any, ...]]:
-        with self.lock:
-            rows, self.rows = self.rows, []
-        return rows
-
-
-class _TaskEvents:
-    def __init__(self, out: queue_module.Queue[Any]) -> None:
-        self.out = out
-
-    def started(self, point_id: str, run_id: int, step: int) -> None:
-        pass
-
-    def advanced(self, point_id: str, step: int) -> None:
-        self.out.put(("progress", step, None))
-
-    def ended(self, outcome: PointOutcome) -> None:
-        pass
-
-
-_TASK_DATA: dict[str, Dataset] = {}  # per Ray worker process: datasets by object id
-
-
-def _task_dataset(holder: list[Any], key: str, device: torch.device) -> Dataset:
-    """The dataset of ``holder[0]`` (an ObjectRef, wrapped so Ray does not resolve it
-    for every task), fetched and copied to torch once per worker process."""
-    cache_key = f"{key}@{device}"
-    if cache_key not in _TASK_DATA:
-        arrays = _ray().get(holder[0])
-        tensors = {k: torch.from_numpy(np.array(v)) for k, v in arrays["tensors"].items()}
-        _TASK_DATA[cache_key] = Dataset(**arrays["fields"], **tensors).to(device)
-    return _TASK_DATA[cache_key]
-
-
-def _point_task(
-    spec: PointSpec,
-    data: list[Any],
-    data_key: str,
-    checkpoint: bytes | None,
-    threads: int,
-    owner: str | None = None,
-) -> Iterator[dict[str, Any]]:
-    """Train one point; yield its records and checkpoints, chunk by chunk. ``owner``:
-    the run's checkpoint identity (a checkpoint of another run is refused)."""
-    torch.set_num_threads(threads)
-    out: queue_module.Queue[Any] = queue_module.Queue()
-    buffer = _Buffer()
-    keeper = BytesCheckpointer(
-        checkpoint, on_save=lambda b: out.put(("chunk", buffer.take(), b)), owner=owner
-    )
-
-    def work() -> None:
-        try:
-            dataset = _task_dataset(data, data_key, resolve_device(spec.device))
-            outcome = train_point(
-                spec,
-                dataset,
-                buffer,
-                checkpoint=keeper,
-                background=False,
-                callbacks=(ProgressReporter(spec.identity(), _TaskEvents(out), interval=1.0),),
-            )
-            out.put(("done", buffer.take(), outcome))
-        except BaseException as e:
-            out.put(("error", buffer.take(), e))
-
-    # Training runs in a thread so that this generator can yield while it goes on.
-    threading.Thread(target=work, name="covshift-point", daemon=True).start()
-    yield {"kind": "hello", "host": socket.gethostname(), "pid": os.getpid()}
-    while True:
-        kind, rows, payload = out.get()
-        if kind == "progress":
-            yield {"kind": "progress", "step": rows}
-        elif kind == "chunk":
-            yield {"kind": "chunk", "rows": rows, "checkpoint": payload}
-        elif kind == "done":
-            yield {"kind": "done", "rows": rows, "outcome": payload}
-            return
-        else:
-            raise payload
 
 
 # -- the driver's side ---------------------------------------------------------------
@@ -299,7 +190,7 @@ class RayBackend:
         context: SweepContext,
         events: SweepEvents,
     ) -> list[PointOutcome]:
-        task = ray.remote(_point_task).options(
+        task = ray.remote(point_task).options(
             num_cpus=self.threads, num_gpus=self.gpus, max_retries=0
         )
         data_refs: dict[str, list[Any]] = {}
