@@ -26,6 +26,7 @@ from torch import nn
 
 from covshift.checkpoints import Checkpointer, CheckpointOwnerError, as_checkpointer
 from covshift.data import BatchSampler, Dataset
+from covshift.store.errors import StoreError
 
 __all__ = [
     "Callback",
@@ -357,15 +358,16 @@ def _load_checkpoint(
     sampler: BatchSampler,
     callbacks: Sequence[object],
 ) -> dict[int, dict[str, float]] | None:
-    """Restore a saved state into ``state``; returns its history (None: nothing saved)."""
+    """Restore a saved state into ``state``; returns its history (None: nothing saved,
+    or nothing verified: the checkpointer set a damaged state aside)."""
     try:
         payload = keeper.load(state.device)
         if payload is None:
             return None
         state.model.load_state_dict(payload["model"])
         state.optimizer.load_state_dict(payload["optimizer"])
-    except CheckpointOwnerError:
-        raise  # its message says whose state it is and what to do
+    except (CheckpointOwnerError, StoreError):
+        raise  # whose state it is, or which file could not be read, and what to do
     except Exception as e:
         raise ValueError(
             f"checkpoint {keeper} cannot be resumed for this model: {e}; delete it to start over"

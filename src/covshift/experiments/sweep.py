@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress, TaskID
 
 from covshift.callbacks import make_progress
@@ -153,6 +154,14 @@ class _SweepEvents:
     def advanced(self, point_id: str, step: int) -> None:
         self._move(point_id, step)
 
+    def note(self, point_id: str, text: str) -> None:
+        # Printed even without a bar (--quiet, library calls): the user must hear it.
+        point = self.by_id.get(point_id)
+        name = point.name if point is not None else point_id
+        self.progress.console.print(
+            f"[yellow]{escape(name)}[/]: {escape(text)}", highlight=False, soft_wrap=True
+        )
+
     def ended(self, outcome: PointOutcome) -> None:
         point = self.by_id.get(outcome.point)
         if point is None:
@@ -198,7 +207,9 @@ def run_sweep(
     """Record ``plan``'s experiment and run its unfinished points on ``backend``.
 
     Raises KeyboardInterrupt when stopped by Ctrl-C (what was recorded stays, and the
-    next call resumes).
+    next call resumes), and a :class:`~covshift.store.StoreError` when the store or a
+    checkpoint cannot be written or read (a full disk, say), which says what became of
+    the runs in training; the next call resumes them too.
     """
     config = plan.config
     store.save_experiment(

@@ -1,7 +1,13 @@
 """The results store (SQLite): runs, their series and probe records, experiments."""
 
 from covshift.store.errors import NoStoreError, StorageFault, StoreDamagedError, StoreError
-from covshift.store.housekeeping import Orphan, close_stale_runs, orphan_checkpoints, stale_runs
+from covshift.store.housekeeping import (
+    Orphan,
+    close_stale_runs,
+    orphan_checkpoints,
+    set_aside_checkpoints,
+    stale_runs,
+)
 from covshift.store.ownership import pid_alive
 from covshift.store.rows import (
     FINAL_OUTCOMES,
@@ -36,5 +42,6 @@ __all__ = [
     "close_stale_runs",
     "orphan_checkpoints",
     "pid_alive",
+    "set_aside_checkpoints",
     "stale_runs",
 ]

@@ -20,7 +20,14 @@ Failures:
 - Ctrl-C in the driver cancels every task; their runs are recorded ``interrupted``
   and resume from the checkpoint the driver holds;
 - the driver dies: its Ray job's tasks end with it; the runs it owned show as
-  ``stale`` and resume on the next call.
+  ``stale`` and resume on the next call;
+- a checkpoint the driver holds fails its digest check (or has none): it is kept
+  aside, the event recorded and printed, and the point restarts from step 0; bytes
+  that change on their way to or from a task are caught by the digest they travel
+  with (see :mod:`covshift.checkpoint_files`);
+- the store or a checkpoint file cannot be written or read (a full disk): every task
+  is cancelled, each run closed ``interrupted`` if the store still takes it, and one
+  :class:`~covshift.store.StoreError` says so.
 
 Ray is an optional extra: ``pip install 'covshift[ray]'``. What runs inside a task
 is in :mod:`.ray_task`.
@@ -34,18 +41,29 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from covshift.checkpoint_files import (
+    Rejected,
+    Rejection,
+    checkpoint_digest,
+    read_checkpoint,
+    remove_checkpoint,
+    set_aside,
+    write_checkpoint,
+)
 from covshift.data import load_dataset
 from covshift.experiments.backends.base import (
     BackendError,
     SweepContext,
     SweepEvents,
     claim_point,
+    close_after_fault,
+    restart_after,
     settled_outcome,
 )
 from covshift.experiments.backends.ray_task import point_task
 from covshift.experiments.grid import Point, PointSpec
 from covshift.experiments.point import PointOutcome, StoreSink, error_text
-from covshift.store import Store
+from covshift.store import Store, StoreError
 
 __all__ = ["RayBackend", "RayUnavailable"]
 
@@ -95,6 +113,7 @@ class _Active:
     step: int = 0
     host: str | None = None
     pid: int | None = None
+    digest: str | None = None  # of the checkpoint file the driver holds for it
 
 
 def _dataset_payload(spec: PointSpec) -> dict[str, Any]:
@@ -110,6 +129,24 @@ def _dataset_payload(spec: PointSpec) -> dict[str, Any]:
             k: getattr(data, k).numpy() for k in ("x_train", "y_train", "x_test", "y_test")
         },
     }
+
+
+def _verified_checkpoint(store: Store, job: _Active, events: SweepEvents) -> bytes | None:
+    """The bytes of the checkpoint the driver holds for ``job`` once verified (their
+    digest goes to ``job.digest``); a damaged or unverified one is kept aside and the
+    run restarts from step 0 (None)."""
+    path = store.checkpoint_path(job.run_id)
+    job.digest = None
+    try:
+        found = read_checkpoint(path)
+    except Rejected as e:
+        restart_after(store, job.run_id, set_aside(path, e), job.point, events)
+        job.step = 0
+        return None
+    if found is None:
+        return None
+    data, job.digest = found
+    return data
 
 
 class RayBackend:
@@ -202,19 +239,21 @@ class RayBackend:
             key = f"{spec.dataset}:{spec.data_dir}"
             if key not in data_refs:
                 data_refs[key] = [ray.put(_dataset_payload(spec))]
-            path = store.checkpoint_path(job.run_id)
-            checkpoint = path.read_bytes() if path.exists() else None
+            checkpoint = _verified_checkpoint(store, job, events)
             owner = store.checkpoint_owner(job.run_id)
-            active[task.remote(spec, data_refs[key], key, checkpoint, self.threads, owner)] = job
+            ref = task.remote(
+                spec, data_refs[key], key, checkpoint, self.threads, owner, job.digest
+            )
+            active[ref] = job
 
-        for point in points:
-            claim = claim_point(store, point, context, self.threads)
-            if claim.state in ("done", "busy"):
-                outcomes[point.id] = settled_outcome(point, claim)
-                events.ended(outcomes[point.id])
-                continue
-            submit(_Active(point, claim.run.id, step=claim.run.last_step))
         try:
+            for point in points:
+                claim = claim_point(store, point, context, self.threads)
+                if claim.state in ("done", "busy"):
+                    outcomes[point.id] = settled_outcome(point, claim)
+                    events.ended(outcomes[point.id])
+                    continue
+                submit(_Active(point, claim.run.id, step=claim.run.last_step))
             while active:
                 ready, _ = ray.wait(list(active), num_returns=1, timeout=0.5)
                 for gen in ready:
@@ -249,6 +288,14 @@ class RayBackend:
                 ray.cancel(gen, force=True)
                 store.finish_run(job.run_id, "interrupted")
             raise
+        except StoreError as fault:
+            # The store or a checkpoint beside it cannot be written or read: every task
+            # stops, and each run is closed as far as the store allows.
+            for gen in active:
+                ray.cancel(gen, force=True)
+            for job in active.values():
+                fault = close_after_fault(store, job.run_id, job.point.name, fault)
+            raise fault from None
         return [outcomes[p.id] for p in points]
 
     @staticmethod
@@ -280,16 +327,28 @@ class RayBackend:
             else:
                 sink.end(row[1], row[2], diverged_at=row[3])
         path = store.checkpoint_path(job.run_id)
+        if kind == "rejected":  # the checkpoint it was sent changed on the way
+            rejection = Rejection(None, None, item["what"], item["reason"])
+            restart_after(store, job.run_id, rejection, job.point, events)
+            job.step = 0
+            return None
         if kind == "chunk":
             # Records first, then the checkpoint: a driver killed in between resumes
             # from the older checkpoint and rewrites the same rows (same keys).
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(item["checkpoint"])
-            os.replace(tmp, path)
+            data = item["checkpoint"]
+            if checkpoint_digest(data) == item["digest"]:
+                job.digest = write_checkpoint(path, data, previous=job.digest)
+            else:  # damaged on its way here: the previous one stays
+                store.record_event(
+                    job.run_id,
+                    "checkpoint_damaged",
+                    f"a checkpoint of run {job.run_id} ({job.point.name}) at step {job.step} "
+                    "failed its digest check on arrival from its Ray task; not kept (the "
+                    "run resumes from its previous checkpoint if it has to)",
+                )
             events.advanced(job.point.id, job.step)
             return None
         outcome: PointOutcome = item["outcome"]
         if outcome.status in ("finished", "diverged"):  # a failed run may be resumed
-            path.unlink(missing_ok=True)
+            remove_checkpoint(path)
         return replace(outcome, run_id=job.run_id)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from covshift.checkpoints import BytesCheckpointer
+from covshift.checkpoints import BytesCheckpointer, Rejection, checkpoint_digest
 from covshift.data import Dataset
 from covshift.experiments.backends.base import ProgressReporter
 from covshift.experiments.grid import PointSpec
@@ -74,6 +74,9 @@ class _TaskEvents:
     def ended(self, outcome: PointOutcome) -> None:
         pass
 
+    def note(self, point_id: str, text: str) -> None:
+        pass
+
 
 _TASK_DATA: dict[str, Dataset] = {}  # per Ray worker process: datasets by object id
 
@@ -96,14 +99,25 @@ def point_task(
     checkpoint: bytes | None,
     threads: int,
     owner: str | None = None,
+    digest: str | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Train one point; yield its records and checkpoints, chunk by chunk. ``owner``:
-    the run's checkpoint identity (a checkpoint of another run is refused)."""
+    the run's checkpoint identity (a checkpoint of another run is refused); ``digest``:
+    the SHA-256 of ``checkpoint`` as the driver verified it (bytes that changed on the
+    way are not resumed from: the task says so and starts from step 0). Each chunk's
+    checkpoint travels with its digest, which the driver checks before keeping it."""
     torch.set_num_threads(threads)
     out: queue_module.Queue[Any] = queue_module.Queue()
     buffer = _Buffer()
+
+    def saved(data: bytes) -> None:
+        out.put(("chunk", buffer.take(), (data, checkpoint_digest(data))))
+
+    def rejected(rejection: Rejection) -> None:
+        out.put(("rejected", [], (rejection.kind, rejection.reason)))
+
     keeper = BytesCheckpointer(
-        checkpoint, on_save=lambda b: out.put(("chunk", buffer.take(), b)), owner=owner
+        checkpoint, on_save=saved, owner=owner, digest=digest, on_rejected=rejected
     )
 
     def work() -> None:
@@ -129,7 +143,9 @@ def point_task(
         if kind == "progress":
             yield {"kind": "progress", "step": rows}
         elif kind == "chunk":
-            yield {"kind": "chunk", "rows": rows, "checkpoint": payload}
+            yield {"kind": "chunk", "rows": rows, "checkpoint": payload[0], "digest": payload[1]}
+        elif kind == "rejected":
+            yield {"kind": "rejected", "what": payload[0], "reason": payload[1]}
         elif kind == "done":
             yield {"kind": "done", "rows": rows, "outcome": payload}
             return
