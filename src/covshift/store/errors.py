@@ -82,7 +82,7 @@ class StorageFault(StoreError):
         self.notes = tuple(notes)
         self.advice = advice
         super().__init__(
-            "".join([f"{self.path}: {cause}.", *(f" {n}" for n in notes), f" {advice}"])
+            "".join([f"{self.path}: {cause}.", *(f" {n}" for n in notes), f" {advice}."])
         )
 
     def noted(self, *notes: str) -> StorageFault:
