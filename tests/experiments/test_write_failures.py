@@ -204,3 +204,36 @@ def test_the_command_line_says_it_in_one_message_with_exit_2(
     assert flat.startswith(f"Error: {db}: {said}") and flat.count("Error:") == 1
     assert "Traceback" not in err and "bug in covshift" not in err
     assert "could not be closed" in flat and "covshift clean" in flat
+
+
+def test_a_run_left_running_by_a_killed_worker_is_named_too(tmp_path: Path) -> None:
+    """A pool worker that did not stop in time is killed: its run stays marked
+    running, and the fault's message names it with what to do."""
+    import subprocess
+
+    from covshift.experiments import plan_sweep
+    from covshift.experiments.backends.base import claim_point
+    from covshift.experiments.sweep import run_sweep
+
+    config = load_config(str(sweep_file(tmp_path, SWEEP)))
+    db = tmp_path / "c.db"
+    plan = plan_sweep(config, db)
+
+    class KilledWorker:
+        name, workers, threads = "local", 2, 1
+
+        def run(self, points: Any, context: Any, events: Any) -> Any:
+            with Store(db) as store:
+                run = claim_point(store, points[1], context, 1).run
+                gone = subprocess.Popen(["true"])
+                gone.wait()
+                store._db.execute("UPDATE runs SET pid = ? WHERE id = ?", (gone.pid, run.id))
+            raise StorageFault(db, "cannot write it: the disk is full")
+
+    with Store(db) as store, pytest.raises(StorageFault) as caught:
+        run_sweep(plan, store, KilledWorker())  # type: ignore[arg-type]
+    name = plan.points[1].name
+    assert (
+        f"Run 1 ({name}) stays marked running (its process stopped before it could close "
+        "it): `covshift clean` closes it, and the next run resumes it."
+    ) in str(caught.value)

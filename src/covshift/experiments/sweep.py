@@ -24,7 +24,15 @@ from covshift.experiments.backends import Backend, InlineBackend, PoolBackend, S
 from covshift.experiments.config import ExperimentConfig
 from covshift.experiments.grid import Point, expand_grid, experiment_id
 from covshift.experiments.point import PointOutcome
-from covshift.store import FINAL_OUTCOMES, ExperimentPoint, NoStoreError, RunInfo, Store
+from covshift.store import (
+    FINAL_OUTCOMES,
+    ExperimentPoint,
+    NoStoreError,
+    RunInfo,
+    StorageFault,
+    Store,
+    StoreError,
+)
 
 __all__ = [
     "SweepPlan",
@@ -223,8 +231,30 @@ def run_sweep(
     progress = progress or make_sweep_progress(disable=True)
     events = _SweepEvents(progress, plan, points)
     start = time.perf_counter()
-    outcomes = backend.run(points, context, events) if points else []
+    try:
+        outcomes = backend.run(points, context, events) if points else []
+    except StorageFault as fault:
+        raise _saying_what_is_left(store, points, fault) from None
     return SweepResult(plan.experiment_id, outcomes, time.perf_counter() - start)
+
+
+def _saying_what_is_left(
+    store: Store, points: Sequence[Point], fault: StorageFault
+) -> StorageFault:
+    """``fault``, also naming the runs of ``points`` it left marked running that it does
+    not name yet (a pool worker killed because it did not stop in time, say)."""
+    try:
+        runs = store.runs_of_points([p.id for p in points])
+    except StoreError:
+        return fault  # the store cannot even be read: the fault says why
+    names = {p.id: p.name for p in points}
+    left = [
+        f"Run {run.id} ({names[point]}) stays marked running (its process stopped before "
+        "it could close it): `covshift clean` closes it, and the next run resumes it."
+        for point, run in sorted(runs.items(), key=lambda item: item[1].id)
+        if run.status in ("running", "stale") and f"Run {run.id} (" not in str(fault)
+    ]
+    return fault.noted(*left) if left else fault
 
 
 def run_experiment(
