@@ -9,6 +9,7 @@ line and exits with status 2, without a traceback."""
 from __future__ import annotations
 
 import errno
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -157,6 +158,14 @@ def file_fault(path: Path, error: OSError, doing: str = "write") -> StorageFault
     return StorageFault(path, f"cannot {doing} it: {cause}{where}", advice=advice)
 
 
+def _nearly_full(path: Path) -> bool:
+    """Whether the file system holding ``path`` has (next to) no space left."""
+    try:
+        return shutil.disk_usage(path.parent).free < 64 * 1024
+    except OSError:
+        return False
+
+
 def storage_error(path: Path, error: BaseException) -> StoreError | None:
     """The :class:`StoreError` that SQLite's (or the system's) ``error`` on the store
     ``path`` means, or None when it means none (a bug, left to propagate):
@@ -179,6 +188,8 @@ def storage_error(path: Path, error: BaseException) -> StoreError | None:
     if code == _SQLITE_FULL or "database or disk is full" in text:
         return StorageFault(path, f"cannot write it: the disk is full (SQLite: {text})")
     if code == _SQLITE_IOERR or "disk I/O error" in text:
+        if _nearly_full(path):  # SQLite says I/O error when the -shm file cannot grow
+            return StorageFault(path, f"cannot use it: the disk is full (SQLite: {text})")
         return StorageFault(path, f"an I/O error on the file (SQLite: {text})")
     if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB) or "malformed" in text or "not a database" in text:
         return damaged(path, f"SQLite cannot read it ({text})")
