@@ -167,6 +167,15 @@ def test_a_store_without_its_meta_table_is_damaged_not_foreign(tmp_path: Path) -
         Store(path)
 
 
+def test_a_store_that_lost_its_version_row_is_not_migrated_as_version_1(tmp_path: Path) -> None:
+    path = _filled(tmp_path / "covshift.db")
+    _sql(path, "DELETE FROM meta WHERE key = 'schema_version'")
+    before = path.read_bytes()
+    with pytest.raises(StoreDamagedError, match="lost its schema_version row"):
+        Store(path)  # a migration from 1 would rebuild runs without its later columns
+    assert path.read_bytes() == before
+
+
 def _truncations(size: int, page: int) -> list[int]:
     return sorted(
         {

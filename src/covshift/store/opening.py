@@ -129,6 +129,12 @@ def _open(db: sqlite3.Connection, path: Path, *, create: bool) -> str:
             f"{path}: schema version {version} is newer than this covshift "
             f"({__version__}, schema {SCHEMA_VERSION}); upgrade covshift to read it"
         )
+    if version == 0 and "point" in {r[1] for r in db.execute("PRAGMA table_info(runs)")}:
+        # Only a version-1 store may lack its version row (it is then migrated); a
+        # later one migrated "from 1" would lose the columns version 1 did not have.
+        raise damaged(
+            path, "its meta table has lost its schema_version row, so its version is unknown"
+        )
     if version is not None:
         check_promise(db, path, version)  # reads only: a damaged file is left as it is
     db.execute("PRAGMA journal_mode=WAL")
