@@ -13,6 +13,7 @@ import torch
 
 from covshift.checkpoints import Checkpointer, CheckpointOwnerError
 from covshift.data import BatchSampler
+from covshift.store.errors import StoreError
 
 if TYPE_CHECKING:
     from covshift.train import TrainState
@@ -64,8 +65,8 @@ def load_checkpoint(
             return None
         state.model.load_state_dict(payload["model"])
         state.optimizer.load_state_dict(payload["optimizer"])
-    except CheckpointOwnerError:
-        raise  # its message says whose state it is and what to do
+    except (CheckpointOwnerError, StoreError):
+        raise  # whose state it is, or which file could not be read, and what to do
     except Exception as e:
         raise ValueError(
             f"checkpoint {keeper} cannot be resumed for this model: {e}; delete it to start over"

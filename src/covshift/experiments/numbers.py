@@ -38,6 +38,12 @@ MEASURED = {"grad_ics_cos", "grad_ics_l2", *SMOOTHNESS}
 RELATIVE_ICS = "grad_ics_rel"  # ||G - G'|| / ||G||, from grad_ics_l2 and grad_norm
 
 
+def _quiet() -> np.errstate:
+    """A diverged run's records hold inf and NaN: what they make is not finite, and is
+    reported as not measured (None), so numpy's warnings about it would say nothing."""
+    return np.errstate(over="ignore", invalid="ignore", divide="ignore")
+
+
 def _finite(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
 
@@ -172,7 +178,8 @@ class PointNumbers:
             ]
             if not found or any(v is None for v in found):
                 return None
-            return float(np.mean(found))
+            with _quiet():
+                return _finite(np.mean(found))
         steps, values = self.series.get(m.series or "", (np.array([]), np.array([])))
         if not len(steps):
             return None
@@ -253,6 +260,7 @@ def _layer_records(
     return steps, quantiles, saturation
 
 
+@_quiet()
 def load_numbers(
     store: Store, run: RunInfo | None, planned: tuple[int, int] | None = None
 ) -> PointNumbers:

@@ -35,7 +35,7 @@ from covshift.models import build_cnn, build_deep_linear, build_mlp, build_trans
 from covshift.probe import GradientICSMonitor, ProbeRecord, ShiftProbe, SmoothnessMonitor
 from covshift.probe.select import glob_match
 from covshift.probe.units import store_columns
-from covshift.store import Store
+from covshift.store import Store, StoreError
 from covshift.train import (
     DivergenceGuard,
     TrainConfig,
@@ -330,7 +330,10 @@ def train_point(
 
     A point that fails (an exception in training) is closed as ``failed`` with the
     error and reported, not raised; Ctrl-C (``KeyboardInterrupt``) closes it as
-    ``interrupted`` and propagates.
+    ``interrupted`` and propagates. A :class:`~covshift.store.StoreError` (the store or
+    a checkpoint file cannot be written or read: a full disk, an I/O error, a damaged
+    store) propagates without closing the run, which the caller does if the store
+    can still take it.
 
     Args:
         spec: the resolved point.
@@ -378,7 +381,9 @@ def train_point(
                 device=data.x_train.device,
                 checkpoint=checkpoint,
             )
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, StoreError):
+        # Ctrl-C, or a file that cannot be written or read (a full disk, the store
+        # damaged): not this point's failure; the caller closes the run, if it can.
         raise
     except Exception as e:
         # The whole traceback goes to the store (a bug is found from it); the outcome

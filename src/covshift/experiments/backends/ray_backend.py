@@ -20,45 +20,50 @@ Failures:
 - Ctrl-C in the driver cancels every task; their runs are recorded ``interrupted``
   and resume from the checkpoint the driver holds;
 - the driver dies: its Ray job's tasks end with it; the runs it owned show as
-  ``stale`` and resume on the next call.
+  ``stale`` and resume on the next call;
+- a checkpoint the driver holds fails its digest check (or has none): it is kept
+  aside, the event recorded and printed, and the point restarts from step 0; bytes
+  that change on their way to or from a task are caught by the digest they travel
+  with (see :mod:`covshift.checkpoint_files`);
+- the store or a checkpoint file cannot be written or read (a full disk): every task
+  is cancelled, each run closed ``interrupted`` if the store still takes it, and one
+  :class:`~covshift.store.StoreError` says so.
 
-Ray is an optional extra: ``pip install 'covshift[ray]'``.
+Ray is an optional extra: ``pip install 'covshift[ray]'``. What runs inside a task
+is in :mod:`.ray_task`.
 """
 
 from __future__ import annotations
 
 import os
-import queue as queue_module
 import socket
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
-import torch
-
-from covshift.checkpoints import BytesCheckpointer
-from covshift.data import Dataset, is_text, load_dataset
+from covshift.checkpoint_files import (
+    Rejected,
+    Rejection,
+    checkpoint_digest,
+    read_checkpoint,
+    remove_checkpoint,
+    set_aside,
+    write_checkpoint,
+)
+from covshift.data import is_text, load_dataset
 from covshift.experiments.backends.base import (
     BackendError,
-    ProgressReporter,
     SweepContext,
     SweepEvents,
     claim_point,
+    close_after_fault,
+    restart_after,
     settled_outcome,
 )
+from covshift.experiments.backends.ray_task import point_task
 from covshift.experiments.grid import Point, PointSpec
-from covshift.experiments.point import (
-    PointOutcome,
-    StoreSink,
-    dataset_arguments,
-    error_text,
-    train_point,
-)
-from covshift.probe import ProbeRecord
-from covshift.store import Store
-from covshift.train import resolve_device
+from covshift.experiments.point import PointOutcome, StoreSink, dataset_arguments, error_text
+from covshift.store import Store, StoreError
 
 __all__ = ["RayBackend", "RayUnavailable"]
 
@@ -75,111 +80,6 @@ def _ray() -> Any:
             "--backend ray needs Ray, an optional extra: pip install 'covshift[ray]'"
         ) from None
     return ray
-
-
-# -- inside a Ray task ---------------------------------------------------------------
-class _Buffer:
-    """A :class:`PointSink` that keeps rows until the next chunk is sent."""
-
-    def __init__(self) -> None:
-        self.rows: list[tuple[Any, ...]] = []
-        self.lock = threading.Lock()
-
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        with self.lock:
-            self.rows.append(("scalars", step, dict(values)))
-
-    def probe(self, record: ProbeRecord) -> None:
-        with self.lock:
-            self.rows.append(("probe", record))
-
-    def end(self, status: str, error: str | None = None, diverged_at: int | None = None) -> None:
-        with self.lock:
-            self.rows.append(("end", status, error, diverged_at))
-
-    def take(self) -> list[tuple[Any, ...]]:
-        with self.lock:
-            rows, self.rows = self.rows, []
-        return rows
-
-
-class _TaskEvents:
-    def __init__(self, out: queue_module.Queue[Any]) -> None:
-        self.out = out
-
-    def started(self, point_id: str, run_id: int, step: int) -> None:
-        pass
-
-    def advanced(self, point_id: str, step: int) -> None:
-        self.out.put(("progress", step, None))
-
-    def ended(self, outcome: PointOutcome) -> None:
-        pass
-
-
-_TASK_DATA: dict[str, Dataset] = {}  # per Ray worker process: datasets by object id
-
-
-def _task_dataset(holder: list[Any], key: str, device: torch.device) -> Dataset:
-    """The dataset of ``holder[0]`` (an ObjectRef, wrapped so Ray does not resolve it
-    for every task), fetched and copied to torch once per worker process."""
-    cache_key = f"{key}@{device}"
-    if cache_key not in _TASK_DATA:
-        arrays = _ray().get(holder[0])
-        if "text" in arrays:  # a TextDataset pickles as its byte streams
-            _TASK_DATA[cache_key] = arrays["text"].to(device)
-            return _TASK_DATA[cache_key]
-        tensors = {k: torch.from_numpy(np.array(v)) for k, v in arrays["tensors"].items()}
-        _TASK_DATA[cache_key] = Dataset(**arrays["fields"], **tensors).to(device)
-    return _TASK_DATA[cache_key]
-
-
-def _point_task(
-    spec: PointSpec,
-    data: list[Any],
-    data_key: str,
-    checkpoint: bytes | None,
-    threads: int,
-    owner: str | None = None,
-) -> Iterator[dict[str, Any]]:
-    """Train one point; yield its records and checkpoints, chunk by chunk. ``owner``:
-    the run's checkpoint identity (a checkpoint of another run is refused)."""
-    torch.set_num_threads(threads)
-    out: queue_module.Queue[Any] = queue_module.Queue()
-    buffer = _Buffer()
-    keeper = BytesCheckpointer(
-        checkpoint, on_save=lambda b: out.put(("chunk", buffer.take(), b)), owner=owner
-    )
-
-    def work() -> None:
-        try:
-            dataset = _task_dataset(data, data_key, resolve_device(spec.device))
-            outcome = train_point(
-                spec,
-                dataset,
-                buffer,
-                checkpoint=keeper,
-                background=False,
-                callbacks=(ProgressReporter(spec.identity(), _TaskEvents(out), interval=1.0),),
-            )
-            out.put(("done", buffer.take(), outcome))
-        except BaseException as e:
-            out.put(("error", buffer.take(), e))
-
-    # Training runs in a thread so that this generator can yield while it goes on.
-    threading.Thread(target=work, name="covshift-point", daemon=True).start()
-    yield {"kind": "hello", "host": socket.gethostname(), "pid": os.getpid()}
-    while True:
-        kind, rows, payload = out.get()
-        if kind == "progress":
-            yield {"kind": "progress", "step": rows}
-        elif kind == "chunk":
-            yield {"kind": "chunk", "rows": rows, "checkpoint": payload}
-        elif kind == "done":
-            yield {"kind": "done", "rows": rows, "outcome": payload}
-            return
-        else:
-            raise payload
 
 
 # -- the driver's side ---------------------------------------------------------------
@@ -213,6 +113,7 @@ class _Active:
     step: int = 0
     host: str | None = None
     pid: int | None = None
+    digest: str | None = None  # of the checkpoint file the driver holds for it
 
 
 def _dataset_payload(spec: PointSpec) -> dict[str, Any]:
@@ -230,6 +131,24 @@ def _dataset_payload(spec: PointSpec) -> dict[str, Any]:
             k: getattr(data, k).numpy() for k in ("x_train", "y_train", "x_test", "y_test")
         },
     }
+
+
+def _verified_checkpoint(store: Store, job: _Active, events: SweepEvents) -> bytes | None:
+    """The bytes of the checkpoint the driver holds for ``job`` once verified (their
+    digest goes to ``job.digest``); a damaged or unverified one is kept aside and the
+    run restarts from step 0 (None)."""
+    path = store.checkpoint_path(job.run_id)
+    job.digest = None
+    try:
+        found = read_checkpoint(path)
+    except Rejected as e:
+        restart_after(store, job.run_id, set_aside(path, e), job.point, events)
+        job.step = 0
+        return None
+    if found is None:
+        return None
+    data, job.digest = found
+    return data
 
 
 class RayBackend:
@@ -310,7 +229,7 @@ class RayBackend:
         context: SweepContext,
         events: SweepEvents,
     ) -> list[PointOutcome]:
-        task = ray.remote(_point_task).options(
+        task = ray.remote(point_task).options(
             num_cpus=self.threads, num_gpus=self.gpus, max_retries=0
         )
         data_refs: dict[str, list[Any]] = {}
@@ -322,19 +241,21 @@ class RayBackend:
             key = f"{spec.dataset}:{spec.data_dir}:{dataset_arguments(spec)}"
             if key not in data_refs:
                 data_refs[key] = [ray.put(_dataset_payload(spec))]
-            path = store.checkpoint_path(job.run_id)
-            checkpoint = path.read_bytes() if path.exists() else None
+            checkpoint = _verified_checkpoint(store, job, events)
             owner = store.checkpoint_owner(job.run_id)
-            active[task.remote(spec, data_refs[key], key, checkpoint, self.threads, owner)] = job
+            ref = task.remote(
+                spec, data_refs[key], key, checkpoint, self.threads, owner, job.digest
+            )
+            active[ref] = job
 
-        for point in points:
-            claim = claim_point(store, point, context, self.threads)
-            if claim.state in ("done", "busy"):
-                outcomes[point.id] = settled_outcome(point, claim)
-                events.ended(outcomes[point.id])
-                continue
-            submit(_Active(point, claim.run.id, step=claim.run.last_step))
         try:
+            for point in points:
+                claim = claim_point(store, point, context, self.threads)
+                if claim.state in ("done", "busy"):
+                    outcomes[point.id] = settled_outcome(point, claim)
+                    events.ended(outcomes[point.id])
+                    continue
+                submit(_Active(point, claim.run.id, step=claim.run.last_step))
             while active:
                 ready, _ = ray.wait(list(active), num_returns=1, timeout=0.5)
                 for gen in ready:
@@ -369,6 +290,14 @@ class RayBackend:
                 ray.cancel(gen, force=True)
                 store.finish_run(job.run_id, "interrupted")
             raise
+        except StoreError as fault:
+            # The store or a checkpoint beside it cannot be written or read: every task
+            # stops, and each run is closed as far as the store allows.
+            for gen in active:
+                ray.cancel(gen, force=True)
+            for job in active.values():
+                fault = close_after_fault(store, job.run_id, job.point.name, fault)
+            raise fault from None
         return [outcomes[p.id] for p in points]
 
     @staticmethod
@@ -400,16 +329,28 @@ class RayBackend:
             else:
                 sink.end(row[1], row[2], diverged_at=row[3])
         path = store.checkpoint_path(job.run_id)
+        if kind == "rejected":  # the checkpoint it was sent changed on the way
+            rejection = Rejection(None, None, item["what"], item["reason"])
+            restart_after(store, job.run_id, rejection, job.point, events)
+            job.step = 0
+            return None
         if kind == "chunk":
             # Records first, then the checkpoint: a driver killed in between resumes
             # from the older checkpoint and rewrites the same rows (same keys).
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(item["checkpoint"])
-            os.replace(tmp, path)
+            data = item["checkpoint"]
+            if checkpoint_digest(data) == item["digest"]:
+                job.digest = write_checkpoint(path, data, previous=job.digest)
+            else:  # damaged on its way here: the previous one stays
+                store.record_event(
+                    job.run_id,
+                    "checkpoint_damaged",
+                    f"a checkpoint of run {job.run_id} ({job.point.name}) at step {job.step} "
+                    "failed its digest check on arrival from its Ray task; not kept (the "
+                    "run resumes from its previous checkpoint if it has to)",
+                )
             events.advanced(job.point.id, job.step)
             return None
         outcome: PointOutcome = item["outcome"]
         if outcome.status in ("finished", "diverged"):  # a failed run may be resumed
-            path.unlink(missing_ok=True)
+            remove_checkpoint(path)
         return replace(outcome, run_id=job.run_id)
