@@ -89,4 +89,3 @@ class GradientNormMonitor(TrainingMonitor):
             ProbeRecord(state.step, layer, {GRAD_NORM_STAT: np.array(value)})
             for layer, value in found.items()
         ]
-
