@@ -119,3 +119,24 @@ rule = "greater"
     assert slope["per_seed"] == {str(s): pytest.approx(1.0 + s) for s in config.seeds}
     assert trend["per_seed"] == {str(s): pytest.approx(1.0) for s in config.seeds}
     assert trend["data"]["0"]["layers"] == [f"blocks.{i}" for i in range(12)]
+
+
+def test_preflight_checks_the_globs_of_claims_against_the_probed_layers(tmp_path: Path) -> None:
+    from covshift.experiments.config import ConfigError
+    from covshift.experiments.preflight import _check_claim_layers
+
+    def config(metric: str, statistic: str = "value"):
+        claim = f'[[claims]]\ntext = "t"\nstatistic = "{statistic}"\nmetric = "{metric}"\n'
+        claim += 'network = "post"\nrule = "greater"\n'
+        return load_config(write(tmp_path, GRID + claim))
+
+    probed = {"post": ["blocks.0", "blocks.0.ln_1", "blocks.1", "blocks.1.ln_1"]}
+    for ok in ("drift/mean", "drift/mean:blocks.*.ln_1", "drift/blocks.1"):
+        _check_claim_layers(config(ok), probed)
+    _check_claim_layers(config("drift/blocks.*", "layer_trend"), probed)
+    with pytest.raises(ConfigError, match=r"no layer that network 'post' probes matches 'x\.\*'"):
+        _check_claim_layers(config("drift/mean:x.*"), probed)
+    with pytest.raises(ConfigError, match=r"matches 'hidden\.\*\.act'"):
+        _check_claim_layers(config("drift/hidden.*.act", "layer_trend"), probed)
+    with pytest.raises(ConfigError, match=r"probes blocks\.0, .*not 'blocks\.7'"):
+        _check_claim_layers(config("drift/blocks.7"), probed)
