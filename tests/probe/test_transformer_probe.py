@@ -63,6 +63,10 @@ def test_units_are_the_features_with_tokens_pooled(norm: str, side: str) -> None
     # context == d_model == 32: the shape alone cannot tell the axes apart
     net = build_transformer(context=32, d_model=32, n_layer=2, n_head=4, norm=norm)
     x = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(0))
+    if norm == "batch":  # running statistics that have seen a batch: the eval forward
+        with torch.no_grad():  # (untouched ones are probed with batch statistics)
+            net.train()
+            net(torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(1)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no axis may be assumed or in doubt
         probe = ShiftProbe(net, "auto", x, every=1, record=side, quantiles=LEVELS)

@@ -83,11 +83,12 @@ class StoreReader:
         return [ExperimentPoint(p, pos, n, s, json.loads(a)) for p, pos, n, s, a in rows]
 
     def experiments(self) -> list[tuple[str, str, str]]:
-        """``(id, name, created_at)`` of every recorded experiment, newest first."""
+        """``(id, name, created_at)`` of every recorded experiment, newest first (ties
+        of the one-second timestamp broken by the order they were recorded in)."""
         return [
             tuple(r)  # type: ignore[misc]
             for r in self._db.execute(
-                "SELECT id, name, created_at FROM experiments ORDER BY created_at DESC, id"
+                "SELECT id, name, created_at FROM experiments ORDER BY created_at DESC, rowid DESC"
             )
         ]
 
