@@ -18,12 +18,20 @@ load hits all alike; the table shows the median ms per step and the ratios to to
 (above 1: covshift is slower), and the ratio of the fastest blocks ("min ratio", less
 moved by a block that was preempted on a busy machine), at each ``--threads`` count.
 
+Norms against LayerNorm (``--against-layer``): covshift's LayerNorm, RMSNorm and
+Dynamic Tanh models and torch.nn's LayerNorm and RMSNorm peers, same weights and
+batches, in interleaved blocks of steps; each one's ms per step over LayerNorm's
+(covshift's), median and fastest blocks: the benchmark behind "RMSNorm is faster per
+step" (Zhang & Sennrich 2019), which the battery does not judge inside a run (a run's
+step time moves with the machine's load).
+
 Grid table (``--grid``): ms per training step (covshift's loop, AdamW, pre-LayerNorm)
 for d_model 64/128, 2/4/6 layers, context 64/128, batch 16/32 at one thread: what
 the quick sizes of the battery's presets are chosen from.
 
     python benchmarks/transformer_speed.py                 # 1 and 2 threads
     python benchmarks/transformer_speed.py --grid          # the sizes table, 1 thread
+    python benchmarks/transformer_speed.py --against-layer # RMSNorm, DyT / LayerNorm
     python benchmarks/transformer_speed.py --quick         # fewer repeats
 """
 
@@ -216,6 +224,47 @@ def speed_table(
         console.print(table)
 
 
+def against_layer(threads: list[int], repeats: int, block: int, console: Console) -> None:
+    """Every contender's ms per step over covshift's LayerNorm's, interleaved blocks."""
+    sizes = [(64, 2, 64, 16), (128, 4, 128, 16)]
+    for count, size in itertools.product(threads, sizes):
+        torch.set_num_threads(count)
+        c, layers, context, batch = size
+        data = text_data(context)
+        runs = {}
+        for norm in ("layer", "rms", "dyt"):
+            model = build_transformer(
+                context=context, d_model=c, n_layer=layers, n_head=4, norm=norm
+            )
+            runs[f"covshift {norm}"] = plain_steps(model, data, batch)
+            if norm != "dyt":  # torch.nn has no Dynamic Tanh
+                peer = GPT(context, c, layers, 4, norm)
+                peer.load_state_dict(model.state_dict())
+                runs[f"torch {norm}"] = plain_steps(peer, data, batch)
+        for run in runs.values():
+            run(2)  # warm-up
+        samples: dict[str, list[float]] = {k: [] for k in runs}
+        for _ in range(repeats):
+            for name, run in runs.items():
+                samples[name].append(run(block))
+        base = samples["covshift layer"]
+        table = Table(
+            title=f"{c} x {layers}, context {context}, batch {batch}, {count} thread(s): ms per "
+            f"step over covshift's LayerNorm, {repeats} interleaved blocks of {block} steps"
+        )
+        for col in ("model", "ms (median)", "/ LayerNorm (median)", "/ LayerNorm (fastest)"):
+            table.add_column(col, justify="left" if col == "model" else "right")
+        for name, values in samples.items():
+            median = statistics.median(values)
+            table.add_row(
+                name,
+                f"{median:.1f}",
+                f"{median / statistics.median(base):.3f}",
+                f"{min(values) / min(base):.3f}",
+            )
+        console.print(table)
+
+
 def grid_table(repeats: int, block: int, console: Console) -> None:
     torch.set_num_threads(1)
     table = Table(
@@ -241,6 +290,9 @@ def grid_table(repeats: int, block: int, console: Console) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--grid", action="store_true", help="the ms/step table over sizes")
+    parser.add_argument(
+        "--against-layer", action="store_true", help="RMSNorm and DyT steps over LayerNorm's"
+    )
     parser.add_argument("--quick", action="store_true", help="3 repeats of 3 steps")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--block", type=int, default=5, help="steps per timed block")
@@ -254,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     console.print(f"torch {torch.__version__}, data: {text_data(64).name}")
     if args.grid:
         grid_table(repeats, block, console)
+    elif args.against_layer:
+        against_layer(args.threads, repeats, block, console)
     else:
         speed_table(args.threads, args.norms, repeats, block, console)
 

@@ -14,8 +14,37 @@ from torch import nn
 from covshift.models import TRANSFORMER_NORMS, build_transformer
 from covshift.models.transformer import TokenBatchNorm
 
-NORMS = ("none", "layer", "rms", "batch")
+NORMS = ("none", "layer", "rms", "dyt", "batch", "ghost_batch")
 SMALL = dict(context=16, d_model=32, n_layer=2, n_head=4)
+# Ghost BN with one virtual batch per sequence of the twin's tokens(t=16)
+NORM_KWARGS = {"ghost_batch": {"virtual_batch_size": 16}, "dyt": {"alpha_init": 0.8}}
+
+
+class TwinDyT(nn.Module):
+    """Dynamic Tanh as its formula: weight * tanh(alpha * x) + bias."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.tensor(0.8))
+        self.weight, self.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * torch.tanh(self.alpha * x) + self.bias
+
+
+class TwinGhostBatchNorm(nn.Module):
+    """torch.nn's BatchNorm1d on each run of 16 consecutive tokens (one sequence) in
+    training, one after the other; on all tokens with running statistics in eval."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if not self.training:
+            return self.norm(flat).view(x.shape)
+        return torch.cat([self.norm(chunk) for chunk in flat.split(16)]).view(x.shape)
 
 
 class TwinBatchNorm(nn.Module):
@@ -34,7 +63,9 @@ def twin_norm(kind: str, c: int) -> nn.Module:
         "none": nn.Identity,
         "layer": nn.LayerNorm,
         "rms": nn.RMSNorm,
+        "dyt": TwinDyT,
         "batch": TwinBatchNorm,
+        "ghost_batch": TwinGhostBatchNorm,
     }[kind](c)
 
 
@@ -114,7 +145,8 @@ def test_shapes_and_context() -> None:
 @pytest.mark.parametrize("placement", ["pre", "post"])
 @pytest.mark.parametrize("norm", NORMS)
 def test_matches_a_plain_torch_twin(norm: str, placement: str) -> None:
-    ours = build_transformer(**SMALL, norm=norm, placement=placement, seed=3)
+    kw = NORM_KWARGS.get(norm, {})
+    ours = build_transformer(**SMALL, norm=norm, placement=placement, seed=3, norm_kwargs=kw)
     twin = Twin(16, 32, 2, 4, norm, placement)
     twin.load_state_dict(ours.state_dict())  # same names, same shapes (strict)
     x = tokens()
@@ -142,7 +174,14 @@ def test_final_norm_only_with_pre_norm() -> None:
 
 
 # BatchNorm is causal in eval mode only (running statistics): see the next test.
-CAUSAL = [("none", "train"), ("layer", "train"), ("rms", "train"), ("batch", "eval")]
+CAUSAL = [
+    ("none", "train"),
+    ("layer", "train"),
+    ("rms", "train"),
+    ("dyt", "train"),
+    ("batch", "eval"),
+    ("ghost_batch", "eval"),
+]
 
 
 @pytest.mark.parametrize(("norm", "mode"), CAUSAL)
@@ -226,7 +265,10 @@ def test_same_seed_same_weights_whatever_the_norm() -> None:
     ("kwargs", "message"),
     [
         ({"d_model": 30, "n_head": 4}, r"d_model \(30\) must be a multiple of n_head \(4\)"),
-        ({"norm": "group"}, "norm must be one of none, layer, rms, batch; got 'group'"),
+        (
+            {"norm": "group"},
+            "norm must be one of none, layer, rms, dyt, batch, ghost_batch; got 'group'",
+        ),
         ({"placement": "before"}, "placement must be one of pre, post"),
         ({"init": "xavier"}, "init must be one of gpt2, unit"),
         ({"n_layer": 0}, "n_layer must be a positive integer"),
@@ -236,3 +278,19 @@ def test_same_seed_same_weights_whatever_the_norm() -> None:
 def test_bad_arguments(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises((ValueError, TypeError), match=message):
         build_transformer(**{**SMALL, **kwargs})
+
+
+@pytest.mark.parametrize("norm", ["none", "dyt", "layer"])
+def test_probe_finds_the_features_of_blocks_and_identity_norms(norm: str) -> None:
+    # The blocks' outputs (the residual stream) and the "none" norms say where their
+    # features are; the probe takes them from the layers, not by guessing. context ==
+    # d_model, so the shape alone could not tell the axes apart.
+    from covshift.probe import ShiftProbe
+
+    net = build_transformer(context=32, d_model=32, n_layer=2, n_head=4, norm=norm)
+    probe = ShiftProbe(net, ["blocks.*", "blocks.*.ln_1"], tokens(t=32), record="output", every=1)
+    with probe:
+        records = probe.record_now(0)
+    assert {r.layer for r in records} == {"blocks.0", "blocks.1", "blocks.0.ln_1", "blocks.1.ln_1"}
+    for r in records:
+        assert r.unit_axis.source == "layer" and r.unit_axis.dim == 2, (r.layer, r.unit_axis)

@@ -58,7 +58,10 @@ def test_transformer_defaults() -> None:
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"kind": "transformer", "norm": "group"}, "a transformer takes none, layer, rms, batch"),
+        (
+            {"kind": "transformer", "norm": "group"},
+            "a transformer takes none, layer, rms, dyt, batch, ghost_batch",
+        ),
         ({"kind": "transformer", "norm_position": "before"}, "placed pre or post"),
         ({"kind": "transformer", "activation": "relu"}, "activation: a transformer does not use"),
         ({"kind": "transformer", "init": "xavier"}, "init is gpt2 or unit"),

@@ -72,9 +72,9 @@ class ModelSpec(Strict):
     ``transformer`` (:func:`covshift.models.build_transformer`, a GPT-style byte-level
     language model for a text dataset: ``width`` is d_model, ``depth`` the number of
     blocks, ``heads`` attention heads, ``context`` bytes per sequence, ``mlp_ratio``
-    the MLP's width over d_model; ``norm`` none, layer, rms or batch; ``norm_position``
-    ``pre`` (the default for it) or ``post``; ``init`` ``gpt2`` (the default for it) or
-    ``unit``; its MLP's activation is GELU).
+    the MLP's width over d_model; ``norm`` none, layer, rms, dyt, batch or
+    ghost_batch; ``norm_position`` ``pre`` (the default for it) or ``post``; ``init``
+    ``gpt2`` (the default for it) or ``unit``; its MLP's activation is GELU).
     ``freeze``: glob patterns of module names whose parameters are not trained
     (``"hidden.0.*"``); each must match a parameter.
     """
@@ -219,7 +219,14 @@ class ProbeSpec(Strict):
       on every weight layer every this many steps (0: never).
     - ``smoothness_every``: measure the loss landscape along the gradient every this
       many steps (0: never), step sizes in ``smoothness_range`` x lr.
-    - ``measure_batch``: the batch size of those two measurements (default: training's).
+    - ``measure_batch``: the batch size of those measurements (default: training's).
+    - ``gradient_norm_steps``: record every weight layer's gradient norm
+      ``||dL/dW||`` at these steps (``[0]``: at initialization; Xiong et al. 2020),
+      on a training batch (metric ``grad_norm/<step>/<layer>``).
+    - ``batch_stats_every``: every this many steps (0: never), measure how much each
+      BatchNorm layer's batch statistics fluctuate over ``batch_stats_batches``
+      training batches at fixed weights (Shen et al. 2020; metric
+      ``batch_stats/<figure>/<layer|mean>``).
     """
 
     layers: tuple[str, ...] = ("hidden.*.act",)
@@ -233,6 +240,18 @@ class ProbeSpec(Strict):
     smoothness_every: StrictInt = Field(0, ge=0)
     smoothness_range: tuple[StrictFloat, StrictFloat] = (0.5, 4.0)
     measure_batch: StrictInt | None = Field(None, ge=1)
+    gradient_norm_steps: tuple[StrictInt, ...] = ()
+    batch_stats_every: StrictInt = Field(0, ge=0)
+    batch_stats_batches: StrictInt = Field(8, ge=2)
+
+    @field_validator("gradient_norm_steps")
+    @classmethod
+    def _steps(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if list(value) != sorted(set(value)) or any(v < 0 for v in value):
+            raise ValueError(
+                "gradient_norm_steps must be increasing steps >= 0 (0: at initialization)"
+            )
+        return value
 
     @field_validator("smoothness_range")
     @classmethod

@@ -53,6 +53,9 @@ _ADDED_FIELDS: tuple[tuple[str, str, Any], ...] = (
     ("optimizer", "kind", "sgd"),
     ("optimizer", "betas", [0.9, 0.999]),
     ("optimizer", "warmup_steps", 0),
+    ("probe", "gradient_norm_steps", []),
+    ("probe", "batch_stats_every", 0),
+    ("probe", "batch_stats_batches", 8),
 )
 
 

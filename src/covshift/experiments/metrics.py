@@ -37,6 +37,16 @@ A metric path is ``/``-separated:
   value at the last evaluation at or before ``fraction`` of the planned steps (how much
   it still moved over the last part of the run: a run that has converged rises by
   about nothing);
+- ``grad_norm/<step>/<layer>``: the gradient norm ``||dL/dW||_F`` of a weight layer's
+  weight matrices at ``<step>`` (``probe.gradient_norm_steps``; step 0 is the
+  initialization), on a training batch (Xiong et al. 2020);
+- ``batch_stats/<figure>/<layer|mean>``: how much a BatchNorm layer's batch
+  statistics fluctuate between training batches at fixed weights
+  (``probe.batch_stats_every``; Shen et al. 2020), averaged over its measurements:
+  ``design_effect`` (the variance of a batch mean over what independent values would
+  give it), ``mean_sd`` (the batch mean's standard deviation in units of the channel's)
+  or ``var_cv`` (the batch variance's relative fluctuation); ``mean`` averages the
+  BatchNorm layers too (:mod:`covshift.probe.batch_fluctuation`);
 - ``log10/<metric path>``: the base-10 logarithm of another metric (missing where it
   is not positive), for quantities that move by orders of magnitude (a regression
   loss: ``log10/test_loss/final`` minus ``log10/test_loss/0`` is the number of orders
@@ -44,7 +54,10 @@ A metric path is ``/``-separated:
 
 A layer may be named ``first`` or ``last``: the first or last probed layer of the
 network in forward order (``drift/last`` is the last hidden layer of an MLP of any
-depth). A layer's train-mode records (``probe.mode = "both"``) are the layer ``<layer>@train``
+depth). ``drift/mean``, ``fluct/mean``, ``floor/mean`` average the figure over every
+probed layer, ``drift/mean:<glob>`` over the probed layers whose names match the glob
+(``drift/mean:blocks.*.ln_?``); not measurable when any of those layers is not. A
+layer's train-mode records (``probe.mode = "both"``) are the layer ``<layer>@train``
 (``drift/hidden.2.act@train``).
 
 A diverged run stops where the divergence rule fired (see
@@ -61,7 +74,16 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["FLOOR", "ICS_STATS", "SERIES", "SMOOTHNESS", "TRAIN_MODE", "MetricPath", "parse_metric"]
+__all__ = [
+    "BATCH_FIGURES",
+    "FLOOR",
+    "ICS_STATS",
+    "SERIES",
+    "SMOOTHNESS",
+    "TRAIN_MODE",
+    "MetricPath",
+    "parse_metric",
+]
 
 # test_bpb / train_bpb: the losses in bits per byte, recorded for text datasets
 SERIES = ("test_accuracy", "test_loss", "train_loss", "test_bpb", "train_bpb")
@@ -70,6 +92,7 @@ TRAIN_MODE = "@train"  # the probe batch in train mode (batch statistics, noise 
 FLOOR = "@floor"  # a second probe batch at the same weights (the noise floor)
 ICS_STATS = {"ics_cos": "grad_ics_cos", "ics_l2": "grad_ics_l2", "ics_rel": "grad_ics_rel"}
 SMOOTHNESS = ("loss_range", "grad_predictiveness", "beta_smoothness")
+BATCH_FIGURES = ("design_effect", "mean_sd", "var_cv")  # batch_stats/<figure>/<layer>
 
 
 @dataclass(frozen=True)
@@ -88,6 +111,8 @@ class MetricPath:
         "ics",
         "smooth",
         "log10",
+        "grad_norm",
+        "batch_stats",
     ]
     series: str | None = None
     when: int | Literal["final", "max", "min"] | None = None
@@ -110,9 +135,10 @@ def parse_metric(path: str) -> MetricPath:
         "fluct/<layer>, floor/<layer>, "
         "ics_cos/<layer|mean>, ics_l2/<layer|mean>, ics_rel/<layer|mean>, smooth/<figure>, "
         "steps_to/<series>/<target>, reach/<series>/<target>, rise/<series>/<fraction>, "
+        "grad_norm/<step>/<layer>, batch_stats/<figure>/<layer|mean>, "
         "diverged, log10/<metric>; "
         f"series: {', '.join(SERIES)}; "
-        f"figures: {', '.join(SMOOTHNESS)}"
+        f"figures: {', '.join(SMOOTHNESS)}; batch_stats figures: {', '.join(BATCH_FIGURES)}"
     )
     head, _, rest = path.partition("/")
     if head == "log10":
@@ -134,6 +160,22 @@ def parse_metric(path: str) -> MetricPath:
         if not rest:
             raise ValueError(f"metric {path!r}: {head} needs a layer, or mean ({head}/mean)")
         return MetricPath("ics", layer=rest, stat=ICS_STATS[head])
+    if head == "grad_norm":
+        step, _, layer = rest.partition("/")
+        if not step.isdigit() or not layer:
+            raise ValueError(
+                f"metric {path!r}: grad_norm needs a step and a layer "
+                "(grad_norm/0/blocks.3.mlp.c_fc)"
+            )
+        return MetricPath("grad_norm", when=int(step), layer=layer)
+    if head == "batch_stats":
+        figure, _, layer = rest.partition("/")
+        if figure not in BATCH_FIGURES or not layer:
+            raise ValueError(
+                f"metric {path!r}: batch_stats needs a figure ({', '.join(BATCH_FIGURES)}) "
+                "and a layer, or mean (batch_stats/design_effect/mean)"
+            )
+        return MetricPath("batch_stats", layer=layer, stat=figure)
     if head == "smooth":
         if rest not in SMOOTHNESS:
             raise ValueError(f"metric {path!r}: unknown figure {rest!r}; {accepted}")

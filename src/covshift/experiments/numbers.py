@@ -8,7 +8,7 @@ CSV and the claims all come from here, so they cannot disagree.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,7 @@ from covshift.experiments.metrics import (
     parse_metric,
 )
 from covshift.experiments.significance import Bounds
+from covshift.probe.batch_fluctuation import BATCH_STATS
 from covshift.probe.figures import (
     Figure,
     drift_figure,
@@ -29,12 +30,15 @@ from covshift.probe.figures import (
     fluctuation_figure,
     relative_gradient_ics,
 )
+from covshift.probe.layer_gradients import GRAD_NORM_STAT
+from covshift.probe.select import glob_match
 from covshift.store import RunInfo, Store
 
 __all__ = ["PointNumbers", "Reading", "load_numbers", "probed_layers"]
 
+MEAN = "mean"  # drift/mean, drift/mean:<glob>: the mean over probed layers
 SMOOTHNESS_LAYER = "(model)"  # the layer name of smoothness records (SmoothnessMonitor)
-MEASURED = {"grad_ics_cos", "grad_ics_l2", *SMOOTHNESS}
+MEASURED = {"grad_ics_cos", "grad_ics_l2", *SMOOTHNESS, *BATCH_STATS.values()}
 RELATIVE_ICS = "grad_ics_rel"  # ||G - G'|| / ||G||, from grad_ics_l2 and grad_norm
 
 
@@ -79,6 +83,14 @@ class PointNumbers:
     fluct: dict[str, float | None] = field(default_factory=dict)
     # (figure, layer) -> what a drift / fluctuation / floor was computed over
     figures: dict[tuple[str, str], Figure] = field(default_factory=dict)
+    # (layer, step) -> a weight layer's gradient norm (probe.gradient_norm_steps)
+    grad_norms: dict[tuple[str, int], float | None] = field(default_factory=dict)
+
+    def grad_layers(self) -> list[str]:
+        """The weight layers with gradient-norm records, in the order they were
+        recorded: the modules' order in the network (forward order for covshift's
+        builders; ``blocks.2`` before ``blocks.10``)."""
+        return list(dict.fromkeys(layer for layer, _ in self.grad_norms))
 
     def layers(self) -> list[str]:
         """The eval-mode probed layers, in the order the probe records them (the
@@ -118,9 +130,34 @@ class PointNumbers:
         if m.kind in ("steps_to", "reach"):
             return self._time_to_target(m)
         if m.kind in ("drift", "fluct", "floor") and self.run is not None:
+            if (m.layer or "").startswith(MEAN):
+                return self._mean_figure(m)
             return self._figure(m)
         found = self._value(m)
         return Reading(None if found is None else Bounds.exact(found))
+
+    def _mean_figure(self, m: MetricPath) -> Reading:
+        """``<figure>/mean`` (every probed layer) or ``<figure>/mean:<glob>`` (the probed
+        layers whose names match it; ``@train`` for their train-mode records): the
+        mean of the layers' figures, not measurable if any of them is not."""
+        spec = m.layer or ""
+        base, suffix = (
+            (spec[: -len(TRAIN_MODE)], TRAIN_MODE) if spec.endswith(TRAIN_MODE) else (spec, "")
+        )
+        pattern = base[len(MEAN) + 1 :] if base.startswith(MEAN + ":") else "**"
+        layers = [name for name in self.layers() if glob_match(name, pattern)]
+        readings = [self._figure(replace(m, layer=name + suffix)) for name in layers]
+        excluded = sum(r.excluded for r in readings)
+        units = sum(r.units for r in readings)
+        reasons = [
+            f"{name}: {r.reason}" for name, r in zip(layers, readings, strict=True) if r.reason
+        ]
+        if reasons:
+            return Reading(None, "; ".join(reasons), excluded, units)
+        values = [r.value for r in readings]
+        if not values or any(v is None for v in values):
+            return Reading(None)
+        return Reading(Bounds.exact(float(np.mean(values))), None, excluded, units)
 
     def _figure(self, m: MetricPath) -> Reading:
         name = "drift_layer" if m.kind == "drift" and m.scale == "layer" else m.kind
@@ -168,6 +205,16 @@ class PointNumbers:
             return self.floor.get(self.layer(m.layer or ""))
         if m.kind == "smooth":
             return self.measures.get((SMOOTHNESS_LAYER, m.stat or ""))
+        if m.kind == "grad_norm":
+            return self.grad_norms.get((m.layer or "", int(m.when or 0)))
+        if m.kind == "batch_stats":
+            stat = BATCH_STATS[m.stat or ""]
+            if m.layer != "mean":
+                return self.measures.get((m.layer or "", stat))
+            found = [v for (_, s), v in self.measures.items() if s == stat]
+            if not found or any(v is None for v in found):
+                return None
+            return float(np.mean(found))  # type: ignore[arg-type]
         if m.kind == "ics":
             if m.layer != "mean":
                 return self.measures.get((m.layer or "", m.stat or ""))
@@ -282,7 +329,11 @@ def load_numbers(
     layers = store.probe_layers(run.id)
     for layer in layers:
         stats = store.probe_stats(run.id, layer)
-        if "quantiles" not in stats:  # gradient-ICS or smoothness records
+        if "quantiles" not in stats:  # gradient-ICS, smoothness, gradient-norm records
+            if GRAD_NORM_STAT in stats:
+                at, values = store.probe(run.id, layer, GRAD_NORM_STAT)
+                for step, value in zip(at, values, strict=True):
+                    numbers.grad_norms[(layer, int(step))] = _finite(float(value))
             for stat in stats:
                 if stat in MEASURED:
                     _, values = store.probe(run.id, layer, stat)

@@ -33,6 +33,8 @@ from covshift.experiments.point_data import (
 )
 from covshift.models import build_cnn, build_deep_linear, build_mlp, build_transformer, build_vgg
 from covshift.probe import GradientICSMonitor, ProbeRecord, ShiftProbe, SmoothnessMonitor
+from covshift.probe.batch_fluctuation import BatchStatsMonitor
+from covshift.probe.layer_gradients import GradientNormMonitor
 from covshift.probe.select import glob_match
 from covshift.probe.units import store_columns
 from covshift.store import Store, StoreError
@@ -239,8 +241,9 @@ def point_measures(
     background: bool | None = False,
 ) -> list[object]:
     """The measurement callbacks of a point, as its :class:`ProbeSpec` asks: the probe
-    (eval mode, train mode, or both), the noise-floor probe, gradient ICS and
-    landscape smoothness, all recording into ``sink``."""
+    (eval mode, train mode, or both), the noise-floor probe, gradient ICS, landscape
+    smoothness, per-layer gradient norms and BatchNorm's batch-statistics
+    fluctuation, all recording into ``sink``."""
     p = spec.probe
     batch = data.x_test[: p.examples]
     common: dict[str, Any] = dict(record=p.record, quantiles=p.quantiles)
@@ -309,6 +312,26 @@ def point_measures(
                 every=p.smoothness_every,
                 step_range=p.smoothness_range,
                 loss_fn=loss,
+                batch_size=p.measure_batch,
+                seed=spec.seed,
+                sink=sink.probe,
+            )
+        )
+    if p.gradient_norm_steps:
+        out.append(
+            GradientNormMonitor(
+                steps=p.gradient_norm_steps,
+                loss_fn=loss,
+                batch_size=p.measure_batch,
+                seed=spec.seed,
+                sink=sink.probe,
+            )
+        )
+    if p.batch_stats_every:
+        out.append(
+            BatchStatsMonitor(
+                every=p.batch_stats_every,
+                batches=p.batch_stats_batches,
                 batch_size=p.measure_batch,
                 seed=spec.seed,
                 sink=sink.probe,

@@ -17,11 +17,16 @@ Placement (Xiong et al. 2020, arXiv 2002.04745):
 
 Every norm is a covshift.nn layer from its registry (:func:`covshift.nn.create_norm`)
 over the model's features, the last axis of the ``(B, T, C)`` values: LayerNorm and
-RMSNorm normalize each token; BatchNorm normalizes each feature over the ``B * T``
-tokens of the batch (:class:`TokenBatchNorm`), with running statistics in eval mode.
-With ``norm="none"`` the norms are ``nn.Identity``, so module names are the same for
-every kind. Note that a BatchNorm in training mode mixes the statistics of all tokens,
-later ones included: its training forward is not causal (its eval forward is).
+RMSNorm normalize each token; Dynamic Tanh (Zhu et al. 2025) squashes each value,
+``γ tanh(α x) + β``, with no statistics (``norm_kwargs = {"alpha_init": ...}``);
+BatchNorm normalizes each feature over the ``B * T`` tokens of the batch
+(:class:`TokenBatchNorm`), with running statistics in eval mode; ``ghost_batch``
+(Ghost BN) over virtual batches of consecutive tokens (with ``virtual_batch_size =
+context``, each sequence normalized by its own statistics). With ``norm="none"`` the
+norms are identities (:class:`TokenIdentity`, an ``nn.Identity``), so module names
+are the same for every kind. Note that a BatchNorm in training mode mixes the
+statistics of all tokens, later ones included: its training forward is not causal
+(its eval forward is).
 
 Initialization (``init``):
 
@@ -58,6 +63,7 @@ __all__ = [
     "CausalSelfAttention",
     "FeedForward",
     "TokenBatchNorm",
+    "TokenIdentity",
     "Transformer",
     "TransformerBlock",
     "TransformerConfig",
@@ -89,18 +95,32 @@ class TokenBatchNorm(nn.Module):
         return self.norm(x.reshape(-1, x.shape[-1])).view(x.shape)
 
 
+class TokenIdentity(nn.Identity):
+    """The "norm" of ``norm="none"``: the identity, which tells the probe that its
+    ``(B, T, C)`` values have their ``num_features`` features last."""
+
+    channels_last = True
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+
 def _trailing(kind: str) -> Callable[[int, dict[str, Any]], nn.Module]:
     return lambda c, kw: create_norm(kind, c, **kw)
 
 
 # How each norm kind is built for (B, T, C) tokens. Norms over the trailing axis
-# (LayerNorm, RMSNorm) take the tokens as they are; BatchNorm sees the B*T tokens as its
-# batch. Dynamic Tanh (Zhu et al. 2025) goes here as ``"dyt": _trailing("dyt")`` once
-# covshift.nn registers it (its affine is per feature, on the last axis).
+# (LayerNorm, RMSNorm, and Dynamic Tanh, whose affine is per feature on the last axis)
+# take the tokens as they are; BatchNorm sees the B*T tokens as its batch.
 _TOKEN_NORMS: dict[str, Callable[[int, dict[str, Any]], nn.Module]] = {
     "layer": _trailing("layer"),
     "rms": _trailing("rms"),
+    "dyt": _trailing("dyt"),
     "batch": lambda c, kw: TokenBatchNorm(create_norm("batch", c, **kw)),
+    # Ghost BN over tokens: statistics per virtual batch of consecutive rows of the
+    # (B*T, C) view; virtual_batch_size = T gives each sequence its own statistics.
+    "ghost_batch": lambda c, kw: TokenBatchNorm(create_norm("ghost_batch", c, **kw)),
 }
 TRANSFORMER_NORMS = ("none", *_TOKEN_NORMS)
 
@@ -120,7 +140,7 @@ class TransformerConfig:
     n_head: int = 4  # attention heads; d_model % n_head == 0
     d_model: int = 128  # C: features of the residual stream
     mlp_ratio: int = 4  # the MLP's hidden width is mlp_ratio * C
-    norm: str = "layer"  # none | layer | rms | batch
+    norm: str = "layer"  # none | layer | rms | dyt | batch | ghost_batch
     placement: Literal["pre", "post"] = "pre"
     init: Literal["gpt2", "unit"] = "gpt2"
     norm_kwargs: Mapping[str, Any] = field(default_factory=dict)  # eps, momentum, ...
@@ -143,7 +163,7 @@ class TransformerConfig:
 def make_token_norm(kind: str, features: int, norm_kwargs: Mapping[str, Any]) -> nn.Module:
     """The norm ``kind`` over the last axis of ``(B, T, features)`` values."""
     if kind == "none":
-        return nn.Identity()
+        return TokenIdentity(features)
     return _TOKEN_NORMS[kind](features, dict(norm_kwargs))
 
 
@@ -184,10 +204,15 @@ class FeedForward(nn.Module):
 
 class TransformerBlock(nn.Module):
     """One block: attention then MLP, each a residual branch, with its norm placed
-    ``pre`` (inside the branch) or ``post`` (after the residual sum)."""
+    ``pre`` (inside the branch) or ``post`` (after the residual sum). Its output is the
+    residual stream after the block, features last (``channels_last``, ``num_features``
+    tell the probe)."""
+
+    channels_last = True
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
+        self.num_features = config.d_model
         self.placement = config.placement
         self.ln_1 = make_token_norm(config.norm, config.d_model, config.norm_kwargs)
         self.attn = CausalSelfAttention(config)
@@ -277,7 +302,8 @@ def build_transformer(
         n_layer: blocks.
         n_head: attention heads (a divisor of ``d_model``).
         mlp_ratio: the MLP's hidden width over ``d_model``.
-        norm: ``none``, ``layer``, ``rms`` or ``batch`` (:data:`TRANSFORMER_NORMS`).
+        norm: ``none``, ``layer``, ``rms``, ``dyt``, ``batch`` or ``ghost_batch``
+            (:data:`TRANSFORMER_NORMS`).
         placement: ``pre`` or ``post``.
         init: ``gpt2`` or ``unit``.
         norm_kwargs: keyword arguments of every norm (eps, momentum, ...).

@@ -4,7 +4,7 @@ torch.nn's layers with covshift's forward, as their subclasses (``BatchNorm1d/2d
 ``LayerNorm``, ``GroupNorm``, ``InstanceNorm1d/2d/3d``, ``RMSNorm``, ``SyncBatchNorm``),
 built on one statistics core with hand-derived backward passes
 (``covshift.nn.functional``); the variants torch.nn lacks (Batch Renorm, Ghost BN,
-Santurkar et al.'s noise, Weight Standardization); a name registry (``create_norm``)
+Santurkar et al.'s noise, Weight Standardization, Dynamic Tanh); a name registry (``create_norm``)
 and tools to swap (``convert``), fold and freeze norm layers in any model.
 """
 
@@ -16,6 +16,7 @@ from covshift.nn.convert import (
     convert,
     convert_with_report,
 )
+from covshift.nn.dyt import DyT
 from covshift.nn.fold import (
     fold_batchnorm,
     fold_batchnorm_with_report,
@@ -50,6 +51,7 @@ __all__ = [
     "ConversionEntry",
     "ConversionReport",
     "ConversionWarning",
+    "DyT",
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",

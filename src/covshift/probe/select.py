@@ -93,8 +93,13 @@ AUTO_MODES = ("auto", "auto:norm", "auto:act", "auto:linear")
 
 
 def is_norm(module: nn.Module) -> bool:
-    """A normalization layer: torch.nn's, or any class named ``...Norm[Nd]``."""
-    return isinstance(module, _NORM_TYPES) or bool(_NORM_NAME.search(type(module).__name__))
+    """A normalization layer: torch.nn's, a kind of covshift.nn's registry (Dynamic
+    Tanh among them), or any class named ``...Norm[Nd]``."""
+    return (
+        isinstance(module, _NORM_TYPES)
+        or bool(_NORM_NAME.search(type(module).__name__))
+        or registry.match(type(module)) is not None
+    )
 
 
 # Class names of activations in other libraries: transformers' GELUActivation,
