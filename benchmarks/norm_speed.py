@@ -1,10 +1,13 @@
 """Forward+backward time and memory of covshift's normalization layers against torch.nn's.
 
 For each row the torch.nn layer and covshift's are built with the same state, and
-``y = layer(x); autograd.grad(y, [x, *params], g)`` is timed for three contenders:
-torch.nn, covshift with its native CPU kernels ("native", :mod:`covshift.nn._native`)
-and covshift's pure-PyTorch path ("pure", the native kernels switched off). Samples
-are *interleaved* (torch, native, pure, torch, ...) so that background load on a
+``y = layer(x); autograd.grad(y, [x, *params], g)`` is timed for four contenders:
+torch.nn, covshift with its native CPU kernels ("native", :mod:`covshift.nn._native`),
+covshift's pure-PyTorch path ("pure", the native kernels switched off: the reference
+Function in cache-sized pieces, :mod:`covshift.nn.chunked`) and the same without the
+pieces ("ref", ``backend.force("reference")``); "pure/ref" is what the chunked pieces
+buy where the native node does not run. Samples
+are *interleaved* (torch, native, pure, ref, torch, ...) so that background load on a
 shared machine hits all alike; each sample runs the step enough times to last a few
 milliseconds (small shapes); the table shows medians and the ratios to torch.nn
 (below 1.0: covshift is faster), and the ratio of the fastest samples ("n/t min", less
@@ -67,7 +70,7 @@ from torch import nn
 
 import covshift.nn as cn
 from covshift.models import build_mlp
-from covshift.nn import _native
+from covshift.nn import _native, _native_build, backend
 
 
 @dataclass(frozen=True)
@@ -92,8 +95,16 @@ CASES = [
     Case("BatchNorm1d", (100,), (60, 100)),
     Case("LayerNorm", (100,), (60, 100)),
 ]
-CONTENDERS = ("torch", "native", "pure")  # native: None for "not covshift"
-_NATIVE_FLAG = {"torch": None, "native": True, "pure": False}
+CONTENDERS = ("torch", "native", "pure", "ref")
+
+
+@contextlib.contextmanager
+def _contender(key: str) -> Iterator[None]:
+    """covshift's path for ``key``: the native kernels on for "native" only, and the
+    reference Function forced (no chunked pieces) for "ref"."""
+    force = backend.force("reference") if key == "ref" else contextlib.nullcontext()
+    with _native.use_native(key == "native"), force:
+        yield
 
 
 @dataclass
@@ -139,6 +150,7 @@ def _mlp_steps(device: torch.device) -> dict[str, Callable[[], None]]:
         "torch": cn.convert(copy.deepcopy(ours), to="torch", on_drop="ignore"),
         "native": ours,
         "pure": copy.deepcopy(ours),
+        "ref": copy.deepcopy(ours),
     }
     # A fixed pool of batches, cycled: each model sees the same sequence, so that the
     # three stay numerically alike as they train (no one drifts into denormals alone).
@@ -241,7 +253,7 @@ def _timed(
     """Interleaved samples of every contender; each sample lasts >= ~5 ms."""
     inner = {}
     for key, run in runs.items():
-        with _native.use_native(bool(_NATIVE_FLAG[key])):
+        with _contender(key):
             for _ in range(3):  # warm-up (and compile)
                 run()
             _sync(device)
@@ -257,7 +269,7 @@ def _timed(
         repeats *= 4
     for _ in range(repeats):
         for key, run in runs.items():
-            with _native.use_native(bool(_NATIVE_FLAG[key])):
+            with _contender(key):
                 _sync(device)
                 start = time.perf_counter()
                 for _ in range(n):
@@ -285,7 +297,7 @@ def measure_case(
         layer = theirs if key == "torch" else ours
         fn = torch.compile(layer) if compiled else layer
         runs[key] = _step(fn, [x, *layer.parameters()], x, g)
-        with _native.use_native(bool(_NATIVE_FLAG[key])):
+        with _contender(key):
             results[key] = Result(
                 saved=_saved_bytes(lambda fn=fn: fn(x)), peak=_peak_bytes(runs[key], device)
             )
@@ -325,13 +337,15 @@ def _table(title: str) -> Table:
         "torch ms",
         "native ms",
         "pure ms",
+        "ref ms",
         "native/torch",
         "pure/torch",
+        "pure/ref",
         "n/t min",
         "floor ms",
         "native/floor",
-        "saved MB t/n/p",
-        "peak MB t/n/p",
+        "saved MB t/n/p/r",
+        "peak MB t/n/p/r",
     ):
         table.add_column(col, justify="right")
     return table
@@ -351,15 +365,16 @@ def _median_ratio(num: Result, den: Result) -> float:
 
 def _row(table: Table, label: str, shape: str, mode: str, res: dict[str, Result]) -> None:
     t, n, p, f = res["torch"], res.get("native"), res.get("pure"), res.get("floor")
+    r = res.get("ref")
 
-    def ms(r: Result | None) -> str:
-        if r is None:
+    def ms(c: Result | None) -> str:
+        if c is None:
             return "-"
-        med = statistics.median(r.ms)
+        med = statistics.median(c.ms)
         return f"{med * 1e3:.0f} us" if med < 1 else f"{med:.2f}"
 
     def mem(attr: str) -> str:
-        return " / ".join(_mb(getattr(r, attr)) if r else "-" for r in (t, n, p))
+        return " / ".join(_mb(getattr(c, attr)) if c else "-" for c in (t, n, p, r))
 
     table.add_row(
         label,
@@ -368,8 +383,10 @@ def _row(table: Table, label: str, shape: str, mode: str, res: dict[str, Result]
         ms(t),
         ms(n),
         ms(p),
+        ms(r),
         _ratio(n, t),
         _ratio(p, t),
+        "-" if p is None or r is None else f"{_median_ratio(p, r):.2f}",
         "-" if n is None else f"{min(n.ms) / min(t.ms):.2f}",
         ms(f),
         "-" if n is None or f is None else f"{_median_ratio(n, f):.1f}",
@@ -395,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    console = Console(width=170)
+    console = Console(width=200)
     if args.fresh_build:
         os.environ["COVSHIFT_CACHE_DIR"] = tempfile.mkdtemp(prefix="covshift-ext-")
     device = torch.device(args.device)
@@ -407,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     what = "compiled" if args.fresh_build else "built or loaded from cache"
     console.print(
         f"native extension: {'ready' if ok else 'UNAVAILABLE (native = pure)'}, "
-        f"{what} in {took:.1f} s (cache: {_native.cache_dir()})"
+        f"{what} in {took:.1f} s (cache: {_native_build.cache_dir()})"
     )
     thread_counts = args.threads or [torch.get_num_threads()]
     cases = [c for c in CASES if not args.only or c.name in args.only]

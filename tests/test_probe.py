@@ -63,7 +63,9 @@ def test_conv_units_are_channels() -> None:
     net = build_cnn((1, 8, 8), 3, channels=(4,), norm="batch")
     x = torch.randn(6, 64)
     (record,) = ShiftProbe(net, ["features.0.act"], x).record_now(0)
-    net.eval()
+    # The norm has seen no batch: the record normalizes with the batch's own statistics,
+    # as a training forward does (docs/probe.md).
+    net.train()
     with torch.no_grad():
         block = net.features[0]
         h = block.norm(block.linear(x.view(6, 1, 8, 8)))  # (N, C, H, W)

@@ -168,6 +168,10 @@ def test_a_write_that_fails_as_read_only_names_the_file(tmp_path: Path) -> None:
                 raise sqlite3.OperationalError("attempt to write a readonly database")
             return self.db.execute(sql, *args)
 
+        @property
+        def in_transaction(self) -> bool:
+            return self.db.in_transaction
+
     path = tmp_path / "covshift.db"
     store = Store(path)
     real = store._db
@@ -219,3 +223,38 @@ def test_an_immutable_folder_says_so_for_a_new_or_closed_store(tmp_path: Path) -
             with pytest.raises(StoreError, match=f"folder {folder} is read-only") as caught:
                 Store(path)
             assert str(caught.value).startswith(f"{path}: ")
+
+
+def test_storage_errors_are_said_by_cause(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import pickle
+    import shutil
+
+    from covshift.store import StorageFault, StoreDamagedError
+    from covshift.store.errors import storage_error
+
+    path = tmp_path / "covshift.db"
+    said = {
+        "full": storage_error(path, sqlite3.OperationalError("database or disk is full")),
+        "io": storage_error(path, sqlite3.OperationalError("disk I/O error")),
+        "bad": storage_error(path, sqlite3.DatabaseError("database disk image is malformed")),
+        "enospc": storage_error(path, OSError(errno.ENOSPC, "No space left on device")),
+        "erofs": storage_error(path, OSError(errno.EROFS, "Read-only file system")),
+    }
+    assert isinstance(said["full"], StorageFault) and "the disk is full" in str(said["full"])
+    assert "an I/O error on the file" in str(said["io"])
+    assert isinstance(said["bad"], StoreDamagedError) and "SQLite cannot read it" in str(
+        said["bad"]
+    )
+    assert "no space is left on the device" in str(said["enospc"])
+    assert "read-only" in str(said["erofs"])
+    assert all(str(s).startswith(f"{path}: ") for s in said.values())
+    assert storage_error(path, sqlite3.OperationalError("no such function: foo")) is None  # a bug
+    # SQLite says "disk I/O error" when its -shm file cannot grow on a full disk.
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 0))
+    io = storage_error(path, sqlite3.OperationalError("disk I/O error"))
+    assert "cannot use it: the disk is full (SQLite: disk I/O error)" in str(io)
+    # A fault raised in a pool worker reaches the driver whole.
+    fault = said["full"].noted("Run 3 (x) was closed as interrupted.")  # type: ignore[union-attr]
+    back = pickle.loads(pickle.dumps(fault))
+    assert str(back) == str(fault) and back.notes == fault.notes

@@ -4,8 +4,9 @@ Deterministic for a given model, data, config and seed on the same machine: the
 batches come from a seeded :class:`~covshift.data.BatchSampler`, and nothing else
 draws random numbers unless the model does. The step itself is what a hand-written
 PyTorch loop does (index the resident dataset, forward, cross-entropy, backward,
-SGD step); the loss is accumulated on the device and read back only at evaluation
-points, so the loop adds no synchronization per step. Callbacks see every step and
+SGD or AdamW step, the learning rate warmed up linearly if asked); the loss is
+accumulated on the device and read back only at evaluation points, so the loop adds
+no synchronization per step. Callbacks see every step and
 every evaluation (probes, logging, progress bars); at an evaluation a callback may
 declare an outcome (``state.outcome = "diverged"``) and ask the loop to stop there
 (``state.stop = True``).
@@ -16,16 +17,19 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from covshift.checkpoints import Checkpointer, CheckpointOwnerError, as_checkpointer
-from covshift.data import BatchSampler, Dataset
+from covshift.checkpoints import Checkpointer, as_checkpointer
+from covshift.data import BatchSampler, Dataset, is_text
+from covshift.losses import loss_function, next_token_cross_entropy, squared_error
+from covshift.optimizers import OPTIMIZERS, learning_rate, make_optimizer
+from covshift.train_checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = [
     "Callback",
@@ -34,8 +38,12 @@ __all__ = [
     "TrainResult",
     "TrainState",
     "evaluate",
+    "learning_rate",
     "loss_function",
+    "make_optimizer",
+    "next_token_cross_entropy",
     "resolve_device",
+    "squared_error",
     "train",
 ]
 
@@ -45,11 +53,17 @@ class TrainConfig:
     """Settings of :func:`train`.
 
     Attributes:
-        steps: number of SGD steps.
+        steps: number of optimizer steps.
         batch_size: examples per step.
-        lr: learning rate.
-        momentum: SGD momentum (0 = plain SGD).
-        weight_decay: L2 penalty coefficient.
+        lr: learning rate (after the warm-up).
+        momentum: SGD momentum (0 = plain SGD); SGD only.
+        weight_decay: SGD's L2 penalty coefficient, or AdamW's decoupled weight decay
+            (Loshchilov & Hutter 2019), on every parameter.
+        optimizer: ``sgd`` or ``adamw`` (``torch.optim.AdamW``, eps 1e-8).
+        betas: AdamW's ``(beta1, beta2)``; AdamW only.
+        warmup_steps: the learning rate rises linearly over the first this many steps,
+            ``lr * min(1, step / warmup_steps)`` at step ``step = 1, 2, ...`` (0: none),
+            then stays at ``lr``.
         eval_every: evaluate on the full test set every this many steps (and at step
             0 and at the last step); 0 disables periodic evaluation.
         seed: seed of the batch sampler.
@@ -62,6 +76,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     eval_every: int = 500
     seed: int = 0
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -78,6 +95,18 @@ class TrainConfig:
             raise ValueError(
                 f"eval_every must be >= 0 (0 = only at the end), got {self.eval_every}"
             )
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
+            )
+        if self.optimizer != "sgd" and self.momentum != 0:
+            raise ValueError(
+                f"momentum is SGD's; {self.optimizer} has betas (beta1 is its momentum)"
+            )
+        if not (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0 (0: none), got {self.warmup_steps}")
 
 
 @dataclass
@@ -145,43 +174,37 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
-def squared_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``(1/N) sum_n ||f(x_n) - y_n||^2``: the regression loss (Santurkar et al. 2018's
-    deep linear network), summed over outputs and averaged over examples."""
-    return (outputs - targets).pow(2).flatten(1).sum(dim=1).mean()
-
-
-def loss_function(data: Dataset) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The training loss for ``data``: cross-entropy on labels, squared error on real
-    targets (:attr:`Dataset.is_regression`)."""
-    return squared_error if data.is_regression else F.cross_entropy
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 10_000
 ) -> dict[str, float]:
     """Accuracy and mean cross-entropy of ``model`` (in eval mode) on ``(x, y)``; for
-    real targets, the mean squared error (:func:`squared_error`) alone."""
+    real targets, the mean squared error (:func:`squared_error`) alone. For sequences
+    (integer targets ``(N, T)``, logits ``(N, T, V)``) both are per position, over
+    all ``N * T`` positions, and ``chunk`` counts positions, not examples."""
     was_training = model.training
     model.eval()
     regression = y.is_floating_point()
+    positions = 1 if regression or y.dim() == 1 else y[0].numel()
+    rows = max(1, chunk // positions)
     try:
         correct = torch.zeros((), dtype=torch.int64, device=x.device)
         loss = torch.zeros((), dtype=torch.float64, device=x.device)
-        for start in range(0, len(x), chunk):
-            out = model(x[start : start + chunk])
-            target = y[start : start + chunk]
+        for start in range(0, len(x), rows):
+            out = model(x[start : start + rows])
+            target = y[start : start + rows]
             if regression:
                 loss += squared_error(out, target).double() * len(target)
                 continue
+            out, target = out.flatten(0, -2), target.flatten()  # (N, K) for labels too
             correct += (out.argmax(dim=1) == target).sum()
             loss += F.cross_entropy(out, target, reduction="sum").double()
     finally:
         model.train(was_training)
+    count = len(x) * positions
     if regression:
-        return {"test_loss": loss.item() / len(x)}
-    return {"test_accuracy": correct.item() / len(x), "test_loss": loss.item() / len(x)}
+        return {"test_loss": loss.item() / count}
+    return {"test_accuracy": correct.item() / count, "test_loss": loss.item() / count}
 
 
 def _call(callbacks: Sequence[object], method: str, *args: object) -> None:
@@ -234,12 +257,15 @@ def train(
     device: str | torch.device = "auto",
     checkpoint: str | os.PathLike[str] | Checkpointer | None = None,
 ) -> TrainResult:
-    """Train ``model`` on ``data`` with SGD and cross-entropy (squared error for real
-    targets, :func:`loss_function`).
+    """Train ``model`` on ``data`` with SGD or AdamW and cross-entropy (per position
+    for text, squared error for real targets, :func:`loss_function`).
 
     Evaluates on the whole test set at step 0, every ``eval_every`` steps and at the
     last step; each evaluation also reports ``train_loss``, the mean training loss
-    since the previous evaluation.
+    since the previous evaluation. For text (:func:`covshift.data.is_text`) both
+    losses are also reported in bits per byte, ``test_bpb`` and ``train_bpb``
+    (the loss in nats over ln 2), comparable with the corpus's unigram baseline
+    (:attr:`covshift.data.TextDataset.unigram_bits`).
 
     With ``checkpoint`` (a file path or a :class:`~covshift.checkpoints.Checkpointer`),
     the model, optimizer, sampler and random states, the evaluation history, the
@@ -257,11 +283,17 @@ def train(
     dev = resolve_device(device)
     data = data if data.x_train.device == dev else data.to(dev)
     model.to(dev).train()
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    optimizer = make_optimizer(
+        model.parameters(),
+        config.optimizer,
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        betas=config.betas,
     )
     sampler = BatchSampler(len(data.x_train), config.batch_size, config.seed)
     criterion = loss_function(data)
+    bits = 1 / math.log(2) if is_text(data) else None  # nats -> bits per byte
     state = TrainState(model, optimizer, data, config, dev)
     history: dict[int, dict[str, float]] = {}
     loss_sum = torch.zeros((), device=dev)
@@ -269,7 +301,7 @@ def train(
     first_step = 1
     keeper = as_checkpointer(checkpoint)
     if keeper is not None:
-        resumed = _load_checkpoint(keeper, state, sampler, callbacks)
+        resumed = load_checkpoint(keeper, state, sampler, callbacks)
         if resumed is not None:
             history = resumed
             first_step = state.step + 1
@@ -281,11 +313,15 @@ def train(
             metrics["train_loss"] = loss_sum.item() / since_eval
             loss_sum.zero_()
             since_eval = 0
+        if bits is not None:
+            for split in ("test", "train"):
+                if f"{split}_loss" in metrics:
+                    metrics[f"{split}_bpb"] = metrics[f"{split}_loss"] * bits
         history[state.step] = metrics
         state.metrics = metrics
         _call(callbacks, "on_eval", state, metrics)
         if keeper is not None and state.step < config.steps and not state.stop:
-            _save_checkpoint(keeper, state, sampler, history, callbacks)
+            save_checkpoint(keeper, state, sampler, history, callbacks)
 
     start = time.perf_counter()
     try:
@@ -298,6 +334,9 @@ def train(
             loss = criterion(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if config.warmup_steps:
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(config.lr, config.warmup_steps, step)
             optimizer.step()
             loss_sum += loss.detach()
             since_eval += 1
@@ -318,67 +357,3 @@ def train(
     if keeper is not None:
         keeper.clear()
     return TrainResult(history, time.perf_counter() - start, state.step, status, state.outcome_step)
-
-
-def _callback_states(callbacks: Sequence[object]) -> dict[str, object]:
-    # Keyed by position and class, so a state is only restored into the same callback.
-    return {
-        f"{i}:{type(cb).__qualname__}": cb.state_dict()  # type: ignore[attr-defined]
-        for i, cb in enumerate(callbacks)
-        if hasattr(cb, "state_dict") and hasattr(cb, "load_state_dict")
-    }
-
-
-def _save_checkpoint(
-    keeper: Checkpointer,
-    state: TrainState,
-    sampler: BatchSampler,
-    history: dict[int, dict[str, float]],
-    callbacks: Sequence[object],
-) -> None:
-    keeper.save(
-        {
-            "step": state.step,
-            "model": state.model.state_dict(),
-            "optimizer": state.optimizer.state_dict(),
-            "sampler": sampler.state_dict(),
-            "cpu_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "history": history,
-            "outcome": (state.outcome, state.outcome_step),
-            "callbacks": _callback_states(callbacks),
-        }
-    )
-
-
-def _load_checkpoint(
-    keeper: Checkpointer,
-    state: TrainState,
-    sampler: BatchSampler,
-    callbacks: Sequence[object],
-) -> dict[int, dict[str, float]] | None:
-    """Restore a saved state into ``state``; returns its history (None: nothing saved)."""
-    try:
-        payload = keeper.load(state.device)
-        if payload is None:
-            return None
-        state.model.load_state_dict(payload["model"])
-        state.optimizer.load_state_dict(payload["optimizer"])
-    except CheckpointOwnerError:
-        raise  # its message says whose state it is and what to do
-    except Exception as e:
-        raise ValueError(
-            f"checkpoint {keeper} cannot be resumed for this model: {e}; delete it to start over"
-        ) from None
-    sampler.load_state_dict(payload["sampler"])
-    torch.set_rng_state(payload["cpu_rng"].cpu())
-    if payload["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in payload["cuda_rng"]])
-    state.step = int(payload["step"])
-    state.outcome, state.outcome_step = payload.get("outcome", (None, None))
-    saved = payload.get("callbacks", {})
-    for i, cb in enumerate(callbacks):
-        key = f"{i}:{type(cb).__qualname__}"
-        if key in saved and hasattr(cb, "load_state_dict"):
-            cb.load_state_dict(saved[key])
-    return dict(payload["history"])

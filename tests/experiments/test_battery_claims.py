@@ -17,7 +17,8 @@ from covshift.experiments.battery import (
     shift_speed_correlation,
 )
 from covshift.experiments.claims import evaluate_claims
-from covshift.experiments.numbers import PointNumbers, _floor
+from covshift.experiments.numbers import PointNumbers
+from covshift.probe.figures import floor_figure
 
 from .test_claims import run_info
 from .test_config import write
@@ -158,8 +159,8 @@ def test_noise_floor_against_numpy() -> None:
             (np.abs(second[1] - q[2]).mean(0) / width).mean(),
         ]
     )
-    assert _floor(steps, q, np.array([0, 20]), second) == pytest.approx(expected)
-    assert _floor(steps, q, np.array([5]), second[:1]) is None  # no common step
+    assert floor_figure(q, steps, second, np.array([0, 20])).value == pytest.approx(expected)
+    assert floor_figure(q, steps, second[:1], np.array([5])).value is None  # no common step
 
 
 def test_pairs_and_correlation_against_scipy(tmp_path: Path) -> None:

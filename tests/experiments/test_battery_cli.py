@@ -35,17 +35,39 @@ def test_claims_writes_one_report_and_a_second_call_runs_nothing(tmp_path: Path)
     assert [c["id"] for c in page["claims"]] == [c["id"] for c in printed]
     assert page["claims"][-1]["id"] == "shift-vs-speed"
     html = (out / "claims.html").read_text()
+    fields = {
+        "estimate", "interval", "verdict", "rule_text", "per_seed", "kind", "p_value",
+        "p_adjusted", "adjust_method", "censored", "excluded_units", "measurable",
+        "margin_reason",
+    }  # fmt: skip
     for claim in page["claims"]:
-        assert {"estimate", "interval", "verdict", "rule_text", "per_seed"} <= set(claim)
+        assert fields <= set(claim)
+        assert claim["kind"] in ("hypothesis", "check")
+        if claim["kind"] == "check":
+            assert claim["verdict"] in ("pass", "fail", "not measured")
+            assert claim["p_adjusted"] is None
+        if claim["verdict"] == "supported" and claim["interval"][0] == claim["interval"][1]:
+            assert claim["censored"]["censored"]  # never a zero-width "supported"
+    hypotheses = [c for c in page["claims"] if c["kind"] == "hypothesis"]
+    family = sum(c["p_value"] is not None for c in hypotheses)
+    assert page["family_size"] == family and page["adjust_method"] == "holm"
+    assert all(c["family_size"] == family for c in hypotheses if c["p_value"] is not None)
+    assert {c["id"] for c in page["checks"]} >= {"control-zero", "exists-head"}
+    assert set(page["preregistration"]) == {"shift-causes", "santurkar2018-linear"}
+    for record in page["preregistration"].values():
+        assert len(record["hash"]) == 16 and record["first_recorded"] and record["changes"] == []
+    assert "Every hypothesis against its rule" in html and "<h2>Checks</h2>" in html
+    assert (out / "forest.png").is_file()
+    for claim in page["claims"]:
         assert Path(claim["figure"]).is_file()
         assert f'id="{claim["id"]}' in html
     # the numbers of each claim's figure are those of its preset's own claims.json
     for preset in page["presets"]:
         own = json.loads((out / preset["experiment"] / "claims.json").read_text())["claims"]
         mine = [c for c in page["claims"] if c.get("preset") == preset["preset"]]
-        assert [(c["id"], c["estimate"], c["per_seed"]) for c in mine] == [
-            (c["id"], c["estimate"], c["per_seed"]) for c in own
-        ]
+        assert [(c["id"], c["estimate"], c["per_seed"], c["p_value"]) for c in mine] == [
+            (c["id"], c["estimate"], c["per_seed"], c["p_value"]) for c in own
+        ]  # the same numbers; only the adjustment's family differs
         assert all(Path(c["figure"]).name == o["figure"] for c, o in zip(mine, own, strict=True))
     causes = next(p for p in page["presets"] if p["preset"] == "shift-causes")
     matrix = causes["attribution_matrix"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
+import sqlite3
 from pathlib import Path
 
 from covshift.experiments import load_config, run_experiment
@@ -46,15 +46,21 @@ def test_a_rule_changed_after_results_is_shown_with_both_versions(tmp_path: Path
         assert record["hash"] == claims_hash(first) and record["changes"] == []
         assert record["first_recorded"] is not None
         run_experiment(first, store)  # results now exist for this version
-        time.sleep(0.01)
+        # No sleep: both versions are usually recorded within the timestamps' one second.
         changed_text = TINY.replace('rule = "greater"', 'rule = "greater"\nvalue = 0.01')
         second = load_config(str(sweep_file(tmp_path, changed_text)))
         record_experiment(plan_sweep(second, db), store)
+    # Both versions recorded within one second (the timestamps' resolution): the
+    # order they were recorded in still says which came first.
+    with sqlite3.connect(db) as raw:
+        raw.execute("UPDATE experiments SET created_at = '2026-12-06T12:00:00+00:00'")
+    with Store(db) as store:
         record = preregistration(store, second)
+        assert preregistration(store, first)["changes"] == []  # the older is no change
     assert record["hash"] == claims_hash(second)
     (change,) = record["changes"]
     assert change["hash"] == claims_hash(first)
-    assert change["first_recorded"] < record["first_recorded"]
+    assert change["first_recorded"] <= record["first_recorded"]
     (diff,) = change["differences"]
     assert diff["fields"] == ["value"]
     assert diff["before"] == {"value": 0.0} and diff["after"] == {"value": 0.01}

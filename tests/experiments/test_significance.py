@@ -71,9 +71,12 @@ def test_one_sided_p_is_scipys_t_test() -> None:
 
 
 def test_one_sided_p_without_spread_and_with_censored_values() -> None:
-    assert one_sided_p([2.0, 2.0, 2.0], 1.0, True, False) == 0.0
+    # no spread: the exact sign test (n seeds all beyond the bound), 0 for exact checks
+    assert one_sided_p([2.0, 2.0, 2.0], 1.0, True, False) == 0.5**3
+    assert one_sided_p([2.0, 2.0, 2.0], 1.0, True, False, exact=True) == 0.0
     assert one_sided_p([1.0, 1.0], 1.0, True, False) == 1.0  # on the bound: not above
-    assert one_sided_p([1.0, 1.0], 1.0, True, True) == 0.0  # but "at or above" holds
+    assert one_sided_p([1.0, 1.0], 1.0, True, True) == 0.25  # but "at or above" holds
+    assert one_sided_p([1.0, 1.0], 1.0, True, True, exact=True) == 0.0
     # a lower bound of -inf (the value could be anything below): cannot show "above"
     assert one_sided_p([3.0, -math.inf, 4.0], 0.0, True, False) == 1.0
     # values certainly above: replaced by the least extreme finite one (conservative)

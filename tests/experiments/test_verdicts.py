@@ -14,7 +14,7 @@ from covshift.experiments.claims import judge_claims
 from covshift.experiments.config import ConfigError
 from covshift.experiments.numbers import PointNumbers, Reading
 from covshift.experiments.significance import ALPHA, Bounds, holm
-from covshift.experiments.verdicts import combine_slices, judge_family
+from covshift.experiments.verdicts import combine_slices, decide_unadjusted, judge_family
 
 from .test_claims import GRID, numbers
 from .test_config import write
@@ -145,8 +145,13 @@ def test_a_statistic_without_spread_carries_no_verdict(tmp_path: Path) -> None:
     results = judge_claims(config, "e", points, table)
     for r in (r for r in results if r.kind == "hypothesis"):
         assert r.interval[0] == r.interval[1]
-        assert r.verdict == "inconclusive" and "without spread" in r.reason
-        assert r.censored.censored is False
+        assert r.p_value == 0.5**4  # four seeds on one side: the sign test
+        assert r.verdict == "inconclusive" and r.censored.censored is False
+    # however small its p, a hypothesis with a zero-width interval gets no verdict
+    r = results[0]
+    r.p_value, r.p_contradict, r.reason = 1e-6, 1.0, ""
+    decide_unadjusted(r)
+    assert r.verdict == "inconclusive" and "without spread" in r.reason
 
 
 def test_reach_times_are_bounded_by_the_evaluation_interval() -> None:

@@ -20,7 +20,7 @@ from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
 import covshift.nn as cn
-from covshift.nn import _native, backend
+from covshift.nn import _native, _native_build, _native_plan, backend
 from covshift.nn import functional as F
 
 
@@ -35,14 +35,9 @@ def native(request: pytest.FixtureRequest) -> Iterator[bool]:
         yield on
 
 
-def _native_used(choices: list[backend.Choice]) -> list[str]:
-    """The native entry points that ran, from the recorded path choices: "normalize"
-    (the C++ autograd node), "forward"/"backward" (the kernels under the Function)."""
-    return [
-        "normalize" if c.path is backend.Path.NATIVE_NODE else c.step
-        for c in choices
-        if c.path in (backend.Path.NATIVE_NODE, backend.Path.NATIVE_KERNELS)
-    ]
+def _native_used(choices: list[backend.Choice]) -> bool:
+    """Whether the C++ autograd node ran, from the recorded path choices."""
+    return any(c.path is backend.Path.NATIVE for c in choices)
 
 
 # (torch.nn factory, covshift factory, input shape, memory format)
@@ -231,12 +226,16 @@ def test_compiled_autograd_declines_native(monkeypatch: pytest.MonkeyPatch) -> N
         model = nn.Sequential(
             nn.Linear(8, 12), cn.LayerNorm(12), nn.ReLU(), nn.Linear(12, 6), cn.BatchNorm1d(6)
         )
-        x = torch.randn(5, 8)
+        x = torch.randn(5, 8, requires_grad=True)
+        # A random weighting of the output, not its sum of squares: after the last
+        # BatchNorm (identity affine) that is a constant, and its gradients rounding noise.
+        weights = torch.randn(5, 6)
 
         def grads() -> list[torch.Tensor]:
             model.zero_grad()
-            model(x).square().sum().backward()
-            return [p.grad.clone() for p in model.parameters()]
+            x.grad = None
+            (model(x) * weights).sum().backward()
+            return [x.grad.clone(), *(p.grad.clone() for p in model.parameters())]
 
         with torch.no_grad():
             state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -250,7 +249,7 @@ def test_compiled_autograd_declines_native(monkeypatch: pytest.MonkeyPatch) -> N
             y = model[1](torch.randn(2, 12, requires_grad=True))
             assert "NormalizeNode" not in y.grad_fn.name()
             compiled = grads()
-        assert "normalize" not in _native_used(choices)
+        assert not _native_used(choices)
         for a, b in zip(compiled, eager, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         # The config flag enables it inside a compiled training step.
@@ -281,26 +280,20 @@ def test_native_path_is_taken() -> None:
                 y = layer(x)
                 assert "NormalizeNode" in y.grad_fn.name()
                 y.sum().backward()
-            assert _native_used(choices) == ["normalize"], layer
+            assert _native_used(choices), layer
         with backend.report_paths() as choices:
             cn.GroupNorm(3, 6)(x.contiguous(memory_format=CL)).sum().backward()
-        assert _native_used(choices) == []  # channels_last GroupNorm: the pure-PyTorch path
+        assert not _native_used(choices)  # channels_last GroupNorm: the reference Function
         y = cn.BatchNorm2d(6)(x)
         (g,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
         assert g.requires_grad  # create_graph: the differentiable graph path
-        # The pure functions take the native kernels too (grad mode off).
-        layout = F.resolve_layout(x.shape, (0, 2, 3))
-        with torch.no_grad(), backend.report_paths() as choices:
-            _, mean, rstd, _ = F.normalize_fwd(x, None, None, layout, 1e-5)
-            F.normalize_bwd(torch.ones_like(x), x, mean, rstd, None, layout)
-        assert _native_used(choices) == ["forward", "backward"]
 
 
 def test_plans() -> None:
     def plan(shape: tuple[int, ...], dims: tuple[int, ...], cl: bool = False, **kw: object):
         w = kw.pop("w", None)
         layout = F.resolve_layout(shape, dims, weight_shape=w, **kw)  # type: ignore[arg-type]
-        p = _native._make_plan(layout, cl)
+        p = _native_plan._make_plan(layout, cl)
         return None if p is None else (p.kind, p.sizes)
 
     assert plan((8, 4, 5, 6), (0, 2, 3), w=(4,)) == ("channel", (8, 4, 30))
@@ -359,9 +352,11 @@ def test_env_var_disables_without_building(tmp_path: object) -> None:
 
 
 def test_a_lock_left_by_a_killed_build_does_not_block_the_next_process(tmp_path) -> None:
-    """torch's build lock is a file that a process killed mid-build leaves behind;
-    covshift holds an OS lock instead and removes the stale file, so the next process
-    loads the kernels rather than waiting forever."""
+    """Up to torch 2.13 the build lock is a file whose mere existence blocks (FileBaton),
+    and a process killed mid-build leaves it behind; covshift holds an OS lock instead
+    and removes the stale file, so the next process loads the kernels rather than
+    waiting forever. From 2.14 torch's own lock is an OS lock on that file (FileLock):
+    the file may stay, and must not block either."""
     import shutil
     import subprocess
     import sys
@@ -370,7 +365,7 @@ def test_a_lock_left_by_a_killed_build_does_not_block_the_next_process(tmp_path)
 
     if _native.load() is None:
         pytest.skip("the native kernels do not build here")
-    built = _native.cache_dir() / _native._name()
+    built = _native_build.cache_dir() / _native_build._name()
     cache = tmp_path / "cache"
     shutil.copytree(built, cache / built.name)
     (cache / built.name / "lock").write_text("")  # as a SIGKILL mid-build leaves it
@@ -380,4 +375,7 @@ def test_a_lock_left_by_a_killed_build_does_not_block_the_next_process(tmp_path)
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr
-    assert not (cache / built.name / "lock").exists()
+    from torch.utils import cpp_extension
+
+    if hasattr(cpp_extension, "FileBaton"):  # a file that blocks while it exists
+        assert not (cache / built.name / "lock").exists()

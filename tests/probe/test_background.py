@@ -33,6 +33,15 @@ def train_probed(
     return probe.records
 
 
+def warmed(net: nn.Module) -> nn.Module:
+    """``net`` after one training-mode forward, so that its BatchNorm's running
+    statistics have seen a batch (records of untrained norms are never taken in the
+    background: see covshift.probe.norm_stats)."""
+    with torch.no_grad():
+        net(torch.randn(16, 20, generator=torch.Generator().manual_seed(3)))
+    return net
+
+
 def assert_same_records(a: list[ProbeRecord], b: list[ProbeRecord]) -> None:
     assert [(r.step, r.layer, r.activation) for r in a] == [
         (r.step, r.layer, r.activation) for r in b
@@ -58,7 +67,7 @@ def test_background_records_equal_synchronous_ones(kind: str) -> None:
 
 
 def test_record_uses_the_weights_of_its_step_not_later_ones() -> None:
-    net = build_mlp(20, 10, width=12, depth=1, norm="batch", seed=0)
+    net = warmed(build_mlp(20, 10, width=12, depth=1, norm="batch", seed=0))
     x = torch.randn(30, 20)
     reference = ShiftProbe(net, probe_input=x, background=False)
     expected = reference.record_now(5)
@@ -75,7 +84,7 @@ def test_record_uses_the_weights_of_its_step_not_later_ones() -> None:
 
 
 def test_records_arrive_in_step_order_and_none_is_lost_on_an_exception() -> None:
-    net = build_mlp(20, 10, width=12, depth=1, norm="batch", seed=0)
+    net = warmed(build_mlp(20, 10, width=12, depth=1, norm="batch", seed=0))
     x = torch.randn(30, 20)
     with pytest.raises(KeyboardInterrupt):
         with ShiftProbe(net, probe_input=x, every=2, background=True) as probe:
@@ -90,7 +99,7 @@ def test_records_arrive_in_step_order_and_none_is_lost_on_an_exception() -> None
 
 
 def test_finished_records_reach_the_sink_at_the_next_call() -> None:
-    net = build_mlp(20, 10, width=12, depth=1, norm="batch", seed=0)
+    net = warmed(build_mlp(20, 10, width=12, depth=1, norm="batch", seed=0))
     probe = ShiftProbe(net, probe_input=torch.randn(30, 20), every=2, background=True)
     with probe:
         probe.maybe_record(0)  # synchronous
@@ -105,7 +114,7 @@ def test_finished_records_reach_the_sink_at_the_next_call() -> None:
 
 
 def test_eval_callback_flushes_before_a_checkpoint() -> None:
-    net = build_mlp(20, 10, width=12, depth=1, norm="batch", seed=0)
+    net = warmed(build_mlp(20, 10, width=12, depth=1, norm="batch", seed=0))
     probe = ShiftProbe(net, probe_input=torch.randn(30, 20), every=2, background=True)
     probe.maybe_record(0)
     probe.maybe_record(2)
@@ -115,7 +124,7 @@ def test_eval_callback_flushes_before_a_checkpoint() -> None:
 
 
 def test_snapshot_follows_a_changed_model() -> None:
-    net = build_mlp(20, 10, width=12, depth=1, norm="batch", seed=0)
+    net = warmed(build_mlp(20, 10, width=12, depth=1, norm="batch", seed=0))
     x = torch.randn(30, 20)
     probe = ShiftProbe(net, "hidden.*.act", probe_input=x, every=1, background=True)
     probe.maybe_record(0)
@@ -132,7 +141,7 @@ def test_snapshot_follows_a_changed_model() -> None:
 def test_auto_mode_needs_a_spare_core_a_cpu_model_and_no_foreign_hooks(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    net = build_mlp(20, 10, width=12, depth=1, norm="batch", seed=0)
+    net = warmed(build_mlp(20, 10, width=12, depth=1, norm="batch", seed=0))
     probe = ShiftProbe(net, probe_input=torch.randn(30, 20))
     assert not probe._use_background()  # no synchronous record yet
     probe.check()
@@ -155,7 +164,7 @@ def test_the_worker_runs_torch_on_one_thread_and_leaves_the_caller_alone() -> No
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        net = build_mlp(20, 10, width=12, depth=1, norm="batch", seed=0)
+        net = warmed(build_mlp(20, 10, width=12, depth=1, norm="batch", seed=0))
         probe = ShiftProbe(net, probe_input=torch.randn(30, 20), every=1, background=True)
         probe.maybe_record(0)
         probe.maybe_record(1)  # starts the worker

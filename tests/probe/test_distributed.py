@@ -145,3 +145,47 @@ def test_live_batches_under_ddp_equal_one_process_on_the_whole_batch(tmp_path: P
                     np.testing.assert_allclose(
                         got[key], value, rtol=1e-5, atol=1e-6, err_msg=f"{layer}/{key}"
                     )
+
+
+# ------------------------------------- SyncBatchNorm before its first training batch
+def sync_case() -> tuple[torch.nn.Module, torch.Tensor]:
+    net = build_cnn((1, 6, 6), 3, channels=(4, 5), norm="sync_batch", seed=0)
+    x = torch.randn(sum(SIZES), 36, generator=torch.Generator().manual_seed(4)) * 2 + 1
+    return net, x
+
+
+def untrained_sync_records(net: torch.nn.Module, x: torch.Tensor, **kw: Any) -> dict[str, Any]:
+    probe = ShiftProbe(net, "auto", x, quantiles=(0.1, 0.5, 0.9), **kw)
+    return {r.layer: r.stats for r in probe.record_now(0)}
+
+
+def sync_shard_records(rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Reduced records (SyncBatchNorm shares the batch statistics of both shards), and
+    records kept on this rank (its shard's own statistics, no collective)."""
+    net, x = sync_case()
+    start = sum(SIZES[:rank])
+    shard = x[start : start + SIZES[rank]]
+    return untrained_sync_records(net, shard), untrained_sync_records(net, shard, reduce=False)
+
+
+def assert_close_records(got: dict[str, Any], expected: dict[str, Any]) -> None:
+    assert got.keys() == expected.keys()
+    for layer, stats in expected.items():
+        assert int(got[layer]["norm_batch_stats"]) == int(stats["norm_batch_stats"]) == 2
+        for key in ("mean", "std", "quantiles"):
+            np.testing.assert_allclose(
+                got[layer][key], stats[key], rtol=1e-5, atol=1e-5, err_msg=f"{layer}/{key}"
+            )
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_untrained_sync_batchnorm_is_probed_with_the_batch_statistics_training_uses(
+    tmp_path: Path,
+) -> None:
+    ranks = run_two_ranks(tmp_path, sync_shard_records)
+    net, x = sync_case()  # one process: SyncBatchNorm is BatchNorm
+    whole = untrained_sync_records(net, x)
+    for rank, (reduced, local) in enumerate(ranks):
+        assert_close_records(reduced, whole)
+        start = sum(SIZES[:rank])
+        assert_close_records(local, untrained_sync_records(net, x[start : start + SIZES[rank]]))

@@ -84,6 +84,11 @@ def records_and_values(model, layers, x, expected_axes, record="input", **kw):
     """Probe ``model``, capture the same tensors by hand, and check every layer's
     record against numpy over ``expected_axes[layer]``; return the records."""
     with torch.no_grad():
+        # One training forward first: the norms' running statistics then have seen a
+        # batch, and the eval-mode record uses them (records of untrained norms are
+        # tested in test_norm_stats.py).
+        model.train()
+        model(x)
         model.eval()
         seen = Seen(model, output=record == "output")
         model(x)

@@ -21,7 +21,9 @@ from torch import nn
 
 from covshift.checkpoints import Checkpointer, CheckpointOwnerError
 from covshift.data import BatchSampler, Dataset
-from covshift.train import TrainConfig, TrainState, _callback_states
+from covshift.store.errors import StoreError
+from covshift.train import TrainConfig, TrainState
+from covshift.train_checkpoint import _callback_states
 
 __all__ = ["Member", "MemberRun"]
 
@@ -99,8 +101,8 @@ class Member:
             return 0
         try:
             self.payload = keeper.load(self.state.device)
-        except CheckpointOwnerError:
-            raise
+        except (CheckpointOwnerError, StoreError):
+            raise  # whose state it is, or which file could not be read, and what to do
         except Exception as e:
             raise ValueError(
                 f"checkpoint {keeper} cannot be read: {e}; delete it to start over"

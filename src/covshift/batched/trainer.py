@@ -18,7 +18,8 @@ step for all of them:
   recorded as it would be alone, and drops out: its parameters are zeroed and no
   longer stepped, so the shapes, and every other member's numbers, stay as they were;
 - members whose checkpoints stand at different steps train in separate batches, one
-  after another.
+  after another; a member whose checkpoint the one-at-a-time loop saved (it has no
+  batch) goes on one at a time.
 
 Networks without a batched form (:class:`~covshift.batched.NotBatchable`) train one at
 a time through :func:`covshift.train.train`, as before.
@@ -38,6 +39,7 @@ from covshift.batched.models import StackedModel, stack_models
 from covshift.batched.optim import MemberSGD, SGDSettings
 from covshift.batched.slots import NotBatchable
 from covshift.data import Dataset
+from covshift.store.errors import StoreError
 from covshift.train import TrainResult, resolve_device, train
 
 __all__ = ["MemberOutcome", "train_members"]
@@ -79,7 +81,9 @@ def train_members(
 
     KeyboardInterrupt (Ctrl-C, a stop request) ends every member as ``interrupted``
     (their callbacks told, their checkpoints kept) and propagates; an error of the
-    batched step ends every member as ``failed`` and propagates.
+    batched step ends every member as ``failed`` and propagates, as does a
+    :class:`~covshift.store.StoreError` met anywhere (a checkpoint or record that
+    cannot be written: nobody's failure, and every member stops).
     """
     if not runs:
         return []
@@ -89,7 +93,14 @@ def train_members(
     members = [Member.start(run, data, dev) for run in runs]
     steps = [m.peek() for m in members]
     outcomes: list[MemberOutcome | None] = [None] * len(runs)
-    for start in sorted(set(steps)):
+    for i, member in enumerate(members):
+        if member.payload is not None and "batch" not in member.payload:
+            # Saved by the one-at-a-time loop: it goes on there, so that its numbers
+            # are those of the path it started on (the two differ in the last bits).
+            member.payload = None
+            outcomes[i] = _one_at_a_time(member, data, dev)
+            steps[i] = -1
+    for start in sorted(set(steps) - {-1}):
         chosen = [i for i, s in enumerate(steps) if s == start]
         try:
             done = _BatchedLoop([members[i] for i in chosen], data, dev).run()
@@ -175,7 +186,7 @@ class _BatchedLoop:
                     fn = getattr(cb, method, None)
                     if fn is not None:
                         fn(member.state, *args)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, StoreError):  # not this member's failure: all stop
             raise
         except Exception as e:
             self.fail(k, e)
@@ -272,7 +283,7 @@ class _BatchedLoop:
         try:  # no record due: the cheap callbacks (progress, stop requests) only
             for hook in self.step_hooks[k]:
                 hook(member.state)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, StoreError):  # not this member's failure: all stop
             raise
         except Exception as e:
             self.fail(k, e)

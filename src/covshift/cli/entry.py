@@ -7,6 +7,8 @@ import signal
 import sys
 import traceback
 
+from rich.markup import escape
+
 from covshift.cli.app import UserError, app, err_console
 from covshift.cli.battery import claims
 from covshift.cli.check import check
@@ -40,12 +42,14 @@ def run_app() -> None:
         sys.exit(130)
     except (UserError, ConfigError, DatasetError, StoreError, BackendError, ValueError) as e:
         # soft_wrap: the message is printed whole, never cut at the terminal width.
-        err_console.print(f"[bold red]Error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]Error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except OSError as e:  # a path the user named: not writable, a file for a folder, ...
         where = f"{e.filename}: " if e.filename else ""
         err_console.print(
-            f"[bold red]Error:[/] {where}{e.strerror or e}", highlight=False, soft_wrap=True
+            f"[bold red]Error:[/] {escape(where + str(e.strerror or e))}",
+            highlight=False,
+            soft_wrap=True,
         )
         sys.exit(2)
     except Exception:

@@ -49,7 +49,9 @@ def run(
             "dataset's standard place)."
         ),
     ] = None,
-    lr: Annotated[float | None, typer.Option(help="SGD learning rate.")] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Learning rate (SGD or AdamW: optimizer.kind).")
+    ] = None,
     momentum: Annotated[float | None, typer.Option(help="SGD momentum.")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Mini-batch size.")] = None,
     eval_every: Annotated[

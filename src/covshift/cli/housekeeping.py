@@ -8,7 +8,13 @@ import typer
 from rich.table import Table
 
 from covshift.cli.app import DbOption, existing_store, out_console
-from covshift.store import DEFAULT_DB, close_stale_runs, orphan_checkpoints, stale_runs
+from covshift.store import (
+    DEFAULT_DB,
+    close_stale_runs,
+    orphan_checkpoints,
+    set_aside_checkpoints,
+    stale_runs,
+)
 
 
 def _megabytes(size: int) -> str:
@@ -34,13 +40,15 @@ def clean(
 
     A stale run is marked failed and keeps its checkpoint: the next sweep of its
     experiment resumes it, as it would have anyway. Checkpoints of live runs, and of
-    other stores in the same folder, are never touched.
+    other stores in the same folder, are never touched; checkpoints set aside as
+    damaged or unverified are listed and kept (delete them once inspected).
 
     Example: covshift clean --dry-run --db covshift-out/covshift.db
     """
     with existing_store(db) as store:
         stale = stale_runs(store)
         orphans = orphan_checkpoints(store)
+        kept = set_aside_checkpoints(store)
         table = Table(title=f"{'would clean' if dry_run else 'cleaned'} {db}")
         for column in ("what", "why", "done"):
             table.add_column(column, overflow="fold")
@@ -66,14 +74,28 @@ def clean(
                 orphan.reason,
                 "would delete" if dry_run else "deleted",
             )
-    if not stale and not orphans:
+        for aside in kept:
+            table.add_row(
+                f"{aside.path.name} ({_megabytes(aside.size)})",
+                aside.reason,
+                "kept: delete it once inspected",
+            )
+    if not stale and not orphans and not kept:
         out_console.print(f"nothing to clean in {db}: no stale run, no orphan checkpoint")
         return
     out_console.print(table)
     freed = sum(o.size for o in orphans)
     verb = "would be" if dry_run else "were"
+    aside = (
+        f"; {len(kept)} checkpoint file{'s' * (len(kept) != 1)} set aside as damaged or "
+        f"unverified {'are' if len(kept) != 1 else 'is'} kept in {kept[0].path.parent} "
+        "(delete them once inspected)"
+        if kept
+        else ""
+    )
     out_console.print(
         f"{len(stale)} stale run{'s' * (len(stale) != 1)} and {len(orphans)} orphan "
-        f"checkpoint{'s' * (len(orphans) != 1)} ({_megabytes(freed)}) {verb} cleaned.",
+        f"checkpoint{'s' * (len(orphans) != 1)} ({_megabytes(freed)}) {verb} cleaned{aside}.",
         highlight=False,
+        soft_wrap=True,
     )

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from covshift.cli.app import DbOption, existing_store, out_console, report_dir
 from covshift.experiments.config_files import load_config, preset_names
-from covshift.store import DEFAULT_DB, RunInfo
+from covshift.store import DEFAULT_DB, Event, RunInfo
 
 
 def runs(
@@ -40,8 +40,10 @@ def runs(
         rows = [r for r in store.runs(experiment=experiment) if not stale or r.status == "stale"]
         rows = rows[:limit]
         accuracy = {r.id: store.scalars(r.id, "test_accuracy")[1] for r in rows}
+        events = {r.id: store.events(r.id) for r in rows}
     if as_json:
-        print(json.dumps([_run_json(r, accuracy[r.id]) for r in rows], indent=2, allow_nan=False))
+        listed = [_run_json(r, accuracy[r.id], events[r.id]) for r in rows]
+        print(json.dumps(listed, indent=2, allow_nan=False))
         return
     if not rows:
         what = "stale runs" if stale else "runs" + (f" of {experiment}" if experiment else "")
@@ -65,9 +67,17 @@ def runs(
             r.started_at.replace("T", " ")[:19],
         )
     out_console.print(table)
+    for r in rows:  # what happened to a run that its row does not say
+        for event in events[r.id]:
+            out_console.print(
+                f"run {r.id}, {event.at.replace('T', ' ')[:19]}: {event.message}",
+                highlight=False,
+                soft_wrap=True,
+                markup=False,
+            )
 
 
-def _run_json(run: RunInfo, accuracy: np.ndarray) -> dict[str, Any]:
+def _run_json(run: RunInfo, accuracy: np.ndarray, events: list[Event]) -> dict[str, Any]:
     """One run as ``covshift runs --json`` prints it (its config left out)."""
     final = float(accuracy[-1]) if len(accuracy) else None
     return {
@@ -85,6 +95,9 @@ def _run_json(run: RunInfo, accuracy: np.ndarray) -> dict[str, Any]:
         "host": run.host,
         "pid": run.pid,
         "error": run.error,
+        "events": [
+            {"at": e.at, "kind": e.kind, "path": e.path, "message": e.message} for e in events
+        ],
     }
 
 

@@ -14,8 +14,12 @@ __all__ = ["claims_table", "plan_table", "summary_table"]
 
 _VERDICT_STYLE = {
     "supported": "green",
+    "pass": "green",
     "contradicted": "red",
+    "fail": "red",
     "inconclusive": "yellow",
+    "not interpretable": "magenta",
+    "not measurable": "dim",
     "not measured": "dim",
 }
 _WIDE = 6  # more cells than this: one row per cell instead of one column
@@ -78,24 +82,41 @@ def summary_table(summary: dict[str, Any], config: ExperimentConfig) -> Table:
 
 
 def claims_table(summary: dict[str, Any]) -> Table:
-    """One row per claim (and slice): estimate, 95% interval, seeds, verdict."""
-    table = Table(title="claims (95% interval over seeds; rules in the preset)")
+    """One row per hypothesis (and slice): estimate, 95% interval, seeds, adjusted p,
+    verdict; then the checks, apart (they are controls, not findings)."""
+    claims = summary["claims"]
+    method = next((c["adjust_method"] for c in claims if c.get("adjust_method")), None)
+    table = Table(
+        title="claims (95% interval over seeds; rules in the preset; "
+        + (f"p {method}-adjusted over the hypotheses)" if method else "no hypotheses)")
+    )
     table.add_column("claim")
     table.add_column("estimate", justify="right")
     table.add_column("95% interval", justify="right")
     table.add_column("seeds", justify="right")
+    table.add_column("p (adj.)", justify="right")
     table.add_column("verdict")
-    for c in summary["claims"]:
+    ordered = [c for c in claims if c.get("kind") != "check"]
+    checks = [c for c in claims if c.get("kind") == "check"]
+    for c in [*ordered, *checks]:
         where = f" [{c['slice_text']}]" if c["slice_text"] else ""
         interval = f"[{c['interval'][0]:.4g}, {c['interval'][1]:.4g}]" if c["interval"] else "-"
         estimate = f"{c['estimate']:.4g}" if c["estimate"] is not None else "-"
+        adjusted = c.get("p_adjusted")
+        if c["verdict"] == "contradicted":
+            adjusted = c.get("p_adjusted_contradict")
+        p = f"{adjusted:.2g}" if adjusted is not None else "-"
         style = _VERDICT_STYLE.get(c["verdict"], "")
         verdict = c["verdict"] + (": one seed" if c["reason"].startswith("one seed") else "")
+        if c.get("censored", {}).get("censored"):
+            verdict += " (censored)"
+        kind = "check: " if c.get("kind") == "check" else ""
         table.add_row(
-            f"{c['id']}{where}: {c['text']}",
+            f"{kind}{c['id']}{where}: {c['text']}",
             estimate,
             interval,
             f"{c['seeds']}/{c['seeds_total']}",
+            p,
             f"[{style}]{verdict}[/]",
         )
     return table

@@ -49,6 +49,9 @@ BATTERY = (
     "norm-scopes",
     "santurkar2018",
     "santurkar2018-linear",
+    "transformer-norms",
+    "norm-placement",
+    "transformer-shift",
 )
 
 CORRELATION_CLAIM = ClaimSpec(

@@ -23,7 +23,9 @@ Statistics (per seed ``s``; ``m(net, point)`` is a metric path, :mod:`.metrics`)
   ``baseline``, of the paired difference ``m(network, v, s) - m(baseline, v, s)``.
 - ``layer_trend``: the same along the probed layers of one network, in forward order
   (layer index 0, 1, ...), of a per-layer metric written with ``*`` for the layer
-  (``drift/*``, ``drift/*@train``).
+  (``drift/*``, ``drift/*@train``); for gradient norms, along the weight layers whose
+  names match a pattern, in numeric order (``grad_norm/0/blocks.*.mlp.c_fc``: the
+  MLP's first weight of every block, at initialization).
 - ``threshold``: the largest (``pick = "largest"``) or smallest axis value at which
   the network's metric reaches ``target`` (``>=``; ``<=`` with ``below = true``) and
   the run did not diverge; with a ``baseline``, the difference of the two networks'
@@ -147,10 +149,11 @@ class ClaimSpec(BaseModel):
             if path is not None:
                 parse_metric(path.replace("/*", "/last"))
         if self.statistic == "layer_trend":
-            if "/*" not in self.metric:
+            if "*" not in self.metric:
                 raise ValueError(
                     "a layer_trend claim runs along the probed layers: write its metric with "
-                    "* for the layer (drift/*)"
+                    "* for the layer (drift/*), or a pattern of weight layers for a gradient "
+                    "norm (grad_norm/0/blocks.*.mlp.c_fc)"
                 )
             if self.axis is not None or self.baseline is not None:
                 raise ValueError("a layer_trend claim is about one network and no sweep axis")

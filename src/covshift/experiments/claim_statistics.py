@@ -22,8 +22,10 @@ from scipy import stats as scipy_stats
 from covshift.experiments.claim_spec import ClaimSpec
 from covshift.experiments.config import ExperimentConfig
 from covshift.experiments.grid import Point
+from covshift.experiments.metrics import TRAIN_MODE, parse_metric
 from covshift.experiments.numbers import PointNumbers, Reading
 from covshift.experiments.significance import Bounds
+from covshift.probe.select import glob_match
 
 __all__ = ["STATISTICS", "PointTable", "SeedOutcome"]
 
@@ -142,14 +144,29 @@ def _fitted(
     return outcome
 
 
+def _trend_layers(found: PointNumbers, metric: str) -> tuple[list[str], list[str]]:
+    """The layers a ``layer_trend`` runs along and the metric path of each: every
+    probed layer for ``drift/*`` (``*`` is the layer), the probed layers a glob
+    matches for ``drift/blocks.*`` (one dotted part per ``*``), the weight layers a
+    glob matches for ``grad_norm/<step>/<glob>`` (``blocks.*.mlp.c_fc``)."""
+    parsed = parse_metric(metric)
+    inner = parsed.inner if parsed.kind == "log10" and parsed.inner is not None else parsed
+    pattern = (inner.layer or "").removesuffix(TRAIN_MODE)
+    if inner.kind == "grad_norm":
+        layers = [name for name in found.grad_layers() if glob_match(name, pattern)]
+    elif pattern == "*":
+        layers = found.layers()
+    else:
+        layers = [name for name in found.layers() if glob_match(name, pattern)]
+    return layers, [metric.replace(pattern, name, 1) for name in layers]
+
+
 def _layer_trend(
     table: PointTable, config: ExperimentConfig, claim: ClaimSpec, axes: dict, seed: int
 ) -> SeedOutcome:
     found = table.point(claim.network, axes, seed)
-    layers = found.layers() if found is not None else []
-    readings = (
-        [found.reading(claim.metric.replace("*", layer)) for layer in layers] if found else []
-    )
+    layers, paths = _trend_layers(found, claim.metric) if found is not None else ([], [])
+    readings = [found.reading(path) for path in paths] if found is not None else []
     curve = [(float(i), r.value, False) for i, r in enumerate(readings)]
     data = {"curve": {claim.network: curve}, "layers": layers}
     return _fitted(claim, curve, readings, data, False)

@@ -187,6 +187,7 @@ class ExperimentConfig(Strict):
                 net.resolve(self.model)
             except ValidationError as e:
                 raise ValueError(f"networks.{key}: {first_error(e, NetworkSpec)}") from None
+        self._check_text_model()
         self._check_axes()
         ids = [c.id for c in self.claims if c.id is not None]
         repeated = sorted({i for i in ids if ids.count(i) > 1})
@@ -211,6 +212,26 @@ class ExperimentConfig(Strict):
                         f"claims[{i}].controls: {control!r} is not the id of a check of this "
                         f"experiment{closest(control, checks)}; checks: {known}"
                     )
+
+    def _check_text_model(self) -> None:
+        """A transformer trains on text (a sequence dataset), and text needs one."""
+        from covshift.data import dataset_names, is_sequence_dataset
+
+        text = is_sequence_dataset(self.dataset)
+        for key, net in self.networks.items():
+            kind = net.resolve(self.model).kind
+            where = "model.kind" if net.kind is None else f"networks.{key}.kind"
+            if kind == "transformer" and not text:
+                texts = [n for n in dataset_names() if is_sequence_dataset(n)]
+                raise ValueError(
+                    f"{where} = 'transformer' trains on text, and dataset {self.dataset!r} is "
+                    f"not text; use one of {', '.join(texts)}"
+                )
+            if text and kind != "transformer":
+                raise ValueError(
+                    f"dataset {self.dataset!r} is text (byte sequences): {where} must be "
+                    f"'transformer', got {kind!r}"
+                )
 
     def _check_axes(self) -> None:
         """Each axis value, applied alone to this configuration, must validate, and no

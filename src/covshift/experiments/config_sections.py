@@ -15,6 +15,7 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     field_validator,
+    model_validator,
 )
 
 __all__ = [
@@ -52,6 +53,12 @@ class Strict(BaseModel):
 
 
 Activation = Literal["sigmoid", "tanh", "relu", "identity", "linear"]
+ModelKind = Literal["mlp", "cnn", "vgg", "linear", "transformer"]
+NormPosition = Literal["before", "after", "pre", "post"]
+# The fields of the MLP/CNN builders a transformer has no use for, and the other way
+# round: each must keep its default, or the config would say something it does not do.
+_NOT_TRANSFORMER = ("activation", "init_std", "channels", "pool", "convs_per_stage")
+_TRANSFORMER_ONLY = ("heads", "context", "mlp_ratio")
 
 
 class ModelSpec(Strict):
@@ -61,12 +68,18 @@ class ModelSpec(Strict):
     ``vgg`` (``depth`` 3x3 convs, ``width`` channels in the first stage, doubling per
     stage of ``convs_per_stage``) or ``linear`` (Santurkar et al.'s deep linear
     network: ``depth`` bias-free maps, the hidden ones of ``width`` units: set it
-    to the input size for Santurkar's square maps; ``activation`` is ignored).
+    to the input size for Santurkar's square maps; ``activation`` is ignored) or
+    ``transformer`` (:func:`covshift.models.build_transformer`, a GPT-style byte-level
+    language model for a text dataset: ``width`` is d_model, ``depth`` the number of
+    blocks, ``heads`` attention heads, ``context`` bytes per sequence, ``mlp_ratio``
+    the MLP's width over d_model; ``norm`` none, layer, rms, dyt, batch or
+    ghost_batch; ``norm_position`` ``pre`` (the default for it) or ``post``; ``init``
+    ``gpt2`` (the default for it) or ``unit``; its MLP's activation is GELU).
     ``freeze``: glob patterns of module names whose parameters are not trained
     (``"hidden.0.*"``); each must match a parameter.
     """
 
-    kind: Literal["mlp", "cnn", "vgg", "linear"] = "mlp"
+    kind: ModelKind = "mlp"
     width: StrictInt = Field(100, ge=1)
     depth: StrictInt = Field(3, ge=1, le=MAX_DEPTH)
     channels: tuple[StrictInt, ...] = (16, 32, 64)
@@ -74,11 +87,62 @@ class ModelSpec(Strict):
     convs_per_stage: StrictInt = Field(2, ge=1)
     activation: Activation = "sigmoid"
     norm: str = "none"
-    norm_position: Literal["before", "after"] = "before"
-    init: Literal["gaussian", "xavier", "he", "torch"] = "gaussian"
+    norm_position: NormPosition = "before"
+    init: Literal["gaussian", "xavier", "he", "torch", "gpt2", "unit"] = "gaussian"
     init_std: StrictFloat = Field(0.1, gt=0)
     norm_kwargs: dict[str, float | int | bool | str | None] = Field(default_factory=dict)
     freeze: tuple[str, ...] = ()
+    heads: StrictInt = Field(4, ge=1)  # transformer: attention heads
+    context: StrictInt = Field(128, ge=1)  # transformer: bytes per sequence
+    mlp_ratio: StrictInt = Field(4, ge=1)  # transformer: MLP width / d_model
+
+    @model_validator(mode="before")
+    @classmethod
+    def _transformer_defaults(cls, data: Any) -> Any:
+        # A transformer's own defaults where the MLP's would not fit it.
+        if isinstance(data, dict) and data.get("kind") == "transformer":
+            data = {"norm_position": "pre", "init": "gpt2", **data}
+        return data
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> ModelSpec:
+        defaults = ModelSpec.model_fields
+        if self.kind == "transformer":
+            from covshift.models.transformer import TRANSFORMER_NORMS
+
+            for name in _NOT_TRANSFORMER:
+                if getattr(self, name) != defaults[name].default:
+                    raise ValueError(
+                        f"{name}: a transformer does not use it (its MLP's activation is "
+                        f"GELU, its init gpt2 or unit); remove {name}"
+                    )
+            if self.norm not in TRANSFORMER_NORMS:
+                raise ValueError(
+                    f"norm: a transformer takes {', '.join(TRANSFORMER_NORMS)}; got {self.norm!r}"
+                )
+            if self.norm_position not in ("pre", "post"):
+                raise ValueError(
+                    f"norm_position: a transformer's norm is placed pre or post (around its "
+                    f"residual branches); got {self.norm_position!r}"
+                )
+            if self.init not in ("gpt2", "unit"):
+                raise ValueError(f"init: a transformer's init is gpt2 or unit; got {self.init!r}")
+            if self.width % self.heads:
+                raise ValueError(
+                    f"width (d_model) = {self.width} must be a multiple of heads = {self.heads}"
+                )
+            return self
+        for name in _TRANSFORMER_ONLY:
+            if getattr(self, name) != defaults[name].default:
+                raise ValueError(f"{name}: only a transformer has it (kind = {self.kind!r})")
+        if self.norm_position not in ("before", "after"):
+            raise ValueError(
+                f"norm_position: before or after the activation; got {self.norm_position!r} "
+                "(pre and post are a transformer's)"
+            )
+        if self.init in ("gpt2", "unit"):
+            raise ValueError(f"init: {self.init!r} is a transformer's init; kind = {self.kind!r}")
+        return self
 
     @field_validator("norm")
     @classmethod
@@ -96,11 +160,11 @@ class NetworkSpec(Strict):
     """One network of an experiment: a label and the model fields it overrides."""
 
     label: str
-    kind: Literal["mlp", "cnn", "vgg", "linear"] | None = None
+    kind: ModelKind | None = None
     width: StrictInt | None = Field(None, ge=1)
     depth: StrictInt | None = Field(None, ge=1, le=MAX_DEPTH)
     norm: str | None = None
-    norm_position: Literal["before", "after"] | None = None
+    norm_position: NormPosition | None = None
     activation: Activation | None = None
     init_std: StrictFloat | None = Field(None, gt=0)
     norm_kwargs: dict[str, float | int | bool | str | None] | None = None
@@ -113,17 +177,33 @@ class NetworkSpec(Strict):
 
 
 class OptimizerSpec(Strict):
-    """SGD settings.
+    """The optimizer: ``kind`` ``sgd`` (with ``momentum``) or ``adamw`` (with
+    ``betas``); ``weight_decay`` is SGD's L2 penalty or AdamW's decoupled decay.
 
     ``lr_reference_batch``: when set, the learning rate is scaled linearly with the
     batch size, ``lr * batch_size / lr_reference_batch`` (Goyal et al. 2017, the rule
     Wu & He 2018 use across batch sizes); a point records the scaled rate.
+    ``warmup_steps``: the learning rate rises linearly from ``lr / warmup_steps`` to
+    ``lr`` over the first this many steps (0: none), then stays there.
     """
 
     lr: StrictFloat = Field(0.5, gt=0)
     momentum: StrictFloat = Field(0.0, ge=0, lt=1)
     weight_decay: StrictFloat = Field(0.0, ge=0)
     lr_reference_batch: StrictInt | None = Field(None, ge=1)
+    kind: Literal["sgd", "adamw"] = "sgd"
+    betas: tuple[StrictFloat, StrictFloat] = (0.9, 0.999)
+    warmup_steps: StrictInt = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> OptimizerSpec:
+        if self.kind != "sgd" and self.momentum != 0:
+            raise ValueError(f"momentum is SGD's; {self.kind} has betas (beta1 is its momentum)")
+        if self.kind == "sgd" and self.betas != (0.9, 0.999):
+            raise ValueError('betas are AdamW\'s; set kind = "adamw" or remove betas')
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {list(self.betas)}")
+        return self
 
 
 class ProbeSpec(Strict):
@@ -139,7 +219,14 @@ class ProbeSpec(Strict):
       on every weight layer every this many steps (0: never).
     - ``smoothness_every``: measure the loss landscape along the gradient every this
       many steps (0: never), step sizes in ``smoothness_range`` x lr.
-    - ``measure_batch``: the batch size of those two measurements (default: training's).
+    - ``measure_batch``: the batch size of those measurements (default: training's).
+    - ``gradient_norm_steps``: record every weight layer's gradient norm
+      ``||dL/dW||`` at these steps (``[0]``: at initialization; Xiong et al. 2020),
+      on a training batch (metric ``grad_norm/<step>/<layer>``).
+    - ``batch_stats_every``: every this many steps (0: never), measure how much each
+      BatchNorm layer's batch statistics fluctuate over ``batch_stats_batches``
+      training batches at fixed weights (Shen et al. 2020; metric
+      ``batch_stats/<figure>/<layer|mean>``).
     """
 
     layers: tuple[str, ...] = ("hidden.*.act",)
@@ -153,6 +240,18 @@ class ProbeSpec(Strict):
     smoothness_every: StrictInt = Field(0, ge=0)
     smoothness_range: tuple[StrictFloat, StrictFloat] = (0.5, 4.0)
     measure_batch: StrictInt | None = Field(None, ge=1)
+    gradient_norm_steps: tuple[StrictInt, ...] = ()
+    batch_stats_every: StrictInt = Field(0, ge=0)
+    batch_stats_batches: StrictInt = Field(8, ge=2)
+
+    @field_validator("gradient_norm_steps")
+    @classmethod
+    def _steps(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if list(value) != sorted(set(value)) or any(v < 0 for v in value):
+            raise ValueError(
+                "gradient_norm_steps must be increasing steps >= 0 (0: at initialization)"
+            )
+        return value
 
     @field_validator("smoothness_range")
     @classmethod

@@ -47,6 +47,15 @@ _ADDED_FIELDS: tuple[tuple[str, str, Any], ...] = (
     ("probe", "smoothness_range", [0.5, 4.0]),
     ("probe", "measure_batch", None),
     ("", "test_examples", None),
+    ("model", "heads", 4),
+    ("model", "context", 128),
+    ("model", "mlp_ratio", 4),
+    ("optimizer", "kind", "sgd"),
+    ("optimizer", "betas", [0.9, 0.999]),
+    ("optimizer", "warmup_steps", 0),
+    ("probe", "gradient_norm_steps", []),
+    ("probe", "batch_stats_every", 0),
+    ("probe", "batch_stats_batches", 8),
 )
 
 

@@ -19,6 +19,7 @@ resumed run continues with the company it had.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from covshift.checkpoint_files import read_checkpoint
 from covshift.experiments.grid import Point, PointSpec
 from covshift.store import NoStoreError, RunInfo, Store
 
@@ -38,8 +40,12 @@ BATCHED_KINDS = frozenset({"mlp", "linear", "cnn", "vgg"})
 
 def batch_key(spec: PointSpec) -> str | None:
     """What the members of one batch share, as a string; None for a point that trains
-    alone (a model kind without a batched form)."""
+    alone (a model kind without a batched form, or an optimizer other than plain SGD:
+    :class:`~covshift.batched.MemberSGD` is SGD with momentum and weight decay, no
+    warmup)."""
     if spec.model.kind not in BATCHED_KINDS:
+        return None
+    if spec.optimizer.kind != "sgd" or spec.optimizer.warmup_steps:
         return None
     model = spec.model.model_dump(mode="json", exclude={"init", "init_std", "freeze"})
     return json.dumps(
@@ -115,12 +121,14 @@ def recorded_batches(
         return {}
     with store:
         for point, run in resuming:
-            path = store.checkpoint_path(run.id)
-            if not path.is_file():
-                continue
-            try:
-                payload = torch.load(path, map_location="cpu", weights_only=False)
-            except Exception:  # unreadable: the run itself will say so when it resumes
+            try:  # only a verified file is read; the run sets a rejected one aside
+                verified = read_checkpoint(store.checkpoint_path(run.id))
+                if verified is None:
+                    continue
+                payload = torch.load(
+                    io.BytesIO(verified[0]), map_location="cpu", weights_only=False
+                )
+            except Exception:  # rejected or unreadable: the run says so when it resumes
                 continue
             batch = payload.get("batch") if isinstance(payload, dict) else None
             if batch:

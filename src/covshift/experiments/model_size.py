@@ -42,6 +42,8 @@ def model_size(
     spec: ModelSpec, num_features: int, num_classes: int, image_shape: tuple[int, ...] | None
 ) -> ModelSize:
     """The :class:`ModelSize` of the network ``spec`` builds for this data."""
+    if spec.kind == "transformer":
+        return _transformer_size(spec, num_classes)
     if spec.kind in ("mlp", "linear"):
         hidden = spec.depth if spec.kind == "mlp" else spec.depth - 1
         width = spec.width
@@ -69,6 +71,17 @@ def model_size(
         if (i + 1) % spec.convs_per_stage == 0 and side >= 2:
             side //= 2
     return ModelSize(weights + in_ch * num_classes, units)
+
+
+def _transformer_size(spec: ModelSpec, vocab: int) -> ModelSize:
+    """A transformer's weights (embeddings, per block 4 C^2 of attention and
+    2 r C^2 of MLP, the head) and, per sequence, its units: per block the residual
+    stream, queries/keys/values and the MLP's hidden layer (4 C + r C per token),
+    and the logits."""
+    c, r, t = spec.width, spec.mlp_ratio, spec.context
+    weights = (vocab + t) * c + spec.depth * (4 + 2 * r) * c * c + c * vocab
+    units = t * (spec.depth * (4 + r) * c + vocab)
+    return ModelSize(weights, units)
 
 
 def available_bytes(device: torch.device) -> int | None:

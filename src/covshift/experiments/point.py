@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import time
 import traceback
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -22,21 +21,28 @@ import numpy as np
 import torch
 
 from covshift.checkpoints import Checkpointer
-from covshift.data import Dataset, load_dataset
+from covshift.data import Dataset, is_text
 from covshift.experiments.config import ConfigError, ModelSpec
 from covshift.experiments.grid import PointSpec
 from covshift.experiments.metrics import FLOOR, TRAIN_MODE
-from covshift.models import build_cnn, build_deep_linear, build_mlp, build_vgg
+from covshift.experiments.point_data import (
+    dataset_arguments,
+    dataset_for,
+    preload_datasets,
+    shared_datasets,
+)
+from covshift.models import build_cnn, build_deep_linear, build_mlp, build_transformer, build_vgg
 from covshift.probe import GradientICSMonitor, ProbeRecord, ShiftProbe, SmoothnessMonitor
+from covshift.probe.batch_fluctuation import BatchStatsMonitor
+from covshift.probe.layer_gradients import GradientNormMonitor
 from covshift.probe.select import glob_match
 from covshift.probe.units import store_columns
-from covshift.store import Store
+from covshift.store import Store, StoreError
 from covshift.train import (
     DivergenceGuard,
     TrainConfig,
     TrainState,
     loss_function,
-    resolve_device,
     train,
 )
 
@@ -45,8 +51,11 @@ __all__ = [
     "PointSink",
     "StoreSink",
     "build_model",
+    "dataset_arguments",
     "dataset_for",
     "error_text",
+    "preload_datasets",
+    "shared_datasets",
     "train_point",
 ]
 
@@ -131,6 +140,8 @@ def build_model(spec: ModelSpec, data: Dataset, seed: int) -> torch.nn.Module:
 
 
 def _build(spec: ModelSpec, data: Dataset, seed: int) -> torch.nn.Module:
+    if spec.kind == "transformer" or is_text(data):
+        return _build_transformer(spec, data, seed)
     if spec.kind == "linear":
         return build_deep_linear(
             data.num_features,
@@ -175,38 +186,30 @@ def _build(spec: ModelSpec, data: Dataset, seed: int) -> torch.nn.Module:
     )
 
 
-_DATASETS: dict[tuple[str, str | None, str], Dataset] = {}
-
-
-def dataset_for(spec: PointSpec, device: torch.device | None = None) -> Dataset:
-    """The point's dataset on its device, loaded once per process and kept."""
-    dev = device or resolve_device(spec.device)
-    key = (spec.dataset, spec.data_dir, str(dev))
-    if key not in _DATASETS:
-        _DATASETS[key] = load_dataset(spec.dataset, spec.data_dir).to(dev)
-    return _DATASETS[key]
-
-
-def shared_datasets(points: Sequence[Any]) -> dict[tuple[str, str | None, str], Dataset]:
-    """The CPU datasets of ``points``, their tensors moved to shared memory, to hand to
-    worker processes (which then map them instead of reading and decoding the files)."""
-    out: dict[tuple[str, str | None, str], Dataset] = {}
-    cpu = torch.device("cpu")
-    for point in points:
-        spec = point.spec
-        key = (spec.dataset, spec.data_dir, "cpu")
-        if key in out or resolve_device(spec.device) != cpu:
-            continue
-        data = dataset_for(spec, cpu)
-        for tensor in (data.x_train, data.y_train, data.x_test, data.y_test):
-            tensor.share_memory_()
-        out[key] = data
-    return out
-
-
-def preload_datasets(datasets: dict[tuple[str, str | None, str], Dataset]) -> None:
-    """Put datasets received from the driver into this process's cache."""
-    _DATASETS.update(datasets)
+def _build_transformer(spec: ModelSpec, data: Dataset, seed: int) -> torch.nn.Module:
+    if spec.kind != "transformer" or not is_text(data):
+        raise ConfigError(
+            f"model.kind = {spec.kind!r} and dataset {data.name!r} do not go together: a "
+            "transformer trains on a text dataset, and a text dataset needs a transformer"
+        )
+    if data.num_features != spec.context:
+        raise ConfigError(
+            f"dataset {data.name!r} has windows of {data.num_features} bytes, and "
+            f"model.context is {spec.context}; load it with context={spec.context}"
+        )
+    return build_transformer(
+        data.num_classes,
+        spec.context,
+        d_model=spec.width,
+        n_layer=spec.depth,
+        n_head=spec.heads,
+        mlp_ratio=spec.mlp_ratio,
+        norm=spec.norm,
+        placement=spec.norm_position,  # type: ignore[arg-type]
+        init=spec.init,  # type: ignore[arg-type]
+        norm_kwargs=dict(spec.norm_kwargs),
+        seed=seed,
+    )
 
 
 class _Recorder:
@@ -238,8 +241,9 @@ def point_measures(
     background: bool | None = False,
 ) -> list[object]:
     """The measurement callbacks of a point, as its :class:`ProbeSpec` asks: the probe
-    (eval mode, train mode, or both), the noise-floor probe, gradient ICS and
-    landscape smoothness, all recording into ``sink``."""
+    (eval mode, train mode, or both), the noise-floor probe, gradient ICS, landscape
+    smoothness, per-layer gradient norms and BatchNorm's batch-statistics
+    fluctuation, all recording into ``sink``."""
     p = spec.probe
     batch = data.x_test[: p.examples]
     common: dict[str, Any] = dict(record=p.record, quantiles=p.quantiles)
@@ -313,6 +317,26 @@ def point_measures(
                 sink=sink.probe,
             )
         )
+    if p.gradient_norm_steps:
+        out.append(
+            GradientNormMonitor(
+                steps=p.gradient_norm_steps,
+                loss_fn=loss,
+                batch_size=p.measure_batch,
+                seed=spec.seed,
+                sink=sink.probe,
+            )
+        )
+    if p.batch_stats_every:
+        out.append(
+            BatchStatsMonitor(
+                every=p.batch_stats_every,
+                batches=p.batch_stats_batches,
+                batch_size=p.measure_batch,
+                seed=spec.seed,
+                sink=sink.probe,
+            )
+        )
     return out
 
 
@@ -329,7 +353,10 @@ def train_point(
 
     A point that fails (an exception in training) is closed as ``failed`` with the
     error and reported, not raised; Ctrl-C (``KeyboardInterrupt``) closes it as
-    ``interrupted`` and propagates.
+    ``interrupted`` and propagates. A :class:`~covshift.store.StoreError` (the store or
+    a checkpoint file cannot be written or read: a full disk, an I/O error, a damaged
+    store) propagates without closing the run, which the caller does if the store
+    can still take it.
 
     Args:
         spec: the resolved point.
@@ -354,6 +381,9 @@ def train_point(
             weight_decay=spec.optimizer.weight_decay,
             eval_every=spec.eval_every,
             seed=spec.seed,
+            optimizer=spec.optimizer.kind,
+            betas=spec.optimizer.betas,
+            warmup_steps=spec.optimizer.warmup_steps,
         )
         with contextlib.ExitStack() as stack:
             for measure in measures:
@@ -374,7 +404,9 @@ def train_point(
                 device=data.x_train.device,
                 checkpoint=checkpoint,
             )
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, StoreError):
+        # Ctrl-C, or a file that cannot be written or read (a full disk, the store
+        # damaged): not this point's failure; the caller closes the run, if it can.
         raise
     except Exception as e:
         # The whole traceback goes to the store (a bug is found from it); the outcome

@@ -31,6 +31,7 @@ from covshift.experiments.point import (
     point_measures,
 )
 from covshift.probe import ShiftProbe
+from covshift.store.errors import StoreError
 from covshift.train import DivergenceGuard, TrainConfig
 
 __all__ = ["train_point_members"]
@@ -104,7 +105,9 @@ def train_point_members(
                     if isinstance(cb, ShiftProbe):
                         stack.enter_context(cb)
             done = train_members(runs, data, device=data.x_train.device)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, StoreError):
+        # Ctrl-C, or a file that cannot be written or read: nobody's failure; the
+        # caller closes the runs, if it can (as train_point leaves it to its caller).
         raise
     except Exception as e:  # the batched step itself: every member fails with it
         trace = traceback.format_exc()

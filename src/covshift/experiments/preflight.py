@@ -27,6 +27,7 @@ from covshift.experiments.metrics import TRAIN_MODE, parse_metric
 from covshift.experiments.model_size import available_bytes, model_size
 from covshift.experiments.point import build_model, dataset_for
 from covshift.probe import ShiftProbe, gradient_ics, landscape_smoothness
+from covshift.probe.select import glob_match
 from covshift.train import evaluate, loss_function, resolve_device
 
 __all__ = ["Cost", "estimate_seconds", "preflight"]
@@ -122,6 +123,7 @@ _SIZE_FIELDS = {
     "linear": ("width", "depth"),
     "cnn": ("channels",),
     "vgg": ("width", "depth", "convs_per_stage"),
+    "transformer": ("width", "depth", "context", "mlp_ratio"),
 }
 
 
@@ -299,13 +301,22 @@ def _check_claim_layers(config: ExperimentConfig, probed: dict[str, list[str]]) 
                 continue
             metric = parse_metric(path)
             layers = probed.get(net) or []
-            if metric.kind not in ("drift", "floor") or not layers:
+            if metric.kind not in ("drift", "fluct", "floor") or not layers:
                 continue
             probe = config.probe
             name = metric.layer or ""
             if probe.mode == "both" and name.endswith(TRAIN_MODE):
                 name = name.removesuffix(TRAIN_MODE)
-            if name not in layers and name not in ("*", "first", "last"):
+            pattern = name.partition(":")[2] if name.startswith("mean:") else None
+            if pattern is None and "*" in name and name != "*":
+                pattern = name  # a layer trend along a glob of layers
+            if pattern is not None or name == "mean":
+                if not any(glob_match(layer, pattern or "**") for layer in layers):
+                    raise ConfigError(
+                        f"claims[{i}].{role}: {path!r}: no layer that network {net!r} probes "
+                        f"matches {pattern!r}; it probes {', '.join(layers)}"
+                    )
+            elif name not in layers and name not in ("*", "first", "last"):
                 raise ConfigError(
                     f"claims[{i}].{role}: {path!r}: network {net!r} probes "
                     f"{', '.join(layers)}, not {metric.layer!r}"

@@ -92,18 +92,29 @@ def preregistration(store: Store, config: ExperimentConfig) -> dict[str, Any]:
     current = _dump(config)
     digest = claims_hash(current)
     versions: dict[str, dict[str, Any]] = {}
-    for experiment_id, name, created_at in reversed(store.experiments()):  # oldest first
+    # Oldest first. Versions are ordered by when the store first saw them, as a
+    # position: timestamps have one-second resolution, and two versions recorded
+    # within one second must still come one before the other.
+    for experiment_id, name, created_at in reversed(store.experiments()):
         if name != config.name:
             continue
         raw = (store.experiment_config(experiment_id) or {}).get("claims", [])
         claims = _normalized(list(raw))
         h = claims_hash(claims)
         version = versions.setdefault(
-            h, {"hash": h, "first_recorded": created_at, "claims": claims, "results": False}
+            h,
+            {
+                "hash": h,
+                "first_recorded": created_at,
+                "order": len(versions),
+                "claims": claims,
+                "results": False,
+            },
         )
         version["results"] = version["results"] or _has_results(store, experiment_id)
     mine = versions.get(digest)
     first = mine["first_recorded"] if mine else None
+    position = mine["order"] if mine else len(versions)
     changes = [
         {
             "hash": v["hash"],
@@ -111,7 +122,7 @@ def preregistration(store: Store, config: ExperimentConfig) -> dict[str, Any]:
             "differences": _differences(v["claims"], current),
         }
         for h, v in versions.items()
-        if h != digest and v["results"] and (first is None or v["first_recorded"] < first)
+        if h != digest and v["results"] and v["order"] < position
     ]
     return {
         "preset": config.name,

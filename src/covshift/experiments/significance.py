@@ -99,16 +99,27 @@ def bounded_interval(seeds: Sequence[Bounds]) -> tuple[float, float] | None:
 
 
 def one_sided_p(
-    values: Sequence[float], bound: float, above: bool, inclusive: bool
+    values: Sequence[float],
+    bound: float,
+    above: bool,
+    inclusive: bool,
+    exact: bool = False,
 ) -> float | None:
     """p of ``H1: mean > bound`` (``above``) or ``mean < bound``, Student t, ``n - 1``
     degrees of freedom; None for fewer than 2 values.
 
     A value infinite on the wrong side (a censored bound that could be anywhere) makes
     the side untestable: p = 1. Values infinite on the right side are certainly beyond
-    the bound: they are replaced by the least extreme finite value (conservative). With
-    no spread, p is 0 when the common value lies beyond the bound (or on it, for the
-    ``inclusive`` rules ``not_less``, ``not_greater``, ``within``), else 1.
+    the bound: they are replaced by the least extreme finite value (conservative).
+
+    Without spread (every value the same: a time to target that never came, bounded
+    by the run's length on every seed; a grid threshold at the same grid value) the t
+    statistic is undefined. Then p is the exact one-sided sign test, ``0.5 ** n`` when
+    every value lies beyond the bound (or on it, for the ``inclusive`` rules
+    ``not_less``, ``not_greater``, ``within``), else 1: n seeds all on one side is all
+    the evidence there is. ``exact`` says the values are exact by construction (a check
+    such as "frozen layers drift exactly 0"), where identical values are the expected
+    outcome and p is 0 (or 1) instead.
     """
     a = np.asarray(values, dtype=np.float64)
     if len(a) < 2:
@@ -126,31 +137,38 @@ def one_sided_p(
     mean, sd = float(a.mean()), float(a.std(ddof=1))
     if sd == 0.0 or not math.isfinite(sd):
         beyond = mean > b or (inclusive and mean == b)
-        return 0.0 if beyond else 1.0
+        if not beyond:
+            return 1.0
+        return 0.0 if exact else 0.5 ** len(a)
     t = (mean - b) / (sd / math.sqrt(len(a)))
     return float(scipy_stats.t.sf(t, len(a) - 1))
 
 
 def rule_p_values(
-    rule: str, value: float, margin: float, seeds: Sequence[Bounds]
+    rule: str, value: float, margin: float, seeds: Sequence[Bounds], exact: bool = False
 ) -> tuple[float | None, float | None]:
-    """``(p_support, p_contradict)`` of a rule on per-seed bounds (module docstring)."""
+    """``(p_support, p_contradict)`` of a rule on per-seed bounds (module docstring);
+    ``exact``: identical values are exact by construction (:func:`one_sided_p`)."""
     lo = [s.lo for s in seeds]
     hi = [s.hi for s in seeds]
     v, m = value, margin
+
+    def p(values: list[float], bound: float, above: bool, inclusive: bool) -> float | None:
+        return one_sided_p(values, bound, above, inclusive, exact)
+
     if rule == "greater":
-        return one_sided_p(lo, v, True, False), one_sided_p(hi, v, False, False)
+        return p(lo, v, True, False), p(hi, v, False, False)
     if rule == "less":
-        return one_sided_p(hi, v, False, False), one_sided_p(lo, v, True, False)
+        return p(hi, v, False, False), p(lo, v, True, False)
     if rule == "not_less":
-        return one_sided_p(lo, v - m, True, True), one_sided_p(hi, v - m, False, False)
+        return p(lo, v - m, True, True), p(hi, v - m, False, False)
     if rule == "not_greater":
-        return one_sided_p(hi, v + m, False, True), one_sided_p(lo, v + m, True, False)
+        return p(hi, v + m, False, True), p(lo, v + m, True, False)
     if rule == "within":
-        above_low = one_sided_p(lo, v - m, True, True)
-        below_high = one_sided_p(hi, v + m, False, True)
-        under = one_sided_p(hi, v - m, False, False)
-        over = one_sided_p(lo, v + m, True, False)
+        above_low = p(lo, v - m, True, True)
+        below_high = p(hi, v + m, False, True)
+        under = p(hi, v - m, False, False)
+        over = p(lo, v + m, True, False)
         if above_low is None or below_high is None or under is None or over is None:
             return None, None
         return max(above_low, below_high), min(under, over)

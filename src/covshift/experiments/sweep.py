@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress, TaskID
 
 from covshift.callbacks import make_progress
@@ -23,7 +24,15 @@ from covshift.experiments.backends import Backend, InlineBackend, PoolBackend, S
 from covshift.experiments.config import ExperimentConfig
 from covshift.experiments.grid import Point, expand_grid, experiment_id
 from covshift.experiments.point import PointOutcome
-from covshift.store import FINAL_OUTCOMES, ExperimentPoint, NoStoreError, RunInfo, Store
+from covshift.store import (
+    FINAL_OUTCOMES,
+    ExperimentPoint,
+    NoStoreError,
+    RunInfo,
+    StorageFault,
+    Store,
+    StoreError,
+)
 
 __all__ = [
     "SweepPlan",
@@ -154,6 +163,14 @@ class _SweepEvents:
     def advanced(self, point_id: str, step: int) -> None:
         self._move(point_id, step)
 
+    def note(self, point_id: str, text: str) -> None:
+        # Printed even without a bar (--quiet, library calls): the user must hear it.
+        point = self.by_id.get(point_id)
+        name = point.name if point is not None else point_id
+        self.progress.console.print(
+            f"[yellow]{escape(name)}[/]: {escape(text)}", highlight=False, soft_wrap=True
+        )
+
     def ended(self, outcome: PointOutcome) -> None:
         point = self.by_id.get(outcome.point)
         if point is None:
@@ -213,7 +230,9 @@ def run_sweep(
     :func:`covshift.experiments.planner.plan_members`).
 
     Raises KeyboardInterrupt when stopped by Ctrl-C (what was recorded stays, and the
-    next call resumes).
+    next call resumes), and a :class:`~covshift.store.StoreError` when the store or a
+    checkpoint cannot be written or read (a full disk, say), which says what became of
+    the runs in training; the next call resumes them too.
     """
     config = plan.config
     record_experiment(plan, store)
@@ -222,11 +241,33 @@ def run_sweep(
     progress = progress or make_sweep_progress(disable=True)
     events = _SweepEvents(progress, plan, points)
     start = time.perf_counter()
-    if groups is None:
-        outcomes = backend.run(points, context, events) if points else []
-    else:
-        outcomes = backend.run(points, context, events, groups=groups) if points else []
+    try:
+        if groups is None:
+            outcomes = backend.run(points, context, events) if points else []
+        else:
+            outcomes = backend.run(points, context, events, groups=groups) if points else []
+    except StorageFault as fault:
+        raise _saying_what_is_left(store, points, fault) from None
     return SweepResult(plan.experiment_id, outcomes, time.perf_counter() - start)
+
+
+def _saying_what_is_left(
+    store: Store, points: Sequence[Point], fault: StorageFault
+) -> StorageFault:
+    """``fault``, also naming the runs of ``points`` it left marked running that it does
+    not name yet (a pool worker killed because it did not stop in time, say)."""
+    try:
+        runs = store.runs_of_points([p.id for p in points])
+    except StoreError:
+        return fault  # the store cannot even be read: the fault says why
+    names = {p.id: p.name for p in points}
+    left = [
+        f"Run {run.id} ({names[point]}) stays marked running (its process stopped before "
+        "it could close it): `covshift clean` closes it, and the next run resumes it."
+        for point, run in sorted(runs.items(), key=lambda item: item[1].id)
+        if run.status in ("running", "stale") and f"Run {run.id} (" not in str(fault)
+    ]
+    return fault.noted(*left) if left else fault
 
 
 def run_experiment(

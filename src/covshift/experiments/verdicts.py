@@ -152,8 +152,10 @@ def judge(result: ClaimResult, outcomes: dict[str, SeedOutcome], stat: Any) -> C
         result.p_value, result.p_contradict = (up, down) if stat.rule == "greater" else (down, up)
         result.extra["p_method"] = f"permutation ({PERMUTATION_DRAWS:,} draws)"
     else:
+        # A check's identical values are its expected, exact outcome (frozen layers
+        # drift exactly 0); a hypothesis's are n seeds on one side: a sign test.
         result.p_value, result.p_contradict = rule_p_values(
-            stat.rule, stat.value, stat.margin, seeds
+            stat.rule, stat.value, stat.margin, seeds, exact=stat.kind == "check"
         )
         result.extra["p_method"] = "one-sided Student t on the per-seed bounds"
     return decide_unadjusted(result)

@@ -1,9 +1,11 @@
 """The normalization family.
 
-Drop-in replacements for torch.nn's layers (``BatchNorm1d/2d/3d``, ``LayerNorm``,
-``GroupNorm``, ``InstanceNorm1d/2d/3d``, ``RMSNorm``) built on one statistics core
-with hand-derived backward passes (``covshift.nn.functional``), and a name registry
-(``create_norm``).
+torch.nn's layers with covshift's forward, as their subclasses (``BatchNorm1d/2d/3d``,
+``LayerNorm``, ``GroupNorm``, ``InstanceNorm1d/2d/3d``, ``RMSNorm``, ``SyncBatchNorm``),
+built on one statistics core with hand-derived backward passes
+(``covshift.nn.functional``); the variants torch.nn lacks (Batch Renorm, Ghost BN,
+Santurkar et al.'s noise, Weight Standardization, Dynamic Tanh); a name registry (``create_norm``)
+and tools to swap (``convert``), fold and freeze norm layers in any model.
 """
 
 from covshift.nn import functional
@@ -13,14 +15,15 @@ from covshift.nn.convert import (
     ConversionWarning,
     convert,
     convert_with_report,
-    norm_kind,
 )
+from covshift.nn.dyt import DyT
 from covshift.nn.fold import (
     fold_batchnorm,
     fold_batchnorm_with_report,
     freeze_batchnorm,
     unfreeze_batchnorm,
 )
+from covshift.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from covshift.nn.layers import (
     BatchNorm1d,
     BatchNorm2d,
@@ -32,20 +35,11 @@ from covshift.nn.layers import (
     LayerNorm,
     RMSNorm,
 )
-from covshift.nn.registry import create_norm, norm_names, register_norm
-from covshift.nn.variants import (
-    BatchRenorm1d,
-    BatchRenorm2d,
-    BatchRenorm3d,
-    GhostBatchNorm1d,
-    GhostBatchNorm2d,
-    GhostBatchNorm3d,
-    NoisyNorm,
-    NormNoise,
-    SyncBatchNorm,
-    WSConv2d,
-    WSLinear,
-)
+from covshift.nn.noise import NoisyNorm, NormNoise
+from covshift.nn.registry import create_norm, norm_kind, norm_names, register_norm
+from covshift.nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from covshift.nn.sync import SyncBatchNorm
+from covshift.nn.weight_std import WSConv2d, WSLinear
 
 __all__ = [
     "BatchNorm1d",
@@ -57,6 +51,7 @@ __all__ = [
     "ConversionEntry",
     "ConversionReport",
     "ConversionWarning",
+    "DyT",
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",

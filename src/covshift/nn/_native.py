@@ -1,31 +1,11 @@
-"""Fused CPU kernels for the normalization family, compiled at first use: the bridge
-between the layers and the C++ extension.
+"""The bridge to the fused CPU kernels (``csrc/``, docs/derivations.md §17).
 
-``csrc/norm_kernels.h`` computes the same closed forms as :mod:`covshift.nn.reference`
-(``docs/derivations.md``, "Native kernels") in one fused pass per direction where the
-data allows, for two access patterns (channel and row) that cover every layer of the
-family; :mod:`._native_plan` matches each layout to one of them.
-
-The extension is built the first time a layer runs on the CPU (never at import, never
-at install time), into a cache that later processes load in milliseconds (how, where
-and under what name: :mod:`._native_build`). If the build fails (no compiler, no
-ninja), a warning says so once and every call takes the pure-PyTorch paths of
-:mod:`covshift.nn.backend`; nothing raises. ``COVSHIFT_NATIVE=0`` in the environment
-switches the native path off without trying to build.
-
-Entry points: :func:`normalize` (what the layers call) runs forward and backward in
-one C++ autograd node, so a training step runs no Python on the way back; under
-``create_graph=True`` the node's backward is the closed form as differentiable ATen
-ops (double backward). :func:`forward`/:func:`backward` serve the pure functions
-``normalize_fwd``/``normalize_bwd`` with grad mode off. All return None whenever the
-native path does not apply (CPU only; not under torch.compile;
-float32/float64/float16/bfloat16; contiguous, or channels_last for BatchNorm) and the
-caller falls back. Those guards run in C++ (``norm.cpp``, ``pick_config``): from
-Python they cost more than the kernels themselves on small layers.
-
-The process-wide state (the loaded module, the build error, the on/off switch) lives
-in this module, beside the entry points that read it: :func:`normalize` runs on every
-training step of every layer and reads it as plain globals.
+The extension is compiled the first time a layer runs on the CPU, never at import,
+into a cache later processes load in milliseconds (:mod:`._native_build`); if the
+build fails, one warning says so and the reference Function serves every call;
+``COVSHIFT_NATIVE=0`` switches it off without building. :func:`normalize` runs forward
+and backward in one C++ autograd node, or answers None where it does not apply (the
+guards run in C++, cheaper than from Python on small layers).
 """
 
 from __future__ import annotations
@@ -43,17 +23,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-# _name and _make_plan are re-exported: tests find the cached build by its name, and
-# check the kernel plans, through this module.
-from covshift.nn._native_build import _name as _name
-from covshift.nn._native_build import build, cache_dir
+from covshift.nn._native_build import build
 from covshift.nn._native_plan import _configs_of
-from covshift.nn._native_plan import _make_plan as _make_plan
 
 if TYPE_CHECKING:
     from covshift.nn.layout import NormLayout
+    from covshift.nn.running import RunningStats
 
-__all__ = ["available", "build_seconds", "cache_dir", "enabled", "load", "use_native"]
+__all__ = ["available", "build_seconds", "declined", "enabled", "load", "normalize", "use_native"]
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -72,10 +49,8 @@ def enabled() -> bool:
 
 @contextmanager
 def use_native(flag: bool) -> Iterator[None]:
-    """Switch the native path on or off inside a ``with`` block (tests, benchmarks).
-
-    Switching it on builds nothing by itself; the first call that can use it does.
-    """
+    """Switch the native path on or off inside a ``with`` block (tests, benchmarks);
+    switching it on builds nothing by itself, the first call that can use it does."""
     global _enabled
     old, _enabled = _enabled, bool(flag)
     try:
@@ -85,10 +60,8 @@ def use_native(flag: bool) -> Iterator[None]:
 
 
 def load() -> ModuleType | None:
-    """The compiled extension, building it on first use; None if it cannot be had.
-
-    Thread-safe; tries once per process. A failure warns (RuntimeWarning) once.
-    """
+    """The compiled extension, built on first use (thread-safe, tried once per process);
+    None, with one RuntimeWarning, if it cannot be had."""
     global _module, _error, build_seconds
     if _module is not None or _error is not None:
         return _module
@@ -117,42 +90,37 @@ def available() -> bool:
     return _enabled and load() is not None
 
 
-def cpu_eager(x: Tensor) -> bool:
-    """Whether ``x`` is a non-empty CPU tensor outside torch.compile: where the native
-    kernels and the chunked pure path (``covshift.nn.chunked``) may run. (Off the CPU
-    kernel launches cost more than cache misses; under torch.compile inductor fuses
-    the plain graph path itself.)"""
-    return x.device.type == "cpu" and x.numel() > 0 and not torch.compiler.is_compiling()
-
-
 def _ready(x: Tensor) -> ModuleType | None:
-    """The extension, if the native path may be tried on ``x``; the C++ entry points
-    check the rest (device, dtype, memory layout, ...) and answer None.
-
-    Before the extension is loaded ``x`` itself is checked here too, so that a
-    process that never runs a kernel-eligible input (GPU only) never builds it.
-    """
+    """The extension, if the native path may be tried on ``x`` (C++ checks the rest);
+    before it is loaded ``x`` is checked here, so a GPU-only process never builds it."""
     if not _enabled or torch.compiler.is_compiling():
         return None
     if _module is not None:
         return _module
-    if not cpu_eager(x) or x.dtype not in _DTYPES:
+    if x.device.type != "cpu" or x.numel() == 0 or x.dtype not in _DTYPES:
         return None
     return load()
 
 
-def _compiled_autograd_on() -> bool:
-    """Whether compiled autograd (``torch._dynamo.compiled_autograd``) is enabled now.
+def declined(x: Tensor) -> str:
+    """Why :func:`normalize` answered None for ``x`` (asked by a forced path's error)."""
+    if not _enabled:
+        return "native kernels off (COVSHIFT_NATIVE=0 or use_native(False))"
+    if x.device.type != "cpu" or x.numel() == 0:
+        return "not a non-empty CPU tensor"
+    if load() is None:
+        return "the native extension did not build"
+    if _compiled_autograd_on():
+        return "compiled autograd is on (the C++ node has no compiled_args)"
+    return "no native kernel serves this dtype, memory layout or layout"
 
-    The C++ node has no ``compiled_args``/``apply_with_saved`` (what compiled autograd
-    asks of every node: the generic torch::autograd::Function that has them costs as
-    much as the kernels on small layers, see norm.cpp), so :func:`normalize` declines
-    while it is on, and the layers take the pure path's Python autograd.Function,
-    which compiled autograd traces. Enabled by ``compiled_autograd._enable`` and, with
-    ``torch._dynamo.config.compiled_autograd``, inside every compiled frame (also in
-    its graph-broken eager parts). A module lookup: nothing to ask before dynamo is
-    imported, and no import of it from here.
-    """
+
+def _compiled_autograd_on() -> bool:
+    """Whether compiled autograd is enabled now (``compiled_autograd._enable``, or the
+    dynamo config inside a compiled frame). The C++ node has no ``compiled_args`` (the
+    generic torch::autograd::Function that has them costs as much as the kernels on
+    small layers), so :func:`normalize` declines meanwhile, and the reference Function,
+    which compiled autograd traces, serves. A module lookup: no dynamo import here."""
     ca = sys.modules.get("torch._dynamo.compiled_autograd")
     return ca is not None and bool(ca.compiled_autograd_enabled)
 
@@ -165,19 +133,11 @@ def normalize(
     eps: float,
     subtract_mean: bool,
     stats: bool = True,
-    running: tuple[Tensor | None, Tensor | None, Tensor | None, float | None, float] | None = None,
+    running: RunningStats | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor] | Tensor | None:
     """``(y, mean, var)`` as :func:`~covshift.nn.functional.normalize_with_stats` (``y``
-    alone when ``stats`` is False), from one C++ autograd node (forward and backward
-    without Python), or None.
-
-    The node's backward runs the native kernel, or under ``create_graph=True`` the
-    same closed form as differentiable ATen ops (double backward). ``running``:
-    ``(running_mean, running_var, num_batches_tracked, momentum, bessel)`` to update
-    in the same call (BatchNorm in training): the counter (if given) += 1, then
-    ``running ← (1 − m)·running + m·batch`` (``var·bessel``) with ``m = momentum``,
-    or ``1 / counter`` when ``momentum`` is None.
-    """
+    alone without ``stats``) from the C++ autograd node, or None; ``running``: the
+    buffers to update in the same call, by the rule of :mod:`covshift.nn.running`."""
     # _ready, inlined for the common case (called on every training step of every layer).
     mod = _module if _enabled and _module is not None else None
     if mod is None or torch.compiler.is_compiling():
@@ -195,59 +155,3 @@ def normalize(
     return mod.normalize(
         x, weight, bias, cfg, cfg_cl, eps, subtract_mean, stats, rm, rv, counter, momentum, bessel
     )
-
-
-def forward(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    layout: NormLayout,
-    eps: float,
-    subtract_mean: bool,
-) -> tuple[Tensor, Tensor | None, Tensor, Tensor] | None:
-    """``(y, mean, rstd, var)`` as :func:`~covshift.nn.functional.normalize_fwd`, or None."""
-    mod = _ready(x)
-    if mod is None:
-        return None
-    return mod.forward(x, weight, bias, *_configs_of(layout), eps, subtract_mean)
-
-
-def backward(
-    grad_out: Tensor,
-    x: Tensor,
-    mean: Tensor | None,
-    rstd: Tensor,
-    weight: Tensor | None,
-    layout: NormLayout,
-    needs: tuple[bool, bool, bool],
-) -> tuple[Tensor | None, Tensor | None, Tensor | None] | None:
-    """``(dx, dweight, dbias)`` as :func:`~covshift.nn.functional.normalize_bwd`, or None."""
-    mod = _ready(x)
-    if mod is None:
-        return None
-    return mod.backward(grad_out, x, mean, rstd, weight, *_configs_of(layout), *needs)
-
-
-def update_running(
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    mean: Tensor,
-    var: Tensor,
-    factor: float,
-    bessel: float,
-) -> bool:
-    """``running ← (1 − m)·running + m·batch`` (``var·bessel`` for the variance) in one
-    native call; False (nothing done) where the native path does not apply."""
-    mod = _ready(mean)
-    if mod is None or mean.device.type != "cpu":
-        return False
-    for t in (running_mean, running_var):
-        if t is not None and t.device.type != "cpu":
-            return False
-    mod.update_running(running_mean, running_var, mean, var, factor, bessel)
-    # The kernel wrote the buffers through their data pointers: tell autograd, so
-    # a graph that saved them notices (as after any in-place op).
-    torch.autograd.graph.increment_version(
-        [t for t in (running_mean, running_var) if t is not None]
-    )
-    return True

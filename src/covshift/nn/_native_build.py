@@ -1,14 +1,7 @@
-"""Compiling the native extension: its compiler flags, its cache folder and name, and
-the lock that keeps two processes from building it in one folder at once.
-
-The extension is built with :func:`torch.utils.cpp_extension.load` into
-``$COVSHIFT_CACHE_DIR`` or ``~/.cache/covshift/extensions``, under a name that hashes
-the C++ sources (``csrc/norm.cpp`` and the ``csrc/norm_kernels.h`` it includes), the
-torch version, the flags and the CPU (it is compiled with ``-march=native``): a changed
-source, torch or machine gets a build of its own, and later processes load the
-cached library in milliseconds. No Python file is hashed: nothing of the Python side
-is compiled into the library. When to build, and what a failure does, is
-:func:`covshift.nn._native.load`'s business.
+"""Compiling the native extension (:func:`torch.utils.cpp_extension.load`): flags,
+cache folder (``$COVSHIFT_CACHE_DIR`` or ``~/.cache/covshift/extensions``), a name that
+hashes the C++ sources, torch's version, the flags and the CPU (``-march=native``), and
+an OS lock so that two processes never build in one folder at once.
 """
 
 from __future__ import annotations
@@ -79,7 +72,10 @@ def _name() -> str:
     h = hashlib.sha256()
     for src in _SOURCES:
         h.update((_CSRC / src).read_bytes())
-    for part in (torch.__version__, " ".join(_flags()), _cpu_tag()):
+    # The sources' folder too: torch's build files name the sources by their path, so
+    # two checkouts sharing one cache folder would rebuild it for each other on every
+    # first use (40 s or more each time); each gets its own build instead.
+    for part in (torch.__version__, " ".join(_flags()), _cpu_tag(), str(_CSRC.resolve())):
         h.update(part.encode())
     return f"covshift_norm_{h.hexdigest()[:16]}"
 

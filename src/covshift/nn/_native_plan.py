@@ -1,17 +1,9 @@
-"""Matching a normalization layout to a native kernel, and packing the match for C++.
+"""Matching a layout to a native kernel's access pattern, packed for ``norm.cpp``.
 
-``csrc/norm_kernels.h`` has two access patterns that cover every layer of the family:
-
-- **channel**: ``x`` viewed as ``(A, C, B)`` in memory, one statistic per channel over
-  ``A·B`` elements (BatchNorm: ``A = N, B = H·W`` in NCHW; ``B = 1`` for channels_last
-  and for ``(N, C)`` inputs);
-- **row**: ``x`` viewed as ``(R, K)``, one statistic per contiguous row (LayerNorm and
-  RMSNorm over trailing dims; GroupNorm and InstanceNorm, whose ``(n, group)`` blocks
-  are contiguous in NCHW), with the affine index ``(r mod G)·Cg + k // S``.
-
-A layout is matched once, for a contiguous and for a channels_last input, and the
-result is kept on the layout as int64 tensors in the format ``norm.cpp``'s ``Config``
-reads; anything that fits neither pattern gets None and keeps the pure-PyTorch path.
+**channel**: ``x`` as ``(A, C, B)`` in memory, a statistic per channel (BatchNorm;
+``B = 1`` for channels_last and (N, C)); **row**: ``x`` as ``(R, K)``, a statistic per
+contiguous row (LayerNorm, RMSNorm, GroupNorm, InstanceNorm), the affine index
+``(r mod G)·Cg + k // S``. A layout that fits neither keeps the reference Function.
 """
 
 from __future__ import annotations
@@ -30,14 +22,11 @@ if TYPE_CHECKING:
 class _Plan:
     """Which kernel serves a layout, and the sizes it takes.
 
-    ``sizes`` is ``(A, C, B)`` for the channel kind, ``(R, K, G, Cg, S)`` for the row
-    kind; ``stat_shape`` is the keepdim shape of mean/rstd/var in the layout's view.
+    ``sizes`` is ``(A, C, B)`` for the channel kind, ``(R, K, G, Cg, S)`` for the row kind.
     """
 
     kind: str
     sizes: tuple[int, ...]
-    stat_shape: tuple[int, ...]
-    memory_format: torch.memory_format
     config: Tensor  # the same, packed for the C++ entry points (see norm.cpp, Config)
 
 
@@ -71,13 +60,12 @@ def _make_plan(layout: NormLayout, channels_last: bool) -> _Plan | None:
     found = _match(layout, channels_last)
     if found is None:
         return None
-    kind, sizes, stat_shape, fmt = found
+    kind, sizes = found
     sizes5 = (*sizes, 0, 0) if kind == "channel" else sizes
     squeezed = tuple(n for d, n in enumerate(layout.view_shape) if d not in layout.stat_dims)
     packed = [0 if kind == "channel" else 1, int(channels_last), *sizes5]
     for part in (
         squeezed,
-        stat_shape,
         layout.param_shape or (),
         layout.view_shape,
         layout.stat_dims,
@@ -85,17 +73,14 @@ def _make_plan(layout: NormLayout, channels_last: bool) -> _Plan | None:
     ):
         packed += [len(part), *part]
     config = torch.tensor(packed, dtype=torch.int64)
-    return _Plan(kind, sizes, stat_shape, fmt, config)
+    return _Plan(kind, sizes, config)
 
 
-def _match(
-    layout: NormLayout, channels_last: bool
-) -> tuple[str, tuple[int, ...], tuple[int, ...], torch.memory_format] | None:
-    """Which kernel kind serves ``layout``, its sizes, the keepdim stat shape, the
-    memory format ``x`` must have; None where no kernel fits."""
+def _match(layout: NormLayout, channels_last: bool) -> tuple[str, tuple[int, ...]] | None:
+    """Which kernel kind serves ``layout`` (for an ``x`` in channels_last memory, or
+    contiguous), and its sizes; None where no kernel fits."""
     view, sdims, affine = layout.view_shape, layout.stat_dims, layout.affine_shape
     nd = len(view)
-    stat_shape = tuple(1 if d in sdims else n for d, n in enumerate(view))
     kept = [d for d in range(nd) if d not in sdims]
     # Channel kind: every dim but one is reduced, the affine (if any) runs along it
     # (one value per channel: not a single value broadcast over the channels too).
@@ -104,10 +89,8 @@ def _match(
         if channels_last:
             if c != 1 or nd not in (4, 5):
                 return None
-            fmt = torch.channels_last if nd == 4 else torch.channels_last_3d
-            return "channel", (_prod(view) // view[1], view[1], 1), stat_shape, fmt
-        sizes = (_prod(view[:c]), view[c], _prod(view[c + 1 :]))
-        return "channel", sizes, stat_shape, torch.contiguous_format
+            return "channel", (_prod(view) // view[1], view[1], 1)
+        return "channel", (_prod(view[:c]), view[c], _prod(view[c + 1 :]))
     if channels_last:
         return None
     # Row kind: the reduced dims are a trailing block starting at k0.
@@ -117,7 +100,7 @@ def _match(
     pre, blk = view[:k0], view[k0:]
     R, K = _prod(pre), _prod(blk)
     if affine is None:
-        return "row", (R, K, 1, K, 1), stat_shape, torch.contiguous_format
+        return "row", (R, K, 1, K, 1)
     a_pre, a_blk = affine[:k0], affine[k0:]
     # Affine over the block: its leading j dims in full, ones after (LayerNorm: all of
     # it; GroupNorm: the channels of a group, constant over the spatial dims).
@@ -132,4 +115,4 @@ def _match(
         return None
     G = pre[-1] if a_pre[-1] != 1 else 1
     Cg = _prod(blk[:j])
-    return "row", (R, K, G, Cg, K // Cg), stat_shape, torch.contiguous_format
+    return "row", (R, K, G, Cg, K // Cg)

@@ -1,31 +1,12 @@
-"""Which path computes a normalization, chosen in one place, and a way to see it.
+"""Which path computes a normalization, chosen once per call, and a way to see it.
 
-Every path computes the reference math of :mod:`covshift.nn.reference`; they differ in
-speed and in where they apply:
-
-==================  ==========================================================  ==========
-path                what runs                                                    where
-==================  ==========================================================  ==========
-``native-node``     one C++ autograd node: fused kernels forward and backward   CPU eager
-``native-kernels``  the fused kernels under the Python autograd.Function         CPU eager
-``chunked``         the reference terms in cache-sized pieces (:mod:`.chunked`)  CPU eager
-``reference``       the reference's plain out-of-place ops (:mod:`.reference`)    anywhere
-``compiled``        the reference under torch.compile (:mod:`.compiled`)          compiled
-==================  ==========================================================  ==========
-
-:func:`normalize` is an eager call's choice: the native node when it applies, else
-:class:`NormalizeFunction`, whose forward and backward each take :func:`forward` /
-:func:`backward`: the reference with grad mode on (``create_graph``: plain ops that
-autograd differentiates again), else the native kernels, the chunked path, the
-reference, the first that applies. Whether the native code applies is checked in C++
-(device, dtype, memory layout, a kernel for the layout): from Python the checks cost
-more than the kernels on small layers, so the native entry points answer None where
-they do not apply and the next path runs. Under torch.compile the functional
-wrappers go to :mod:`.compiled` before any of this (``torch.compiler.is_compiling()``,
-the first line of each); Dynamo would trace the eager choice's dead branches.
-
-For tests and debugging, :func:`report_paths` records every choice with its reason,
-and :func:`force` makes the choice take one path (and raise where it cannot).
+:func:`normalize` takes the native C++ node (:mod:`._native`) where it applies, else
+:class:`ReferenceFunction`, the forward and closed-form backward of
+:mod:`.reference`, which on the CPU runs in cache-sized pieces (:mod:`.chunked`, which
+docs/nn.md justifies with a benchmark column) and reuses the forward's choice in its
+backward; a ``create_graph`` backward is always the reference's plain ops (§9), and
+under torch.compile the Function runs unchunked. :func:`report_paths` records the
+choices, :func:`force` imposes one (tests, debugging).
 """
 
 from __future__ import annotations
@@ -40,38 +21,24 @@ import torch
 from torch import Tensor
 
 from covshift.nn import _native, chunked, reference
-from covshift.nn import running as running_stats
-from covshift.nn._autograd import in_param_dtype, save, saved
 from covshift.nn.layout import NormLayout
+from covshift.nn.running import RunningStats
 
-__all__ = [
-    "Choice",
-    "NormalizeFunction",
-    "Path",
-    "backward",
-    "force",
-    "forward",
-    "normalize",
-    "report_paths",
-]
-
-Running = tuple[Tensor | None, Tensor | None, Tensor | None, float | None, float]
+__all__ = ["Choice", "Path", "ReferenceFunction", "force", "normalize", "report_paths"]
 
 
 class Path(str, enum.Enum):
     """The paths a normalization can take (see the module docstring)."""
 
-    NATIVE_NODE = "native-node"
-    NATIVE_KERNELS = "native-kernels"
+    NATIVE = "native"
     CHUNKED = "chunked"
     REFERENCE = "reference"
-    COMPILED = "compiled"
 
 
 @dataclass(frozen=True)
 class Choice:
-    """One recorded choice: ``step`` is ``"call"`` (the node, or the Python Function),
-    ``"forward"`` or ``"backward"`` (inside the Function); ``reason`` says why."""
+    """One recorded choice: ``step`` is ``"call"`` (the native node, both ways),
+    ``"forward"`` or ``"backward"`` (the reference Function); ``reason`` says why."""
 
     step: str
     path: Path
@@ -84,13 +51,7 @@ _forced: Path | None = None  # set by force
 
 @contextmanager
 def report_paths() -> Iterator[list[Choice]]:
-    """Record every path choice made inside the ``with`` block, in order.
-
-    Example:
-        >>> with report_paths() as choices:
-        ...     covshift.nn.GroupNorm(2, 4)(torch.randn(3, 4, 5)).sum().backward()
-        >>> [c.path.value for c in choices]  # ['native-node'] where the kernels build
-    """
+    """Record every path choice made inside the ``with`` block, in order."""
     global _report
     old, _report = _report, []
     try:
@@ -101,17 +62,10 @@ def report_paths() -> Iterator[list[Choice]]:
 
 @contextmanager
 def force(path: Path | str) -> Iterator[None]:
-    """Take ``path`` for every eager normalization inside the ``with`` block.
-
-    A call the forced path cannot serve raises RuntimeError (a test that names a path
-    then runs that path or fails). The backward of a ``create_graph=True`` call has
-    one path, the reference (see the module docstring), forced or not.
-    """
+    """Take ``path`` for every eager normalization inside the ``with`` block; a call it
+    cannot serve raises RuntimeError (a ``create_graph`` backward is the reference)."""
     global _forced
-    path = Path(path)
-    if path is Path.COMPILED:
-        raise ValueError("the compiled path is taken under torch.compile; it cannot be forced")
-    old, _forced = _forced, path
+    old, _forced = _forced, Path(path)
     try:
         yield
     finally:
@@ -119,21 +73,8 @@ def force(path: Path | str) -> Iterator[None]:
 
 
 def _note(step: str, path: Path, reason: str) -> None:
-    assert _report is not None
-    _report.append(Choice(step, path, reason))
-
-
-def _native_declined(x: Tensor) -> str:
-    """Why the native code answered None for ``x`` (only asked when reporting)."""
-    if not _native.enabled():
-        return "native kernels off (COVSHIFT_NATIVE=0 or use_native(False))"
-    if not _native.cpu_eager(x):
-        return "not a non-empty CPU tensor"
-    if _native.load() is None:
-        return "the native extension did not build"
-    if _native._compiled_autograd_on():
-        return "compiled autograd is on (the C++ node has no compiled_args)"
-    return "no native kernel serves this dtype, memory layout or layout"
+    if _report is not None:
+        _report.append(Choice(step, path, reason))
 
 
 def _refuse(path: Path, why: str) -> RuntimeError:
@@ -149,42 +90,47 @@ def normalize(
     subtract_mean: bool,
     *,
     stats: bool = False,
-    running: Running | None = None,
+    running: RunningStats | None = None,
 ) -> Any:
-    """An eager normalization call: ``y``, or ``(y, mean, var)`` when ``stats``.
-
-    ``mean``/``var`` are detached, in the compute dtype, the reduced dims removed
-    (:func:`covshift.nn.functional.normalize_with_stats`). ``running``:
-    ``(running_mean, running_var, num_batches_tracked, momentum, bessel)`` to update
-    in the same call (BatchNorm in training, :mod:`covshift.nn.running`), in C++ with
-    the native node, else in Python after the forward.
-    """
-    if _forced is None or _forced is Path.NATIVE_NODE:
-        out = _native.normalize(x, weight, bias, layout, eps, subtract_mean, stats, running)
-        if out is not None:
-            if _report is not None:
-                _note("call", Path.NATIVE_NODE, "the C++ autograd node applies")
-            return out
-        if _forced is Path.NATIVE_NODE:
-            raise _refuse(_forced, _native_declined(x))
-    if running is not None:  # the node with the buffers declined: same rule in Python
-        y, mean, var = normalize(x, weight, bias, layout, eps, subtract_mean, stats=True)
-        rm, rv, counter, momentum, factor_bessel = running
-        factor = running_stats.step_factor(momentum, counter, rm is not None)
-        assert mean is not None
-        running_stats.update(rm, rv, mean, var, factor, factor_bessel)
-        return (y, mean, var) if stats else y
-    y, mean, var = NormalizeFunction.apply(x, weight, bias, layout, eps, subtract_mean)
-    if not stats:
+    """``y``, or ``(y, mean, var)`` when ``stats`` (as
+    :func:`covshift.nn.functional.normalize_with_stats`); ``running``: the buffers to
+    update in the same call (BatchNorm in training)."""
+    pieces = None
+    if not torch.compiler.is_compiling():
+        if _forced is None or _forced is Path.NATIVE:
+            out = _native.normalize(x, weight, bias, layout, eps, subtract_mean, stats, running)
+            if out is not None:
+                _note("call", Path.NATIVE, "the C++ autograd node applies")
+                return out
+            if _forced is Path.NATIVE:
+                raise _refuse(_forced, _native.declined(x))
+        if _forced is not Path.REFERENCE:
+            dtype = reference.compute_dtype(x.dtype)
+            pieces = chunked.plan(layout, x, dtype, any_size=_forced is Path.CHUNKED)
+            if pieces is None and _forced is Path.CHUNKED:
+                raise _refuse(_forced, "no chunk plan (not a CPU tensor, or a slice too big)")
+    if _report is not None:
+        why = f"no native node; pieces {pieces}" if pieces else "no native node, no pieces"
+        _note("forward", Path.REFERENCE if pieces is None else Path.CHUNKED, why)
+    y, mean, var = ReferenceFunction.apply(x, weight, bias, layout, eps, subtract_mean, pieces)
+    if not stats and running is None:
         return y
     dims = layout.stat_dims
-    return y, None if mean is None else mean.squeeze(dims), var.squeeze(dims)
+    mean, var = None if mean is None else mean.squeeze(dims), var.squeeze(dims)
+    if running is not None:
+        assert mean is not None  # (BatchNorm subtracts the mean)
+        running.track(mean, var)
+    return (y, mean, var) if stats else y
 
 
-class NormalizeFunction(torch.autograd.Function):
-    """``(y, mean, var) = normalize(x, weight, bias)`` in Python autograd, where the
-    native node does not apply; ``mean``/``var`` carry no gradient. Forward and
-    backward each run :func:`forward` / :func:`backward`."""
+class ReferenceFunction(torch.autograd.Function):
+    """``(y, mean, var) = normalize(x, weight, bias)`` by :mod:`.reference` (in pieces by
+    :mod:`.chunked` when ``pieces`` is given); ``mean``/``var`` carry no gradient.
+
+    Saves ``x``, ``weight``, ``mean`` and ``rstd``, nothing full-size but ``x``. Under
+    ``create_graph=True`` the saved statistics would be constants to the second
+    differentiation, so they are recomputed from ``x`` with differentiable ops (§9).
+    """
 
     @staticmethod
     def forward(
@@ -195,93 +141,39 @@ class NormalizeFunction(torch.autograd.Function):
         layout: NormLayout,
         eps: float,
         subtract_mean: bool,
+        pieces: tuple[int, int] | None,
     ) -> tuple[Tensor, Tensor | None, Tensor]:
-        stats = forward(x, weight, bias, layout, eps, subtract_mean)
-        return save(ctx, stats, x, weight, layout, eps, subtract_mean)
+        if pieces is None:
+            y, mean, rstd, var = reference.forward(x, weight, bias, layout, eps, subtract_mean)
+        else:
+            y, mean, rstd, var = chunked.forward(
+                x, weight, bias, layout, eps, subtract_mean, pieces
+            )
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.layout, ctx.eps, ctx.subtract_mean, ctx.pieces = layout, eps, subtract_mean, pieces
+        ctx.mark_non_differentiable(*(t for t in (mean, var) if t is not None))
+        return y, mean, var
 
     @staticmethod
     def backward(
         ctx: Any, grad_y: Tensor, _grad_mean: Tensor | None, _grad_var: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        x, weight, mean, rstd, needs = saved(ctx)
-        grads = backward(grad_y, x, mean, rstd, weight, ctx.layout, needs)
-        return in_param_dtype(grads, grad_y, weight)
-
-
-def forward(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    layout: NormLayout,
-    eps: float,
-    subtract_mean: bool = True,
-) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
-    """``(y, mean, rstd, var)`` of :func:`covshift.nn.reference.forward`, by the first
-    path that applies: the reference with grad mode on (differentiable), else the
-    native kernels, the chunked path, the reference."""
-    if torch.is_grad_enabled():
-        return _reference("forward", "grad mode on: differentiable ops")(
-            x, weight, bias, layout, eps, subtract_mean
-        )
-    forced = _forced
-    if forced is None or forced is Path.NATIVE_KERNELS:
-        out = _native.forward(x, weight, bias, layout, eps, subtract_mean)
-        if out is not None:
-            if _report is not None:
-                _note("forward", Path.NATIVE_KERNELS, "a native kernel serves the layout")
-            return out
-        if forced is Path.NATIVE_KERNELS:
-            raise _refuse(forced, _native_declined(x))
-    if forced is None or forced is Path.CHUNKED:
-        pieces = chunked.plan(layout, x, reference.compute_dtype(x.dtype))
-        if pieces is not None:
-            if _report is not None:
-                _note("forward", Path.CHUNKED, f"CPU, grad mode off; pieces {pieces}")
-            return chunked.forward(x, weight, bias, layout, eps, subtract_mean, pieces)
-        if forced is Path.CHUNKED:
-            raise _refuse(forced, "no chunk plan (not a CPU tensor, or a slice too big)")
-    why = "forced" if forced is not None else "neither the native kernels nor chunks apply"
-    return _reference("forward", why)(x, weight, bias, layout, eps, subtract_mean)
-
-
-def backward(
-    grad_out: Tensor,
-    x: Tensor,
-    mean: Tensor | None,
-    rstd: Tensor,
-    weight: Tensor | None,
-    layout: NormLayout,
-    needs: tuple[bool, bool, bool] = (True, True, True),
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """``(dx, dweight, dbias)`` of :func:`covshift.nn.reference.backward`, by the first
-    path that applies, as :func:`forward`; with grad mode on (``create_graph=True``)
-    always the reference, whose plain ops autograd differentiates again."""
-    if torch.is_grad_enabled():
-        return _reference("backward", "grad mode on (create_graph): differentiable ops")(
-            grad_out, x, mean, rstd, weight, layout, needs
-        )
-    forced = _forced
-    if forced is None or forced is Path.NATIVE_KERNELS:
-        out = _native.backward(grad_out, x, mean, rstd, weight, layout, needs)
-        if out is not None:
-            if _report is not None:
-                _note("backward", Path.NATIVE_KERNELS, "a native kernel serves the layout")
-            return out
-        if forced is Path.NATIVE_KERNELS:
-            raise _refuse(forced, _native_declined(x))
-    if forced is None or forced is Path.CHUNKED:
-        pieces = chunked.plan(layout, x, rstd.dtype)
-        if pieces is not None:
-            if _report is not None:
-                _note("backward", Path.CHUNKED, f"CPU, grad mode off; pieces {pieces}")
-            return chunked.backward(grad_out, x, mean, rstd, weight, layout, needs, pieces)
-        if forced is Path.CHUNKED:
-            raise _refuse(forced, "no chunk plan (not a CPU tensor, or a slice too big)")
-    why = "forced" if forced is not None else "neither the native kernels nor chunks apply"
-    return _reference("backward", why)(grad_out, x, mean, rstd, weight, layout, needs)
-
-
-def _reference(step: str, why: str) -> Any:
-    if _report is not None:
-        _note(step, Path.REFERENCE, why)
-    return reference.forward if step == "forward" else reference.backward
+        x, weight, mean, rstd = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        if torch.is_grad_enabled():  # create_graph: differentiable ops, statistics of x
+            _note("backward", Path.REFERENCE, "grad mode on (create_graph): differentiable ops")
+            mean, rstd = reference.recompute_stats(x, ctx.layout, ctx.eps, ctx.subtract_mean)
+            grads = reference.backward(grad_y, x, mean, rstd, weight, ctx.layout, needs)
+        elif ctx.pieces is not None:
+            _note("backward", Path.CHUNKED, f"the forward's pieces {ctx.pieces}")
+            grads = chunked.backward(grad_y, x, mean, rstd, weight, ctx.layout, needs, ctx.pieces)
+        else:
+            _note("backward", Path.REFERENCE, "the forward's path")
+            grads = reference.backward(grad_y, x, mean, rstd, weight, ctx.layout, needs)
+        # Gradients in the parameters' dtypes (the compute dtype may be wider).
+        dx, dw, db = grads
+        if dw is not None and weight is not None:
+            dw = dw.to(weight.dtype)
+        if db is not None:
+            db = db.to(grad_y.dtype if weight is None else weight.dtype)
+        return dx, dw, db, None, None, None, None

@@ -1,15 +1,8 @@
-"""Argument checks of the normalization family: one function and one message per rule.
-
-Each raises the exception type torch.nn raises for that input (ValueError for a bad
-value or a batch with one value per channel, RuntimeError for a tensor whose shape
-does not fit the layer), with torch's wording where torch has one, and says what to
-do next where it can. Two groups:
-
-- at construction (``eps_arg``, ``momentum_arg``, ``positive_int``): the layers check
-  their arguments when they are built, which torch does not;
-- at call time (everything else): the functional wrappers and :mod:`.layout` call
-  them on the first call per argument shapes (see :func:`.layout.remembered`), and
-  the value checks (eps) on every call.
+"""Argument checks of the normalization family: one function and one message per rule,
+with torch's exception type and wording where torch has one. The layers check their
+constructor arguments (``norm_args``, ``eps_arg``, ``positive_int``), which torch does
+not; the functional wrappers and :mod:`.layout` check shapes on the first call per
+argument shapes, values (eps) on every call.
 """
 
 from __future__ import annotations
@@ -20,31 +13,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-__all__ = [
-    "batch_norm",
-    "batch_norm_eps",
-    "channel_affine",
-    "dims",
-    "eps",
-    "eps_arg",
-    "group_norm",
-    "groups",
-    "groups_need_channel_dim",
-    "momentum_arg",
-    "per_channel",
-    "positive_int",
-    "same_affine_shapes",
-    "spatial_size",
-    "trailing_affine",
-    "trailing_shape",
-    "values_per_channel",
-    "values_per_virtual_batch",
-]
-
-
-# --------------------------------------------------------------------------------------
-# Constructor arguments
-# --------------------------------------------------------------------------------------
+# --- Constructor arguments
 
 
 def eps_arg(eps: float) -> float:
@@ -73,6 +42,13 @@ def momentum_arg(momentum: float | None) -> float | None:
     return float(momentum)
 
 
+def norm_args(
+    num_features: int, eps: float, momentum: float | None
+) -> tuple[int, float, float | None]:
+    """A BatchNorm's or InstanceNorm's ``num_features``, ``eps`` and ``momentum``."""
+    return positive_int(num_features, "num_features"), eps_arg(eps), momentum_arg(momentum)
+
+
 def positive_int(value: int, name: str, meaning: str = "") -> int:
     """An int >= 1 (not a bool), returned as an int; ``meaning`` goes into the message."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
@@ -81,9 +57,7 @@ def positive_int(value: int, name: str, meaning: str = "") -> int:
     return int(value)
 
 
-# --------------------------------------------------------------------------------------
-# Call-time values
-# --------------------------------------------------------------------------------------
+# --- Call-time values
 
 
 def eps(value: float) -> None:
@@ -131,9 +105,7 @@ def spatial_size(size: Sequence[int]) -> None:
         )
 
 
-# --------------------------------------------------------------------------------------
-# Call-time shapes: the functional wrappers
-# --------------------------------------------------------------------------------------
+# --- Call-time shapes: the functional wrappers
 
 
 def per_channel(x: Tensor, **tensors: Tensor | None) -> None:
@@ -212,9 +184,7 @@ def trailing_shape(
     return shape
 
 
-# --------------------------------------------------------------------------------------
-# Call-time shapes: the general core (resolve_layout)
-# --------------------------------------------------------------------------------------
+# --- Call-time shapes: the general core (resolve_layout)
 
 
 def dims(value: int | Sequence[int], ndim: int, name: str) -> tuple[int, ...]:

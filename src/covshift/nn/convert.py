@@ -1,34 +1,17 @@
 """Swap the normalization layers inside any model: ``convert(model, to=...)``.
 
-Every normalization layer (torch.nn's BatchNorm*/SyncBatchNorm/InstanceNorm*/
-LayerNorm/GroupNorm/RMSNorm, subclasses of those such as timm's, covshift's own and
-its variants) is replaced by another kind, and what can be carried over is:
+Every normalization layer (torch.nn's, subclasses of those such as timm's, covshift's
+variants) is replaced by another kind, carrying what fits: weight and bias (same
+shapes), running statistics (both tracking, same shape), eps and momentum (unless
+passed), ``requires_grad``, mode, device and dtype. What could not be carried is
+*reported*, never silently lost: one :class:`ConversionEntry` per layer in a
+:class:`ConversionReport`; :func:`convert` warns once (:class:`ConversionWarning`) for
+the entries that dropped something (``on_drop="raise"``: an error). An identity
+affine map carries no information, so losing it is not a drop. Building each
+replacement is :mod:`.convert_target`'s part, carrying the state :mod:`.convert_carry`'s.
 
-==================  =================================================================
-carried             when
-==================  =================================================================
-weight, bias        both layers have them and the shapes agree
-running statistics  both track them with the same shape (``num_batches_tracked`` too)
-eps, momentum       the target has the attribute and ``eps=``/``momentum=`` not passed
-requires_grad       per parameter; training/eval mode; device and dtype
-==================  =================================================================
-
-What could not be carried is *reported*, never silently lost: every replacement is
-an entry of a :class:`ConversionReport` (path, from, to, carried, dropped, notes).
-:func:`convert` warns once (:class:`ConversionWarning`) listing the entries that
-dropped something (``on_drop="raise"`` makes it an error, ``"ignore"`` silences it);
-:func:`convert_with_report` returns the report with the model. An affine map that is
-the identity (weight all ones, bias all zeros) carries no information, so losing it
-is not a drop.
-
-This module finds the layers and walks the model; building each replacement is
-:mod:`covshift.nn.convert_target`'s part, carrying the state into it
-:mod:`covshift.nn.convert_carry`'s.
-
-Example:
-    >>> net = nn.Sequential(nn.Conv2d(3, 64, 3), nn.BatchNorm2d(64), nn.ReLU())
-    >>> net = convert(net, to="group", num_groups=32)  # every BN by GroupNorm(32, C)
-    >>> net = convert(net, to="covshift")  # same kinds, covshift's implementation
+Example: ``convert(net, to="group", num_groups=32)`` puts GroupNorm(32, C) for every
+BatchNorm; ``convert(net, to="covshift")`` the same kinds in covshift's implementation.
 """
 
 from __future__ import annotations
@@ -39,7 +22,7 @@ from typing import Literal
 
 from torch import nn
 
-from covshift.nn import kinds
+from covshift.nn import registry
 from covshift.nn.convert_carry import _carry, _place_like, _state_holder
 from covshift.nn.convert_report import ConversionEntry, ConversionReport, ConversionWarning
 from covshift.nn.convert_target import Target, _build, _dims, _trailing
@@ -50,21 +33,9 @@ __all__ = [
     "ConversionWarning",
     "convert",
     "convert_with_report",
-    "norm_kind",
 ]
 
-# --------------------------------------------------------------------------------------
-# Recognizing normalization layers
-# --------------------------------------------------------------------------------------
-
-# What a layer is: the registry of norm kinds (covshift.nn.kinds).
-_classify = kinds.classify
-norm_kind = kinds.kind_of
-
-
-# --------------------------------------------------------------------------------------
-# The entry points
-# --------------------------------------------------------------------------------------
+# --- The entry points
 
 
 def _resolve_target(to: Target | Mapping, m: nn.Module, kind: str) -> Target | None:
@@ -84,17 +55,6 @@ def _resolve_target(to: Target | Mapping, m: nn.Module, kind: str) -> Target | N
         if is_covshift == (target == "covshift"):
             return None
     return target
-
-
-def _own_behaviour(m: nn.Module, base: type) -> str | None:
-    """What ``m`` does beyond its base norm class (None: nothing), e.g. timm's
-    BatchNormAct2d (a fused activation) or LayerNorm2d (a channels-first permute)."""
-    if type(m).forward is not base.forward:
-        return f"{type(m).__name__} overrides {base.__name__}'s forward"
-    children = [f"{name} ({type(c).__name__})" for name, c in m.named_children()]
-    if children:
-        return f"{type(m).__name__} has child modules: {', '.join(children)}"
-    return None
 
 
 def convert_with_report(
@@ -139,7 +99,7 @@ def convert_with_report(
     def visit(m: nn.Module, path: str) -> nn.Module:
         if id(m) in done:
             return done[id(m)]
-        found = _classify(m)
+        found = registry.match(type(m))
         target = None if found is None else _resolve_target(to, m, found[1])
         if found is None or target is None:
             for name, child in list(m.named_children()):
@@ -150,7 +110,7 @@ def convert_with_report(
             return m
         base, kind, base_dims = found
         entry = ConversionEntry(path, type(m).__name__, "")
-        own = _own_behaviour(m, base)
+        own = registry.own_behaviour(m)
         if own is not None:
             # A behaviour (a fused activation, a permutation) no target would keep: the
             # layer stays, and the report says why.
@@ -166,7 +126,7 @@ def convert_with_report(
             done[id(m)] = m
             return m
         entry.target = type(new).__name__
-        new_kind = norm_kind(new)
+        new_kind = registry.norm_kind(new)
         if new_kind is not None and _trailing(new_kind) != _trailing(kind):
             entry.notes.append(
                 f"{entry.source} and {entry.target} normalize different dims (trailing vs "

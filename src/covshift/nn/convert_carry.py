@@ -1,13 +1,7 @@
-"""Carrying a replaced layer's state into its replacement, for :func:`covshift.nn.convert`.
-
-The replacement is first put on the source's device and dtype, in its training mode.
-Weight, bias and the running statistics then go over where the target has them with
-the same shape; eps and momentum where the target has the attribute and the caller
-did not pass them; whatever else the source holds (a subclass's extra parameters,
-buffers, child modules) has no place and is dropped. Each is recorded in the layer's
-:class:`ConversionEntry`, as carried or, with the reason, as dropped. An identity
-affine map or never-updated running statistics carry no information: losing them is
-not a drop.
+"""Carrying a replaced layer's state into its replacement (:func:`covshift.nn.convert`):
+device, dtype and mode first; weight, bias and running statistics where shapes agree;
+eps and momentum unless passed; every drop recorded, with its reason, in the layer's
+:class:`ConversionEntry` (an identity affine or fresh statistics are not a drop).
 """
 
 from __future__ import annotations

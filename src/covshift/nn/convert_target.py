@@ -1,11 +1,7 @@
-"""Building what a normalization layer is replaced by, for :func:`covshift.nn.convert`.
-
-A target is a registry name, ``"torch"``/``"covshift"`` (the same kind and
-configuration in the other implementation), a class or a factory; :func:`_build`
-turns it into a module of the source's channel count (and input rank, where the
-target depends on it). Carrying the source's state into it is
-:mod:`covshift.nn.convert_carry`'s part.
-"""
+"""Building what a normalization layer is replaced by, for :func:`covshift.nn.convert`:
+a registry name, ``"torch"``/``"covshift"`` (the same kind and configuration in the
+other implementation), a class or a factory, built for the source's channel count
+(and input rank, where the target depends on it)."""
 
 from __future__ import annotations
 
@@ -14,7 +10,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from covshift.nn import kinds
+from covshift.nn import registry
 from covshift.nn.registry import create_norm
 
 Target = str | type | Callable[..., nn.Module]
@@ -22,7 +18,7 @@ Target = str | type | Callable[..., nn.Module]
 
 def _trailing(kind: str) -> bool:
     """Whether ``kind``'s statistics run over the trailing dims (not over dim 1)."""
-    return kinds.get(kind).trailing
+    return registry.get_kind(kind).trailing
 
 
 def _num_features(m: nn.Module, kind: str) -> int:
@@ -40,42 +36,29 @@ def _dims(m: nn.Module, kind: str, dims: int | None) -> int | None:
     class has none, that of its ``original_class`` (the class it was converted from)."""
     if dims is None and kind == "sync_batch":
         original = getattr(m, "original_class", None)
-        found = None if original is None else kinds.classify_class(original)
-        dims = None if found is None else found[2]
+        found = None if original is None else registry.match(original)
+        dims = None if found is None else found.dims
     return dims
 
 
-def _same_kind_args(m: nn.Module, kind: str) -> tuple[tuple[object, ...], dict[str, object]]:
-    """Constructor arguments that rebuild ``m``'s exact configuration (torch's names)."""
-    if kind in ("batch", "instance", "sync_batch"):
-        return (m.num_features,), {
-            "eps": m.eps,
-            "momentum": m.momentum,
-            "affine": m.affine,
-            "track_running_stats": m.track_running_stats,
-        }
-    if kind == "group":
-        return (m.num_groups, m.num_channels), {"eps": m.eps, "affine": m.affine}
-    if kind == "layer":
-        kw: dict[str, object] = {"eps": m.eps, "elementwise_affine": m.elementwise_affine}
-        if m.elementwise_affine and getattr(m, "bias", None) is None:
-            kw["bias"] = False
-        return (tuple(m.normalized_shape),), kw
-    if kind == "rms":
-        return (tuple(m.normalized_shape),), {
-            "eps": m.eps,
-            "elementwise_affine": m.elementwise_affine,
-        }
-    raise AssertionError(kind)
+def _same_kind_args(m: nn.Module, cls: type) -> dict[str, object]:
+    """The arguments of ``cls`` that rebuild ``m``'s configuration: each constructor
+    parameter ``m`` holds as an attribute (torch's names), and whether it has a bias."""
+    params = inspect.signature(cls).parameters
+    skip = ("bias", "device", "dtype")
+    args = {n: getattr(m, n) for n in params if n not in skip and hasattr(m, n)}
+    if "bias" in params:
+        args["bias"] = getattr(m, "bias", None) is not None
+    return args
 
 
 def _implementation_class(kind: str, base: type, library: str) -> type | None:
     """The class of the same kind and input rank as ``base`` in ``library`` ("torch" or
     "covshift"), from the registry of kinds; None where it has none (Batch Renorm and
     Ghost BN have no torch counterpart)."""
-    entry = kinds.get(kind)
-    found = kinds.classify_class(base)
-    dims = None if found is None else found[2]
+    entry = registry.get_kind(kind)
+    found = registry.match(base)
+    dims = None if found is None else found.dims
     table = entry.torch_classes if library == "torch" else entry.classes
     return table.get(dims)
 
@@ -113,8 +96,7 @@ def _build(
         cls = _implementation_class(kind, base, target)
         if cls is None:
             return None
-        args, same = _same_kind_args(m, kind if kind != "sync_batch" else "batch")
-        new = cls(*args, **{**same, **kw})
+        new = cls(**{**_same_kind_args(m, cls), **kw})
         if kind == "sync_batch" and hasattr(new, "original_class"):
             new.original_class = getattr(m, "original_class", None)
         return new

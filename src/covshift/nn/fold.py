@@ -1,39 +1,12 @@
-"""BatchNorm at inference: fold it into the layer before it, or freeze it.
+"""BatchNorm at inference: fold it into the Linear/Conv before it, or freeze it.
 
-**Folding.** In eval mode BatchNorm is the per-channel affine map
-``y = (z - mu) * s + beta`` with ``s = gamma / sqrt(running_var + eps)``; after
-``z = W x + b`` (Linear or Conv) the two compose into one layer::
-
-    W' = s[o] * W[o]            b' = (b - mu) * s + beta        (per output channel o)
-
-:func:`fold_batchnorm` rewrites the Linear/Conv in place of the pair and puts
-``nn.Identity()`` where the BatchNorm was (so the other state_dict keys keep their
-names). Which norm consumes which layer's output is read from the model's dataflow
-(:mod:`covshift.nn.fold_pairs`: the torch.fx graph, else a forward trace on
-``check_input``, else Sequential order and, with ``by_name``, names); a norm whose
-layer's output has another user is not folded.
-
-A BatchNorm subclass with its own ``forward`` or child modules (timm's
-``BatchNormAct2d``, a BN with a fused activation) is not replaced: its statistics
-and affine go into the layer and it is kept with identity statistics, so what its
-forward adds still runs. Every fold is checked before it is kept: the pair on a
-random input (a subclass whose eval output is not its running-statistics affine map
-fails here), and the whole model on ``check_input`` when one is given. A fold that
-changes an output is undone, and the report says why; so does every norm left.
-
-``layer`` is a ``Linear`` or ``Conv1d/2d/3d`` (subclasses that keep the base
-``forward`` too; not weight-standardized or transposed convs, whose weight does not
-enter linearly per output channel); ``bn`` any BatchNorm kind with running statistics
-(torch's, covshift's, SyncBatchNorm, Batch Renorm and Ghost BN, which are all
-BatchNorm in eval) whose ``num_features`` equals the layer's output channels. A
-Linear is assumed to feed the BatchNorm ``(N, C)`` inputs (features in dim 1).
-The arithmetic runs in float64 and is cast back to the layer's dtype.
-
-**Freezing.** ``requires_grad=False`` on a BatchNorm stops its affine from learning
-but *not* its running statistics, which keep moving in train mode; and
-``model.train()`` undoes a ``bn.eval()``. :func:`freeze_batchnorm` does both and
-makes it stick: a forward pre-hook puts frozen layers back in eval mode at every
-call. :func:`unfreeze_batchnorm` reverses it.
+A BatchNorm in eval is a per-channel affine map, and after ``W x + b`` the two compose
+into one layer (torch's ``fuse_conv_bn_weights``, here in float64); ``nn.Identity()``
+takes the norm's place. Every BatchNorm kind folds, variants included; a subclass with
+its own forward stays, with identity statistics. Pairs come from the dataflow
+(:mod:`.fold_pairs`), every fold is checked and undone if an output changed, and the
+report says why for every norm left. Freezing: eval mode and no gradients, made to
+stick through ``model.train()``. docs/nn.md compares both with torch's and timm's.
 """
 
 from __future__ import annotations
@@ -42,8 +15,9 @@ import copy
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from covshift.nn import kinds
+from covshift.nn import registry
 from covshift.nn.convert import ConversionEntry, ConversionReport
 from covshift.nn.fold_pairs import Pair, find_pairs
 
@@ -87,33 +61,23 @@ def _why_not(layer: nn.Module, bn: nn.Module) -> str | None:
 
 @torch.no_grad()
 def _fold_into(layer: nn.Module, bn: nn.Module) -> None:
-    w = layer.weight
-    f64 = {"dtype": torch.float64}
-    scale = torch.rsqrt(bn.running_var.to(**f64) + bn.eps)  # (C,)
-    if bn.weight is not None:
-        scale = scale * bn.weight.to(**f64)
-    shift = -bn.running_mean.to(**f64) * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.to(**f64)
-    if layer.bias is not None:
-        shift = shift + layer.bias.to(**f64) * scale
-    w.copy_((w.to(**f64) * scale.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype))
-    if layer.bias is None:
-        layer.bias = nn.Parameter(shift.to(w.dtype), requires_grad=w.requires_grad)
-    else:
-        layer.bias.copy_(shift.to(layer.bias.dtype))
+    """torch's arithmetic (``fuse_conv_bn_weights``, which serves a Linear's (O, I)
+    weight too) in float64, written into the layer's own parameters (an optimizer
+    built before keeps working)."""
 
+    def f64(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.detach().to(torch.float64)
 
-def _is_plain(bn: nn.Module) -> bool:
-    """Whether ``bn`` computes exactly its kind's map: the forward of the class it was
-    recognized as (not a subclass's own, e.g. timm's BatchNormAct2d with its fused
-    activation) and no child modules."""
-    found = kinds.classify(bn)
-    return (
-        found is not None
-        and type(bn).forward is found[0].forward
-        and not any(True for _ in bn.children())
+    state = (bn.running_mean, bn.running_var)
+    w, b = fuse_conv_bn_weights(
+        f64(layer.weight), f64(layer.bias), *map(f64, state), bn.eps, f64(bn.weight), f64(bn.bias)
     )
+    layer.weight.copy_(w)
+    if layer.bias is None:
+        grad = layer.weight.requires_grad
+        layer.bias = nn.Parameter(b.detach().to(layer.weight.dtype), requires_grad=grad)
+    else:
+        layer.bias.copy_(b)
 
 
 @torch.no_grad()
@@ -212,7 +176,7 @@ def fold_batchnorm_with_report(
     reference = None if check_input is None else _eval_output(model, check_input)
     pairing = find_pairs(
         model,
-        lambda m: kinds.kind_of(m) in kinds.batch_kinds(),
+        lambda m: registry.norm_kind(m) in registry.batch_kinds(),
         check_input=check_input,
         by_name=by_name,
     )
@@ -249,7 +213,7 @@ def fold_batchnorm_with_report(
             ConversionEntry(pair.norm, type(bn).__name__, target, carried=into, notes=notes)
         )
     for path, m in model.named_modules():  # what is left unfolded
-        if kinds.kind_of(m) in kinds.batch_kinds() and id(m) not in folded_norms:
+        if registry.norm_kind(m) in registry.batch_kinds() and id(m) not in folded_norms:
             why = reasons.get(path, f"not applied to a Linear/Conv output ({pairing.method})")
             report.entries.append(ConversionEntry(path, type(m).__name__, "", notes=[why]))
     return model, report
@@ -276,7 +240,7 @@ def _fold_checked(
     _fold_into(layer, bn)
     parent_path, _, child = pair.norm.rpartition(".")
     parent = model.get_submodule(parent_path)
-    plain = _is_plain(bn)
+    plain = registry.own_behaviour(bn) is None
     if plain:
         setattr(parent, child, nn.Identity())
     else:
@@ -310,29 +274,19 @@ def fold_batchnorm(
     by_name: bool = False,
     check_input: Tensor | None = None,
 ) -> nn.Module:
-    """Fold every BatchNorm that directly follows a Linear/Conv into it, for inference.
-
-    The folded model computes the original's *eval-mode* output (running
-    statistics) within float tolerance, with one layer instead of two. See the
-    module docstring for how pairs are found and checked; BatchNorms elsewhere stay
-    as they are (:func:`fold_batchnorm_with_report` lists them and why).
+    """Fold every BatchNorm that directly follows a Linear/Conv into it, for inference:
+    the result computes the original's eval-mode output within float tolerance (see
+    the module docstring; :func:`fold_batchnorm_with_report` lists what stayed, and why).
 
     Args:
-        model: any module.
         inplace: change ``model`` itself; by default a deep copy is folded.
-        by_name: when the model can be neither traced (torch.fx) nor run (no
-            ``check_input``), also pair siblings by name (``conv1``/``bn1``, ...),
-            which *assumes* the forward applies the norm right after the layer (the
-            report notes it).
-        check_input: an example input: it pairs layers by a forward trace when
-            torch.fx cannot trace the model, and each fold is kept only if the
-            model's eval output on it is unchanged.
+        by_name: when the model can be neither traced (torch.fx) nor run, also pair
+            siblings by name (``conv1``/``bn1``), an assumption the report notes.
+        check_input: an example input: pairs by a forward trace when torch.fx cannot
+            trace the model, and a fold is kept only if the output on it is unchanged.
 
-    Example:
-        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
-        >>> fused = fold_batchnorm(net)
-        >>> type(fused[1]).__name__
-        'Identity'
+    Example: ``fold_batchnorm(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))[1]``
+    is ``nn.Identity()``.
     """
     folded, _ = fold_batchnorm_with_report(
         model, inplace=inplace, by_name=by_name, check_input=check_input
@@ -346,19 +300,12 @@ def _stay_in_eval(module: nn.Module, args: object) -> None:
 
 
 def freeze_batchnorm(model: nn.Module) -> nn.Module:
-    """Freeze every BatchNorm-kind layer: running statistics *and* affine, for good.
-
-    Each layer goes to eval mode (its running statistics normalize and stop
-    updating), its parameters get ``requires_grad=False``, and a forward pre-hook
-    returns it to eval mode whenever ``model.train()`` switched it back. Returns
-    ``model`` (changed in place).
-
-    Example:
-        >>> net = freeze_batchnorm(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8)))
-        >>> _ = net.train()(torch.randn(16, 4))  # the BN's running stats do not move
-    """
+    """Freeze every BatchNorm-kind layer, running statistics *and* affine, for good: eval
+    mode, ``requires_grad=False``, and a forward pre-hook that returns it to eval mode
+    whenever ``model.train()`` switched it back. Returns ``model``, changed in place
+    (timm's ``freeze_batch_norm_2d`` swaps the modules instead)."""
     for m in model.modules():
-        if kinds.kind_of(m) not in kinds.batch_kinds():
+        if registry.norm_kind(m) not in registry.batch_kinds():
             continue
         m.train(False)
         for p in m.parameters(recurse=False):

@@ -1,20 +1,9 @@
-"""Which BatchNorm consumes which Linear/Conv's output: the pairs that can fold.
+"""Which BatchNorm consumes which Linear/Conv's output, alone: the pairs that can fold.
 
-A norm folds into a layer only when it is applied to that layer's output and nothing
-else uses that output (folding changes it for every user). Three sources, the first
-that works decides:
-
-1. **the traced graph** (:mod:`torch.fx`, norms and Linear/Conv kept as leaves): the
-   norm's only argument is the layer's call, that call has no other user, and both
-   modules are called once. This sees every user, functional ones included;
-2. **a forward trace** on ``check_input`` (when fx cannot trace the model): forward
-   hooks see which tensor each norm receives, and a pair is the layer whose output
-   tensor *is* that input. Functional users of the output are not visible, which is
-   why each fold is then verified on ``check_input`` (:mod:`covshift.nn.fold`);
-3. **order and names**, when the model can be neither traced nor run: consecutive
-   children of an ``nn.Sequential``, and, with ``by_name``, siblings named
-   ``<conv|fc|linear><suffix>`` / ``<bn|norm><suffix>``, an assumption about the
-   forward that the report states.
+The first source that works decides: the torch.fx graph (every user seen), else a
+forward trace on ``check_input`` (functional users unseen: each fold is then verified
+on it), else ``nn.Sequential`` order and, with ``by_name``, sibling names
+(``conv1``/``bn1``), an assumption the report states.
 """
 
 from __future__ import annotations

@@ -1,26 +1,10 @@
 """Ghost Batch Normalization (Hoffer, Hubara & Soudry 2017, arXiv 1705.08741).
 
-BatchNorm whose statistics are taken over *virtual* sub-batches: the batch of N
-samples is cut, in order, into chunks of ``virtual_batch_size`` samples (the last
-chunk holds the remainder when N is not a multiple), and each chunk is batch-
-normalized on its own. Large-batch training then keeps the regularizing noise of
-small-batch statistics ("train longer, generalize better", Section 4).
-
-Numeric and bookkeeping choices:
-
-- the chunks are ``x.split(virtual_batch_size)`` along dim 0: full chunks first, a
-  shorter last one when N is not a multiple, one chunk (plain BatchNorm) when
-  N <= virtual_batch_size;
-- running statistics are updated once *per virtual batch*, in chunk order, each
-  update counting as one step of ``num_batches_tracked`` (so ``momentum=None``
-  averages over virtual batches). The layer's state after a batch is therefore
-  exactly that of a BatchNorm fed the chunks one after another;
-- in eval the running statistics normalize, as BatchNorm; with
-  ``track_running_stats=False`` eval uses the virtual-batch statistics too.
-
-All full chunks are normalized in one call of the shared core (the input viewed as
-``(k, virtual_batch_size, C, *)``, statistics over dims 1 and the spatial ones), so
-the cost is BatchNorm's, not k times a small BatchNorm.
+BatchNorm over *virtual* batches: ``x.split(virtual_batch_size)`` in order (a shorter
+last chunk when N is not a multiple), each normalized on its own, one affine; running
+statistics move once per virtual batch, in order, so the state is that of a BatchNorm
+fed the chunks one by one; eval as BatchNorm. All full chunks run in one call of the
+core over the ``(k, virtual_batch_size, C, *)`` view (docs/derivations.md §14).
 """
 
 from __future__ import annotations
@@ -28,18 +12,28 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from covshift.nn import checks, kinds
+from covshift.nn import checks, registry
 from covshift.nn import functional as F
-from covshift.nn._base import BatchNormBase
-from covshift.nn.layers import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from covshift.nn._base import BatchNormVariant
 from covshift.nn.running import track_batch
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
 
 
-class _GhostBatchNorm(BatchNormBase):
-    """Ghost BN's forward on top of covshift's BatchNorm: the core's normalization over
-    the (k, v, C, *) view (derivations §14), running statistics per virtual batch."""
+class _GhostBatchNorm(BatchNormVariant):
+    """Ghost BN's forward on top of BatchNorm's: the core's normalization over the
+    (k, v, C, *) view (derivations §14), running statistics per virtual batch."""
+
+    _doc_template = """Ghost Batch Normalization of {shape} inputs (Hoffer et al. 2017).
+
+    BatchNorm with statistics over virtual batches of ``virtual_batch_size`` samples
+    (``x.split``; the last may be shorter), one shared affine, running statistics
+    updated once per virtual batch, in order; eval as BatchNorm. Arguments, parameters
+    and buffers are BatchNorm's, and ``virtual_batch_size`` (>= 1; default 128, the
+    paper's). Raises ValueError for a virtual batch with one value per channel in
+    training (N = 33 with virtual_batch_size = 32 on (N, C) input).
+    Example: ``{name}(16, virtual_batch_size=4)``.
+    """
 
     def __init__(
         self,
@@ -97,69 +91,19 @@ class _GhostBatchNorm(BatchNormBase):
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
 
 
-_DOC = """Ghost Batch Normalization over {input} (Hoffer et al. 2017, arXiv 1705.08741).
-
-    BatchNorm with statistics over virtual batches of ``virtual_batch_size``
-    samples: ``x.split(virtual_batch_size)`` (the last chunk may be shorter), each
-    chunk normalized with its own mean and biased variance, one shared affine.
-    Running statistics are updated once per virtual batch, in order (the state after
-    a batch equals a BatchNorm fed the chunks one by one); eval uses them as
-    BatchNorm does. Parameters and buffers are BatchNorm's.
-
-    Args:
-        num_features, eps, momentum, affine, track_running_stats, device, dtype, bias:
-            as {base}.
-        virtual_batch_size: samples per virtual batch, >= 1. Default 128 (the paper's).
-
-    Shape:
-        Input {shape}; output the same.
-
-    Raises:
-        ValueError: virtual_batch_size < 1; a virtual batch with one value per channel
-            in training (e.g. N = 33 with virtual_batch_size = 32 on (N, C) input);
-            the errors of {base}.
-
-    Example:
-        >>> m = {name}(16, virtual_batch_size=4)
-        >>> y = m(torch.randn({example}))  # two virtual batches of 4
-"""
+class GhostBatchNorm1d(_GhostBatchNorm, dims=1): ...
 
 
-class GhostBatchNorm1d(_GhostBatchNorm, BatchNorm1d):
-    __doc__ = _DOC.format(
-        input="(N, C) or (N, C, L)",
-        base="BatchNorm1d",
-        shape="(N, C) or (N, C, L)",
-        name="GhostBatchNorm1d",
-        example="8, 16",
-    )
+class GhostBatchNorm2d(_GhostBatchNorm, dims=2): ...
 
 
-class GhostBatchNorm2d(_GhostBatchNorm, BatchNorm2d):
-    __doc__ = _DOC.format(
-        input="(N, C, H, W)",
-        base="BatchNorm2d",
-        shape="(N, C, H, W)",
-        name="GhostBatchNorm2d",
-        example="8, 16, 5, 5",
-    )
+class GhostBatchNorm3d(_GhostBatchNorm, dims=3): ...
 
 
-class GhostBatchNorm3d(_GhostBatchNorm, BatchNorm3d):
-    __doc__ = _DOC.format(
-        input="(N, C, D, H, W)",
-        base="BatchNorm3d",
-        shape="(N, C, D, H, W)",
-        name="GhostBatchNorm3d",
-        example="4, 16, 3, 5, 5",
-    )
-
-
-kinds.register(
-    kinds.NormKind(
+registry.register_kind(
+    registry.NormKind(
         "ghost_batch",
         {1: GhostBatchNorm1d, 2: GhostBatchNorm2d, 3: GhostBatchNorm3d},
-        {},
         batch_statistics=True,
     )
 )

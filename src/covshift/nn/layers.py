@@ -1,26 +1,16 @@
-"""Drop-in replacements for torch.nn's normalization layers, built on one core.
+"""torch.nn's normalization layers with covshift's forward, as their subclasses.
 
-Every layer calls :mod:`covshift.nn.functional`; what it computes, forward and
-closed-form backward, is :mod:`covshift.nn.reference` over the layer's layout
-(docs/derivations.md says why, section by section). The shared skeleton (affine
-parameters, running buffers, BatchNorm's and InstanceNorm's forward) is
-:mod:`covshift.nn._base`. Constructor arguments, defaults, parameter and
-buffer names, running-statistics semantics and error types follow torch.nn, so a
-torch.nn state_dict loads into these layers and back.
-
-Numeric choices, shared by all layers: statistics in float32 at least (float16 and
-bfloat16 inputs are upcast; the output keeps the input dtype); the biased variance
-normalizes; the running variance stores the unbiased one; eps goes inside the square
-root: ``(x - μ) / sqrt(σ² + eps)``.
-
-One deliberate difference: every layer checks ``eps > 0`` (and BatchNorm/InstanceNorm
-``0 <= momentum <= 1``) when it is built and raises ValueError, where torch checks
-eps only for BatchNorm, only at forward time, and not at all for the others.
+``covshift.nn.BatchNorm2d`` *is* a ``torch.nn.BatchNorm2d``: torch's constructor (after
+covshift's argument checks: eps > 0, momentum in [0, 1], positive sizes), parameters,
+buffers, ``state_dict`` and ``extra_repr``, and covshift's ``forward``
+(:mod:`covshift.nn.functional`: statistics in float32 at least, the hand-derived
+backward, the native kernels). docs/nn.md says what ``isinstance`` now reaches.
 """
 
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,12 +19,7 @@ from torch import Tensor, nn
 
 from covshift.nn import checks
 from covshift.nn import functional as F
-from covshift.nn._base import (
-    BatchNormBase,
-    InstanceNormBase,
-    register_affine,
-    reset_affine,
-)
+from covshift.nn._base import BatchNormForward
 
 __all__ = [
     "BatchNorm1d",
@@ -48,132 +33,102 @@ __all__ = [
     "RMSNorm",
 ]
 
+Device = torch.device | str | None
 
-_BN_DOC = """Batch Normalization over {input} (Ioffe & Szegedy 2015, arXiv 1502.03167).
 
-    .. math:: y = \\frac{{x - E[x]}}{{\\sqrt{{Var[x] + \\epsilon}}}} \\cdot \\gamma + \\beta
+_BN_DOC = """Batch Normalization (Ioffe & Szegedy 2015, arXiv 1502.03167) of {shape}.
 
-    Mean and biased variance per channel over the batch{spatial}. In training the
-    running statistics follow ``running = (1 - momentum) * running + momentum * batch``
-    (the unbiased batch variance goes into ``running_var``); ``momentum=None`` makes
-    it a cumulative average over ``num_batches_tracked`` steps. In eval the running
-    statistics normalize (batch statistics if ``track_running_stats=False``).
-    Statistics are float32 at least, for half-precision inputs too.
-
-    Args:
-        num_features: C, the number of channels.
-        eps: added to the variance, > 0. Default 1e-5.
-        momentum: running-statistics factor in [0, 1], or None. Default 0.1.
-        affine: learn a per-channel weight (init 1) and bias (init 0). Default True.
-        track_running_stats: keep running_mean/running_var. Default True.
-        device, dtype: of the parameters and buffers.
-        bias: with ``affine``, learn the bias too. Default True.
-
-    Shape:
-        - Input: {shape}
-        - Output: same shape (and memory format) as the input.
-
-    Raises:
-        ValueError: {rank} input; training with one value per channel.
-        RuntimeError: an input whose channel count is not ``num_features``.
-
-    Example:
-        >>> m = {name}(16)
-        >>> y = m(torch.randn({example}))
+    ``y = (x - E[x]) / sqrt(Var[x] + eps) * γ + β``, statistics per channel over all
+    dims but C: ``torch.nn.{name}`` (its arguments, state and running-statistics rule)
+    with covshift's forward. Example: ``{name}(16)(torch.randn({example}))``.
     """
 
 
-class BatchNorm1d(BatchNormBase):
-    __doc__ = _BN_DOC.format(
-        input="a 2D or 3D input",
-        spatial=" (and the length L)",
-        shape="(N, C) or (N, C, L)",
-        rank="a non-2D/3D",
-        name="BatchNorm1d",
-        example="8, 16, 10",
-    )
-    _spatial = (2, 3)
+class BatchNorm1d(BatchNormForward, nn.BatchNorm1d):
+    __doc__ = _BN_DOC.format(shape="(N, C) or (N, C, L)", name="BatchNorm1d", example="8, 16, 10")
 
 
-class BatchNorm2d(BatchNormBase):
-    __doc__ = _BN_DOC.format(
-        input="a 4D input",
-        spatial=" and the spatial dims (H, W)",
-        shape="(N, C, H, W)",
-        rank="a non-4D",
-        name="BatchNorm2d",
-        example="8, 16, 5, 5",
-    )
-    _spatial = (4,)
+class BatchNorm2d(BatchNormForward, nn.BatchNorm2d):
+    __doc__ = _BN_DOC.format(shape="(N, C, H, W)", name="BatchNorm2d", example="8, 16, 5, 5")
 
 
-class BatchNorm3d(BatchNormBase):
-    __doc__ = _BN_DOC.format(
-        input="a 5D input",
-        spatial=" and the spatial dims (D, H, W)",
-        shape="(N, C, D, H, W)",
-        rank="a non-5D",
-        name="BatchNorm3d",
-        example="4, 16, 3, 5, 5",
-    )
-    _spatial = (5,)
+class BatchNorm3d(BatchNormForward, nn.BatchNorm3d):
+    __doc__ = _BN_DOC.format(shape="(N, C, D, H, W)", name="BatchNorm3d", example="4, 16, 3, 5, 5")
 
 
-_IN_DOC = """Instance Normalization over {input} (Ulyanov et al. 2016, arXiv 1607.08022).
+class _InstanceNorm:
+    """covshift's forward (and constructor checks) for torch.nn's InstanceNorm classes."""
 
-    .. math:: y = \\frac{{x - E[x]}}{{\\sqrt{{Var[x] + \\epsilon}}}} \\cdot \\gamma + \\beta
+    _batched_rank: int = 0  # the rank of a batched input; one less is an unbatched one
 
-    Mean and biased variance per sample and channel, over the spatial dims; the
-    same at train and test time unless ``track_running_stats=True``, which keeps
-    running averages of the per-instance statistics (the batch mean of them, with
-    the unbiased variance) and uses them in eval, as torch.nn does.
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        affine: bool = False,
+        track_running_stats: bool = False,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        num_features, eps, momentum = checks.norm_args(num_features, eps, momentum)
+        super().__init__(  # type: ignore[call-arg]
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
 
-    Args:
-        num_features: C, the number of channels.
-        eps: added to the variance, > 0. Default 1e-5.
-        momentum: running-statistics factor in [0, 1]; None means no update. Default 0.1.
-        affine: learn a per-channel weight and bias. Default False.
-        track_running_stats: keep running statistics. Default False.
-        device, dtype: of the parameters and buffers.
-        bias: with ``affine``, learn the bias too. Default True.
+    def forward(self, input: Tensor) -> Tensor:
+        m: Any = self
+        m._check_input_dim(input)
+        unbatched = input.dim() == self._batched_rank - 1
+        feature_dim = 0 if unbatched else 1
+        if input.shape[feature_dim] != m.num_features:  # torch's messages
+            if m.affine:
+                raise ValueError(
+                    f"expected input's size at dim={feature_dim} to match num_features"
+                    f" ({m.num_features}), but got: {input.shape[feature_dim]}."
+                )
+            warnings.warn(
+                f"input's size at dim={feature_dim} does not match num_features. "
+                "You can silence this warning by not passing in num_features, "
+                "which is not used because affine=False",
+                stacklevel=2,
+            )
+        y = F.instance_norm(
+            input.unsqueeze(0) if unbatched else input,
+            m.running_mean,
+            m.running_var,
+            m.weight,
+            m.bias,
+            use_input_stats=m.training or not m.track_running_stats,
+            momentum=m.momentum if m.momentum is not None else 0.0,
+            eps=m.eps,
+        )
+        return y.squeeze(0) if unbatched else y
 
-    Shape:
-        - Input: {shape} (unbatched inputs are accepted).
-        - Output: same shape as the input.
 
-    Raises:
-        ValueError: wrong rank; one spatial element in training; with ``affine``, a
-            channel count that is not ``num_features`` (a warning without affine).
+_IN_DOC = """Instance Normalization (Ulyanov et al. 2016, arXiv 1607.08022) of {shape}.
 
-    Example:
-        >>> m = {name}(16, affine=True)
-        >>> y = m(torch.randn({example}))
+    ``y = (x - E[x]) / sqrt(Var[x] + eps) * γ + β``, statistics per sample and channel
+    over the spatial dims: ``torch.nn.{name}`` (its arguments and state; unbatched input
+    too) with covshift's forward. Example: ``{name}(16)(torch.randn({example}))``.
     """
 
 
-class InstanceNorm1d(InstanceNormBase):
-    __doc__ = _IN_DOC.format(
-        input="a 3D input", shape="(N, C, L) or (C, L)", name="InstanceNorm1d", example="8, 16, 10"
-    )
+class InstanceNorm1d(_InstanceNorm, nn.InstanceNorm1d):
+    __doc__ = _IN_DOC.format(shape="(N, C, L)", name="InstanceNorm1d", example="8, 16, 10")
     _batched_rank = 3
 
 
-class InstanceNorm2d(InstanceNormBase):
-    __doc__ = _IN_DOC.format(
-        input="a 4D input",
-        shape="(N, C, H, W) or (C, H, W)",
-        name="InstanceNorm2d",
-        example="8, 16, 5, 5",
-    )
+class InstanceNorm2d(_InstanceNorm, nn.InstanceNorm2d):
+    __doc__ = _IN_DOC.format(shape="(N, C, H, W)", name="InstanceNorm2d", example="8, 16, 5, 5")
     _batched_rank = 4
 
 
-class InstanceNorm3d(InstanceNormBase):
+class InstanceNorm3d(_InstanceNorm, nn.InstanceNorm3d):
     __doc__ = _IN_DOC.format(
-        input="a 5D input",
-        shape="(N, C, D, H, W) or (C, D, H, W)",
-        name="InstanceNorm3d",
-        example="4, 16, 3, 5, 5",
+        shape="(N, C, D, H, W)", name="InstanceNorm3d", example="4, 16, 3, 5, 5"
     )
     _batched_rank = 5
 
@@ -191,32 +146,12 @@ def _as_shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
-class LayerNorm(nn.Module):
-    """Layer Normalization over the trailing dims (Ba, Kiros & Hinton 2016, arXiv 1607.06450).
+class LayerNorm(nn.LayerNorm):
+    """Layer Normalization (Ba, Kiros & Hinton 2016, arXiv 1607.06450).
 
-    .. math:: y = \\frac{x - E[x]}{\\sqrt{Var[x] + \\epsilon}} \\cdot \\gamma + \\beta
-
-    Mean and biased variance per sample over the last ``len(normalized_shape)``
-    dims; ``γ``, ``β`` are element-wise, of shape ``normalized_shape``. Statistics in
-    float32 at least. For images, LayerNorm over (C, H, W) with a per-channel affine
-    is ``GroupNorm(1, C)``.
-
-    Args:
-        normalized_shape: the trailing shape to normalize over (an int for one dim).
-        eps: added to the variance, > 0. Default 1e-5.
-        elementwise_affine: learn ``γ`` (init 1) and ``β`` (init 0). Default True.
-        bias: with ``elementwise_affine``, learn ``β`` too. Default True.
-        device, dtype: of the parameters.
-
-    Shape:
-        - Input: ``(*, *normalized_shape)``. Output: the same.
-
-    Raises:
-        RuntimeError: an input whose trailing dims are not ``normalized_shape``.
-
-    Example:
-        >>> m = LayerNorm(768)
-        >>> y = m(torch.randn(4, 10, 768))
+    ``y = (x - E[x]) / sqrt(Var[x] + eps) * γ + β``, statistics per sample over the
+    trailing ``normalized_shape``, ``γ``, ``β`` element-wise: ``torch.nn.LayerNorm``
+    with covshift's forward. Example: ``LayerNorm(768)(torch.randn(4, 10, 768))``.
     """
 
     def __init__(
@@ -225,71 +160,24 @@ class LayerNorm(nn.Module):
         eps: float = 1e-5,
         elementwise_affine: bool = True,
         bias: bool = True,
-        device: torch.device | str | None = None,
+        device: Device = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.normalized_shape = _as_shape(normalized_shape)
-        self.eps = checks.eps_arg(eps)
-        self.elementwise_affine = elementwise_affine
-        self.weight: nn.Parameter | None
-        self.bias: nn.Parameter | None
-        register_affine(self, self.normalized_shape, elementwise_affine, bias, factory)
-        self.reset_parameters()
+        shape = _as_shape(normalized_shape)
+        super().__init__(shape, checks.eps_arg(eps), elementwise_affine, bias, device, dtype)
 
-    def reset_parameters(self) -> None:
-        """Weight 1, bias 0."""
-        reset_affine(self)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.normalized_shape}, eps={self.eps}, "
-            f"elementwise_affine={self.elementwise_affine}, bias={self.bias is not None}"
-        )
+    def forward(self, input: Tensor) -> Tensor:
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
-class GroupNorm(nn.Module):
+class GroupNorm(nn.GroupNorm):
     """Group Normalization (Wu & He 2018, arXiv 1803.08494).
 
-    .. math:: y = \\frac{x - E[x]}{\\sqrt{Var[x] + \\epsilon}} \\cdot \\gamma + \\beta
-
-    The C channels fall into ``num_groups`` groups of ``C / num_groups``; mean and
-    biased variance per sample and group, over the group's channels and the spatial
-    dims; ``γ``, ``β`` per channel. Independent of the batch size. ``GroupNorm(1, C)``
-    is LayerNorm over (C, *) with a per-channel affine; ``GroupNorm(C, C)`` is
-    InstanceNorm with affine. Statistics in float32 at least.
-
-    Args:
-        num_groups: G, which must divide ``num_channels``.
-        num_channels: C.
-        eps: added to the variance, > 0. Default 1e-5.
-        affine: learn per-channel ``γ`` (init 1) and ``β`` (init 0). Default True.
-        device, dtype: of the parameters.
-        bias: with ``affine``, learn ``β`` too. Default True.
-
-    Shape:
-        - Input: ``(N, C, *)``. Output: the same (memory format kept).
-
-    Raises:
-        ValueError: ``num_groups`` that does not divide ``num_channels``; one value
-            per group in training.
-        RuntimeError: an input whose channel count is not ``num_channels``.
-
-    Example:
-        >>> m = GroupNorm(4, 16)
-        >>> y = m(torch.randn(2, 16, 8, 8))
-
-    The math that runs: :func:`covshift.nn.functional.group_norm` ->
-    :func:`covshift.nn.layout.group_norm_layout` (the (N, G, C/G, *) view) ->
-    :func:`covshift.nn.reference.forward` / :func:`~covshift.nn.reference.backward`
-    (their per-channel branch, (5.1)-(5.5)), whichever path runs
-    (:mod:`covshift.nn.backend`). Derivation: docs/derivations.md §1, §3, §5. Tests:
-    tests/nn/test_layers.py (``test_groupnorm_*``, against torch.nn),
-    tests/nn/test_autograd.py (gradcheck, double backward), tests/nn/test_native.py.
+    ``y = (x - E[x]) / sqrt(Var[x] + eps) * γ + β``, statistics per sample and group of
+    ``C / num_groups`` channels (and the spatial dims), ``γ``, ``β`` per channel:
+    ``torch.nn.GroupNorm`` with covshift's forward, :func:`.functional.group_norm` over
+    the (N, G, C/G, *) view (docs/derivations.md §5). ``GroupNorm(1, C)`` is LayerNorm
+    over (C, *) with a per-channel affine. Example: ``GroupNorm(4, 16)(x)``.
     """
 
     def __init__(
@@ -298,72 +186,31 @@ class GroupNorm(nn.Module):
         num_channels: int,
         eps: float = 1e-5,
         affine: bool = True,
-        device: torch.device | str | None = None,
+        device: Device = None,
         dtype: torch.dtype | None = None,
         *,
         bias: bool = True,
     ) -> None:
-        super().__init__()
-        factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        checks.positive_int(num_groups, "num_groups")
-        checks.positive_int(num_channels, "num_channels")
-        if num_channels % num_groups != 0:
-            raise ValueError(
-                f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})"
-            )
-        self.num_groups = int(num_groups)
-        self.num_channels = int(num_channels)
-        self.eps = checks.eps_arg(eps)
-        self.affine = affine
-        self.weight: nn.Parameter | None
-        self.bias: nn.Parameter | None
-        register_affine(self, num_channels, affine, bias, factory)
-        self.reset_parameters()
+        groups = checks.positive_int(num_groups, "num_groups")
+        channels = checks.positive_int(num_channels, "num_channels")
+        eps = checks.eps_arg(eps)
+        super().__init__(groups, channels, eps, affine, device, dtype, bias=bias)
 
-    def reset_parameters(self) -> None:
-        """Weight 1, bias 0."""
-        reset_affine(self)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dim() >= 2 and x.shape[1] != self.num_channels:
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() >= 2 and input.shape[1] != self.num_channels:
             raise RuntimeError(
                 f"Expected input with {self.num_channels} channels at dim 1 (num_channels), "
-                f"but got input of shape {list(x.shape)}"
+                f"but got input of shape {list(input.shape)}"
             )
-        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_groups}, {self.num_channels}, eps={self.eps}, "
-            f"affine={self.affine}, bias={self.bias is not None}"
-        )
+        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(nn.RMSNorm):
     """Root-mean-square normalization (Zhang & Sennrich 2019, arXiv 1910.07467).
 
-    .. math:: y = \\frac{x}{\\sqrt{E[x^2] + \\epsilon}} \\cdot \\gamma
-
-    No mean subtraction and no bias: the mean of squares over the trailing
-    ``normalized_shape`` rescales each sample. ``eps=None`` means
-    ``torch.finfo(compute dtype).eps``, the compute dtype being float32 for
-    float16/bfloat16 inputs (as torch.nn.RMSNorm).
-
-    Args:
-        normalized_shape: the trailing shape to normalize over (an int for one dim).
-        eps: added to the mean square, > 0, or None. Default None.
-        elementwise_affine: learn ``γ`` (init 1). Default True.
-        device, dtype: of the parameter.
-
-    Shape:
-        - Input: ``(*, *normalized_shape)``. Output: the same.
-
-    Raises:
-        RuntimeError: an input whose trailing dims are not ``normalized_shape``.
-
-    Example:
-        >>> m = RMSNorm(768)
-        >>> y = m(torch.randn(4, 10, 768))
+    ``y = x / sqrt(E[x²] + eps) * γ`` over the trailing ``normalized_shape``:
+    ``torch.nn.RMSNorm`` with covshift's forward; ``eps=None`` is the machine epsilon
+    of the compute dtype (float32's for half inputs), as torch's.
     """
 
     def __init__(
@@ -371,26 +218,12 @@ class RMSNorm(nn.Module):
         normalized_shape: int | Sequence[int],
         eps: float | None = None,
         elementwise_affine: bool = True,
-        device: torch.device | str | None = None,
+        device: Device = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.normalized_shape = _as_shape(normalized_shape)
-        self.eps = None if eps is None else checks.eps_arg(eps)
-        self.elementwise_affine = elementwise_affine
-        self.weight: nn.Parameter | None
-        register_affine(self, self.normalized_shape, elementwise_affine, None, factory)
-        self.reset_parameters()
+        shape = _as_shape(normalized_shape)
+        eps = None if eps is None else checks.eps_arg(eps)
+        super().__init__(shape, eps, elementwise_affine, device, dtype)
 
-    def reset_parameters(self) -> None:
-        """Weight 1."""
-        reset_affine(self)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
-        )
+    def forward(self, input: Tensor) -> Tensor:
+        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)

@@ -2,16 +2,9 @@
 
 Every layer of the family is the same computation (:mod:`covshift.nn.reference`)
 over a different :class:`NormLayout`, as flax states each layer's axes. A layout is
-resolved once from shapes (never from values) and remembered per argument set, since
-resolving costs more than a small normalization itself:
-
-- :func:`resolve_layout`: the general case, :func:`covshift.nn.functional.normalize`'s
-  arguments (any reduce dims, groups, a channel or trailing affine);
-- :func:`channel_layout`, :func:`trailing_layout`: the layers' cases (BatchNorm,
-  GroupNorm, InstanceNorm over dim 1; LayerNorm, RMSNorm over the trailing dims)
-  built straight from the shapes, without checks or dict lookups. They give the same
-  layout as :func:`resolve_layout` (a test holds them to it); the torch.compile path
-  uses them because Dynamo guards on every function a call reaches.
+resolved once from shapes (never from values) by :func:`resolve_layout`, after the
+checks of the layer's functional wrapper (:func:`batch_norm_layout`, ...), and
+remembered per argument set, since resolving costs more than a small normalization.
 
 docs/derivations.md §1 (one statistics group), §5 (groups, ``partial_dims``).
 """
@@ -24,16 +17,6 @@ from dataclasses import dataclass
 import torch
 
 from covshift.nn import checks
-
-__all__ = [
-    "NormLayout",
-    "channel_layout",
-    "count",
-    "remember",
-    "remembered",
-    "resolve_layout",
-    "trailing_layout",
-]
 
 Dims = int | Sequence[int]
 
@@ -69,15 +52,6 @@ class NormLayout:
     count: int
     param_shape: tuple[int, ...] | None = None
 
-    def __hash__(self) -> int:
-        # Layouts key caches on every call (the native kernels' plans): hash the
-        # fields once, not on every lookup.
-        h = self.__dict__.get("_hash")
-        if h is None:
-            h = hash(tuple(getattr(self, f) for f in self.__dataclass_fields__))
-            object.__setattr__(self, "_hash", h)
-        return h
-
     @property
     def affine_dims(self) -> tuple[int, ...]:
         """Dims of the view along which the affine is constant (dw, db sum over them)."""
@@ -94,9 +68,7 @@ def count(shape: Sequence[int], dims: Sequence[int]) -> int:
     return m
 
 
-# --------------------------------------------------------------------------------------
-# The cache: one dict for resolve_layout's keys and the wrappers' keys
-# --------------------------------------------------------------------------------------
+# --- The cache: one dict for resolve_layout's keys and the wrappers' keys
 
 _layouts: dict[tuple, NormLayout] = {}
 _MAX_LAYOUTS = 4096
@@ -120,9 +92,7 @@ def remember(key: tuple, layout: NormLayout) -> None:
     _layouts[key] = layout
 
 
-# --------------------------------------------------------------------------------------
-# The general case
-# --------------------------------------------------------------------------------------
+# --- The general case
 
 
 def resolve_layout(
@@ -214,61 +184,7 @@ def _resolve(
     )
 
 
-# --------------------------------------------------------------------------------------
-# The layers' cases, straight from the shapes (no checks: the caller's come first)
-# --------------------------------------------------------------------------------------
-
-
-def channel_layout(shape: tuple[int, ...], groups: int, affine: bool) -> NormLayout:
-    """The layout of a per-channel norm of ``x`` (N, C, *), as :func:`resolve_layout`
-    gives it: BatchNorm (``groups`` -1: statistics over N and the spatial dims),
-    InstanceNorm (0: over the spatial dims), GroupNorm (G > 0: C split into G groups,
-    over each sample's group and spatial dims)."""
-    nd, c = len(shape), shape[1]
-    if groups > 0:  # GroupNorm: (N, G, C // G, *), reduced over all but N and G
-        view = (shape[0], groups, c // groups, *shape[2:])
-        dims = tuple(range(2, nd + 1))
-        partial = dims[1:]
-        affine_shape = (1, groups, c // groups) + (1,) * (nd - 2)
-    else:
-        view = shape
-        dims = tuple(range(2, nd)) if groups == 0 else (0, *range(2, nd))
-        partial = dims
-        affine_shape = (1, c) + (1,) * (nd - 2)
-    return NormLayout(
-        shape=shape,
-        view_shape=view,
-        stat_dims=dims,
-        partial_dims=partial,
-        affine_shape=affine_shape if affine else None,
-        per_channel=True,
-        count=count(view, dims),
-        param_shape=(c,) if affine else None,
-    )
-
-
-def trailing_layout(shape: tuple[int, ...], tail: tuple[int, ...], affine: bool) -> NormLayout:
-    """The layout of LayerNorm/RMSNorm of ``x`` over its trailing dims ``tail`` (which
-    the caller checked), with an element-wise affine of shape ``tail`` or none, as
-    :func:`resolve_layout` gives it."""
-    lead = len(shape) - len(tail)
-    dims = tuple(range(lead, len(shape)))
-    m = count(shape, dims)
-    return NormLayout(
-        shape=shape,
-        view_shape=shape,
-        stat_dims=dims,
-        partial_dims=dims,
-        affine_shape=(1,) * lead + tail if affine else None,
-        per_channel=not affine or m == 1,  # (affine constant over the reduced dims)
-        count=m,
-        param_shape=tail if affine else None,
-    )
-
-
-# --------------------------------------------------------------------------------------
-# The functional wrappers' layouts: checked on the first call per shapes, remembered
-# --------------------------------------------------------------------------------------
+# --- The functional wrappers' layouts: checked on the first call per shapes, remembered
 
 
 def _shape(t: torch.Tensor | None) -> tuple[int, ...] | None:

@@ -1,18 +1,9 @@
 """Santurkar et al.'s "noisy BN": time-varying noise injected after a norm layer.
 
-Santurkar, Tsipras, Ilyas, Madry 2018, "How Does Batch Normalization Help
-Optimization?" (arXiv 1805.11604), Section 2.1: after each BN layer the activations
-are perturbed by noise whose distribution changes at every step, so that the
-layer-input distributions are *less* stable than without BN, and the network still
-trains nearly as well as with BN. Per step ``t`` and layer::
-
-    mu_t    ~ U(-0.5, 0.5)            sigma_t ~ U(1, 1.25)          (scalars)
-    m       ~ U(mu_t - 0.1, mu_t + 0.1)   s ~ N(sigma_t, 0.1)       (per element)
-    a      <-  s * a + m
-
-"Per element" means one draw for every entry of the activation tensor (every
-sample, channel and position). ``s`` and ``m`` are constants for backprop
-(``da = s * dy``). No noise in eval mode.
+Santurkar, Tsipras, Ilyas & Madry 2018 (arXiv 1805.11604), Section 2.1: per step
+``mu_t ~ U(-0.5, 0.5)``, ``sigma_t ~ U(1, 1.25)``, then per element
+``m ~ U(mu_t ± 0.1)``, ``s ~ N(sigma_t, 0.1)`` and ``a <- s·a + m`` (``s``, ``m``
+constants for backprop); no noise in eval mode.
 """
 
 from __future__ import annotations
@@ -24,12 +15,8 @@ __all__ = ["NoisyNorm", "NormNoise"]
 
 
 class NormNoise(nn.Module):
-    """Santurkar et al.'s non-stationary noise ``a <- s * a + m``, to place after a norm.
-
-    Per call in training mode: ``mu_t ~ U(mean_range)`` and ``sigma_t ~ U(scale_range)``,
-    then per element ``m ~ U(mu_t - mean_spread, mu_t + mean_spread)`` and
-    ``s ~ N(sigma_t, scale_std)``; returns ``s * a + m``. Identity in eval mode.
-    Santurkar et al. 2018 (arXiv 1805.11604), Section 2.1.
+    """Santurkar et al.'s non-stationary noise ``a <- s * a + m``, to place after a norm
+    (see the module docstring); identity in eval mode.
 
     Args:
         mean_range: bounds of the per-step mean ``mu_t``. Default: (-0.5, 0.5).
@@ -39,14 +26,7 @@ class NormNoise(nn.Module):
         generator: draws come from it when given (reproducible runs); it may live on
             another device than the input (draws are then moved). Default: the global RNG.
 
-    Shape:
-        Input: any; output: the same shape and dtype.
-
-    Example:
-        >>> gen = torch.Generator().manual_seed(0)
-        >>> noisy = nn.Sequential(nn.BatchNorm1d(4), NormNoise(generator=gen))
-        >>> noisy(torch.randn(8, 4)).shape
-        torch.Size([8, 4])
+    Example: ``nn.Sequential(nn.BatchNorm1d(4), NormNoise(generator=gen))``.
     """
 
     def __init__(
@@ -102,23 +82,12 @@ class NormNoise(nn.Module):
 
 
 class NoisyNorm(nn.Module):
-    """A norm layer followed by :class:`NormNoise` (Santurkar et al.'s "noisy BN").
+    """A norm layer followed by :class:`NormNoise` (Santurkar et al.'s "noisy BN"):
+    ``y = s * norm(x) + m`` in training, ``norm(x)`` in eval. The wrapped layer stays
+    reachable as ``.norm`` (state_dict keys ``norm.*``), so :func:`covshift.nn.convert`
+    and torch's helpers can swap it; ``**noise_kw`` are :class:`NormNoise`'s arguments.
 
-    ``y = s * norm(x) + m`` in training, ``y = norm(x)`` in eval; see :class:`NormNoise`.
-    The wrapped layer stays reachable as ``.norm`` (its state_dict keys are prefixed
-    with ``norm.``) so that :func:`covshift.nn.convert` can swap it.
-
-    Args:
-        norm: any normalization module (e.g. ``nn.BatchNorm2d(64)``).
-        **noise_kw: the arguments of :class:`NormNoise` (``generator``, ranges).
-
-    Shape:
-        Those of ``norm``.
-
-    Example:
-        >>> layer = NoisyNorm(nn.BatchNorm2d(3), generator=torch.Generator().manual_seed(0))
-        >>> layer(torch.randn(4, 3, 5, 5)).shape
-        torch.Size([4, 3, 5, 5])
+    Example: ``NoisyNorm(nn.BatchNorm2d(3), generator=torch.Generator().manual_seed(0))``.
     """
 
     def __init__(self, norm: nn.Module, **noise_kw: object) -> None:

@@ -1,24 +1,15 @@
 """The reference math: what every layer of the family computes, forward and backward.
 
-This is the one place to read the math. Every layer is one call of the same core
-over a :class:`~covshift.nn.layout.NormLayout` (flax's shape: one statistics
-function, each layer states its axes); the symbols and equation numbers in the
-comments are those of ``docs/derivations.md``:
+The one place to read it: every layer is one call of this core over a
+:class:`~covshift.nn.layout.NormLayout`, with the symbols and equation numbers of
+docs/derivations.md::
 
-    μ = Σx / M   (1.1)     σ² = Σ(x - μ)² / M   (1.2)     r = (σ² + ε)^(-1/2)   (1.3)
-    x̂ = (x - μ)·r   (1.4)     y = x̂·w + b   (1.5)
+    μ = Σx / M (1.1)   σ² = Σ(x - μ)² / M (1.2)   r = (σ² + ε)^(-1/2) (1.3)
+    x̂ = (x - μ)·r (1.4)   y = x̂·w + b (1.5)          (μ = 0 for RMS, §4)
 
-with μ = 0 for RMS normalization (§4). The backward is the closed form of §3-§6,
-with plain out-of-place torch ops, so autograd can differentiate it again (double
-backward, §9). The other paths compute the same terms faster and are held to these
-functions by the tests: the chunked path (:mod:`.chunked`), the native kernels
-(:mod:`._native`, ``csrc/norm_kernels.h``); which one runs is decided by
-:func:`covshift.nn.backend.forward`/``backward``. Under torch.compile these functions
-are what Dynamo traces (:mod:`.compiled`), so they are written flat: tensor methods,
-no helpers beyond :func:`two_pass`, since Dynamo guards on each function it inlines.
-
-Numeric choices (§10): statistics in float32 at least (:func:`compute_dtype`); the
-biased variance by two passes, not E[x²] - E[x]²; ε inside the square root.
+The backward is the closed form of §3-§6 in plain out-of-place ops, so autograd
+differentiates it again (§9); written flat (tensor methods) for Dynamo. Statistics in
+float32 at least, the variance by two passes, ε inside the square root (§10).
 """
 
 from __future__ import annotations
@@ -28,17 +19,6 @@ from torch import Tensor
 
 from covshift.nn import checks
 from covshift.nn.layout import NormLayout, count
-
-__all__ = [
-    "affine_with_stats",
-    "backward",
-    "compute_dtype",
-    "forward",
-    "moments",
-    "recompute_stats",
-    "sum_dims",
-    "two_pass",
-]
 
 Needs = tuple[bool, bool, bool]
 
@@ -71,7 +51,7 @@ def forward(
     bias: Tensor | None,
     layout: NormLayout,
     eps: float,
-    subtract_mean: bool,
+    subtract_mean: bool = True,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
     """``(y, mean, rstd, var)`` of ``x`` over ``layout``; the statistics keepdim, in the
     compute dtype. The backward needs ``x``, ``mean`` and ``rstd`` (and ``weight``),

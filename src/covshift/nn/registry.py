@@ -1,45 +1,165 @@
-"""Name registry of normalization layers: ``create_norm(name, num_features, **kw)``.
+"""The registry of normalization kinds: what a layer is, and how to build one by name.
 
-The channel count is always the first argument (as in timm). ``dims`` says what the
-layer will see: 1 for (N, C) or (N, C, L) inputs, 2 for (N, C, H, W), 3 for
-(N, C, D, H, W); per-sample norms (layer, group, rms) use it to pick the axes.
+One table every consumer queries: :func:`norm_kind` (what kind a module is;
+:func:`match` adds the registered class and input rank behind the answer) for
+:mod:`.convert`, :mod:`.fold`, :mod:`.sync` and ``covshift.probe.select``, and
+:func:`create_norm` (the layer registered under a name, the channel count first, as
+in timm). A kind lists covshift's and torch.nn's classes by the input's spatial rank
+(None: every rank); its name is also a :func:`create_norm` name, and other names are
+factories registered with :func:`register_norm`. The base kinds are registered here,
+each variant where it is defined; ``covshift.nn`` imports them all before any query.
 """
 
 from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from torch import nn
 
-from covshift.nn import kinds
+from covshift.nn import layers
 from covshift.nn.noise import NoisyNorm
+
+__all__ = [
+    "Match",
+    "NormKind",
+    "batch_kinds",
+    "create_norm",
+    "default_num_groups",
+    "get_kind",
+    "match",
+    "norm_kind",
+    "norm_names",
+    "own_behaviour",
+    "register_kind",
+    "register_norm",
+    "torch_classes",
+]
 
 NormFactory = Callable[..., nn.Module]
 
-_REGISTRY: dict[str, NormFactory] = {}
+
+@dataclass(frozen=True)
+class NormKind:
+    """One kind of normalization: its name (also a :func:`create_norm` name), covshift's
+    and torch.nn's classes by input rank, whether its statistics run over the trailing
+    dims (LayerNorm, RMSNorm) rather than dim 1, and whether it is a BatchNorm kind
+    (batch statistics in training, running ones in eval, so it folds)."""
+
+    name: str
+    classes: Mapping[int | None, type[nn.Module]]
+    torch_classes: Mapping[int | None, type[nn.Module]] = field(default_factory=dict)
+    trailing: bool = False
+    batch_statistics: bool = False
+
+    def cls(self, dims: int) -> type[nn.Module]:
+        """The covshift class of this kind for inputs of spatial rank ``dims``."""
+        return self.classes[dims] if dims in self.classes else self.classes[None]
+
+
+class Match(NamedTuple):
+    """The registered class a module's class is or subclasses, its kind and rank."""
+
+    cls: type[nn.Module]
+    kind: str
+    dims: int | None
+
+
+_KINDS: dict[str, NormKind] = {}
+_FACTORIES: dict[str, NormFactory] = {}
 
 
 def register_norm(name: str) -> Callable[[NormFactory], NormFactory]:
     """Decorator that registers ``factory(num_features, *, dims, **kw)`` under ``name``."""
 
     def decorate(factory: NormFactory) -> NormFactory:
-        if name in _REGISTRY:
+        if name in _FACTORIES:
             raise ValueError(f"normalization {name!r} is already registered")
-        _REGISTRY[name] = factory
+        _FACTORIES[name] = factory
         return factory
 
     return decorate
 
 
+def register_kind(kind: NormKind, factory: NormFactory | None = None) -> NormKind:
+    """Add ``kind`` to the table, and its name to :func:`create_norm`'s, built by
+    ``factory`` or by default as ``kind.cls(dims)(num_features, **kw)``."""
+    if kind.name in _KINDS:
+        raise ValueError(f"norm kind {kind.name!r} is already registered")
+    _KINDS[kind.name] = kind
+
+    def build(num_features: int, *, dims: int, **kw: object) -> nn.Module:
+        return kind.cls(dims)(num_features, **kw)
+
+    register_norm(kind.name)(factory or build)
+    return kind
+
+
+def get_kind(name: str) -> NormKind:
+    """The kind registered as ``name``."""
+    return _KINDS[name]
+
+
+def match(cls: type) -> Match | None:
+    """The most specific registered class that ``cls`` is or subclasses (covshift's
+    BatchNorm2d before torch's, which it subclasses), with its kind and rank; None for
+    a class of no kind."""
+    found = [
+        Match(known, kind.name, dims)
+        for kind in _KINDS.values()
+        for table in (kind.classes, kind.torch_classes)
+        for dims, known in table.items()
+        if issubclass(cls, known)
+    ]
+    return max(found, key=lambda m: len(m.cls.__mro__), default=None)
+
+
+def norm_kind(module: nn.Module) -> str | None:
+    """The kind of normalization ``module`` is (``"batch"``, ``"group"``, ``"layer"``,
+    ``"instance"``, ``"rms"``, ``"sync_batch"``, ``"batch_renorm"``,
+    ``"ghost_batch"``), for covshift's and torch.nn's classes and their subclasses;
+    None if it is not one."""
+    found = match(type(module))
+    return None if found is None else found.kind
+
+
+def own_behaviour(module: nn.Module) -> str | None:
+    """What ``module`` does beyond the registered class it is recognized as (None:
+    nothing, or not a norm): its own ``forward`` (timm's BatchNormAct2d, a fused
+    activation; LayerNorm2d, a permutation) or child modules. Replacing such a layer
+    by another norm, or folding it away, would change its outputs."""
+    found = match(type(module))
+    if found is None:
+        return None
+    if type(module).forward is not found.cls.forward:
+        return f"{type(module).__name__} overrides {found.cls.__name__}'s forward"
+    children = [f"{name} ({type(c).__name__})" for name, c in module.named_children()]
+    if children:
+        return f"{type(module).__name__} has child modules: {', '.join(children)}"
+    return None
+
+
+def batch_kinds() -> frozenset[str]:
+    """The names of the BatchNorm kinds (batch statistics, running statistics)."""
+    return frozenset(k.name for k in _KINDS.values() if k.batch_statistics)
+
+
+def torch_classes() -> tuple[type[nn.Module], ...]:
+    """torch.nn's classes of every kind."""
+    return tuple(cls for k in _KINDS.values() for cls in k.torch_classes.values())
+
+
 def norm_names() -> list[str]:
-    """The registered names, sorted."""
-    return sorted(_REGISTRY)
+    """The names :func:`create_norm` knows, sorted."""
+    return sorted(_FACTORIES)
 
 
 def create_norm(name: str, num_features: int, *, dims: int = 1, **kw: object) -> nn.Module:
-    """Build the normalization layer registered as ``name`` for ``num_features`` channels.
+    """Build the normalization layer registered as ``name`` for ``num_features`` channels
+    and inputs of spatial rank ``dims`` (1: (N, C) or (N, C, L); 2: (N, C, H, W); 3).
 
     Raises:
         ValueError: unknown name (the message lists the known ones) or bad ``dims``.
@@ -47,7 +167,7 @@ def create_norm(name: str, num_features: int, *, dims: int = 1, **kw: object) ->
     if dims not in (1, 2, 3):
         raise ValueError(f"dims must be 1, 2 or 3 (spatial rank of the input), got {dims!r}")
     try:
-        factory = _REGISTRY[name]
+        factory = _FACTORIES[name]
     except KeyError:
         known = ", ".join(norm_names())
         raise ValueError(f"unknown normalization {name!r}; known: {known}") from None
@@ -67,8 +187,8 @@ _SHAPE_ARGUMENTS = {"self", "num_features", "normalized_shape", "num_channels", 
 
 
 def _keywords(factory: NormFactory, num_features: int, dims: int) -> list[str]:
-    """The keyword arguments ``name``'s layer accepts: its factory's own and its
-    class's constructor's (less the shape arguments the factory fills in)."""
+    """The keywords a factory's layer accepts: the factory's own and its class's (less
+    the shape arguments the factory fills in)."""
     own = [
         p.name
         for p in inspect.signature(factory).parameters.values()
@@ -87,38 +207,10 @@ def _keywords(factory: NormFactory, num_features: int, dims: int) -> list[str]:
     ]
 
 
-def _class(kind: str, dims: int) -> type[nn.Module]:
-    """The covshift class of ``kind`` for inputs of spatial rank ``dims``."""
-    classes = kinds.get(kind).classes
-    return classes[dims] if dims in classes else classes[None]
-
-
-@register_norm("batch")
-def _batch(num_features: int, *, dims: int, **kw: object) -> nn.Module:
-    return _class("batch", dims)(num_features, **kw)
-
-
-@register_norm("instance")
-def _instance(num_features: int, *, dims: int, **kw: object) -> nn.Module:
-    return _class("instance", dims)(num_features, **kw)
-
-
-@register_norm("layer")
-def _layer(num_features: int, *, dims: int, **kw: object) -> nn.Module:
-    # Over the channels of each sample (and, for images, through GroupNorm(1, C):
-    # LayerNorm over (C, *spatial) with a per-channel affine).
-    if dims == 1:
-        return _class("layer", dims)(num_features, **kw)  # type: ignore[arg-type]
-    return _class("group", dims)(1, num_features, **kw)  # type: ignore[arg-type]
-
-
 def default_num_groups(num_channels: int, *, dims: int, preferred: int = 32) -> int:
-    """The group count used when none is given: the largest divisor of
-    ``num_channels`` that is at most ``preferred`` (Wu & He 2018 use G = 32).
-
-    Without spatial positions (``dims=1``, an MLP's features) each group must hold at
-    least two channels, or every value would be normalized to 0.
-    """
+    """The group count used when none is given: the largest divisor of ``num_channels``
+    at most ``preferred`` (Wu & He 2018 use 32); without spatial positions (``dims=1``)
+    each group holds two channels at least, or every value would be normalized to 0."""
     min_size = 2 if dims == 1 else 1
     for groups in range(min(preferred, num_channels), 0, -1):
         if num_channels % groups == 0 and num_channels // groups >= min_size:
@@ -129,32 +221,20 @@ def default_num_groups(num_channels: int, *, dims: int, preferred: int = 32) -> 
     )
 
 
-@register_norm("group")
+def _layer(num_features: int, *, dims: int, **kw: object) -> nn.Module:
+    # Over the channels of each sample (and, for images, through GroupNorm(1, C):
+    # LayerNorm over (C, *spatial) with a per-channel affine).
+    if dims == 1:
+        return layers.LayerNorm(num_features, **kw)  # type: ignore[arg-type]
+    return layers.GroupNorm(1, num_features, **kw)  # type: ignore[arg-type]
+
+
 def _group(
     num_features: int, *, dims: int, num_groups: int | None = None, **kw: object
 ) -> nn.Module:
     # An explicit num_groups is used as given (GroupNorm checks that it divides C).
     groups = default_num_groups(num_features, dims=dims) if num_groups is None else num_groups
-    return _class("group", dims)(groups, num_features, **kw)  # type: ignore[arg-type]
-
-
-@register_norm("rms")
-def _rms(num_features: int, *, dims: int, **kw: object) -> nn.Module:
-    return _class("rms", dims)(num_features, **kw)  # type: ignore[arg-type]
-
-
-# Variants (covshift.nn.renorm, ghost, noise, sync): their classes from the registry
-# of kinds, where each registers itself.
-
-
-@register_norm("batch_renorm")
-def _batch_renorm(num_features: int, *, dims: int, **kw: object) -> nn.Module:
-    return _class("batch_renorm", dims)(num_features, **kw)
-
-
-@register_norm("ghost_batch")
-def _ghost_batch(num_features: int, *, dims: int, **kw: object) -> nn.Module:
-    return _class("ghost_batch", dims)(num_features, **kw)
+    return layers.GroupNorm(groups, num_features, **kw)  # type: ignore[arg-type]
 
 
 @register_norm("batch_noisy")
@@ -163,11 +243,27 @@ def _batch_noisy(num_features: int, *, dims: int, **kw: object) -> nn.Module:
     # own arguments (generator, mean_range, ...) go to NormNoise, the rest to BN.
     noise_keys = ("generator", "mean_range", "scale_range", "mean_spread", "scale_std")
     noise_kw = {k: kw.pop(k) for k in noise_keys if k in kw}
-    return NoisyNorm(_class("batch", dims)(num_features, **kw), **noise_kw)  # type: ignore[arg-type]
+    norm = get_kind("batch").cls(dims)(num_features, **kw)
+    return NoisyNorm(norm, **noise_kw)
 
 
-@register_norm("sync_batch")
-def _sync_batch(num_features: int, *, dims: int, **kw: object) -> nn.Module:
-    layer = _class("sync_batch", dims)(num_features, **kw)
-    layer.original_class = _class("batch", dims)  # what revert_sync_batchnorm restores
-    return layer
+register_kind(
+    NormKind(
+        "batch",
+        {1: layers.BatchNorm1d, 2: layers.BatchNorm2d, 3: layers.BatchNorm3d},
+        {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d},
+        batch_statistics=True,
+    )
+)
+register_kind(
+    NormKind(
+        "instance",
+        {1: layers.InstanceNorm1d, 2: layers.InstanceNorm2d, 3: layers.InstanceNorm3d},
+        {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d},
+    )
+)
+register_kind(
+    NormKind("layer", {None: layers.LayerNorm}, {None: nn.LayerNorm}, trailing=True), _layer
+)
+register_kind(NormKind("group", {None: layers.GroupNorm}, {None: nn.GroupNorm}), _group)
+register_kind(NormKind("rms", {None: layers.RMSNorm}, {None: nn.RMSNorm}, trailing=True))

@@ -1,38 +1,45 @@
 """The running-statistics rule, one owner for every layer that tracks statistics.
 
-BatchNorm (and its variants, SyncBatchNorm, tracked InstanceNorm) keep running
-estimates of the batch statistics, with torch.nn's convention so that state_dicts
-load both ways (docs/derivations.md §7)::
+With torch.nn's convention, so that state_dicts load both ways (derivations §7)::
 
     running_mean ← (1 - m) · running_mean + m · μ_B                      (7.1)
     running_var  ← (1 - m) · running_var  + m · σ²_B · M / (M - 1)       (7.2)
 
-σ²_B is the biased batch variance (it normalizes); running_var stores the unbiased
-one (Bessel's factor M / (M - 1), :func:`bessel`). ``momentum=None`` means the
-cumulative average m_k = 1/k, k the step counter ``num_batches_tracked`` after its
-increment (7.3).
-
-The native node applies the same rule in C++ inside the normalization call
-(``csrc/norm.cpp``, ``normalize`` with running buffers), given :func:`bessel`'s factor;
-everything else calls :func:`step_factor` then :func:`update`.
+σ²_B the biased batch variance, Bessel's factor M / (M - 1) making running_var the
+unbiased one; ``momentum=None`` is the cumulative average m_k = 1/k, k the step counter
+after its increment (7.3). The native node applies the same rule in C++.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
-from covshift.nn import _native
+__all__ = ["RunningStats", "bessel", "step_factor", "track_batch", "update"]
 
-__all__ = ["bessel", "step_factor", "track_batch", "update"]
+
+class RunningStats(NamedTuple):
+    """What a BatchNorm call in training updates besides its output, (7.1)-(7.3): the
+    running buffers (either may be None), the step counter ``num_batches_tracked``
+    (incremented first when given), m (None: ``1 / counter``) and M / (M - 1)."""
+
+    mean: Tensor | None
+    var: Tensor | None
+    counter: Tensor | None
+    momentum: float | None
+    bessel: float | Tensor
+
+    def track(self, batch_mean: Tensor, batch_var: Tensor) -> None:
+        """Count the step and fold the batch's mean and biased variance in."""
+        factor = step_factor(self.momentum, self.counter, self.mean is not None)
+        update(self.mean, self.var, batch_mean, batch_var, factor, self.bessel)
 
 
 def bessel(count: int | Tensor) -> float | Tensor:
-    """M / (M - 1), Bessel's factor for M values per statistic (1 for M = 1) (7.2).
-
-    A tensor ``count`` (SyncBatchNorm's global count, on the device) gives a tensor:
-    reading it on the host would cost a sync per step.
-    """
+    """M / (M - 1), Bessel's factor (1 for M = 1) (7.2); a tensor for a tensor ``count``
+    (SyncBatchNorm's global count: reading it on the host would cost a sync a step)."""
     if isinstance(count, Tensor):
         return count / (count - 1).clamp_min(1)
     return count / max(count - 1, 1)
@@ -41,11 +48,8 @@ def bessel(count: int | Tensor) -> float | Tensor:
 def step_factor(
     momentum: float | None, num_batches_tracked: Tensor | None, tracking: bool
 ) -> float:
-    """Count one step (when ``tracking`` and a counter is given) and return m (7.3).
-
-    Raises:
-        ValueError: ``momentum=None`` while tracking without a counter.
-    """
+    """Count one step (when ``tracking`` and a counter is given) and return m (7.3);
+    ValueError for ``momentum=None`` while tracking without a counter."""
     if num_batches_tracked is not None and tracking:
         num_batches_tracked.add_(1)
     if momentum is not None:
@@ -68,18 +72,7 @@ def update(
     factor: float,
     bessel: float | Tensor,
 ) -> None:
-    """Move the buffers toward the batch's ``mean`` and biased ``var`` (7.1), (7.2).
-
-    ``running = (1 - m) · running + m · batch`` (torch's convention, not Keras's).
-    """
-    # One native call where it applies: four torch calls from Python cost more on small
-    # layers. (Not under torch.compile, which would trace into the native bridge.)
-    if (
-        not isinstance(bessel, Tensor)
-        and not torch.compiler.is_compiling()
-        and _native.update_running(running_mean, running_var, mean, var, factor, bessel)
-    ):
-        return
+    """Move the buffers toward the batch's ``mean`` and biased ``var`` (7.1), (7.2)."""
     if isinstance(bessel, Tensor):
         bessel = bessel.to(var.dtype)
     with torch.no_grad():
@@ -90,14 +83,8 @@ def update(
 
 
 def track_batch(module: nn.Module, mean: Tensor, var: Tensor, count: int) -> None:
-    """Count one batch in ``module.num_batches_tracked`` and fold its statistics in.
-
-    Args:
-        module: a BatchNorm-like module with ``momentum``, ``running_mean``,
-            ``running_var`` and ``num_batches_tracked``.
-        mean, var: ``(C,)`` batch mean and *biased* variance.
-        count: M, the number of values each statistic was taken over.
-    """
+    """Count one batch in a BatchNorm-like ``module`` and fold its ``(C,)`` mean and
+    *biased* variance, each over ``count`` values, into its running buffers."""
+    buffers = (module.running_mean, module.running_var, module.num_batches_tracked)
     with torch.no_grad():
-        factor = step_factor(module.momentum, module.num_batches_tracked, True)
-    update(module.running_mean, module.running_var, mean, var, factor, bessel(count))
+        RunningStats(*buffers, module.momentum, bessel(count)).track(mean, var)

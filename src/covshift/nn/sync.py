@@ -1,34 +1,18 @@
 """SyncBatchNorm on any torch.distributed backend (gloo on CPU included), and back.
 
-torch.nn.SyncBatchNorm runs only on CUDA/NCCL and offers no way back to BatchNorm.
-This one shares the batch statistics across a process group with two ``all_reduce``
-calls per training step, one in forward and one in backward:
-
-forward, per channel c (``n_r`` values per channel on rank r, ``N = sum_r n_r``)::
-
-    all_reduce [ sum_r S1_r, sum_r S2_r, sum_r n_r ]    S1 = sum x,  S2 = sum x^2
-    mu = S1 / N,   var = S2 / N - mu^2  (biased),   xhat = (x - mu) / sqrt(var + eps)
-    y = gamma * xhat + beta
-
-backward (derivation in docs/derivations.md, "SyncBatchNorm")::
-
-    all_reduce [ sum dy, sum dy * xhat ]   (over every rank's batch)
-    dx = gamma / sqrt(var + eps) * (dy - sum(dy) / N - xhat * sum(dy * xhat) / N)
-    dgamma = sum_local dy * xhat,   dbeta = sum_local dy
-
-Unequal batch sizes across ranks are exact: the counts travel with the sums.
-The parameter gradients are the *local* sums, as in torch's SyncBatchNorm: the
-data-parallel wrapper (DDP) all-reduces parameter gradients itself.
-
-Numerics: each rank computes its local mean and biased variance in float32 at least
-(the shared core's two-pass :func:`~covshift.nn.functional.moments`), turns them into
-sums ``n*mu`` and ``n*(var + mu^2)`` in float64, and the float64 sums are reduced; the
-cancellation in ``S2/N - mu^2`` then costs less than float32 rounding for |mu|/sigma
-up to about 1e4.
+torch.nn.SyncBatchNorm runs only on GPUs and offers no way back to BatchNorm. This one
+shares the batch statistics across a process group with one ``all_reduce`` in forward
+(``[Σx, Σx², n]`` per channel, the counts with the sums, so unequal batch sizes are
+exact) and one in backward (``[Σdy, Σdy·x̂]``); parameter gradients are the local sums,
+as torch's (DDP reduces them). Each rank's moments are two-pass, in float32 at least,
+and the sums float64, so ``Σx²/N − μ²`` loses less than float32 rounding for |μ|/σ up to
+about 1e4. Derivation, double backward included: docs/derivations.md §12.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,16 +20,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
-from covshift.nn import checks, kinds, sync_convert
+from covshift.nn import checks, registry
 from covshift.nn import functional as CF
 from covshift.nn import running as running_stats
-from covshift.nn._base import BatchNormBase
+from covshift.nn._base import BatchNormForward
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm"]
 
-ProcessGroup = (
-    Any  # torch.distributed.ProcessGroup; Any keeps builds without distributed importable
-)
+ProcessGroup = Any  # torch.distributed.ProcessGroup: Any keeps builds without it importable
 
 
 def _world_size(group: ProcessGroup | None) -> int:
@@ -56,12 +38,8 @@ def _world_size(group: ProcessGroup | None) -> int:
 
 
 class _AllReduceSum(torch.autograd.Function):
-    """Differentiable ``all_reduce(SUM)``: the adjoint of a sum-all-reduce is itself.
-
-    Every rank gets ``y = sum_r x_r``; for a total loss ``sum_r L_r(y)`` the gradient
-    with respect to ``x_s`` is ``sum_r dL_r/dy``, an all-reduce of the incoming grads.
-    Backward calls ``apply`` again so that higher derivatives work too.
-    """
+    """Differentiable ``all_reduce(SUM)``, whose adjoint is itself (§12): backward calls
+    ``apply`` again, so higher derivatives work too."""
 
     @staticmethod
     def forward(ctx: FunctionCtx, x: Tensor, group: ProcessGroup | None) -> Tensor:
@@ -76,16 +54,6 @@ class _AllReduceSum(torch.autograd.Function):
         return _AllReduceSum.apply(grad.contiguous(), ctx.group), None
 
 
-def _stat_dtype(x: Tensor) -> torch.dtype:
-    return CF.compute_dtype(x.dtype)  # float32 at least, float64 for float64 inputs
-
-
-def _sum_dtype(x: Tensor) -> torch.dtype:
-    # The reduced sums in float64 (see the module docstring), except where the device
-    # has no float64 (Apple MPS).
-    return torch.float32 if x.device.type == "mps" else torch.float64
-
-
 def _reduce_dims(x: Tensor) -> list[int]:
     return [0, *range(2, x.dim())]  # every dim but the channels (dim 1)
 
@@ -95,14 +63,12 @@ def _channel_view(v: Tensor, x: Tensor) -> Tensor:
 
 
 def _global_moments(x: Tensor, group: ProcessGroup | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean and biased variance per channel over every rank's batch, and the count N.
-
-    Differentiable in ``x`` (used as such by the double backward). Returns ``mean``
-    and ``var`` of shape ``(C,)`` in the statistics dtype and ``N`` as a 0-dim tensor.
-    """
+    """``(C,)`` mean and biased variance over every rank's batch (in the compute dtype),
+    and the count N (0-dim), differentiable in ``x`` (the double backward uses that)."""
     c = x.shape[1]
     n = x.numel() // c if c else 0  # values per channel on this rank
-    sum_dtype = _sum_dtype(x)
+    # The reduced sums in float64, except where the device has none (Apple MPS).
+    sum_dtype = torch.float32 if x.device.type == "mps" else torch.float64
     if n > 0:
         mean, var = CF.moments(x, _reduce_dims(x))  # (C,) local, two-pass, stat dtype
         mean = mean.to(sum_dtype)
@@ -115,52 +81,15 @@ def _global_moments(x: Tensor, group: ProcessGroup | None) -> tuple[Tensor, Tens
     s1, s2, big_n = total[:c], total[c : 2 * c], total[2 * c]
     mean = s1 / big_n  # (12.2)
     var = (s2 / big_n - mean * mean).clamp_min(0)  # (12.2); rounding can dip below 0
-    return mean.to(_stat_dtype(x)), var.to(_stat_dtype(x)), big_n
-
-
-def _backward(
-    dy: Tensor,
-    x: Tensor,
-    weight: Tensor | None,
-    mean: Tensor,
-    invstd: Tensor,
-    big_n: Tensor,
-    group: ProcessGroup | None,
-    needs: tuple[bool, bool, bool],
-    bias_dtype: torch.dtype | None,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Closed-form gradients ``(dx, dweight, dbias)``; differentiable when grad mode is on."""
-    dims = _reduce_dims(x)
-    stat = mean.dtype
-    xhat = (x.to(stat) - _channel_view(mean, x)) * _channel_view(invstd, x)  # (N, C, *)
-    dy_s = dy.to(stat)
-    sum_dy = dy_s.sum(dims)  # (C,) local
-    sum_dy_xhat = (dy_s * xhat).sum(dims)  # (C,) local
-    dx = None
-    if needs[0]:
-        both = _AllReduceSum.apply(torch.cat([sum_dy, sum_dy_xhat]), group)  # (2C,) global
-        c = x.shape[1]
-        g_dy = both[:c] / big_n.to(stat)
-        g_dy_xhat = both[c:] / big_n.to(stat)
-        scale = invstd if weight is None else weight.to(stat) * invstd  # (C,)
-        dx = _channel_view(scale, x) * (  # (12.3)
-            dy_s - _channel_view(g_dy, x) - xhat * _channel_view(g_dy_xhat, x)
-        )
-        dx = dx.to(x.dtype)
-    # (12.4), the local sums: DDP reduces parameter gradients itself.
-    dweight = sum_dy_xhat.to(weight.dtype) if needs[1] and weight is not None else None
-    dbias = sum_dy.to(bias_dtype) if needs[2] and bias_dtype is not None else None
-    return dx, dweight, dbias
+    stat = CF.compute_dtype(x.dtype)
+    return mean.to(stat), var.to(stat), big_n
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
-    """Normalize with given global statistics; backward reduces ``[sum dy, sum dy*xhat]``.
-
-    ``mean``/``invstd`` come in detached (computed once in forward); the backward
-    accounts for their dependence on ``x`` in closed form. Under ``create_graph`` the
-    backward recomputes the statistics differentiably so that double backward is exact.
-    Saves ``x``, ``weight``, ``mean``, ``invstd`` (as torch's BatchNorm does).
-    """
+    """Normalize with the given global statistics; the backward reduces ``[Σdy, Σdy·x̂]``
+    and accounts for the statistics' dependence on ``x`` in closed form, (12.3). Saves
+    ``x``, ``weight``, ``mean``, ``invstd``; under ``create_graph`` the statistics are
+    recomputed differentiably, so double backward is exact."""
 
     @staticmethod
     def forward(
@@ -176,7 +105,6 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     ) -> Tensor:
         ctx.save_for_backward(x, weight, mean, invstd, big_n)
         ctx.eps, ctx.group = eps, group
-        ctx.has_bias = bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
         scale = invstd if weight is None else weight.to(invstd.dtype) * invstd  # (C,)
         shift = -mean * scale if bias is None else bias.to(invstd.dtype) - mean * scale
@@ -186,19 +114,27 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, mean, invstd, big_n = ctx.saved_tensors
-        needs = (
-            ctx.needs_input_grad[0],
-            weight is not None and ctx.needs_input_grad[1],
-            ctx.has_bias and ctx.needs_input_grad[2],
-        )
         if torch.is_grad_enabled():
             # create_graph: the saved statistics are constants; recompute them as
             # functions of x so that d(dx)/dx includes their dependence on x.
             mean, var, big_n = _global_moments(x, ctx.group)
             invstd = torch.rsqrt(var + ctx.eps)
-        dx, dweight, dbias = _backward(
-            dy, x, weight, mean, invstd, big_n, ctx.group, needs, ctx.bias_dtype
-        )
+        dims, stat, c = _reduce_dims(x), mean.dtype, x.shape[1]
+        xhat = (x.to(stat) - _channel_view(mean, x)) * _channel_view(invstd, x)  # (N, C, *)
+        dy_s = dy.to(stat)
+        sum_dy, sum_dy_xhat = dy_s.sum(dims), (dy_s * xhat).sum(dims)  # (C,) local
+        dx = dweight = dbias = None
+        if ctx.needs_input_grad[0]:
+            both = _AllReduceSum.apply(torch.cat([sum_dy, sum_dy_xhat]), ctx.group)  # global
+            means = both / big_n.to(stat)  # [Σdy / N, Σdy·x̂ / N]
+            scale = invstd if weight is None else weight.to(stat) * invstd  # (C,)
+            dx = dy_s - _channel_view(means[:c], x) - xhat * _channel_view(means[c:], x)
+            dx = (_channel_view(scale, x) * dx).to(x.dtype)  # (12.3)
+        # (12.4), the local sums: DDP reduces parameter gradients itself.
+        if weight is not None and ctx.needs_input_grad[1]:
+            dweight = sum_dy_xhat.to(weight.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            dbias = sum_dy.to(ctx.bias_dtype)
         return dx, dweight, dbias, None, None, None, None, None
 
 
@@ -212,22 +148,12 @@ def sync_batch_norm(
     eps: float = 1e-5,
     process_group: ProcessGroup | None = None,
 ) -> Tensor:
-    """Batch normalization with batch statistics shared across ``process_group``.
+    """Batch normalization of ``input`` ``(N, C, *)`` (N may differ between ranks) with
+    the batch statistics of every rank in ``process_group`` (None: the world).
 
-    Always uses the batch statistics (the training-mode computation) and updates
-    ``running_mean``/``running_var`` in place when given:
-    ``running = (1 - momentum) * running + momentum * batch``, the variance unbiased
-    with the global count ``N / (N - 1)``. Without torch.distributed initialized (or a
-    group of one) the all-reduces are identities: it is exactly local batch norm.
-    See :class:`SyncBatchNorm` for the formulas.
-
-    Args:
-        input: ``(N, C, *)`` on this rank; ``N`` may differ between ranks.
-        running_mean, running_var: ``(C,)`` buffers to update, or None.
-        weight, bias: ``(C,)`` affine parameters, or None.
-        momentum: running-statistics factor (the caller resolves ``momentum=None``).
-        eps: added to the variance.
-        process_group: the group to share statistics in; None means the whole world.
+    Updates ``running_mean``/``running_var`` when given, with factor ``momentum`` (the
+    caller resolves None) and the global count's unbiased variance (§7). Without
+    torch.distributed initialized, or in a group of one, it is local batch norm.
 
     Raises:
         ValueError: fewer than two values per channel over the whole group.
@@ -251,32 +177,15 @@ def sync_batch_norm(
     )
 
 
-class SyncBatchNorm(BatchNormBase):
+class SyncBatchNorm(nn.SyncBatchNorm):
     """Batch normalization whose batch statistics span a torch.distributed group.
 
-    ``y = (x - E[x]) / sqrt(Var[x] + eps) * gamma + beta`` where ``E`` and ``Var``
-    (biased) run over the batch of *every* process in the group and, per channel,
-    over all dims but dim 1. Works on any backend (gloo on CPU, NCCL on CUDA) and any
-    number of ranks with unequal batch sizes; with torch.distributed uninitialized, a
-    group of one, or in eval mode it is local BatchNorm. Ioffe & Szegedy 2015
-    (arXiv 1502.03167); the cross-process statistics follow torch.nn.SyncBatchNorm.
-
-    Parameters, buffers, defaults and running-statistics semantics are those of
-    torch.nn.BatchNorm (``running = (1 - m) * running + m * batch``, ``momentum=None``
-    a cumulative average, unbiased running variance using the global count), so a
-    BatchNorm state_dict loads into it and back. Parameter gradients are local sums
-    (DDP averages them across ranks as for any parameter).
-
-    Args:
-        num_features: channels ``C``.
-        eps: added to the variance. Default: 1e-5.
-        momentum: running-statistics factor, or None for a cumulative average. Default: 0.1.
-        affine: learnable ``gamma`` (weight) and ``beta`` (bias). Default: True.
-        track_running_stats: keep running statistics for eval. Default: True.
-        process_group: the group to synchronize in; None means the whole world.
-
-    Shape:
-        Input ``(N, C, *)``, output the same.
+    ``y = (x - E[x]) / sqrt(Var[x] + eps) * gamma + beta`` with ``E``, ``Var`` (biased)
+    per channel over the batch of *every* process in the group (Ioffe & Szegedy 2015,
+    arXiv 1502.03167). ``torch.nn.SyncBatchNorm`` (same arguments and state) with
+    covshift's forward, which runs on any backend and unequal batch sizes, where
+    torch's needs GPUs; alone (no process group, a group of one) or in eval mode it is
+    local BatchNorm.
 
     Example:
         >>> bn = SyncBatchNorm(16)  # shares statistics once dist.init_process_group ran
@@ -294,11 +203,12 @@ class SyncBatchNorm(BatchNormBase):
         process_group: ProcessGroup | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
     ) -> None:
-        # Parameters, running buffers, their reset and old-checkpoint loading: those of
-        # every covshift BatchNorm (the base checks eps, momentum and num_features).
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        self.process_group = process_group
+        num_features, eps, momentum = checks.norm_args(num_features, eps, momentum)
+        args = (num_features, eps, momentum, affine, track_running_stats, process_group)
+        super().__init__(*args, device, dtype, bias=bias)
         # The class this layer replaced (set by convert_sync_batchnorm and the
         # registry), so that revert_sync_batchnorm can restore it.
         self.original_class: type[nn.Module] | None = None
@@ -316,7 +226,7 @@ class SyncBatchNorm(BatchNormBase):
         # As torch's SyncBatchNorm: synchronize only in training. Eval may run on one
         # rank alone (validation on rank 0) and must not wait for the others.
         if not (self.training and _world_size(self.process_group) > 1):
-            return super().forward(input)  # alone: exactly BatchNorm
+            return BatchNormForward.forward(self, input)  # alone: exactly BatchNorm
         self._check_input_dim(input)
         tracking = self.track_running_stats
         counter = self.num_batches_tracked if tracking else None
@@ -332,24 +242,19 @@ class SyncBatchNorm(BatchNormBase):
             self.process_group,
         )
 
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
-        )
-
     @classmethod
     def convert_sync_batchnorm(
         cls, module: nn.Module, process_group: ProcessGroup | None = None
     ) -> nn.Module:
-        """Replace every BatchNorm{1,2,3}d (torch's, covshift's, torch's SyncBatchNorm)
-        in ``module`` by a :class:`SyncBatchNorm` sharing its parameters and buffers.
+        """Replace every BatchNorm1d/2d/3d (torch's, covshift's) and torch's
+        SyncBatchNorm in ``module`` by this class, sharing their parameter and buffer
+        objects (an optimizer built before keeps working); return ``module``, or its
+        replacement when it is one.
 
-        The parameter and buffer *objects* are reused, so an optimizer built before
-        the conversion keeps working. Subclasses that override ``forward`` (e.g. a BN
-        fused with an activation) are left alone, with a warning: converting them would
-        drop their extra behaviour. Returns ``module`` itself, or its replacement when
-        ``module`` is a BatchNorm.
+        As torch's classmethod, but the result runs on any backend, a subclass with
+        its own ``forward`` or child modules (a fused activation) is left alone with a
+        warning, and each layer records the class it replaced for
+        :meth:`revert_sync_batchnorm`.
 
         Example:
             >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
@@ -357,28 +262,100 @@ class SyncBatchNorm(BatchNormBase):
             >>> type(net[1]).__name__
             'SyncBatchNorm'
         """
-
-        return sync_convert.to_sync(module, cls, process_group)
+        return _to_sync(module, cls, process_group)
 
     @staticmethod
     def revert_sync_batchnorm(module: nn.Module, to: type[nn.Module] | None = None) -> nn.Module:
-        """Replace every SyncBatchNorm (covshift's or torch's) by a plain BatchNorm.
-
-        The class is the one recorded by :meth:`convert_sync_batchnorm` (or by
-        ``create_norm("sync_batch", dims=...)``); ``to`` names it for layers without a
-        record (a SyncBatchNorm built directly). Parameters and buffers are shared, as
-        in the conversion. Returns ``module`` itself, or its replacement.
+        """Replace every SyncBatchNorm (covshift's or torch's) by the class recorded by
+        :meth:`convert_sync_batchnorm` or ``create_norm("sync_batch", dims=...)``, else
+        ``to``, sharing parameters and buffers; return ``module`` or its replacement.
 
         Raises:
-            ValueError: a SyncBatchNorm with no recorded class and ``to`` is None (the
-                input rank decides between BatchNorm1d/2d/3d and only you know it).
+            ValueError: no recorded class and no ``to`` (the input rank decides between
+                BatchNorm1d/2d/3d, and only the caller knows it).
         """
+        return _from_sync(module, to)
 
-        return sync_convert.from_sync(module, to)
+
+# Converting to SyncBatchNorm and back, sharing parameters and buffers.
 
 
-kinds.register(
-    kinds.NormKind(
+def _to_sync(module: nn.Module, cls: type[nn.Module], process_group: Any) -> nn.Module:
+    """Replace every plain BatchNorm in ``module`` by ``cls`` (a SyncBatchNorm)."""
+
+    def swap(m: nn.Module) -> nn.Module | None:
+        if isinstance(m, cls) or registry.norm_kind(m) not in ("batch", "sync_batch"):
+            return None
+        own = registry.own_behaviour(m)
+        if own is not None:
+            warnings.warn(
+                f"{own}; left unconverted (converting it would drop its extra behaviour)",
+                stacklevel=4,
+            )
+            return None
+        args = (m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+        new = cls(*args, process_group, bias=m.bias is not None)
+        new.original_class = getattr(m, "original_class", None) or type(m)
+        return _share_state(m, new)
+
+    return _replace_modules(module, swap)
+
+
+def _from_sync(module: nn.Module, to: type[nn.Module] | None) -> nn.Module:
+    """Replace every SyncBatchNorm (covshift's or torch's) in ``module`` by the class it
+    replaced (its ``original_class``), else ``to``."""
+
+    def swap(m: nn.Module) -> nn.Module | None:
+        if registry.norm_kind(m) != "sync_batch":
+            return None
+        target = getattr(m, "original_class", None) or to
+        if target is None:
+            raise ValueError(
+                f"{type(m).__name__}({m.num_features}) has no record of the class it "
+                "replaced; pass to=nn.BatchNorm1d/2d/3d (or covshift's) to revert it"
+            )
+        args = (m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+        return _share_state(m, target(*args, bias=m.bias is not None))
+
+    return _replace_modules(module, swap)
+
+
+def _share_state(src: nn.Module, dst: nn.Module) -> nn.Module:
+    """Make ``dst`` use ``src``'s parameter and buffer objects, and its mode."""
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            if getattr(src, name, None) is not None and getattr(dst, name, None) is not None:
+                setattr(dst, name, getattr(src, name))
+    return dst.train(src.training)
+
+
+def _replace_modules(root: nn.Module, swap: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
+    """Apply ``swap(m) -> replacement | None`` to ``root`` and, below replaced-not
+    modules, to every descendant; a module shared by several parents is replaced once."""
+    done: dict[int, nn.Module | None] = {}
+
+    def visit(m: nn.Module) -> nn.Module:
+        if id(m) not in done:
+            done[id(m)] = swap(m)
+            if done[id(m)] is None:
+                for name, child in list(m.named_children()):
+                    new = visit(child)
+                    if new is not child:
+                        setattr(m, name, new)
+        return done[id(m)] or m
+
+    return visit(root)
+
+
+def _create(num_features: int, *, dims: int, **kw: object) -> SyncBatchNorm:
+    layer = SyncBatchNorm(num_features, **kw)  # type: ignore[arg-type]
+    layer.original_class = registry.get_kind("batch").cls(dims)  # what revert restores
+    return layer
+
+
+registry.register_kind(
+    registry.NormKind(
         "sync_batch", {None: SyncBatchNorm}, {None: nn.SyncBatchNorm}, batch_statistics=True
-    )
+    ),
+    _create,
 )

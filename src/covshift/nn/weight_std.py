@@ -1,24 +1,9 @@
 """Weight Standardization (Qiao et al. 2019, arXiv 1903.10520).
 
-Each output filter of a conv or linear layer is standardized over its fan-in
-before use::
-
-    W_hat[o] = (W[o] - mean(W[o])) / sqrt(var(W[o]) + eps)
-
-with the biased variance over the ``fan_in = in_channels / groups * prod(kernel)``
-entries of filter ``o``. Gradients flow through the standardization (it is part of
-the layer's function, not a reparametrisation done once), which is what smooths the
-loss landscape in the paper; combined with GroupNorm it matches large-batch BN at one
-image per GPU.
-
-Numeric choices: the biased variance with ``eps`` inside the square root (as BN does;
-Qiao et al.'s code adds 1e-5 to the unbiased std instead), default ``eps = 1e-6``
-because a filter's variance is small (about ``1 / (3 fan_in)`` under PyTorch's default
-init, 7e-5 for a 3x3x512 filter) and a larger eps would visibly shrink it. Statistics
-are computed in float32 at least, whatever the weight's dtype. The standardization
-is the shared core's :func:`covshift.nn.functional.normalize` over each filter (a
-LayerNorm over the fan-in without affine), so its backward is the hand-derived one
-of docs/derivations.md.
+Each output filter is standardized over its fan-in before every use,
+``Ŵ[o] = (W[o] - mean W[o]) / sqrt(var W[o] + eps)`` (biased variance, eps 1e-6 by
+default: a filter's variance is about 1 / (3 fan_in)), gradients flowing through it:
+the core's :func:`covshift.nn.functional.normalize` over each filter (§16).
 """
 
 from __future__ import annotations
@@ -27,25 +12,17 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
+from covshift.nn import checks
 from covshift.nn import functional as F
 
 __all__ = ["WSConv2d", "WSLinear", "standardize_weight"]
 
 
 def standardize_weight(weight: Tensor, eps: float = 1e-6) -> Tensor:
-    """Standardize every output filter of ``weight`` (dim 0) over all its other dims.
+    """Standardize every output filter of ``weight`` ``(O, *)`` (a conv or linear weight)
+    over all its other dims, eps added to the biased variance; same shape and dtype.
 
-    Args:
-        weight: a conv or linear weight, output channels first.
-        eps: added to the biased variance before the square root (> 0).
-
-    Shape:
-        weight: ``(O, *)``; returns the same shape and dtype.
-
-    Example:
-        >>> w = standardize_weight(torch.randn(8, 3, 3, 3))
-        >>> w.flatten(1).mean(1).abs().max() < 1e-6
-        tensor(True)
+    Example: ``standardize_weight(torch.randn(8, 3, 3, 3)).flatten(1).mean(1)`` is ~0.
     """
     flat = weight.reshape(weight.shape[0], -1)  # (O, fan_in)
     # The shared core: statistics in float32 at least, hand-derived (and twice
@@ -53,30 +30,12 @@ def standardize_weight(weight: Tensor, eps: float = 1e-6) -> Tensor:
     return F.normalize(flat, 1, eps=eps, channel_dim=None).view_as(weight)
 
 
-def _check_eps(eps: float) -> None:
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0 (it keeps the filter std away from 0), got {eps!r}")
-
-
 class WSConv2d(nn.Conv2d):
-    """Conv2d whose filters are standardized before every use (Weight Standardization).
+    """Conv2d whose filters are standardized before every use (Qiao et al. 2019,
+    arXiv 1903.10520): ``y = conv2d(x, (W - mean_o W) / sqrt(var_o W + eps), b)`` over
+    each output filter ``o``. torch.nn.Conv2d's arguments, and ``eps`` (default 1e-6).
 
-    ``y = conv2d(x, (W - mean_o W) / sqrt(var_o W + eps), b)`` with the mean and the
-    biased variance of each output filter ``o`` over ``(C_in / groups, kH, kW)``.
-    Qiao et al. 2019, "Micro-Batch Training with Batch-Channel Normalization and
-    Weight Standardization" (arXiv 1903.10520).
-
-    Args:
-        Those of :class:`torch.nn.Conv2d`, and
-        eps: added to each filter's variance before the square root. Default: 1e-6.
-
-    Shape:
-        Those of :class:`torch.nn.Conv2d`: ``(N, C_in, H, W) -> (N, C_out, H', W')``.
-
-    Example:
-        >>> conv = WSConv2d(3, 16, kernel_size=3, padding=1)
-        >>> conv(torch.randn(2, 3, 8, 8)).shape
-        torch.Size([2, 16, 8, 8])
+    Example: ``WSConv2d(3, 16, kernel_size=3, padding=1)(torch.randn(2, 3, 8, 8))``.
     """
 
     def __init__(
@@ -94,7 +53,7 @@ class WSConv2d(nn.Conv2d):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        _check_eps(eps)
+        eps = checks.eps_arg(eps)
         super().__init__(
             in_channels,
             out_channels,
@@ -122,23 +81,10 @@ class WSConv2d(nn.Conv2d):
 
 
 class WSLinear(nn.Linear):
-    """Linear layer whose rows are standardized before every use (Weight Standardization).
-
-    ``y = x (W_hat)^T + b`` with ``W_hat[o] = (W[o] - mean W[o]) / sqrt(var W[o] + eps)``
-    over the ``in_features`` entries of row ``o`` (biased variance). Qiao et al. 2019
-    (arXiv 1903.10520) define it for convolutions; a linear layer is a 1x1 conv.
-
-    Args:
-        Those of :class:`torch.nn.Linear`, and
-        eps: added to each row's variance before the square root. Default: 1e-6.
-
-    Shape:
-        ``(*, in_features) -> (*, out_features)``.
-
-    Example:
-        >>> fc = WSLinear(20, 5)
-        >>> fc(torch.randn(4, 20)).shape
-        torch.Size([4, 5])
+    """Linear layer whose rows are standardized before every use (Weight
+    Standardization, Qiao et al. 2019, for convolutions: a linear layer is a 1x1 conv):
+    ``y = x Ŵᵀ + b``, ``Ŵ[o] = (W[o] - mean W[o]) / sqrt(var W[o] + eps)``.
+    torch.nn.Linear's arguments, and ``eps`` (default 1e-6). Example: ``WSLinear(20, 5)``.
     """
 
     def __init__(
@@ -150,7 +96,7 @@ class WSLinear(nn.Linear):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        _check_eps(eps)
+        eps = checks.eps_arg(eps)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.eps = eps
 

@@ -10,13 +10,24 @@
 - :mod:`~covshift.probe.distributed`: the same statistics across torch.distributed ranks.
 - :mod:`~covshift.probe.probe`: :class:`ShiftProbe`, tying them together; its records
   are :class:`ProbeRecord` s (:mod:`~covshift.probe.record`).
-- :mod:`~covshift.probe.metrics`: how far the recorded distributions moved.
+- :mod:`~covshift.probe.norm_stats`: norm layers whose running statistics have seen no
+  batch are probed with the probe batch's own statistics.
+- :mod:`~covshift.probe.metrics`: how far the recorded distributions moved;
+  :mod:`~covshift.probe.usable` and :mod:`~covshift.probe.figures`: which units can
+  carry a scale-relative figure, and the layer figures over those units only.
 - :mod:`~covshift.probe.gradient_ics`, :mod:`~covshift.probe.smoothness`: Santurkar
   et al. 2018's gradient-based shift and landscape smoothness, without side effects.
 - :mod:`~covshift.probe.scalars`: records as ``name -> float`` for loggers.
 - :mod:`~covshift.probe.tensorboard`: export of records to TensorBoard (optional extra).
 """
 
+from covshift.probe.figures import (
+    Figure,
+    drift_figure,
+    floor_figure,
+    fluctuation_figure,
+    relative_gradient_ics,
+)
 from covshift.probe.gradient_ics import GradientICS, GradientICSMonitor, gradient_ics
 from covshift.probe.metrics import (
     Shift,
@@ -39,8 +50,10 @@ from covshift.probe.smoothness import Smoothness, SmoothnessMonitor, landscape_s
 from covshift.probe.stats import Moments, unit_moments, unit_quantiles, unit_view
 from covshift.probe.tensorboard import TensorBoardSink
 from covshift.probe.units import UnitAxis, UnitAxisError, UnitAxisWarning
+from covshift.probe.usable import UnitStates, UsableRule, usable_units
 
 __all__ = [
+    "Figure",
     "GradientICS",
     "GradientICSMonitor",
     "Moments",
@@ -55,7 +68,12 @@ __all__ = [
     "UnitAxis",
     "UnitAxisError",
     "UnitAxisWarning",
+    "UnitStates",
+    "UsableRule",
     "compare",
+    "drift_figure",
+    "floor_figure",
+    "fluctuation_figure",
     "gaussian_kl",
     "gradient_ics",
     "histogram_w1",
@@ -64,10 +82,12 @@ __all__ = [
     "mean_shift",
     "quantile_drift",
     "quantile_w1",
+    "relative_gradient_ics",
     "sample_w1",
     "select_layers",
     "shift_series",
     "unit_moments",
     "unit_quantiles",
     "unit_view",
+    "usable_units",
 ]

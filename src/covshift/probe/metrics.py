@@ -17,7 +17,9 @@ series of records read from the store. :func:`quantile_drift` is the first probe
 single drift figure per layer (docs/probe.md).
 
 Numerics: a standard deviation below ``1e-12`` is taken as ``1e-12`` (a dead unit),
-so the figures stay finite.
+so the figures stay finite. A unit whose record has NaN statistics (it held a
+non-finite value, see :mod:`covshift.probe.summary`) gets NaN figures, and so does a
+layer aggregate over it; nothing is averaged around it.
 """
 
 from __future__ import annotations
@@ -186,10 +188,18 @@ def compare(ref: Mapping[str, np.ndarray], cur: Mapping[str, np.ndarray]) -> Shi
     units = _unit_metrics(ref, cur)
     layer = {k: float(v) for k, v in _aggregate(units).items()}
     if "hist" in ref and "hist" in cur:
-        layer["hist_w1"] = histogram_w1(
-            ref["hist"], ref["hist_edges"], cur["hist"], cur["hist_edges"]
-        )
+        layer["hist_w1"] = _record_hist_w1(ref, cur)
     return Shift(units, layer)
+
+
+def _record_hist_w1(ref: Mapping[str, np.ndarray], cur: Mapping[str, np.ndarray]) -> float:
+    """:func:`histogram_w1` of two records' pooled histograms; NaN when either record
+    has units with non-finite values (its histogram then counts only the other units'
+    values: not the same population) or no finite value at all."""
+    for record in (ref, cur):
+        if np.any(np.asarray(record.get("nonfinite_units", 0)) > 0):
+            return float("nan")
+    return histogram_w1(ref["hist"], ref["hist_edges"], cur["hist"], cur["hist_edges"])
 
 
 def shift_series(
@@ -224,8 +234,8 @@ def shift_series(
     if "hist" in stats and "hist_edges" in stats:
         out["hist_w1"] = np.array(
             [
-                histogram_w1(
-                    ref["hist"][r], ref["hist_edges"][r], cur["hist"][r], cur["hist_edges"][r]
+                _record_hist_w1(
+                    {k: v[r] for k, v in ref.items()}, {k: v[r] for k, v in cur.items()}
                 )
                 for r in range(n)
             ]

@@ -48,6 +48,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -58,6 +59,7 @@ from covshift.probe.collector import Collector
 from covshift.probe.explain import explain_failure as _explain
 from covshift.probe.forward import model_device, probe_forward
 from covshift.probe.hooks import Taps
+from covshift.probe.norm_stats import untrained_norms
 from covshift.probe.probe_args import check_modes, check_statistics, probe_batch
 from covshift.probe.record import ProbeRecord, RecordDelivery, RecordSink
 from covshift.probe.schedule import Schedule
@@ -94,7 +96,9 @@ class ShiftProbe:
             pre-activation fed to a sigmoid) or ``"output"`` (its first tensor output).
         source: ``"probe"`` (the fixed probe batch) or ``"train"`` (live batches).
         mode: how the probe batch goes through the model: ``"eval"`` (default; norms
-            use their running statistics, noise layers are off) or ``"train"`` (norms
+            use their running statistics, or before those have seen a batch the probe
+            batch's own, marked ``norm_batch_stats`` in the record: docs/probe.md;
+            noise layers are off) or ``"train"`` (norms
             use the probe batch's own statistics and noise layers draw, as a training
             forward would). A train-mode record changes nothing: every buffer (running
             statistics, counters) is restored after it and the global random state
@@ -260,9 +264,11 @@ class ShiftProbe:
         reduce = self._reduce if self._reduce is not None else dist_ops.world_size() > 1
         return self._group if reduce else False
 
-    def _emit(self, step: int) -> list[ProbeRecord]:
+    def _emit(self, step: int, batch_norms: int = 0) -> list[ProbeRecord]:
         try:
             host = to_host(self._collector.pending)  # one transfer for the whole record
+            for stats in host.values() if batch_norms else ():
+                stats["norm_batch_stats"] = np.array(batch_norms, dtype=np.int64)
             axes = dict(self._collector.axes)
         finally:
             self._collector.clear()
@@ -284,7 +290,7 @@ class ShiftProbe:
             self._delivery.deliver(self._background.collect(wait=False))
         if not self.schedule.due(step):
             return False
-        if self._use_background():
+        if self._use_background() and not untrained_norms(self.model):
             self._submit(step)
         else:
             self.record_now(step)
@@ -348,11 +354,13 @@ class ShiftProbe:
             self._device_inputs = (device, self._inputs.to(device))
         return self._device_inputs[1]
 
-    def _forward(self, batch: ProbeBatch) -> None:
+    def _forward(self, batch: ProbeBatch) -> int:
         self._collector.clear()
         self._collector.batch = batch
-        probe_forward(self.model, batch, self.mode, self._taps)
+        local = self._group_arg() is False
+        batch_norms = probe_forward(self.model, batch, self.mode, self._taps, local=local)
         self._checked = True
+        return batch_norms
 
     def record_now(self, step: int) -> list[ProbeRecord]:
         """Run the probe batch through the model and record every chosen layer."""
@@ -362,8 +370,7 @@ class ShiftProbe:
                 "from the training forwards (call maybe_record(step) after each step)"
             )
         self.flush()  # records reach the sink in step order
-        self._forward(self._device_batch())
-        return self._emit(step)
+        return self._emit(step, self._forward(self._device_batch()))
 
     def check(self) -> list[str]:
         """Run the probe batch once without recording: fails early, with a message

@@ -29,7 +29,9 @@ class ProbeRecord:
 
     ``stats["quantiles"]`` has shape ``(len(quantile_levels), U)``; ``stats["mean"]`` and
     ``stats["std"]`` have shape ``(U,)``; the other keys are listed in
-    :mod:`covshift.probe.summary`. ``activation`` is the kind of activation the values
+    :mod:`covshift.probe.summary`, and ``norm_batch_stats`` (0-d, present only then) is
+    the number of norm layers that normalized the probe batch with its own statistics
+    (:mod:`covshift.probe.norm_stats`). ``activation`` is the kind of activation the values
     feed (``"sigmoid"``, ``"tanh"``, ``"relu"``), which the saturation figures refer to.
     ``unit_axis`` is the axis of the recorded values that holds the ``U`` units and how
     it was found (:class:`~covshift.probe.units.UnitAxis`; None for records that are not

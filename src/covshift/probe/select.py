@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from covshift.nn import kinds
+from covshift.nn import registry
 
 __all__ = [
     "AUTO_MODES",
@@ -48,7 +48,7 @@ __all__ = [
 LayerSpec = str | type[nn.Module]
 
 # torch.nn's norm classes, from covshift.nn's registry of norm kinds, and LocalResponseNorm.
-_NORM_TYPES: tuple[type[nn.Module], ...] = (*kinds.torch_classes(), nn.LocalResponseNorm)
+_NORM_TYPES: tuple[type[nn.Module], ...] = (*registry.torch_classes(), nn.LocalResponseNorm)
 # Norms from other libraries (covshift.nn, timm, user code) are recognized by name.
 _NORM_NAME = re.compile(r"(Norm|Renorm|Normalization)(\d+d)?$")
 
@@ -93,8 +93,13 @@ AUTO_MODES = ("auto", "auto:norm", "auto:act", "auto:linear")
 
 
 def is_norm(module: nn.Module) -> bool:
-    """A normalization layer: torch.nn's, or any class named ``...Norm[Nd]``."""
-    return isinstance(module, _NORM_TYPES) or bool(_NORM_NAME.search(type(module).__name__))
+    """A normalization layer: torch.nn's, a kind of covshift.nn's registry (Dynamic
+    Tanh among them), or any class named ``...Norm[Nd]``."""
+    return (
+        isinstance(module, _NORM_TYPES)
+        or bool(_NORM_NAME.search(type(module).__name__))
+        or registry.match(type(module)) is not None
+    )
 
 
 # Class names of activations in other libraries: transformers' GELUActivation,

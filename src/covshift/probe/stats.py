@@ -89,19 +89,45 @@ def row_mean_m2(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     this several times faster than torch's.
     """
     m = rows.shape[1]
-    if rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64):
+    if _numpy_ok(rows):
         a = rows.detach().numpy()
-        mean = np.add.reduce(a, axis=1, dtype=np.float64) / m
-        c = mean.astype(a.dtype)
-        d = a - c[:, None]
-        np.square(d, out=d)
-        m2 = np.add.reduce(d, axis=1, dtype=np.float64) - m * (mean - c) ** 2
+        # Non-finite values make non-finite sums (counted by the caller, not warned
+        # about); squares of float32 deviations past ~1.8e19 overflow, and those rows
+        # are summed again in float64 below.
+        with np.errstate(over="ignore", invalid="ignore"):
+            mean = np.add.reduce(a, axis=1, dtype=np.float64) / m
+            c = mean.astype(a.dtype)
+            d = a - c[:, None]
+            np.square(d, out=d)
+            m2 = np.add.reduce(d, axis=1, dtype=np.float64) - m * (mean - c) ** 2
+        overflowed = np.isfinite(mean) & ~np.isfinite(m2)
+        if overflowed.any():
+            m2[overflowed] = _m2_float64(a[overflowed], mean[overflowed])
         return torch.from_numpy(mean), torch.from_numpy(m2)
     mean = rows.sum(dim=1, dtype=torch.float64) / m
     c = mean.to(rows.dtype)
     d = rows - c[:, None]
     m2 = (d * d).sum(dim=1, dtype=torch.float64) - m * (mean - c.double()).square()
+    # Finite values whose float32 squares overflowed: those rows again in float64 (the
+    # test is one synchronization on CUDA, taken for the right number).
+    overflowed = torch.isfinite(mean) & ~torch.isfinite(m2)
+    if bool(overflowed.any()):
+        again = (rows[overflowed].double() - mean[overflowed, None]).square().sum(dim=1)
+        m2 = m2.masked_scatter(overflowed, again)
     return mean, m2
+
+
+def _numpy_ok(rows: torch.Tensor) -> bool:
+    """Whether numpy can reduce ``rows`` in place (CPU, float32 or float64)."""
+    return rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64)
+
+
+def _m2_float64(a: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """Sum of squared deviations of rows of finite ``a`` around ``mean``, in float64
+    (float32 values are below 3.5e38, so their squares stay below 1.2e77)."""
+    d = a.astype(np.float64) - mean[:, None]
+    with np.errstate(over="ignore"):  # float64 values past 1e154: +inf, an honest answer
+        return np.add.reduce(d * d, axis=1)
 
 
 @dataclass(frozen=True)

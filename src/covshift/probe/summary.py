@@ -21,7 +21,16 @@ hist_edges         (B + 1,)  equal-width edges from the minimum to the maximum v
 unit_hist          (U, B)    per-unit counts in the same edges (``unit_histograms=True``)
 saturation         (U,)      fraction of saturated inputs of the following activation
 pooled_saturation  ()        the same over all units
+nonfinite_units    ()        units with at least one non-finite value (inf or NaN)
 ================== ========= ==========================================================
+
+Non-finite values (a diverging network's inf and NaN) are counted, never averaged
+into a number: a unit with one has NaN for its mean, std, quantiles and saturation,
+and a zero row in ``unit_hist``; the pooled statistics of a record with such a unit
+are NaN; ``hist`` counts the values of the other units, in edges spanning theirs
+(all NaN when no unit is finite). ``nonfinite_units`` says how many units that was.
+Finite values too large for float32 squares (past ~1.8e19) are summed in float64, so
+their std is the finite number it is.
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ __all__ = ["StatsConfig", "saturation_stats", "summarize", "to_host"]
 # Final dtypes on the host; anything not listed is float32.
 _HOST_DTYPES = {
     "count": np.int64,
+    "nonfinite_units": np.int64,
     "hist": np.int64,
     "unit_hist": np.int64,
     "hist_edges": np.float64,
@@ -119,13 +129,18 @@ def summarize(
     moments = Moments.of_rows(rows)
     if reduce:
         moments = dist_ops.gather_moments(moments, grp)
+    # A float64 sum of values is non-finite exactly when one of them is (float32 values
+    # cannot overflow it), so the unit's mean tells, with no pass over the values.
+    bad = ~torch.isfinite(moments.mean)  # (U,)
+    any_bad = bad.any()  # 0-d: torch.where below takes it without a synchronization
     pooled = moments.pooled()
     out: dict[str, torch.Tensor] = {
         "count": moments.count,
-        "mean": moments.mean,
-        "std": moments.std,
-        "pooled_mean": pooled.mean[0],
-        "pooled_std": pooled.std[0],
+        "mean": _unmeasured(moments.mean, bad),
+        "std": _unmeasured(moments.std, bad),
+        "pooled_mean": _unmeasured(pooled.mean[0], any_bad),
+        "pooled_std": _unmeasured(pooled.std[0], any_bad),
+        "nonfinite_units": bad.sum(),
     }
     if not (config.quantiles or config.bins):
         if activation is not None:
@@ -135,25 +150,37 @@ def summarize(
         rows = dist_ops.gather_rows(rows.t(), grp).t().contiguous()
     ordered = sort_rows(rows)  # (U, M)
     if config.quantiles:
-        out["quantiles"] = row_quantiles(ordered, config.quantiles)
+        out["quantiles"] = _unmeasured(row_quantiles(ordered, config.quantiles), bad)
         if config.pooled_quantiles:
             flat = sort_rows(ordered.reshape(1, -1))[0]
-            out["pooled_quantiles"] = quantiles_of_sorted(flat, config.quantiles)
+            pooled_q = quantiles_of_sorted(flat, config.quantiles)
+            out["pooled_quantiles"] = _unmeasured(pooled_q, any_bad)
         out["quantile_levels"] = _levels(config.quantiles, rows.device)
     if config.bins:
-        lo, hi = ordered[:, 0].min(), ordered[:, -1].max()
+        # Edges over the finite units' values (their rows' ends, sorted): a row with
+        # an inf or NaN would stretch them to infinity.
+        inf = torch.full((), math.inf, dtype=ordered.dtype, device=ordered.device)
+        lo = torch.where(bad, inf, ordered[:, 0]).min()
+        hi = torch.where(bad, -inf, ordered[:, -1]).max()
         edges = histogram_edges(lo, hi, config.bins, ordered.dtype)
-        counts = sorted_histogram(ordered, edges)  # (U, B)
+        edges = torch.where(lo <= hi, edges, torch.nan)  # no finite unit: no edges
+        counts = sorted_histogram(ordered, edges) * (~bad)[:, None]  # (U, B)
         out["hist_edges"] = edges.double()
         out["hist"] = counts.sum(dim=0)
         if config.unit_histograms:
             out["unit_hist"] = counts
     if activation is not None:
         per_unit = sorted_saturated(ordered, activation, config.saturation_slope)
-        per_unit = per_unit / ordered.shape[1]
+        per_unit = _unmeasured(per_unit / ordered.shape[1], bad)
         out["saturation"] = per_unit
-        out["pooled_saturation"] = per_unit.mean()
+        out["pooled_saturation"] = per_unit.mean()  # NaN when a unit's is
     return out
+
+
+def _unmeasured(stat: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """``stat`` with NaN where ``bad`` (broadcast along the last axis: units): the
+    statistics of values of which some are not finite are not measured."""
+    return torch.where(bad, torch.nan, stat)
 
 
 @functools.lru_cache(maxsize=64)
@@ -173,16 +200,19 @@ def saturation_stats(
     ``unit_dim`` (None: ``config.unit_dim``)."""
     dim = config.unit_dim if unit_dim is None else unit_dim
     values = _as_float(unit_view(value, dim))
+    units = values.shape[1]
     counts = torch.cat(
         [
             saturated(values, kind, config.saturation_slope),
+            (~torch.isfinite(values)).sum(dim=0, dtype=torch.float64),
             # torch.full, not new_tensor: no host-to-device copy on CUDA.
             torch.full((1,), float(values.shape[0]), dtype=torch.float64, device=values.device),
         ]
-    )  # (U + 1,): counts, then M
+    )  # (2U + 1,): saturated counts, non-finite counts, then M
     if group is not False:
         counts = dist_ops.all_sum(counts, None if group is True else group)
-    per_unit = counts[:-1] / counts[-1]
+    # A unit with a non-finite value has no saturation (NaN is not saturated, nor not).
+    per_unit = _unmeasured(counts[:units] / counts[-1], counts[units:-1] > 0)
     return {"saturation": per_unit, "pooled_saturation": per_unit.mean()}
 
 

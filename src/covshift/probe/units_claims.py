@@ -69,16 +69,17 @@ _TORCH_FORWARDS: tuple[Any, ...] = tuple(
 
 
 def _own_forward_is_known(module: nn.Module) -> bool:
-    """Whether the module computes torch's LayerNorm/RMSNorm or covshift's (so a
-    normalized_shape of (C,) certainly means the last axis)."""
+    """Whether the module computes torch's LayerNorm/RMSNorm or covshift's (or
+    covshift's Dynamic Tanh), so that a normalized_shape of (C,) certainly means the
+    last axis."""
     forward = type(module).forward
     if forward in _TORCH_FORWARDS:
         return True
     try:
-        from covshift.nn import layers
+        from covshift.nn import dyt, layers
     except ImportError:  # pragma: no cover - covshift.nn is part of the package
         return False
-    return forward in (layers.LayerNorm.forward, layers.RMSNorm.forward)
+    return forward in (layers.LayerNorm.forward, layers.RMSNorm.forward, dyt.DyT.forward)
 
 
 def _norm_claim(module: nn.Module) -> UnitClaim | None:
@@ -179,6 +180,11 @@ def layer_claim(module: nn.Module, side: str) -> UnitClaim | None:
         return UnitClaim(-1, module.embed_dim, f"{cls}.embed_dim={module.embed_dim}")
     if is_norm(module):
         return _norm_claim(module)
+    # Any module may say that its values have features last (covshift's transformer
+    # blocks and their identity norms): ``channels_last = True`` and ``num_features``.
+    n = _int(getattr(module, "num_features", None))
+    if getattr(module, "channels_last", None) is True and n is not None:
+        return UnitClaim(-1, n, f"{cls}.channels_last=True, num_features={n}")
     return None
 
 

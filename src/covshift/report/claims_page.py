@@ -33,7 +33,10 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: now
 .supported { color: #1a7f37; font-weight: 600; }
 .contradicted { color: #b42318; font-weight: 600; }
 .inconclusive { color: #9a6700; font-weight: 600; }
-.not-measured { color: #777; }
+.not-measured, .not-measurable { color: #777; }
+.pass { color: #1a7f37; font-weight: 600; }
+.fail { color: #b42318; font-weight: 600; }
+.not-interpretable { color: #6f42c1; font-weight: 600; }
 img { max-width: 100%; border: 1px solid #eee; }
 code { background: #f5f5f5; padding: 0 0.2em; }
 section.claim { border-top: 1px solid #ddd; margin-top: 1.5em; }
@@ -97,10 +100,45 @@ def _section(result: dict[str, Any], config: ExperimentConfig, image: str) -> st
         f"<code>{html.escape(result['rule'])}</code>, value {result['value']:g}, margin "
         f"{result['margin']:g}: {html.escape(result['rule_text'])}"
     )
+    if result.get("margin_reason"):
+        rule += f"<br><i>Margin:</i> {html.escape(result['margin_reason'])}"
     seeds = f"{result['seeds']} of {result['seeds_total']}: {per_seed or '&ndash;'}"
+    kind = result.get("kind", "hypothesis")
+    extra = ""
+    if result.get("p_value") is not None:
+        adjusted = ""
+        if result.get("p_adjusted") is not None:
+            adjusted = (
+                f"; {html.escape(str(result['adjust_method']))}-adjusted over "
+                f"{result['family_size']} hypotheses: {_num(result['p_adjusted'], 2)} and "
+                f"{_num(result['p_adjusted_contradict'], 2)} (Benjamini-Hochberg: "
+                f"{_num(result.get('p_adjusted_bh'), 2)})"
+            )
+        method = html.escape(str(result.get("p_method", "")))
+        extra += (
+            f"<tr><th>p-values</th><td>{_num(result['p_value'], 2)} for the claim, "
+            f"{_num(result['p_contradict'], 2)} against it ({method}){adjusted}</td></tr>"
+        )
+    censored = result.get("censored") or {}
+    if censored.get("censored"):
+        extra += (
+            f"<tr><th>censored</th><td>{html.escape(str(censored.get('side')))}: "
+            f"{html.escape(censored.get('note', ''))} ({censored.get('seeds')} seeds)</td></tr>"
+        )
+    if result.get("units"):
+        extra += (
+            f"<tr><th>units</th><td>{result['excluded_units']} of {result['units']} excluded "
+            "as degenerate (collapsed, saturated or dead), summed over the points read</td></tr>"
+        )
+    if result.get("controls"):
+        extra += (
+            f"<tr><th>positive controls</th><td>{html.escape(', '.join(result['controls']))}"
+            "</td></tr>"
+        )
+    title = ("Check: " if kind == "check" else "") + html.escape(result["id"])
     return f"""<section class="claim" id="{html.escape(_anchor(result))}">
-<h2>{html.escape(result["id"])}{where}</h2>
-<p><b>Claim:</b> {html.escape(result["text"])}</p>
+<h2>{title}{where}</h2>
+<p><b>{"Check" if kind == "check" else "Claim"}:</b> {html.escape(result["text"])}</p>
 {reading}
 <table>
 <tr><th>statistic</th><td>{html.escape(describe_statistic(result, config))}</td></tr>
@@ -108,6 +146,7 @@ def _section(result: dict[str, Any], config: ExperimentConfig, image: str) -> st
 <tr><th>estimate</th><td class="num">{_num(result["estimate"])}</td></tr>
 <tr><th>95% interval</th><td class="num">{fmt_interval(result)}</td></tr>
 <tr><th>seeds</th><td>{seeds}</td></tr>
+{extra}
 <tr><th>verdict</th><td>{_verdict(result)} ({html.escape(result["reason"])})</td></tr>
 </table>
 <img alt="figure of {html.escape(result["id"])}" src="data:image/png;base64,{image}">
@@ -157,7 +196,9 @@ def write_claims(
         ", ".join(str(s) for s in config.seeds)
     }. Each claim's statistic is computed once per seed; the estimate is the
 {html.escape(INTERVAL_METHOD)}. The verdict applies the rule written in the preset
-before the run; a claim measured on one seed is inconclusive. Numbers:
+before the run, on one-sided p-values Holm-adjusted over this experiment's hypotheses;
+checks (controls of the instrument and the setup) pass or fail apart and are not
+findings; a claim measured on one seed is inconclusive. Numbers:
 <a href="claims.json">claims.json</a>.</p>
 {claims_table_html(results, link="")}
 {"".join(sections)}

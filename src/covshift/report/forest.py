@@ -81,7 +81,14 @@ def _row(ax: Any, r: dict[str, Any]) -> None:
         if r.get("measurable") is False:
             text = "not measurable"
         ax.text(
-            0.5, 0, text, transform=ax.transAxes, ha="center", va="center", fontsize=7, color=color
+            0.5,
+            0.5,
+            text,
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            fontsize=7,
+            color=color,
         )
         return
     a, b = r["interval"]
@@ -99,6 +106,30 @@ def _row(ax: Any, r: dict[str, Any]) -> None:
     ax.plot([r["estimate"]], [0], "o", color=color, ms=4)
 
 
+def _fmt(x: float | None) -> str:
+    if x is None or not math.isfinite(x):
+        return "-inf" if x is not None and x < 0 else "inf" if x is not None else "-"
+    return f"{x:+.3g}"
+
+
+def _numbers(r: dict[str, Any]) -> str:
+    """The row's estimate, interval, adjusted p and marks, as text."""
+    if r["estimate"] is None:
+        return r["verdict"]
+    text = _fmt(r["estimate"])
+    if r["interval"] is not None:
+        text += f" [{_fmt(r['interval'][0])}, {_fmt(r['interval'][1])}]"
+    p = r["p_adjusted_contradict"] if r["verdict"] == "contradicted" else r.get("p_adjusted")
+    if p is not None:
+        text += f"  p adj {p:.2g}"
+    marks = []
+    if (r.get("censored") or {}).get("censored"):
+        marks.append("censored")
+    if r.get("excluded_units"):
+        marks.append(f"{r['excluded_units']} units excluded")
+    return text + (f"  ({', '.join(marks)})" if marks else "")
+
+
 def forest_plot(results: Sequence[dict[str, Any]], out_dir: Path, stem: str) -> Path | None:
     """Draw the hypotheses of ``results`` (grouped by ``preset``); PNG path, or None
     without hypotheses."""
@@ -112,19 +143,22 @@ def forest_plot(results: Sequence[dict[str, Any]], out_dir: Path, stem: str) -> 
             groups.append((name, []))
         groups[-1][1].append(r)
     lines = sum(len(g) + 1 for _, g in groups)
-    fig = plt.figure(figsize=(9.0, 0.26 * lines + 0.8))
-    grid = fig.add_gridspec(lines, 1, hspace=0.15, left=0.36, right=0.97, top=0.985, bottom=0.01)
+    # Each row on its own scale (accuracies, step counts, drifts and correlations do not
+    # share one), with its own tick labels and its numbers written beside it.
+    fig = plt.figure(figsize=(11.0, 0.42 * lines + 0.8))
+    grid = fig.add_gridspec(lines, 1, hspace=1.1, left=0.31, right=0.74, top=0.99, bottom=0.01)
     line = 0
     for name, group in groups:
         head = fig.add_subplot(grid[line, 0])
         head.axis("off")
-        head.text(-0.56, 0.1, name, transform=head.transAxes, fontsize=9, weight="bold")
+        head.text(-0.45, 0.0, name, transform=head.transAxes, fontsize=9, weight="bold")
         line += 1
         for r in group:
             ax = fig.add_subplot(grid[line, 0])
             _row(ax, r)
-            ax.tick_params(axis="x", labelsize=6, length=2, pad=1)
-            ax.locator_params(axis="x", nbins=4)
+            ax.tick_params(axis="x", labelsize=5.5, length=2, pad=1)
+            ax.locator_params(axis="x", nbins=5)
+            color = VERDICT_COLORS.get(r["verdict"], "black")
             ax.text(
                 -0.01,
                 0.5,
@@ -133,24 +167,18 @@ def forest_plot(results: Sequence[dict[str, Any]], out_dir: Path, stem: str) -> 
                 ha="right",
                 va="center",
                 fontsize=7,
-                color=VERDICT_COLORS.get(r["verdict"], "black"),
+                color=color,
             )
-            marks = []
-            if (r.get("censored") or {}).get("censored"):
-                marks.append("censored")
-            if r.get("excluded_units"):
-                marks.append(f"{r['excluded_units']} units excluded")
-            if marks:
-                ax.text(
-                    1.0,
-                    1.0,
-                    ", ".join(marks),
-                    transform=ax.transAxes,
-                    ha="right",
-                    va="bottom",
-                    fontsize=5.5,
-                    color="#555555",
-                )
+            ax.text(
+                1.02,
+                0.5,
+                _numbers(r),
+                transform=ax.transAxes,
+                ha="left",
+                va="center",
+                fontsize=6.5,
+                color=color,
+            )
             line += 1
     png, _ = save_figure(fig, out_dir, stem)
     plt.close(fig)

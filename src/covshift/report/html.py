@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from covshift.experiments.config import ExperimentConfig
+from covshift.experiments.config import ExperimentConfig, ModelSpec, OptimizerSpec
 from covshift.experiments.grid import format_axes
 from covshift.experiments.summary import json_safe, write_points_csv
 from covshift.report.claims_page import CLAIMS_CSS, claims_table_html, write_claims
@@ -54,24 +54,40 @@ def _cell_name(config: ExperimentConfig, cell: dict[str, Any]) -> str:
     return html.escape(config.networks[cell["network"]].label + (f" ({axes})" if axes else ""))
 
 
+def _network_text(m: ModelSpec) -> str:
+    if m.kind == "transformer":
+        return (
+            f"decoder-only transformer, {m.depth} blocks, d_model {m.width}, {m.heads} "
+            f"heads, context {m.context}, MLP {m.mlp_ratio} x d_model (GELU), "
+            f"{m.norm_position}-norm"
+        )
+    return (
+        f"{m.kind.upper()} {m.depth} x {m.width} {m.activation}, norm "
+        f"{m.norm_position} the activation"
+    )
+
+
+def _optimizer_text(o: OptimizerSpec) -> str:
+    warmup = f", linear warm-up over {o.warmup_steps} steps" if o.warmup_steps else ""
+    if o.kind == "adamw":
+        return (
+            f"AdamW, lr {o.lr:g}, betas ({o.betas[0]:g}, {o.betas[1]:g}), "
+            f"weight decay {o.weight_decay:g}{warmup}"
+        )
+    return f"SGD, lr {o.lr:g}, momentum {o.momentum:g}, weight decay {o.weight_decay:g}{warmup}"
+
+
 def _settings_rows(config: ExperimentConfig) -> list[list[str]]:
     m, o, p = config.model, config.optimizer, config.probe
     rows = [
         ("dataset", config.dataset + (f" ({config.data_dir})" if config.data_dir else "")),
-        (
-            "network",
-            f"{m.kind.upper()} {m.depth} x {m.width} {m.activation}, norm "
-            f"{m.norm_position} the activation",
-        ),
+        ("network", _network_text(m)),
         (
             "networks",
             "; ".join(f"{n.label}: norm = {n.resolve(m).norm}" for n in config.networks.values()),
         ),
         ("steps, batch size", f"{config.steps:,}, {config.batch_size}"),
-        (
-            "optimizer",
-            f"SGD, lr {o.lr:g}, momentum {o.momentum:g}, weight decay {o.weight_decay:g}",
-        ),
+        ("optimizer", _optimizer_text(o)),
         ("initialization", f"{m.init}" + (f", std {m.init_std:g}" if m.init == "gaussian" else "")),
         ("norm settings", ", ".join(f"{k} = {v}" for k, v in m.norm_kwargs.items()) or "defaults"),
         (

@@ -1,12 +1,19 @@
 """The results store (SQLite): runs, their series and probe records, experiments."""
 
-from covshift.store.errors import NoStoreError, StoreError
-from covshift.store.housekeeping import Orphan, close_stale_runs, orphan_checkpoints, stale_runs
+from covshift.store.errors import NoStoreError, StorageFault, StoreDamagedError, StoreError
+from covshift.store.housekeeping import (
+    Orphan,
+    close_stale_runs,
+    orphan_checkpoints,
+    set_aside_checkpoints,
+    stale_runs,
+)
 from covshift.store.ownership import pid_alive
 from covshift.store.rows import (
     FINAL_OUTCOMES,
     RUN_STATUSES,
     Claim,
+    Event,
     ExperimentPoint,
     NewRun,
     ProbeUnits,
@@ -21,16 +28,20 @@ __all__ = [
     "RUN_STATUSES",
     "SCHEMA_VERSION",
     "Claim",
+    "Event",
     "ExperimentPoint",
     "NewRun",
     "NoStoreError",
     "Orphan",
     "ProbeUnits",
     "RunInfo",
+    "StorageFault",
     "Store",
+    "StoreDamagedError",
     "StoreError",
     "close_stale_runs",
     "orphan_checkpoints",
     "pid_alive",
+    "set_aside_checkpoints",
     "stale_runs",
 ]

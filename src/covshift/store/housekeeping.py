@@ -7,12 +7,15 @@ be done; :func:`close_stale_runs` marks it ``failed`` (kept, still resumable) or
 removes it with its records and checkpoint (its point then counts as never run).
 
 Checkpoints live in ``<store folder>/checkpoints/`` as ``<store id>-run-<id>.pt``
-(:meth:`Store.checkpoint_path`). :func:`orphan_checkpoints` finds those that nothing
-will load: a checkpoint of this store whose run is gone or has a final outcome, a
-temporary file left by a kill during a save, and a checkpoint of a store that no
-longer exists in the folder (no SQLite file there carries its store id). Checkpoints
-of another live store in the same folder are left alone, as are files covshift does
-not name.
+(:meth:`Store.checkpoint_path`), each with its digest file ``.pt.sha256``.
+:func:`orphan_checkpoints` finds those that nothing will load: a checkpoint (or digest
+file) of this store whose run is gone or has a final outcome, a temporary file left
+by a kill during a save, and a checkpoint of a store that no longer exists in the
+folder (no SQLite file there carries its store id). Checkpoints of another live store
+in the same folder are left alone, as are files covshift does not name, and the
+checkpoints set aside as damaged or unverified (``.pt.damaged-<time>``,
+``.pt.unverified-<time>``), which :func:`set_aside_checkpoints` lists: they are kept
+for whoever wants to see what went wrong, and deleted by hand.
 """
 
 from __future__ import annotations
@@ -26,9 +29,20 @@ from covshift.store.errors import StoreError
 from covshift.store.rows import FINAL_OUTCOMES, RunInfo
 from covshift.store.store import Store
 
-__all__ = ["Orphan", "close_stale_runs", "orphan_checkpoints", "stale_runs"]
+__all__ = [
+    "Orphan",
+    "close_stale_runs",
+    "orphan_checkpoints",
+    "set_aside_checkpoints",
+    "stale_runs",
+]
 
-_CHECKPOINT_NAME = re.compile(r"^(?P<store>[0-9a-f]{12})-run-(?P<run>\d+)\.pt(?P<tmp>\.tmp)?$")
+_CHECKPOINT_NAME = re.compile(
+    r"^(?P<store>[0-9a-f]{12})-run-(?P<run>\d+)\.pt(?P<digest>\.sha256)?(?P<tmp>\.tmp)?$"
+)
+_SET_ASIDE_NAME = re.compile(
+    r"^(?P<store>[0-9a-f]{12})-run-(?P<run>\d+)\.pt\.(?P<why>damaged|unverified)-[0-9TZ-]+(\.sha256)?$"
+)
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
@@ -69,7 +83,8 @@ def close_stale_runs(store: Store, runs: list[RunInfo], *, remove: bool) -> list
 
 def _checkpoint_files(store: Store, run_id: int) -> list[Path]:
     path = store.checkpoint_path(run_id)
-    return [path, path.with_name(path.name + ".tmp")]
+    names = (path.name, path.name + ".sha256")
+    return [path.with_name(n + tmp) for n in names for tmp in ("", ".tmp")]
 
 
 def _store_ids_in(folder: Path) -> set[str]:
@@ -126,3 +141,25 @@ def _own_reason(store: Store, run_id: int, temporary: bool) -> str | None:
     if temporary and run.status != "running":
         return f"an unfinished save of run {run_id}, which is {run.status}"
     return None
+
+
+def set_aside_checkpoints(store: Store) -> list[Orphan]:
+    """The checkpoints of this store set aside as damaged or unverified (kept, never
+    loaded again; see the module docstring), with what happened, sorted by name."""
+    folder = store.path.parent / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in sorted(folder.iterdir()):
+        match = _SET_ASIDE_NAME.match(path.name)
+        if match is None or match["store"] != store.store_id[:12] or not path.is_file():
+            continue
+        why = (
+            "failed its digest check or could not be read"
+            if match["why"] == "damaged"
+            else "had no digest (an older covshift's)"
+        )
+        found.append(
+            Orphan(path, f"run {match['run']}'s checkpoint {why}; set aside", path.stat().st_size)
+        )
+    return found

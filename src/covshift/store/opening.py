@@ -13,6 +13,11 @@ A store is one SQLite file in WAL mode. What a path can hold, and what opening d
 - a file that cannot be written (permissions, an immutable flag, a read-only file
   system): a reading open reads it; a write raises a
   :class:`~covshift.store.errors.StoreError` that says the file is read-only.
+- a damaged store (truncated; a table, column, key or index its version promises
+  missing; see :mod:`covshift.store.damage`): refused with
+  :class:`~covshift.store.errors.StoreDamagedError`, before anything is written to it
+  (not even its journal mode), whether the open would write or only read.
+- a file that is not SQLite's: refused untouched.
 """
 
 from __future__ import annotations
@@ -23,20 +28,31 @@ import uuid
 from pathlib import Path
 
 from covshift._version import __version__
-from covshift.store.errors import NoStoreError, StoreError, is_read_only, not_writable
+from covshift.store.damage import check_header, check_promise
+from covshift.store.errors import (
+    NoStoreError,
+    StoreError,
+    damaged,
+    is_read_only,
+    not_writable,
+    storage_error,
+)
+from covshift.store.guard import GuardedConnection
 from covshift.store.schema import SCHEMA_VERSION, migrate, stored_version
 
 __all__ = ["open_store"]
 
 _SQLITE_CANTOPEN = 14
+# Tables every covshift store has had since schema 1 (besides meta).
+_RECORDS = {"runs", "scalars", "probe_records"}
 # Said of a file that holds no store yet, on a reading open.
 _LEFT_BY_INTERRUPTION = "an interrupted first run leaves one behind; the next run initialises it"
 
 
-def open_store(path: Path, *, create: bool) -> tuple[sqlite3.Connection, str]:
+def open_store(path: Path, *, create: bool) -> tuple[GuardedConnection, str]:
     """Connect to the store at ``path`` (``create``: make it when there is none) and
-    return the connection (autocommit: each write takes its own transaction) and the
-    store's id."""
+    return the connection (autocommit: each write takes its own transaction; SQLite's
+    errors about the file said as :class:`StoreError`) and the store's id."""
     if path.is_dir():
         raise StoreError(f"{path} is a folder; give the path of a .db file")
     if not create and not path.is_file():
@@ -47,13 +63,13 @@ def open_store(path: Path, *, create: bool) -> tuple[sqlite3.Connection, str]:
             f"{path} is an empty file, not a covshift store ({_LEFT_BY_INTERRUPTION})"
         )
     try:
+        if path.is_file():
+            check_header(path)  # before SQLite reads (or writes) a byte of it
         if create:
             _create_file(path)
         db = sqlite3.connect(path, timeout=60.0, isolation_level=None)
     except OSError as e:
-        if is_read_only(e):
-            raise not_writable(path, e) from None
-        raise
+        raise storage_error(path, e) or e from None
     except sqlite3.DatabaseError as e:
         raise _unusable(path, e) from None
     try:
@@ -63,7 +79,7 @@ def open_store(path: Path, *, create: bool) -> tuple[sqlite3.Connection, str]:
         if isinstance(e, sqlite3.DatabaseError):
             raise _unusable(path, e) from None
         raise
-    return db, store_id
+    return GuardedConnection(db, path), store_id
 
 
 def _create_file(path: Path) -> None:
@@ -76,8 +92,8 @@ def _create_file(path: Path) -> None:
 
 
 def _unusable(path: Path, error: sqlite3.DatabaseError) -> StoreError:
-    """The error for a database SQLite could not use: one that cannot be written, or
-    (only then) one that is broken."""
+    """The error for a database SQLite could not use: one that cannot be written, a
+    full or failing disk, a damaged file, or (only then) one that is not usable."""
     if is_read_only(error):
         return not_writable(path, error)
     code = getattr(error, "sqlite_errorcode", None)  # Python >= 3.11
@@ -86,7 +102,9 @@ def _unusable(path: Path, error: sqlite3.DatabaseError) -> StoreError:
         # A store in WAL mode is read through its -shm file, which SQLite creates beside
         # the store when missing: a read-only folder makes even reading fail.
         return not_writable(path, error, folder=True)
-    return StoreError(f"{path}: not a usable SQLite database ({error})")
+    return storage_error(path, error) or StoreError(
+        f"{path}: not a usable SQLite database ({error})"
+    )
 
 
 def _open(db: sqlite3.Connection, path: Path, *, create: bool) -> str:
@@ -99,21 +117,31 @@ def _open(db: sqlite3.Connection, path: Path, *, create: bool) -> str:
             f"({_LEFT_BY_INTERRUPTION})"
         )
     if tables and "meta" not in tables:
+        if _RECORDS <= tables:  # a covshift store's tables, without its meta table
+            raise damaged(path, "its meta table (schema version, store id) is missing")
         raise StoreError(
             f"{path}: an SQLite file, but not a covshift store "
             f"(tables: {', '.join(sorted(tables))})"
         )
-    db.execute("PRAGMA journal_mode=WAL")
-    # NORMAL is durable across application crashes in WAL mode; only a power loss can
-    # drop the last transactions, and never corrupts the file.
-    db.execute("PRAGMA synchronous=NORMAL")
-    db.execute("PRAGMA foreign_keys=ON")
     version = stored_version(db)
     if version is not None and version > SCHEMA_VERSION:
         raise StoreError(
             f"{path}: schema version {version} is newer than this covshift "
             f"({__version__}, schema {SCHEMA_VERSION}); upgrade covshift to read it"
         )
+    if version == 0 and "point" in {r[1] for r in db.execute("PRAGMA table_info(runs)")}:
+        # Only a version-1 store may lack its version row (it is then migrated); a
+        # later one migrated "from 1" would lose the columns version 1 did not have.
+        raise damaged(
+            path, "its meta table has lost its schema_version row, so its version is unknown"
+        )
+    if version is not None:
+        check_promise(db, path, version)  # reads only: a damaged file is left as it is
+    db.execute("PRAGMA journal_mode=WAL")
+    # NORMAL is durable across application crashes in WAL mode; only a power loss can
+    # drop the last transactions, and never corrupts the file.
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("PRAGMA foreign_keys=ON")
     if version != SCHEMA_VERSION:
         # A random identity, so files kept beside the store (checkpoints) can tell
         # their store from another one in the same folder or a recreated one; written

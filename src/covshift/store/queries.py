@@ -8,7 +8,6 @@ run whose owner died on this host reported as ``stale``.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,9 @@ from typing import Any
 import numpy as np
 
 from covshift.store.errors import StoreError
+from covshift.store.guard import GuardedConnection
 from covshift.store.ownership import marked_stale
-from covshift.store.rows import SELECT_RUNS, ExperimentPoint, ProbeUnits, RunInfo
+from covshift.store.rows import SELECT_RUNS, Event, ExperimentPoint, ProbeUnits, RunInfo
 
 __all__ = ["StoreReader"]
 
@@ -26,7 +26,7 @@ class StoreReader:
     """The queries of a store; :class:`~covshift.store.Store` opens the connection."""
 
     path: Path
-    _db: sqlite3.Connection
+    _db: GuardedConnection
 
     # -- runs ----------------------------------------------------------------
     def _select_runs(self, where: str = "", args: Sequence[Any] = ()) -> list[RunInfo]:
@@ -65,6 +65,17 @@ class StoreReader:
                 out[run.point] = run  # type: ignore[index]
         return out
 
+    def events(self, run_id: int | None = None, *, after: int = 0) -> list[Event]:
+        """Events recorded for the runs (or for run ``run_id``), oldest first; ``after``:
+        only those with a larger id (the ones recorded since)."""
+        where, args = "WHERE id > ?", [after]
+        if run_id is not None:
+            where, args = where + " AND run_id = ?", [after, run_id]
+        rows = self._db.execute(
+            f"SELECT id, run_id, at, kind, path, message FROM events {where} ORDER BY id", args
+        ).fetchall()
+        return [Event(*row) for row in rows]
+
     # -- experiments ---------------------------------------------------------
     def experiment_config(self, experiment_id: str) -> dict[str, Any] | None:
         """The configuration an experiment was saved with (None: not recorded)."""
@@ -83,11 +94,12 @@ class StoreReader:
         return [ExperimentPoint(p, pos, n, s, json.loads(a)) for p, pos, n, s, a in rows]
 
     def experiments(self) -> list[tuple[str, str, str]]:
-        """``(id, name, created_at)`` of every recorded experiment, newest first."""
+        """``(id, name, created_at)`` of every recorded experiment, newest first (ties
+        of the one-second timestamp broken by the order they were recorded in)."""
         return [
             tuple(r)  # type: ignore[misc]
             for r in self._db.execute(
-                "SELECT id, name, created_at FROM experiments ORDER BY created_at DESC, id"
+                "SELECT id, name, created_at FROM experiments ORDER BY created_at DESC, rowid DESC"
             )
         ]
 

@@ -25,6 +25,7 @@ __all__ = [
     "RUN_STATUSES",
     "SELECT_RUNS",
     "Claim",
+    "Event",
     "ExperimentPoint",
     "NewRun",
     "ProbeUnits",
@@ -162,3 +163,16 @@ class ExperimentPoint:
     network: str
     seed: int
     axes: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something that happened to a run that its row does not say (a damaged checkpoint
+    set aside and the run restarted): the ``events`` table's row."""
+
+    id: int
+    run_id: int | None
+    at: str  # UTC, as :func:`now` writes it
+    kind: str  # checkpoint_damaged | checkpoint_unverified
+    path: str | None  # the file it concerns (where a damaged checkpoint was set aside)
+    message: str

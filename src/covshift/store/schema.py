@@ -23,10 +23,23 @@ axis), ``unit_source`` (``given``, ``layer``, ``producer``, ``only``, ``assumed`
 Migration 2 -> 3 adds the three columns; rows recorded before have NULL there (the
 probe then used one axis for every layer: 1 unless its ``unit_dim`` said otherwise),
 as have records that are not per unit (gradient ICS, smoothness).
+
+Version 4 adds ``events``: what happened to a run that its row does not say, one row
+each (``run_id``, ``at``, ``kind``, ``path``, ``message``); the kinds are
+``checkpoint_damaged`` (a checkpoint failed its digest check or could not be read:
+set aside at ``path``, the run restarted) and ``checkpoint_unverified`` (a checkpoint
+without a digest, as covshift wrote them before schema 4: set aside, the run
+restarted).
+Migration 3 -> 4 creates the table and its index.
+
+What each version holds is written out in :mod:`covshift.store.versions`; a store
+that lacks any of it is refused when opened (:mod:`covshift.store.damage`), before a
+migration could write to it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Mapping
 from dataclasses import fields
@@ -36,7 +49,7 @@ from covshift.store.rows import RUN_COLUMNS, RUN_STATUSES, RunInfo
 
 __all__ = ["RUN_COLUMNS", "RUN_STATUSES", "SCHEMA_VERSION", "migrate", "stored_version"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def _runs_table(name: str) -> str:
@@ -86,6 +99,19 @@ CREATE TABLE IF NOT EXISTS experiment_points (
 );
 """
 
+# Version 4's table: kept apart from _OTHER_TABLES, which the 1 -> 2 migration replays.
+_EVENTS = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id INTEGER REFERENCES runs (id) ON DELETE CASCADE,
+    at TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    path TEXT,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_run ON events (run_id);
+"""
+
 # Version-1 columns of runs, in their order (the migration copies these). Written out,
 # not derived from RunInfo: they are what old files hold, whatever RunInfo becomes.
 _V1_RUN_COLUMNS = (
@@ -100,7 +126,7 @@ def _statements(script: str) -> list[str]:
 
 def _create(db: sqlite3.Connection) -> None:
     db.execute(_runs_table("runs"))
-    for statement in _statements(_OTHER_TABLES):
+    for statement in _statements(_OTHER_TABLES + _EVENTS):
         db.execute(statement)
 
 
@@ -129,7 +155,12 @@ def _migrate_2_to_3(db: sqlite3.Connection) -> None:
             db.execute(f"ALTER TABLE probe_records ADD COLUMN {column} {kind}")
 
 
-_MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
+def _migrate_3_to_4(db: sqlite3.Connection) -> None:
+    for statement in _statements(_EVENTS):
+        db.execute(statement)
+
+
+_MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4}
 
 
 def migrate(db: sqlite3.Connection, meta: Mapping[str, str] | None = None) -> None:
@@ -159,12 +190,21 @@ def migrate(db: sqlite3.Connection, meta: Mapping[str, str] | None = None) -> No
             "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )
         db.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)", (meta or {}).items())
+        db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
-        db.execute("PRAGMA foreign_keys=ON")
+        _rollback(db)
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("PRAGMA foreign_keys=ON")
         raise
-    db.execute("COMMIT")
     db.execute("PRAGMA foreign_keys=ON")
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    """Roll back the open transaction, if SQLite has not already (it does by itself on
+    a full disk or an I/O error): the error that caused it is the one to raise."""
+    if db.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
 
 
 def stored_version(db: sqlite3.Connection) -> int | None:

@@ -17,6 +17,14 @@ Tables (see :mod:`covshift.store.schema` for the columns and the migrations):
                                           with the axis that held the record's units
     experiments(id, name, config, created_at)
     experiment_points(experiment, point, position, network, seed, axes)
+    events(id, run_id, at, kind, path, message)
+                                          what happened to a run that its row does
+                                          not say (a damaged checkpoint set aside)
+
+A store is checked when opened (:mod:`~covshift.store.damage`): a damaged one is
+refused, untouched. SQLite's errors about the file (a full disk, an I/O error, a
+read-only file, pages it cannot read) are raised as a :class:`StoreError` that names
+the file and says what to do (:mod:`~covshift.store.guard`).
 
 The parts, one concept a module: :mod:`~covshift.store.rows` (rows as Python values),
 :mod:`~covshift.store.schema` (tables and migrations), :mod:`~covshift.store.opening`

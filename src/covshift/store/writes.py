@@ -8,6 +8,7 @@ leaves what was recorded intact.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -18,7 +19,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from covshift.store.errors import StoreError, is_read_only, not_writable
+from covshift.store.errors import StoreError, storage_error
+from covshift.store.guard import GuardedConnection
 from covshift.store.ownership import held_elsewhere
 from covshift.store.queries import StoreReader
 from covshift.store.rows import (
@@ -40,22 +42,28 @@ class StoreWriter(StoreReader):
     """The writes of a store (and, inherited, its queries)."""
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; a file that turns out read-only raises a
-        :class:`StoreError` that says so (SQLite opens such a file for reading
-        without complaint, so the first write is where it shows)."""
+    def _transaction(self) -> Iterator[GuardedConnection]:
+        """One write transaction. A file that turns out read-only, a full disk or an
+        I/O error raises the :class:`StoreError` that says so (SQLite opens a
+        read-only file for reading without complaint, and a disk fills up at any
+        write, the COMMIT included); the transaction is rolled back, if SQLite has not
+        done so itself, and what was committed before stays."""
+        db = self._db
         try:
-            self._db.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
+                yield db
+                db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error, StoreError):
+                        db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
-        except sqlite3.OperationalError as e:
-            if is_read_only(e):
-                raise not_writable(self.path, e) from None
-            raise
+        except sqlite3.Error as e:
+            said = storage_error(self.path, e)
+            if said is None:
+                raise
+            raise said from None
 
     # -- runs ----------------------------------------------------------------
     def start_run(
@@ -76,7 +84,7 @@ class StoreWriter(StoreReader):
         with self._transaction() as db:
             return self._insert_run(db, run)
 
-    def _insert_run(self, db: sqlite3.Connection, run: NewRun) -> int:
+    def _insert_run(self, db: GuardedConnection, run: NewRun) -> int:
         values = new_run_values(run)
         marks = ", ".join("?" * len(values))
         try:
@@ -224,6 +232,31 @@ class StoreWriter(StoreReader):
                 (point, run_id, point),
             )
             return cur.rowcount == 1
+
+    def rewind_run(self, run_id: int, step: int) -> None:
+        """Forget what run ``run_id`` recorded after ``step`` (its scalars and probe
+        records), as a run restarted from the state of ``step`` (0: the start) is about
+        to record them again; ``last_step`` goes back with them."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM scalars WHERE run_id = ? AND step > ?", (run_id, step))
+            db.execute("DELETE FROM probe_records WHERE run_id = ? AND step > ?", (run_id, step))
+            db.execute(
+                "UPDATE runs SET last_step = (SELECT COALESCE(MAX(step), 0) FROM scalars"
+                " WHERE run_id = ?) WHERE id = ?",
+                (run_id, run_id),
+            )
+
+    def record_event(
+        self, run_id: int | None, kind: str, message: str, path: str | None = None
+    ) -> int:
+        """Record what happened to a run that its row does not say (see
+        :mod:`covshift.store.schema`, version 4); returns the event's id."""
+        with self._transaction() as db:
+            cur = db.execute(
+                "INSERT INTO events (run_id, at, kind, path, message) VALUES (?, ?, ?, ?, ?)",
+                (run_id, now(), kind, path, message),
+            )
+            return int(cur.lastrowid)  # type: ignore[arg-type]
 
     # -- experiments ---------------------------------------------------------
     def save_experiment(

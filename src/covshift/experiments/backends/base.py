@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
-from covshift.checkpoints import FileCheckpointer
+from covshift.checkpoints import FileCheckpointer, Rejection
 from covshift.experiments.grid import Point
 from covshift.experiments.point import (
     PointOutcome,
@@ -25,7 +25,7 @@ from covshift.experiments.point import (
     error_text,
     train_point,
 )
-from covshift.store import Claim, NewRun, Store
+from covshift.store import Claim, NewRun, StorageFault, Store, StoreError
 from covshift.train import TrainState, resolve_device
 
 __all__ = [
@@ -36,6 +36,8 @@ __all__ = [
     "SweepEvents",
     "claim_and_train",
     "claim_point",
+    "close_after_fault",
+    "restart_after",
     "settled_outcome",
 ]
 
@@ -55,11 +57,13 @@ class SweepContext:
 
 
 class SweepEvents(Protocol):
-    """The driver's side: told when a point starts, advances and ends."""
+    """The driver's side: told when a point starts, advances and ends, and of what
+    happened to it that the user must hear (a damaged checkpoint set aside)."""
 
     def started(self, point_id: str, run_id: int, step: int) -> None: ...
     def advanced(self, point_id: str, step: int) -> None: ...
     def ended(self, outcome: PointOutcome) -> None: ...
+    def note(self, point_id: str, text: str) -> None: ...
 
 
 class Backend(Protocol):
@@ -145,6 +149,38 @@ class ProgressReporter:
         self.events.advanced(self.point_id, state.step)
 
 
+def restart_after(
+    store: Store, run_id: int, rejection: Rejection, point: Point, events: SweepEvents
+) -> str:
+    """A checkpoint of run ``run_id`` was rejected (and kept aside): record it in the
+    store, forget what the run recorded after step 0 (it records it again, from the
+    start), tell the driver; returns the message."""
+    message = f"{rejection.message}; run {run_id} ({point.name}) restarts from step 0"
+    kept = str(rejection.kept_as) if rejection.kept_as is not None else None
+    store.record_event(run_id, rejection.kind, message, path=kept)
+    store.rewind_run(run_id, 0)
+    events.note(point.id, message)
+    return message
+
+
+def close_after_fault(store: Store, run_id: int, name: str, fault: StoreError) -> StoreError:
+    """Run ``run_id`` stopped on ``fault`` (a file that cannot be written or read):
+    close it ``interrupted`` if the store still takes a write, and return the fault
+    saying which (a run left ``running`` shows as stale once this process ends:
+    ``covshift clean`` closes it, the next sweep resumes it)."""
+    if not isinstance(fault, StorageFault):
+        return fault
+    try:
+        store.finish_run(run_id, "interrupted", f"stopped: {fault.cause}")
+    except StoreError:
+        return fault.noted(
+            f"Run {run_id} ({name}) could not be closed (the store cannot be written) and "
+            "stays marked running: it shows as stale once this process ends; "
+            "`covshift clean` closes it, and the next run resumes it."
+        )
+    return fault.noted(f"Run {run_id} ({name}) was closed as interrupted.")
+
+
 def claim_and_train(
     store: Store,
     point: Point,
@@ -158,13 +194,23 @@ def claim_and_train(
     """Claim ``point`` and, unless it is done or busy, train it into ``store``.
 
     The run trains with the thread count it was started with (a resumed run keeps its
-    own; see :mod:`covshift.experiments.point`); torch's setting is restored after.
+    own; see :mod:`covshift.experiments.point`); torch's setting is restored after. A
+    checkpoint that fails its verification is kept aside and the run restarts from
+    step 0 (:func:`restart_after`). A store or checkpoint file that cannot be written
+    or read raises its :class:`StoreError`, the run closed as far as the store
+    allows (:func:`close_after_fault`).
     """
     claim = claim_point(store, point, context, threads)
     run = claim.run
     if claim.state in ("done", "busy"):
         return settled_outcome(point, claim)
-    keeper = FileCheckpointer(store.checkpoint_path(run.id), owner=store.checkpoint_owner(run.id))
+
+    def rejected(rejection: Rejection) -> None:
+        restart_after(store, run.id, rejection, point, events)
+
+    keeper = FileCheckpointer(
+        store.checkpoint_path(run.id), owner=store.checkpoint_owner(run.id), on_rejected=rejected
+    )
     previous = torch.get_num_threads()
     torch.set_num_threads(run.threads or threads)
     try:
@@ -180,6 +226,8 @@ def claim_and_train(
         )
     except KeyboardInterrupt:
         return PointOutcome(point.id, "interrupted", run.id, final_step=store.run(run.id).last_step)
+    except StoreError as fault:
+        raise close_after_fault(store, run.id, point.name, fault) from None
     except Exception as e:  # the dataset could not be loaded, say: the run failed
         store.finish_run(run.id, "failed", error_text(e))
         return PointOutcome(point.id, "failed", run.id, error=error_text(e))

@@ -23,6 +23,11 @@ What can go wrong, and what happens:
 - The driver dies (SIGKILL): each worker asked the kernel to kill it when its parent
   goes (``PR_SET_PDEATHSIG`` on Linux; elsewhere a watchdog thread notices within a
   second), so no orphan goes on writing; the next run of the sweep resumes.
+- The store or a checkpoint cannot be written or read (a full disk, an I/O error, a
+  read-only remount, a damaged store): the worker that meets it closes its run
+  ``interrupted`` if the store still takes it, and raises; the driver stops the other
+  workers as on Ctrl-C, then raises one :class:`~covshift.store.StoreError` that says
+  what became of every run in training.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from covshift.experiments.backends.base import BackendError, SweepContext, Sweep
 from covshift.experiments.backends.group import claim_and_train_group
 from covshift.experiments.grid import Point
 from covshift.experiments.point import PointOutcome, preload_datasets, shared_datasets
-from covshift.store import Store
+from covshift.store import StorageFault, Store, StoreError
 from covshift.train import TrainState
 
 __all__ = ["PoolBackend"]
@@ -95,6 +100,9 @@ class _Silent:
 
     def ended(self, outcome: PointOutcome) -> None:
         pass
+
+    def note(self, point_id: str, text: str) -> None:
+        pass  # recorded in the store, where the driver's watcher reads it
 
 
 class _StopRequest:
@@ -160,6 +168,7 @@ class PoolBackend:
         deaths: Counter[str] = Counter()
         remaining = [list(g) for g in groups] if groups is not None else [[p] for p in points]
         shared = shared_datasets(points)
+        faults: list[StoreError] = []
         with Store(context.store_path) as store:
             watcher = _Watcher(store, points, events)
             while remaining:
@@ -171,7 +180,9 @@ class PoolBackend:
                 ) as pool:
                     batched = groups is not None
                     futures = {pool.submit(_run_group, g, context, batched): g for g in remaining}
-                    broken = self._collect(futures, stop, watcher, events, outcomes)
+                    broken = self._collect(futures, stop, watcher, events, outcomes, faults)
+                if faults:
+                    raise _one_fault(faults)
                 if stop.value:
                     raise KeyboardInterrupt
                 if broken:
@@ -190,15 +201,26 @@ class PoolBackend:
         watcher: _Watcher,
         events: SweepEvents,
         outcomes: dict[str, PointOutcome],
+        faults: list[StoreError],
     ) -> bool:
         """Report progress and results until every future is done; True if the pool
-        broke (a worker died)."""
+        broke (a worker died). A store or checkpoint file that cannot be used, met by
+        a worker or here, goes to ``faults`` and stops the other workers."""
         pending = set(futures)
         broken = False
         deadline: float | None = None
+
+        def stop_all() -> None:
+            nonlocal deadline
+            stop.value = 1  # every training loop stops within a few steps
+            for future in pending:
+                future.cancel()
+            deadline = time.monotonic() + 60.0
+
         while pending:
             try:
-                watcher.poll()
+                if not faults:  # the store may not even be readable any more
+                    watcher.poll()
                 done, pending = wait(pending, timeout=_POLL_SECONDS, return_when=FIRST_COMPLETED)
                 for future in done:
                     if future.cancelled():
@@ -208,7 +230,13 @@ class PoolBackend:
                     except BrokenProcessPool:
                         broken = True
                         continue
-                    watcher.poll()
+                    except StoreError as fault:
+                        faults.append(fault)
+                        if not stop.value:
+                            stop_all()
+                        continue
+                    if not faults:
+                        watcher.poll()
                     for outcome in done_points:
                         if outcome.status == "not started":
                             continue
@@ -217,16 +245,19 @@ class PoolBackend:
                         events.ended(outcome)
                 if deadline is not None and time.monotonic() > deadline:
                     raise KeyboardInterrupt  # the workers did not stop: kill them
+            except StoreError as fault:  # the driver's own read of the store
+                faults.append(fault)
+                if not stop.value:
+                    stop_all()
             except KeyboardInterrupt:
                 if not stop.value:  # first Ctrl-C: ask every training loop to stop
-                    stop.value = 1
-                    for future in pending:
-                        future.cancel()
-                    deadline = time.monotonic() + 60.0
+                    stop_all()
                     continue
                 for pid in watcher.owners().values():  # second Ctrl-C, or no answer
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
+                if faults:  # what stopped the sweep, rather than a Ctrl-C nobody typed
+                    raise _one_fault(faults) from None
                 raise
         return broken
 
@@ -255,6 +286,15 @@ class PoolBackend:
             events.ended(outcome)
 
 
+def _one_fault(faults: list[StoreError]) -> StoreError:
+    """The first fault, saying what became of the runs of all of them."""
+    first = faults[0]
+    if not isinstance(first, StorageFault):
+        return first
+    notes = [n for f in faults if isinstance(f, StorageFault) for n in f.notes]
+    return StorageFault(first.path, first.cause, tuple(dict.fromkeys(notes)), first.advice)
+
+
 class _Watcher:
     """Reads the sweep's progress from the store: which points a worker has claimed
     (their run ids and owners) and how far they got."""
@@ -267,8 +307,11 @@ class _Watcher:
         self._runs: dict[str, tuple[int, int]] = {}  # point -> (run id, worker pid)
         self._ended: set[str] = set()
         self._me = os.getpid()
+        latest = store.events()[-1:]
+        self._seen_event = latest[0].id if latest else 0  # events before the sweep: told
 
     def poll(self) -> None:
+        self._poll_events()
         open_ids = [i for i in self.ids if i not in self._ended]
         for point_id, run in self.store.runs_of_points(open_ids).items():
             if run.status != "running" or run.pid in (None, self._me):
@@ -280,6 +323,17 @@ class _Watcher:
             elif run.last_step != self._steps[point_id]:
                 self._steps[point_id] = run.last_step
                 self.events.advanced(point_id, run.last_step)
+
+    def _poll_events(self) -> None:
+        """Tell the driver what workers recorded as events (checkpoints set aside)."""
+        fresh = self.store.events(after=self._seen_event)
+        if not fresh:
+            return
+        self._seen_event = fresh[-1].id
+        points = {run.id: p for p, run in self.store.runs_of_points(self.ids).items()}
+        for event in fresh:
+            if event.run_id in points:
+                self.events.note(points[event.run_id], event.message)
 
     def ended(self, point_id: str) -> None:
         """The point has its outcome: stop following it."""

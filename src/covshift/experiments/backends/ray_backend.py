@@ -1,15 +1,14 @@
 """The Ray backend: points as Ray tasks, on one machine or a cluster.
 
 Each point (or batch of points, the members of one batched model: one task for the
-batch, :mod:`~covshift.experiments.backends.ray_group`) is one Ray task (a streaming
-generator) that needs nothing from the driver's disk: the dataset travels through
-Ray's object store (put once per sweep), the point's spec and its last checkpoint
-(bytes) travel as arguments, and the task sends back, at every evaluation, the
-records made since the last one together with the new checkpoint. The driver alone
-writes the store: it applies each chunk, keeps the latest checkpoint in a file beside
-the store, and closes the run when the task ends. Ray's scheduler decides where and
-when tasks run; the driver submits every point at once and only reacts to what comes
-back.
+batch) is one Ray task (a streaming generator) that needs nothing from the driver's
+disk: the dataset travels through Ray's object store (put once per sweep), the
+point's spec and its last checkpoint (bytes) travel as arguments (a batch's: every
+member's), and the task sends back, per point, at every evaluation, the records made
+since the last one together with the new checkpoint. The driver alone writes the
+store: it applies each chunk, keeps the latest checkpoint in a file beside the store,
+and closes the run when the task ends. Ray's scheduler decides where and when tasks
+run; the driver submits every point at once and only reacts to what comes back.
 
 Failures:
 
@@ -22,9 +21,17 @@ Failures:
 - Ctrl-C in the driver cancels every task; their runs are recorded ``interrupted``
   and resume from the checkpoint the driver holds;
 - the driver dies: its Ray job's tasks end with it; the runs it owned show as
-  ``stale`` and resume on the next call.
+  ``stale`` and resume on the next call;
+- a checkpoint the driver holds fails its digest check (or has none): it is kept
+  aside, the event recorded and printed, and the point restarts from step 0; bytes
+  that change on their way to or from a task are caught by the digest they travel
+  with (see :mod:`covshift.checkpoint_files`);
+- the store or a checkpoint file cannot be written or read (a full disk): every task
+  is cancelled, each run closed ``interrupted`` if the store still takes it, and one
+  :class:`~covshift.store.StoreError` says so.
 
-Ray is an optional extra: ``pip install 'covshift[ray]'``.
+Ray is an optional extra: ``pip install 'covshift[ray]'``. What runs inside a task
+is in :mod:`.ray_task`.
 """
 
 from __future__ import annotations
@@ -35,26 +42,30 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from covshift.data import load_dataset
+from covshift.checkpoint_files import (
+    Rejected,
+    Rejection,
+    checkpoint_digest,
+    read_checkpoint,
+    remove_checkpoint,
+    set_aside,
+    write_checkpoint,
+)
+from covshift.data import is_text, load_dataset
 from covshift.experiments.backends.base import (
     BackendError,
     SweepContext,
     SweepEvents,
     claim_point,
+    close_after_fault,
+    restart_after,
     settled_outcome,
 )
-
-# The task's side (re-exported: its functions were defined here first).
-from covshift.experiments.backends.ray_tasks import (  # noqa: F401
-    _Buffer,
-    _point_task,
-    _task_dataset,
-    _TaskEvents,
-)
+from covshift.experiments.backends.ray_task import members_task, point_task
 from covshift.experiments.grid import Point, PointSpec
 from covshift.experiments.members import batch_key
-from covshift.experiments.point import PointOutcome, StoreSink, error_text
-from covshift.store import Store
+from covshift.experiments.point import PointOutcome, StoreSink, dataset_arguments, error_text
+from covshift.store import Store, StoreError
 
 __all__ = ["RayBackend", "RayUnavailable"]
 
@@ -104,10 +115,13 @@ class _Active:
     step: int = 0
     host: str | None = None
     pid: int | None = None
+    digest: str | None = None  # of the checkpoint file the driver holds for it
 
 
 def _dataset_payload(spec: PointSpec) -> dict[str, Any]:
-    data = load_dataset(spec.dataset, spec.data_dir)
+    data = load_dataset(spec.dataset, spec.data_dir, **dataset_arguments(spec))
+    if is_text(data):
+        return {"text": data}
     return {
         "fields": {
             "name": data.name,
@@ -119,6 +133,24 @@ def _dataset_payload(spec: PointSpec) -> dict[str, Any]:
             k: getattr(data, k).numpy() for k in ("x_train", "y_train", "x_test", "y_test")
         },
     }
+
+
+def _verified_checkpoint(store: Store, job: _Active, events: SweepEvents) -> bytes | None:
+    """The bytes of the checkpoint the driver holds for ``job`` once verified (their
+    digest goes to ``job.digest``); a damaged or unverified one is kept aside and the
+    run restarts from step 0 (None)."""
+    path = store.checkpoint_path(job.run_id)
+    job.digest = None
+    try:
+        found = read_checkpoint(path)
+    except Rejected as e:
+        restart_after(store, job.run_id, set_aside(path, e), job.point, events)
+        job.step = 0
+        return None
+    if found is None:
+        return None
+    data, job.digest = found
+    return data
 
 
 class RayBackend:
@@ -206,46 +238,44 @@ class RayBackend:
         events: SweepEvents,
         batched: bool,
     ) -> list[PointOutcome]:
-        from covshift.experiments.backends.ray_group import group_task
-
         options = dict(num_cpus=self.threads, num_gpus=self.gpus, max_retries=0)
-        single = ray.remote(_point_task).options(**options)
-        batched = ray.remote(group_task).options(**options)
+        single = ray.remote(point_task).options(**options)
+        together = ray.remote(members_task).options(**options)
         data_refs: dict[str, list[Any]] = {}
         active: dict[Any, list[_Active]] = {}  # a task -> its points (a batch's members)
         outcomes: dict[str, PointOutcome] = {}
 
         def submit(jobs: list[_Active]) -> None:
             spec = jobs[0].point.spec
-            key = f"{spec.dataset}:{spec.data_dir}"
+            key = f"{spec.dataset}:{spec.data_dir}:{dataset_arguments(spec)}"
             if key not in data_refs:
                 data_refs[key] = [ray.put(_dataset_payload(spec))]
-            paths = [store.checkpoint_path(job.run_id) for job in jobs]
-            saved = [path.read_bytes() if path.exists() else None for path in paths]
+            saved = [_verified_checkpoint(store, job, events) for job in jobs]
             owners = [store.checkpoint_owner(job.run_id) for job in jobs]
+            digests = [job.digest for job in jobs]
+            data = data_refs[key]
             if not batched or batch_key(spec) is None:  # alone: today's path
-                gen = single.remote(spec, data_refs[key], key, saved[0], self.threads, owners[0])
+                gen = single.remote(spec, data, key, saved[0], self.threads, owners[0], digests[0])
             else:
                 specs = [job.point.spec for job in jobs]
-                gen = batched.remote(specs, data_refs[key], key, saved, self.threads, owners)
+                gen = together.remote(specs, data, key, saved, self.threads, owners, digests)
             active[gen] = jobs
 
         def end(job: _Active, outcome: PointOutcome) -> None:
             outcomes[job.point.id] = outcome
             events.ended(outcome)
 
-        for batch in batches:
-            jobs = []
-            for point in batch:
-                claim = claim_point(store, point, context, self.threads)
-                if claim.state in ("done", "busy"):
-                    outcomes[point.id] = settled_outcome(point, claim)
-                    events.ended(outcomes[point.id])
-                    continue
-                jobs.append(_Active(point, claim.run.id, step=claim.run.last_step))
-            if jobs:
-                submit(jobs)
         try:
+            for batch in batches:
+                jobs = []
+                for point in batch:
+                    claim = claim_point(store, point, context, self.threads)
+                    if claim.state in ("done", "busy"):
+                        end(_Active(point, claim.run.id), settled_outcome(point, claim))
+                        continue
+                    jobs.append(_Active(point, claim.run.id, step=claim.run.last_step))
+                if jobs:
+                    submit(jobs)
             while active:
                 ready, _ = ray.wait(list(active), num_returns=1, timeout=0.5)
                 for gen in ready:
@@ -267,9 +297,8 @@ class RayBackend:
                         for job in open_jobs:
                             job.attempts += 1
                             if job.attempts > self.max_failures:
-                                error = (
-                                    f"its Ray task crashed {job.attempts} times: {error_text(e)}"
-                                )
+                                error = f"its Ray task crashed {job.attempts} times: "
+                                error += error_text(e)
                                 end(job, self._fail(store, job, error))
                             else:
                                 again.append(job)
@@ -280,10 +309,9 @@ class RayBackend:
                             for job in jobs:
                                 self._apply(store, job, item, events)
                             continue
-                        job = jobs[item.get("member", 0)]
-                        done = self._apply(store, job, item, events)
+                        done = self._apply(store, jobs[item.get("member", 0)], item, events)
                         if done is not None:
-                            end(job, done)
+                            end(jobs[item.get("member", 0)], done)
                             if all(j.point.id in outcomes for j in jobs):
                                 del active[gen]
         except KeyboardInterrupt:
@@ -293,6 +321,16 @@ class RayBackend:
                     if job.point.id not in outcomes:
                         store.finish_run(job.run_id, "interrupted")
             raise
+        except StoreError as fault:
+            # The store or a checkpoint beside it cannot be written or read: every task
+            # stops, and each run is closed as far as the store allows.
+            for gen in active:
+                ray.cancel(gen, force=True)
+            for jobs in active.values():
+                for job in jobs:
+                    if job.point.id not in outcomes:
+                        fault = close_after_fault(store, job.run_id, job.point.name, fault)
+            raise fault from None
         return [outcomes[p.id] for p in points]
 
     @staticmethod
@@ -324,16 +362,28 @@ class RayBackend:
             else:
                 sink.end(row[1], row[2], diverged_at=row[3])
         path = store.checkpoint_path(job.run_id)
+        if kind == "rejected":  # the checkpoint it was sent changed on the way
+            rejection = Rejection(None, None, item["what"], item["reason"])
+            restart_after(store, job.run_id, rejection, job.point, events)
+            job.step = 0
+            return None
         if kind == "chunk":
             # Records first, then the checkpoint: a driver killed in between resumes
             # from the older checkpoint and rewrites the same rows (same keys).
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(item["checkpoint"])
-            os.replace(tmp, path)
+            data = item["checkpoint"]
+            if checkpoint_digest(data) == item["digest"]:
+                job.digest = write_checkpoint(path, data, previous=job.digest)
+            else:  # damaged on its way here: the previous one stays
+                store.record_event(
+                    job.run_id,
+                    "checkpoint_damaged",
+                    f"a checkpoint of run {job.run_id} ({job.point.name}) at step {job.step} "
+                    "failed its digest check on arrival from its Ray task; not kept (the "
+                    "run resumes from its previous checkpoint if it has to)",
+                )
             events.advanced(job.point.id, job.step)
             return None
         outcome: PointOutcome = item["outcome"]
         if outcome.status in ("finished", "diverged"):  # a failed run may be resumed
-            path.unlink(missing_ok=True)
+            remove_checkpoint(path)
         return replace(outcome, run_id=job.run_id)

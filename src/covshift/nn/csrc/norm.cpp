@@ -190,9 +190,8 @@ std::vector<Tensor> row_backward(const Tensor& g, const Tensor& x, const OptTens
 
 // running += m * (batch * scale - running), in double, for one buffer. Raw loops on
 // the buffer's memory (a few ATen calls would cost microseconds on a 100-channel
-// layer); the Python caller bumps the buffers' version counters afterwards
-// (torch.autograd.graph.increment_version), as for any in-place write autograd
-// cannot see. Other dtypes or layouts take ATen ops.
+// layer); the caller bumps the buffers' version counters afterwards, as for any
+// in-place write autograd cannot see. Other dtypes or layouts take ATen ops.
 void lerp_buffer(Tensor& running, const Tensor& batch, double factor, double scale) {
   const bool raw = running.is_contiguous() && batch.is_contiguous() &&
                    running.numel() == batch.numel() &&
@@ -235,8 +234,8 @@ void update_running(const OptTensor& running_mean, const OptTensor& running_var,
 // A layout, resolved once in Python (covshift/nn/_native.py) and kept as an int64
 // tensor, so that calls pass it (and nodes save it) by reference:
 //   [kind, channels_last, 5 sizes, then (length, values) for stat_shape (reduced
-//    dims dropped), keep_shape (kept as 1), param_shape, view_shape, stat_dims,
-//    affine_shape (length 0: no affine)].
+//    dims dropped), param_shape, view_shape, stat_dims, affine_shape (length 0: no
+//    affine)].
 // kind 0: channel, sizes (A, C, B, -, -); kind 1: row, sizes (R, K, G, Cg, S).
 // The shapes are views into the tensor's memory (no copies): a Config lives no longer
 // than the call, or the node, that holds the tensor.
@@ -244,7 +243,7 @@ struct Config {
   int64_t kind;
   bool channels_last;
   int64_t s[5];
-  at::IntArrayRef stat_shape, keep_shape, param_shape, view_shape, stat_dims, affine_shape;
+  at::IntArrayRef stat_shape, param_shape, view_shape, stat_dims, affine_shape;
 
   explicit Config(const Tensor& t) {
     TORCH_CHECK(t.scalar_type() == at::kLong && t.is_contiguous(), "covshift native: bad config");
@@ -254,7 +253,7 @@ struct Config {
     channels_last = *p++ != 0;
     for (int i = 0; i < 5; ++i) s[i] = *p++;
     for (auto* v :
-         {&stat_shape, &keep_shape, &param_shape, &view_shape, &stat_dims, &affine_shape}) {
+         {&stat_shape, &param_shape, &view_shape, &stat_dims, &affine_shape}) {
       const int64_t n = *p++;
       *v = at::IntArrayRef(p, n);
       p += n;
@@ -474,51 +473,9 @@ py::object normalize(const Tensor& x, const OptTensor& weight, const OptTensor& 
   return py::make_tuple(out[0], center ? py::cast(out[1]) : py::none(), out[2]);
 }
 
-// (y, mean or None, rstd, var) with keepdim statistics, no autograd (the pure
-// function normalize_fwd with grad mode off); None where the native path does not apply.
-py::object forward(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
-                   const OptTensor& cfg, const OptTensor& cfg_cl, double eps, bool center) {
-  const Tensor* t = pick_config(x, cfg, cfg_cl);
-  if (t == nullptr || !absent_or_cpu(weight) || !absent_or_cpu(bias)) return py::none();
-  const Config c(*t);
-  std::vector<Tensor> out =
-      c.kind == 0 ? channel_forward(x, weight, bias, c.s[0], c.s[1], c.s[2], eps, center,
-                                    c.keep_shape)
-                  : row_forward(x, weight, bias, c.s[0], c.s[1], c.s[2], c.s[3], c.s[4], eps,
-                                center, c.keep_shape);
-  return py::make_tuple(out[0], center ? py::cast(out[1]) : py::none(), out[2], out[3]);
-}
-
-// (dx, dweight, dbias), None where not needed, for the pure function normalize_bwd;
-// None where the native path does not apply (also: a gradient of another dtype or
-// shape, statistics not in the accumulation dtype).
-py::object backward(const Tensor& grad_out, const Tensor& x, const OptTensor& mean,
-                    const Tensor& rstd, const OptTensor& weight, const OptTensor& cfg,
-                    const OptTensor& cfg_cl, bool need_dx, bool need_dw, bool need_db) {
-  const Tensor* t = pick_config(x, cfg, cfg_cl);
-  const auto acc = acc_type(x.scalar_type());
-  if (t == nullptr || !absent_or_cpu(weight) || !grad_out.is_cpu() ||
-      grad_out.layout() != at::kStrided || grad_out.scalar_type() != x.scalar_type() ||
-      grad_out.sizes() != x.sizes() || !rstd.is_cpu() || rstd.scalar_type() != acc ||
-      (given(mean) && (!mean->is_cpu() || mean->scalar_type() != acc)))
-    return py::none();
-  const Config c(*t);
-  const Tensor g = grad_in_layout(grad_out, c);
-  std::vector<Tensor> d =
-      c.kind == 0 ? channel_backward(g, x, mean, rstd, weight, c.s[0], c.s[1], c.s[2], need_dx,
-                                     need_dw, need_db, c.param_shape)
-                  : row_backward(g, x, mean, rstd, weight, c.s[0], c.s[1], c.s[2], c.s[3],
-                                 c.s[4], need_dx, need_dw, need_db, c.param_shape);
-  auto opt = [](const Tensor& v) { return v.defined() ? py::cast(v) : py::none(); };
-  return py::make_tuple(opt(d[0]), opt(d[1]), opt(d[2]));
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "covshift's fused CPU normalization kernels";
   m.def("normalize", &normalize);
-  m.def("forward", &forward);
-  m.def("backward", &backward);
-  m.def("update_running", &update_running);
 }

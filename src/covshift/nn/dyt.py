@@ -1,0 +1,216 @@
+"""Dynamic Tanh (Zhu, Chen, He, LeCun & Liu 2025, "Transformers without
+Normalization", arXiv 2503.10622): a normalization layer without statistics.
+
+::
+
+    DyT(x) = γ ⊙ tanh(α · x) + β
+
+α is one learned scalar (initialised at ``alpha_init``, 0.5 in most of the paper's
+settings; the paper tunes it for language models, smaller for wider ones), γ ones and
+β zeros over the trailing ``normalized_shape``, as LayerNorm's affine. The paper's
+motivation: trained LayerNorms map their inputs to their outputs along tanh-like
+S-curves, so an element-wise squashing with a learned scale can replace them.
+
+The backward is hand-written (docs/derivations.md §18), computed in float32 at least
+as the rest of the family: with ``t = tanh(α x)``, ``h = g ⊙ γ`` and ``s = 1 - t²``,
+``dx = α · h · s``, ``dα = Σ h · s · x``, ``dγ = Σ g · t``, ``dβ = Σ g``. It saves
+nothing full-size but ``x`` (``t`` is recomputed) and is written in differentiable
+ops, so a ``create_graph`` backward differentiates it again. No native C++ kernel
+serves DyT: it is one element-wise pass, which torch runs as fast as a fused kernel
+would save little over (torch.compile fuses it).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from covshift.nn import checks, registry
+from covshift.nn._base import NormVariant
+from covshift.nn.reference import compute_dtype
+
+__all__ = ["DyT", "dyt"]
+
+
+class DyTFunction(torch.autograd.Function):
+    """``y = γ ⊙ tanh(α x) + β`` over the trailing ``nd`` dims (γ, β may be None),
+    with the closed-form backward of derivations §18 (module docstring)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        alpha: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        nd: int,
+    ) -> Tensor:
+        dtype = compute_dtype(x.dtype)
+        t = torch.tanh(alpha.to(dtype) * x.to(dtype))  # (18.1)
+        y = t if weight is None else t * weight.to(dtype)  # (18.2)
+        if bias is not None:
+            y = y + bias.to(dtype)
+        ctx.save_for_backward(x, alpha, weight)
+        ctx.nd = nd
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+        x, alpha, weight = ctx.saved_tensors
+        need_x, need_alpha, need_w, need_b = ctx.needs_input_grad[:4]
+        dtype = compute_dtype(x.dtype)
+        leading = tuple(range(x.dim() - ctx.nd))  # the dims γ and β are shared along
+        g = grad_y.to(dtype)
+        # t is recomputed from x (nothing full-size saved but x); in differentiable
+        # ops, so that a create_graph backward differentiates through α and x.
+        t = torch.tanh(alpha.to(dtype) * x.to(dtype))  # (18.1)
+        h = g if weight is None else g * weight.to(dtype)  # (18.3)
+        dx = d_alpha = dw = db = None
+        if need_x or need_alpha:
+            hs = h * (1 - t * t)  # ∂L/∂u with u = α x: tanh' = 1 - tanh² (18.4)
+            if need_x:
+                dx = (hs * alpha.to(dtype)).to(x.dtype)  # (18.5)
+            if need_alpha:
+                d_alpha = (hs * x.to(dtype)).sum().to(alpha.dtype)  # (18.6)
+        if need_w and weight is not None:
+            dw = _sum(g * t, leading).to(weight.dtype)  # (18.7)
+        if need_b:
+            db = _sum(g, leading).to(ctx.bias_dtype)  # (18.8)
+        return dx, d_alpha, dw, db, None
+
+
+def _sum(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+    # (sum over an empty tuple of dims would reduce every dim: an unbatched input)
+    return t.sum(dims) if dims else t
+
+
+def dyt(
+    x: Tensor,
+    alpha: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    normalized_shape: Sequence[int] | None = None,
+) -> Tensor:
+    """Dynamic Tanh of ``x``: ``weight ⊙ tanh(alpha · x) + bias`` (module docstring).
+
+    Args:
+        x: input ``(*, *normalized_shape)``.
+        alpha: the scalar scale (a 0-d tensor).
+        weight, bias: ``normalized_shape`` each, or None.
+        normalized_shape: the trailing shape γ and β cover (default: theirs, or the
+            last dim of ``x`` without them).
+    """
+    if alpha.dim() != 0:
+        raise ValueError(f"alpha must be a 0-d tensor (one scalar), got shape {tuple(alpha.shape)}")
+    affine = weight if weight is not None else bias
+    if normalized_shape is None:
+        normalized_shape = tuple(affine.shape) if affine is not None else (x.shape[-1],)
+    shape = checks.trailing_shape(x, normalized_shape)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(
+                f"{name} must have the shape normalized_shape={list(shape)}, got {list(t.shape)}"
+            )
+    return DyTFunction.apply(x, alpha, weight, bias, len(shape))
+
+
+def _alpha_init(value: float) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(
+            "alpha_init must be a positive finite float (the initial slope of tanh(alpha * x) "
+            f"at 0; the paper uses 0.5, less for wide language models), got {value!r}"
+        )
+    return float(value)
+
+
+def _normalized_shape(value: int | Sequence[int]) -> tuple[int, ...]:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        shape: tuple[int, ...] = (int(value),)
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        shape = tuple(value)  # type: ignore[arg-type]
+    else:
+        shape = ()
+    if not shape or any(
+        isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 for n in shape
+    ):
+        raise ValueError(
+            "normalized_shape must be a positive int or a non-empty sequence of them (the "
+            f"trailing shape gamma and beta cover, like LayerNorm's), got {value!r}"
+        )
+    return tuple(int(n) for n in shape)
+
+
+class DyT(NormVariant):
+    """Dynamic Tanh (Zhu et al. 2025, arXiv 2503.10622): ``γ ⊙ tanh(α x) + β``.
+
+    A drop-in for LayerNorm over the trailing ``normalized_shape`` that computes no
+    statistics: α is one learned scalar, γ (``weight``) ones and β (``bias``) zeros
+    element-wise over ``normalized_shape`` (torch's LayerNorm names, so a LayerNorm's
+    affine carries over). Half-precision inputs are computed in float32.
+
+    Args:
+        normalized_shape: the trailing shape of the input γ and β cover (an int: the
+            last dim, the model's features).
+        alpha_init: the initial α, a positive float. Default 0.5 (the paper's default;
+            it reports that language models need it tuned, smaller for wider models).
+        elementwise_affine: learn γ and β. Default True.
+        bias: learn β (with ``elementwise_affine``). Default True.
+
+    Example: ``DyT(768, alpha_init=0.5)(torch.randn(4, 10, 768))``.
+    """
+
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        alpha_init: float = 0.5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.normalized_shape = _normalized_shape(normalized_shape)
+        self.alpha_init = _alpha_init(alpha_init)
+        self.elementwise_affine = bool(elementwise_affine)
+        self.alpha = nn.Parameter(torch.empty((), **factory))  # type: ignore[arg-type]
+        self.register_affine(self.normalized_shape, self.elementwise_affine, bias, factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """α = ``alpha_init``, γ = 1, β = 0."""
+        with torch.no_grad():
+            self.alpha.fill_(self.alpha_init)
+        super().reset_parameters()
+
+    def forward(self, input: Tensor) -> Tensor:
+        return dyt(input, self.alpha, self.weight, self.bias, self.normalized_shape)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.normalized_shape}, alpha_init={self.alpha_init}, "
+            f"elementwise_affine={self.elementwise_affine}"
+        )
+
+
+def _build(num_features: int, *, dims: int, **kw: Any) -> nn.Module:
+    if dims != 1:
+        raise ValueError(
+            f"dyt acts on the trailing features of (N, ..., C) values (dims=1); got dims={dims}: "
+            "for channels-first images permute them to channels-last, or use another norm"
+        )
+    return DyT(num_features, **kw)
+
+
+registry.register_kind(registry.NormKind("dyt", {None: DyT}, trailing=True), _build)

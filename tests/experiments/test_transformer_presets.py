@@ -1,0 +1,55 @@
+"""The transformer presets end to end, cut down to a few steps on the synthetic text:
+every claim judged (an estimate or a reason), gradient norms at init and the
+fluctuation of BatchNorm's statistics read from the store into the claims."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from .helpers import covshift
+
+TINY = ["--dataset", "synthetic-text", "--set", "test_examples=32", "-q", "--json"]
+
+
+def _claims(tmp_path: Path, preset: str, *args: str) -> list[dict]:
+    done = covshift("run", preset, *TINY, *args, "--db", str(tmp_path / "c.db"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)["claims"]
+
+
+@pytest.mark.slow
+def test_norm_placement_reads_the_gradients_at_init(tmp_path: Path) -> None:
+    claims = _claims(
+        tmp_path, "norm-placement", "--seeds", "2", "--steps", "4", "--eval-every", "2",
+        "--set", "probe.every=4",
+    )  # fmt: skip
+    by = {(c["id"], c["slice_text"]): c for c in claims}
+    for init in ("gpt2", "unit"):
+        grad = by[("post-larger-gradients-at-output", f"init={init}")]
+        assert len(grad["per_seed"]) == 2 and grad["verdict"] in (
+            "supported", "contradicted", "inconclusive"
+        )  # fmt: skip
+        trend = by[("post-gradients-grow-towards-output", f"init={init}")]
+        assert trend["data"]["0"]["layers"] == [f"blocks.{i}.mlp.c_proj" for i in range(6)]
+        # 4 steps train nothing: no threshold on the grid, censored below
+        gap = by[("post-lower-max-lr", f"init={init}")]
+        assert gap["verdict"] != "supported"
+    for claim in claims:
+        assert claim["verdict"] and (claim["estimate"] is not None or claim["reason"])
+
+
+@pytest.mark.slow
+def test_transformer_norms_measures_batchnorms_statistics(tmp_path: Path) -> None:
+    claims = _claims(
+        tmp_path, "transformer-norms", "--seeds", "2", "--steps", "4", "--eval-every", "2",
+        "--set", "probe.every=2", "--set", "probe.batch_stats_every=2",
+    )  # fmt: skip
+    fluct = [c for c in claims if c["id"] == "bn-statistics-fluctuate"]
+    assert [c["slice_text"] for c in fluct] == ["depth=2", "depth=6"]
+    for c in fluct:
+        assert len(c["per_seed"]) == 2 and all(v > 0 for v in c["per_seed"].values())
+    for claim in claims:
+        assert claim["verdict"] and (claim["estimate"] is not None or claim["reason"])
