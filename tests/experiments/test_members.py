@@ -15,7 +15,12 @@ from covshift.experiments.backends import InlineBackend
 from covshift.experiments.grid import expand_grid
 from covshift.experiments.member_costs import MemberCosts
 from covshift.experiments.members import batch_key, group_points, split_evenly
-from covshift.experiments.planner import describe_plan, estimate_groups, plan_members
+from covshift.experiments.planner import (
+    describe_plan,
+    estimate_groups,
+    group_seconds,
+    plan_members,
+)
 from covshift.experiments.point import dataset_for
 from covshift.experiments.preflight import Cost
 from covshift.store import Store
@@ -193,3 +198,18 @@ def test_cli_members_option_and_plan_line(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     summary = json.loads(run.stdout)
     assert {p["status"] for p in summary["points"]} == {"finished"}
+
+
+def test_a_batch_of_one_is_priced_at_the_batched_step(tmp_path: Path) -> None:
+    """A batchable point left alone trains as a batch of one, whose step the planner
+    times: it is priced at that step, not at the one-at-a-time one."""
+    points = _points(tmp_path)
+    costs = _costs(points)
+    point = points[0]
+    alone = group_seconds([point], costs, None)
+    one = costs[point.id]
+    slower = MemberCosts({1: 3 * one.step, 2: 4 * one.step}, {1: one.evaluation, 2: 0.0}, 8)
+    extra = 2 * one.step * point.spec.steps
+    assert group_seconds([point], costs, slower) == pytest.approx(alone + extra)
+    unbatchable = MemberCosts({1: one.step}, {1: one.evaluation}, 1, why_alone="no form")
+    assert group_seconds([point], costs, unbatchable) == pytest.approx(alone)

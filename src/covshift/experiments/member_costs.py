@@ -35,7 +35,7 @@ _EVAL_SAMPLE = 500  # test examples evaluated for timing; scaled to the test set
 @dataclass(frozen=True)
 class MemberCosts:
     """Measured seconds of one batched step and one batched full evaluation, by ``K``
-    (``K = 1`` is the one-at-a-time step and evaluation); ``max_members``: the most
+    (``K = 1``: a batch of one); ``max_members``: the most
     members the device's memory holds; ``why_alone``: why the network cannot be
     batched (None when it can)."""
 
@@ -80,13 +80,16 @@ def time_members(
     one: tuple[float, float],
     lanes: int = 1,
 ) -> MemberCosts:
-    """Time ``point``'s network batched at each ``K`` of ``ks`` (``one``: its step and
-    evaluation at ``K = 1``, as the preflight measured them)."""
+    """Time ``point``'s network batched at each ``K`` of ``ks`` and at ``K = 1`` (a
+    batch of one, which is how a batchable point left alone trains: it may cost more
+    than the one-at-a-time step); ``one``: its step and evaluation one at a time, as the
+    preflight measured them, which stand for ``K = 1`` where nothing is timed."""
     spec = point.spec
     costs = MemberCosts({1: one[0]}, {1: one[1]}, _memory_limit(point, data, lanes))
     chosen = [k for k in ks if 2 <= k <= costs.max_members]
     if not chosen:
         return costs
+    chosen = [1, *chosen]
     device = resolve_device(spec.device)
     data = data.first_test(spec.test_examples)
     if data.x_train.device != device:

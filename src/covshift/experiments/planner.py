@@ -74,7 +74,7 @@ def group_seconds(
 ) -> float:
     """Estimated seconds of one batch (module docstring)."""
     first = group[0]
-    if len(group) == 1 or member_costs is None:
+    if member_costs is None or member_costs.why_alone:  # trains one at a time
         return sum(costs[p.id].of(p) for p in group)
     spec = first.spec
     k = len(group)
