@@ -45,6 +45,13 @@ def test_session_records_the_schedule(tmp_path: Path) -> None:
     assert int(session.records[0].stats["count"]) == 5
     with Store(tmp_path / "c.db", create=False) as store:
         assert store.run(session.run_id).status == "finished"
+        # The records go through the one store path: with the axis of their units.
+        units = store.probe_units(session.run_id, "1")
+        assert [(u.step, u.dim, u.source) for u in units] == [
+            (0, 1, "producer"),
+            (2, 1, "producer"),
+            (4, 1, "producer"),
+        ]
 
 
 def test_run_left_open_by_an_uncaught_exception_is_failed_at_exit(tmp_path: Path) -> None:

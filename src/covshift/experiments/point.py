@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from covshift.callbacks import StoreRecorder
 from covshift.checkpoints import Checkpointer
 from covshift.data import Dataset, is_text
 from covshift.experiments.config import ConfigError, ModelSpec
@@ -36,8 +37,7 @@ from covshift.probe import GradientICSMonitor, ProbeRecord, ShiftProbe, Smoothne
 from covshift.probe.batch_fluctuation import BatchStatsMonitor
 from covshift.probe.layer_gradients import GradientNormMonitor
 from covshift.probe.select import glob_match
-from covshift.probe.units import store_columns
-from covshift.store import Store, StoreError
+from covshift.store import StoreError
 from covshift.train import (
     DivergenceGuard,
     TrainConfig,
@@ -70,27 +70,18 @@ class PointSink(Protocol):
         ...
 
 
-class StoreSink:
-    """Writes a run's records into the store as they come."""
-
-    def __init__(self, store: Store, run_id: int) -> None:
-        self.store = store
-        self.run_id = run_id
+class StoreSink(StoreRecorder):
+    """Writes a run's records into the store as they come: the one store path
+    (:class:`~covshift.callbacks.StoreRecorder`) under :class:`PointSink`'s names."""
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        self.store.log_scalars(self.run_id, step, values)
+        self.log_scalars(step, values)
 
     def probe(self, record: ProbeRecord) -> None:
-        self.store.log_probe(
-            self.run_id,
-            record.step,
-            record.layer,
-            record.stats,
-            **store_columns(record.unit_axis),
-        )
+        self.probe_sink(record)
 
     def end(self, status: str, error: str | None = None, diverged_at: int | None = None) -> None:
-        self.store.finish_run(self.run_id, status, error, diverged_at=diverged_at)
+        self.finish(status, error, diverged_at)
 
 
 @dataclass(frozen=True)
