@@ -1,4 +1,4 @@
-"""Callbacks of the training loop: recording to the store, and a progress bar."""
+"""Recording a run to the store (one path for every writer), and the progress display."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
-    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -20,7 +19,7 @@ from covshift.probe.units import store_columns
 from covshift.store import Store
 from covshift.train import TrainState
 
-__all__ = ["ProgressBar", "StoreRecorder", "make_progress"]
+__all__ = ["StoreRecorder", "make_progress"]
 
 
 class StoreRecorder:
@@ -81,27 +80,3 @@ def make_progress(
         disable=disable,
         console=console,
     )
-
-
-class ProgressBar:
-    """Advances a task of a rich :class:`Progress` as training steps go by.
-
-    Updating the display every step would cost more than the step itself for small
-    models, so it advances every ``refresh_every`` steps.
-    """
-
-    def __init__(
-        self, progress: Progress, description: str, total: int, refresh_every: int = 50
-    ) -> None:
-        self.progress = progress
-        self.task: TaskID = progress.add_task(description, total=total, acc="-")
-        self.refresh_every = refresh_every
-        self._shown = 0
-
-    def on_step_end(self, state: TrainState) -> None:
-        if state.step - self._shown >= self.refresh_every:
-            self.progress.update(self.task, completed=state.step)
-            self._shown = state.step
-
-    def on_eval(self, state: TrainState, metrics: dict[str, float]) -> None:
-        self.progress.update(self.task, completed=state.step, acc=f"{metrics['test_accuracy']:.4f}")

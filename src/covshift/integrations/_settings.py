@@ -17,7 +17,6 @@ __all__ = [
     "PROBE_OPTIONS",
     "SET_BY_SESSION",
     "CallbackSettings",
-    "LossFn",
     "SessionSettings",
 ]
 
