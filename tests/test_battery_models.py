@@ -14,7 +14,7 @@ from covshift.data import load_dataset
 from covshift.experiments.config import ConfigError, ModelSpec
 from covshift.experiments.point import build_model
 from covshift.models import build_cnn, build_deep_linear, build_mlp, build_vgg
-from covshift.train import TrainConfig, evaluate, squared_error, train
+from covshift.training import TrainConfig, evaluate, squared_error, train
 
 
 def test_vgg_matches_a_hand_written_forward() -> None:

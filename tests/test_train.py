@@ -19,7 +19,7 @@ from covshift.checkpoints import (
 from covshift.data import BatchSampler, Dataset
 from covshift.models import build_mlp
 from covshift.store import Store
-from covshift.train import DivergenceGuard, TrainConfig, evaluate, resolve_device, train
+from covshift.training import DivergenceGuard, TrainConfig, evaluate, resolve_device, train
 
 
 def test_matches_a_plain_pytorch_loop(small_data: Dataset) -> None:

@@ -17,7 +17,7 @@ from rich.progress import (
 from covshift.probe import ProbeRecord
 from covshift.probe.units import store_columns
 from covshift.store import Store
-from covshift.train import TrainState
+from covshift.training import TrainState
 
 __all__ = ["StoreRecorder", "make_progress"]
 
@@ -25,7 +25,7 @@ __all__ = ["StoreRecorder", "make_progress"]
 class StoreRecorder:
     """The one path that writes a run to the store: its evaluations, its probe records
     (with the axis that held their units), and its end (with ``diverged_at`` for a
-    diverged run). A callback of :func:`covshift.train.train` as it is; a sweep's point
+    diverged run). A callback of :func:`covshift.training.train` as it is; a sweep's point
     (:class:`covshift.experiments.point.StoreSink`) and the trainer callbacks' run row
     (:mod:`covshift.integrations._store_run`) write through it too."""
 

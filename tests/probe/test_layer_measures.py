@@ -19,7 +19,7 @@ from covshift.models import build_transformer
 from covshift.probe.batch_fluctuation import BatchStatsMonitor, batch_statistics_fluctuation
 from covshift.probe.layer_gradients import GradientNormMonitor, weight_gradient_norms
 from covshift.store import Store
-from covshift.train import TrainConfig, loss_function, train
+from covshift.training import TrainConfig, loss_function, train
 
 
 def _seq_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from covshift.checkpoints import Checkpointer
 from covshift.data import Dataset, is_text
 from covshift.experiments.config import ConfigError, ModelSpec
 from covshift.experiments.grid import PointSpec
-from covshift.experiments.metrics import FLOOR, TRAIN_MODE
+from covshift.experiments.metric_paths import FLOOR, TRAIN_MODE
 from covshift.experiments.point_data import (
     dataset_arguments,
     dataset_for,
@@ -38,7 +38,7 @@ from covshift.probe.batch_fluctuation import BatchStatsMonitor
 from covshift.probe.layer_gradients import GradientNormMonitor
 from covshift.probe.select import glob_match
 from covshift.store import StoreError
-from covshift.train import (
+from covshift.training import (
     DivergenceGuard,
     TrainConfig,
     TrainState,

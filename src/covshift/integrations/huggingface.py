@@ -33,7 +33,7 @@ What happens, event by event:
   either, a run left open is closed at the next ``train()`` or when the process ends.
 
 What is recorded: per watched layer, the statistics of
-:mod:`covshift.probe.summary` of its input (``record="input"``) on the probe batch,
+:mod:`covshift.probe.record_summary` of its input (``record="input"``) on the probe batch,
 in eval mode under ``no_grad`` (``mode="eval"``), with each layer's units on the axis
 its layer says (``unit_dim="auto"``: a transformer's hidden features of ``(N, T, E)``
 values, a convolution's channels; every record names its axis). With ``grad_ics=True``, the gradient

@@ -33,7 +33,7 @@ collective is ever waited for):
 - ``on_train_end``: hooks removed, the run closed as ``finished``;
   ``on_exception``: the same, as ``failed`` (``interrupted`` on Ctrl-C).
 
-What is recorded: per watched layer, the statistics of :mod:`covshift.probe.summary`
+What is recorded: per watched layer, the statistics of :mod:`covshift.probe.record_summary`
 of its input on the probe batch, in eval mode under ``no_grad``, with each layer's
 units on the axis its layer says (``unit_dim="auto"``; every record names its axis).
 With ``grad_ics=True``, the gradient ICS of every weight layer

@@ -39,7 +39,7 @@ from covshift.probe.batch import ProbeBatch, ProbeBatchError
 from covshift.probe.collector import Collector
 from covshift.probe.hooks import Taps
 from covshift.probe.record import HostRecord
-from covshift.probe.summary import to_host
+from covshift.probe.record_summary import to_host
 from covshift.probe.units import UnitAxisError
 
 __all__ = ["BackgroundRecorder", "ModelSnapshot", "has_foreign_hooks"]

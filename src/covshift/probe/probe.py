@@ -5,7 +5,7 @@ Mechanics, schedule and statistics are separate (as in fastai's hooks):
 - *mechanics* (:mod:`~covshift.probe.hooks`): forward hooks that exist only while a
   record is being taken, so a training step between records pays nothing;
 - *schedule* (:class:`~covshift.probe.schedule.Schedule`): which steps record;
-- *statistics* (:mod:`~covshift.probe.summary`): computed on the detached values
+- *statistics* (:mod:`~covshift.probe.record_summary`): computed on the detached values
   inside the hook, on their device; a record costs one transfer to the host;
 - *units* (:mod:`~covshift.probe.units`): which axis of each layer's values holds its
   units, found per layer (``unit_dim="auto"``) and said in every record;
@@ -17,7 +17,7 @@ Mechanics, schedule and statistics are separate (as in fastai's hooks):
 This module is the public face that ties them together: its arguments (checked by
 :mod:`~covshift.probe.probe_args`), when each record is taken and where (on this
 thread, in the background worker, or from the next training forward), and the events
-of :mod:`covshift.train`'s loop.
+of :mod:`covshift.training`'s loop.
 
 Two sources of values:
 
@@ -62,10 +62,10 @@ from covshift.probe.hooks import Taps
 from covshift.probe.norm_stats import untrained_norms
 from covshift.probe.probe_args import check_modes, check_statistics, probe_batch
 from covshift.probe.record import ProbeRecord, RecordDelivery
+from covshift.probe.record_summary import StatsConfig, to_host
 from covshift.probe.schedule import Schedule
 from covshift.probe.select import LayerSpec, select_layers
 from covshift.probe.settings import PROBE_DEFAULTS, ProbeSettings, Unpack, resolve
-from covshift.probe.summary import StatsConfig, to_host
 from covshift.probe.units import UnitAxis, UnitPolicy
 
 __all__ = ["ShiftProbe"]
@@ -369,7 +369,7 @@ class ShiftProbe:
         self._collector.clear()
         return keys
 
-    # -- as a callback of covshift.train ----------------------------------------
+    # -- as a callback of the training loop, covshift.train() ------------------
     def on_train_start(self, state: Any) -> None:
         # Step 0 is the initialization; a resumed run starts at its checkpoint's step.
         self.maybe_record(state.step)
