@@ -32,6 +32,7 @@ from covshift.experiments.point_data import (
     preload_datasets,
     shared_datasets,
 )
+from covshift.losses import loss_function
 from covshift.models import build_cnn, build_deep_linear, build_mlp, build_transformer, build_vgg
 from covshift.probe import GradientICSMonitor, ProbeRecord, ShiftProbe, SmoothnessMonitor
 from covshift.probe.batch_fluctuation import BatchStatsMonitor
@@ -42,7 +43,6 @@ from covshift.training import (
     DivergenceGuard,
     TrainConfig,
     TrainState,
-    loss_function,
     train,
 )
 
