@@ -286,47 +286,22 @@ def point_measures(
                 **common,
             )
         )
+    # What every gradient measure shares: the loss, its batches and where records go.
+    measured = {"batch_size": p.measure_batch, "seed": spec.seed, "sink": sink.probe}
     loss = loss_function(data)
     if p.gradient_ics_every:
-        out.append(
-            GradientICSMonitor(
-                every=p.gradient_ics_every,
-                loss_fn=loss,
-                batch_size=p.measure_batch,
-                seed=spec.seed,
-                sink=sink.probe,
-            )
-        )
+        out.append(GradientICSMonitor(every=p.gradient_ics_every, loss_fn=loss, **measured))
     if p.smoothness_every:
         out.append(
             SmoothnessMonitor(
-                every=p.smoothness_every,
-                step_range=p.smoothness_range,
-                loss_fn=loss,
-                batch_size=p.measure_batch,
-                seed=spec.seed,
-                sink=sink.probe,
+                every=p.smoothness_every, step_range=p.smoothness_range, loss_fn=loss, **measured
             )
         )
     if p.gradient_norm_steps:
-        out.append(
-            GradientNormMonitor(
-                steps=p.gradient_norm_steps,
-                loss_fn=loss,
-                batch_size=p.measure_batch,
-                seed=spec.seed,
-                sink=sink.probe,
-            )
-        )
+        out.append(GradientNormMonitor(steps=p.gradient_norm_steps, loss_fn=loss, **measured))
     if p.batch_stats_every:
         out.append(
-            BatchStatsMonitor(
-                every=p.batch_stats_every,
-                batches=p.batch_stats_batches,
-                batch_size=p.measure_batch,
-                seed=spec.seed,
-                sink=sink.probe,
-            )
+            BatchStatsMonitor(every=p.batch_stats_every, batches=p.batch_stats_batches, **measured)
         )
     return out
 
