@@ -25,7 +25,7 @@ from covshift.experiments.backends.base import ProgressReporter
 from covshift.experiments.grid import PointSpec
 from covshift.experiments.point import PointOutcome, train_point
 from covshift.probe import ProbeRecord
-from covshift.train import resolve_device
+from covshift.training import resolve_device
 
 __all__ = ["point_task"]
 
