@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["NoisyNorm", "TimeVaryingNoise"]
+__all__ = ["NoisyNorm", "NormNoise", "TimeVaryingNoise"]
 
 
 class TimeVaryingNoise(nn.Module):
@@ -97,3 +97,8 @@ class NoisyNorm(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         return self.noise(self.norm(input))
+
+
+# The name this class had until 0.1.0's nn reshaping (it read too much like NoisyNorm);
+# kept so that code written against it runs unchanged.
+NormNoise = TimeVaryingNoise
