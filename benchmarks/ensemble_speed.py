@@ -5,7 +5,7 @@ For each network of the battery's presets (each distinct batched shape the prese
 train at ``--size``, named ``preset / network``), in one run of this script and
 interleaved (so that a busy machine slows every row alike):
 
-- ``1-at-a-time``: the step :func:`covshift.train.train` takes (gather the batch,
+- ``1-at-a-time``: the step :func:`covshift.training.train` takes (gather the batch,
   forward, loss, backward, ``torch.optim.SGD`` step), ms per step;
 - ``K = 1, 2, 4, 8, 16``: one step of the batched model of K members
   (:mod:`covshift.batched`: gather, forward, per-member losses, backward, the
@@ -52,7 +52,7 @@ from covshift.experiments.config import ModelSpec
 from covshift.experiments.grid import Point, expand_grid
 from covshift.experiments.members import batch_key
 from covshift.experiments.point import build_model, dataset_for
-from covshift.train import loss_function
+from covshift.losses import loss_function
 
 
 def preset_networks(presets: list[str], size: str) -> dict[str, tuple[Point, Any]]:

@@ -25,7 +25,7 @@ from rich.table import Table
 from covshift.data import BatchSampler, Dataset, DatasetError, load_dataset
 from covshift.models import build_mlp
 from covshift.probe import ShiftProbe
-from covshift.train import TrainConfig, train
+from covshift.training import TrainConfig, train
 
 
 def plain_loop(data: Dataset, norm: str, steps: int) -> float:

@@ -4,7 +4,7 @@ For the first point of every network of each preset (its quick size, or ``--size
 the cost of each part of a point's run, spread over its steps (ms per step: a part
 done every ``n`` steps costs a ``1/n`` share):
 
-- ``train``: the training step (one at a time: :func:`covshift.train.train`'s step;
+- ``train``: the training step (one at a time: :func:`covshift.training.train`'s step;
   batched: a member's share of the batched step, ``K = --members``);
 - ``eval``: the evaluation on the point's test examples (batched: a member's share);
 - ``records``: the probe's records (eval and train mode, the noise floor), taken on
@@ -44,9 +44,10 @@ from covshift.experiments.battery import BATTERY
 from covshift.experiments.grid import Point, expand_grid
 from covshift.experiments.members import batch_key
 from covshift.experiments.point import StoreSink, build_model, dataset_for, point_measures
+from covshift.losses import loss_function
 from covshift.probe import GradientICSMonitor, ShiftProbe, SmoothnessMonitor
 from covshift.store import Store
-from covshift.train import TrainConfig, TrainState, evaluate, loss_function
+from covshift.training import TrainConfig, TrainState, evaluate
 
 
 def _best(fn: Callable[[], object], repeats: int = 5, inner: int = 1) -> float:

@@ -200,7 +200,7 @@ import sys, time, torch
 torch.set_num_threads(1)
 from covshift.data import load_dataset
 from covshift.models import build_mlp
-from covshift.train import TrainConfig, train
+from covshift.training import TrainConfig, train
 data = load_dataset(sys.argv[1])
 net = build_mlp(data.num_features, data.num_classes, norm="batch", seed=0)
 start = time.perf_counter()

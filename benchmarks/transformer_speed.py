@@ -10,7 +10,7 @@ not installed) with AdamW:
   cross-entropy, backward, step): the peer;
 - ``covshift``: :func:`covshift.models.build_transformer` (covshift.nn's norms) in the
   same plain loop;
-- ``loop``: the same covshift model in :func:`covshift.train.train` (its steps timed
+- ``loop``: the same covshift model in :func:`covshift.training.train` (its steps timed
   by a callback, evaluations left out).
 
 Blocks of steps are interleaved (torch, covshift, loop, torch, ...) so that background
@@ -51,7 +51,7 @@ from torch import nn
 
 from covshift.data import BatchSampler, DatasetError, TextDataset, load_dataset
 from covshift.models import build_transformer
-from covshift.train import TrainConfig, TrainState, train
+from covshift.training import TrainConfig, TrainState, train
 
 NORMS = ("none", "layer", "rms", "batch")
 

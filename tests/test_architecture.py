@@ -13,12 +13,12 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "covshift"
 # package -> the covshift packages it must not import (docs/architecture.md)
 FORBIDDEN = {
     "nn": {"models", "data", "probe", "experiments", "store", "report", "integrations", "cli",
-           "train", "checkpoints", "callbacks"},
+           "training", "checkpoints", "callbacks"},
     "models": {"probe", "experiments", "store", "report", "integrations", "cli"},
     "data": {"nn", "models", "probe", "experiments", "store", "report", "integrations", "cli"},
-    "probe": {"experiments", "store", "report", "integrations", "cli", "train"},
+    "probe": {"experiments", "store", "report", "integrations", "cli", "training"},
     "store": {"nn", "models", "data", "probe", "experiments", "report", "integrations", "cli",
-              "train", "checkpoints"},
+              "training", "checkpoints"},
     "report": {"cli"},
     "integrations": {"experiments", "report", "cli"},
     "batched": {"experiments", "report", "integrations", "cli"},

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from covshift.data import load_dataset
 from covshift.experiments.config import ConfigError, ModelSpec
 from covshift.experiments.point import build_model
+from covshift.losses import squared_error
 from covshift.models import build_cnn, build_deep_linear, build_mlp, build_vgg
-from covshift.train import TrainConfig, evaluate, squared_error, train
+from covshift.training import TrainConfig, evaluate, train
 
 
 def test_vgg_matches_a_hand_written_forward() -> None:

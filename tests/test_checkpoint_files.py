@@ -27,7 +27,7 @@ from covshift.checkpoints import BytesCheckpointer, CheckpointWarning, FileCheck
 from covshift.data import Dataset
 from covshift.models import build_mlp
 from covshift.store import StorageFault
-from covshift.train import TrainConfig, train
+from covshift.training import TrainConfig, train
 
 DATA = os.urandom(5000)
 

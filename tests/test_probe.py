@@ -10,7 +10,7 @@ from torch import nn
 
 from covshift.models import build_cnn, build_mlp
 from covshift.probe import Schedule, ShiftProbe, quantile_drift, unit_view
-from covshift.probe.metrics import unit_quantile_drift
+from covshift.probe.shift_metrics import unit_quantile_drift
 
 
 def pre_activations(net: nn.Module, x: torch.Tensor, layer: int) -> np.ndarray:

@@ -7,7 +7,6 @@ import inspect
 import pkgutil
 import subprocess
 import sys
-import types
 
 import pytest
 
@@ -49,15 +48,17 @@ def test_the_docstring_example_imports() -> None:
         exec(line, {})
 
 
-def test_train_is_the_function_after_its_module_is_imported() -> None:
-    # The module covshift.train defines the function train; importing the module must
-    # not replace the package's attribute with the module.
-    importlib.import_module("covshift.train")
+def test_train_is_the_function_and_its_module_is_training() -> None:
+    # The loop lives in covshift.training: no module named like the function, so
+    # importing the module leaves the package's attribute ``train`` the function.
+    importlib.import_module("covshift.training")
+    import covshift as package
     from covshift import TrainConfig, train
 
-    assert inspect.isfunction(train) and train.__module__ == "covshift.train"
-    assert isinstance(sys.modules["covshift.train"], types.ModuleType)
-    assert sys.modules["covshift.train"].TrainConfig is TrainConfig
+    assert inspect.isfunction(train) and train.__module__ == "covshift.training"
+    assert package.train is train and inspect.isfunction(package.train)
+    assert sys.modules["covshift.training"].TrainConfig is TrainConfig
+    assert "covshift.train" not in sys.modules
 
 
 @pytest.mark.parametrize("module", _modules())

@@ -258,3 +258,40 @@ def test_storage_errors_are_said_by_cause(tmp_path: Path, monkeypatch: pytest.Mo
     fault = said["full"].noted("Run 3 (x) was closed as interrupted.")  # type: ignore[union-attr]
     back = pickle.loads(pickle.dumps(fault))
     assert str(back) == str(fault) and back.notes == fault.notes
+
+
+def test_a_second_open_in_one_process_keeps_the_first_connections_locks(tmp_path: Path) -> None:
+    """Closing any descriptor of a file drops every POSIX lock the process holds on it.
+    Opening a store a second time in a process that already has it open must not read
+    the file itself (its header check), or the first connection loses its locks: a
+    process that then closes its own connection believes it is the last, checkpoints
+    and deletes the write-ahead log, and the first connection's later commits are
+    lost (runs of a sweep vanished after Ctrl-C while another process polled)."""
+    import sys
+
+    db = tmp_path / "c.db"
+    first = Store(db)
+    run = first.start_run("a", config={"x": 1}, seed=0)
+    first.log_scalars(run, 1, {"loss": 1.0})
+    Store(db).close()  # a second open and close in this process
+    other = f"from covshift.store import Store; Store({str(db)!r}).close()"
+    subprocess.run([sys.executable, "-c", other], check=True, timeout=120)
+    for step in range(2, 6):
+        first.log_scalars(run, step, {"loss": float(step)})
+    # Another process reads what the first connection committed, while it is open.
+    reader = (
+        f"from covshift.store import Store\n"
+        f"with Store({str(db)!r}) as s:\n"
+        f"    (r,) = s.runs(); print(s.scalars(r.id, 'loss')[0].tolist())"
+    )
+    seen = subprocess.run(
+        [sys.executable, "-c", reader], capture_output=True, text=True, timeout=120
+    )
+    first.close()
+    assert seen.returncode == 0 and seen.stdout.split() == ["[1,", "2,", "3,", "4,", "5]"], (
+        seen.stdout + seen.stderr
+    )
+    with Store(db) as store:
+        (recorded,) = store.runs()
+        steps, values = store.scalars(recorded.id, "loss")
+    assert list(steps) == [1, 2, 3, 4, 5] and list(values) == [1.0, 2.0, 3.0, 4.0, 5.0]

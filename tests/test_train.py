@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from covshift.callbacks import StoreRecorder
 from covshift.checkpoints import (
     BytesCheckpointer,
     Checkpointer,
@@ -17,7 +18,8 @@ from covshift.checkpoints import (
 )
 from covshift.data import BatchSampler, Dataset
 from covshift.models import build_mlp
-from covshift.train import DivergenceGuard, TrainConfig, evaluate, resolve_device, train
+from covshift.store import Store
+from covshift.training import DivergenceGuard, TrainConfig, evaluate, resolve_device, train
 
 
 def test_matches_a_plain_pytorch_loop(small_data: Dataset) -> None:
@@ -241,6 +243,27 @@ def test_divergence_guard(small_data: Dataset, stop: bool) -> None:
     assert calm.status == "finished" and calm.outcome_step is None
     with pytest.raises(ValueError, match="factor must be > 1"):
         DivergenceGuard(1.0)
+
+
+def test_store_recorder_closes_a_diverged_run_with_its_step(
+    small_data: Dataset, tmp_path: Path
+) -> None:
+    """The one store path writes what the sweep's points write: a diverged run gets its
+    status and ``diverged_at``, the evaluations their scalars."""
+    config = TrainConfig(steps=60, batch_size=20, lr=5000.0, eval_every=10, seed=0)
+    with Store(tmp_path / "s.db") as store:
+        run_id = store.start_run("diverges", config={}, seed=0)
+        result = train(
+            build_mlp(784, 10, width=12, seed=0),
+            small_data,
+            config,
+            device="cpu",
+            callbacks=[DivergenceGuard(10.0), StoreRecorder(store, run_id)],
+        )
+        info = store.run(run_id)
+        assert (info.status, info.diverged_at) == ("diverged", result.outcome_step)
+        steps, _ = store.scalars(run_id, "test_loss")
+        assert list(steps) == sorted(result.history)
 
 
 def test_foreign_checkpoint_is_refused(small_data: Dataset, tmp_path: Path) -> None:

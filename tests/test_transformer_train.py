@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from covshift.data import BatchSampler, TextDataset, load_dataset
 from covshift.models import build_transformer
-from covshift.train import DivergenceGuard, TrainConfig, TrainState, evaluate, train
+from covshift.training import DivergenceGuard, TrainConfig, TrainState, evaluate, train
 
 SMALL = dict(context=32, d_model=32, n_layer=2, n_head=2)
 

@@ -22,7 +22,6 @@ store, for one, never needs it).
 from __future__ import annotations
 
 import importlib
-import sys
 import types
 
 from covshift._version import __version__
@@ -33,7 +32,7 @@ if TYPE_CHECKING:  # what static tools see; at run time __getattr__ imports on d
     from covshift.models import build_cnn, build_mlp
     from covshift.probe import ShiftProbe
     from covshift.store import Store, StoreError
-    from covshift.train import TrainConfig, TrainResult, train
+    from covshift.training import TrainConfig, TrainResult, train
 
 # Each public name and the module that defines it.
 _SOURCES = {
@@ -44,9 +43,9 @@ _SOURCES = {
     "ShiftProbe": "covshift.probe",
     "Store": "covshift.store",
     "StoreError": "covshift.store",
-    "TrainConfig": "covshift.train",
-    "TrainResult": "covshift.train",
-    "train": "covshift.train",
+    "TrainConfig": "covshift.training",
+    "TrainResult": "covshift.training",
+    "train": "covshift.training",
 }
 
 __all__ = [
@@ -81,18 +80,3 @@ def __dir__() -> list[str]:
         if isinstance(value, types.ModuleType) and value.__name__.startswith(f"{__name__}.")
     ]
     return sorted({*__all__, *loaded})
-
-
-class _Package(types.ModuleType):
-    """The module type of ``covshift``, for one clash of names: the function ``train``
-    lives in the module ``covshift.train``, and once that module is imported the import
-    system sets it as the package's attribute ``train``. That attribute stays the
-    function; the module is reached with ``from covshift.train import ...``."""
-
-    def __setattr__(self, name: str, value: object) -> None:
-        if isinstance(value, types.ModuleType) and _SOURCES.get(name) == value.__name__:
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -1,13 +1,14 @@
-"""Callbacks of the training loop: recording to the store, and a progress bar."""
+"""Recording a run to the store (one path for every writer), and the progress display."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
-    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -16,21 +17,24 @@ from rich.progress import (
 from covshift.probe import ProbeRecord
 from covshift.probe.units import store_columns
 from covshift.store import Store
-from covshift.train import TrainState
+from covshift.training import TrainState
 
-__all__ = ["ProgressBar", "StoreRecorder", "make_progress"]
+__all__ = ["StoreRecorder", "make_progress"]
 
 
 class StoreRecorder:
-    """Writes evaluations and probe records of one run to the store, and closes the
-    run with the loop's final status (finished / interrupted / failed)."""
+    """The one path that writes a run to the store: its evaluations, its probe records
+    (with the axis that held their units), and its end (with ``diverged_at`` for a
+    diverged run). A callback of :func:`covshift.training.train` as it is; a sweep's point
+    (:class:`covshift.experiments.point.StoreSink`) and the trainer callbacks' run row
+    (:mod:`covshift.integrations._store_run`) write through it too."""
 
     def __init__(self, store: Store, run_id: int) -> None:
         self.store = store
         self.run_id = run_id
 
-    def on_eval(self, state: TrainState, metrics: dict[str, float]) -> None:
-        self.store.log_scalars(self.run_id, state.step, metrics)
+    def log_scalars(self, step: int, values: Mapping[str, float]) -> None:
+        self.store.log_scalars(self.run_id, step, dict(values))
 
     def probe_sink(self, record: ProbeRecord) -> None:
         """Pass as ``ShiftProbe(sink=...)``: records go straight to the store."""
@@ -42,9 +46,17 @@ class StoreRecorder:
             **store_columns(record.unit_axis),
         )
 
+    def finish(self, status: str, error: str | None = None, diverged_at: int | None = None) -> None:
+        """Close the run with ``status``; ``diverged_at`` exactly when it is ``diverged``."""
+        self.store.finish_run(self.run_id, status, error, diverged_at=diverged_at)
+
+    # -- the training loop's events -----------------------------------------
+    def on_eval(self, state: TrainState, metrics: dict[str, float]) -> None:
+        self.log_scalars(state.step, metrics)
+
     def on_train_end(self, state: TrainState, status: str) -> None:
         error = None if status != "failed" else "training raised an exception"
-        self.store.finish_run(self.run_id, status, error)
+        self.finish(status, error, state.outcome_step if status == "diverged" else None)
 
 
 def make_progress(
@@ -68,27 +80,3 @@ def make_progress(
         disable=disable,
         console=console,
     )
-
-
-class ProgressBar:
-    """Advances a task of a rich :class:`Progress` as training steps go by.
-
-    Updating the display every step would cost more than the step itself for small
-    models, so it advances every ``refresh_every`` steps.
-    """
-
-    def __init__(
-        self, progress: Progress, description: str, total: int, refresh_every: int = 50
-    ) -> None:
-        self.progress = progress
-        self.task: TaskID = progress.add_task(description, total=total, acc="-")
-        self.refresh_every = refresh_every
-        self._shown = 0
-
-    def on_step_end(self, state: TrainState) -> None:
-        if state.step - self._shown >= self.refresh_every:
-            self.progress.update(self.task, completed=state.step)
-            self._shown = state.step
-
-    def on_eval(self, state: TrainState, metrics: dict[str, float]) -> None:
-        self.progress.update(self.task, completed=state.step, acc=f"{metrics['test_accuracy']:.4f}")

@@ -1,6 +1,6 @@
 """Where the resumable state of a training run lives while it trains.
 
-:func:`covshift.train.train` saves its state (model, optimizer, sampler, random
+:func:`covshift.training.train` saves its state (model, optimizer, sampler, random
 states, evaluation history) at every evaluation through a :class:`Checkpointer`, and
 continues from it when one is there at the start. :class:`FileCheckpointer` keeps it
 in a file with the digest of its bytes beside it (written to temporary names, then

@@ -1,4 +1,4 @@
-"""The training loop's resumable state: what :func:`covshift.train.train` saves at
+"""The training loop's resumable state: what :func:`covshift.training.train` saves at
 every evaluation (:func:`save_checkpoint`) and restores when it starts
 (:func:`load_checkpoint`): the model, optimizer, sampler and random states, the
 evaluation history, the declared outcome and the state of every callback that has
@@ -16,7 +16,7 @@ from covshift.data import BatchSampler
 from covshift.store.errors import StoreError
 
 if TYPE_CHECKING:
-    from covshift.train import TrainState
+    from covshift.training import TrainState
 
 __all__ = ["load_checkpoint", "save_checkpoint"]
 

@@ -17,7 +17,7 @@ from covshift.experiments.config import ConfigError
 from covshift.experiments.point import train_point
 from covshift.models import build_mlp
 from covshift.probe import GradientICSMonitor, ShiftProbe, SmoothnessMonitor
-from covshift.train import TrainConfig, train
+from covshift.training import TrainConfig, train
 
 from .test_config import write
 

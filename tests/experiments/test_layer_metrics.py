@@ -11,7 +11,7 @@ import pytest
 
 from covshift.experiments import expand_grid, load_config
 from covshift.experiments.claims import evaluate_claims
-from covshift.experiments.metrics import parse_metric
+from covshift.experiments.metric_paths import parse_metric
 from covshift.experiments.numbers import PointNumbers
 from covshift.probe.figures import Figure
 

@@ -27,7 +27,7 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
-from covshift.integrations._session import unwrap_optimizer  # noqa: E402
+from covshift.integrations._trainer_objects import unwrap_optimizer  # noqa: E402
 from covshift.integrations.huggingface import ShiftProbeCallback, model_loss  # noqa: E402
 from covshift.probe import gradient_ics  # noqa: E402
 from covshift.store import Store  # noqa: E402

@@ -13,7 +13,11 @@ import pytest
 import torch
 
 import covshift
-from covshift.integrations._session import ProbeSession, first_examples
+from covshift.integrations._session import ProbeSession
+from covshift.integrations._settings import CALLBACK_DEFAULTS
+from covshift.integrations._trainer_objects import first_examples
+from covshift.probe import ShiftProbe
+from covshift.probe.settings import PROBE_DEFAULTS
 from covshift.store import Store
 
 
@@ -41,6 +45,13 @@ def test_session_records_the_schedule(tmp_path: Path) -> None:
     assert int(session.records[0].stats["count"]) == 5
     with Store(tmp_path / "c.db", create=False) as store:
         assert store.run(session.run_id).status == "finished"
+        # The records go through the one store path: with the axis of their units.
+        units = store.probe_units(session.run_id, "1")
+        assert [(u.step, u.dim, u.source) for u in units] == [
+            (0, 1, "producer"),
+            (2, 1, "producer"),
+            (4, 1, "producer"),
+        ]
 
 
 def test_run_left_open_by_an_uncaught_exception_is_failed_at_exit(tmp_path: Path) -> None:
@@ -73,3 +84,25 @@ def test_warns_when_the_first_batch_never_came() -> None:
     with pytest.warns(UserWarning, match="no training forward of the probed module"):
         session.end("finished")
     assert session.records == []
+
+
+def test_settings_are_declared_once_and_unknown_keywords_are_refused() -> None:
+    """The probe's settings are one declaration: a keyword it does not declare is a
+    TypeError naming it, as for a named parameter, and the callbacks' defaults are the
+    probe's (but for background) and refuse what the session sets itself."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
+    with pytest.raises(
+        TypeError, match=r"ShiftProbe.__init__\(\) got an unexpected keyword argument 'bns'"
+    ):
+        ShiftProbe(model, probe_input=torch.randn(4, 3), bns=3)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match=r"got an unexpected keyword argument 'bns'"):
+        ProbeSession(bns=3)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match=r"the callback sets \['reduce', 'sink'\] of ShiftProbe"):
+        ProbeSession(sink=print, reduce=True)  # type: ignore[call-arg]
+    probe = ShiftProbe(model, probe_input=torch.randn(4, 3), bins=7, every=3)
+    assert probe.config.bins == 7 and probe.config.quantiles == PROBE_DEFAULTS["quantiles"]
+    assert probe.schedule.due(3) and not probe.schedule.due(2)
+    shared = PROBE_DEFAULTS.keys() & CALLBACK_DEFAULTS.keys()
+    assert {k for k in shared if PROBE_DEFAULTS[k] != CALLBACK_DEFAULTS[k]} == {"background"}
+    session = ProbeSession(bins=7, quantiles=(0.5,))
+    assert session.probe_options == {"bins": 7, "quantiles": (0.5,), "background": False}

@@ -21,7 +21,7 @@ from covshift.nn import (
     GhostBatchNorm2d,
     GhostBatchNorm3d,
     NoisyNorm,
-    NormNoise,
+    TimeVaryingNoise,
     WSConv2d,
     WSLinear,
     create_norm,
@@ -354,7 +354,7 @@ def test_ghost_gradcheck_and_gradgradcheck():
 
 
 def test_noise_moments_match_santurkar_distribution():
-    noise = NormNoise(generator=torch.Generator().manual_seed(0))
+    noise = TimeVaryingNoise(generator=torch.Generator().manual_seed(0))
     shape = torch.Size([64, 32])  # 2048 elements per draw
     mus, sigmas = [], []
     for _ in range(400):
@@ -377,8 +377,10 @@ def test_noise_moments_match_santurkar_distribution():
 
 def test_noise_forward_is_s_times_a_plus_m_and_gradient_is_s():
     a = torch.randn(16, 8, dtype=F64, requires_grad=True)
-    y = NormNoise(generator=torch.Generator().manual_seed(3))(a)
-    s, m = NormNoise(generator=torch.Generator().manual_seed(3)).sample(a.shape, a.device, F64)
+    y = TimeVaryingNoise(generator=torch.Generator().manual_seed(3))(a)
+    s, m = TimeVaryingNoise(generator=torch.Generator().manual_seed(3)).sample(
+        a.shape, a.device, F64
+    )
     torch.testing.assert_close(y, s * a + m)
     (y.sum()).backward()
     torch.testing.assert_close(a.grad, s)
@@ -397,21 +399,21 @@ def test_noise_only_in_training_and_reproducible():
     ref.load_state_dict(a.norm.state_dict())
     ref.eval()
     torch.testing.assert_close(a(x), ref(x))
-    assert torch.equal(NormNoise().eval()(x), x)
+    assert torch.equal(TimeVaryingNoise().eval()(x), x)
 
 
 def test_noise_half_precision_and_registry():
     layer = create_norm("batch_noisy", 4, dims=2, generator=torch.Generator().manual_seed(0))
     assert isinstance(layer, NoisyNorm) and isinstance(layer.norm, nn.Module)
-    y = NormNoise(generator=torch.Generator().manual_seed(0))(torch.randn(4, 3).half())
+    y = TimeVaryingNoise(generator=torch.Generator().manual_seed(0))(torch.randn(4, 3).half())
     assert y.dtype == torch.float16 and torch.isfinite(y).all()
     with pytest.raises(ValueError, match="scale_range"):
-        NormNoise(scale_range=(2.0, 1.0))
+        TimeVaryingNoise(scale_range=(2.0, 1.0))
 
 
 def test_noise_gradcheck_and_gradgradcheck():
     def f(x):  # a fixed seed per call makes the layer a deterministic function
-        return NormNoise(generator=torch.Generator().manual_seed(0))(x)
+        return TimeVaryingNoise(generator=torch.Generator().manual_seed(0))(x)
 
     x = torch.randn(3, 4, dtype=F64, requires_grad=True)
     assert gradcheck(f, (x,))

@@ -22,7 +22,7 @@ from covshift.probe.figures import (
     fluctuation_figure,
     relative_gradient_ics,
 )
-from covshift.probe.metrics import unit_quantile_drift
+from covshift.probe.shift_metrics import unit_quantile_drift
 from covshift.probe.usable import UsableRule, usable_units
 
 

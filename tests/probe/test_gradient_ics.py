@@ -19,7 +19,7 @@ from covshift.probe import (
     gradient_ics,
     landscape_smoothness,
 )
-from covshift.train import TrainConfig, train
+from covshift.training import TrainConfig, train
 
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.1),

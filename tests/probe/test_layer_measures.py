@@ -15,11 +15,12 @@ from covshift.data import load_dataset
 from covshift.experiments.grid import PointSpec
 from covshift.experiments.numbers import load_numbers
 from covshift.experiments.point import StoreSink, train_point
+from covshift.losses import loss_function
 from covshift.models import build_transformer
 from covshift.probe.batch_fluctuation import BatchStatsMonitor, batch_statistics_fluctuation
 from covshift.probe.layer_gradients import GradientNormMonitor, weight_gradient_norms
 from covshift.store import Store
-from covshift.train import TrainConfig, loss_function, train
+from covshift.training import TrainConfig, train
 
 
 def _seq_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

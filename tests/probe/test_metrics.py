@@ -10,7 +10,7 @@ import torch
 from scipy import integrate, stats
 
 from covshift.probe import ShiftProbe, compare, shift_series
-from covshift.probe.metrics import (
+from covshift.probe.shift_metrics import (
     gaussian_kl,
     histogram_w1,
     log_var_ratio,

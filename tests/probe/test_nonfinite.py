@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from covshift.probe.metrics import compare, shift_series
+from covshift.probe.record_summary import StatsConfig, saturation_stats, summarize, to_host
+from covshift.probe.shift_metrics import compare, shift_series
 from covshift.probe.stats import Moments
-from covshift.probe.summary import StatsConfig, saturation_stats, summarize, to_host
 
 CONFIG = StatsConfig(quantiles=(0.1, 0.5, 0.9), bins=8, unit_histograms=True, pooled_quantiles=True)
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from covshift.models import build_cnn, build_mlp
-from covshift.nn import NormNoise
+from covshift.nn import TimeVaryingNoise
 from covshift.probe import ShiftProbe
 from covshift.probe import norm_stats as norm_stats_module
 from covshift.probe.norm_stats import keeps_running_statistics, untrained_norms
@@ -46,7 +46,7 @@ def training_forward(model: nn.Module, x: torch.Tensor, names: list[str]) -> dic
     """What a training forward of a copy computes (batch statistics), noise off."""
     ref = copy.deepcopy(model).train()
     for m in ref.modules():
-        if isinstance(m, NormNoise):
+        if isinstance(m, TimeVaryingNoise):
             m.eval()
     return captured(ref, x, names)
 

@@ -24,7 +24,7 @@ from covshift.report.probe_plots import (
     save,
 )
 from covshift.store import Store
-from covshift.train import TrainConfig, train
+from covshift.training import TrainConfig, train
 
 
 @pytest.fixture(scope="module")

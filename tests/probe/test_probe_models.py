@@ -16,7 +16,7 @@ from covshift.data import Dataset
 from covshift.models import build_cnn, build_mlp
 from covshift.probe import ShiftProbe
 from covshift.probe.saturation import tail_threshold
-from covshift.train import TrainConfig, train
+from covshift.training import TrainConfig, train
 
 
 def check_stats(stats: dict[str, np.ndarray], values: np.ndarray, levels=(0.15, 0.5, 0.85)) -> None:

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from covshift.probe import stats as stats_mod
+from covshift.probe.record_summary import StatsConfig, saturation_stats, summarize, to_host
 from covshift.probe.saturation import activation_kind, saturated, tail_threshold
 from covshift.probe.stats import (
     Moments,
@@ -20,7 +21,6 @@ from covshift.probe.stats import (
     unit_rows,
     unit_view,
 )
-from covshift.probe.summary import StatsConfig, saturation_stats, summarize, to_host
 
 
 def test_unit_view_axes() -> None:

@@ -17,9 +17,9 @@ def gather_rows(table: Tensor, idx: Tensor) -> Tensor:
 
 
 def member_losses(out: Tensor, targets: Tensor, regression: bool) -> Tensor:
-    """``(K,)``: each member's training loss on its batch, as :func:`covshift.train.train`
+    """``(K,)``: each member's training loss on its batch, as :func:`covshift.training.train`
     computes it: the mean cross-entropy over the batch, or for real targets the mean over
-    the batch of ``||f(x) - y||^2`` (:func:`covshift.train.squared_error`).
+    the batch of ``||f(x) - y||^2`` (:func:`covshift.losses.squared_error`).
 
     ``out`` is ``(K, B, outputs)``; ``targets`` ``(K, B)`` labels or ``(K, B, outputs)``.
     Backpropagating their sum gives each member the gradient of its own loss.
@@ -47,7 +47,7 @@ def evaluate_members(
 ) -> list[dict[str, float]]:
     """Each member's accuracy and mean cross-entropy on ``(x, y)`` (the same test set
     for all), in eval mode; for real targets the mean squared error alone (what
-    :func:`covshift.train.evaluate` gives one network)."""
+    :func:`covshift.training.evaluate` gives one network)."""
     was_training = model.training
     model.eval()
     regression = y.is_floating_point()

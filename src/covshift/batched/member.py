@@ -22,8 +22,8 @@ from torch import nn
 from covshift.checkpoints import Checkpointer, CheckpointOwnerError
 from covshift.data import BatchSampler, Dataset
 from covshift.store.errors import StoreError
-from covshift.train import TrainConfig, TrainState
 from covshift.train_checkpoint import _callback_states
+from covshift.training import TrainConfig, TrainState
 
 __all__ = ["Member", "MemberRun"]
 
@@ -110,7 +110,7 @@ class Member:
         return 0 if self.payload is None else int(self.payload["step"])
 
     def resume(self) -> bool:
-        """Restore the state :meth:`peek` read, as :func:`covshift.train.train` does;
+        """Restore the state :meth:`peek` read, as :func:`covshift.training.train` does;
         False when there is none."""
         payload = self.payload
         if payload is None:

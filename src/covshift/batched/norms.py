@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from covshift.batched.layers import channels_to_rows, rows_to_channels
 from covshift.batched.slots import NotBatchable, Slot
-from covshift.nn import NoisyNorm, NormNoise, functional, norm_kind
+from covshift.nn import NoisyNorm, TimeVaryingNoise, functional, norm_kind
 from covshift.nn import running as running_stats
 
 __all__ = [
@@ -210,7 +210,7 @@ class RowsRMSNorm(nn.Module):
 
 
 class BatchedNoise(nn.Module):
-    """Each member's :class:`~covshift.nn.NormNoise`, ``a <- s * a + m`` (Santurkar et
+    """Each member's :class:`~covshift.nn.TimeVaryingNoise`, ``a <- s * a + m`` (Santurkar et
     al. 2018, Sec. 2.1), drawn from the member's own generator.
 
     A member's draws are those of its one-at-a-time run: the same calls (the step's
@@ -219,7 +219,7 @@ class BatchedNoise(nn.Module):
     :meth:`use_generators` to the members' streams). No noise in eval mode.
     """
 
-    def __init__(self, noises: Sequence[NormNoise], rows: bool) -> None:
+    def __init__(self, noises: Sequence[TimeVaryingNoise], rows: bool) -> None:
         super().__init__()
         self.noises = [copy.deepcopy(n) for n in noises]  # plain list: no parameters
         self.rows = rows

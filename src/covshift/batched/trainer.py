@@ -1,6 +1,6 @@
 """The batched training loop: ``K`` members as one model, each still its own run.
 
-:func:`train_members` does for every member what :func:`covshift.train.train` does for
+:func:`train_members` does for every member what :func:`covshift.training.train` does for
 one network (the same batches, the same SGD, evaluations at the same steps, the same
 callbacks, checkpoints and outcome), with one forward, one backward and one optimizer
 step for all of them:
@@ -8,7 +8,7 @@ step for all of them:
 - the batch of step ``t`` is each member's own sampler's draw, gathered into one
   tensor; the loss is each member's own mean (no reduction across members), and their
   sum is backpropagated, so each member's gradient is that of its own loss;
-- a member's callbacks see a :class:`~covshift.train.TrainState` of its own, whose
+- a member's callbacks see a :class:`~covshift.training.TrainState` of its own, whose
   ``model`` and ``optimizer`` are the member's own network and SGD, brought up to date
   from the batched model whenever a callback's schedule is due, at every evaluation
   and at the end (probe records, gradient ICS and landscape smoothness measure that
@@ -22,7 +22,7 @@ step for all of them:
   batch) goes on one at a time.
 
 Networks without a batched form (:class:`~covshift.batched.NotBatchable`) train one at
-a time through :func:`covshift.train.train`, as before.
+a time through :func:`covshift.training.train`, as before.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from covshift.batched.optim import MemberSGD, SGDSettings
 from covshift.batched.slots import NotBatchable
 from covshift.data import Dataset
 from covshift.store.errors import StoreError
-from covshift.train import TrainResult, resolve_device, train
+from covshift.training import TrainResult, resolve_device, train
 
 __all__ = ["MemberOutcome", "train_members"]
 
@@ -112,7 +112,7 @@ def train_members(
 
 
 def _one_at_a_time(member: Member, data: Dataset, device: torch.device) -> MemberOutcome:
-    """The member through :func:`covshift.train.train`, with its own random stream as
+    """The member through :func:`covshift.training.train`, with its own random stream as
     the global one (as a point trains without batching)."""
     run = member.run
     devices = [device.index or 0] if device.type == "cuda" else []

@@ -67,7 +67,7 @@ def claims(
     from covshift.cli.tables import claims_table
     from covshift.experiments.battery import BATTERY, plan_battery
     from covshift.experiments.battery_run import report_battery, run_battery
-    from covshift.experiments.summary import json_safe
+    from covshift.experiments.experiment_summary import json_safe
 
     if size not in ("quick", "full"):
         raise UserError(f"--size must be quick or full, got {size!r}")

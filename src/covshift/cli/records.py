@@ -150,7 +150,7 @@ def report(
 
     Example: covshift report ioffe2015-3f2a9c1b
     """
-    from covshift.experiments.summary import stored_config, summarize
+    from covshift.experiments.experiment_summary import stored_config, summarize
     from covshift.report import write_report
 
     with existing_store(db) as store:

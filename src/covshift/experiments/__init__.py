@@ -35,8 +35,8 @@ _LAZY = {
     "plan_sweep": "covshift.experiments.sweep",
     "run_experiment": "covshift.experiments.sweep",
     "run_sweep": "covshift.experiments.sweep",
-    "stored_config": "covshift.experiments.summary",
-    "summarize": "covshift.experiments.summary",
+    "stored_config": "covshift.experiments.experiment_summary",
+    "summarize": "covshift.experiments.experiment_summary",
 }
 
 

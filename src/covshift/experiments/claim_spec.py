@@ -72,7 +72,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, model_validator
 
-from covshift.experiments.metrics import parse_metric
+from covshift.experiments.metric_paths import parse_metric
 
 __all__ = ["RULES", "ClaimSpec", "rule_text"]
 

@@ -22,7 +22,7 @@ from scipy import stats as scipy_stats
 from covshift.experiments.claim_spec import ClaimSpec
 from covshift.experiments.config import ExperimentConfig
 from covshift.experiments.grid import Point
-from covshift.experiments.metrics import TRAIN_MODE, parse_metric
+from covshift.experiments.metric_paths import TRAIN_MODE, parse_metric
 from covshift.experiments.numbers import PointNumbers, Reading
 from covshift.experiments.significance import Bounds
 from covshift.probe.select import glob_match

@@ -27,7 +27,7 @@ from covshift.experiments.claim_spec import ClaimSpec, rule_text
 from covshift.experiments.claim_statistics import STATISTICS, PointTable, SeedOutcome
 from covshift.experiments.config import ExperimentConfig
 from covshift.experiments.grid import Point, format_axes
-from covshift.experiments.metrics import parse_metric
+from covshift.experiments.metric_paths import parse_metric
 from covshift.experiments.numbers import PointNumbers
 from covshift.experiments.verdicts import judge, judge_family
 

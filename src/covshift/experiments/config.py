@@ -40,7 +40,7 @@ from covshift.experiments.config_sections import (
     SizeSpec,
     Strict,
 )
-from covshift.experiments.metrics import TRAIN_MODE, parse_metric
+from covshift.experiments.metric_paths import TRAIN_MODE, parse_metric
 
 __all__ = [
     "MAX_DEPTH",

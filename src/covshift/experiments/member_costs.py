@@ -25,7 +25,7 @@ from covshift.data import Dataset
 from covshift.experiments.grid import Point
 from covshift.experiments.model_size import available_bytes, model_size
 from covshift.experiments.point import build_model
-from covshift.train import resolve_device
+from covshift.training import resolve_device
 
 __all__ = ["MemberCosts", "time_members"]
 

@@ -1,7 +1,7 @@
 """A point's numbers, read from the store: series, drift, and any metric path.
 
 :class:`PointNumbers` loads what one run recorded once and answers every metric path
-of :mod:`covshift.experiments.metrics` from it; the headline numbers of tables, the
+of :mod:`covshift.experiments.metric_paths` from it; the headline numbers of tables, the
 CSV and the claims all come from here, so they cannot disagree.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from covshift.experiments.metrics import (
+from covshift.experiments.metric_paths import (
     FLOOR,
     SERIES,
     SMOOTHNESS,

@@ -20,29 +20,29 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from covshift.callbacks import StoreRecorder
 from covshift.checkpoints import Checkpointer
 from covshift.data import Dataset, is_text
 from covshift.experiments.config import ConfigError, ModelSpec
 from covshift.experiments.grid import PointSpec
-from covshift.experiments.metrics import FLOOR, TRAIN_MODE
+from covshift.experiments.metric_paths import FLOOR, TRAIN_MODE
 from covshift.experiments.point_data import (
     dataset_arguments,
     dataset_for,
     preload_datasets,
     shared_datasets,
 )
+from covshift.losses import loss_function
 from covshift.models import build_cnn, build_deep_linear, build_mlp, build_transformer, build_vgg
 from covshift.probe import GradientICSMonitor, ProbeRecord, ShiftProbe, SmoothnessMonitor
 from covshift.probe.batch_fluctuation import BatchStatsMonitor
 from covshift.probe.layer_gradients import GradientNormMonitor
 from covshift.probe.select import glob_match
-from covshift.probe.units import store_columns
-from covshift.store import Store, StoreError
-from covshift.train import (
+from covshift.store import StoreError
+from covshift.training import (
     DivergenceGuard,
     TrainConfig,
     TrainState,
-    loss_function,
     train,
 )
 
@@ -70,27 +70,18 @@ class PointSink(Protocol):
         ...
 
 
-class StoreSink:
-    """Writes a run's records into the store as they come."""
-
-    def __init__(self, store: Store, run_id: int) -> None:
-        self.store = store
-        self.run_id = run_id
+class StoreSink(StoreRecorder):
+    """Writes a run's records into the store as they come: the one store path
+    (:class:`~covshift.callbacks.StoreRecorder`) under :class:`PointSink`'s names."""
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        self.store.log_scalars(self.run_id, step, values)
+        self.log_scalars(step, values)
 
     def probe(self, record: ProbeRecord) -> None:
-        self.store.log_probe(
-            self.run_id,
-            record.step,
-            record.layer,
-            record.stats,
-            **store_columns(record.unit_axis),
-        )
+        self.probe_sink(record)
 
     def end(self, status: str, error: str | None = None, diverged_at: int | None = None) -> None:
-        self.store.finish_run(self.run_id, status, error, diverged_at=diverged_at)
+        self.finish(status, error, diverged_at)
 
 
 @dataclass(frozen=True)
@@ -295,47 +286,22 @@ def point_measures(
                 **common,
             )
         )
+    # What every gradient measure shares: the loss, its batches and where records go.
+    measured = {"batch_size": p.measure_batch, "seed": spec.seed, "sink": sink.probe}
     loss = loss_function(data)
     if p.gradient_ics_every:
-        out.append(
-            GradientICSMonitor(
-                every=p.gradient_ics_every,
-                loss_fn=loss,
-                batch_size=p.measure_batch,
-                seed=spec.seed,
-                sink=sink.probe,
-            )
-        )
+        out.append(GradientICSMonitor(every=p.gradient_ics_every, loss_fn=loss, **measured))
     if p.smoothness_every:
         out.append(
             SmoothnessMonitor(
-                every=p.smoothness_every,
-                step_range=p.smoothness_range,
-                loss_fn=loss,
-                batch_size=p.measure_batch,
-                seed=spec.seed,
-                sink=sink.probe,
+                every=p.smoothness_every, step_range=p.smoothness_range, loss_fn=loss, **measured
             )
         )
     if p.gradient_norm_steps:
-        out.append(
-            GradientNormMonitor(
-                steps=p.gradient_norm_steps,
-                loss_fn=loss,
-                batch_size=p.measure_batch,
-                seed=spec.seed,
-                sink=sink.probe,
-            )
-        )
+        out.append(GradientNormMonitor(steps=p.gradient_norm_steps, loss_fn=loss, **measured))
     if p.batch_stats_every:
         out.append(
-            BatchStatsMonitor(
-                every=p.batch_stats_every,
-                batches=p.batch_stats_batches,
-                batch_size=p.measure_batch,
-                seed=spec.seed,
-                sink=sink.probe,
-            )
+            BatchStatsMonitor(every=p.batch_stats_every, batches=p.batch_stats_batches, **measured)
         )
     return out
 

@@ -11,7 +11,7 @@ import torch
 
 from covshift.data import Dataset, is_sequence_dataset, load_dataset
 from covshift.experiments.grid import PointSpec
-from covshift.train import resolve_device
+from covshift.training import resolve_device
 
 __all__ = ["DatasetKey", "dataset_arguments", "dataset_for", "preload_datasets", "shared_datasets"]
 

@@ -32,7 +32,7 @@ from covshift.experiments.point import (
 )
 from covshift.probe import ShiftProbe
 from covshift.store.errors import StoreError
-from covshift.train import DivergenceGuard, TrainConfig
+from covshift.training import DivergenceGuard, TrainConfig
 
 __all__ = ["train_point_members"]
 

@@ -23,12 +23,13 @@ import torch
 from covshift.data import BatchSampler, Dataset, DatasetError
 from covshift.experiments.config import ConfigError, ExperimentConfig
 from covshift.experiments.grid import Point, PointSpec
-from covshift.experiments.metrics import TRAIN_MODE, parse_metric
+from covshift.experiments.metric_paths import TRAIN_MODE, parse_metric
 from covshift.experiments.model_size import available_bytes, model_size
 from covshift.experiments.point import build_model, dataset_for
+from covshift.losses import loss_function
 from covshift.probe import ShiftProbe, gradient_ics, landscape_smoothness
 from covshift.probe.select import glob_match
-from covshift.train import evaluate, loss_function, resolve_device
+from covshift.training import evaluate, resolve_device
 
 __all__ = ["Cost", "estimate_seconds", "preflight"]
 

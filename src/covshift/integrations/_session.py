@@ -23,13 +23,19 @@ from __future__ import annotations
 import atexit
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from covshift.integrations._store_run import RunStatus, StoreRun, StoreSpec, _json_safe
+from covshift.integrations._settings import (
+    CALLBACK_DEFAULTS,
+    PROBE_OPTIONS,
+    SET_BY_SESSION,
+    SessionSettings,
+)
+from covshift.integrations._store_run import RunStatus, StoreRun, _json_safe
 from covshift.integrations._trainer_objects import (
     first_examples,
     sharded_parameters,
@@ -43,21 +49,10 @@ from covshift.probe.record import ProbeRecord
 from covshift.probe.scalars import RecordScalars
 from covshift.probe.schedule import Schedule
 from covshift.probe.select import LayerSpec, select_layers
-from covshift.probe.units import UnitDim
+from covshift.probe.settings import Unpack, resolve
 from covshift.store import Store
 
-# StoreSpec, first_examples, sharded_parameters and unwrap_optimizer are defined in the
-# two modules above, and exported from here too, where they were defined first.
-__all__ = [
-    "LossFn",
-    "ProbeSession",
-    "StoreSpec",
-    "first_examples",
-    "sharded_parameters",
-    "unwrap_optimizer",
-]
-
-LossFn = Callable[[Any, Any], torch.Tensor]
+__all__ = ["ProbeSession"]
 
 
 class ProbeSession:
@@ -69,8 +64,8 @@ class ProbeSession:
         probe_target: the targets of ``probe_input`` (for gradient ICS; optional).
         probe_size: examples kept of the first training batch (None: all of them).
         every / steps / schedule: when to record, in optimizer steps.
-        probe_options: further keyword arguments of ``ShiftProbe`` (``quantiles``,
-            ``bins``, ``unit_histograms``, ``background``, ...).
+        quantiles, bins, unit_histograms, pooled_quantiles, saturation_slope,
+            background: as in ``ShiftProbe`` (``background`` False by default here).
         grad_ics: also measure gradient ICS on the probe batch.
         grad_ics_every: its schedule (None: the probe's).
         grad_ics_layers: its layers (None: every module owning a weight matrix).
@@ -80,6 +75,9 @@ class ProbeSession:
         run_name: the name of the store's run row.
         log_shift: also give the loggers each layer's shift against its first record.
         prefix: put before the names of the logged scalars.
+        caller: the name an unexpected keyword's TypeError gives (the callback's).
+
+    The keywords after ``probe_input`` are declared once, in :class:`SessionSettings`.
     """
 
     def __init__(
@@ -87,25 +85,14 @@ class ProbeSession:
         *,
         layers: LayerSpec | Sequence[LayerSpec] = "auto",
         probe_input: Any = None,
-        probe_target: Any = None,
-        probe_size: int | None = None,
-        every: int | None = None,
-        steps: Iterable[int] | None = None,
-        schedule: Schedule | None = None,
-        record: Literal["input", "output"] = "input",
-        source: Literal["probe", "train"] = "probe",
-        mode: Literal["eval", "train"] = "eval",
-        unit_dim: UnitDim = "auto",
-        probe_options: Mapping[str, Any] | None = None,
-        grad_ics: bool = False,
-        grad_ics_every: int | None = None,
-        grad_ics_layers: LayerSpec | Sequence[LayerSpec] | None = None,
-        grad_ics_loss: LossFn | None = None,
-        store: StoreSpec = None,
-        run_name: str | None = None,
-        log_shift: bool = True,
-        prefix: str = "covshift",
+        caller: str = "ProbeSession.__init__",
+        **settings: Unpack[SessionSettings],
     ) -> None:
+        taken = sorted(SET_BY_SESSION & settings.keys())
+        if taken:
+            raise TypeError(f"the callback sets {taken} of ShiftProbe itself; drop them")
+        given = resolve(settings, SessionSettings, CALLBACK_DEFAULTS, caller)
+        source, probe_size, grad_ics = given["source"], given["probe_size"], given["grad_ics"]
         if source not in ("probe", "train"):
             raise ValueError(f"source must be 'probe' or 'train', got {source!r}")
         if probe_size is not None and (
@@ -117,34 +104,29 @@ class ProbeSession:
                 "probe_input is not used with source='train' (the training batches are "
                 "recorded); drop it, or use source='probe'"
             )
-        options = dict(probe_options or {})
-        reserved = {"model", "probe_input", "sink", "reduce", "process_group", "steps", "every"}
-        if reserved & options.keys():
-            raise TypeError(
-                f"the callback sets {sorted(reserved & options.keys())} of ShiftProbe itself; "
-                "drop them"
-            )
+        every, steps, schedule = given["every"], given["steps"], given["schedule"]
+        grad_ics_every = given["grad_ics_every"]
+        log_shift, prefix = given["log_shift"], given["prefix"]
         self.schedule = Schedule.resolve(every, steps, schedule)
         self.grad_schedule = (
             Schedule.resolve(grad_ics_every, None, None) if grad_ics_every else self.schedule
         )
         self.layers = layers
-        self.record = record
+        self.record = given["record"]
         self.source = source
-        self.mode = mode
-        self.unit_dim = unit_dim
+        self.mode = given["mode"]
+        self.unit_dim = given["unit_dim"]
         self.probe_size = probe_size
-        # Records reach the loggers at their own step only when they are taken on the
-        # training thread (the trainers label logged values by their current step).
-        options.setdefault("background", False)
-        self.probe_options = options
+        # ShiftProbe's settings beyond those above, as given (background always).
+        self.probe_options = {k: v for k, v in settings.items() if k in PROBE_OPTIONS}
+        self.probe_options["background"] = given["background"]
         self.grad_ics = grad_ics
-        self.grad_ics_layers = grad_ics_layers
-        self.grad_ics_loss = grad_ics_loss
+        self.grad_ics_layers = given["grad_ics_layers"]
+        self.grad_ics_loss = given["grad_ics_loss"]
         self._given = None if probe_input is None else ProbeBatch.of(probe_input)
-        self._given_target = probe_target
-        self._run = StoreRun(store)
-        self.run_name = run_name
+        self._given_target = given["probe_target"]
+        self._run = StoreRun(given["store"])
+        self.run_name = given["run_name"]
         self.prefix = prefix
         self.log_shift = log_shift
         # Per run:

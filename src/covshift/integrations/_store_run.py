@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 
+from covshift.callbacks import StoreRecorder
 from covshift.probe.record import ProbeRecord
 from covshift.store import Store
 
@@ -43,6 +44,7 @@ class StoreRun:
         self.spec = spec
         self.store: Store | None = None
         self.run_id: int | None = None
+        self._recorder: StoreRecorder | None = None
         self._own_store = False
 
     def open(
@@ -62,15 +64,16 @@ class StoreRun:
             torch_version=torch.__version__,
             threads=torch.get_num_threads(),
         )
+        self._recorder = StoreRecorder(self.store, self.run_id)
 
     def log_record(self, record: ProbeRecord) -> None:
-        if self.store is not None and self.run_id is not None:
-            self.store.log_probe(self.run_id, record.step, record.layer, record.stats)
+        if self._recorder is not None:
+            self._recorder.probe_sink(record)
 
     def log_scalars(self, step: int, values: Mapping[str, Any]) -> None:
         """The trainer's own scalars (loss, learning rate, ...): the numbers among
         ``values`` (one-element tensors too)."""
-        if self.store is None or self.run_id is None:
+        if self._recorder is None:
             return
         numbers = {
             k: float(v)
@@ -80,16 +83,17 @@ class StoreRun:
             and (not isinstance(v, torch.Tensor) or v.numel() == 1)
         }
         if numbers:
-            self.store.log_scalars(self.run_id, int(step), numbers)
+            self._recorder.log_scalars(int(step), numbers)
 
     def finish(self, status: RunStatus, error: str | None) -> None:
         """Close the run row with ``status``, and the store if it was opened by path."""
-        store, run_id = self.store, self.run_id
-        if store is None or run_id is None:
+        store, recorder = self.store, self._recorder
+        if store is None or recorder is None:
             return
         try:
-            store.finish_run(run_id, status, error)
+            recorder.finish(status, error)
         finally:
             if self._own_store:
                 store.close()
                 self.store = None
+                self._recorder = None

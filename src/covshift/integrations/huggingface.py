@@ -33,7 +33,7 @@ What happens, event by event:
   either, a run left open is closed at the next ``train()`` or when the process ends.
 
 What is recorded: per watched layer, the statistics of
-:mod:`covshift.probe.summary` of its input (``record="input"``) on the probe batch,
+:mod:`covshift.probe.record_summary` of its input (``record="input"``) on the probe batch,
 in eval mode under ``no_grad`` (``mode="eval"``), with each layer's units on the axis
 its layer says (``unit_dim="auto"``: a transformer's hidden features of ``(N, T, E)``
 values, a convolution's channels; every record names its axis). With ``grad_ics=True``, the gradient
@@ -57,7 +57,7 @@ The store, when given, receives every record and the trainer's own logged scalar
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -72,11 +72,11 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
         "Trainer uses): pip install 'covshift[huggingface]'"
     ) from error
 
-from covshift.integrations._session import LossFn, ProbeSession, StoreSpec
+from covshift.integrations._session import ProbeSession
+from covshift.integrations._settings import CallbackSettings
 from covshift.probe.record import ProbeRecord
-from covshift.probe.schedule import Schedule
 from covshift.probe.select import LayerSpec
-from covshift.probe.units import UnitDim
+from covshift.probe.settings import Unpack
 
 if TYPE_CHECKING:
     from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
@@ -140,10 +140,12 @@ class ShiftProbeCallback(TrainerCallback):
             class name).
         log_shift: log the shift against each layer's first record too.
         prefix: the logged names' prefix.
-        **probe_options: further arguments of ``ShiftProbe`` (``quantiles``, ``bins``,
-            ``unit_histograms``, ``pooled_quantiles``, ``saturation_slope``,
-            ``background``: False by default here, so that the summaries reach the
-            loggers at the step they belong to).
+        quantiles, bins, unit_histograms, pooled_quantiles, saturation_slope,
+            background: as in ``ShiftProbe`` (``background`` False by default here, so
+            that the summaries reach the loggers at the step they belong to).
+
+    The keywords after ``probe_input`` are declared once, in
+    :class:`~covshift.integrations._settings.CallbackSettings`.
 
     Attributes:
         records: the :class:`~covshift.probe.ProbeRecord` s of the latest run (rank 0).
@@ -156,45 +158,16 @@ class ShiftProbeCallback(TrainerCallback):
         *,
         layers: LayerSpec | Sequence[LayerSpec] = "auto",
         probe_input: Any = None,
-        probe_size: int | None = None,
-        every: int | None = None,
-        steps: Iterable[int] | None = None,
-        schedule: Schedule | None = None,
-        record: Literal["input", "output"] = "input",
-        source: Literal["probe", "train"] = "probe",
-        mode: Literal["eval", "train"] = "eval",
-        unit_dim: UnitDim = "auto",
-        grad_ics: bool = False,
-        grad_ics_every: int | None = None,
-        grad_ics_layers: LayerSpec | Sequence[LayerSpec] | None = None,
-        grad_ics_loss: LossFn | None = None,
-        store: StoreSpec = None,
-        run_name: str | None = None,
-        log_shift: bool = True,
-        prefix: str = "covshift",
-        **probe_options: Any,
+        **settings: Unpack[CallbackSettings],
     ) -> None:
         self.trainer = trainer
+        if settings.get("grad_ics_loss") is None:
+            settings["grad_ics_loss"] = model_loss
         self.session = ProbeSession(
             layers=layers,
             probe_input=probe_input,
-            probe_size=probe_size,
-            every=every,
-            steps=steps,
-            schedule=schedule,
-            record=record,
-            source=source,
-            mode=mode,
-            unit_dim=unit_dim,
-            probe_options=probe_options,
-            grad_ics=grad_ics,
-            grad_ics_every=grad_ics_every,
-            grad_ics_layers=grad_ics_layers,
-            grad_ics_loss=grad_ics_loss or model_loss,
-            store=store,
-            run_name=run_name,
-            log_shift=log_shift,
-            prefix=prefix,
+            caller="ShiftProbeCallback.__init__",
+            **settings,
         )
         self._capture: torch.utils.hooks.RemovableHandle | None = None
         self._event: tuple[Any, Any, Any] | None = None  # (args, state, control) of the run

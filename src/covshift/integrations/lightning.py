@@ -33,7 +33,7 @@ collective is ever waited for):
 - ``on_train_end``: hooks removed, the run closed as ``finished``;
   ``on_exception``: the same, as ``failed`` (``interrupted`` on Ctrl-C).
 
-What is recorded: per watched layer, the statistics of :mod:`covshift.probe.summary`
+What is recorded: per watched layer, the statistics of :mod:`covshift.probe.record_summary`
 of its input on the probe batch, in eval mode under ``no_grad``, with each layer's
 units on the axis its layer says (``unit_dim="auto"``; every record names its axis).
 With ``grad_ics=True``, the gradient ICS of every weight layer
@@ -51,17 +51,17 @@ the trainer's ``callback_metrics`` at each record step and after each validation
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from covshift.integrations._session import LossFn, ProbeSession, StoreSpec
+from covshift.integrations._session import ProbeSession
+from covshift.integrations._settings import SessionSettings
 from covshift.probe.record import ProbeRecord
-from covshift.probe.schedule import Schedule
 from covshift.probe.select import LayerSpec
-from covshift.probe.units import UnitDim
+from covshift.probe.settings import Unpack
 
 _BASES: list[type] = []
 _VERSIONS: list[str] = []
@@ -145,9 +145,11 @@ class ShiftProbeCallback(*_BASES):  # type: ignore[misc]
         run_name: the run's name in the store (default: the module's class name).
         log_shift: log the shift against each layer's first record too.
         prefix: the logged names' prefix.
-        **probe_options: further arguments of ``ShiftProbe`` (``quantiles``, ``bins``,
-            ``unit_histograms``, ``pooled_quantiles``, ``saturation_slope``,
-            ``background``: False by default here).
+        quantiles, bins, unit_histograms, pooled_quantiles, saturation_slope,
+            background: as in ``ShiftProbe`` (``background``: False by default here).
+
+    The keywords after ``split_batch`` are declared once, in
+    :class:`~covshift.integrations._settings.SessionSettings`.
 
     Attributes:
         records: the :class:`~covshift.probe.ProbeRecord` s of the latest fit (rank 0).
@@ -160,27 +162,10 @@ class ShiftProbeCallback(*_BASES):  # type: ignore[misc]
         layers: LayerSpec | Sequence[LayerSpec] = "auto",
         module: ModuleSpec = None,
         probe_input: Any = None,
-        probe_target: Any = None,
-        probe_size: int | None = None,
         split_batch: Callable[[Any], tuple[Any, Any]] = split_batch,
-        every: int | None = None,
-        steps: Iterable[int] | None = None,
-        schedule: Schedule | None = None,
-        record: Literal["input", "output"] = "input",
-        source: Literal["probe", "train"] = "probe",
-        mode: Literal["eval", "train"] = "eval",
-        unit_dim: UnitDim = "auto",
-        grad_ics: bool = False,
-        grad_ics_every: int | None = None,
-        grad_ics_layers: LayerSpec | Sequence[LayerSpec] | None = None,
-        grad_ics_loss: LossFn | None = None,
-        store: StoreSpec = None,
-        run_name: str | None = None,
-        log_shift: bool = True,
-        prefix: str = "covshift",
-        **probe_options: Any,
+        **settings: Unpack[SessionSettings],
     ) -> None:
-        if grad_ics and grad_ics_loss is None:
+        if settings.get("grad_ics") and settings.get("grad_ics_loss") is None:
             raise ValueError(
                 "grad_ics=True needs grad_ics_loss=, the loss of the probed module's output "
                 "and the targets (e.g. torch.nn.functional.cross_entropy)"
@@ -190,24 +175,8 @@ class ShiftProbeCallback(*_BASES):  # type: ignore[misc]
         self.session = ProbeSession(
             layers=layers,
             probe_input=probe_input,
-            probe_target=probe_target,
-            probe_size=probe_size,
-            every=every,
-            steps=steps,
-            schedule=schedule,
-            record=record,
-            source=source,
-            mode=mode,
-            unit_dim=unit_dim,
-            probe_options=probe_options,
-            grad_ics=grad_ics,
-            grad_ics_every=grad_ics_every,
-            grad_ics_layers=grad_ics_layers,
-            grad_ics_loss=grad_ics_loss,
-            store=store,
-            run_name=run_name,
-            log_shift=log_shift,
-            prefix=prefix,
+            caller="ShiftProbeCallback.__init__",
+            **settings,
         )
         self._last_step: int | None = None
 

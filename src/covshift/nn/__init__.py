@@ -35,7 +35,7 @@ from covshift.nn.layers import (
     LayerNorm,
     RMSNorm,
 )
-from covshift.nn.noise import NoisyNorm, NormNoise
+from covshift.nn.noise import NoisyNorm, NormNoise, TimeVaryingNoise
 from covshift.nn.registry import create_norm, norm_kind, norm_names, register_norm
 from covshift.nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from covshift.nn.sync import SyncBatchNorm
@@ -64,6 +64,7 @@ __all__ = [
     "NormNoise",
     "RMSNorm",
     "SyncBatchNorm",
+    "TimeVaryingNoise",
     "WSConv2d",
     "WSLinear",
     "convert",

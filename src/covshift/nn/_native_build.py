@@ -103,6 +103,23 @@ def _build_lock(folder: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _import_cpp_extension() -> ModuleType:
+    """torch.utils.cpp_extension, imported without its CUDA-home warning: a CUDA build
+    of torch on a machine without a GPU logs "No CUDA runtime is found" at import,
+    once in every process that loads the (CPU-only) kernels, although nothing here
+    compiles for CUDA."""
+    import logging
+
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
 def build() -> ModuleType:
     """Build the extension into its cache folder, or load the build already there.
 
@@ -111,7 +128,7 @@ def build() -> ModuleType:
     """
     # Imported here, not at the top: cpp_extension imports setuptools, which a
     # process that never builds (GPU only, COVSHIFT_NATIVE=0) need not pay for.
-    from torch.utils import cpp_extension
+    cpp_extension = _import_cpp_extension()
 
     name = _name()
     folder = cache_dir() / name

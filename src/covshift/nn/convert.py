@@ -23,7 +23,7 @@ from typing import Literal
 from torch import nn
 
 from covshift.nn import registry
-from covshift.nn.convert_carry import _carry, _place_like, _state_holder
+from covshift.nn.convert_carry import _carry, _place_like, _state_holder, replace_modules
 from covshift.nn.convert_report import ConversionEntry, ConversionReport, ConversionWarning
 from covshift.nn.convert_target import Target, _build, _dims, _trailing
 
@@ -94,20 +94,12 @@ def convert_with_report(
     are not visited; a module shared by several parents is converted once.
     """
     report = ConversionReport()
-    done: dict[int, nn.Module] = {}
 
-    def visit(m: nn.Module, path: str) -> nn.Module:
-        if id(m) in done:
-            return done[id(m)]
+    def swap(m: nn.Module, path: str) -> nn.Module | None:
         found = registry.match(type(m))
         target = None if found is None else _resolve_target(to, m, found[1])
         if found is None or target is None:
-            for name, child in list(m.named_children()):
-                new = visit(child, f"{path}.{name}" if path else name)
-                if new is not child:
-                    setattr(m, name, new)
-            done[id(m)] = m
-            return m
+            return None  # not converted: its children may be
         base, kind, base_dims = found
         entry = ConversionEntry(path, type(m).__name__, "")
         own = registry.own_behaviour(m)
@@ -116,14 +108,12 @@ def convert_with_report(
             # layer stays, and the report says why.
             entry.notes.append(f"left as is: {own}; replacing it would change its outputs")
             report.entries.append(entry)
-            done[id(m)] = m
             return m
         use_dims = dims if dims is not None else _dims(m, kind, base_dims)
         new = _build(target, m, base, kind, use_dims, dict(kw), entry.notes)
         report.entries.append(entry)
         if new is None:
             entry.notes.append(f"no {target} implementation of {kind!r}; left as is")
-            done[id(m)] = m
             return m
         entry.target = type(new).__name__
         new_kind = registry.norm_kind(new)
@@ -134,10 +124,9 @@ def convert_with_report(
             )
         new = _place_like(m, new)  # first: copying float64 state into float32 would round
         _carry(m, _state_holder(new), kw, entry)
-        done[id(m)] = new
         return new
 
-    return visit(model, ""), report
+    return replace_modules(model, swap), report
 
 
 def convert(

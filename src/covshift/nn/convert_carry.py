@@ -1,10 +1,14 @@
-"""Carrying a replaced layer's state into its replacement (:func:`covshift.nn.convert`):
-device, dtype and mode first; weight, bias and running statistics where shapes agree;
-eps and momentum unless passed; every drop recorded, with its reason, in the layer's
-:class:`ConversionEntry` (an identity affine or fresh statistics are not a drop).
+"""Replacing a model's layers (:func:`replace_modules`, the one walk of
+:func:`covshift.nn.convert` and :class:`covshift.nn.SyncBatchNorm`'s conversions), and
+carrying a replaced layer's state into its replacement: device, dtype and mode first;
+weight, bias and running statistics where shapes agree; eps and momentum unless
+passed; every drop recorded, with its reason, in the layer's :class:`ConversionEntry`
+(an identity affine or fresh statistics are not a drop).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -13,6 +17,28 @@ from covshift.nn.convert_report import ConversionEntry
 from covshift.nn.noise import NoisyNorm
 
 _CONSUMED = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+
+
+def replace_modules(
+    root: nn.Module, swap: Callable[[nn.Module, str], nn.Module | None]
+) -> nn.Module:
+    """Apply ``swap(module, path)`` to ``root`` and below: a module it returns takes the
+    place of the one given (the same module: left as it is), and its children are not
+    visited; None visits the children. A module shared by several parents is swapped
+    once. Returns ``root`` or its replacement."""
+    done: dict[int, nn.Module | None] = {}
+
+    def visit(m: nn.Module, path: str) -> nn.Module:
+        if id(m) not in done:
+            done[id(m)] = swap(m, path)
+            if done[id(m)] is None:
+                for name, child in list(m.named_children()):
+                    new = visit(child, f"{path}.{name}" if path else name)
+                    if new is not child:
+                        setattr(m, name, new)
+        return done[id(m)] or m
+
+    return visit(root, "")
 
 
 def _is_identity(name: str, t: Tensor) -> bool:

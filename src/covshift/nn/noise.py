@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["NoisyNorm", "NormNoise"]
+__all__ = ["NoisyNorm", "NormNoise", "TimeVaryingNoise"]
 
 
-class NormNoise(nn.Module):
+class TimeVaryingNoise(nn.Module):
     """Santurkar et al.'s non-stationary noise ``a <- s * a + m``, to place after a norm
     (see the module docstring); identity in eval mode.
 
@@ -26,7 +26,7 @@ class NormNoise(nn.Module):
         generator: draws come from it when given (reproducible runs); it may live on
             another device than the input (draws are then moved). Default: the global RNG.
 
-    Example: ``nn.Sequential(nn.BatchNorm1d(4), NormNoise(generator=gen))``.
+    Example: ``nn.Sequential(nn.BatchNorm1d(4), TimeVaryingNoise(generator=gen))``.
     """
 
     def __init__(
@@ -82,10 +82,10 @@ class NormNoise(nn.Module):
 
 
 class NoisyNorm(nn.Module):
-    """A norm layer followed by :class:`NormNoise` (Santurkar et al.'s "noisy BN"):
+    """A norm layer followed by :class:`TimeVaryingNoise` (Santurkar et al.'s "noisy BN"):
     ``y = s * norm(x) + m`` in training, ``norm(x)`` in eval. The wrapped layer stays
     reachable as ``.norm`` (state_dict keys ``norm.*``), so :func:`covshift.nn.convert`
-    and torch's helpers can swap it; ``**noise_kw`` are :class:`NormNoise`'s arguments.
+    and torch's helpers can swap it; ``**noise_kw`` are :class:`TimeVaryingNoise`'s arguments.
 
     Example: ``NoisyNorm(nn.BatchNorm2d(3), generator=torch.Generator().manual_seed(0))``.
     """
@@ -93,7 +93,12 @@ class NoisyNorm(nn.Module):
     def __init__(self, norm: nn.Module, **noise_kw: object) -> None:
         super().__init__()
         self.norm = norm
-        self.noise = NormNoise(**noise_kw)  # type: ignore[arg-type]
+        self.noise = TimeVaryingNoise(**noise_kw)  # type: ignore[arg-type]
 
     def forward(self, input: Tensor) -> Tensor:
         return self.noise(self.norm(input))
+
+
+# The name this class had until 0.1.0's nn reshaping (it read too much like NoisyNorm);
+# kept so that code written against it runs unchanged.
+NormNoise = TimeVaryingNoise

@@ -240,7 +240,7 @@ def _group(
 @register_norm("batch_noisy")
 def _batch_noisy(num_features: int, *, dims: int, **kw: object) -> nn.Module:
     # Santurkar et al.'s "noisy BN": BatchNorm then non-stationary noise. The noise's
-    # own arguments (generator, mean_range, ...) go to NormNoise, the rest to BN.
+    # own arguments (generator, mean_range, ...) go to TimeVaryingNoise, the rest to BN.
     noise_keys = ("generator", "mean_range", "scale_range", "mean_spread", "scale_std")
     noise_kw = {k: kw.pop(k) for k in noise_keys if k in kw}
     norm = get_kind("batch").cls(dims)(num_features, **kw)

@@ -12,7 +12,6 @@ about 1e4. Derivation, double backward included: docs/derivations.md §12.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,6 +23,7 @@ from covshift.nn import checks, registry
 from covshift.nn import functional as CF
 from covshift.nn import running as running_stats
 from covshift.nn._base import BatchNormForward
+from covshift.nn.convert_carry import replace_modules
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm"]
 
@@ -283,7 +283,7 @@ class SyncBatchNorm(nn.SyncBatchNorm):
 def _to_sync(module: nn.Module, cls: type[nn.Module], process_group: Any) -> nn.Module:
     """Replace every plain BatchNorm in ``module`` by ``cls`` (a SyncBatchNorm)."""
 
-    def swap(m: nn.Module) -> nn.Module | None:
+    def swap(m: nn.Module, _path: str) -> nn.Module | None:
         if isinstance(m, cls) or registry.norm_kind(m) not in ("batch", "sync_batch"):
             return None
         own = registry.own_behaviour(m)
@@ -298,14 +298,14 @@ def _to_sync(module: nn.Module, cls: type[nn.Module], process_group: Any) -> nn.
         new.original_class = getattr(m, "original_class", None) or type(m)
         return _share_state(m, new)
 
-    return _replace_modules(module, swap)
+    return replace_modules(module, swap)
 
 
 def _from_sync(module: nn.Module, to: type[nn.Module] | None) -> nn.Module:
     """Replace every SyncBatchNorm (covshift's or torch's) in ``module`` by the class it
     replaced (its ``original_class``), else ``to``."""
 
-    def swap(m: nn.Module) -> nn.Module | None:
+    def swap(m: nn.Module, _path: str) -> nn.Module | None:
         if registry.norm_kind(m) != "sync_batch":
             return None
         target = getattr(m, "original_class", None) or to
@@ -317,7 +317,7 @@ def _from_sync(module: nn.Module, to: type[nn.Module] | None) -> nn.Module:
         args = (m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
         return _share_state(m, target(*args, bias=m.bias is not None))
 
-    return _replace_modules(module, swap)
+    return replace_modules(module, swap)
 
 
 def _share_state(src: nn.Module, dst: nn.Module) -> nn.Module:
@@ -327,24 +327,6 @@ def _share_state(src: nn.Module, dst: nn.Module) -> nn.Module:
             if getattr(src, name, None) is not None and getattr(dst, name, None) is not None:
                 setattr(dst, name, getattr(src, name))
     return dst.train(src.training)
-
-
-def _replace_modules(root: nn.Module, swap: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
-    """Apply ``swap(m) -> replacement | None`` to ``root`` and, below replaced-not
-    modules, to every descendant; a module shared by several parents is replaced once."""
-    done: dict[int, nn.Module | None] = {}
-
-    def visit(m: nn.Module) -> nn.Module:
-        if id(m) not in done:
-            done[id(m)] = swap(m)
-            if done[id(m)] is None:
-                for name, child in list(m.named_children()):
-                    new = visit(child)
-                    if new is not child:
-                        setattr(m, name, new)
-        return done[id(m)] or m
-
-    return visit(root)
 
 
 def _create(num_features: int, *, dims: int, **kw: object) -> SyncBatchNorm:

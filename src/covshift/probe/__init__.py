@@ -4,7 +4,7 @@
 - :mod:`~covshift.probe.schedule`: when to record (every k steps, listed, log-spaced).
 - :mod:`~covshift.probe.hooks`: how values are captured (hooks that live for one forward).
 - :mod:`~covshift.probe.units`: which axis of each layer's values holds its units.
-- :mod:`~covshift.probe.stats`, :mod:`~covshift.probe.summary`,
+- :mod:`~covshift.probe.stats`, :mod:`~covshift.probe.record_summary`,
   :mod:`~covshift.probe.saturation`: what is recorded (moments, quantiles,
   histograms, saturation), on the device, one host transfer per record.
 - :mod:`~covshift.probe.distributed`: the same statistics across torch.distributed ranks.
@@ -12,7 +12,7 @@
   are :class:`ProbeRecord` s (:mod:`~covshift.probe.record`).
 - :mod:`~covshift.probe.norm_stats`: norm layers whose running statistics have seen no
   batch are probed with the probe batch's own statistics.
-- :mod:`~covshift.probe.metrics`: how far the recorded distributions moved;
+- :mod:`~covshift.probe.shift_metrics`: how far the recorded distributions moved;
   :mod:`~covshift.probe.usable` and :mod:`~covshift.probe.figures`: which units can
   carry a scale-relative figure, and the layer figures over those units only.
 - :mod:`~covshift.probe.gradient_ics`, :mod:`~covshift.probe.smoothness`: Santurkar
@@ -29,7 +29,12 @@ from covshift.probe.figures import (
     relative_gradient_ics,
 )
 from covshift.probe.gradient_ics import GradientICS, GradientICSMonitor, gradient_ics
-from covshift.probe.metrics import (
+from covshift.probe.probe import ShiftProbe
+from covshift.probe.record import ProbeRecord
+from covshift.probe.scalars import RecordScalars
+from covshift.probe.schedule import Schedule
+from covshift.probe.select import select_layers
+from covshift.probe.shift_metrics import (
     Shift,
     compare,
     gaussian_kl,
@@ -41,11 +46,6 @@ from covshift.probe.metrics import (
     sample_w1,
     shift_series,
 )
-from covshift.probe.probe import ShiftProbe
-from covshift.probe.record import ProbeRecord
-from covshift.probe.scalars import RecordScalars
-from covshift.probe.schedule import Schedule
-from covshift.probe.select import select_layers
 from covshift.probe.smoothness import Smoothness, SmoothnessMonitor, landscape_smoothness
 from covshift.probe.stats import Moments, unit_moments, unit_quantiles, unit_view
 from covshift.probe.tensorboard import TensorBoardSink

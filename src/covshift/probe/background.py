@@ -39,12 +39,10 @@ from covshift.probe.batch import ProbeBatch, ProbeBatchError
 from covshift.probe.collector import Collector
 from covshift.probe.hooks import Taps
 from covshift.probe.record import HostRecord
-from covshift.probe.summary import to_host
+from covshift.probe.record_summary import to_host
 from covshift.probe.units import UnitAxisError
 
-# HostRecord is defined in covshift.probe.record, with the records it becomes, and
-# exported from here too, where it was defined first.
-__all__ = ["BackgroundRecorder", "HostRecord", "ModelSnapshot", "has_foreign_hooks"]
+__all__ = ["BackgroundRecorder", "ModelSnapshot", "has_foreign_hooks"]
 
 # Module attributes that hold forward hooks (torch >= 2.0 names; absent ones are skipped).
 _FORWARD_HOOK_DICTS = (

@@ -120,7 +120,7 @@ def batch_statistics_fluctuation(
 
 
 class BatchStatsMonitor(TrainingMonitor):
-    """:func:`batch_statistics_fluctuation` as a callback of :func:`covshift.train.train`:
+    """:func:`batch_statistics_fluctuation` as a callback of :func:`covshift.training.train`:
     at each due step, over ``batches`` private training batches (drawn by their own
     generator, so the loop's batches are untouched), one
     :class:`~covshift.probe.ProbeRecord` per BatchNorm layer with the 0-d stats

@@ -2,7 +2,7 @@
 
 A :class:`Collector` receives the values that :class:`~covshift.probe.hooks.Taps`
 captures during one forward and keeps only their summaries
-(:func:`~covshift.probe.summary.summarize`), keyed by layer (``name#k`` for repeated
+(:func:`~covshift.probe.record_summary.summarize`), keyed by layer (``name#k`` for repeated
 calls), plus the kind of activation each layer feeds and the axis of its units
 (:mod:`covshift.probe.units`). One collector serves one forward
 at a time; the background recorder gives each of its forwards a collector of its own,
@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from covshift.probe.batch import ProbeBatch
+from covshift.probe.record_summary import StatsConfig, saturation_stats, summarize
 from covshift.probe.saturation import activation_kind
-from covshift.probe.summary import StatsConfig, saturation_stats, summarize
 from covshift.probe.units import UnitAxis, UnitPolicy, UnitTrace, resolve_unit_axis
 
 __all__ = ["Collector"]

@@ -6,12 +6,10 @@ reduction:
 
 - moments: gather ``(n, mean, m2)`` of every rank and merge them (Chan et al. 1979);
   equal to the single-process moments up to float64 rounding;
-- histogram range: the global minimum and maximum (one all-reduce), then the counts in
-  the shared bins are summed (one all-reduce): exactly the single-process histogram;
-- saturation counts: summed;
-- quantiles: order statistics cannot be merged from summaries, so the values
-  themselves are gathered (one all-gather of the layer's ``(M, U)`` values per record;
-  ask for no quantiles to avoid it).
+- saturation counts: summed (one all-reduce);
+- quantiles and histograms: order statistics cannot be merged from summaries, so the
+  values themselves are gathered (one all-gather of the layer's ``(M, U)`` values per
+  record, sorted once for both; ask for no quantiles and ``bins=0`` to avoid it).
 
 Every rank must record the same layers at the same steps, since these are collectives.
 """
@@ -23,7 +21,7 @@ import torch.distributed as dist
 
 from covshift.probe.stats import Moments
 
-__all__ = ["all_min_max", "all_sum", "gather_moments", "gather_rows", "world_size"]
+__all__ = ["all_sum", "gather_moments", "gather_rows", "world_size"]
 
 Group = dist.ProcessGroup | None
 
@@ -43,15 +41,6 @@ def gather_moments(m: Moments, group: Group = None) -> Moments:
     dist.all_gather(parts, local, group=group)
     table = torch.stack(parts)  # (W, 1 + 2U), rank order: the same merge everywhere
     return Moments.stack_merge(table[:, 0], table[:, 1 : 1 + units], table[:, 1 + units :])
-
-
-def all_min_max(
-    lo: torch.Tensor, hi: torch.Tensor, group: Group = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global minimum and maximum of 0-d tensors, in one all-reduce (max of ``-lo``, ``hi``)."""
-    both = torch.stack([-lo, hi])
-    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
-    return -both[0], both[1]
 
 
 def all_sum(t: torch.Tensor, group: Group = None) -> torch.Tensor:

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from covshift.probe.metrics import unit_widths
+from covshift.probe.shift_metrics import unit_widths
 from covshift.probe.usable import UnitStates, UsableRule, usable_units
 
 __all__ = [

@@ -189,7 +189,7 @@ def gradient_ics(
 
 
 class GradientICSMonitor(TrainingMonitor):
-    """Gradient ICS as a callback of :func:`covshift.train.train`, on a schedule.
+    """Gradient ICS as a callback of :func:`covshift.training.train`, on a schedule.
 
     At each due step (after the optimizer step, so at the weights the next step
     starts from), it measures on a training batch drawn by a private generator (the

@@ -2,7 +2,7 @@
 
 :class:`Taps` puts forward hooks on the chosen modules for the span of ONE model
 forward and hands every captured tensor, detached, to a callback; the callback
-summarizes it at once (:mod:`covshift.probe.summary`), so no activation outlives
+summarizes it at once (:mod:`covshift.probe.record_summary`), so no activation outlives
 its hook. The taps never keep a tensor across forwards.
 
 - *Which tensor*: for ``record="input"``, the first tensor among the positional then

@@ -74,7 +74,7 @@ def weight_gradient_norms(
 
 
 class GradientNormMonitor(TrainingMonitor):
-    """:func:`weight_gradient_norms` as a callback of :func:`covshift.train.train`, at
+    """:func:`weight_gradient_norms` as a callback of :func:`covshift.training.train`, at
     the due steps (``steps=[0]``: at initialization, before any update), on a private
     training batch; one :class:`~covshift.probe.ProbeRecord` per weight layer with the
     0-d stat ``weight_grad_norm``.

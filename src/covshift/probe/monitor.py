@@ -1,7 +1,7 @@
 """The plumbing shared by the measurements that run as callbacks of covshift's loop.
 
 Gradient ICS and landscape smoothness measure on a training batch at due steps. As
-callbacks of :func:`covshift.train.train` they share what happens around the
+callbacks of :func:`covshift.training.train` they share what happens around the
 measurement: the schedule, a batch drawn by a private generator (seeded by ``seed``
 and the step, so that the loop's batches and random stream are untouched), and the
 sink that receives the :class:`~covshift.probe.ProbeRecord` s.
@@ -27,7 +27,7 @@ class TrainingMonitor:
 
     Args:
         every / steps / schedule: when to measure (one of them; default every 100).
-        loss_fn: the training loss (default cross-entropy, as covshift.train).
+        loss_fn: the training loss (default cross-entropy, as covshift.train does).
         batch_size: examples per measurement batch (default: the training batch size).
         seed: seed of the private batch generator.
         sink: receives the records (default: kept in :attr:`records`).

@@ -5,7 +5,7 @@ Mechanics, schedule and statistics are separate (as in fastai's hooks):
 - *mechanics* (:mod:`~covshift.probe.hooks`): forward hooks that exist only while a
   record is being taken, so a training step between records pays nothing;
 - *schedule* (:class:`~covshift.probe.schedule.Schedule`): which steps record;
-- *statistics* (:mod:`~covshift.probe.summary`): computed on the detached values
+- *statistics* (:mod:`~covshift.probe.record_summary`): computed on the detached values
   inside the hook, on their device; a record costs one transfer to the host;
 - *units* (:mod:`~covshift.probe.units`): which axis of each layer's values holds its
   units, found per layer (``unit_dim="auto"``) and said in every record;
@@ -17,7 +17,7 @@ Mechanics, schedule and statistics are separate (as in fastai's hooks):
 This module is the public face that ties them together: its arguments (checked by
 :mod:`~covshift.probe.probe_args`), when each record is taken and where (on this
 thread, in the background worker, or from the next training forward), and the events
-of :mod:`covshift.train`'s loop.
+of :mod:`covshift.training`'s loop.
 
 Two sources of values:
 
@@ -45,8 +45,8 @@ Example (your own loop)::
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,17 +61,14 @@ from covshift.probe.forward import model_device, probe_forward
 from covshift.probe.hooks import Taps
 from covshift.probe.norm_stats import untrained_norms
 from covshift.probe.probe_args import check_modes, check_statistics, probe_batch
-from covshift.probe.record import ProbeRecord, RecordDelivery, RecordSink
+from covshift.probe.record import ProbeRecord, RecordDelivery
+from covshift.probe.record_summary import StatsConfig, to_host
 from covshift.probe.schedule import Schedule
 from covshift.probe.select import LayerSpec, select_layers
-from covshift.probe.summary import StatsConfig, to_host
-from covshift.probe.units import UnitAxis, UnitDim, UnitPolicy
+from covshift.probe.settings import PROBE_DEFAULTS, ProbeSettings, Unpack, resolve
+from covshift.probe.units import UnitAxis, UnitPolicy
 
-# ProbeRecord and RecordSink are defined in covshift.probe.record, and exported from
-# here too, where they were defined first.
-__all__ = ["DEFAULT_QUANTILES", "ProbeRecord", "RecordSink", "ShiftProbe"]
-
-DEFAULT_QUANTILES = (0.15, 0.5, 0.85)
+__all__ = ["ShiftProbe"]
 
 
 class ShiftProbe:
@@ -136,6 +133,9 @@ class ShiftProbe:
             same either way.
         sink: called with every :class:`ProbeRecord`; by default records are kept in
             :attr:`records`.
+
+    The keywords after ``probe_input`` are declared once, with their defaults, in
+    :class:`~covshift.probe.settings.ProbeSettings` (shared with the trainer callbacks).
     """
 
     def __init__(
@@ -143,29 +143,15 @@ class ShiftProbe:
         model: nn.Module,
         layers: LayerSpec | Sequence[LayerSpec] = "auto",
         probe_input: torch.Tensor | tuple[Any, ...] | Mapping[str, Any] | None = None,
-        *,
-        every: int | None = None,
-        steps: Iterable[int] | None = None,
-        schedule: Schedule | None = None,
-        record: Literal["input", "output"] = "input",
-        source: Literal["probe", "train"] = "probe",
-        mode: Literal["eval", "train"] = "eval",
-        quantiles: Sequence[float] = DEFAULT_QUANTILES,
-        bins: int = 40,
-        unit_histograms: bool = False,
-        pooled_quantiles: bool = False,
-        saturation_slope: float = 0.05,
-        unit_dim: UnitDim = "auto",
-        reduce: bool | None = None,
-        process_group: Any = None,
-        background: bool | None = None,
-        sink: RecordSink | None = None,
+        **settings: Unpack[ProbeSettings],
     ) -> None:
-        check_modes(record, source, mode, background)
+        given = resolve(settings, ProbeSettings, PROBE_DEFAULTS, "ShiftProbe.__init__")
+        record, source, mode = given["record"], given["source"], given["mode"]
+        check_modes(record, source, mode, given["background"])
         self._inputs = probe_batch(probe_input, source)
-        quantiles = check_statistics(quantiles, bins, saturation_slope)
-        units = UnitPolicy.of(unit_dim)
-        self.schedule = Schedule.resolve(every, steps, schedule)
+        quantiles = check_statistics(given["quantiles"], given["bins"], given["saturation_slope"])
+        units = UnitPolicy.of(given["unit_dim"])
+        self.schedule = Schedule.resolve(given["every"], given["steps"], given["schedule"])
         self.model = model
         selection = select_layers(model, layers)
         self.modules = selection.modules
@@ -178,18 +164,18 @@ class ShiftProbe:
         self.mode = mode
         self.config = StatsConfig(
             quantiles,
-            bins,
-            unit_histograms,
-            saturation_slope,
+            given["bins"],
+            given["unit_histograms"],
+            given["saturation_slope"],
             units.everywhere if units.everywhere is not None else 1,
-            pooled_quantiles,
+            given["pooled_quantiles"],
         )
         self.quantiles = quantiles
-        self._reduce = reduce
-        self._group = process_group
+        self._reduce = given["reduce"]
+        self._group = given["process_group"]
         self.records: list[ProbeRecord] = []
         self._delivery = RecordDelivery(
-            list(self.modules), self._optional, sink or self.records.append
+            list(self.modules), self._optional, given["sink"] or self.records.append
         )
         self._collector = self._new_collector(self._group_arg)
         self._taps = Taps(
@@ -200,7 +186,7 @@ class ShiftProbe:
             self._collector.on_feeds,
             self._collector.on_output if self._trace_units else None,
         )
-        self._background_mode = background
+        self._background_mode = given["background"]
         self._background: BackgroundRecorder | None = None
         self._checked = False  # a synchronous forward of the probe batch has succeeded
         self._armed: int | None = None  # live mode: the step label of the armed capture
@@ -383,7 +369,7 @@ class ShiftProbe:
         self._collector.clear()
         return keys
 
-    # -- as a callback of covshift.train ----------------------------------------
+    # -- as a callback of the training loop, covshift.train() ------------------
     def on_train_start(self, state: Any) -> None:
         # Step 0 is the initialization; a resumed run starts at its checkpoint's step.
         self.maybe_record(state.step)

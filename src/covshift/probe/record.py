@@ -29,7 +29,7 @@ class ProbeRecord:
 
     ``stats["quantiles"]`` has shape ``(len(quantile_levels), U)``; ``stats["mean"]`` and
     ``stats["std"]`` have shape ``(U,)``; the other keys are listed in
-    :mod:`covshift.probe.summary`, and ``norm_batch_stats`` (0-d, present only then) is
+    :mod:`covshift.probe.record_summary`, and ``norm_batch_stats`` (0-d, present only then) is
     the number of norm layers that normalized the probe batch with its own statistics
     (:mod:`covshift.probe.norm_stats`). ``activation`` is the kind of activation the values
     feed (``"sigmoid"``, ``"tanh"``, ``"relu"``), which the saturation figures refer to.

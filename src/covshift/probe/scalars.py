@@ -5,7 +5,7 @@ a trainer's loggers) takes scalars. Per record, :class:`RecordScalars` gives
 
 - every 0-d statistic as ``<layer>/<stat>`` (``pooled_mean``, ``pooled_std``,
   ``pooled_saturation``, ``grad_ics_l2``, ``grad_ics_cos``, ``loss_range``, ...);
-- with ``shift=True``, the layer aggregates of :func:`covshift.probe.metrics.compare`
+- with ``shift=True``, the layer aggregates of :func:`covshift.probe.shift_metrics.compare`
   of the record against the layer's first record as ``<layer>/shift/<metric>``
   (``mean_shift``, ``log_var_ratio``, ``kl``, ``w1``, ``hist_w1``, ...), for records
   that hold per-unit ``mean`` and ``std``.
@@ -20,8 +20,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from covshift.probe.metrics import compare
 from covshift.probe.record import ProbeRecord
+from covshift.probe.shift_metrics import compare
 
 __all__ = ["RecordScalars"]
 

@@ -120,7 +120,7 @@ def landscape_smoothness(
 
 
 class SmoothnessMonitor(TrainingMonitor):
-    """Landscape smoothness as a callback of :func:`covshift.train.train`.
+    """Landscape smoothness as a callback of :func:`covshift.training.train`.
 
     At each due step it measures on a training batch drawn by a private generator and
     emits one :class:`~covshift.probe.ProbeRecord` with layer ``"(model)"`` and the

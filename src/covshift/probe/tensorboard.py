@@ -5,7 +5,7 @@ call it from your own sink). Per record it writes
 
 - every 0-d statistic as a scalar ``<layer>/<stat>`` (``pooled_mean``, ``pooled_std``,
   ``pooled_saturation``, ``grad_ics_cos``, ``loss_range``, ...);
-- the layer aggregates of :func:`covshift.probe.metrics.compare` against the layer's
+- the layer aggregates of :func:`covshift.probe.shift_metrics.compare` against the layer's
   first record as ``<layer>/shift/<metric>`` (``mean_shift``, ``kl``, ``w1``, ...);
 - the pooled histogram as ``<layer>/values`` with ``add_histogram_raw``, from the
   recorded counts: no values are copied to the host for it.

@@ -54,7 +54,7 @@ each have a module of their own, and are all importable from here:
 - :mod:`~covshift.probe.units_axis`: the record, :class:`UnitAxis`, and its errors;
 - :mod:`~covshift.probe.units_policy`: rule 1, the user's ``unit_dim``
   (:class:`UnitPolicy`);
-- :mod:`~covshift.probe.units_claims`: rule 2, what each type of layer says
+- :mod:`~covshift.probe.units_declared`: rule 2, what each type of layer says
   (:func:`layer_claim`) and whether it fits the tensor (:func:`place_claim`);
 - :mod:`~covshift.probe.units_trace`: rules 3 and 5, the producers of the forward's
   tensors (:class:`UnitTrace`).
@@ -75,7 +75,7 @@ from covshift.probe.units_axis import (
     _axis_text,
     store_columns,
 )
-from covshift.probe.units_claims import UnitClaim, layer_claim, place_claim
+from covshift.probe.units_declared import UnitClaim, layer_claim, place_claim
 from covshift.probe.units_policy import UnitDim, UnitPolicy
 from covshift.probe.units_trace import UnitTrace
 

@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from covshift.probe.select import glob_match
-from covshift.probe.units_claims import layer_claim
+from covshift.probe.units_declared import layer_claim
 
 __all__ = ["UnitDim", "UnitPolicy"]
 

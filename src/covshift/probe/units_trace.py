@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from covshift.probe.units_claims import UnitClaim, layer_claim, place_claim
+from covshift.probe.units_declared import UnitClaim, layer_claim, place_claim
 
 __all__ = ["UnitTrace"]
 

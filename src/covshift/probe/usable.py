@@ -1,6 +1,6 @@
 """Which units of a layer can carry a scale-relative statistic, record by record.
 
-A drift measured in units of each unit's own spread (:func:`~covshift.probe.metrics.
+A drift measured in units of each unit's own spread (:func:`~covshift.probe.shift_metrics.
 unit_quantile_drift`) divides by that spread: a unit whose values no longer vary
 (vanishing signal in a deep sigmoid network), or that sits where its activation
 passes nothing (a saturated sigmoid, a dead ReLU), makes the quotient as large as the

@@ -23,8 +23,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from covshift.experiments.claims import INTERVAL_METHOD
+from covshift.experiments.experiment_summary import json_safe
 from covshift.experiments.significance import ALPHA
-from covshift.experiments.summary import json_safe
 from covshift.report.claims_page import (
     CLAIMS_CSS,
     _num,

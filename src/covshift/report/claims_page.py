@@ -17,7 +17,7 @@ from typing import Any
 
 from covshift.experiments.claims import INTERVAL_METHOD
 from covshift.experiments.config import ExperimentConfig
-from covshift.experiments.summary import json_safe
+from covshift.experiments.experiment_summary import json_safe
 from covshift.report.claim_figures import claim_figure, describe_statistic
 from covshift.report.figures import save_figure
 

@@ -23,9 +23,9 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from covshift.experiments.config import ExperimentConfig
+from covshift.experiments.experiment_summary import typical_unit
 from covshift.experiments.grid import format_axes
 from covshift.experiments.numbers import probed_layers
-from covshift.experiments.summary import typical_unit
 from covshift.store import Store
 
 __all__ = ["PercentilePanel", "experiment_figure", "percentile_panels", "save_figure"]

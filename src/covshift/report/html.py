@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from covshift.experiments.config import ExperimentConfig, ModelSpec, OptimizerSpec
+from covshift.experiments.experiment_summary import json_safe, write_points_csv
 from covshift.experiments.grid import format_axes
-from covshift.experiments.summary import json_safe, write_points_csv
 from covshift.report.claims_page import CLAIMS_CSS, claims_table_html, write_claims
 from covshift.report.figures import experiment_figure, percentile_panels, save_figure
 from covshift.store import Store

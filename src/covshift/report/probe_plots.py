@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-from covshift.probe.metrics import shift_series
+from covshift.probe.shift_metrics import shift_series
 from covshift.store import Store, StoreError
 
 __all__ = [
@@ -108,7 +108,7 @@ def shift_heatmap(
 
 def rebin_histogram(counts: np.ndarray, edges: np.ndarray, new_edges: np.ndarray) -> np.ndarray:
     """Counts re-binned onto ``new_edges``, each old bin's mass spread uniformly over
-    it (the same model as :func:`covshift.probe.metrics.histogram_w1`)."""
+    it (the same model as :func:`covshift.probe.shift_metrics.histogram_w1`)."""
     cum = np.concatenate([[0.0], np.cumsum(np.asarray(counts, dtype=np.float64))])
     return np.diff(np.interp(np.asarray(new_edges, np.float64), np.asarray(edges, np.float64), cum))
 

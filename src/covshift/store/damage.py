@@ -24,6 +24,7 @@ from pathlib import Path
 
 from covshift.store.errors import StoreError, damaged
 from covshift.store.guard import GuardedConnection
+from covshift.store.held_files import read_head
 from covshift.store.versions import Index, promise
 
 __all__ = ["check_header", "check_promise"]
@@ -33,12 +34,16 @@ _HEADER = 100
 
 
 def check_header(path: Path) -> None:
-    """Refuse a non-empty file that is not SQLite's, or one cut short (see the module)."""
+    """Refuse a non-empty file that is not SQLite's, or one cut short (see the module).
+
+    Skipped when this process already holds a connection to the file: reading it
+    would release that connection's locks (:mod:`covshift.store.held_files`)."""
     size = path.stat().st_size
     if size == 0:
         return  # no store yet: what an interrupted first run leaves (see opening)
-    with path.open("rb") as f:
-        head = f.read(_HEADER)
+    head = read_head(path, _HEADER)
+    if head is None:
+        return  # open in this process already: checked then, and not to be read now
     if not head.startswith(SQLITE_MAGIC[: len(head)]) or (
         len(head) >= len(SQLITE_MAGIC) and not head.startswith(SQLITE_MAGIC)
     ):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from covshift.store.errors import storage_error
+from covshift.store.held_files import hold, release
 
 __all__ = ["GuardedConnection", "GuardedCursor"]
 
@@ -63,6 +64,7 @@ class GuardedConnection:
     def __init__(self, db: sqlite3.Connection, path: Path) -> None:
         self.raw = db
         self.path = path
+        self._held = hold(path)  # see covshift.store.held_files
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> GuardedCursor:
         return GuardedCursor(_guarded(self.path, lambda: self.raw.execute(sql, params)), self.path)
@@ -77,3 +79,5 @@ class GuardedConnection:
 
     def close(self) -> None:
         self.raw.close()
+        release(self._held)
+        self._held = None

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from covshift.store.errors import StoreError
+from covshift.store.held_files import read_head
 from covshift.store.rows import FINAL_OUTCOMES, RunInfo
 from covshift.store.store import Store
 
@@ -92,7 +93,10 @@ def _store_ids_in(folder: Path) -> set[str]:
     ids = set()
     for path in folder.iterdir():
         try:
-            if not path.is_file() or path.open("rb").read(16) != _SQLITE_MAGIC:
+            if not path.is_file():
+                continue
+            head = read_head(path, 16)  # None: a store this process has open
+            if head is not None and head != _SQLITE_MAGIC:
                 continue
             db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
             try:

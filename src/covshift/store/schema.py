@@ -44,10 +44,9 @@ import sqlite3
 from collections.abc import Mapping
 from dataclasses import fields
 
-# RUN_COLUMNS and RUN_STATUSES are defined with RunInfo and still exported from here.
-from covshift.store.rows import RUN_COLUMNS, RUN_STATUSES, RunInfo
+from covshift.store.rows import RunInfo
 
-__all__ = ["RUN_COLUMNS", "RUN_STATUSES", "SCHEMA_VERSION", "migrate", "stored_version"]
+__all__ = ["SCHEMA_VERSION", "migrate", "stored_version"]
 
 SCHEMA_VERSION = 4
 

@@ -38,35 +38,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from covshift.store.errors import NoStoreError, StoreError
 from covshift.store.opening import open_store
-from covshift.store.ownership import pid_alive
-from covshift.store.rows import (
-    FINAL_OUTCOMES,
-    RUN_STATUSES,
-    Claim,
-    ExperimentPoint,
-    NewRun,
-    RunInfo,
-)
-from covshift.store.schema import SCHEMA_VERSION
 from covshift.store.writes import StoreWriter
 
-# The names this module held before the store was split; still importable from here.
-__all__ = [
-    "DEFAULT_DB",
-    "FINAL_OUTCOMES",
-    "RUN_STATUSES",
-    "SCHEMA_VERSION",
-    "Claim",
-    "ExperimentPoint",
-    "NewRun",
-    "NoStoreError",
-    "RunInfo",
-    "Store",
-    "StoreError",
-    "pid_alive",
-]
+__all__ = ["DEFAULT_DB", "Store"]
 
 DEFAULT_DB = Path("covshift-out") / "covshift.db"
 

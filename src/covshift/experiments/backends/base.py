@@ -26,7 +26,7 @@ from covshift.experiments.point import (
     train_point,
 )
 from covshift.store import Claim, NewRun, StorageFault, Store, StoreError
-from covshift.train import TrainState, resolve_device
+from covshift.training import TrainState, resolve_device
 
 __all__ = [
     "Backend",

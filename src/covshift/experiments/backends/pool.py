@@ -53,7 +53,7 @@ from covshift.experiments.backends.group import claim_and_train_group
 from covshift.experiments.grid import Point
 from covshift.experiments.point import PointOutcome, preload_datasets, shared_datasets
 from covshift.store import StorageFault, Store, StoreError
-from covshift.train import TrainState
+from covshift.training import TrainState
 
 __all__ = ["PoolBackend"]
 

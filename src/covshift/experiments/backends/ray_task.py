@@ -28,7 +28,7 @@ from covshift.experiments.grid import PointSpec
 from covshift.experiments.point import PointOutcome, train_point
 from covshift.experiments.point_members import train_point_members
 from covshift.probe import ProbeRecord
-from covshift.train import resolve_device
+from covshift.training import resolve_device
 
 __all__ = ["members_task", "point_task"]
 

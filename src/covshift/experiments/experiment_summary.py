@@ -22,7 +22,7 @@ from covshift.experiments.claims import evaluate_claims
 from covshift.experiments.config import ConfigError, ExperimentConfig
 from covshift.experiments.grid import Point, expand_grid, format_axes
 from covshift.experiments.numbers import PointNumbers, load_numbers
-from covshift.probe.metrics import unit_quantile_drift
+from covshift.probe.shift_metrics import unit_quantile_drift
 from covshift.store import Store
 
 __all__ = [

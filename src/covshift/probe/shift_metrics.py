@@ -18,7 +18,7 @@ single drift figure per layer (docs/probe.md).
 
 Numerics: a standard deviation below ``1e-12`` is taken as ``1e-12`` (a dead unit),
 so the figures stay finite. A unit whose record has NaN statistics (it held a
-non-finite value, see :mod:`covshift.probe.summary`) gets NaN figures, and so does a
+non-finite value, see :mod:`covshift.probe.record_summary`) gets NaN figures, and so does a
 layer aggregate over it; nothing is averaged around it.
 """
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from covshift.checkpoints import Checkpointer, as_checkpointer
 from covshift.data import BatchSampler, Dataset, is_text
-from covshift.losses import loss_function, next_token_cross_entropy, squared_error
+from covshift.losses import loss_function, squared_error
 from covshift.optimizers import OPTIMIZERS, learning_rate, make_optimizer
 from covshift.train_checkpoint import load_checkpoint, save_checkpoint
 
@@ -38,12 +38,7 @@ __all__ = [
     "TrainResult",
     "TrainState",
     "evaluate",
-    "learning_rate",
-    "loss_function",
-    "make_optimizer",
-    "next_token_cross_entropy",
     "resolve_device",
-    "squared_error",
     "train",
 ]
 

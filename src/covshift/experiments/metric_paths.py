@@ -7,7 +7,7 @@ A metric path is ``/``-separated:
   losses in bits per byte) at step ``<when>`` (an integer), at the ``final``
   (last) evaluation, or its ``max`` / ``min`` over the run;
 - ``drift/<layer>``: the quantile drift of a probed layer between its first and last
-  records (:func:`covshift.probe.metrics.unit_quantile_drift`, averaged over units);
+  records (:func:`covshift.probe.shift_metrics.unit_quantile_drift`, averaged over units);
 - ``drift_layer/<layer>``: the same displacement in units of the layer's typical
   outer-quantile width at the first record (one scale for the whole layer, so a single
   unit whose spread shrinks cannot blow it up), over the same usable units;
