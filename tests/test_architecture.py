@@ -21,6 +21,7 @@ FORBIDDEN = {
               "training", "checkpoints"},
     "report": {"cli"},
     "integrations": {"experiments", "report", "cli"},
+    "batched": {"experiments", "report", "integrations", "cli"},
     "experiments": {"cli"},
 }  # fmt: skip
 

@@ -17,7 +17,8 @@ from rich.console import Console
 from covshift.checkpoint_files import digest_file
 from covshift.experiments import load_config, plan_sweep, run_experiment
 from covshift.experiments.backends import InlineBackend, PoolBackend
-from covshift.experiments.backends.base import SweepContext, claim_and_train
+from covshift.experiments.backends.base import SweepContext
+from covshift.experiments.backends.group import claim_and_train_group
 from covshift.experiments.sweep import make_sweep_progress
 from covshift.store import Store
 
@@ -95,10 +96,10 @@ def _interrupted_sweep(tmp_path: Path) -> tuple[Path, list[Path]]:
     plan = plan_sweep(config, db)
     with Store(db) as store:
         context = SweepContext(str(db), plan.experiment_id, config.name)
-        for point in plan.points:
-            outcome = claim_and_train(
+        for point in plan.points:  # as a sweep trains it (a batch of one batched model)
+            (outcome,) = claim_and_train_group(
                 store,
-                point,
+                [point],
                 context,
                 threads=1,
                 events=_Quiet(),

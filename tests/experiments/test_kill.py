@@ -40,13 +40,14 @@ def _live_workers(db: Path, driver: int) -> list[int]:
     return [p for p in pids if p and p != driver and pid_alive(p)]
 
 
+@pytest.mark.parametrize("members", [None, 4])  # the planner's batches; batches of 4
 def test_sigkill_of_the_driver_at_random_moments_loses_and_repeats_nothing(
-    tmp_path: Path,
+    tmp_path: Path, members: int | None
 ) -> None:
     path = sweep_file(tmp_path, KILL_SWEEP)
     config = load_config(str(path))
     with Store(tmp_path / "ref.db") as store:
-        run_experiment(config, store, backend=InlineBackend(threads=1))
+        run_experiment(config, store, backend=InlineBackend(threads=1), members=members)
     reference = dump(tmp_path / "ref.db")
     db = tmp_path / "c.db"
     command = [
@@ -62,6 +63,7 @@ def test_sigkill_of_the_driver_at_random_moments_loses_and_repeats_nothing(
         "--threads",
         "1",
         "--quiet",
+        *(["--members", str(members)] if members else []),
     ]
     rng = random.Random(20261201)
     kills = 0

@@ -29,6 +29,16 @@ def inline_reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return dump(tmp / "ref.db")
 
 
+@pytest.fixture(scope="module")
+def one_at_a_time_reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The small sweep with --members 1: every point alone, today's path."""
+    tmp = tmp_path_factory.mktemp("one-at-a-time")
+    config = load_config(str(sweep_file(tmp)))
+    with Store(tmp / "ref.db") as store:
+        run_experiment(config, store, backend=InlineBackend(threads=1), members=1)
+    return dump(tmp / "ref.db")
+
+
 def test_two_workers_record_18_points_equal_to_one_process(
     tmp_path: Path, inline_reference: dict
 ) -> None:
@@ -102,8 +112,9 @@ class _Interrupt:
 
 
 def test_interrupted_sweep_resumes_to_the_same_numbers(
-    tmp_path: Path, inline_reference: dict, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, one_at_a_time_reference: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The one-at-a-time path (--members 1), interrupted in its fifth point."""
     import covshift.experiments.backends.base as base
 
     config = load_config(str(sweep_file(tmp_path)))
@@ -120,15 +131,46 @@ def test_interrupted_sweep_resumes_to_the_same_numbers(
     db = tmp_path / "c.db"
     with Store(db) as store:
         with pytest.raises(KeyboardInterrupt):
-            run_experiment(config, store, backend=InlineBackend(threads=1))
+            run_experiment(config, store, backend=InlineBackend(threads=1), members=1)
         runs = store.runs()
         assert sorted(r.status for r in runs) == ["finished"] * 4 + ["interrupted"]
         assert next(r for r in runs if r.status == "interrupted").last_step == 40
         monkeypatch.setattr(base, "train_point", real)
         plan = plan_sweep(config, db)
         assert len(plan.to_run) == 14  # 13 new and the interrupted one
-        run_experiment(config, store, backend=InlineBackend(threads=1))
-    assert dump(db) == inline_reference
+        run_experiment(config, store, backend=InlineBackend(threads=1), members=1)
+    assert dump(db) == one_at_a_time_reference
+    assert {s for _, s in statuses(db)} == {"finished"} and len(statuses(db)) == 18
+
+
+def test_an_interrupted_batch_resumes_to_the_same_numbers(
+    tmp_path: Path, inline_reference: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batched path (the default): Ctrl-C in the second batch closes its members
+    as interrupted; the next call puts them in the batch they were saved in."""
+    import covshift.experiments.backends.group as group
+
+    config = load_config(str(sweep_file(tmp_path)))
+    real = group.train_point_members
+    calls = {"n": 0}
+
+    def interrupted_in_the_second_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            first = kwargs["callbacks"][0]
+            kwargs["callbacks"] = [(*first, _Interrupt(45)), *kwargs["callbacks"][1:]]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(group, "train_point_members", interrupted_in_the_second_batch)
+    db = tmp_path / "c.db"
+    with Store(db) as store:
+        with pytest.raises(KeyboardInterrupt):
+            run_experiment(config, store, backend=InlineBackend(threads=1), members=4)
+        interrupted = [r for r in store.runs() if r.status == "interrupted"]
+        assert len(interrupted) == 3 and {r.last_step for r in interrupted} == {40}  # 9 as 3 x 3
+        monkeypatch.setattr(group, "train_point_members", real)
+        run_experiment(config, store, backend=InlineBackend(threads=1), members=3)
+    assert dump(db) == inline_reference  # whatever the batches: the same numbers
     assert {s for _, s in statuses(db)} == {"finished"} and len(statuses(db)) == 18
 
 

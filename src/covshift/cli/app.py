@@ -48,6 +48,15 @@ ThreadsOption = Annotated[
         min=1, max=MAX_THREADS, help="Torch threads per point (default: cores / workers; Ray: 1)."
     ),
 ]
+MembersOption = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        max=1024,
+        help="Points trained together as one batched model (default: the planner "
+        "chooses from timed steps; 1: every point alone, the one-at-a-time path).",
+    ),
+]
 BackendOption = Annotated[
     str, typer.Option(help="local (processes on this machine) or ray (Ray tasks).")
 ]

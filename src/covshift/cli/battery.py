@@ -12,6 +12,7 @@ from covshift.cli.app import (
     AddressOption,
     BackendOption,
     DbOption,
+    MembersOption,
     ThreadsOption,
     UserError,
     WorkersOption,
@@ -32,6 +33,7 @@ def claims(
     ] = None,
     workers: WorkersOption = None,
     threads: ThreadsOption = None,
+    members: MembersOption = None,
     backend: BackendOption = "local",
     address: AddressOption = None,
     dry_run: Annotated[
@@ -94,6 +96,7 @@ def claims(
             dry_run=dry_run,
             quiet=quiet,
             console=console,
+            members=members,
         )
     except KeyboardInterrupt:
         err_console.print(

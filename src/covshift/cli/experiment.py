@@ -12,6 +12,7 @@ from covshift.cli.app import (
     AddressOption,
     BackendOption,
     DbOption,
+    MembersOption,
     ThreadsOption,
     UserError,
     WorkersOption,
@@ -78,6 +79,7 @@ def run(
     ] = None,
     workers: WorkersOption = None,
     threads: ThreadsOption = None,
+    members: MembersOption = None,
     backend: BackendOption = "local",
     address: AddressOption = None,
     gpus_per_point: Annotated[
@@ -112,7 +114,9 @@ def run(
     """
     from covshift.cli.tables import claims_table, plan_table, summary_table
     from covshift.experiments.experiment_summary import json_safe, stored_config, summarize
-    from covshift.experiments.preflight import estimate_seconds, format_seconds, preflight
+    from covshift.experiments.members import recorded_batches
+    from covshift.experiments.planner import describe_plan, plan_members
+    from covshift.experiments.preflight import format_seconds, preflight
     from covshift.experiments.sweep import (
         make_backend,
         make_sweep_progress,
@@ -177,14 +181,24 @@ def run(
         if chosen.name != "ray"
         else f"Ray tasks of {chosen.threads} CPU{'s' * (chosen.threads > 1)}"
     )
-    estimate = format_seconds(estimate_seconds(todo, costs, lanes)) if todo else "0s"
+    batches = plan_members(
+        todo,
+        costs,
+        lanes=lanes,
+        threads=chosen.threads,
+        members=members,
+        resumed=recorded_batches(todo, plan.recorded, db),
+    )
+    estimate = format_seconds(batches.seconds) if todo else "0s"
     console.print(
         f"{plan.experiment_id}: {len(plan.points)} points ({grid}); {len(todo)} to run, "
         f"{len(plan.points) - len(todo)} already recorded; {chosen.name} backend, {where}; "
-        f"estimated {estimate}",
+        f"estimated {estimate} ({describe_plan(batches)})",
         highlight=False,
         soft_wrap=True,
     )
+    for note in batches.notes:
+        console.print(f"  {note}", highlight=False, soft_wrap=True)
     if dry_run:
         console.print(plan_table(plan))
         return
@@ -200,7 +214,8 @@ def run(
     store = Store(db)
     with make_sweep_progress(disable=quiet, console=console) as progress:
         try:
-            result = run_sweep(plan, store, chosen, progress=progress)
+            groups = batches.backend_groups
+            result = run_sweep(plan, store, chosen, progress=progress, groups=groups)
         except KeyboardInterrupt:
             progress.stop()
             err_console.print(

@@ -104,13 +104,19 @@ def _run_json(run: RunInfo, accuracy: np.ndarray, events: list[Event]) -> dict[s
 def presets() -> None:
     """List the shipped experiment presets, with their measured runtime per size.
 
+    The minutes are those of every point trained one at a time (``--members 1``, as
+    they were measured); a run's own estimate, with its points batched as the planner
+    chooses on this machine, is printed by ``covshift run PRESET --dry-run`` (or
+    ``covshift claims --dry-run`` for the battery).
+
     Example: covshift presets
     """
     from covshift.experiments.battery import BATTERY
 
     table = Table(
-        title="presets: training minutes on 2 cores, 2 workers, empty store "
-        "(measured; est. = the preflight's estimate)"
+        title="presets: training minutes on 2 cores, 2 workers, empty store, one point "
+        "at a time (--members 1; measured; est. = the preflight's estimate). With batched "
+        "members: `covshift run PRESET --dry-run` estimates it on this machine"
     )
     # Names and minutes never wrap (they are what a user copies); titles do.
     table.add_column("name", no_wrap=True)

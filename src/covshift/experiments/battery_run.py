@@ -25,7 +25,9 @@ from covshift.experiments.battery import (
 from covshift.experiments.claim_result import ClaimResult
 from covshift.experiments.claims import judge_claims
 from covshift.experiments.experiment_summary import load_experiment_numbers, summarize
-from covshift.experiments.preflight import estimate_seconds, format_seconds, preflight
+from covshift.experiments.members import recorded_batches
+from covshift.experiments.planner import MemberPlan, plan_members
+from covshift.experiments.preflight import format_seconds, preflight
 from covshift.experiments.preregistration import preregistration
 from covshift.experiments.sweep import (
     make_backend,
@@ -50,8 +52,10 @@ def run_battery(
     dry_run: bool = False,
     quiet: bool = False,
     console: Console | None = None,
+    members: int | None = None,
 ) -> float:
-    """Run every part's missing points; returns the seconds spent training."""
+    """Run every part's missing points; returns the seconds spent training.
+    ``members``: points per batched model (None: the planner chooses per preset)."""
     console = console or Console()
     todo = [p for p in parts if p.plan.to_run]
     biggest = max((len(p.plan.to_run) for p in todo), default=1)
@@ -63,13 +67,22 @@ def run_battery(
     for col in ("preset", "experiment", "points", "to run", "estimate"):
         table.add_column(col, justify="right" if col in ("points", "to run") else "left")
     total = 0.0
+    batches: dict[str, MemberPlan] = {}
     for part in parts:
         estimate = "-"
         if part.plan.to_run:
             costs = preflight(part.config, part.plan.to_run, chosen.threads)
-            seconds = estimate_seconds(part.plan.to_run, costs, lanes)
-            total += seconds
-            estimate = format_seconds(seconds)
+            found = plan_members(
+                part.plan.to_run,
+                costs,
+                lanes=lanes,
+                threads=chosen.threads,
+                members=members,
+                resumed=recorded_batches(part.plan.to_run, part.plan.recorded, store_path),
+            )
+            batches[part.experiment_id] = found
+            total += found.seconds
+            estimate = f"{format_seconds(found.seconds)} ({len(found.groups)} batches)"
         table.add_row(
             part.preset,
             part.experiment_id,
@@ -94,7 +107,8 @@ def run_battery(
     try:
         for part in todo:
             with make_sweep_progress(disable=quiet, console=console) as progress:
-                run_sweep(part.plan, store, chosen, progress=progress)
+                groups = batches[part.experiment_id].backend_groups
+                run_sweep(part.plan, store, chosen, progress=progress, groups=groups)
     finally:
         store.close()
     return time.perf_counter() - start

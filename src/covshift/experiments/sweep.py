@@ -223,8 +223,11 @@ def run_sweep(
     backend: Backend,
     *,
     progress: Progress | None = None,
+    groups: Sequence[Sequence[Point]] | None = None,
 ) -> SweepResult:
-    """Record ``plan``'s experiment and run its unfinished points on ``backend``.
+    """Record ``plan``'s experiment and run its unfinished points on ``backend``
+    (``groups``: batches of them, each trained as one batched model; see
+    :func:`covshift.experiments.planner.plan_members`).
 
     Raises KeyboardInterrupt when stopped by Ctrl-C (what was recorded stays, and the
     next call resumes), and a :class:`~covshift.store.StoreError` when the store or a
@@ -239,7 +242,10 @@ def run_sweep(
     events = _SweepEvents(progress, plan, points)
     start = time.perf_counter()
     try:
-        outcomes = backend.run(points, context, events) if points else []
+        if groups is None:
+            outcomes = backend.run(points, context, events) if points else []
+        else:
+            outcomes = backend.run(points, context, events, groups=groups) if points else []
     except StorageFault as fault:
         raise _saying_what_is_left(store, points, fault) from None
     return SweepResult(plan.experiment_id, outcomes, time.perf_counter() - start)
@@ -272,16 +278,29 @@ def run_experiment(
     workers: int | None = 1,
     threads: int | None = None,
     progress: Progress | None = None,
+    members: int | None = None,
 ) -> SweepResult:
     """Plan, check and run ``config``'s grid into ``store`` (the library's one call).
 
     ``backend`` defaults to the local one with ``workers`` (1: this process).
+    ``members``: points per batched model (None: the planner chooses; 1: every point
+    alone, the one-at-a-time path).
     """
+    from covshift.experiments.members import recorded_batches
+    from covshift.experiments.planner import plan_members
     from covshift.experiments.preflight import preflight
 
     plan = plan_sweep(config, store.path)
     backend = backend or make_backend(
         "local", points=len(plan.to_run), workers=workers, threads=threads
     )
-    preflight(config, plan.to_run, backend.threads)
-    return run_sweep(plan, store, backend, progress=progress)
+    costs = preflight(config, plan.to_run, backend.threads)
+    batches = plan_members(
+        plan.to_run,
+        costs,
+        lanes=backend.workers or 1,
+        threads=backend.threads,
+        members=members,
+        resumed=recorded_batches(plan.to_run, plan.recorded, store.path),
+    )
+    return run_sweep(plan, store, backend, progress=progress, groups=batches.backend_groups)

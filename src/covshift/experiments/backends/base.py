@@ -67,14 +67,22 @@ class SweepEvents(Protocol):
 
 
 class Backend(Protocol):
-    """Executes points; ``workers`` points at a time, ``threads`` torch threads each."""
+    """Executes points; ``workers`` points at a time, ``threads`` torch threads each.
+
+    ``groups`` (optional) cuts ``points`` into batches, each trained as the members of
+    one batched model (:mod:`covshift.batched`); without it every point trains alone.
+    """
 
     name: str
     workers: int
     threads: int
 
     def run(
-        self, points: Sequence[Point], context: SweepContext, events: SweepEvents
+        self,
+        points: Sequence[Point],
+        context: SweepContext,
+        events: SweepEvents,
+        groups: Sequence[Sequence[Point]] | None = None,
     ) -> list[PointOutcome]: ...
 
 

@@ -3,14 +3,16 @@
 What ``--workers 1`` runs: no process to start, torch keeps every core (its threads
 are the ``threads`` setting), and the probe may record in the background when a core
 is spare. Ctrl-C stops the point in training (recorded as ``interrupted``, resumable
-from its last checkpoint) and the sweep.
+from its last checkpoint) and the sweep. A batch of points (``groups``) trains as the
+members of one batched model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from covshift.experiments.backends.base import SweepContext, SweepEvents, claim_and_train
+from covshift.experiments.backends.base import SweepContext, SweepEvents
+from covshift.experiments.backends.group import claim_and_train_group
 from covshift.experiments.grid import Point
 from covshift.experiments.point import PointOutcome
 from covshift.store import Store
@@ -28,16 +30,27 @@ class InlineBackend:
         self.threads = threads
 
     def run(
-        self, points: Sequence[Point], context: SweepContext, events: SweepEvents
+        self,
+        points: Sequence[Point],
+        context: SweepContext,
+        events: SweepEvents,
+        groups: Sequence[Sequence[Point]] | None = None,
     ) -> list[PointOutcome]:
-        outcomes = []
+        outcomes: dict[str, PointOutcome] = {}
         with Store(context.store_path) as store:
-            for point in points:
-                outcome = claim_and_train(
-                    store, point, context, threads=self.threads, events=events, background=None
+            for group in groups if groups is not None else [[p] for p in points]:
+                done = claim_and_train_group(
+                    store,
+                    group,
+                    context,
+                    threads=self.threads,
+                    events=events,
+                    background=None,
+                    batched=groups is not None,
                 )
-                events.ended(outcome)
-                outcomes.append(outcome)
-                if outcome.status == "interrupted":
+                for outcome in done:
+                    events.ended(outcome)
+                    outcomes[outcome.point] = outcome
+                if any(o.status == "interrupted" for o in done):
                     raise KeyboardInterrupt
-        return outcomes
+        return [outcomes[p.id] for p in points if p.id in outcomes]

@@ -1,7 +1,8 @@
 """The local backend: points in a pool of worker processes on this machine.
 
 ``workers`` processes (started with ``spawn``: a forked torch may deadlock in its
-thread pools) each train one point at a time with ``threads`` torch threads, and
+thread pools) each train one point (or one batch of points, the members of one
+batched model) at a time with ``threads`` torch threads, and
 claim and record it in the shared store themselves (SQLite in WAL mode serializes
 their writes). The driver learns how far each point got from the store itself (its
 run's last recorded step and owner), so no lock is shared with a process that may be
@@ -47,12 +48,8 @@ from typing import Any
 
 import torch
 
-from covshift.experiments.backends.base import (
-    BackendError,
-    SweepContext,
-    SweepEvents,
-    claim_and_train,
-)
+from covshift.experiments.backends.base import BackendError, SweepContext, SweepEvents
+from covshift.experiments.backends.group import claim_and_train_group
 from covshift.experiments.grid import Point
 from covshift.experiments.point import PointOutcome, preload_datasets, shared_datasets
 from covshift.store import StorageFault, Store, StoreError
@@ -119,20 +116,21 @@ class _StopRequest:
             raise KeyboardInterrupt
 
 
-def _run_point(point: Point, context: SweepContext) -> PointOutcome:
+def _run_group(points: list[Point], context: SweepContext, batched: bool) -> list[PointOutcome]:
     if _WORKER["stop"].value:  # queued before the stop: leave it untouched
-        return PointOutcome(point.id, "not started")
+        return [PointOutcome(point.id, "not started") for point in points]
     store = _WORKER.get("store")
     if store is None or str(store.path) != context.store_path:
         store = _WORKER["store"] = Store(context.store_path)
-    return claim_and_train(
+    return claim_and_train_group(
         store,
-        point,
+        points,
         context,
         threads=_WORKER["threads"],
         events=_Silent(),
         background=False,  # the other workers hold the other cores
         callbacks=(_StopRequest(_WORKER["stop"]),),
+        batched=batched,
     )
 
 
@@ -158,13 +156,17 @@ class PoolBackend:
         self.max_failures = max_failures
 
     def run(
-        self, points: Sequence[Point], context: SweepContext, events: SweepEvents
+        self,
+        points: Sequence[Point],
+        context: SweepContext,
+        events: SweepEvents,
+        groups: Sequence[Sequence[Point]] | None = None,
     ) -> list[PointOutcome]:
         ctx = multiprocessing.get_context("spawn")
         stop = ctx.RawValue("b", 0)  # one byte: written by the driver, read by workers
         outcomes: dict[str, PointOutcome] = {}
         deaths: Counter[str] = Counter()
-        remaining = list(points)
+        remaining = [list(g) for g in groups] if groups is not None else [[p] for p in points]
         shared = shared_datasets(points)
         faults: list[StoreError] = []
         with Store(context.store_path) as store:
@@ -176,7 +178,8 @@ class PoolBackend:
                     initializer=_init_worker,
                     initargs=(stop, self.threads, os.getpid(), shared),
                 ) as pool:
-                    futures = {pool.submit(_run_point, p, context): p for p in remaining}
+                    batched = groups is not None
+                    futures = {pool.submit(_run_group, g, context, batched): g for g in remaining}
                     broken = self._collect(futures, stop, watcher, events, outcomes, faults)
                 if faults:
                     raise _one_fault(faults)
@@ -186,12 +189,14 @@ class PoolBackend:
                     if not watcher.training():
                         raise BackendError(_DIED_AT_START)
                     self._count_deaths(store, watcher, deaths, outcomes, events)
-                remaining = [p for p in remaining if p.id not in outcomes]
+                remaining = [
+                    left for g in remaining if (left := [p for p in g if p.id not in outcomes])
+                ]
         return [outcomes[p.id] for p in points]
 
     def _collect(
         self,
-        futures: dict[Future[PointOutcome], Point],
+        futures: dict[Future[list[PointOutcome]], list[Point]],
         stop: Any,
         watcher: _Watcher,
         events: SweepEvents,
@@ -221,7 +226,7 @@ class PoolBackend:
                     if future.cancelled():
                         continue
                     try:
-                        outcome = future.result()
+                        done_points = future.result()
                     except BrokenProcessPool:
                         broken = True
                         continue
@@ -230,9 +235,11 @@ class PoolBackend:
                         if not stop.value:
                             stop_all()
                         continue
-                    if outcome.status != "not started":
-                        if not faults:
-                            watcher.poll()
+                    if not faults:
+                        watcher.poll()
+                    for outcome in done_points:
+                        if outcome.status == "not started":
+                            continue
                         outcomes[outcome.point] = outcome
                         watcher.ended(outcome.point)
                         events.ended(outcome)

@@ -1,13 +1,14 @@
 """The Ray backend: points as Ray tasks, on one machine or a cluster.
 
-Each point is one Ray task (a streaming generator) that needs nothing from the
-driver's disk: the dataset travels through Ray's object store (put once per sweep),
-the point's spec and its last checkpoint (bytes) travel as arguments, and the task
-sends back, at every evaluation, the records made since the last one together with
-the new checkpoint. The driver alone writes the store: it applies each chunk, keeps
-the latest checkpoint in a file beside the store, and closes the run when the task
-ends. Ray's scheduler decides where and when tasks run; the driver submits every
-point at once and only reacts to what comes back.
+Each point (or batch of points, the members of one batched model: one task for the
+batch) is one Ray task (a streaming generator) that needs nothing from the driver's
+disk: the dataset travels through Ray's object store (put once per sweep), the
+point's spec and its last checkpoint (bytes) travel as arguments (a batch's: every
+member's), and the task sends back, per point, at every evaluation, the records made
+since the last one together with the new checkpoint. The driver alone writes the
+store: it applies each chunk, keeps the latest checkpoint in a file beside the store,
+and closes the run when the task ends. Ray's scheduler decides where and when tasks
+run; the driver submits every point at once and only reacts to what comes back.
 
 Failures:
 
@@ -60,8 +61,9 @@ from covshift.experiments.backends.base import (
     restart_after,
     settled_outcome,
 )
-from covshift.experiments.backends.ray_task import point_task
+from covshift.experiments.backends.ray_task import members_task, point_task
 from covshift.experiments.grid import Point, PointSpec
+from covshift.experiments.members import batch_key
 from covshift.experiments.point import PointOutcome, StoreSink, dataset_arguments, error_text
 from covshift.store import Store, StoreError
 
@@ -209,14 +211,19 @@ class RayBackend:
         return max(1, cpus // self.threads)
 
     def run(
-        self, points: Sequence[Point], context: SweepContext, events: SweepEvents
+        self,
+        points: Sequence[Point],
+        context: SweepContext,
+        events: SweepEvents,
+        groups: Sequence[Sequence[Point]] | None = None,
     ) -> list[PointOutcome]:
         ray = _ray()
         started_here = self.connect()
         try:
             self.workers = self.cluster_workers()
             with Store(context.store_path) as store:
-                return self._run(ray, store, points, context, events)
+                batches = groups if groups is not None else [[p] for p in points]
+                return self._run(ray, store, points, batches, context, events, groups is not None)
         finally:
             if started_here:
                 ray.shutdown()
@@ -226,40 +233,54 @@ class RayBackend:
         ray: Any,
         store: Store,
         points: Sequence[Point],
+        batches: Sequence[Sequence[Point]],
         context: SweepContext,
         events: SweepEvents,
+        batched: bool,
     ) -> list[PointOutcome]:
-        task = ray.remote(point_task).options(
-            num_cpus=self.threads, num_gpus=self.gpus, max_retries=0
-        )
+        options = dict(num_cpus=self.threads, num_gpus=self.gpus, max_retries=0)
+        single = ray.remote(point_task).options(**options)
+        together = ray.remote(members_task).options(**options)
         data_refs: dict[str, list[Any]] = {}
-        active: dict[Any, _Active] = {}
+        active: dict[Any, list[_Active]] = {}  # a task -> its points (a batch's members)
         outcomes: dict[str, PointOutcome] = {}
 
-        def submit(job: _Active) -> None:
-            spec = job.point.spec
+        def submit(jobs: list[_Active]) -> None:
+            spec = jobs[0].point.spec
             key = f"{spec.dataset}:{spec.data_dir}:{dataset_arguments(spec)}"
             if key not in data_refs:
                 data_refs[key] = [ray.put(_dataset_payload(spec))]
-            checkpoint = _verified_checkpoint(store, job, events)
-            owner = store.checkpoint_owner(job.run_id)
-            ref = task.remote(
-                spec, data_refs[key], key, checkpoint, self.threads, owner, job.digest
-            )
-            active[ref] = job
+            saved = [_verified_checkpoint(store, job, events) for job in jobs]
+            owners = [store.checkpoint_owner(job.run_id) for job in jobs]
+            digests = [job.digest for job in jobs]
+            data = data_refs[key]
+            if not batched or batch_key(spec) is None:  # alone: today's path
+                gen = single.remote(spec, data, key, saved[0], self.threads, owners[0], digests[0])
+            else:
+                specs = [job.point.spec for job in jobs]
+                gen = together.remote(specs, data, key, saved, self.threads, owners, digests)
+            active[gen] = jobs
+
+        def end(job: _Active, outcome: PointOutcome) -> None:
+            outcomes[job.point.id] = outcome
+            events.ended(outcome)
 
         try:
-            for point in points:
-                claim = claim_point(store, point, context, self.threads)
-                if claim.state in ("done", "busy"):
-                    outcomes[point.id] = settled_outcome(point, claim)
-                    events.ended(outcomes[point.id])
-                    continue
-                submit(_Active(point, claim.run.id, step=claim.run.last_step))
+            for batch in batches:
+                jobs = []
+                for point in batch:
+                    claim = claim_point(store, point, context, self.threads)
+                    if claim.state in ("done", "busy"):
+                        end(_Active(point, claim.run.id), settled_outcome(point, claim))
+                        continue
+                    jobs.append(_Active(point, claim.run.id, step=claim.run.last_step))
+                if jobs:
+                    submit(jobs)
             while active:
                 ready, _ = ray.wait(list(active), num_returns=1, timeout=0.5)
                 for gen in ready:
-                    job = active[gen]
+                    jobs = active[gen]
+                    open_jobs = [j for j in jobs if j.point.id not in outcomes]
                     try:
                         item = ray.get(next(gen))
                     except StopIteration:
@@ -268,35 +289,47 @@ class RayBackend:
                     except ray.exceptions.RayTaskError as e:
                         del active[gen]
                         cause = e.cause if e.cause is not None else e
-                        outcomes[job.point.id] = self._fail(store, job, error_text(cause))
-                        events.ended(outcomes[job.point.id])
+                        for job in open_jobs:
+                            end(job, self._fail(store, job, error_text(cause)))
                     except ray.exceptions.RayError as e:  # the task's process or node died
                         del active[gen]
-                        job.attempts += 1
-                        if job.attempts > self.max_failures:
-                            error = f"its Ray task crashed {job.attempts} times: {error_text(e)}"
-                            outcomes[job.point.id] = self._fail(store, job, error)
-                            events.ended(outcomes[job.point.id])
-                        else:
-                            submit(job)
+                        again = []
+                        for job in open_jobs:
+                            job.attempts += 1
+                            if job.attempts > self.max_failures:
+                                error = f"its Ray task crashed {job.attempts} times: "
+                                error += error_text(e)
+                                end(job, self._fail(store, job, error))
+                            else:
+                                again.append(job)
+                        if again:
+                            submit(again)
                     else:
-                        done = self._apply(store, job, item, events)
+                        if item["kind"] == "hello":
+                            for job in jobs:
+                                self._apply(store, job, item, events)
+                            continue
+                        done = self._apply(store, jobs[item.get("member", 0)], item, events)
                         if done is not None:
-                            del active[gen]
-                            outcomes[job.point.id] = done
-                            events.ended(done)
+                            end(jobs[item.get("member", 0)], done)
+                            if all(j.point.id in outcomes for j in jobs):
+                                del active[gen]
         except KeyboardInterrupt:
-            for gen, job in active.items():
+            for gen, jobs in active.items():
                 ray.cancel(gen, force=True)
-                store.finish_run(job.run_id, "interrupted")
+                for job in jobs:
+                    if job.point.id not in outcomes:
+                        store.finish_run(job.run_id, "interrupted")
             raise
         except StoreError as fault:
             # The store or a checkpoint beside it cannot be written or read: every task
             # stops, and each run is closed as far as the store allows.
             for gen in active:
                 ray.cancel(gen, force=True)
-            for job in active.values():
-                fault = close_after_fault(store, job.run_id, job.point.name, fault)
+            for jobs in active.values():
+                for job in jobs:
+                    if job.point.id not in outcomes:
+                        fault = close_after_fault(store, job.run_id, job.point.name, fault)
             raise fault from None
         return [outcomes[p.id] for p in points]
 
