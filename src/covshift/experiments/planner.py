@@ -12,8 +12,12 @@ members costs::
 It starts every set at the ``K`` of highest throughput (members per second), spreads
 the batches over the workers longest first, and while the longest worker's longest
 batch would finish sooner cut smaller (more batches for idle workers), it cuts it
-smaller. ``--members N`` fixes ``K = N`` instead (``--members 1``: every point alone,
-the one-at-a-time path).
+smaller. Only the sizes it timed are candidates (no extrapolation past them). It
+never falls back to the one-at-a-time path on its own, even where its estimate says
+that would be faster: which numbers a point records (equal within the stated
+tolerance, not bit for bit, for BatchNorm networks) must not depend on how busy the
+machine was when the planner timed it. ``--members N``
+fixes ``K = N`` instead (``--members 1``: every point alone, the one-at-a-time path).
 """
 
 from __future__ import annotations
@@ -200,7 +204,9 @@ def _candidates(n: int, found: MemberCosts | None, members: int | None) -> list[
     limit = min(n, found.max_members)
     if members is not None:
         return [max(1, min(members, limit))]
-    return sorted({1, *(k for k in found.step if k <= limit), limit} - {0})
+    # Only sizes that were timed: a batch past the largest K measured would be priced
+    # by extrapolating a line, which a step's cost need not follow.
+    return sorted({1, *(k for k in found.step if k <= limit)})
 
 
 def _choose_sizes(
