@@ -56,6 +56,7 @@ __all__ = [
     "error_text",
     "preload_datasets",
     "shared_datasets",
+    "train_config",
     "train_point",
 ]
 
@@ -306,6 +307,22 @@ def point_measures(
     return out
 
 
+def train_config(spec: PointSpec) -> TrainConfig:
+    """The training settings of a point: its schedule and its optimizer's."""
+    return TrainConfig(
+        steps=spec.steps,
+        batch_size=spec.batch_size,
+        lr=spec.optimizer.lr,
+        momentum=spec.optimizer.momentum,
+        weight_decay=spec.optimizer.weight_decay,
+        eval_every=spec.eval_every,
+        seed=spec.seed,
+        optimizer=spec.optimizer.kind,
+        betas=spec.optimizer.betas,
+        warmup_steps=spec.optimizer.warmup_steps,
+    )
+
+
 def train_point(
     spec: PointSpec,
     data: Dataset,
@@ -339,18 +356,7 @@ def train_point(
         model = build_model(spec.model, data, spec.seed)
         measures = point_measures(spec, model, data, sink, background)
         guard = DivergenceGuard(spec.divergence.factor, spec.divergence.stop)
-        config = TrainConfig(
-            steps=spec.steps,
-            batch_size=spec.batch_size,
-            lr=spec.optimizer.lr,
-            momentum=spec.optimizer.momentum,
-            weight_decay=spec.optimizer.weight_decay,
-            eval_every=spec.eval_every,
-            seed=spec.seed,
-            optimizer=spec.optimizer.kind,
-            betas=spec.optimizer.betas,
-            warmup_steps=spec.optimizer.warmup_steps,
-        )
+        config = train_config(spec)
         with contextlib.ExitStack() as stack:
             for measure in measures:
                 if isinstance(measure, ShiftProbe):

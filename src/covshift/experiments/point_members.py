@@ -29,24 +29,13 @@ from covshift.experiments.point import (
     build_model,
     error_text,
     point_measures,
+    train_config,
 )
 from covshift.probe import ShiftProbe
 from covshift.store.errors import StoreError
-from covshift.training import DivergenceGuard, TrainConfig
+from covshift.training import DivergenceGuard
 
 __all__ = ["train_point_members"]
-
-
-def _train_config(spec: PointSpec) -> TrainConfig:
-    return TrainConfig(
-        steps=spec.steps,
-        batch_size=spec.batch_size,
-        lr=spec.optimizer.lr,
-        momentum=spec.optimizer.momentum,
-        weight_decay=spec.optimizer.weight_decay,
-        eval_every=spec.eval_every,
-        seed=spec.seed,
-    )
 
 
 def _failed(
@@ -87,7 +76,7 @@ def train_point_members(
             guard = DivergenceGuard(spec.divergence.factor, spec.divergence.stop)
             run = MemberRun(
                 model,
-                _train_config(spec),
+                train_config(spec),
                 [*measures, guard, _Recorder(sinks[i]), *per_member[i]],
                 checkpoints[i],
                 rng_seed=spec.seed,
