@@ -12,6 +12,7 @@ import pytest
 
 from covshift.experiments import load_config, run_experiment
 from covshift.experiments.backends import InlineBackend
+from covshift.experiments.costs import Cost
 from covshift.experiments.grid import expand_grid
 from covshift.experiments.member_costs import MemberCosts
 from covshift.experiments.members import batch_key, group_points, split_evenly
@@ -22,7 +23,6 @@ from covshift.experiments.planner import (
     plan_members,
 )
 from covshift.experiments.point import dataset_for
-from covshift.experiments.preflight import Cost
 from covshift.store import Store
 
 from .helpers import SMALL_SWEEP, covshift, dump, sweep_file

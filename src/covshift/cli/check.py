@@ -50,8 +50,9 @@ def check(
 
     Example: covshift check my-sweep.toml --set optimizer.lr=0.5 > resolved.toml
     """
+    from covshift.experiments.costs import estimate_seconds, format_seconds
     from covshift.experiments.grid import expand_grid, experiment_id
-    from covshift.experiments.preflight import estimate_seconds, format_seconds, preflight
+    from covshift.experiments.preflight import preflight
 
     overrides: dict[str, Any] = parse_sets(set_ or [])
     if seeds is not None:

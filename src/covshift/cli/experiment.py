@@ -113,10 +113,11 @@ def run(
     Example: covshift run ioffe2015 --steps 2000 --json
     """
     from covshift.cli.tables import claims_table, plan_table, summary_table
+    from covshift.experiments.costs import format_seconds
     from covshift.experiments.experiment_summary import json_safe, stored_config, summarize
     from covshift.experiments.members import recorded_batches
     from covshift.experiments.planner import describe_plan, plan_members
-    from covshift.experiments.preflight import format_seconds, preflight
+    from covshift.experiments.preflight import preflight
     from covshift.experiments.sweep import (
         make_backend,
         make_sweep_progress,

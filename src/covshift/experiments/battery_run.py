@@ -24,10 +24,11 @@ from covshift.experiments.battery import (
 )
 from covshift.experiments.claim_result import ClaimResult
 from covshift.experiments.claims import judge_claims
+from covshift.experiments.costs import format_seconds
 from covshift.experiments.experiment_summary import load_experiment_numbers, summarize
 from covshift.experiments.members import recorded_batches
 from covshift.experiments.planner import MemberPlan, plan_members
-from covshift.experiments.preflight import format_seconds, preflight
+from covshift.experiments.preflight import preflight
 from covshift.experiments.preregistration import preregistration
 from covshift.experiments.sweep import (
     make_backend,

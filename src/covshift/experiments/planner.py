@@ -26,11 +26,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from covshift.data import DatasetError
+from covshift.experiments.costs import Cost
 from covshift.experiments.grid import Point
 from covshift.experiments.member_costs import MemberCosts, time_members
 from covshift.experiments.members import batch_key, split_evenly
 from covshift.experiments.point import dataset_for
-from covshift.experiments.preflight import Cost
 
 __all__ = ["MemberPlan", "describe_plan", "estimate_groups", "group_seconds", "plan_members"]
 
@@ -92,7 +92,7 @@ def estimate_groups(
     groups: Sequence[Sequence[Point]], seconds: Sequence[float], lanes: int
 ) -> float:
     """Wall time of ``groups`` (``seconds`` each) spread over ``lanes`` workers, longest
-    first, each to the least loaded (as :func:`~covshift.experiments.preflight.
+    first, each to the least loaded (as :func:`~covshift.experiments.costs.
     estimate_seconds`), plus a few seconds to start each pool."""
     loads = [0.0] * max(1, min(lanes, len(groups)))
     for s in sorted(seconds, reverse=True):

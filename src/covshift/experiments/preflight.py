@@ -11,17 +11,16 @@ architecture, from which the sweep's runtime is estimated.
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from covshift.data import BatchSampler, Dataset, DatasetError
 from covshift.experiments.config import ConfigError, ExperimentConfig
+from covshift.experiments.costs import Cost
 from covshift.experiments.grid import Point, PointSpec
 from covshift.experiments.metric_paths import TRAIN_MODE, parse_metric
 from covshift.experiments.model_size import available_bytes, model_size
@@ -31,35 +30,11 @@ from covshift.probe import ShiftProbe, gradient_ics, landscape_smoothness
 from covshift.probe.select import glob_match
 from covshift.training import evaluate, resolve_device
 
-__all__ = ["Cost", "estimate_seconds", "preflight"]
+__all__ = ["preflight"]
 
 _TIMED_BLOCKS = 5  # blocks of _BLOCK_STEPS timed steps; the median block counts
 _BLOCK_STEPS = 10
 _EVAL_SAMPLE = 1000  # examples evaluated for timing; scaled to the test set
-
-
-@dataclass(frozen=True)
-class Cost:
-    """Measured seconds of one architecture: a step, a full evaluation, a record."""
-
-    step: float
-    evaluation: float
-    record: float
-    gradient_ics: float = 0.0  # one gradient-ICS measurement (when the probe asks)
-    smoothness: float = 0.0  # one landscape measurement
-
-    def of(self, point: Point) -> float:
-        spec = point.spec
-        p = spec.probe
-        evals = spec.steps // spec.eval_every + 2
-        records = (spec.steps // p.every + 1) * (2 if p.mode == "both" else 1)
-        records += 2 if p.noise_floor else 0
-        measured = 0.0
-        if p.gradient_ics_every:
-            measured += (spec.steps // p.gradient_ics_every + 1) * self.gradient_ics
-        if p.smoothness_every:
-            measured += (spec.steps // p.smoothness_every + 1) * self.smoothness
-        return spec.steps * self.step + evals * self.evaluation + records * self.record + measured
 
 
 def _architecture(point: Point) -> str:
@@ -327,25 +302,3 @@ def _check_claim_layers(config: ExperimentConfig, probed: dict[str, list[str]]) 
                 raise ConfigError(
                     f"claims[{i}].{role}: {path!r} needs the noise floor: set probe.noise_floor"
                 )
-
-
-def estimate_seconds(points: Sequence[Point], costs: dict[str, Cost], workers: int) -> float:
-    """Wall-clock estimate: the points' costs spread over ``workers`` (longest first,
-    each to the least loaded worker), plus a few seconds to start each worker."""
-    loads = [0.0] * max(1, min(workers, len(points)))
-    for seconds in sorted((costs[p.id].of(p) for p in points), reverse=True):
-        loads[loads.index(min(loads))] += seconds
-    startup = 3.0 if workers > 1 else 0.0
-    return (max(loads) if points else 0.0) + (startup if points else 0.0)
-
-
-def format_seconds(seconds: float) -> str:
-    """``1h02m``, ``3m05s`` or ``42s``."""
-    if not math.isfinite(seconds):
-        return "?"
-    s = round(seconds)
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s}s"

@@ -1,0 +1,59 @@
+"""What a sweep will cost: the measured seconds of one architecture
+(:class:`Cost`, measured by :func:`covshift.experiments.preflight.preflight`), a point's
+seconds from them, and the sweep's wall-clock estimate."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from covshift.experiments.grid import Point
+
+__all__ = ["Cost", "estimate_seconds", "format_seconds"]
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Measured seconds of one architecture: a step, a full evaluation, a record."""
+
+    step: float
+    evaluation: float
+    record: float
+    gradient_ics: float = 0.0  # one gradient-ICS measurement (when the probe asks)
+    smoothness: float = 0.0  # one landscape measurement
+
+    def of(self, point: Point) -> float:
+        spec = point.spec
+        p = spec.probe
+        evals = spec.steps // spec.eval_every + 2
+        records = (spec.steps // p.every + 1) * (2 if p.mode == "both" else 1)
+        records += 2 if p.noise_floor else 0
+        measured = 0.0
+        if p.gradient_ics_every:
+            measured += (spec.steps // p.gradient_ics_every + 1) * self.gradient_ics
+        if p.smoothness_every:
+            measured += (spec.steps // p.smoothness_every + 1) * self.smoothness
+        return spec.steps * self.step + evals * self.evaluation + records * self.record + measured
+
+
+def estimate_seconds(points: Sequence[Point], costs: dict[str, Cost], workers: int) -> float:
+    """Wall-clock estimate: the points' costs spread over ``workers`` (longest first,
+    each to the least loaded worker), plus a few seconds to start each worker."""
+    loads = [0.0] * max(1, min(workers, len(points)))
+    for seconds in sorted((costs[p.id].of(p) for p in points), reverse=True):
+        loads[loads.index(min(loads))] += seconds
+    startup = 3.0 if workers > 1 else 0.0
+    return (max(loads) if points else 0.0) + (startup if points else 0.0)
+
+
+def format_seconds(seconds: float) -> str:
+    """``1h02m``, ``3m05s`` or ``42s``."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = round(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
