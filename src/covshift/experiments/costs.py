@@ -15,26 +15,43 @@ __all__ = ["Cost", "estimate_seconds", "format_seconds"]
 
 @dataclass(frozen=True)
 class Cost:
-    """Measured seconds of one architecture: a step, a full evaluation, a record."""
+    """Measured seconds of one architecture: a step, a full evaluation, a record, and
+    what a run does besides: building its network and probe (once), saving its
+    checkpoint (at each evaluation) and each measurement its probe asks for."""
 
     step: float
     evaluation: float
     record: float
     gradient_ics: float = 0.0  # one gradient-ICS measurement (when the probe asks)
     smoothness: float = 0.0  # one landscape measurement
+    gradient_norm: float = 0.0  # one record of every layer's gradient norm
+    batch_stats: float = 0.0  # one measurement of BatchNorm's batch statistics
+    checkpoint: float = 0.0  # one checkpoint save with its digest
+    setup: float = 0.0  # building the network and attaching its probe
 
     def of(self, point: Point) -> float:
+        """Seconds of ``point``'s whole run."""
         spec = point.spec
         p = spec.probe
         evals = spec.steps // spec.eval_every + 2
         records = (spec.steps // p.every + 1) * (2 if p.mode == "both" else 1)
         records += 2 if p.noise_floor else 0
         measured = 0.0
-        if p.gradient_ics_every:
-            measured += (spec.steps // p.gradient_ics_every + 1) * self.gradient_ics
-        if p.smoothness_every:
-            measured += (spec.steps // p.smoothness_every + 1) * self.smoothness
-        return spec.steps * self.step + evals * self.evaluation + records * self.record + measured
+        for every, seconds in (
+            (p.gradient_ics_every, self.gradient_ics),
+            (p.smoothness_every, self.smoothness),
+            (p.batch_stats_every, self.batch_stats),
+        ):
+            if every:
+                measured += (spec.steps // every + 1) * seconds
+        measured += sum(1 for s in p.gradient_norm_steps if s <= spec.steps) * self.gradient_norm
+        return (
+            self.setup
+            + spec.steps * self.step
+            + evals * (self.evaluation + self.checkpoint)
+            + records * self.record
+            + measured
+        )
 
 
 def estimate_seconds(points: Sequence[Point], costs: dict[str, Cost], workers: int) -> float:

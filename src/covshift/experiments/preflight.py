@@ -12,23 +12,28 @@ architecture, from which the sweep's runtime is estimated.
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
 
 import torch
 
+from covshift.checkpoints import FileCheckpointer
 from covshift.data import BatchSampler, Dataset, DatasetError
 from covshift.experiments.config import ConfigError, ExperimentConfig
 from covshift.experiments.costs import Cost
 from covshift.experiments.grid import Point, PointSpec
 from covshift.experiments.metric_paths import TRAIN_MODE, parse_metric
 from covshift.experiments.model_size import available_bytes, model_size
-from covshift.experiments.point import build_model, dataset_for
+from covshift.experiments.point import build_model, dataset_for, point_measures, train_config
 from covshift.losses import loss_function
-from covshift.probe import ShiftProbe, gradient_ics, landscape_smoothness
+from covshift.optimizers import make_optimizer
+from covshift.probe import GradientICSMonitor, ShiftProbe, SmoothnessMonitor
+from covshift.probe.batch_fluctuation import BatchStatsMonitor
+from covshift.probe.layer_gradients import GradientNormMonitor
 from covshift.probe.select import glob_match
-from covshift.training import evaluate, resolve_device
+from covshift.training import TrainState, evaluate, resolve_device
 
 __all__ = ["preflight"]
 
@@ -47,6 +52,8 @@ def _architecture(point: Point) -> str:
             spec.data_dir,
             spec.device,
             spec.batch_size,
+            # AdamW's step costs more than SGD's; momentum and weight decay add work
+            (spec.optimizer.kind, spec.optimizer.momentum > 0, spec.optimizer.weight_decay > 0),
             sorted(spec.probe.model_dump(mode="json", exclude={"every"}).items()),
             sorted((k, repr(v)) for k, v in model.items()),
         )
@@ -144,6 +151,7 @@ def _try(point: Point, data: Dataset, threads: int) -> tuple[Cost, list[str]]:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        started = time.perf_counter()
         try:
             model = build_model(spec.model, data, spec.seed)
         except MemoryError:
@@ -169,7 +177,16 @@ def _try(point: Point, data: Dataset, threads: int) -> tuple[Cost, list[str]]:
             )
         except (ValueError, TypeError) as e:
             raise ConfigError(f"point {point.name}: probe.layers: {e}") from None
-        optimizer = torch.optim.SGD(model.parameters(), lr=spec.optimizer.lr)
+        built = time.perf_counter() - started
+        o = spec.optimizer
+        optimizer = make_optimizer(
+            model.parameters(),
+            o.kind,
+            lr=o.lr,
+            momentum=o.momentum,
+            weight_decay=o.weight_decay,
+            betas=o.betas,
+        )
         sampler = BatchSampler(len(data.x_train), spec.batch_size, spec.seed)
         criterion = loss_function(data)
 
@@ -186,7 +203,9 @@ def _try(point: Point, data: Dataset, threads: int) -> tuple[Cost, list[str]]:
 
         with probe:
             try:
+                start = time.perf_counter()
                 probe.maybe_record(0)  # the first record pays for setting up
+                setup = built + time.perf_counter() - start
                 start = time.perf_counter()
                 probe.record_now(1)
                 record = time.perf_counter() - start
@@ -199,7 +218,7 @@ def _try(point: Point, data: Dataset, threads: int) -> tuple[Cost, list[str]]:
                     * min(len(data.x_test), spec.test_examples or len(data.x_test))
                     / min(_EVAL_SAMPLE, len(data.x_test))
                 )
-                ics, smooth = _measure_costs(spec, model, optimizer, data, criterion)
+                measured = _measurement_costs(spec, model, optimizer, data)
             except MemoryError:
                 raise ConfigError(_too_big(point, "the machine ran out of memory")) from None
             except RuntimeError as e:
@@ -209,32 +228,57 @@ def _try(point: Point, data: Dataset, threads: int) -> tuple[Cost, list[str]]:
             layers = list(probe.layer_names)
     finally:
         torch.set_num_threads(previous)
-    return Cost(step, evaluation, record, ics, smooth), layers
+    return Cost(step, evaluation, record, setup=setup, **measured), layers
 
 
-def _measure_costs(
-    spec: PointSpec,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    data: Dataset,
-    criterion: Any,
-) -> tuple[float, float]:
-    """Seconds of one gradient-ICS and one smoothness measurement (0 when not asked)."""
-    p = spec.probe
-    size = p.measure_batch or spec.batch_size
-    x, y = data.x_train[:size], data.y_train[:size]
-    ics = smooth = 0.0
-    if p.gradient_ics_every:
+class _Discard:
+    """A sink for the throwaway run's records."""
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        pass
+
+    def probe(self, record: object) -> None:
+        pass
+
+    def end(self, status: str, error: str | None = None, diverged_at: int | None = None) -> None:
+        pass
+
+
+# Which Cost field holds one measurement of each monitor a point can run.
+_MONITOR_FIELDS: dict[type, str] = {
+    GradientICSMonitor: "gradient_ics",
+    SmoothnessMonitor: "smoothness",
+    GradientNormMonitor: "gradient_norm",
+    BatchStatsMonitor: "batch_stats",
+}
+
+
+def _measurement_costs(
+    spec: PointSpec, model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: Dataset
+) -> dict[str, float]:
+    """Seconds of one measurement of each monitor the point runs (the monitors of its
+    own run, at their first due step) and of one checkpoint save."""
+    state = TrainState(model, optimizer, data, train_config(spec), torch.device("cpu"))
+    out: dict[str, float] = {}
+    for monitor in point_measures(spec, model, data, _Discard(), background=False):
+        if isinstance(monitor, ShiftProbe):
+            continue  # timed apart, as `record`
+        field = _MONITOR_FIELDS.get(type(monitor))
+        if field is None:  # a new monitor must say what it costs, or estimates lie
+            raise TypeError(f"the preflight does not time {type(monitor).__name__}")
+        due = monitor.schedule  # type: ignore[attr-defined]
+        state.step = min(due.steps) if due.steps else 0
         start = time.perf_counter()
-        gradient_ics(model, optimizer, x, y, loss_fn=criterion)
-        ics = time.perf_counter() - start
-    if p.smoothness_every:
+        monitor.on_step_end(state)  # type: ignore[attr-defined]
+        out[field] = time.perf_counter() - start
+    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 0}
+    with tempfile.TemporaryDirectory() as tmp:
+        keeper = FileCheckpointer(Path(tmp) / "preflight.pt")
+        keeper.save(payload)  # the first save creates the files
         start = time.perf_counter()
-        landscape_smoothness(
-            model, x, y, lr=spec.optimizer.lr, loss_fn=criterion, step_range=p.smoothness_range
-        )
-        smooth = time.perf_counter() - start
-    return ics, smooth
+        keeper.save(payload)
+        out["checkpoint"] = time.perf_counter() - start
+    return out
 
 
 def preflight(config: ExperimentConfig, points: Sequence[Point], threads: int) -> dict[str, Cost]:
