@@ -38,6 +38,7 @@ from rich.table import Table
 from covshift.batched import stack_models
 from covshift.batched.evaluate import evaluate_members, gather_rows, member_losses
 from covshift.batched.optim import MemberSGD, SGDSettings
+from covshift.batched.slots import NotBatchable
 from covshift.checkpoints import FileCheckpointer
 from covshift.experiments import load_config
 from covshift.experiments.battery import BATTERY
@@ -106,7 +107,12 @@ def _profile(point: Point, members: int, tmp: Path) -> dict[str, float]:
     store.close()
     out["total"] = sum(out.values())
     # Batched: a member's share of the step and of the evaluation, plus its copy out.
-    stacked = stack_models([build_model(spec.model, data, spec.seed + i) for i in range(members)])
+    try:
+        stacked = stack_models(
+            [build_model(spec.model, data, spec.seed + i) for i in range(members)]
+        )
+    except NotBatchable:  # (a transformer): its points run one at a time
+        return out
     stacked.use_generators([torch.Generator().manual_seed(i) for i in range(members)])
     slots = stacked.parameter_slots()
     sgd = MemberSGD(
@@ -172,11 +178,13 @@ def main() -> None:
             for point in expand_grid(config):
                 key = batch_key(point.spec)
                 shape = (point.network, point.spec.batch_size, point.spec.model.depth)
-                if key in seen or str(shape) in seen:
-                    continue
-                seen |= {key, str(shape)}
+                if (key is not None and key in seen) or str(shape) in seen:
+                    continue  # (a network that cannot batch has no key: its shape decides)
+                seen |= {str(shape)} | ({key} if key is not None else set())
                 found = _profile(point, args.members, Path(tmp))
                 ms = {k: f"{v * 1e3:.3f}" for k, v in found.items()}
+                ms.update({k: "-" for k in ("b_train", "b_eval", "sync", "batched") if k not in ms})
+                ratio = f"{found['total'] / found['batched']:.1f}x" if "batched" in found else "-"
                 table.add_row(
                     f"{preset} / {point.network} " + ",".join(f"{v}" for v in point.axes.values()),
                     *(ms[k] for k in ("train", "eval", "records", "ICS", "smooth", "ckpt")),
@@ -186,7 +194,7 @@ def main() -> None:
                     ms["b_eval"],
                     ms["sync"],
                     ms["batched"],
-                    f"{found['total'] / found['batched']:.1f}x",
+                    ratio,
                 )
                 Console(stderr=True).print(f"profiled {preset} / {point.name}", style="dim")
     Console(width=240).print(table)
