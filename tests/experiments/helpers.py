@@ -85,3 +85,27 @@ def integrity(db: Path) -> str:
     result = con.execute("PRAGMA integrity_check").fetchone()[0]
     con.close()
     return result
+
+
+class InterruptAt170:
+    """A training callback that presses Ctrl-C at step 170."""
+
+    def on_step_end(self, state: object) -> None:
+        if state.step == 170:  # type: ignore[attr-defined]
+            raise KeyboardInterrupt
+
+
+class SilentProgress:
+    """A backend's progress that shows nothing and fails on any note (none is due)."""
+
+    def started(self, point_id: str, run_id: int, step: int) -> None:
+        pass
+
+    def advanced(self, point_id: str, step: int) -> None:
+        pass
+
+    def ended(self, outcome: object) -> None:
+        pass
+
+    def note(self, point_id: str, text: str) -> None:
+        raise AssertionError(f"nothing to say yet: {text}")

@@ -22,7 +22,16 @@ from covshift.experiments.backends.group import claim_and_train_group
 from covshift.experiments.sweep import make_sweep_progress
 from covshift.store import Store
 
-from .helpers import SMALL_SWEEP, covshift, dump, integrity, statuses, sweep_file
+from .helpers import (
+    SMALL_SWEEP,
+    InterruptAt170,
+    SilentProgress,
+    covshift,
+    dump,
+    integrity,
+    statuses,
+    sweep_file,
+)
 
 # 2 networks x 1 seed, checkpoints every 50 steps; interrupted at step 170.
 SWEEP = (
@@ -32,26 +41,6 @@ SWEEP = (
     .replace("eval_every = 20", "eval_every = 50")
     .replace("every = 20", "every = 50")
 )
-
-
-class _Interrupt:
-    def on_step_end(self, state: object) -> None:
-        if state.step == 170:  # type: ignore[attr-defined]
-            raise KeyboardInterrupt
-
-
-class _Quiet:
-    def started(self, point_id: str, run_id: int, step: int) -> None:
-        pass
-
-    def advanced(self, point_id: str, step: int) -> None:
-        pass
-
-    def ended(self, outcome: object) -> None:
-        pass
-
-    def note(self, point_id: str, text: str) -> None:
-        raise AssertionError(f"nothing to say yet: {text}")
 
 
 def tensor_spans(path: Path) -> list[tuple[int, int]]:
@@ -102,9 +91,9 @@ def _interrupted_sweep(tmp_path: Path) -> tuple[Path, list[Path]]:
                 [point],
                 context,
                 threads=1,
-                events=_Quiet(),
+                events=SilentProgress(),
                 background=None,
-                callbacks=(_Interrupt(),),
+                callbacks=(InterruptAt170(),),
             )
             assert outcome.status == "interrupted"
         paths = [store.checkpoint_path(r.id) for r in store.runs()]

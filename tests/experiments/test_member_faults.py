@@ -22,7 +22,15 @@ from covshift.experiments.members import group_points
 from covshift.experiments.sweep import make_sweep_progress
 from covshift.store import StorageFault, Store
 
-from .helpers import SMALL_SWEEP, dump, integrity, statuses, sweep_file
+from .helpers import (
+    SMALL_SWEEP,
+    InterruptAt170,
+    SilentProgress,
+    dump,
+    integrity,
+    statuses,
+    sweep_file,
+)
 from .test_damaged_checkpoints import _flip
 
 # 2 networks x 3 seeds, checkpoints every 50 steps: two batches of 3 members.
@@ -33,26 +41,6 @@ SWEEP = (
     .replace("every = 20", "every = 50")
 )
 MEMBERS = 3
-
-
-class _Interrupt:
-    def on_step_end(self, state: object) -> None:
-        if state.step == 170:  # type: ignore[attr-defined]
-            raise KeyboardInterrupt
-
-
-class _Quiet:
-    def started(self, point_id: str, run_id: int, step: int) -> None:
-        pass
-
-    def advanced(self, point_id: str, step: int) -> None:
-        pass
-
-    def ended(self, outcome: object) -> None:
-        pass
-
-    def note(self, point_id: str, text: str) -> None:
-        raise AssertionError(f"nothing to say yet: {text}")
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +67,9 @@ def _interrupted_batches(tmp_path: Path) -> tuple[Path, list[Path]]:
                 batch,
                 context,
                 threads=1,
-                events=_Quiet(),
+                events=SilentProgress(),
                 background=None,
-                callbacks=(_Interrupt(),),
+                callbacks=(InterruptAt170(),),
             )
             assert {o.status for o in outcomes} == {"interrupted"}
         paths = [store.checkpoint_path(r.id) for r in store.runs()]
@@ -174,9 +162,9 @@ def test_a_run_started_one_at_a_time_goes_on_one_at_a_time(tmp_path: Path) -> No
             first,
             context,
             threads=1,
-            events=_Quiet(),
+            events=SilentProgress(),
             background=None,
-            callbacks=(_Interrupt(),),
+            callbacks=(InterruptAt170(),),
         )
         assert outcome.status == "interrupted"
     _resume(db)
