@@ -57,6 +57,25 @@ def positive_int(value: int, name: str, meaning: str = "") -> int:
     return int(value)
 
 
+def normalized_shape(value: int | Sequence[int]) -> tuple[int, ...]:
+    """LayerNorm's, RMSNorm's and DyT's ``normalized_shape``: a positive int or a
+    non-empty sequence of them, returned as a tuple of ints."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        shape: tuple = (value,)
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        shape = tuple(value)
+    else:
+        shape = ()
+    if not shape or any(
+        isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 for n in shape
+    ):
+        raise ValueError(
+            "normalized_shape must be a positive int or a non-empty sequence of them (the "
+            f"trailing shape normalized, where the affine applies), got {value!r}"
+        )
+    return tuple(int(n) for n in shape)
+
+
 # --- Call-time values
 
 

@@ -134,23 +134,6 @@ def _alpha_init(value: float) -> float:
     return float(value)
 
 
-def _normalized_shape(value: int | Sequence[int]) -> tuple[int, ...]:
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        shape: tuple[int, ...] = (int(value),)
-    elif isinstance(value, Sequence) and not isinstance(value, str):
-        shape = tuple(value)  # type: ignore[arg-type]
-    else:
-        shape = ()
-    if not shape or any(
-        isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 for n in shape
-    ):
-        raise ValueError(
-            "normalized_shape must be a positive int or a non-empty sequence of them (the "
-            f"trailing shape gamma and beta cover, like LayerNorm's), got {value!r}"
-        )
-    return tuple(int(n) for n in shape)
-
-
 class DyT(NormVariant):
     """Dynamic Tanh (Zhu et al. 2025, arXiv 2503.10622): ``γ ⊙ tanh(α x) + β``.
 
@@ -181,7 +164,7 @@ class DyT(NormVariant):
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.normalized_shape = _normalized_shape(normalized_shape)
+        self.normalized_shape = checks.normalized_shape(normalized_shape)
         self.alpha_init = _alpha_init(alpha_init)
         self.elementwise_affine = bool(elementwise_affine)
         self.alpha = nn.Parameter(torch.empty((), **factory))  # type: ignore[arg-type]
