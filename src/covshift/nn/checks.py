@@ -145,23 +145,21 @@ def batch_norm(
     weight: Tensor | None,
     bias: Tensor | None,
     training: bool,
-    eps: float,
 ) -> None:
-    """:func:`~covshift.nn.functional.batch_norm`'s arguments."""
+    """:func:`~covshift.nn.functional.batch_norm`'s shapes (eps: :func:`batch_norm_eps`)."""
     if x.dim() < 2:
         raise ValueError(f"batch_norm expects an input of shape (N, C, *), got {x.dim()}D input")
     if training:
         values_per_channel(x.shape, x.shape[0] * math.prod(x.shape[2:]))
-        batch_norm_eps(eps)
-    elif not eps >= 0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     per_channel(x, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
 
 
-def batch_norm_eps(eps: float) -> None:
-    """BatchNorm's eps in training (torch's message)."""
-    if not eps > 0:
+def batch_norm_eps(eps: float, training: bool) -> None:
+    """BatchNorm's eps (torch's messages)."""
+    if training and not eps > 0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if not eps >= 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
 def group_norm(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None) -> None:

@@ -83,13 +83,13 @@ def remembered(key: tuple) -> NormLayout | None:
     return _layouts.get(key)
 
 
-def remember(key: tuple, layout: NormLayout) -> None:
-    """Remember ``layout`` for ``key`` (not under torch.compile)."""
-    if torch.compiler.is_compiling():
-        return
-    if len(_layouts) > _MAX_LAYOUTS:  # many shapes seen: start over rather than grow forever
-        _layouts.clear()
-    _layouts[key] = layout
+def remember(key: tuple, layout: NormLayout) -> NormLayout:
+    """Remember ``layout`` for ``key`` (not under torch.compile); return it."""
+    if not torch.compiler.is_compiling():
+        if len(_layouts) > _MAX_LAYOUTS:  # many shapes seen: start over, not grow forever
+            _layouts.clear()
+        _layouts[key] = layout
+    return layout
 
 
 # --- The general case
@@ -105,30 +105,21 @@ def resolve_layout(
     bias_shape: Sequence[int] | None = None,
 ) -> NormLayout:
     """Check the arguments of :func:`~covshift.nn.functional.normalize` against ``x``'s
-    shape and resolve the view.
-
-    Layouts are remembered per argument set (eagerly; not under torch.compile, which
-    sees symbolic shapes).
+    shape and resolve the view (remembered per argument set, see :func:`remembered`).
 
     Raises:
         ValueError: bad dims, groups that do not divide the channels, an affine whose
             shape does not fit (the messages of :mod:`covshift.nn.checks`).
     """
-    if torch.compiler.is_compiling():
-        return _resolve(shape, reduce_dims, groups, channel_dim, weight_shape, bias_shape)
     key = (
         tuple(shape),
         reduce_dims if isinstance(reduce_dims, int) else tuple(reduce_dims),
         groups,
         channel_dim,
-        None if weight_shape is None else tuple(weight_shape),
-        None if bias_shape is None else tuple(bias_shape),
+        _tuple(weight_shape),
+        _tuple(bias_shape),
     )
-    layout = _layouts.get(key)
-    if layout is None:
-        layout = _resolve(*key)
-        remember(key, layout)
-    return layout
+    return remembered(key) or remember(key, _resolve(*key))
 
 
 def _resolve(
@@ -187,6 +178,10 @@ def _resolve(
 # --- The functional wrappers' layouts: checked on the first call per shapes, remembered
 
 
+def _tuple(shape: Sequence[int] | None) -> tuple[int, ...] | None:
+    return None if shape is None else tuple(shape)
+
+
 def _shape(t: torch.Tensor | None) -> tuple[int, ...] | None:
     return None if t is None else tuple(t.shape)
 
@@ -197,26 +192,16 @@ def batch_norm_layout(
     running_var: torch.Tensor | None,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    eps: float,
 ) -> NormLayout:
     """BatchNorm's layout in training (statistics over every dim but 1), after
     :func:`.checks.batch_norm` on the first call per argument shapes."""
-    key = (
-        "batch_norm",
-        x.shape,
-        _shape(running_mean),
-        _shape(running_var),
-        _shape(weight),
-        _shape(bias),
-    )
+    w, b = _shape(weight), _shape(bias)
+    key = ("batch_norm", x.shape, _shape(running_mean), _shape(running_var), w, b)
     layout = remembered(key)
     if layout is None:
-        checks.batch_norm(x, running_mean, running_var, weight, bias, True, eps)
-        reduce_dims = (0, *range(2, x.dim()))
-        layout = resolve_layout(
-            x.shape, reduce_dims, weight_shape=_shape(weight), bias_shape=_shape(bias)
-        )
-        remember(key, layout)
+        checks.batch_norm(x, running_mean, running_var, weight, bias, training=True)
+        dims = (0, *range(2, x.dim()))
+        layout = remember(key, resolve_layout(x.shape, dims, weight_shape=w, bias_shape=b))
     return layout
 
 
@@ -225,46 +210,34 @@ def trailing_norm_layout(
     normalized_shape: int | Sequence[int],
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    eps: float,
     rms: bool,
 ) -> NormLayout:
     """LayerNorm's (``rms`` False) or RMSNorm's layout over the trailing dims, after
     their checks on the first call per argument shapes."""
     ns = normalized_shape if isinstance(normalized_shape, (int, tuple)) else tuple(normalized_shape)
-    key = ("rms_norm" if rms else "layer_norm", x.shape, ns, _shape(weight), _shape(bias))
+    w, b = _shape(weight), _shape(bias)
+    key = ("rms_norm" if rms else "layer_norm", x.shape, ns, w, b)
     layout = remembered(key)
     if layout is None:
         tail = checks.trailing_shape(x, normalized_shape, rms=rms)
-        checks.eps(eps)
         dims = tuple(range(x.dim() - len(tail), x.dim()))
-        layout = resolve_layout(
-            x.shape, dims, channel_dim=None, weight_shape=_shape(weight), bias_shape=_shape(bias)
-        )
+        layout = resolve_layout(x.shape, dims, channel_dim=None, weight_shape=w, bias_shape=b)
         remember(key, layout)
     return layout
 
 
 def group_norm_layout(
-    x: torch.Tensor,
-    num_groups: int,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
+    x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None
 ) -> NormLayout:
     """GroupNorm's layout, after :func:`.checks.group_norm` on the first call per
     argument shapes (remembered for an int ``num_groups`` only: 2.0 hashes as 2, but
     is refused)."""
-    key = ("group_norm", x.shape, num_groups, _shape(weight), _shape(bias))
+    w, b = _shape(weight), _shape(bias)
+    key = ("group_norm", x.shape, num_groups, w, b)
     layout = remembered(key) if type(num_groups) is int else None
     if layout is None:
         checks.group_norm(x, num_groups, weight, bias)
-        checks.eps(eps)
-        layout = resolve_layout(
-            x.shape,
-            tuple(range(1, x.dim())),
-            groups=num_groups,
-            weight_shape=_shape(weight),
-            bias_shape=_shape(bias),
-        )
+        dims = tuple(range(1, x.dim()))
+        layout = resolve_layout(x.shape, dims, groups=num_groups, weight_shape=w, bias_shape=b)
         remember(key, layout)
     return layout
