@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, fx, nn
 
-__all__ = ["Pair", "Pairing", "find_pairs"]
+__all__ = ["LAYER_TYPES", "Pair", "Pairing", "find_pairs"]
 
 _LAYER_NAME = re.compile(r"(conv|fc|linear)(.*)")
 _NORM_PREFIXES = ("bn", "norm")
-_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class _LeafTracer(fx.Tracer):
         self._is_norm = is_norm
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if self._is_norm(m) or isinstance(m, _LAYER_TYPES):  # type: ignore[operator]
+        if self._is_norm(m) or isinstance(m, LAYER_TYPES):  # type: ignore[operator]
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -121,7 +121,7 @@ def _from_trace(model: nn.Module, is_norm: object, example: Tensor) -> Pairing:
     for name, m in model.named_modules():
         if is_norm(m):  # type: ignore[operator]
             handles.append(m.register_forward_pre_hook(before_norm(name)))
-        elif isinstance(m, _LAYER_TYPES):
+        elif isinstance(m, LAYER_TYPES):
             handles.append(m.register_forward_hook(after_layer(name)))
     was_training = model.training
     try:
