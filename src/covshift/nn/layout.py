@@ -127,20 +127,29 @@ def _resolve(
     reduce_dims: Dims,
     groups: int | None,
     channel_dim: int | None,
-    weight_shape: Sequence[int] | None,
-    bias_shape: Sequence[int] | None,
+    weight_shape: tuple[int, ...] | None,
+    bias_shape: tuple[int, ...] | None,
 ) -> NormLayout:
+    """The layout of :func:`resolve_layout` (its checks here, the general ones in
+    :mod:`.checks`)."""
     shape = tuple(int(n) for n in shape)
     ndim = len(shape)
     dims = checks.dims(reduce_dims, ndim, "reduce_dims")
-    checks.same_affine_shapes(weight_shape, bias_shape)
+    if weight_shape is not None and bias_shape is not None and weight_shape != bias_shape:
+        raise ValueError(
+            f"weight and bias must have the same shape, got {weight_shape} and {bias_shape}"
+        )
     affine = weight_shape if weight_shape is not None else bias_shape
-
+    affine_shape = None
     if channel_dim is None:
-        checks.groups_need_channel_dim(groups)
-        affine_shape = None
+        if groups is not None:
+            raise ValueError("groups splits the channel dim: pass channel_dim (an int) with it")
         if affine is not None:
-            affine = checks.trailing_affine(affine, shape)
+            if len(affine) > ndim or shape[ndim - len(affine) :] != affine:
+                raise ValueError(
+                    f"with channel_dim=None the affine weight/bias must match the trailing "
+                    f"dims of the input: got shape {affine} for input shape {shape}"
+                )
             affine_shape = (1,) * (ndim - len(affine)) + affine
         view_shape, stat_dims, partial_dims = shape, dims, dims
     else:
@@ -149,7 +158,16 @@ def _resolve(
         if groups is None and c in dims:
             groups = 1  # the channel dim reduced without groups: one group
         if groups is not None:
-            checks.groups(groups, channels, c, dims)
+            if c not in dims:
+                raise ValueError(
+                    f"groups={groups} normalizes groups of channels together, so reduce_dims "
+                    f"must include channel_dim={c}; got reduce_dims={dims}"
+                )
+            if not isinstance(groups, int) or groups < 1 or channels % groups != 0:
+                raise ValueError(
+                    f"groups must be a positive int that divides the {channels} channels "
+                    f"of dim {c}, got {groups!r}"
+                )
             view_shape = (*shape[:c], groups, channels // groups, *shape[c + 1 :])
             stat_dims = tuple(d if d < c else d + 1 for d in dims)
             partial_dims = tuple(d for d in stat_dims if d != c + 1)
@@ -157,9 +175,12 @@ def _resolve(
         else:
             view_shape, stat_dims, partial_dims = shape, dims, dims
             channel_view = (channels,)
-        affine_shape = None
         if affine is not None:
-            checks.channel_affine(affine, channels, c, shape)
+            if affine != (channels,):
+                raise ValueError(
+                    f"the affine weight/bias must have shape ({channels},), one value per "
+                    f"channel of dim {c} of the input {shape}; got {affine}"
+                )
             affine_shape = (1,) * c + channel_view + (1,) * (ndim - c - 1)
 
     per_channel = affine_shape is None or all(affine_shape[d] == 1 for d in partial_dims)
