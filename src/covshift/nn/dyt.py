@@ -5,19 +5,17 @@ Normalization", arXiv 2503.10622): a normalization layer without statistics.
 
     DyT(x) = γ ⊙ tanh(α · x) + β
 
-α is one learned scalar (initialised at ``alpha_init``, 0.5 in most of the paper's
-settings; the paper tunes it for language models, smaller for wider ones), γ ones and
-β zeros over the trailing ``normalized_shape``, as LayerNorm's affine. The paper's
-motivation: trained LayerNorms map their inputs to their outputs along tanh-like
-S-curves, so an element-wise squashing with a learned scale can replace them.
+α is one learned scalar, γ ones and β zeros over the trailing ``normalized_shape``, as
+LayerNorm's affine (:class:`DyT`). The paper's motivation: trained LayerNorms map their
+inputs to their outputs along tanh-like S-curves, so an element-wise squashing with a
+learned scale can replace them.
 
 The backward is hand-written (docs/derivations.md §18), computed in float32 at least
 as the rest of the family: with ``t = tanh(α x)``, ``h = g ⊙ γ`` and ``s = 1 - t²``,
 ``dx = α · h · s``, ``dα = Σ h · s · x``, ``dγ = Σ g · t``, ``dβ = Σ g``. It saves
 nothing full-size but ``x`` (``t`` is recomputed) and is written in differentiable
 ops, so a ``create_graph`` backward differentiates it again. No native C++ kernel
-serves DyT: it is one element-wise pass, which torch runs as fast as a fused kernel
-would save little over (torch.compile fuses it).
+serves DyT: it is one element-wise pass (torch.compile fuses it).
 """
 
 from __future__ import annotations
