@@ -90,18 +90,6 @@ def available() -> bool:
     return _enabled and load() is not None
 
 
-def _ready(x: Tensor) -> ModuleType | None:
-    """The extension, if the native path may be tried on ``x`` (C++ checks the rest);
-    before it is loaded ``x`` is checked here, so a GPU-only process never builds it."""
-    if not _enabled or torch.compiler.is_compiling():
-        return None
-    if _module is not None:
-        return _module
-    if x.device.type != "cpu" or x.numel() == 0 or x.dtype not in _DTYPES:
-        return None
-    return load()
-
-
 def declined(x: Tensor) -> str:
     """Why :func:`normalize` answered None for ``x`` (asked by a forced path's error)."""
     if not _enabled:
@@ -138,20 +126,19 @@ def normalize(
     """``(y, mean, var)`` as :func:`~covshift.nn.functional.normalize_with_stats` (``y``
     alone without ``stats``) from the C++ autograd node, or None; ``running``: the
     buffers to update in the same call, by the rule of :mod:`covshift.nn.running`."""
-    # _ready, inlined for the common case (called on every training step of every layer).
-    mod = _module if _enabled and _module is not None else None
+    # Once loaded, the C++ checks the rest; before, ``x`` is checked here, so that a
+    # GPU-only process never builds the extension. (The common case first: this runs on
+    # every training step of every layer.)
+    mod = _module if _enabled else None
     if mod is None or torch.compiler.is_compiling():
-        mod = _ready(x)
-        if mod is None:
+        if not _enabled or torch.compiler.is_compiling() or x.device.type != "cpu":
+            return None
+        if x.numel() == 0 or x.dtype not in _DTYPES or (mod := load()) is None:
             return None
     if _compiled_autograd_on():
         return None
     cfg, cfg_cl = _configs_of(layout)
-    if running is None:
-        return mod.normalize(
-            x, weight, bias, cfg, cfg_cl, eps, subtract_mean, stats, None, None, None, 0.0, 1.0
-        )
-    rm, rv, counter, momentum, bessel = running
+    rm, rv, counter, momentum, bessel = (None, None, None, 0.0, 1.0) if running is None else running
     return mod.normalize(
         x, weight, bias, cfg, cfg_cl, eps, subtract_mean, stats, rm, rv, counter, momentum, bessel
     )

@@ -33,12 +33,9 @@ def cache_dir() -> Path:
 
 
 def _flags() -> list[str]:
-    machine = platform.machine().lower()
-    arch = []
-    if machine in ("x86_64", "amd64"):
-        arch = ["-march=native"]
-    elif machine in ("aarch64", "arm64"):
-        arch = ["-mcpu=native"]
+    cpu = {"x86_64": "-march", "amd64": "-march", "aarch64": "-mcpu", "arm64": "-mcpu"}
+    flag = cpu.get(platform.machine().lower())
+    arch = [f"{flag}=native"] if flag else []
     # -fopenmp-simd: honour `#pragma omp simd` everywhere.
     return ["-O3", *arch, "-fopenmp-simd", "-DNDEBUG", *_openmp_flags()]
 

@@ -8,6 +8,7 @@ contiguous row (LayerNorm, RMSNorm, GroupNorm, InstanceNorm), the affine index
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -41,19 +42,9 @@ def _configs_of(layout: NormLayout) -> tuple[Tensor | None, Tensor | None]:
         return layout._native_configs  # type: ignore[attr-defined]
     except AttributeError:
         plans = (_make_plan(layout, False), _make_plan(layout, True))
-        pair = (
-            None if plans[0] is None else plans[0].config,
-            None if plans[1] is None else plans[1].config,
-        )
+        pair = tuple(None if plan is None else plan.config for plan in plans)
         object.__setattr__(layout, "_native_configs", pair)
         return pair
-
-
-def _prod(xs: tuple[int, ...]) -> int:
-    out = 1
-    for n in xs:
-        out *= n
-    return out
 
 
 def _make_plan(layout: NormLayout, channels_last: bool) -> _Plan | None:
@@ -89,8 +80,8 @@ def _match(layout: NormLayout, channels_last: bool) -> tuple[str, tuple[int, ...
         if channels_last:
             if c != 1 or nd not in (4, 5):
                 return None
-            return "channel", (_prod(view) // view[1], view[1], 1)
-        return "channel", (_prod(view[:c]), view[c], _prod(view[c + 1 :]))
+            return "channel", (math.prod(view) // view[1], view[1], 1)
+        return "channel", (math.prod(view[:c]), view[c], math.prod(view[c + 1 :]))
     if channels_last:
         return None
     # Row kind: the reduced dims are a trailing block starting at k0.
@@ -98,7 +89,7 @@ def _match(layout: NormLayout, channels_last: bool) -> tuple[str, tuple[int, ...
     if sdims != tuple(range(k0, nd)) or k0 == 0:
         return None
     pre, blk = view[:k0], view[k0:]
-    R, K = _prod(pre), _prod(blk)
+    R, K = math.prod(pre), math.prod(blk)
     if affine is None:
         return "row", (R, K, 1, K, 1)
     a_pre, a_blk = affine[:k0], affine[k0:]
@@ -114,5 +105,5 @@ def _match(layout: NormLayout, channels_last: bool) -> tuple[str, tuple[int, ...
     if any(a != 1 for a in a_pre[:-1]) or a_pre[-1] not in (1, pre[-1]):
         return None
     G = pre[-1] if a_pre[-1] != 1 else 1
-    Cg = _prod(blk[:j])
+    Cg = math.prod(blk[:j])
     return "row", (R, K, G, Cg, K // Cg)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,26 +50,23 @@ _forced: Path | None = None  # set by force
 
 
 @contextmanager
-def report_paths() -> Iterator[list[Choice]]:
-    """Record every path choice made inside the ``with`` block, in order."""
-    global _report
-    old, _report = _report, []
+def _setting(name: str, value: Any) -> Iterator[Any]:
+    old, globals()[name] = globals()[name], value
     try:
-        yield _report
+        yield value
     finally:
-        _report = old
+        globals()[name] = old
 
 
-@contextmanager
-def force(path: Path | str) -> Iterator[None]:
+def report_paths() -> AbstractContextManager[list[Choice]]:
+    """Record every path choice made inside the ``with`` block, in order."""
+    return _setting("_report", [])
+
+
+def force(path: Path | str) -> AbstractContextManager[Path]:
     """Take ``path`` for every eager normalization inside the ``with`` block; a call it
     cannot serve raises RuntimeError (a ``create_graph`` backward is the reference)."""
-    global _forced
-    old, _forced = _forced, Path(path)
-    try:
-        yield
-    finally:
-        _forced = old
+    return _setting("_forced", Path(path))
 
 
 def _note(step: str, path: Path, reason: str) -> None:

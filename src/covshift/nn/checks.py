@@ -57,6 +57,25 @@ def positive_int(value: int, name: str, meaning: str = "") -> int:
     return int(value)
 
 
+def normalized_shape(value: int | Sequence[int]) -> tuple[int, ...]:
+    """LayerNorm's, RMSNorm's and DyT's ``normalized_shape``: a positive int or a
+    non-empty sequence of them, returned as a tuple of ints."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        shape: tuple = (value,)
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        shape = tuple(value)
+    else:
+        shape = ()
+    if not shape or any(
+        isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 for n in shape
+    ):
+        raise ValueError(
+            "normalized_shape must be a positive int or a non-empty sequence of them (the "
+            f"trailing shape normalized, where the affine applies), got {value!r}"
+        )
+    return tuple(int(n) for n in shape)
+
+
 # --- Call-time values
 
 
@@ -126,23 +145,21 @@ def batch_norm(
     weight: Tensor | None,
     bias: Tensor | None,
     training: bool,
-    eps: float,
 ) -> None:
-    """:func:`~covshift.nn.functional.batch_norm`'s arguments."""
+    """:func:`~covshift.nn.functional.batch_norm`'s shapes (eps: :func:`batch_norm_eps`)."""
     if x.dim() < 2:
         raise ValueError(f"batch_norm expects an input of shape (N, C, *), got {x.dim()}D input")
     if training:
         values_per_channel(x.shape, x.shape[0] * math.prod(x.shape[2:]))
-        batch_norm_eps(eps)
-    elif not eps >= 0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     per_channel(x, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
 
 
-def batch_norm_eps(eps: float) -> None:
-    """BatchNorm's eps in training (torch's message)."""
-    if not eps > 0:
+def batch_norm_eps(eps: float, training: bool) -> None:
+    """BatchNorm's eps (torch's messages)."""
+    if training and not eps > 0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if not eps >= 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
 def group_norm(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None) -> None:
@@ -202,53 +219,3 @@ def dims(value: int | Sequence[int], ndim: int, name: str) -> tuple[int, ...]:
     if len(set(out)) != len(out):
         raise ValueError(f"{name} names a dim twice: {value!r}")
     return tuple(sorted(out))
-
-
-def same_affine_shapes(weight: Sequence[int] | None, bias: Sequence[int] | None) -> None:
-    """Weight and bias, when both are given, have the same shape."""
-    if weight is not None and bias is not None and tuple(weight) != tuple(bias):
-        raise ValueError(
-            f"weight and bias must have the same shape, got {tuple(weight)} and {tuple(bias)}"
-        )
-
-
-def groups_need_channel_dim(groups: int | None) -> None:
-    """Groups split a channel dim, so there must be one."""
-    if groups is not None:
-        raise ValueError("groups splits the channel dim: pass channel_dim (an int) with it")
-
-
-def trailing_affine(affine: Sequence[int], shape: tuple[int, ...]) -> tuple[int, ...]:
-    """A trailing-shape affine matches the trailing dims of the input."""
-    affine = tuple(affine)
-    if len(affine) > len(shape) or shape[len(shape) - len(affine) :] != affine:
-        raise ValueError(
-            f"with channel_dim=None the affine weight/bias must match the trailing "
-            f"dims of the input: got shape {affine} for input shape {shape}"
-        )
-    return affine
-
-
-def groups(value: int, channels: int, channel_dim: int, reduce_dims: tuple[int, ...]) -> None:
-    """Groups of channels are reduced together and divide the channels."""
-    if channel_dim not in reduce_dims:
-        raise ValueError(
-            f"groups={value} normalizes groups of channels together, so "
-            f"reduce_dims must include channel_dim={channel_dim}; got reduce_dims={reduce_dims}"
-        )
-    if not isinstance(value, int) or value < 1 or channels % value != 0:
-        raise ValueError(
-            f"groups must be a positive int that divides the {channels} channels "
-            f"of dim {channel_dim}, got {value!r}"
-        )
-
-
-def channel_affine(
-    affine: Sequence[int], channels: int, channel_dim: int, shape: tuple[int, ...]
-) -> None:
-    """A per-channel affine has shape (C,)."""
-    if math.prod(affine) != channels or len(tuple(affine)) != 1:
-        raise ValueError(
-            f"the affine weight/bias must have shape ({channels},), one value per "
-            f"channel of dim {channel_dim} of the input {shape}; got {tuple(affine)}"
-        )

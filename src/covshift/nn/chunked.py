@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from covshift.nn.layout import NormLayout
-from covshift.nn.reference import compute_dtype, sum_dims
+from covshift.nn.reference import affine_view, compute_dtype, param_grad, sum_dims
 
 __all__ = ["backward", "forward", "plan"]
 
@@ -97,8 +97,8 @@ def forward(
     dim, step = pieces
     xv = x.reshape(layout.view_shape)
     y = torch.empty_like(xv)  # the one full-size allocation; keeps x's memory format
-    w = _affine_view(weight, layout, dtype)
-    b = _affine_view(bias, layout, dtype)
+    w = affine_view(weight, layout, dtype)
+    b = affine_view(bias, layout, dtype)
     same = x.dtype == dtype  # else: half input, float32 work in the workspace
     means, rstds, variances = [], [], []
     xs, ys = xv.split(step, dim), y.split(step, dim)
@@ -155,7 +155,7 @@ def backward(
     dim, step = pieces
     xv = x.reshape(layout.view_shape)
     gv = grad_out.reshape(layout.view_shape)
-    w = _affine_view(weight, layout, dtype)
+    w = affine_view(weight, layout, dtype)
     dx = torch.empty_like(xv) if need_dx else None
     same = x.dtype == dtype and grad_out.dtype == dtype
     dw_parts: list[Tensor] = []
@@ -219,13 +219,8 @@ def backward(
                 if xhat is not out:
                     assert out is not None
                     out.copy_(xhat)
-    dw = db = None
-    if need_dw:
-        assert layout.param_shape is not None
-        dw = _join_sum(dw_parts, dim, layout).reshape(layout.param_shape)
-    if need_db:
-        assert layout.param_shape is not None
-        db = _join_sum(db_parts, dim, layout).reshape(layout.param_shape)
+    dw = param_grad(_join_sum(dw_parts, dim, layout), layout) if need_dw else None
+    db = param_grad(_join_sum(db_parts, dim, layout), layout) if need_db else None
     return (None if dx is None else dx.reshape(layout.shape)), dw, db
 
 
@@ -247,10 +242,3 @@ def _join_sum(parts: list[Tensor], dim: int, layout: NormLayout) -> Tensor:
     if dim in layout.affine_dims:
         return torch.stack(parts).sum(0)
     return torch.cat(parts, dim)
-
-
-def _affine_view(t: Tensor | None, layout: NormLayout, dtype: torch.dtype) -> Tensor | None:
-    if t is None:
-        return None
-    assert layout.affine_shape is not None
-    return t.to(dtype).reshape(layout.affine_shape)

@@ -41,20 +41,16 @@ __all__ = [
 def _resolve_target(to: Target | Mapping, m: nn.Module, kind: str) -> Target | None:
     """What ``m`` becomes, or None to leave it (no mapping key matches, or it already
     is in the library that ``"torch"``/``"covshift"`` asks for)."""
-    target: Target | None = to if not isinstance(to, Mapping) else None
     if isinstance(to, Mapping):
-        for key, value in to.items():
-            if (isinstance(key, str) and key == kind) or (
-                isinstance(key, type) and isinstance(m, key)
-            ):
-                target = value
-                break
-    if isinstance(target, str) and target in ("torch", "covshift"):
-        # Anything not defined in covshift (torch.nn's, timm's subclasses) is "torch".
-        is_covshift = type(m).__module__.split(".")[0] == "covshift"
-        if is_covshift == (target == "covshift"):
+        key = next((k for k in to if k == kind or (isinstance(k, type) and isinstance(m, k))), None)
+        if key is None:
             return None
-    return target
+        to = to[key]
+    if isinstance(to, str) and to in ("torch", "covshift"):
+        # Anything not defined in covshift (torch.nn's, timm's subclasses) is "torch".
+        if (type(m).__module__.split(".")[0] == "covshift") == (to == "covshift"):
+            return None
+    return to
 
 
 def convert_with_report(
@@ -97,21 +93,20 @@ def convert_with_report(
 
     def swap(m: nn.Module, path: str) -> nn.Module | None:
         found = registry.match(type(m))
-        target = None if found is None else _resolve_target(to, m, found[1])
+        target = None if found is None else _resolve_target(to, m, found.kind)
         if found is None or target is None:
             return None  # not converted: its children may be
-        base, kind, base_dims = found
+        kind = found.kind
         entry = ConversionEntry(path, type(m).__name__, "")
+        report.entries.append(entry)
         own = registry.own_behaviour(m)
         if own is not None:
             # A behaviour (a fused activation, a permutation) no target would keep: the
             # layer stays, and the report says why.
             entry.notes.append(f"left as is: {own}; replacing it would change its outputs")
-            report.entries.append(entry)
             return m
-        use_dims = dims if dims is not None else _dims(m, kind, base_dims)
-        new = _build(target, m, base, kind, use_dims, dict(kw), entry.notes)
-        report.entries.append(entry)
+        use_dims = dims if dims is not None else _dims(m, kind, found.dims)
+        new = _build(target, m, kind, found.dims, use_dims, dict(kw), entry.notes)
         if new is None:
             entry.notes.append(f"no {target} implementation of {kind!r}; left as is")
             return m

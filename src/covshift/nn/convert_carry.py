@@ -41,35 +41,19 @@ def replace_modules(
     return visit(root, "")
 
 
-def _is_identity(name: str, t: Tensor) -> bool:
-    value = 1.0 if name == "weight" else 0.0
-    return bool(torch.all(t.detach() == value))
-
-
-def _is_fresh(m: nn.Module) -> bool:
-    """Running statistics never updated (they carry no information)."""
-    count = getattr(m, "num_batches_tracked", None)
-    if isinstance(count, Tensor):
-        return int(count) == 0
-    return bool(torch.all(m.running_mean == 0) and torch.all(m.running_var == 1))
-
-
 def _carry(src: nn.Module, dst: nn.Module, kw: dict, entry: ConversionEntry) -> None:
     with torch.no_grad():
-        for name in ("weight", "bias"):
+        for name, identity in (("weight", 1.0), ("bias", 0.0)):
             s, d = getattr(src, name, None), getattr(dst, name, None)
-            if not isinstance(s, Tensor):
-                continue
-            if isinstance(d, Tensor):
-                if d.shape == s.shape:
-                    d.copy_(s)
-                    d.requires_grad_(s.requires_grad)
-                    entry.carried.append(name)
-                else:
-                    entry.dropped.append(
-                        f"{name}: shape {tuple(s.shape)} does not fit {tuple(d.shape)}"
-                    )
-            elif not _is_identity(name, s):
+            if isinstance(s, Tensor) and isinstance(d, Tensor) and d.shape == s.shape:
+                d.copy_(s)
+                d.requires_grad_(s.requires_grad)
+                entry.carried.append(name)
+            elif isinstance(s, Tensor) and isinstance(d, Tensor):
+                entry.dropped.append(
+                    f"{name}: shape {tuple(s.shape)} does not fit {tuple(d.shape)}"
+                )
+            elif isinstance(s, Tensor) and not bool(torch.all(s == identity)):
                 entry.dropped.append(f"{name}: the target has no {name}")
         s_mean, d_mean = getattr(src, "running_mean", None), getattr(dst, "running_mean", None)
         if isinstance(s_mean, Tensor):
@@ -93,14 +77,18 @@ def _carry(src: nn.Module, dst: nn.Module, kw: dict, entry: ConversionEntry) -> 
                 entry.carried.append(name)
     # Whatever else the source holds (a subclass's extra parameters, buffers or
     # child modules, e.g. a fused activation) has no place in the target.
-    for name, _ in src.named_parameters(recurse=False):
-        if name not in _CONSUMED:
-            entry.dropped.append(f"parameter {name}")
-    for name, _ in src.named_buffers(recurse=False):
-        if name not in _CONSUMED:
-            entry.dropped.append(f"buffer {name}")
+    for kind, named in (("parameter", src.named_parameters), ("buffer", src.named_buffers)):
+        entry.dropped += [f"{kind} {n}" for n, _ in named(recurse=False) if n not in _CONSUMED]
     for name, child in src.named_children():
         entry.dropped.append(f"child module {name} ({type(child).__name__})")
+
+
+def _is_fresh(m: nn.Module) -> bool:
+    """Running statistics never updated (they carry no information)."""
+    count = getattr(m, "num_batches_tracked", None)
+    if isinstance(count, Tensor):
+        return int(count) == 0
+    return bool(torch.all(m.running_mean == 0) and torch.all(m.running_var == 1))
 
 
 def _state_holder(new: nn.Module) -> nn.Module:

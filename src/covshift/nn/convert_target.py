@@ -52,17 +52,6 @@ def _same_kind_args(m: nn.Module, cls: type) -> dict[str, object]:
     return args
 
 
-def _implementation_class(kind: str, base: type, library: str) -> type | None:
-    """The class of the same kind and input rank as ``base`` in ``library`` ("torch" or
-    "covshift"), from the registry of kinds; None where it has none (Batch Renorm and
-    Ghost BN have no torch counterpart)."""
-    entry = registry.get_kind(kind)
-    found = registry.match(base)
-    dims = None if found is None else found.dims
-    table = entry.torch_classes if library == "torch" else entry.classes
-    return table.get(dims)
-
-
 def _build_for_class(cls: type, channels: int, source: nn.Module, kind: str, kw: dict) -> nn.Module:
     """``cls(channels, **kw)``, or ``cls(num_groups, channels, **kw)`` for GroupNorm-like
     classes (whose first constructor parameter is ``num_groups``)."""
@@ -85,15 +74,19 @@ def _build_for_class(cls: type, channels: int, source: nn.Module, kind: str, kw:
 def _build(
     target: Target,
     m: nn.Module,
-    base: type,
     kind: str,
+    base_dims: int | None,
     dims: int | None,
     kw: dict,
     notes: list[str],
 ) -> nn.Module | None:
+    """What ``m`` (of ``kind``, its registered class's rank ``base_dims``) becomes:
+    ``target`` built for its channels (and input rank ``dims``); None where ``"torch"``
+    or ``"covshift"`` has no class of that kind and rank (Batch Renorm, Ghost BN)."""
     channels = _num_features(m, kind)
     if isinstance(target, str) and target in ("torch", "covshift"):
-        cls = _implementation_class(kind, base, target)
+        entry = registry.get_kind(kind)
+        cls = (entry.torch_classes if target == "torch" else entry.classes).get(base_dims)
         if cls is None:
             return None
         new = cls(**{**_same_kind_args(m, cls), **kw})

@@ -5,19 +5,17 @@ Normalization", arXiv 2503.10622): a normalization layer without statistics.
 
     DyT(x) = γ ⊙ tanh(α · x) + β
 
-α is one learned scalar (initialised at ``alpha_init``, 0.5 in most of the paper's
-settings; the paper tunes it for language models, smaller for wider ones), γ ones and
-β zeros over the trailing ``normalized_shape``, as LayerNorm's affine. The paper's
-motivation: trained LayerNorms map their inputs to their outputs along tanh-like
-S-curves, so an element-wise squashing with a learned scale can replace them.
+α is one learned scalar, γ ones and β zeros over the trailing ``normalized_shape``, as
+LayerNorm's affine (:class:`DyT`). The paper's motivation: trained LayerNorms map their
+inputs to their outputs along tanh-like S-curves, so an element-wise squashing with a
+learned scale can replace them.
 
 The backward is hand-written (docs/derivations.md §18), computed in float32 at least
 as the rest of the family: with ``t = tanh(α x)``, ``h = g ⊙ γ`` and ``s = 1 - t²``,
 ``dx = α · h · s``, ``dα = Σ h · s · x``, ``dγ = Σ g · t``, ``dβ = Σ g``. It saves
 nothing full-size but ``x`` (``t`` is recomputed) and is written in differentiable
 ops, so a ``create_graph`` backward differentiates it again. No native C++ kernel
-serves DyT: it is one element-wise pass, which torch runs as fast as a fused kernel
-would save little over (torch.compile fuses it).
+serves DyT: it is one element-wise pass (torch.compile fuses it).
 """
 
 from __future__ import annotations
@@ -134,23 +132,6 @@ def _alpha_init(value: float) -> float:
     return float(value)
 
 
-def _normalized_shape(value: int | Sequence[int]) -> tuple[int, ...]:
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        shape: tuple[int, ...] = (int(value),)
-    elif isinstance(value, Sequence) and not isinstance(value, str):
-        shape = tuple(value)  # type: ignore[arg-type]
-    else:
-        shape = ()
-    if not shape or any(
-        isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 for n in shape
-    ):
-        raise ValueError(
-            "normalized_shape must be a positive int or a non-empty sequence of them (the "
-            f"trailing shape gamma and beta cover, like LayerNorm's), got {value!r}"
-        )
-    return tuple(int(n) for n in shape)
-
-
 class DyT(NormVariant):
     """Dynamic Tanh (Zhu et al. 2025, arXiv 2503.10622): ``γ ⊙ tanh(α x) + β``.
 
@@ -181,7 +162,7 @@ class DyT(NormVariant):
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.normalized_shape = _normalized_shape(normalized_shape)
+        self.normalized_shape = checks.normalized_shape(normalized_shape)
         self.alpha_init = _alpha_init(alpha_init)
         self.elementwise_affine = bool(elementwise_affine)
         self.alpha = nn.Parameter(torch.empty((), **factory))  # type: ignore[arg-type]

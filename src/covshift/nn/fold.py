@@ -19,7 +19,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from covshift.nn import registry
 from covshift.nn.convert import ConversionEntry, ConversionReport
-from covshift.nn.fold_pairs import Pair, find_pairs
+from covshift.nn.fold_pairs import LAYER_TYPES, Pair, find_pairs
 
 __all__ = [
     "fold_batchnorm",
@@ -28,34 +28,18 @@ __all__ = [
     "unfreeze_batchnorm",
 ]
 
-_LINEAR_FORWARDS = {
-    nn.Linear.forward: nn.Linear,
-    nn.Conv1d.forward: nn.Conv1d,
-    nn.Conv2d.forward: nn.Conv2d,
-    nn.Conv3d.forward: nn.Conv3d,
-}
-
-
-def _out_channels(layer: nn.Module) -> int:
-    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-
-
-def _is_foldable_layer(m: nn.Module) -> bool:
-    base = _LINEAR_FORWARDS.get(type(m).forward)
-    return base is not None and isinstance(m, base)
-
 
 def _why_not(layer: nn.Module, bn: nn.Module) -> str | None:
     """None when ``bn`` folds into ``layer``, else the reason it does not."""
     if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
         return "no running statistics (track_running_stats=False): eval uses batch statistics"
-    if not _is_foldable_layer(layer):
+    # A Linear/Conv or a subclass that keeps its forward (WSConv2d changes its weight).
+    base = next((c for c in LAYER_TYPES if type(layer).forward is c.forward), None)
+    if base is None or not isinstance(layer, base):
         return f"preceded by {type(layer).__name__}, not a Linear/Conv1d/2d/3d"
-    if _out_channels(layer) != bn.num_features:
-        return (
-            f"{type(layer).__name__} has {_out_channels(layer)} output channels, "
-            f"the norm {bn.num_features}"
-        )
+    channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    if channels != bn.num_features:
+        return f"{type(layer).__name__} has {channels} output channels, the norm {bn.num_features}"
     return None
 
 
@@ -90,26 +74,6 @@ def _make_identity(bn: nn.Module) -> None:
         bn.weight.fill_(1.0)
     if bn.bias is not None:
         bn.bias.zero_()
-
-
-class _Backup:
-    """What a fold changes (the layer's weight and bias, the norm's state), to undo it."""
-
-    @torch.no_grad()
-    def __init__(self, layer: nn.Module, bn: nn.Module) -> None:
-        self.layer, self.bn = layer, bn
-        self.weight = layer.weight.detach().clone()
-        self.bias = None if layer.bias is None else layer.bias.detach().clone()
-        self.norm_state = {k: v.detach().clone() for k, v in bn.state_dict().items()}
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        self.layer.weight.copy_(self.weight)
-        if self.bias is None:
-            self.layer.bias = None
-        else:
-            self.layer.bias.copy_(self.bias)
-        self.bn.load_state_dict(self.norm_state)
 
 
 def _local_input(layer: nn.Module) -> Tensor:
@@ -231,7 +195,8 @@ def _fold_checked(
 ) -> str | None:
     """Fold ``pair`` and verify it: the pair alone on a random input, and the whole
     model on ``check_input`` when given; undo it and return why when either differs."""
-    backup = _Backup(layer, bn)
+    had_bias = layer.bias is not None
+    backup = [{k: v.clone() for k, v in m.state_dict().items()} for m in (layer, bn)]
     x = _local_input(layer)
     try:
         local = _eval_output(bn, _eval_output(layer, x))
@@ -263,7 +228,10 @@ def _fold_checked(
     if why is not None:
         if plain:
             setattr(parent, child, bn)
-        backup.restore()
+        if not had_bias:
+            layer.bias = None
+        layer.load_state_dict(backup[0])
+        bn.load_state_dict(backup[1])
     return why
 
 

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, fx, nn
 
-__all__ = ["Pair", "Pairing", "find_pairs"]
+__all__ = ["LAYER_TYPES", "Pair", "Pairing", "find_pairs"]
 
 _LAYER_NAME = re.compile(r"(conv|fc|linear)(.*)")
 _NORM_PREFIXES = ("bn", "norm")
-_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class _LeafTracer(fx.Tracer):
         self._is_norm = is_norm
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if self._is_norm(m) or isinstance(m, _LAYER_TYPES):  # type: ignore[operator]
+        if self._is_norm(m) or isinstance(m, LAYER_TYPES):  # type: ignore[operator]
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -101,28 +101,25 @@ def _from_trace(model: nn.Module, is_norm: object, example: Tensor) -> Pairing:
     calls: Counter[str] = Counter()
     handles = []
 
-    def after_layer(name: str):
-        def hook(m: nn.Module, args: object, out: object) -> None:
-            calls[name] += 1
-            if isinstance(out, Tensor):
-                outputs[id(out)] = (name, out)  # the tensor is kept, so its id stays unique
+    names = {id(m): name for name, m in model.named_modules()}
 
-        return hook
+    def after_layer(m: nn.Module, args: object, out: object) -> None:
+        calls[names[id(m)]] += 1
+        if isinstance(out, Tensor):  # the tensor is kept, so its id stays unique
+            outputs[id(out)] = (names[id(m)], out)
 
-    def before_norm(name: str):
-        def hook(m: nn.Module, args: tuple) -> None:
-            calls[name] += 1
-            x = args[0] if args else None
-            hit = outputs.get(id(x)) if isinstance(x, Tensor) else None
-            fed[name] = hit[0] if hit is not None and hit[1] is x else None
+    def before_norm(m: nn.Module, args: tuple) -> None:
+        name = names[id(m)]
+        calls[name] += 1
+        x = args[0] if args else None
+        hit = outputs.get(id(x)) if isinstance(x, Tensor) else None
+        fed[name] = hit[0] if hit is not None and hit[1] is x else None
 
-        return hook
-
-    for name, m in model.named_modules():
+    for m in model.modules():
         if is_norm(m):  # type: ignore[operator]
-            handles.append(m.register_forward_pre_hook(before_norm(name)))
-        elif isinstance(m, _LAYER_TYPES):
-            handles.append(m.register_forward_hook(after_layer(name)))
+            handles.append(m.register_forward_pre_hook(before_norm))
+        elif isinstance(m, LAYER_TYPES):
+            handles.append(m.register_forward_hook(after_layer))
     was_training = model.training
     try:
         model.eval()
@@ -148,20 +145,14 @@ def _from_names(model: nn.Module, is_norm: object, by_name: bool) -> list[Pair]:
     for parent_path, parent in model.named_modules():
         prefix = f"{parent_path}." if parent_path else ""
         names = [name for name, _ in parent.named_children()]
+        candidates = []
         if isinstance(parent, nn.Sequential):
             candidates = [(a, b, "sequential") for a, b in itertools.pairwise(names)]
         elif by_name:
-            candidates = []
             for name in names:
-                match = _LAYER_NAME.fullmatch(name)
-                if match:
-                    candidates += [
-                        (name, p + match.group(2), "name")
-                        for p in _NORM_PREFIXES
-                        if p + match.group(2) in names
-                    ]
-        else:
-            candidates = []
+                if match := _LAYER_NAME.fullmatch(name):
+                    norms = [p + match[2] for p in _NORM_PREFIXES if p + match[2] in names]
+                    candidates += [(name, norm, "name") for norm in norms]
         for layer, norm, source in candidates:
             if is_norm(getattr(parent, norm)):  # type: ignore[operator]
                 pairs.append(Pair(prefix + layer, prefix + norm, source))

@@ -12,6 +12,7 @@ biased variance by two passes, eps inside the square root.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -74,8 +75,7 @@ def normalize(
     Example: ``normalize(x, (0, 2, 3), eps=1e-5)`` is BatchNorm2d in training,
     ``normalize(x, (1, 2, 3), eps=1e-5, groups=2)`` GroupNorm(2, C).
     """
-    layout = _checked_layout(x, reduce_dims, weight, bias, eps, groups, channel_dim)
-    return backend.normalize(x, weight, bias, layout, float(eps), subtract_mean)
+    return _normalize(x, reduce_dims, weight, bias, eps, subtract_mean, groups, channel_dim, False)
 
 
 def normalize_with_stats(
@@ -93,28 +93,27 @@ def normalize_with_stats(
     the biased ``var`` detached, in the compute dtype, the reduced dims removed (the
     group dim for grouped inputs: GroupNorm on (N, C, H, W) gives (N, G)); ``mean`` None
     without ``subtract_mean`` (``var`` is then the mean of squares)."""
-    layout = _checked_layout(x, reduce_dims, weight, bias, eps, groups, channel_dim)
-    return backend.normalize(x, weight, bias, layout, float(eps), subtract_mean, stats=True)
+    return _normalize(x, reduce_dims, weight, bias, eps, subtract_mean, groups, channel_dim, True)
 
 
-def _checked_layout(
+def _normalize(
     x: Tensor,
     reduce_dims: Dims,
     weight: Tensor | None,
     bias: Tensor | None,
     eps: float,
+    subtract_mean: bool,
     groups: int | None,
     channel_dim: int | None,
-) -> NormLayout:
+    stats: bool,
+) -> Any:
     checks.eps(eps)
-    return resolve_layout(
-        x.shape,
-        reduce_dims,
-        groups=groups,
-        channel_dim=channel_dim,
-        weight_shape=None if weight is None else weight.shape,
-        bias_shape=None if bias is None else bias.shape,
+    w = None if weight is None else weight.shape
+    b = None if bias is None else bias.shape
+    layout = resolve_layout(
+        x.shape, reduce_dims, groups=groups, channel_dim=channel_dim, weight_shape=w, bias_shape=b
     )
+    return backend.normalize(x, weight, bias, layout, float(eps), subtract_mean, stats=stats)
 
 
 def batch_norm(
@@ -142,7 +141,8 @@ def batch_norm(
         RuntimeError: a parameter or buffer whose length is not C.
     """
     if not training:
-        checks.batch_norm(x, running_mean, running_var, weight, bias, training, eps)
+        checks.batch_norm(x, running_mean, running_var, weight, bias, training=False)
+        checks.batch_norm_eps(eps, training=False)
         if running_mean is None or running_var is None:
             raise ValueError(
                 "batch_norm with training=False needs running_mean and running_var; "
@@ -150,8 +150,8 @@ def batch_norm(
             )
         return affine_with_stats(x, running_mean, running_var, weight, bias, eps, channel_dim=1)
 
-    layout = L.batch_norm_layout(x, running_mean, running_var, weight, bias, eps)
-    checks.batch_norm_eps(eps)  # (checked with the shapes on their first call; may differ since)
+    layout = L.batch_norm_layout(x, running_mean, running_var, weight, bias)
+    checks.batch_norm_eps(eps, training=True)
     if running_mean is None and running_var is None:
         checks.eps(eps)
         return backend.normalize(x, weight, bias, layout, float(eps), True)
@@ -178,7 +178,7 @@ def layer_norm(
 ) -> Tensor:
     """Layer Normalization (Ba, Kiros & Hinton 2016, arXiv 1607.06450) over the trailing
     ``normalized_shape``, an element-wise affine of that shape (§6); torch's arguments."""
-    layout = L.trailing_norm_layout(x, normalized_shape, weight, bias, eps, rms=False)
+    layout = L.trailing_norm_layout(x, normalized_shape, weight, bias, rms=False)
     checks.eps(eps)
     return backend.normalize(x, weight, bias, layout, float(eps), True)
 
@@ -194,7 +194,7 @@ def rms_norm(
     epsilon, as ``torch.nn.functional.rms_norm``."""
     if eps is None:
         eps = torch.finfo(compute_dtype(x.dtype)).eps
-    layout = L.trailing_norm_layout(x, normalized_shape, weight, None, eps, rms=True)
+    layout = L.trailing_norm_layout(x, normalized_shape, weight, None, rms=True)
     checks.eps(eps)
     return backend.normalize(x, weight, None, layout, float(eps), False)
 
@@ -209,7 +209,7 @@ def group_norm(
     """Group Normalization (Wu & He 2018, arXiv 1803.08494): each sample's group of
     ``C / num_groups`` channels normalized over them and the spatial dims, a per-channel
     affine; the reference over :func:`.layout.group_norm_layout` (§5)."""
-    layout = L.group_norm_layout(x, num_groups, weight, bias, eps)
+    layout = L.group_norm_layout(x, num_groups, weight, bias)
     checks.eps(eps)
     return backend.normalize(x, weight, bias, layout, float(eps), True)
 

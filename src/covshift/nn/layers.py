@@ -9,8 +9,6 @@ backward, the native kernels). docs/nn.md says what ``isinstance`` now reaches.
 
 from __future__ import annotations
 
-import numbers
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,8 +57,6 @@ class BatchNorm3d(BatchNormForward, nn.BatchNorm3d):
 class _InstanceNorm:
     """covshift's forward (and constructor checks) for torch.nn's InstanceNorm classes."""
 
-    _batched_rank: int = 0  # the rank of a batched input; one less is an unbatched one
-
     def __init__(
         self,
         num_features: int,
@@ -78,25 +74,11 @@ class _InstanceNorm:
             num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
         )
 
-    def forward(self, input: Tensor) -> Tensor:
+    def _apply_instance_norm(self, input: Tensor) -> Tensor:
+        # torch's forward checks the channels and unsqueezes an unbatched input first.
         m: Any = self
-        m._check_input_dim(input)
-        unbatched = input.dim() == self._batched_rank - 1
-        feature_dim = 0 if unbatched else 1
-        if input.shape[feature_dim] != m.num_features:  # torch's messages
-            if m.affine:
-                raise ValueError(
-                    f"expected input's size at dim={feature_dim} to match num_features"
-                    f" ({m.num_features}), but got: {input.shape[feature_dim]}."
-                )
-            warnings.warn(
-                f"input's size at dim={feature_dim} does not match num_features. "
-                "You can silence this warning by not passing in num_features, "
-                "which is not used because affine=False",
-                stacklevel=2,
-            )
-        y = F.instance_norm(
-            input.unsqueeze(0) if unbatched else input,
+        return F.instance_norm(
+            input,
             m.running_mean,
             m.running_var,
             m.weight,
@@ -105,7 +87,6 @@ class _InstanceNorm:
             momentum=m.momentum if m.momentum is not None else 0.0,
             eps=m.eps,
         )
-        return y.squeeze(0) if unbatched else y
 
 
 _IN_DOC = """Instance Normalization (Ulyanov et al. 2016, arXiv 1607.08022) of {shape}.
@@ -118,32 +99,16 @@ _IN_DOC = """Instance Normalization (Ulyanov et al. 2016, arXiv 1607.08022) of {
 
 class InstanceNorm1d(_InstanceNorm, nn.InstanceNorm1d):
     __doc__ = _IN_DOC.format(shape="(N, C, L)", name="InstanceNorm1d", example="8, 16, 10")
-    _batched_rank = 3
 
 
 class InstanceNorm2d(_InstanceNorm, nn.InstanceNorm2d):
     __doc__ = _IN_DOC.format(shape="(N, C, H, W)", name="InstanceNorm2d", example="8, 16, 5, 5")
-    _batched_rank = 4
 
 
 class InstanceNorm3d(_InstanceNorm, nn.InstanceNorm3d):
     __doc__ = _IN_DOC.format(
         shape="(N, C, D, H, W)", name="InstanceNorm3d", example="4, 16, 3, 5, 5"
     )
-    _batched_rank = 5
-
-
-def _as_shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
-    if isinstance(normalized_shape, numbers.Integral):
-        shape: tuple[int, ...] = (int(normalized_shape),)
-    else:
-        shape = tuple(int(n) for n in normalized_shape)
-    if not shape or any(n < 1 for n in shape):
-        raise ValueError(
-            f"normalized_shape must be a positive int or a non-empty sequence of them, "
-            f"got {normalized_shape!r}"
-        )
-    return shape
 
 
 class LayerNorm(nn.LayerNorm):
@@ -163,8 +128,14 @@ class LayerNorm(nn.LayerNorm):
         device: Device = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        shape = _as_shape(normalized_shape)
-        super().__init__(shape, checks.eps_arg(eps), elementwise_affine, bias, device, dtype)
+        super().__init__(
+            checks.normalized_shape(normalized_shape),
+            checks.eps_arg(eps),
+            elementwise_affine,
+            bias,
+            device,
+            dtype,
+        )
 
     def forward(self, input: Tensor) -> Tensor:
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
@@ -221,7 +192,7 @@ class RMSNorm(nn.RMSNorm):
         device: Device = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        shape = _as_shape(normalized_shape)
+        shape = checks.normalized_shape(normalized_shape)
         eps = None if eps is None else checks.eps_arg(eps)
         super().__init__(shape, eps, elementwise_affine, device, dtype)
 

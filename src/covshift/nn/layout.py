@@ -83,13 +83,13 @@ def remembered(key: tuple) -> NormLayout | None:
     return _layouts.get(key)
 
 
-def remember(key: tuple, layout: NormLayout) -> None:
-    """Remember ``layout`` for ``key`` (not under torch.compile)."""
-    if torch.compiler.is_compiling():
-        return
-    if len(_layouts) > _MAX_LAYOUTS:  # many shapes seen: start over rather than grow forever
-        _layouts.clear()
-    _layouts[key] = layout
+def remember(key: tuple, layout: NormLayout) -> NormLayout:
+    """Remember ``layout`` for ``key`` (not under torch.compile); return it."""
+    if not torch.compiler.is_compiling():
+        if len(_layouts) > _MAX_LAYOUTS:  # many shapes seen: start over, not grow forever
+            _layouts.clear()
+        _layouts[key] = layout
+    return layout
 
 
 # --- The general case
@@ -105,30 +105,21 @@ def resolve_layout(
     bias_shape: Sequence[int] | None = None,
 ) -> NormLayout:
     """Check the arguments of :func:`~covshift.nn.functional.normalize` against ``x``'s
-    shape and resolve the view.
-
-    Layouts are remembered per argument set (eagerly; not under torch.compile, which
-    sees symbolic shapes).
+    shape and resolve the view (remembered per argument set, see :func:`remembered`).
 
     Raises:
         ValueError: bad dims, groups that do not divide the channels, an affine whose
             shape does not fit (the messages of :mod:`covshift.nn.checks`).
     """
-    if torch.compiler.is_compiling():
-        return _resolve(shape, reduce_dims, groups, channel_dim, weight_shape, bias_shape)
     key = (
         tuple(shape),
         reduce_dims if isinstance(reduce_dims, int) else tuple(reduce_dims),
         groups,
         channel_dim,
-        None if weight_shape is None else tuple(weight_shape),
-        None if bias_shape is None else tuple(bias_shape),
+        _tuple(weight_shape),
+        _tuple(bias_shape),
     )
-    layout = _layouts.get(key)
-    if layout is None:
-        layout = _resolve(*key)
-        remember(key, layout)
-    return layout
+    return remembered(key) or remember(key, _resolve(*key))
 
 
 def _resolve(
@@ -136,20 +127,29 @@ def _resolve(
     reduce_dims: Dims,
     groups: int | None,
     channel_dim: int | None,
-    weight_shape: Sequence[int] | None,
-    bias_shape: Sequence[int] | None,
+    weight_shape: tuple[int, ...] | None,
+    bias_shape: tuple[int, ...] | None,
 ) -> NormLayout:
+    """The layout of :func:`resolve_layout` (its checks here, the general ones in
+    :mod:`.checks`)."""
     shape = tuple(int(n) for n in shape)
     ndim = len(shape)
     dims = checks.dims(reduce_dims, ndim, "reduce_dims")
-    checks.same_affine_shapes(weight_shape, bias_shape)
+    if weight_shape is not None and bias_shape is not None and weight_shape != bias_shape:
+        raise ValueError(
+            f"weight and bias must have the same shape, got {weight_shape} and {bias_shape}"
+        )
     affine = weight_shape if weight_shape is not None else bias_shape
-
+    affine_shape = None
     if channel_dim is None:
-        checks.groups_need_channel_dim(groups)
-        affine_shape = None
+        if groups is not None:
+            raise ValueError("groups splits the channel dim: pass channel_dim (an int) with it")
         if affine is not None:
-            affine = checks.trailing_affine(affine, shape)
+            if len(affine) > ndim or shape[ndim - len(affine) :] != affine:
+                raise ValueError(
+                    f"with channel_dim=None the affine weight/bias must match the trailing "
+                    f"dims of the input: got shape {affine} for input shape {shape}"
+                )
             affine_shape = (1,) * (ndim - len(affine)) + affine
         view_shape, stat_dims, partial_dims = shape, dims, dims
     else:
@@ -158,7 +158,16 @@ def _resolve(
         if groups is None and c in dims:
             groups = 1  # the channel dim reduced without groups: one group
         if groups is not None:
-            checks.groups(groups, channels, c, dims)
+            if c not in dims:
+                raise ValueError(
+                    f"groups={groups} normalizes groups of channels together, so reduce_dims "
+                    f"must include channel_dim={c}; got reduce_dims={dims}"
+                )
+            if not isinstance(groups, int) or groups < 1 or channels % groups != 0:
+                raise ValueError(
+                    f"groups must be a positive int that divides the {channels} channels "
+                    f"of dim {c}, got {groups!r}"
+                )
             view_shape = (*shape[:c], groups, channels // groups, *shape[c + 1 :])
             stat_dims = tuple(d if d < c else d + 1 for d in dims)
             partial_dims = tuple(d for d in stat_dims if d != c + 1)
@@ -166,9 +175,12 @@ def _resolve(
         else:
             view_shape, stat_dims, partial_dims = shape, dims, dims
             channel_view = (channels,)
-        affine_shape = None
         if affine is not None:
-            checks.channel_affine(affine, channels, c, shape)
+            if affine != (channels,):
+                raise ValueError(
+                    f"the affine weight/bias must have shape ({channels},), one value per "
+                    f"channel of dim {c} of the input {shape}; got {affine}"
+                )
             affine_shape = (1,) * c + channel_view + (1,) * (ndim - c - 1)
 
     per_channel = affine_shape is None or all(affine_shape[d] == 1 for d in partial_dims)
@@ -187,6 +199,10 @@ def _resolve(
 # --- The functional wrappers' layouts: checked on the first call per shapes, remembered
 
 
+def _tuple(shape: Sequence[int] | None) -> tuple[int, ...] | None:
+    return None if shape is None else tuple(shape)
+
+
 def _shape(t: torch.Tensor | None) -> tuple[int, ...] | None:
     return None if t is None else tuple(t.shape)
 
@@ -197,26 +213,16 @@ def batch_norm_layout(
     running_var: torch.Tensor | None,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    eps: float,
 ) -> NormLayout:
     """BatchNorm's layout in training (statistics over every dim but 1), after
     :func:`.checks.batch_norm` on the first call per argument shapes."""
-    key = (
-        "batch_norm",
-        x.shape,
-        _shape(running_mean),
-        _shape(running_var),
-        _shape(weight),
-        _shape(bias),
-    )
+    w, b = _shape(weight), _shape(bias)
+    key = ("batch_norm", x.shape, _shape(running_mean), _shape(running_var), w, b)
     layout = remembered(key)
     if layout is None:
-        checks.batch_norm(x, running_mean, running_var, weight, bias, True, eps)
-        reduce_dims = (0, *range(2, x.dim()))
-        layout = resolve_layout(
-            x.shape, reduce_dims, weight_shape=_shape(weight), bias_shape=_shape(bias)
-        )
-        remember(key, layout)
+        checks.batch_norm(x, running_mean, running_var, weight, bias, training=True)
+        dims = (0, *range(2, x.dim()))
+        layout = remember(key, resolve_layout(x.shape, dims, weight_shape=w, bias_shape=b))
     return layout
 
 
@@ -225,46 +231,34 @@ def trailing_norm_layout(
     normalized_shape: int | Sequence[int],
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    eps: float,
     rms: bool,
 ) -> NormLayout:
     """LayerNorm's (``rms`` False) or RMSNorm's layout over the trailing dims, after
     their checks on the first call per argument shapes."""
     ns = normalized_shape if isinstance(normalized_shape, (int, tuple)) else tuple(normalized_shape)
-    key = ("rms_norm" if rms else "layer_norm", x.shape, ns, _shape(weight), _shape(bias))
+    w, b = _shape(weight), _shape(bias)
+    key = ("rms_norm" if rms else "layer_norm", x.shape, ns, w, b)
     layout = remembered(key)
     if layout is None:
         tail = checks.trailing_shape(x, normalized_shape, rms=rms)
-        checks.eps(eps)
         dims = tuple(range(x.dim() - len(tail), x.dim()))
-        layout = resolve_layout(
-            x.shape, dims, channel_dim=None, weight_shape=_shape(weight), bias_shape=_shape(bias)
-        )
+        layout = resolve_layout(x.shape, dims, channel_dim=None, weight_shape=w, bias_shape=b)
         remember(key, layout)
     return layout
 
 
 def group_norm_layout(
-    x: torch.Tensor,
-    num_groups: int,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
+    x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None
 ) -> NormLayout:
     """GroupNorm's layout, after :func:`.checks.group_norm` on the first call per
     argument shapes (remembered for an int ``num_groups`` only: 2.0 hashes as 2, but
     is refused)."""
-    key = ("group_norm", x.shape, num_groups, _shape(weight), _shape(bias))
+    w, b = _shape(weight), _shape(bias)
+    key = ("group_norm", x.shape, num_groups, w, b)
     layout = remembered(key) if type(num_groups) is int else None
     if layout is None:
         checks.group_norm(x, num_groups, weight, bias)
-        checks.eps(eps)
-        layout = resolve_layout(
-            x.shape,
-            tuple(range(1, x.dim())),
-            groups=num_groups,
-            weight_shape=_shape(weight),
-            bias_shape=_shape(bias),
-        )
+        dims = tuple(range(1, x.dim()))
+        layout = resolve_layout(x.shape, dims, groups=num_groups, weight_shape=w, bias_shape=b)
         remember(key, layout)
     return layout

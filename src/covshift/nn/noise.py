@@ -41,10 +41,9 @@ class TimeVaryingNoise(nn.Module):
         for name, (lo, hi) in (("mean_range", mean_range), ("scale_range", scale_range)):
             if not lo <= hi:
                 raise ValueError(f"{name} must be (low, high) with low <= high, got {(lo, hi)!r}")
-        if not mean_spread >= 0:
-            raise ValueError(f"mean_spread must be >= 0, got {mean_spread!r}")
-        if not scale_std >= 0:
-            raise ValueError(f"scale_std must be >= 0, got {scale_std!r}")
+        for name, value in (("mean_spread", mean_spread), ("scale_std", scale_std)):
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
         self.mean_range = (float(mean_range[0]), float(mean_range[1]))
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
         self.mean_spread = float(mean_spread)

@@ -64,11 +64,7 @@ def forward(
     xf = x.reshape(layout.view_shape).to(torch.promote_types(x.dtype, torch.float32))
     mean, xc, var = two_pass(xf, layout.stat_dims, layout.count, subtract_mean)
     rstd = (var + eps).rsqrt()  # (1.3)
-    w = b = None
-    if weight is not None:
-        w = weight.to(xf.dtype).reshape(layout.affine_shape)
-    if bias is not None:
-        b = bias.to(xf.dtype).reshape(layout.affine_shape)
+    w, b = affine_view(weight, layout, xf.dtype), affine_view(bias, layout, xf.dtype)
     if layout.per_channel:
         y = xc * (rstd if w is None else rstd * w)  # (1.4)-(1.5); the scale is small
     else:
@@ -98,7 +94,7 @@ def backward(
     dtype = rstd.dtype
     xv = x.reshape(layout.view_shape).to(dtype)
     gv = grad_out.reshape(layout.view_shape).to(dtype)
-    w = None if weight is None else weight.to(dtype).reshape(layout.affine_shape)
+    w = affine_view(weight, layout, dtype)
     xc = xv - mean if subtract_mean else xv  # x - μ
     m = layout.count
     dx = dw = db = None
@@ -136,15 +132,18 @@ def backward(
             if subtract_mean:
                 dx = dx - h.sum(sdims, keepdim=True) * (rstd / m)  # - (r/M)·S1 (6.2)
 
-    if dx is not None:
-        dx = dx.to(x.dtype).reshape(layout.shape)
-    if dw is not None:
-        assert layout.param_shape is not None
-        dw = dw.reshape(layout.param_shape)
-    if db is not None:
-        assert layout.param_shape is not None
-        db = db.reshape(layout.param_shape)
-    return dx, dw, db
+    dx = None if dx is None else dx.to(x.dtype).reshape(layout.shape)
+    return dx, param_grad(dw, layout), param_grad(db, layout)
+
+
+def affine_view(t: Tensor | None, layout: NormLayout, dtype: torch.dtype) -> Tensor | None:
+    """``weight`` or ``bias`` in ``dtype``, viewed to broadcast against the layout's view."""
+    return None if t is None else t.to(dtype).reshape(layout.affine_shape)
+
+
+def param_grad(grad: Tensor | None, layout: NormLayout) -> Tensor | None:
+    """The gradient of an affine view, in the parameter's own shape."""
+    return None if grad is None else grad.reshape(layout.param_shape)  # type: ignore[arg-type]
 
 
 def recompute_stats(

@@ -1,13 +1,10 @@
-"""The registry of normalization kinds: what a layer is, and how to build one by name.
+"""The registry of normalization kinds: what a layer is (:func:`norm_kind`, :func:`match`),
+and how to build one by name (:func:`create_norm`, the channel count first, as in timm).
 
-One table every consumer queries: :func:`norm_kind` (what kind a module is;
-:func:`match` adds the registered class and input rank behind the answer) for
-:mod:`.convert`, :mod:`.fold`, :mod:`.sync` and ``covshift.probe.select``, and
-:func:`create_norm` (the layer registered under a name, the channel count first, as
-in timm). A kind lists covshift's and torch.nn's classes by the input's spatial rank
-(None: every rank); its name is also a :func:`create_norm` name, and other names are
-factories registered with :func:`register_norm`. The base kinds are registered here,
-each variant where it is defined; ``covshift.nn`` imports them all before any query.
+A kind lists covshift's and torch.nn's classes by the input's spatial rank (None: every
+rank); its name is also a :func:`create_norm` name, and other names are factories
+registered with :func:`register_norm`. The base kinds are registered here, each variant
+where it is defined; ``covshift.nn`` imports them all before any query.
 """
 
 from __future__ import annotations
@@ -183,28 +180,21 @@ def create_norm(name: str, num_features: int, *, dims: int = 1, **kw: object) ->
         ) from None
 
 
-_SHAPE_ARGUMENTS = {"self", "num_features", "normalized_shape", "num_channels", "dims"}
-
-
 def _keywords(factory: NormFactory, num_features: int, dims: int) -> list[str]:
     """The keywords a factory's layer accepts: the factory's own and its class's (less
     the shape arguments the factory fills in)."""
     own = [
         p.name
         for p in inspect.signature(factory).parameters.values()
-        if p.kind is p.KEYWORD_ONLY and p.name not in _SHAPE_ARGUMENTS
+        if p.kind is p.KEYWORD_ONLY and p.name != "dims"
     ]
     try:
-        built = type(factory(num_features, dims=dims))
+        params = inspect.signature(type(factory(num_features, dims=dims))).parameters
     except Exception:  # e.g. a required keyword: the factory's own list is all there is
         return own
-    params = inspect.signature(built).parameters
-    return own + [
-        n
-        for n, p in params.items()
-        if n not in _SHAPE_ARGUMENTS | {"device", "dtype", "num_groups", *own}
-        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    ]
+    shape = {"num_features", "normalized_shape", "num_channels", "num_groups", "device", "dtype"}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return own + [n for n, p in params.items() if n not in {*shape, *own} and p.kind in kinds]
 
 
 def default_num_groups(num_channels: int, *, dims: int, preferred: int = 32) -> int:

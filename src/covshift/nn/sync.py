@@ -12,6 +12,7 @@ about 1e4. Derivation, double backward included: docs/derivations.md §12.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -247,22 +248,33 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         cls, module: nn.Module, process_group: ProcessGroup | None = None
     ) -> nn.Module:
         """Replace every BatchNorm1d/2d/3d (torch's, covshift's) and torch's
-        SyncBatchNorm in ``module`` by this class, sharing their parameter and buffer
-        objects (an optimizer built before keeps working); return ``module``, or its
-        replacement when it is one.
-
-        As torch's classmethod, but the result runs on any backend, a subclass with
-        its own ``forward`` or child modules (a fused activation) is left alone with a
-        warning, and each layer records the class it replaced for
-        :meth:`revert_sync_batchnorm`.
+        SyncBatchNorm in ``module`` by this class, as torch's classmethod (sharing their
+        parameter and buffer objects; ``module`` or its replacement returned), but the
+        result runs on any backend, a subclass with its own ``forward`` or child modules
+        (a fused activation) is left alone with a warning, and each layer records the
+        class it replaced for :meth:`revert_sync_batchnorm`.
 
         Example:
             >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
-            >>> net = SyncBatchNorm.convert_sync_batchnorm(net)
-            >>> type(net[1]).__name__
+            >>> type(SyncBatchNorm.convert_sync_batchnorm(net)[1]).__name__
             'SyncBatchNorm'
         """
-        return _to_sync(module, cls, process_group)
+
+        def build(m: nn.Module) -> nn.Module | None:
+            if isinstance(m, cls):
+                return None
+            own = registry.own_behaviour(m)
+            if own is not None:
+                warnings.warn(
+                    f"{own}; left unconverted (converting it would drop its extra behaviour)",
+                    stacklevel=5,
+                )
+                return None
+            new = cls(*_batch_norm_args(m), process_group, bias=m.bias is not None)
+            new.original_class = getattr(m, "original_class", None) or type(m)
+            return new
+
+        return _swap_sharing_state(module, ("batch", "sync_batch"), build)
 
     @staticmethod
     def revert_sync_batchnorm(module: nn.Module, to: type[nn.Module] | None = None) -> nn.Module:
@@ -274,59 +286,39 @@ class SyncBatchNorm(nn.SyncBatchNorm):
             ValueError: no recorded class and no ``to`` (the input rank decides between
                 BatchNorm1d/2d/3d, and only the caller knows it).
         """
-        return _from_sync(module, to)
+
+        def build(m: nn.Module) -> nn.Module:
+            target = getattr(m, "original_class", None) or to
+            if target is None:
+                raise ValueError(
+                    f"{type(m).__name__}({m.num_features}) has no record of the class it "
+                    "replaced; pass to=nn.BatchNorm1d/2d/3d (or covshift's) to revert it"
+                )
+            return target(*_batch_norm_args(m), bias=m.bias is not None)
+
+        return _swap_sharing_state(module, ("sync_batch",), build)
 
 
-# Converting to SyncBatchNorm and back, sharing parameters and buffers.
+def _batch_norm_args(m: nn.Module) -> tuple:
+    return m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats
 
 
-def _to_sync(module: nn.Module, cls: type[nn.Module], process_group: Any) -> nn.Module:
-    """Replace every plain BatchNorm in ``module`` by ``cls`` (a SyncBatchNorm)."""
-
-    def swap(m: nn.Module, _path: str) -> nn.Module | None:
-        if isinstance(m, cls) or registry.norm_kind(m) not in ("batch", "sync_batch"):
-            return None
-        own = registry.own_behaviour(m)
-        if own is not None:
-            warnings.warn(
-                f"{own}; left unconverted (converting it would drop its extra behaviour)",
-                stacklevel=4,
-            )
-            return None
-        args = (m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
-        new = cls(*args, process_group, bias=m.bias is not None)
-        new.original_class = getattr(m, "original_class", None) or type(m)
-        return _share_state(m, new)
-
-    return replace_modules(module, swap)
-
-
-def _from_sync(module: nn.Module, to: type[nn.Module] | None) -> nn.Module:
-    """Replace every SyncBatchNorm (covshift's or torch's) in ``module`` by the class it
-    replaced (its ``original_class``), else ``to``."""
+def _swap_sharing_state(
+    module: nn.Module, kinds: tuple[str, ...], build: Callable[[nn.Module], nn.Module | None]
+) -> nn.Module:
+    """Replace each layer of ``kinds`` in ``module`` by ``build(layer)`` (None: keep it),
+    which takes the layer's parameter and buffer objects and its mode."""
 
     def swap(m: nn.Module, _path: str) -> nn.Module | None:
-        if registry.norm_kind(m) != "sync_batch":
+        new = build(m) if registry.norm_kind(m) in kinds else None
+        if new is None:
             return None
-        target = getattr(m, "original_class", None) or to
-        if target is None:
-            raise ValueError(
-                f"{type(m).__name__}({m.num_features}) has no record of the class it "
-                "replaced; pass to=nn.BatchNorm1d/2d/3d (or covshift's) to revert it"
-            )
-        args = (m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
-        return _share_state(m, target(*args, bias=m.bias is not None))
-
-    return replace_modules(module, swap)
-
-
-def _share_state(src: nn.Module, dst: nn.Module) -> nn.Module:
-    """Make ``dst`` use ``src``'s parameter and buffer objects, and its mode."""
-    with torch.no_grad():
         for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-            if getattr(src, name, None) is not None and getattr(dst, name, None) is not None:
-                setattr(dst, name, getattr(src, name))
-    return dst.train(src.training)
+            if getattr(m, name, None) is not None and getattr(new, name, None) is not None:
+                setattr(new, name, getattr(m, name))
+        return new.train(m.training)
+
+    return replace_modules(module, swap)
 
 
 def _create(num_features: int, *, dims: int, **kw: object) -> SyncBatchNorm:

@@ -30,7 +30,23 @@ def standardize_weight(weight: Tensor, eps: float = 1e-6) -> Tensor:
     return F.normalize(flat, 1, eps=eps, channel_dim=None).view_as(weight)
 
 
-class WSConv2d(nn.Conv2d):
+class _Standardized:
+    """``eps`` (checked, in ``extra_repr``) and the weight :meth:`forward` uses."""
+
+    weight: Tensor
+
+    def _set_eps(self, eps: float) -> None:
+        self.eps = checks.eps_arg(eps)
+
+    def standardized_weight(self) -> Tensor:
+        """The weight actually used by ``forward``: the layer's, each filter standardized."""
+        return standardize_weight(self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, eps={self.eps}"  # type: ignore[misc]
+
+
+class WSConv2d(_Standardized, nn.Conv2d):
     """Conv2d whose filters are standardized before every use (Qiao et al. 2019,
     arXiv 1903.10520): ``y = conv2d(x, (W - mean_o W) / sqrt(var_o W + eps), b)`` over
     each output filter ``o``. torch.nn.Conv2d's arguments, and ``eps`` (default 1e-6).
@@ -53,34 +69,15 @@ class WSConv2d(nn.Conv2d):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        eps = checks.eps_arg(eps)
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            groups=groups,
-            bias=bias,
-            padding_mode=padding_mode,
-            device=device,
-            dtype=dtype,
-        )
-        self.eps = eps
-
-    def standardized_weight(self) -> Tensor:
-        """The weight actually used by :meth:`forward`, ``(C_out, C_in / groups, kH, kW)``."""
-        return standardize_weight(self.weight, self.eps)
+        self._set_eps(eps)  # (before torch's constructor: a bad eps fails first)
+        conv = (in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        super().__init__(*conv, padding_mode, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
         return self._conv_forward(input, self.standardized_weight(), self.bias)
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, eps={self.eps}"
 
-
-class WSLinear(nn.Linear):
+class WSLinear(_Standardized, nn.Linear):
     """Linear layer whose rows are standardized before every use (Weight
     Standardization, Qiao et al. 2019, for convolutions: a linear layer is a 1x1 conv):
     ``y = x Ŵᵀ + b``, ``Ŵ[o] = (W[o] - mean W[o]) / sqrt(var W[o] + eps)``.
@@ -96,16 +93,8 @@ class WSLinear(nn.Linear):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        eps = checks.eps_arg(eps)
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.eps = eps
-
-    def standardized_weight(self) -> Tensor:
-        """The weight actually used by :meth:`forward`, ``(out_features, in_features)``."""
-        return standardize_weight(self.weight, self.eps)
+        self._set_eps(eps)
+        super().__init__(in_features, out_features, bias, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
         return TF.linear(input, self.standardized_weight(), self.bias)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, eps={self.eps}"
