@@ -10,6 +10,7 @@ tools know them through :mod:`.registry`. How to add one: docs/nn.md.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -19,29 +20,40 @@ from torch.nn.modules.batchnorm import _NormBase
 from covshift.nn import checks
 from covshift.nn import functional as F
 
-__all__ = ["BatchNormForward", "BatchNormVariant", "NormVariant"]
+__all__ = ["BatchNormForward", "BatchNormVariant", "NormVariant", "TorchNormArgs"]
 
 
-class BatchNormForward:
-    """covshift's constructor checks and forward for a class with torch's BatchNorm
-    state (a mixin before torch.nn's BatchNorm classes, or torch's ``_NormBase``)."""
+class TorchNormArgs:
+    """torch's BatchNorm/InstanceNorm constructor (a mixin before the torch class) after
+    covshift's checks of ``num_features``, ``eps`` and ``momentum``. ``inspect.signature``
+    shows torch's signature and the keyword-only arguments of a subclass's ``__init__``
+    (which passes the rest on: ``def __init__(self, *args, own=1, **kwargs)``)."""
 
     def __init__(
         self,
         num_features: int,
         eps: float = 1e-5,
         momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
-        bias: bool = True,
+        *args: Any,
+        **kwargs: Any,
     ) -> None:
-        num_features, eps, momentum = checks.norm_args(num_features, eps, momentum)
-        super().__init__(  # type: ignore[call-arg]
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
-        )
+        checked = checks.norm_args(num_features, eps, momentum)
+        super().__init__(*checked, *args, **kwargs)  # type: ignore[call-arg]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        torch_cls = next((k for k in cls.__mro__ if k.__module__.startswith("torch.")), None)
+        if torch_cls is None:  # a mixin
+            return
+        own = inspect.signature(cls.__init__).parameters.values()
+        params = [*inspect.signature(torch_cls).parameters.values()]
+        params += [p for p in own if p.kind is p.KEYWORD_ONLY]
+        cls.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+
+
+class BatchNormForward(TorchNormArgs):
+    """covshift's forward for a class with torch's BatchNorm state (a mixin before
+    torch.nn's BatchNorm classes, or torch's ``_NormBase``)."""
 
     def forward(self, input: Tensor) -> Tensor:
         # As torch.nn: batch statistics in training, and in eval when there are no

@@ -9,6 +9,8 @@ core over the ``(k, virtual_batch_size, C, *)`` view (docs/derivations.md §14).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -35,25 +37,11 @@ class _GhostBatchNorm(BatchNormVariant):
     Example: ``{name}(16, virtual_batch_size=4)``.
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
-        virtual_batch_size: int = 128,
-        bias: bool = True,
-    ) -> None:
+    def __init__(self, *args: Any, virtual_batch_size: int = 128, **kwargs: Any) -> None:
         vbs = checks.positive_int(
             virtual_batch_size, "virtual_batch_size", "samples per virtual batch"
         )
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
-        )
+        super().__init__(*args, **kwargs)
         self.virtual_batch_size = vbs
 
     def forward(self, x: Tensor) -> Tensor:

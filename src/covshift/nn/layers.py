@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from covshift.nn import checks
 from covshift.nn import functional as F
-from covshift.nn._base import BatchNormForward
+from covshift.nn._base import BatchNormForward, TorchNormArgs
 
 __all__ = [
     "BatchNorm1d",
@@ -54,25 +54,8 @@ class BatchNorm3d(BatchNormForward, nn.BatchNorm3d):
     __doc__ = _BN_DOC.format(shape="(N, C, D, H, W)", name="BatchNorm3d", example="4, 16, 3, 5, 5")
 
 
-class _InstanceNorm:
+class _InstanceNorm(TorchNormArgs):
     """covshift's forward (and constructor checks) for torch.nn's InstanceNorm classes."""
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float = 0.1,
-        affine: bool = False,
-        track_running_stats: bool = False,
-        device: Device = None,
-        dtype: torch.dtype | None = None,
-        *,
-        bias: bool = True,
-    ) -> None:
-        num_features, eps, momentum = checks.norm_args(num_features, eps, momentum)
-        super().__init__(  # type: ignore[call-arg]
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
-        )
 
     def _apply_instance_norm(self, input: Tensor) -> Tensor:
         # torch's forward checks the channels and unsqueezes an unbatched input first.

@@ -91,20 +91,13 @@ class _BatchRenorm(BatchNormVariant):
 
     def __init__(
         self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
+        *args: Any,
         r_max: float = 3.0,
         d_max: float = 5.0,
         warmup_steps: int = 5000,
         r_max_ramp_steps: int = 35000,
         d_max_ramp_steps: int = 20000,
-        bias: bool = True,
+        **kwargs: Any,
     ) -> None:
         steps = {
             "warmup_steps": warmup_steps,
@@ -112,9 +105,7 @@ class _BatchRenorm(BatchNormVariant):
             "d_max_ramp_steps": d_max_ramp_steps,
         }
         r_max, d_max = _check_schedule(r_max, d_max, steps)
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
-        )
+        super().__init__(*args, **kwargs)
         self.r_max, self.d_max = r_max, d_max
         self.warmup_steps, self.r_max_ramp_steps, self.d_max_ramp_steps = map(int, steps.values())
 

@@ -178,7 +178,7 @@ def sync_batch_norm(
     )
 
 
-class SyncBatchNorm(nn.SyncBatchNorm):
+class SyncBatchNorm(BatchNormForward, nn.SyncBatchNorm):
     """Batch normalization whose batch statistics span a torch.distributed group.
 
     ``y = (x - E[x]) / sqrt(Var[x] + eps) * gamma + beta`` with ``E``, ``Var`` (biased)
@@ -194,25 +194,9 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         torch.Size([4, 16, 8, 8])
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        process_group: ProcessGroup | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
-        bias: bool = True,
-    ) -> None:
-        num_features, eps, momentum = checks.norm_args(num_features, eps, momentum)
-        args = (num_features, eps, momentum, affine, track_running_stats, process_group)
-        super().__init__(*args, device, dtype, bias=bias)
-        # The class this layer replaced (set by convert_sync_batchnorm and the
-        # registry), so that revert_sync_batchnorm can restore it.
-        self.original_class: type[nn.Module] | None = None
+    # The class this layer replaced (set by convert_sync_batchnorm and the registry),
+    # so that revert_sync_batchnorm can restore it.
+    original_class: type[nn.Module] | None = None
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
@@ -227,7 +211,7 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         # As torch's SyncBatchNorm: synchronize only in training. Eval may run on one
         # rank alone (validation on rank 0) and must not wait for the others.
         if not (self.training and _world_size(self.process_group) > 1):
-            return BatchNormForward.forward(self, input)  # alone: exactly BatchNorm
+            return super().forward(input)  # alone: exactly BatchNorm
         self._check_input_dim(input)
         tracking = self.track_running_stats
         counter = self.num_batches_tracked if tracking else None
