@@ -22,9 +22,9 @@ from typing import Literal
 
 from torch import nn
 
+from covshift.nn import convert_carry as carry
 from covshift.nn import registry
-from covshift.nn.convert_carry import _carry, _place_like, _state_holder, replace_modules
-from covshift.nn.convert_report import ConversionEntry, ConversionReport, ConversionWarning
+from covshift.nn.convert_carry import ConversionEntry, ConversionReport, ConversionWarning
 from covshift.nn.convert_target import Target, _build, _dims, _trailing
 
 __all__ = [
@@ -117,11 +117,11 @@ def convert_with_report(
                 f"{entry.source} and {entry.target} normalize different dims (trailing vs "
                 "dim 1); they agree on (N, C) inputs only"
             )
-        new = _place_like(m, new)  # first: copying float64 state into float32 would round
-        _carry(m, _state_holder(new), kw, entry)
+        new = carry.place_like(m, new)  # first: copying float64 state into float32 would round
+        carry.carry(m, carry.state_holder(new), kw, entry)
         return new
 
-    return replace_modules(model, swap), report
+    return carry.replace_modules(model, swap), report
 
 
 def convert(
