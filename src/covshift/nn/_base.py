@@ -1,11 +1,7 @@
-"""BatchNorm's covshift forward, shared by the plain BatchNorms and the BatchNorm
-variants, and the base of the variants, the layers torch.nn has no class for.
-
-The variants subclass :class:`NormVariant`, not a torch.nn norm class, on purpose:
-torch's and timm's helpers find norm layers by ``isinstance`` and rebuild them as their
-own (``SyncBatchNorm.convert_sync_batchnorm``, timm's ``freeze_batch_norm_2d``), which
-would make a Batch Renorm or a Ghost BN plain BatchNorm without a word; covshift's
-tools know them through :mod:`.registry`. How to add one: docs/nn.md.
+"""The constructor checks and BatchNorm forward the plain layers and the variants share,
+and the base of the variants (the layers torch.nn has no class for), which subclass
+:class:`NormVariant`, not a torch.nn class, so that no torch or timm helper finding
+norms by ``isinstance`` turns them into plain BatchNorm (docs/nn.md: why, how to add one).
 """
 
 from __future__ import annotations
@@ -84,9 +80,8 @@ class NormVariant(nn.Module):
     def register_affine(
         self, shape: int | tuple[int, ...], affine: bool, bias: bool | None, factory: dict
     ) -> None:
-        """``weight`` (and ``bias``) parameters of ``shape``, None without ``affine``
-        (``bias=None``: no bias at all, False: a bias of None), set by
-        :meth:`reset_parameters`."""
+        """``weight`` (and ``bias``; ``bias=None``: no bias attribute) of ``shape``, None
+        without ``affine``, set by :meth:`reset_parameters`."""
         weight = nn.Parameter(torch.empty(shape, **factory)) if affine else None
         self.register_parameter("weight", weight)
         if bias is not None:
@@ -102,14 +97,9 @@ class NormVariant(nn.Module):
 
 
 class BatchNormVariant(BatchNormForward, _NormBase, NormVariant):  # type: ignore[misc]
-    """BatchNorm's arguments, state, ``state_dict``, ``repr`` (torch's ``_NormBase``, the
-    base torch's BatchNorm and InstanceNorm share, which no helper looks for) and forward.
-
-    Subclasses override ``forward`` where they differ from BatchNorm (calling
-    ``super().forward``, for eval usually) and give each public class its input rank
-    with ``dims`` (``class GhostBatchNorm2d(_GhostBatchNorm, dims=2)``), which also
-    fills ``_doc_template`` in as its docstring.
-    """
+    """BatchNorm's arguments, state, ``repr`` (torch's ``_NormBase``, which no helper
+    looks for) and forward; ``class GhostBatchNorm2d(_GhostBatchNorm, dims=2)`` gives a
+    public class its input rank and ``_doc_template`` filled in as its docstring."""
 
     _ranks: tuple[int, ...] = ()
     _doc_template = ""

@@ -1,11 +1,8 @@
 """The bridge to the fused CPU kernels (``csrc/``, docs/derivations.md §17).
 
-The extension is compiled the first time a layer runs on the CPU, never at import,
-into a cache later processes load in milliseconds (:mod:`._native_build`); if the
-build fails, one warning says so and the reference Function serves every call;
-``COVSHIFT_NATIVE=0`` switches it off without building. :func:`normalize` runs forward
-and backward in one C++ autograd node, or answers None where it does not apply (the
-guards run in C++, cheaper than from Python on small layers).
+Built on the first CPU call, never at import (:mod:`._native_build`); a failed build
+warns once and the reference serves; ``COVSHIFT_NATIVE=0`` switches it off.
+:func:`normalize` runs forward and backward in one C++ autograd node, or answers None.
 """
 
 from __future__ import annotations
@@ -105,11 +102,9 @@ def declined(x: Tensor) -> str:
 
 
 def _compiled_autograd_on() -> bool:
-    """Whether compiled autograd is enabled now (``compiled_autograd._enable``, or the
-    dynamo config inside a compiled frame). The C++ node has no ``compiled_args`` (the
-    generic torch::autograd::Function that has them costs as much as the kernels on
-    small layers), so :func:`normalize` declines meanwhile, and the reference Function,
-    which compiled autograd traces, serves. A module lookup: no dynamo import here."""
+    """Whether compiled autograd is on: the C++ node has no ``compiled_args`` (torch's
+    generic Function that has them costs as much as the kernels on small layers), so the
+    reference Function serves meanwhile. A module lookup: no dynamo import here."""
     ca = sys.modules.get("torch._dynamo.compiled_autograd")
     return ca is not None and bool(ca.compiled_autograd_enabled)
 
@@ -154,10 +149,7 @@ def normalize(
 
 @dataclass(frozen=True)
 class _Plan:
-    """Which kernel serves a layout, and the sizes it takes.
-
-    ``sizes`` is ``(A, C, B)`` for the channel kind, ``(R, K, G, Cg, S)`` for the row kind.
-    """
+    """Which kernel serves a layout: sizes ``(A, C, B)`` (channel), ``(R, K, G, Cg, S)`` (row)."""
 
     kind: str
     sizes: tuple[int, ...]
@@ -165,12 +157,8 @@ class _Plan:
 
 
 def _configs_of(layout: NormLayout) -> tuple[Tensor | None, Tensor | None]:
-    """The packed plans of ``layout`` for a contiguous and a channels_last input (None
-    where no kernel fits); the C++ entry points pick by ``x``'s memory layout.
-
-    Kept on the (frozen) layout itself, as its hash is: an attribute read costs less
-    than a dict lookup, which would call ``NormLayout.__hash__`` in Python.
-    """
+    """The packed plans of ``layout`` for a contiguous and a channels_last ``x`` (None:
+    no kernel), kept on the layout itself (cheaper than a dict's ``__hash__`` call)."""
     try:
         return layout._native_configs  # type: ignore[attr-defined]
     except AttributeError:

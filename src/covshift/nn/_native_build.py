@@ -79,13 +79,9 @@ def _name() -> str:
 
 @contextlib.contextmanager
 def _build_lock(folder: Path) -> Iterator[None]:
-    """Hold an OS lock on the build folder while torch builds or loads the extension.
-
-    torch's own lock is a file (``build/lock``) that a process killed mid-build leaves
-    behind, after which every later process waits for it forever. An ``flock`` is
-    released by the kernel when its holder dies; while this process holds it, no other
-    covshift process is building here, so a ``lock`` file left in the folder is stale
-    and is removed."""
+    """Hold an ``flock`` on the build folder while torch builds or loads there: the kernel
+    releases it when its holder dies, where torch's lock file, left by a process killed
+    mid-build, blocks every later one forever (so a ``lock`` file found here is stale)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows: torch's lock alone
@@ -101,10 +97,8 @@ def _build_lock(folder: Path) -> Iterator[None]:
 
 
 def _import_cpp_extension() -> ModuleType:
-    """torch.utils.cpp_extension, imported without its CUDA-home warning: a CUDA build
-    of torch on a machine without a GPU logs "No CUDA runtime is found" at import,
-    once in every process that loads the (CPU-only) kernels, although nothing here
-    compiles for CUDA."""
+    """torch.utils.cpp_extension without the "No CUDA runtime is found" warning a CUDA
+    build of torch logs at import on a machine without a GPU (nothing here is CUDA)."""
     import logging
 
     logger = logging.getLogger("torch.utils.cpp_extension")
@@ -118,11 +112,8 @@ def _import_cpp_extension() -> ModuleType:
 
 
 def build() -> ModuleType:
-    """Build the extension into its cache folder, or load the build already there.
-
-    Raises whatever the build raises (no compiler, no ninja, a compile error); the
-    caller decides what a failure means.
-    """
+    """Build the extension into its cache folder, or load the build there; raises what
+    the build raises (the caller decides what a failure means)."""
     # Imported here, not at the top: cpp_extension imports setuptools, which a
     # process that never builds (GPU only, COVSHIFT_NATIVE=0) need not pay for.
     cpp_extension = _import_cpp_extension()

@@ -1,14 +1,7 @@
-"""Swap the normalization layers inside any model: ``convert(model, to=...)``.
-
-Every normalization layer (torch.nn's, subclasses of those such as timm's, covshift's
-variants) is replaced by another kind, carrying what fits: weight and bias (same
-shapes), running statistics (both tracking, same shape), eps and momentum (unless
-passed), ``requires_grad``, mode, device and dtype. What could not be carried is
-*reported*, never silently lost: one :class:`ConversionEntry` per layer in a
-:class:`ConversionReport`; :func:`convert` warns once (:class:`ConversionWarning`) for
-the entries that dropped something (``on_drop="raise"``: an error). An identity
-affine map carries no information, so losing it is not a drop. Building each
-replacement is :mod:`.convert_target`'s part, carrying the state :mod:`.convert_carry`'s.
+"""Swap the normalization layers inside any model: ``convert(model, to=...)``, carrying
+the state that fits and reporting, never silently losing, the rest
+(:func:`convert_with_report`, docs/nn.md). Building each replacement is
+:mod:`.convert_target`'s part, carrying the state :mod:`.convert_carry`'s.
 
 Example: ``convert(net, to="group", num_groups=32)`` puts GroupNorm(32, C) for every
 BatchNorm; ``convert(net, to="covshift")`` the same kinds in covshift's implementation.

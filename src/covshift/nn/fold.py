@@ -1,12 +1,10 @@
 """BatchNorm at inference: fold it into the Linear/Conv before it, or freeze it.
 
-A BatchNorm in eval is a per-channel affine map, and after ``W x + b`` the two compose
-into one layer (torch's ``fuse_conv_bn_weights``, here in float64); ``nn.Identity()``
-takes the norm's place. Every BatchNorm kind folds, variants included; a subclass with
-its own forward stays, with identity statistics. Pairs come from the dataflow
-(:mod:`.fold_pairs`), every fold is checked and undone if an output changed, and the
-report says why for every norm left. Freezing: eval mode and no gradients, made to
-stick through ``model.train()``. docs/nn.md compares both with torch's and timm's.
+A BatchNorm in eval is a per-channel affine map that composes with the ``W x + b``
+before it (torch's ``fuse_conv_bn_weights``, in float64); ``nn.Identity()`` takes its
+place (a subclass with its own forward stays, with identity statistics). Pairs come from
+:mod:`.fold_pairs`, each fold is checked and undone if an output changed. docs/nn.md
+compares folding and freezing with torch's and timm's.
 """
 
 from __future__ import annotations
@@ -45,9 +43,8 @@ def _why_not(layer: nn.Module, bn: nn.Module) -> str | None:
 
 @torch.no_grad()
 def _fold_into(layer: nn.Module, bn: nn.Module) -> None:
-    """torch's arithmetic (``fuse_conv_bn_weights``, which serves a Linear's (O, I)
-    weight too) in float64, written into the layer's own parameters (an optimizer
-    built before keeps working)."""
+    """torch's ``fuse_conv_bn_weights`` (a Linear's weight too) in float64, written into
+    the layer's own parameters (an optimizer built before keeps working)."""
 
     def f64(t: Tensor | None) -> Tensor | None:
         return None if t is None else t.detach().to(torch.float64)
@@ -131,10 +128,8 @@ def fold_batchnorm_with_report(
     rtol: float = 1e-4,
     atol: float = 1e-5,
 ) -> tuple[nn.Module, ConversionReport]:
-    """:func:`fold_batchnorm`, also returning a report: one entry per BatchNorm-kind
-    layer, folded (``carried`` naming the layer it went into; target ``Identity``, or
-    the norm's own class when it was kept as an identity normalization) or not (no
-    target, a note saying why)."""
+    """:func:`fold_batchnorm`, and a report: one entry per BatchNorm-kind layer, folded
+    (``carried`` names the layer it went into) or not (no target, a note says why)."""
     if not inplace:
         model = copy.deepcopy(model)
     reference = None if check_input is None else _eval_output(model, check_input)
@@ -193,8 +188,8 @@ def _fold_checked(
     rtol: float,
     atol: float,
 ) -> str | None:
-    """Fold ``pair`` and verify it: the pair alone on a random input, and the whole
-    model on ``check_input`` when given; undo it and return why when either differs."""
+    """Fold ``pair``; undo it and say why if the pair's output on a random input, or the
+    model's on ``check_input``, changed."""
     had_bias = layer.bias is not None
     backup = [{k: v.clone() for k, v in m.state_dict().items()} for m in (layer, bn)]
     x = _local_input(layer)
@@ -242,9 +237,8 @@ def fold_batchnorm(
     by_name: bool = False,
     check_input: Tensor | None = None,
 ) -> nn.Module:
-    """Fold every BatchNorm that directly follows a Linear/Conv into it, for inference:
-    the result computes the original's eval-mode output within float tolerance (see
-    the module docstring; :func:`fold_batchnorm_with_report` lists what stayed, and why).
+    """Fold every BatchNorm that directly follows a Linear/Conv into it, for inference
+    (the eval-mode output kept within float tolerance; the module docstring).
 
     Args:
         inplace: change ``model`` itself; by default a deep copy is folded.
@@ -268,10 +262,8 @@ def _stay_in_eval(module: nn.Module, args: object) -> None:
 
 
 def freeze_batchnorm(model: nn.Module) -> nn.Module:
-    """Freeze every BatchNorm-kind layer, running statistics *and* affine, for good: eval
-    mode, ``requires_grad=False``, and a forward pre-hook that returns it to eval mode
-    whenever ``model.train()`` switched it back. Returns ``model``, changed in place
-    (timm's ``freeze_batch_norm_2d`` swaps the modules instead)."""
+    """Freeze every BatchNorm-kind layer, statistics and affine, in place: eval mode that
+    survives ``model.train()`` (a forward pre-hook), ``requires_grad=False``."""
     for m in model.modules():
         if registry.norm_kind(m) not in registry.batch_kinds():
             continue

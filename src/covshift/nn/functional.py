@@ -1,12 +1,9 @@
 """The functional interface of the normalization family, with torch.nn.functional's names.
 
-Every function is one call of the same core (as flax does it),
-``x̂ = (x - μ) · rstd, rstd = 1 / sqrt(σ² + eps), y = x̂ · w + b``, over the axes each
-layer states (:mod:`.layout`); the math, forward and closed-form backward, is
-:mod:`.reference`. A call goes: checks on the first call per argument shapes
-(:mod:`.checks`), a remembered layout, then :func:`.backend.normalize`, which picks the
-path (the native node or the reference Function). Statistics in float32 at least, the
-biased variance by two passes, eps inside the square root.
+Every function is one call of one core, ``x̂ = (x - μ) · rstd, rstd = 1 / sqrt(σ² +
+eps), y = x̂ · w + b``, over the axes each layer states (:mod:`.layout`; the math:
+:mod:`.reference`): checks on the first call per argument shapes, a remembered layout,
+then :func:`.backend.normalize`, which picks the path.
 """
 
 from __future__ import annotations

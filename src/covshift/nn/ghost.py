@@ -23,8 +23,7 @@ __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
 
 
 class _GhostBatchNorm(BatchNormVariant):
-    """Ghost BN's forward on top of BatchNorm's: the core's normalization over the
-    (k, v, C, *) view (derivations §14), running statistics per virtual batch."""
+    """BatchNorm over the (k, v, C, *) view in training (§14), tracked per virtual batch."""
 
     _doc_template = """Ghost Batch Normalization of {shape} inputs (Hoffer et al. 2017).
 

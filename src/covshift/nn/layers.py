@@ -1,10 +1,6 @@
-"""torch.nn's normalization layers with covshift's forward, as their subclasses.
-
-``covshift.nn.BatchNorm2d`` *is* a ``torch.nn.BatchNorm2d``: torch's constructor (after
-covshift's argument checks: eps > 0, momentum in [0, 1], positive sizes), parameters,
-buffers, ``state_dict`` and ``extra_repr``, and covshift's ``forward``
-(:mod:`covshift.nn.functional`: statistics in float32 at least, the hand-derived
-backward, the native kernels). docs/nn.md says what ``isinstance`` now reaches.
+"""torch.nn's normalization layers with covshift's forward (:mod:`.functional`), as their
+subclasses: torch's constructor (after covshift's argument checks), parameters, buffers,
+``state_dict`` and ``extra_repr``. docs/nn.md says what ``isinstance`` now reaches.
 """
 
 from __future__ import annotations
@@ -129,9 +125,7 @@ class GroupNorm(nn.GroupNorm):
 
     ``y = (x - E[x]) / sqrt(Var[x] + eps) * γ + β``, statistics per sample and group of
     ``C / num_groups`` channels (and the spatial dims), ``γ``, ``β`` per channel:
-    ``torch.nn.GroupNorm`` with covshift's forward, :func:`.functional.group_norm` over
-    the (N, G, C/G, *) view (docs/derivations.md §5). ``GroupNorm(1, C)`` is LayerNorm
-    over (C, *) with a per-channel affine. Example: ``GroupNorm(4, 16)(x)``.
+    ``torch.nn.GroupNorm`` with covshift's forward (§5). Example: ``GroupNorm(4, 16)(x)``.
     """
 
     def __init__(

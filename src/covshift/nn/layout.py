@@ -1,12 +1,8 @@
 """Layouts: how a norm views its input and which dims one statistic reduces over.
 
-Every layer of the family is the same computation (:mod:`covshift.nn.reference`)
-over a different :class:`NormLayout`, as flax states each layer's axes. A layout is
-resolved once from shapes (never from values) by :func:`resolve_layout`, after the
-checks of the layer's functional wrapper (:func:`batch_norm_layout`, ...), and
-remembered per argument set, since resolving costs more than a small normalization.
-
-docs/derivations.md §1 (one statistics group), §5 (groups, ``partial_dims``).
+Every layer is the same computation (:mod:`.reference`) over its own
+:class:`NormLayout`, resolved from shapes once per argument set (resolving costs more
+than a small normalization). docs/derivations.md §1 (one group), §5 (``partial_dims``).
 """
 
 from __future__ import annotations
@@ -105,12 +101,7 @@ def resolve_layout(
     bias_shape: Sequence[int] | None = None,
 ) -> NormLayout:
     """Check the arguments of :func:`~covshift.nn.functional.normalize` against ``x``'s
-    shape and resolve the view (remembered per argument set, see :func:`remembered`).
-
-    Raises:
-        ValueError: bad dims, groups that do not divide the channels, an affine whose
-            shape does not fit (the messages of :mod:`covshift.nn.checks`).
-    """
+    shape (ValueError) and resolve the view, remembered per argument set."""
     key = (
         tuple(shape),
         reduce_dims if isinstance(reduce_dims, int) else tuple(reduce_dims),
@@ -130,8 +121,6 @@ def _resolve(
     weight_shape: tuple[int, ...] | None,
     bias_shape: tuple[int, ...] | None,
 ) -> NormLayout:
-    """The layout of :func:`resolve_layout` (its checks here, the general ones in
-    :mod:`.checks`)."""
     shape = tuple(int(n) for n in shape)
     ndim = len(shape)
     dims = checks.dims(reduce_dims, ndim, "reduce_dims")

@@ -1,8 +1,5 @@
-"""The reference math: what every layer of the family computes, forward and backward.
-
-The one place to read it: every layer is one call of this core over a
-:class:`~covshift.nn.layout.NormLayout`, with the symbols and equation numbers of
-docs/derivations.md::
+"""The reference math of every layer, forward and backward, over a
+:class:`~covshift.nn.layout.NormLayout`, numbered as docs/derivations.md::
 
     μ = Σx / M (1.1)   σ² = Σ(x - μ)² / M (1.2)   r = (σ² + ε)^(-1/2) (1.3)
     x̂ = (x - μ)·r (1.4)   y = x̂·w + b (1.5)          (μ = 0 for RMS, §4)
@@ -31,11 +28,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def two_pass(
     xf: Tensor, dims: tuple[int, ...], m: int, subtract_mean: bool
 ) -> tuple[Tensor | None, Tensor, Tensor]:
-    """``(μ, x - μ, σ²)`` over ``dims`` (keepdim), by two passes; μ None for RMS.
-
-    The one implementation of the two-pass moments (§10): the mean first, then the
-    mean of squared deviations, which keeps the variance when |μ| ≫ σ.
-    """
+    """``(μ, x - μ, σ²)`` over ``dims`` (keepdim), μ None for RMS: the mean, then the
+    mean of squared deviations, which keeps the variance when |μ| ≫ σ (§10)."""
     if subtract_mean:
         mean = xf.sum(dims, keepdim=True) / m  # (1.1)
         xc = xf - mean
@@ -53,14 +47,9 @@ def forward(
     eps: float,
     subtract_mean: bool = True,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
-    """``(y, mean, rstd, var)`` of ``x`` over ``layout``; the statistics keepdim, in the
-    compute dtype. The backward needs ``x``, ``mean`` and ``rstd`` (and ``weight``),
-    nothing full-size beyond ``x`` itself.
-
-    Per channel (BatchNorm, GroupNorm, InstanceNorm) the normalization and the affine
-    fold into one scale ``y = (x - μ) · (r · w) + b``; for a trailing affine
-    (LayerNorm) ``y = ((x - μ) · r) · w + b``.
-    """
+    """``(y, mean, rstd, var)`` of ``x`` over ``layout``, the statistics keepdim in the
+    compute dtype: ``y = (x - μ) · (r · w) + b`` per channel, ``((x - μ) · r) · w + b``
+    for a trailing affine (LayerNorm)."""
     xf = x.reshape(layout.view_shape).to(torch.promote_types(x.dtype, torch.float32))
     mean, xc, var = two_pass(xf, layout.stat_dims, layout.count, subtract_mean)
     rstd = (var + eps).rsqrt()  # (1.3)
@@ -163,11 +152,8 @@ def moments(
     keepdim: bool = False,
     subtract_mean: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Mean and biased variance of ``x`` over ``reduce_dims``, in float32 at least.
-
-    Two passes, (1.1) then (1.2). Differentiable (plain torch ops). With
-    ``subtract_mean=False`` the second moment is ``mean(x²)`` and the returned mean is
-    zeros.
+    """Mean and biased variance of ``x`` over ``reduce_dims``, in float32 at least, by
+    (1.1) then (1.2), differentiable; ``subtract_mean=False``: ``mean(x²)`` and zeros.
 
     Example:
         >>> mean, var = moments(torch.randn(8, 3, 4, 4), (0, 2, 3))  # (3,), (3,)

@@ -53,23 +53,25 @@ def renorm_limits(
     return 1.0 + (r_max - 1.0) * ramp(r_max_ramp_steps), d_max * ramp(d_max_ramp_steps)
 
 
-def _check_schedule(r_max: float, d_max: float, steps: dict[str, int]) -> tuple[float, float]:
+_SCHEDULE = ("r_max", "d_max", "warmup_steps", "r_max_ramp_steps", "d_max_ramp_steps")
+
+
+def _check_schedule(r_max: float, d_max: float, *steps: int) -> tuple[Any, ...]:
     for name, value, low, what in (
         ("r_max", r_max, 1, "r is clipped to [1/r_max, r_max]; 1 disables the correction"),
         ("d_max", d_max, 0, "d is clipped to [-d_max, d_max]; 0 disables the correction"),
     ):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= low:
             raise ValueError(f"{name} must be a float >= {low} ({what}), got {value!r}")
-    for name, value in steps.items():
+    for name, value in zip(_SCHEDULE[2:], steps, strict=True):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
             raise ValueError(f"{name} must be an int >= 0 (a number of steps), got {value!r}")
-    return float(r_max), float(d_max)
+    return (float(r_max), float(d_max), *map(int, steps))
 
 
 class _BatchRenorm(BatchNormVariant):
-    """Batch Renorm's training forward on top of BatchNorm's: the core's normalization
-    (:func:`covshift.nn.functional.normalize`) with the per-channel affine w' = γ·r,
-    b' = γ·d + β, r and d constants, (13.1)-(13.3). Tests: tests/nn/test_variants.py."""
+    """BatchNorm's forward with the per-channel affine w' = γ·r, b' = γ·d + β in training,
+    r and d constants, (13.1)-(13.3)."""
 
     _doc_template = """Batch Renormalization of {shape} inputs (Ioffe 2017, arXiv 1702.03275).
 
@@ -99,19 +101,13 @@ class _BatchRenorm(BatchNormVariant):
         d_max_ramp_steps: int = 20000,
         **kwargs: Any,
     ) -> None:
-        steps = {
-            "warmup_steps": warmup_steps,
-            "r_max_ramp_steps": r_max_ramp_steps,
-            "d_max_ramp_steps": d_max_ramp_steps,
-        }
-        r_max, d_max = _check_schedule(r_max, d_max, steps)
+        schedule = _check_schedule(r_max, d_max, warmup_steps, r_max_ramp_steps, d_max_ramp_steps)
         super().__init__(*args, **kwargs)
-        self.r_max, self.d_max = r_max, d_max
-        self.warmup_steps, self.r_max_ramp_steps, self.d_max_ramp_steps = map(int, steps.values())
+        self.r_max, self.d_max = schedule[:2]
+        self.warmup_steps, self.r_max_ramp_steps, self.d_max_ramp_steps = schedule[2:]
 
-    def _schedule(self) -> tuple[float, float, int, int, int]:
-        ramps = (self.warmup_steps, self.r_max_ramp_steps, self.d_max_ramp_steps)
-        return (self.r_max, self.d_max, *ramps)
+    def _schedule(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in _SCHEDULE)
 
     def current_limits(self) -> tuple[float, float]:
         """``(r_max, d_max)`` that the next training batch will use (reads the counter)."""
@@ -150,8 +146,7 @@ class _BatchRenorm(BatchNormVariant):
         return y
 
     def extra_repr(self) -> str:
-        names = ("r_max", "d_max", "warmup_steps", "r_max_ramp_steps", "d_max_ramp_steps")
-        own = ", ".join(f"{n}={v}" for n, v in zip(names, self._schedule(), strict=True))
+        own = ", ".join(f"{n}={v}" for n, v in zip(_SCHEDULE, self._schedule(), strict=True))
         return f"{super().extra_repr()}, {own}"
 
 

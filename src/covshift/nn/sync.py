@@ -55,10 +55,6 @@ class _AllReduceSum(torch.autograd.Function):
         return _AllReduceSum.apply(grad.contiguous(), ctx.group), None
 
 
-def _reduce_dims(x: Tensor) -> list[int]:
-    return [0, *range(2, x.dim())]  # every dim but the channels (dim 1)
-
-
 def _channel_view(v: Tensor, x: Tensor) -> Tensor:
     return v.view(1, -1, *([1] * (x.dim() - 2)))  # (C,) -> (1, C, 1, ...)
 
@@ -71,7 +67,7 @@ def _global_moments(x: Tensor, group: ProcessGroup | None) -> tuple[Tensor, Tens
     # The reduced sums in float64, except where the device has none (Apple MPS).
     sum_dtype = torch.float32 if x.device.type == "mps" else torch.float64
     if n > 0:
-        mean, var = CF.moments(x, _reduce_dims(x))  # (C,) local, two-pass, stat dtype
+        mean, var = CF.moments(x, [0, *range(2, x.dim())])  # (C,) local, two-pass
         mean = mean.to(sum_dtype)
         s1 = mean * n  # (12.1)
         s2 = (var.to(sum_dtype) + mean * mean) * n  # (12.1)
@@ -120,7 +116,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             # functions of x so that d(dx)/dx includes their dependence on x.
             mean, var, big_n = _global_moments(x, ctx.group)
             invstd = torch.rsqrt(var + ctx.eps)
-        dims, stat, c = _reduce_dims(x), mean.dtype, x.shape[1]
+        dims, stat, c = [0, *range(2, x.dim())], mean.dtype, x.shape[1]
         xhat = (x.to(stat) - _channel_view(mean, x)) * _channel_view(invstd, x)  # (N, C, *)
         dy_s = dy.to(stat)
         sum_dy, sum_dy_xhat = dy_s.sum(dims), (dy_s * xhat).sum(dims)  # (C,) local
@@ -150,11 +146,8 @@ def sync_batch_norm(
     process_group: ProcessGroup | None = None,
 ) -> Tensor:
     """Batch normalization of ``input`` ``(N, C, *)`` (N may differ between ranks) with
-    the batch statistics of every rank in ``process_group`` (None: the world).
-
-    Updates ``running_mean``/``running_var`` when given, with factor ``momentum`` (the
-    caller resolves None) and the global count's unbiased variance (§7). Without
-    torch.distributed initialized, or in a group of one, it is local batch norm.
+    the statistics of every rank in ``process_group`` (None: the world); the running
+    buffers, when given, move by factor ``momentum`` with the global count (§7).
 
     Raises:
         ValueError: fewer than two values per channel over the whole group.
@@ -179,14 +172,11 @@ def sync_batch_norm(
 
 
 class SyncBatchNorm(BatchNormForward, nn.SyncBatchNorm):
-    """Batch normalization whose batch statistics span a torch.distributed group.
-
-    ``y = (x - E[x]) / sqrt(Var[x] + eps) * gamma + beta`` with ``E``, ``Var`` (biased)
-    per channel over the batch of *every* process in the group (Ioffe & Szegedy 2015,
-    arXiv 1502.03167). ``torch.nn.SyncBatchNorm`` (same arguments and state) with
-    covshift's forward, which runs on any backend and unequal batch sizes, where
-    torch's needs GPUs; alone (no process group, a group of one) or in eval mode it is
-    local BatchNorm.
+    """Batch normalization (Ioffe & Szegedy 2015, arXiv 1502.03167) whose statistics span
+    a torch.distributed group: ``y = (x - E[x]) / sqrt(Var[x] + eps) * gamma + beta``,
+    ``E``, ``Var`` (biased) per channel over every rank's batch. ``torch.nn.SyncBatchNorm``
+    with covshift's forward (any backend, see the module docstring); alone or in eval
+    mode, local BatchNorm.
 
     Example:
         >>> bn = SyncBatchNorm(16)  # shares statistics once dist.init_process_group ran
@@ -231,12 +221,10 @@ class SyncBatchNorm(BatchNormForward, nn.SyncBatchNorm):
     def convert_sync_batchnorm(
         cls, module: nn.Module, process_group: ProcessGroup | None = None
     ) -> nn.Module:
-        """Replace every BatchNorm1d/2d/3d (torch's, covshift's) and torch's
-        SyncBatchNorm in ``module`` by this class, as torch's classmethod (sharing their
-        parameter and buffer objects; ``module`` or its replacement returned), but the
-        result runs on any backend, a subclass with its own ``forward`` or child modules
-        (a fused activation) is left alone with a warning, and each layer records the
-        class it replaced for :meth:`revert_sync_batchnorm`.
+        """torch's classmethod for this class (BatchNorm1d/2d/3d and torch's SyncBatchNorm
+        replaced, sharing parameters and buffers), except that a subclass with its own
+        forward or children stays (with a warning) and each layer records the class it
+        replaced for :meth:`revert_sync_batchnorm` (docs/nn.md).
 
         Example:
             >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
@@ -262,9 +250,8 @@ class SyncBatchNorm(BatchNormForward, nn.SyncBatchNorm):
 
     @staticmethod
     def revert_sync_batchnorm(module: nn.Module, to: type[nn.Module] | None = None) -> nn.Module:
-        """Replace every SyncBatchNorm (covshift's or torch's) by the class recorded by
-        :meth:`convert_sync_batchnorm` or ``create_norm("sync_batch", dims=...)``, else
-        ``to``, sharing parameters and buffers; return ``module`` or its replacement.
+        """Replace every SyncBatchNorm by the class it recorded (else ``to``), sharing
+        parameters and buffers; return ``module`` or its replacement.
 
         Raises:
             ValueError: no recorded class and no ``to`` (the input rank decides between

@@ -19,14 +19,9 @@ __all__ = ["WSConv2d", "WSLinear", "standardize_weight"]
 
 
 def standardize_weight(weight: Tensor, eps: float = 1e-6) -> Tensor:
-    """Standardize every output filter of ``weight`` ``(O, *)`` (a conv or linear weight)
-    over all its other dims, eps added to the biased variance; same shape and dtype.
-
-    Example: ``standardize_weight(torch.randn(8, 3, 3, 3)).flatten(1).mean(1)`` is ~0.
-    """
+    """Standardize every output filter of ``weight`` ``(O, *)`` over its fan-in, eps
+    added to the biased variance: ``standardize_weight(w).flatten(1).mean(1)`` is ~0."""
     flat = weight.reshape(weight.shape[0], -1)  # (O, fan_in)
-    # The shared core: statistics in float32 at least, hand-derived (and twice
-    # differentiable) backward, output in the weight's dtype.
     return F.normalize(flat, 1, eps=eps, channel_dim=None).view_as(weight)
 
 
@@ -50,7 +45,6 @@ class WSConv2d(_Standardized, nn.Conv2d):
     """Conv2d whose filters are standardized before every use (Qiao et al. 2019,
     arXiv 1903.10520): ``y = conv2d(x, (W - mean_o W) / sqrt(var_o W + eps), b)`` over
     each output filter ``o``. torch.nn.Conv2d's arguments, and ``eps`` (default 1e-6).
-
     Example: ``WSConv2d(3, 16, kernel_size=3, padding=1)(torch.randn(2, 3, 8, 8))``.
     """
 
