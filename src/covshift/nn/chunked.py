@@ -19,11 +19,8 @@ from covshift.nn.reference import affine_view, compute_dtype, param_grad, sum_di
 
 __all__ = ["backward", "forward", "plan"]
 
-# Chunks of about this many bytes (in the compute dtype). A chunk's temporaries
-# (x - μ, g · x̂, ...) stay in cache between the passes that use them, and they are
-# written with ``out=`` into a workspace reused across calls: fresh whole-size
-# temporaries would each cost a trip to memory and, once the allocator hands the
-# pages back to the OS, page faults that cost more than the arithmetic.
+# Chunks of about this many bytes (in the compute dtype), whose temporaries (x - μ,
+# g · x̂, ...) stay in cache between the passes that use them (module docstring).
 _CHUNK_BYTES = 2 * 2**20
 # Pieces never exceed this (the workspace holds four of them per thread and dtype);
 # inputs that cannot be cut that small take the plain path.
@@ -35,11 +32,8 @@ _workspace = threading.local()
 
 
 def _scratch(count: int, shape: Sequence[int], dtype: torch.dtype) -> list[Tensor]:
-    """``count`` contiguous buffers of ``shape`` in ``dtype``, reused across calls.
-
-    Per thread and dtype, grown to the largest piece seen: at most four pieces of
-    ``_MAX_PIECE_BYTES``, usually four of about ``_CHUNK_BYTES`` (8 MB).
-    """
+    """``count`` contiguous buffers of ``shape`` in ``dtype``, reused across calls: per
+    thread and dtype, grown to the largest piece seen (at most 4 x ``_MAX_PIECE_BYTES``)."""
     pool: dict[torch.dtype, list[Tensor]] = getattr(_workspace, "pool", None) or {}
     _workspace.pool = pool
     numel = math.prod(shape)
@@ -54,12 +48,10 @@ def _scratch(count: int, shape: Sequence[int], dtype: torch.dtype) -> list[Tenso
 def plan(
     layout: NormLayout, x: Tensor, dtype: torch.dtype, any_size: bool = False
 ) -> tuple[int, int] | None:
-    """``(dim, step)``: split the view along ``dim`` (not reduced) in pieces of ``step``.
-
-    Every piece holds whole statistics groups, so pieces are independent. None (use
-    the plain path) off the CPU, where the caching allocator makes temporaries cheap,
-    and, unless ``any_size`` (tests), for an ``x`` under ``_MIN_BYTES`` in ``dtype``.
-    """
+    """``(dim, step)``: split the view along ``dim`` (not reduced, so pieces hold whole
+    statistics groups) in pieces of ``step``; None (the plain path) off the CPU, where
+    the caching allocator makes temporaries cheap, and under ``_MIN_BYTES`` unless
+    ``any_size`` (tests)."""
     total = x.numel() * dtype.itemsize
     if x.device.type != "cpu" or total == 0 or (total < _MIN_BYTES and not any_size):
         return None
@@ -91,19 +83,13 @@ def forward(
     pieces: tuple[int, int],
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
     """:func:`covshift.nn.reference.forward` in the pieces ``(dim, step)`` of :func:`plan`."""
-    dtype = compute_dtype(x.dtype)
-    m = layout.count
-    sdims = layout.stat_dims
-    dim, step = pieces
+    dtype, m, sdims, (dim, step) = compute_dtype(x.dtype), layout.count, layout.stat_dims, pieces
     xv = x.reshape(layout.view_shape)
     y = torch.empty_like(xv)  # the one full-size allocation; keeps x's memory format
-    w = affine_view(weight, layout, dtype)
-    b = affine_view(bias, layout, dtype)
     same = x.dtype == dtype  # else: half input, float32 work in the workspace
-    means, rstds, variances = [], [], []
     xs, ys = xv.split(step, dim), y.split(step, dim)
-    ws, bs = _pieces(w, dim, step, len(xs)), _pieces(b, dim, step, len(xs))
-    bufs: list[Tensor] = []
+    ws, bs = (_pieces(affine_view(t, layout, dtype), dim, step, len(xs)) for t in (weight, bias))
+    stats, bufs = [], []  # (mean, rstd, var) per piece; the workspace
     for xin, out, wc, bc in zip(xs, ys, ws, bs, strict=True):
         if not bufs or bufs[0].shape != xin.shape:
             bufs = _scratch(3, xin.shape, dtype)
@@ -131,9 +117,8 @@ def forward(
             work.add_(bc)
         if work is not out:
             out.copy_(work)
-        means.append(mean)
-        rstds.append(rstd)
-        variances.append(var)
+        stats.append((mean, rstd, var))
+    means, rstds, variances = zip(*stats, strict=True)
     mean = None if means[0] is None else _join(means, dim)
     return y.reshape(layout.shape), mean, _join(rstds, dim), _join(variances, dim)
 
@@ -150,26 +135,19 @@ def backward(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """:func:`covshift.nn.reference.backward` in the pieces ``(dim, step)`` of :func:`plan`."""
     need_dx, need_dw, need_db = needs
-    dtype = rstd.dtype
-    m = layout.count
-    dim, step = pieces
+    dtype, m, (dim, step) = rstd.dtype, layout.count, pieces
     xv = x.reshape(layout.view_shape)
-    gv = grad_out.reshape(layout.view_shape)
-    w = affine_view(weight, layout, dtype)
     dx = torch.empty_like(xv) if need_dx else None
     same = x.dtype == dtype and grad_out.dtype == dtype
     dw_parts: list[Tensor] = []
     db_parts: list[Tensor] = []
     pdims, sdims = layout.partial_dims, layout.stat_dims
     in_group = tuple(d for d in sdims if d not in pdims)
-    xs, gs = xv.split(step, dim), gv.split(step, dim)
+    xs, gs = xv.split(step, dim), grad_out.reshape(layout.view_shape).split(step, dim)
     k = len(xs)
     outs = dx.split(step, dim) if dx is not None else [None] * k
-    mus, rss, wcs = (
-        _pieces(mean, dim, step, k),
-        _pieces(rstd, dim, step, k),
-        _pieces(w, dim, step, k),
-    )
+    w = affine_view(weight, layout, dtype)
+    mus, rss, wcs = (_pieces(t, dim, step, k) for t in (mean, rstd, w))
     bufs: list[Tensor] = []
     for xin, gin, out, mu, rs, wc in zip(xs, gs, outs, mus, rss, wcs, strict=True):
         if not bufs or bufs[0].shape != xin.shape:
@@ -230,7 +208,7 @@ def _psum(t: Tensor, dims: tuple[int, ...]) -> Tensor:
     return t.sum(dims, keepdim=True) if dims else t.clone()
 
 
-def _join(parts: list[Tensor], dim: int) -> Tensor:
+def _join(parts: Sequence[Tensor], dim: int) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
