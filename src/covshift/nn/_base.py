@@ -16,14 +16,28 @@ from torch.nn.modules.batchnorm import _NormBase
 from covshift.nn import checks
 from covshift.nn import functional as F
 
-__all__ = ["BatchNormForward", "BatchNormVariant", "NormVariant", "TorchNormArgs"]
+__all__ = ["BatchNormForward", "BatchNormVariant", "NormVariant", "TorchNormArgs", "TorchSignature"]
 
 
-class TorchNormArgs:
-    """torch's BatchNorm/InstanceNorm constructor (a mixin before the torch class) after
-    covshift's checks of ``num_features``, ``eps`` and ``momentum``. ``inspect.signature``
-    shows torch's signature and the keyword-only arguments of a subclass's ``__init__``
-    (which passes the rest on: ``def __init__(self, *args, own=1, **kwargs)``)."""
+class TorchSignature:
+    """A mixin before a torch.nn class whose subclasses' ``__init__`` check some
+    arguments and pass the rest on (``def __init__(self, *args, own=1, **kwargs)``):
+    ``inspect.signature`` shows torch's signature and the subclass's keyword-only ones."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        torch_cls = next((k for k in cls.__mro__ if k.__module__.startswith("torch.")), None)
+        if torch_cls is None:  # a mixin
+            return
+        own = inspect.signature(cls.__init__).parameters.values()
+        params = [*inspect.signature(torch_cls).parameters.values()]
+        params += [p for p in own if p.kind is p.KEYWORD_ONLY]
+        cls.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+
+
+class TorchNormArgs(TorchSignature):
+    """torch's BatchNorm/InstanceNorm constructor after covshift's checks of
+    ``num_features``, ``eps`` and ``momentum``."""
 
     def __init__(
         self,
@@ -35,16 +49,6 @@ class TorchNormArgs:
     ) -> None:
         checked = checks.norm_args(num_features, eps, momentum)
         super().__init__(*checked, *args, **kwargs)  # type: ignore[call-arg]
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        torch_cls = next((k for k in cls.__mro__ if k.__module__.startswith("torch.")), None)
-        if torch_cls is None:  # a mixin
-            return
-        own = inspect.signature(cls.__init__).parameters.values()
-        params = [*inspect.signature(torch_cls).parameters.values()]
-        params += [p for p in own if p.kind is p.KEYWORD_ONLY]
-        cls.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
 
 
 class BatchNormForward(TorchNormArgs):

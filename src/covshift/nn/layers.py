@@ -8,12 +8,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from covshift.nn import checks
 from covshift.nn import functional as F
-from covshift.nn._base import BatchNormForward, TorchNormArgs
+from covshift.nn._base import BatchNormForward, TorchNormArgs, TorchSignature
 
 __all__ = [
     "BatchNorm1d",
@@ -26,8 +25,6 @@ __all__ = [
     "LayerNorm",
     "RMSNorm",
 ]
-
-Device = torch.device | str | None
 
 
 _BN_DOC = """Batch Normalization (Ioffe & Szegedy 2015, arXiv 1502.03167) of {shape}.
@@ -90,7 +87,7 @@ class InstanceNorm3d(_InstanceNorm, nn.InstanceNorm3d):
     )
 
 
-class LayerNorm(nn.LayerNorm):
+class LayerNorm(TorchSignature, nn.LayerNorm):
     """Layer Normalization (Ba, Kiros & Hinton 2016, arXiv 1607.06450).
 
     ``y = (x - E[x]) / sqrt(Var[x] + eps) * γ + β``, statistics per sample over the
@@ -99,28 +96,16 @@ class LayerNorm(nn.LayerNorm):
     """
 
     def __init__(
-        self,
-        normalized_shape: int | Sequence[int],
-        eps: float = 1e-5,
-        elementwise_affine: bool = True,
-        bias: bool = True,
-        device: Device = None,
-        dtype: torch.dtype | None = None,
+        self, normalized_shape: int | Sequence[int], eps: float = 1e-5, *args: Any, **kwargs: Any
     ) -> None:
-        super().__init__(
-            checks.normalized_shape(normalized_shape),
-            checks.eps_arg(eps),
-            elementwise_affine,
-            bias,
-            device,
-            dtype,
-        )
+        shape = checks.normalized_shape(normalized_shape)
+        super().__init__(shape, checks.eps_arg(eps), *args, **kwargs)
 
     def forward(self, input: Tensor) -> Tensor:
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
-class GroupNorm(nn.GroupNorm):
+class GroupNorm(TorchSignature, nn.GroupNorm):
     """Group Normalization (Wu & He 2018, arXiv 1803.08494).
 
     ``y = (x - E[x]) / sqrt(Var[x] + eps) * γ + β``, statistics per sample and group of
@@ -129,20 +114,11 @@ class GroupNorm(nn.GroupNorm):
     """
 
     def __init__(
-        self,
-        num_groups: int,
-        num_channels: int,
-        eps: float = 1e-5,
-        affine: bool = True,
-        device: Device = None,
-        dtype: torch.dtype | None = None,
-        *,
-        bias: bool = True,
+        self, num_groups: int, num_channels: int, eps: float = 1e-5, *args: Any, **kwargs: Any
     ) -> None:
         groups = checks.positive_int(num_groups, "num_groups")
         channels = checks.positive_int(num_channels, "num_channels")
-        eps = checks.eps_arg(eps)
-        super().__init__(groups, channels, eps, affine, device, dtype, bias=bias)
+        super().__init__(groups, channels, checks.eps_arg(eps), *args, **kwargs)
 
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() >= 2 and input.shape[1] != self.num_channels:
@@ -153,7 +129,7 @@ class GroupNorm(nn.GroupNorm):
         return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
 
-class RMSNorm(nn.RMSNorm):
+class RMSNorm(TorchSignature, nn.RMSNorm):
     """Root-mean-square normalization (Zhang & Sennrich 2019, arXiv 1910.07467).
 
     ``y = x / sqrt(E[x²] + eps) * γ`` over the trailing ``normalized_shape``:
@@ -165,13 +141,11 @@ class RMSNorm(nn.RMSNorm):
         self,
         normalized_shape: int | Sequence[int],
         eps: float | None = None,
-        elementwise_affine: bool = True,
-        device: Device = None,
-        dtype: torch.dtype | None = None,
+        *args: Any,
+        **kwargs: Any,
     ) -> None:
         shape = checks.normalized_shape(normalized_shape)
-        eps = None if eps is None else checks.eps_arg(eps)
-        super().__init__(shape, eps, elementwise_affine, device, dtype)
+        super().__init__(shape, None if eps is None else checks.eps_arg(eps), *args, **kwargs)
 
     def forward(self, input: Tensor) -> Tensor:
         return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
