@@ -119,12 +119,9 @@ def normalize(
     stats: bool = True,
     running: RunningStats | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor] | Tensor | None:
-    """``(y, mean, var)`` as :func:`~covshift.nn.functional.normalize_with_stats` (``y``
-    alone without ``stats``) from the C++ autograd node, or None; ``running``: the
-    buffers to update in the same call, by the rule of :mod:`covshift.nn.running`."""
+    """:func:`.backend.normalize` by the C++ autograd node, or None where it does not apply."""
     # Once loaded, the C++ checks the rest; before, ``x`` is checked here, so that a
-    # GPU-only process never builds the extension. (The common case first: this runs on
-    # every training step of every layer.)
+    # GPU-only process never builds the extension.
     mod = _module if _enabled else None
     if mod is None or torch.compiler.is_compiling():
         if not _enabled or torch.compiler.is_compiling() or x.device.type != "cpu":

@@ -41,12 +41,9 @@ def _flags() -> list[str]:
 
 
 def _openmp_flags() -> list[str]:
-    # With torch's OpenMP backend, at::parallel_for is inline code (ATen/ParallelOpenMP.h)
-    # that runs on one thread unless the extension itself is compiled with -fopenmp.
-    # Linked so, it shares torch's runtime: on Linux the wheel bundles libgomp.so.1,
-    # already loaded when the extension is, and the loader matches the soname, so
-    # torch.set_num_threads applies to the kernels too. (Elsewhere the compiler may
-    # lack the flag: the kernels then run on the calling thread.)
+    # at::parallel_for is inline OpenMP code, one thread unless the extension is built
+    # with -fopenmp; on Linux it then shares the wheel's libgomp.so.1 (the soname
+    # matches), so torch.set_num_threads applies. Elsewhere: the calling thread.
     if platform.system() == "Linux" and torch.backends.openmp.is_available():
         return ["-fopenmp"]
     return []
@@ -114,10 +111,7 @@ def _import_cpp_extension() -> ModuleType:
 def build() -> ModuleType:
     """Build the extension into its cache folder, or load the build there; raises what
     the build raises (the caller decides what a failure means)."""
-    # Imported here, not at the top: cpp_extension imports setuptools, which a
-    # process that never builds (GPU only, COVSHIFT_NATIVE=0) need not pay for.
-    cpp_extension = _import_cpp_extension()
-
+    cpp_extension = _import_cpp_extension()  # here: it imports setuptools (slow)
     name = _name()
     folder = cache_dir() / name
     folder.mkdir(parents=True, exist_ok=True)

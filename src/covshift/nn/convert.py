@@ -75,12 +75,9 @@ def convert_with_report(
             report) for LayerNorm/GroupNorm/RMSNorm sources.
         **kw: passed to every target constructor (e.g. ``num_groups=32``, ``eps=``).
 
-    Layers are matched by isinstance against torch.nn's and covshift's classes, so
-    subclasses (timm's) are converted too; a subclass's extra parameters or buffers
-    are reported as dropped. A subclass with its own ``forward`` or child modules
-    (timm's BatchNormAct2d, LayerNorm2d) is left as it is and reported as skipped:
-    no target would compute what its forward adds. Modules inside a replaced layer
-    are not visited; a module shared by several parents is converted once.
+    Subclasses (timm's) are matched too, their extra parameters or buffers reported as
+    dropped; one with its own ``forward`` or child modules (timm's BatchNormAct2d) stays,
+    reported as skipped. A module shared by several parents is converted once.
     """
     report = ConversionReport()
 

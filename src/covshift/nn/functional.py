@@ -72,7 +72,8 @@ def normalize(
     Example: ``normalize(x, (0, 2, 3), eps=1e-5)`` is BatchNorm2d in training,
     ``normalize(x, (1, 2, 3), eps=1e-5, groups=2)`` GroupNorm(2, C).
     """
-    return _normalize(x, reduce_dims, weight, bias, eps, subtract_mean, groups, channel_dim, False)
+    layout = _layout(x, reduce_dims, weight, bias, eps, groups=groups, channel_dim=channel_dim)
+    return backend.normalize(x, weight, bias, layout, float(eps), subtract_mean)
 
 
 def normalize_with_stats(
@@ -90,27 +91,16 @@ def normalize_with_stats(
     the biased ``var`` detached, in the compute dtype, the reduced dims removed (the
     group dim for grouped inputs: GroupNorm on (N, C, H, W) gives (N, G)); ``mean`` None
     without ``subtract_mean`` (``var`` is then the mean of squares)."""
-    return _normalize(x, reduce_dims, weight, bias, eps, subtract_mean, groups, channel_dim, True)
+    layout = _layout(x, reduce_dims, weight, bias, eps, groups=groups, channel_dim=channel_dim)
+    return backend.normalize(x, weight, bias, layout, float(eps), subtract_mean, stats=True)
 
 
-def _normalize(
-    x: Tensor,
-    reduce_dims: Dims,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    subtract_mean: bool,
-    groups: int | None,
-    channel_dim: int | None,
-    stats: bool,
-) -> Any:
+def _layout(
+    x: Tensor, dims: Dims, w: Tensor | None, b: Tensor | None, eps: float, **kw: Any
+) -> NormLayout:
     checks.eps(eps)
-    w = None if weight is None else weight.shape
-    b = None if bias is None else bias.shape
-    layout = resolve_layout(
-        x.shape, reduce_dims, groups=groups, channel_dim=channel_dim, weight_shape=w, bias_shape=b
-    )
-    return backend.normalize(x, weight, bias, layout, float(eps), subtract_mean, stats=stats)
+    shapes = {"weight_shape": L.shape_of(w), "bias_shape": L.shape_of(b)}
+    return resolve_layout(x.shape, dims, **kw, **shapes)
 
 
 def batch_norm(

@@ -26,15 +26,12 @@ class NormLayout:
         view_shape: ``x``'s shape with the channel dim split into (G, C // G) when
             grouped, else ``shape``. All the math runs on this view.
         stat_dims: the dims of the view that one statistic reduces over.
-        partial_dims: ``stat_dims`` minus the within-group channel dim: per-channel
-            partial sums over them, then a sum over the channels of a group, give the
-            group sums without a full-size ``g · w`` temporary (derivations §5).
+        partial_dims: ``stat_dims`` minus the within-group channel dim, for per-channel
+            partial sums (derivations §5).
         affine_shape: the shape ``weight``/``bias`` are viewed as to broadcast against
             the view (left-padded with ones to its rank), or None without affine.
-        per_channel: the affine is constant over ``partial_dims``, so the forward
-            and backward can fold it into per-group coefficients (one fused pass);
-            False for a trailing-shape affine over reduced dims (LayerNorm), whose
-            backward works element-wise (derivations §6).
+        per_channel: the affine is constant over ``partial_dims`` (it folds into
+            per-group coefficients); False for LayerNorm's element-wise affine (§6).
         count: M, the number of elements per statistic.
         param_shape: the shape of ``weight``/``bias`` as given, or None.
     """
@@ -192,7 +189,7 @@ def _tuple(shape: Sequence[int] | None) -> tuple[int, ...] | None:
     return None if shape is None else tuple(shape)
 
 
-def _shape(t: torch.Tensor | None) -> tuple[int, ...] | None:
+def shape_of(t: torch.Tensor | None) -> tuple[int, ...] | None:
     return None if t is None else tuple(t.shape)
 
 
@@ -205,8 +202,8 @@ def batch_norm_layout(
 ) -> NormLayout:
     """BatchNorm's layout in training (statistics over every dim but 1), after
     :func:`.checks.batch_norm` on the first call per argument shapes."""
-    w, b = _shape(weight), _shape(bias)
-    key = ("batch_norm", x.shape, _shape(running_mean), _shape(running_var), w, b)
+    w, b = shape_of(weight), shape_of(bias)
+    key = ("batch_norm", x.shape, shape_of(running_mean), shape_of(running_var), w, b)
     layout = remembered(key)
     if layout is None:
         checks.batch_norm(x, running_mean, running_var, weight, bias, training=True)
@@ -225,7 +222,7 @@ def trailing_norm_layout(
     """LayerNorm's (``rms`` False) or RMSNorm's layout over the trailing dims, after
     their checks on the first call per argument shapes."""
     ns = normalized_shape if isinstance(normalized_shape, (int, tuple)) else tuple(normalized_shape)
-    w, b = _shape(weight), _shape(bias)
+    w, b = shape_of(weight), shape_of(bias)
     key = ("rms_norm" if rms else "layer_norm", x.shape, ns, w, b)
     layout = remembered(key)
     if layout is None:
@@ -242,7 +239,7 @@ def group_norm_layout(
     """GroupNorm's layout, after :func:`.checks.group_norm` on the first call per
     argument shapes (remembered for an int ``num_groups`` only: 2.0 hashes as 2, but
     is refused)."""
-    w, b = _shape(weight), _shape(bias)
+    w, b = shape_of(weight), shape_of(bias)
     key = ("group_norm", x.shape, num_groups, w, b)
     layout = remembered(key) if type(num_groups) is int else None
     if layout is None:
