@@ -19,6 +19,7 @@ from covshift.nn import convert_carry as carry
 from covshift.nn import registry
 from covshift.nn.convert_carry import ConversionEntry, ConversionReport, ConversionWarning
 from covshift.nn.convert_target import Target, _build, _dims, _trailing
+from covshift.nn.noise import NoisyNorm
 
 __all__ = [
     "ConversionEntry",
@@ -108,7 +109,7 @@ def convert_with_report(
                 "dim 1); they agree on (N, C) inputs only"
             )
         new = carry.place_like(m, new)  # first: copying float64 state into float32 would round
-        carry.carry(m, carry.state_holder(new), kw, entry)
+        carry.carry(m, new.norm if isinstance(new, NoisyNorm) else new, kw, entry)  # its norm
         return new
 
     return carry.replace_modules(model, swap), report

@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from covshift.nn.noise import NoisyNorm
-
 
 class ConversionWarning(UserWarning):
     """Raised as a warning by :func:`convert` when a conversion loses state."""
@@ -106,6 +104,7 @@ def replace_modules(
 
 
 def carry(src: nn.Module, dst: nn.Module, kw: dict, entry: ConversionEntry) -> None:
+    """Carry ``src``'s state into ``dst`` (the module docstring), recorded in ``entry``."""
     with torch.no_grad():
         for name, identity in (("weight", 1.0), ("bias", 0.0)):
             s, d = getattr(src, name, None), getattr(dst, name, None)
@@ -153,11 +152,6 @@ def _is_fresh(m: nn.Module) -> bool:
     if isinstance(count, Tensor):
         return int(count) == 0
     return bool(torch.all(m.running_mean == 0) and torch.all(m.running_var == 1))
-
-
-def state_holder(new: nn.Module) -> nn.Module:
-    """Where the carried state goes: the wrapped norm of a NoisyNorm, else ``new``."""
-    return new.norm if isinstance(new, NoisyNorm) else new
 
 
 def place_like(src: nn.Module, dst: nn.Module) -> nn.Module:

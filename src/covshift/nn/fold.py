@@ -17,7 +17,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from covshift.nn import registry
 from covshift.nn.convert import ConversionEntry, ConversionReport
-from covshift.nn.fold_pairs import LAYER_TYPES, Pair, find_pairs
+from covshift.nn.fold_pairs import LAYER_TYPES, Pair, _eval_output, find_pairs
 
 __all__ = [
     "fold_batchnorm",
@@ -63,14 +63,11 @@ def _fold_into(layer: nn.Module, bn: nn.Module) -> None:
 
 @torch.no_grad()
 def _make_identity(bn: nn.Module) -> None:
-    """Statistics and affine for which ``bn``'s eval map is ``y = x`` (to float
-    rounding): what is left of a norm whose own forward must keep running."""
-    bn.running_mean.zero_()
-    bn.running_var.fill_(1.0 - bn.eps)
-    if bn.weight is not None:
-        bn.weight.fill_(1.0)
-    if bn.bias is not None:
-        bn.bias.zero_()
+    """Statistics and affine for which ``bn``'s eval map is ``y = x`` (to float rounding)."""
+    tensors = (bn.running_mean, bn.running_var, bn.weight, bn.bias)
+    for t, value in zip(tensors, (0.0, 1.0 - bn.eps, 1.0, 0.0), strict=True):
+        if t is not None:
+            t.fill_(value)
 
 
 def _local_input(layer: nn.Module) -> Tensor:
@@ -86,16 +83,6 @@ def _local_input(layer: nn.Module) -> Tensor:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=generator, dtype=torch.float64)
     return x.to(device=layer.weight.device, dtype=layer.weight.dtype)
-
-
-def _eval_output(module: nn.Module, x: Tensor) -> Tensor:
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            return module(x)
-    finally:
-        module.train(was_training)
 
 
 def _differs(out: object, reference: object, rtol: float, atol: float) -> float | None:

@@ -1,12 +1,9 @@
-"""SyncBatchNorm on any torch.distributed backend (gloo on CPU included), and back.
-
-torch.nn.SyncBatchNorm runs only on GPUs and offers no way back to BatchNorm. This one
-shares the batch statistics across a process group with one ``all_reduce`` in forward
-(``[Σx, Σx², n]`` per channel, the counts with the sums, so unequal batch sizes are
-exact) and one in backward (``[Σdy, Σdy·x̂]``); parameter gradients are the local sums,
-as torch's (DDP reduces them). Each rank's moments are two-pass, in float32 at least,
-and the sums float64, so ``Σx²/N − μ²`` loses less than float32 rounding for |μ|/σ up to
-about 1e4. Derivation, double backward included: docs/derivations.md §12.
+"""SyncBatchNorm on any torch.distributed backend (gloo on CPU included), and back
+(torch's runs only on GPUs, one way). One ``all_reduce`` in forward (``[Σx, Σx², n]``
+per channel: unequal batch sizes are exact) and one in backward (``[Σdy, Σdy·x̂]``);
+parameter gradients are the local sums, as torch's (DDP reduces them). Moments two-pass
+per rank, sums in float64, so ``Σx²/N − μ²`` stays within float32 rounding for |μ|/σ up
+to about 1e4. Derivation, double backward included: docs/derivations.md §12.
 """
 
 from __future__ import annotations
@@ -206,16 +203,9 @@ class SyncBatchNorm(BatchNormForward, nn.SyncBatchNorm):
         tracking = self.track_running_stats
         counter = self.num_batches_tracked if tracking else None
         factor = running_stats.step_factor(self.momentum, counter, tracking)
-        return sync_batch_norm(
-            input,
-            self.running_mean if tracking else None,
-            self.running_var if tracking else None,
-            self.weight,
-            self.bias,
-            factor,
-            self.eps,
-            self.process_group,
-        )
+        running = (self.running_mean, self.running_var) if tracking else (None, None)
+        affine = (self.weight, self.bias)
+        return sync_batch_norm(input, *running, *affine, factor, self.eps, self.process_group)
 
     @classmethod
     def convert_sync_batchnorm(
@@ -254,8 +244,7 @@ class SyncBatchNorm(BatchNormForward, nn.SyncBatchNorm):
         parameters and buffers; return ``module`` or its replacement.
 
         Raises:
-            ValueError: no recorded class and no ``to`` (the input rank decides between
-                BatchNorm1d/2d/3d, and only the caller knows it).
+            ValueError: no recorded class and no ``to`` (only the caller knows the rank).
         """
 
         def build(m: nn.Module) -> nn.Module:
