@@ -132,12 +132,9 @@ class ReferenceFunction(torch.autograd.Function):
         subtract_mean: bool,
         pieces: tuple[int, int] | None,
     ) -> tuple[Tensor, Tensor | None, Tensor]:
-        if pieces is None:
-            y, mean, rstd, var = reference.forward(x, weight, bias, layout, eps, subtract_mean)
-        else:
-            y, mean, rstd, var = chunked.forward(
-                x, weight, bias, layout, eps, subtract_mean, pieces
-            )
+        args = (x, weight, bias, layout, eps, subtract_mean)
+        out = reference.forward(*args) if pieces is None else chunked.forward(*args, pieces)
+        y, mean, rstd, var = out
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.layout, ctx.eps, ctx.subtract_mean, ctx.pieces = layout, eps, subtract_mean, pieces
         ctx.mark_non_differentiable(*(t for t in (mean, var) if t is not None))

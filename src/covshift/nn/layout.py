@@ -99,14 +99,8 @@ def resolve_layout(
 ) -> NormLayout:
     """Check the arguments of :func:`~covshift.nn.functional.normalize` against ``x``'s
     shape (ValueError) and resolve the view, remembered per argument set."""
-    key = (
-        tuple(shape),
-        reduce_dims if isinstance(reduce_dims, int) else tuple(reduce_dims),
-        groups,
-        channel_dim,
-        _tuple(weight_shape),
-        _tuple(bias_shape),
-    )
+    dims = reduce_dims if isinstance(reduce_dims, int) else tuple(reduce_dims)
+    key = (tuple(shape), dims, groups, channel_dim, _tuple(weight_shape), _tuple(bias_shape))
     return remembered(key) or remember(key, _resolve(*key))
 
 
@@ -127,6 +121,7 @@ def _resolve(
         )
     affine = weight_shape if weight_shape is not None else bias_shape
     affine_shape = None
+    view_shape, stat_dims, partial_dims = shape, dims, dims
     if channel_dim is None:
         if groups is not None:
             raise ValueError("groups splits the channel dim: pass channel_dim (an int) with it")
@@ -137,10 +132,10 @@ def _resolve(
                     f"dims of the input: got shape {affine} for input shape {shape}"
                 )
             affine_shape = (1,) * (ndim - len(affine)) + affine
-        view_shape, stat_dims, partial_dims = shape, dims, dims
     else:
         c = checks.dims(channel_dim, ndim, "channel_dim")[0]
         channels = shape[c]
+        channel_view: tuple[int, ...] = (channels,)
         if groups is None and c in dims:
             groups = 1  # the channel dim reduced without groups: one group
         if groups is not None:
@@ -157,10 +152,7 @@ def _resolve(
             view_shape = (*shape[:c], groups, channels // groups, *shape[c + 1 :])
             stat_dims = tuple(d if d < c else d + 1 for d in dims)
             partial_dims = tuple(d for d in stat_dims if d != c + 1)
-            channel_view: tuple[int, ...] = (groups, channels // groups)
-        else:
-            view_shape, stat_dims, partial_dims = shape, dims, dims
-            channel_view = (channels,)
+            channel_view = (groups, channels // groups)
         if affine is not None:
             if affine != (channels,):
                 raise ValueError(

@@ -77,16 +77,10 @@ class _BatchRenorm(BatchNormVariant):
 
     Training: ``y = γ · (x̂ · r + d) + β`` with x̂ BatchNorm's, ``r`` and ``d`` the
     clipped corrections towards the running statistics (constants in backprop); eval,
-    and training with ``track_running_stats=False``: BatchNorm. Arguments, parameters
-    and buffers are those of BatchNorm, and:
-
-    Args:
-        r_max: final clip of ``r``, >= 1. Default 3.
-        d_max: final clip of ``d``, >= 0. Default 5.
-        warmup_steps: batches with ``r_max = 1, d_max = 0``. Default 5000.
-        r_max_ramp_steps: batches of the linear ramp of ``r_max`` after the warmup.
-            Default 35000 (``r_max`` reached at step 40k); see :func:`renorm_limits`.
-        d_max_ramp_steps: same for ``d_max``. Default 20000 (reached at step 25k).
+    and training with ``track_running_stats=False``: BatchNorm. BatchNorm's arguments,
+    and the schedule of :func:`renorm_limits`: the final clips ``r_max`` (>= 1, default 3)
+    and ``d_max`` (>= 0, default 5), reached after ``warmup_steps`` (5000) and linear
+    ramps of ``r_max_ramp_steps`` (35000) and ``d_max_ramp_steps`` (20000) batches.
 
     Example: ``{name}(16, warmup_steps=0, r_max_ramp_steps=1000, d_max_ramp_steps=1000)``.
     """
