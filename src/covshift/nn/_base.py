@@ -61,18 +61,10 @@ class BatchNormForward(TorchNormArgs):
         m: Any = self
         m._check_input_dim(input)
         pass_buffers = not m.training or m.track_running_stats
-        counting = m.training and m.track_running_stats
-        return F.batch_norm(
-            input,
-            m.running_mean if pass_buffers else None,
-            m.running_var if pass_buffers else None,
-            m.weight,
-            m.bias,
-            training=m.training or (m.running_mean is None and m.running_var is None),
-            momentum=m.momentum,
-            eps=m.eps,
-            num_batches_tracked=m.num_batches_tracked if counting else None,
-        )
+        running = (m.running_mean, m.running_var) if pass_buffers else (None, None)
+        training = m.training or (m.running_mean is None and m.running_var is None)
+        counter = m.num_batches_tracked if m.training and m.track_running_stats else None
+        return F.batch_norm(input, *running, m.weight, m.bias, training, m.momentum, m.eps, counter)
 
 
 class NormVariant(nn.Module):

@@ -91,11 +91,8 @@ def eps(value: float) -> None:
 def values_per_channel(
     size: Sequence[int], count: int, *, empty_ok: bool = True, where: str = ""
 ) -> None:
-    """Training statistics need more than one value per channel (torch's message).
-
-    ``count`` is the number of values per statistic; an empty batch passes when
-    ``empty_ok`` (torch's BatchNorm then returns an empty output).
-    """
+    """Training statistics need more than ``count`` = 1 value per channel (torch's
+    message); an empty batch passes when ``empty_ok`` (torch's BatchNorm returns one)."""
     if count == 1 or (count == 0 and not empty_ok):
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {size}{where}"

@@ -44,21 +44,17 @@ class _GhostBatchNorm(BatchNormVariant):
         self.virtual_batch_size = vbs
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training and self.track_running_stats:
-            return super().forward(x)  # BatchNorm eval
         self._check_input_dim(x)
         n, vbs = x.shape[0], self.virtual_batch_size
-        if n == 0:
-            return super().forward(x)  # nothing to split
+        if n == 0 or (not self.training and self.track_running_stats):
+            return super().forward(x)  # BatchNorm's eval, or nothing to split
         full, size, rest = (1, n, 0) if n <= vbs else (n // vbs, vbs, n % vbs)
         spatial = x.numel() // (n * x.shape[1]) if x.numel() else 0  # per sample, channel
         if x.numel():
             smallest = min(size, rest or size) * spatial  # values per channel
             checks.values_per_virtual_batch(tuple(x.shape), vbs, size, rest, smallest)
-        parts = [self._normalize_chunks(x[: full * size], full, size)]
-        if rest:
-            parts.append(self._normalize_chunks(x[full * size :], 1, rest))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        y = self._normalize_chunks(x[: full * size], full, size)
+        return torch.cat([y, self._normalize_chunks(x[full * size :], 1, rest)]) if rest else y
 
     def _normalize_chunks(self, x: Tensor, k: int, size: int) -> Tensor:
         """Normalize ``x`` (k * size, C, *) as k chunks of ``size``; track each chunk."""

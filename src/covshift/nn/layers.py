@@ -53,16 +53,10 @@ class _InstanceNorm(TorchNormArgs):
     def _apply_instance_norm(self, input: Tensor) -> Tensor:
         # torch's forward checks the channels and unsqueezes an unbatched input first.
         m: Any = self
-        return F.instance_norm(
-            input,
-            m.running_mean,
-            m.running_var,
-            m.weight,
-            m.bias,
-            use_input_stats=m.training or not m.track_running_stats,
-            momentum=m.momentum if m.momentum is not None else 0.0,
-            eps=m.eps,
-        )
+        use_input_stats = m.training or not m.track_running_stats
+        momentum = m.momentum if m.momentum is not None else 0.0
+        state = (m.running_mean, m.running_var, m.weight, m.bias)
+        return F.instance_norm(input, *state, use_input_stats, momentum, m.eps)
 
 
 _IN_DOC = """Instance Normalization (Ulyanov et al. 2016, arXiv 1607.08022) of {shape}.

@@ -193,8 +193,5 @@ def affine_with_stats(
 
 
 def sum_dims(t: Tensor, dims: tuple[int, ...]) -> Tensor:
-    """``t`` summed over ``dims``, keepdim; ``t`` itself for no dims."""
-    # torch sums every dim when given an empty dim list; here empty means "no sum".
-    if not dims:
-        return t
-    return t.sum(dims, keepdim=True)
+    """``t`` summed over ``dims``, keepdim; ``t`` itself for no dims (torch would sum all)."""
+    return t.sum(dims, keepdim=True) if dims else t
