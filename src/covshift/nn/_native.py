@@ -287,16 +287,10 @@ def _make_plan(layout: NormLayout, channels_last: bool) -> _Plan | None:
     sizes5 = (*sizes, 0, 0) if kind == "channel" else sizes
     squeezed = tuple(n for d, n in enumerate(layout.view_shape) if d not in layout.stat_dims)
     packed = [0 if kind == "channel" else 1, int(channels_last), *sizes5]
-    for part in (
-        squeezed,
-        layout.param_shape or (),
-        layout.view_shape,
-        layout.stat_dims,
-        layout.affine_shape or (),
-    ):
+    params, affine = layout.param_shape or (), layout.affine_shape or ()
+    for part in (squeezed, params, layout.view_shape, layout.stat_dims, affine):
         packed += [len(part), *part]
-    config = torch.tensor(packed, dtype=torch.int64)
-    return _Plan(kind, sizes, config)
+    return _Plan(kind, sizes, torch.tensor(packed, dtype=torch.int64))
 
 
 def _match(layout: NormLayout, channels_last: bool) -> tuple[str, tuple[int, ...]] | None:

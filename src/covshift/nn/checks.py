@@ -1,8 +1,6 @@
 """Argument checks of the normalization family: one function and one message per rule,
-with torch's exception type and wording where torch has one. The layers check their
-constructor arguments (``norm_args``, ``eps_arg``, ``positive_int``), which torch does
-not; the functional wrappers and :mod:`.layout` check shapes on the first call per
-argument shapes, values (eps) on every call.
+with torch's exception type and wording where torch has one: constructor arguments
+(which torch does not check), then shapes (first call per shapes) and values (each call).
 """
 
 from __future__ import annotations

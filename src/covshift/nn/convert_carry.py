@@ -1,10 +1,7 @@
-"""Replacing a model's layers (:func:`replace_modules`, the one walk of
-:func:`covshift.nn.convert` and :class:`covshift.nn.SyncBatchNorm`'s conversions), and
-carrying a replaced layer's state into its replacement: device, dtype and mode first;
-weight, bias and running statistics where shapes agree; eps and momentum unless
-passed; every drop recorded, with its reason, in the layer's :class:`ConversionEntry`
-(an identity affine or fresh statistics are not a drop), and the report those entries
-make up (:class:`ConversionReport`).
+"""Replacing a model's layers (:func:`replace_modules`, the walk of convert and sync), and
+carrying a layer's state into its replacement: device, dtype and mode; weight, bias and
+running statistics where shapes agree; eps and momentum unless passed; every drop (not
+an identity affine, not fresh statistics) recorded in a :class:`ConversionEntry`.
 """
 
 from __future__ import annotations

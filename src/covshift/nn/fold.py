@@ -27,6 +27,10 @@ __all__ = [
 ]
 
 
+def _is_batch_norm(m: nn.Module) -> bool:
+    return registry.norm_kind(m) in registry.batch_kinds()
+
+
 def _why_not(layer: nn.Module, bn: nn.Module) -> str | None:
     """None when ``bn`` folds into ``layer``, else the reason it does not."""
     if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
@@ -120,12 +124,7 @@ def fold_batchnorm_with_report(
     if not inplace:
         model = copy.deepcopy(model)
     reference = None if check_input is None else _eval_output(model, check_input)
-    pairing = find_pairs(
-        model,
-        lambda m: registry.norm_kind(m) in registry.batch_kinds(),
-        check_input=check_input,
-        by_name=by_name,
-    )
+    pairing = find_pairs(model, _is_batch_norm, check_input=check_input, by_name=by_name)
     report = ConversionReport()
     folded_layers: set[int] = set()
     folded_norms: set[int] = set()
@@ -159,7 +158,7 @@ def fold_batchnorm_with_report(
             ConversionEntry(pair.norm, type(bn).__name__, target, carried=into, notes=notes)
         )
     for path, m in model.named_modules():  # what is left unfolded
-        if registry.norm_kind(m) in registry.batch_kinds() and id(m) not in folded_norms:
+        if _is_batch_norm(m) and id(m) not in folded_norms:
             why = reasons.get(path, f"not applied to a Linear/Conv output ({pairing.method})")
             report.entries.append(ConversionEntry(path, type(m).__name__, "", notes=[why]))
     return model, report
@@ -252,7 +251,7 @@ def freeze_batchnorm(model: nn.Module) -> nn.Module:
     """Freeze every BatchNorm-kind layer, statistics and affine, in place: eval mode that
     survives ``model.train()`` (a forward pre-hook), ``requires_grad=False``."""
     for m in model.modules():
-        if registry.norm_kind(m) not in registry.batch_kinds():
+        if not _is_batch_norm(m):
             continue
         m.train(False)
         for p in m.parameters(recurse=False):

@@ -1,9 +1,8 @@
 """Which BatchNorm consumes which Linear/Conv's output, alone: the pairs that can fold.
 
-The first source that works decides: the torch.fx graph (every user seen), else a
-forward trace on ``check_input`` (functional users unseen: each fold is then verified
-on it), else ``nn.Sequential`` order and, with ``by_name``, sibling names
-(``conv1``/``bn1``), an assumption the report states.
+The first source that works decides: the torch.fx graph, else a forward trace on
+``check_input`` (each fold then verified on it), else ``nn.Sequential`` order and, with
+``by_name``, sibling names (``conv1``/``bn1``).
 """
 
 from __future__ import annotations

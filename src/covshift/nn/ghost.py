@@ -1,9 +1,7 @@
 """Ghost Batch Normalization (Hoffer, Hubara & Soudry 2017, arXiv 1705.08741).
 
-BatchNorm over *virtual* batches: ``x.split(virtual_batch_size)`` in order (a shorter
-last chunk when N is not a multiple), each normalized on its own, one affine; running
-statistics move once per virtual batch, in order, so the state is that of a BatchNorm
-fed the chunks one by one; eval as BatchNorm. All full chunks run in one call of the
+BatchNorm over the virtual batches ``x.split(virtual_batch_size)``, their running
+statistics those of a BatchNorm fed them one by one; all full chunks in one call of the
 core over the ``(k, virtual_batch_size, C, *)`` view (docs/derivations.md §14).
 """
 

@@ -4,9 +4,8 @@
     μ = Σx / M (1.1)   σ² = Σ(x - μ)² / M (1.2)   r = (σ² + ε)^(-1/2) (1.3)
     x̂ = (x - μ)·r (1.4)   y = x̂·w + b (1.5)          (μ = 0 for RMS, §4)
 
-The backward is the closed form of §3-§6 in plain out-of-place ops, so autograd
-differentiates it again (§9); written flat (tensor methods) for Dynamo. Statistics in
-float32 at least, the variance by two passes, ε inside the square root (§10).
+The backward: the closed form of §3-§6 in plain ops, which autograd differentiates
+again (§9). Statistics in float32 at least, two-pass variance, ε inside the root (§10).
 """
 
 from __future__ import annotations

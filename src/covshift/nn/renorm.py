@@ -6,9 +6,8 @@ inference compute the same function in expectation (docs/derivations.md §13)::
     r = clip(σ_B / σ_run, 1/r_max, r_max)     d = clip((μ_B - μ_run) / σ_run, -d_max, d_max)
     y = γ · (x̂ · r + d) + β                   (r, d constants in backprop)
 
-r_max and d_max follow the paper's schedule, a warmup then linear ramps (the paper
-says "gradually"), counted by the layer's own ``num_batches_tracked``
-(:func:`renorm_limits`); eval is BatchNorm, and so is ``r_max = 1, d_max = 0``.
+r_max and d_max: a warmup then linear ramps (the paper's "gradually") over
+``num_batches_tracked`` (:func:`renorm_limits`); eval is BatchNorm.
 """
 
 from __future__ import annotations

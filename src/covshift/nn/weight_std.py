@@ -1,9 +1,8 @@
 """Weight Standardization (Qiao et al. 2019, arXiv 1903.10520).
 
-Each output filter is standardized over its fan-in before every use,
-``Ŵ[o] = (W[o] - mean W[o]) / sqrt(var W[o] + eps)`` (biased variance, eps 1e-6 by
-default: a filter's variance is about 1 / (3 fan_in)), gradients flowing through it:
-the core's :func:`covshift.nn.functional.normalize` over each filter (§16).
+Each output filter standardized over its fan-in before every use by the core (§16),
+``Ŵ[o] = (W[o] - mean W[o]) / sqrt(var W[o] + eps)`` (biased; eps 1e-6: a filter's
+variance is about 1 / (3 fan_in)).
 """
 
 from __future__ import annotations
