@@ -154,9 +154,8 @@ def backward(
             bufs = _scratch(4, xin.shape, dtype)
         prod, gw, work, gf = bufs
         # The deviations x - μ go into the dx piece (when it has the compute dtype),
-        # which later steps turn into dx in place.
-        if same and out is not None:
-            work = out
+        # which later steps turn into dx in place (else they are copied there at the end).
+        work = out if same and out is not None else work
         g = gin if gin.dtype == dtype else gf.copy_(gin)
         xc = torch.sub(xin, mu, out=work) if mu is not None else work.copy_(xin)
         if layout.per_channel:
@@ -176,9 +175,6 @@ def backward(
                     assert sum_g is not None
                     xc.sub_((rs / m) * sum_dims(sum_g if wc is None else sum_g * wc, in_group))
                 xc.addcmul_(g, a)
-                if xc is not out:
-                    assert out is not None
-                    out.copy_(xc)
         else:
             xhat = xc.mul_(rs)
             if need_db:
@@ -194,9 +190,8 @@ def backward(
                 if mu is not None:
                     xhat.sub_(sum_dims(gwc, sdims).mul_(rs / m))
                 xhat.addcmul_(gwc, rs)
-                if xhat is not out:
-                    assert out is not None
-                    out.copy_(xhat)
+        if out is not None and xc is not out:  # (x̂ is x - μ, scaled in place)
+            out.copy_(xc)
     dw = param_grad(_join_sum(dw_parts, dim, layout), layout) if need_dw else None
     db = param_grad(_join_sum(db_parts, dim, layout), layout) if need_db else None
     return (None if dx is None else dx.reshape(layout.shape)), dw, db

@@ -135,7 +135,7 @@ def batch_norm(
                 "batch_norm with training=False needs running_mean and running_var; "
                 "pass training=True to normalize with the batch statistics"
             )
-        return affine_with_stats(x, running_mean, running_var, weight, bias, eps, channel_dim=1)
+        return affine_with_stats(x, running_mean, running_var, weight, bias, eps)
 
     layout = L.batch_norm_layout(x, running_mean, running_var, weight, bias)
     checks.batch_norm_eps(eps, training=True)
@@ -225,7 +225,7 @@ def instance_norm(
             raise ValueError(
                 "instance_norm with use_input_stats=False needs running_mean and running_var"
             )
-        return affine_with_stats(x, running_mean, running_var, weight, bias, eps, channel_dim=1)
+        return affine_with_stats(x, running_mean, running_var, weight, bias, eps)
     checks.spatial_size(x.shape)
     dims = tuple(range(2, x.dim()))
     y, mean, var = normalize_with_stats(x, dims, weight, bias, eps=eps, channel_dim=1)

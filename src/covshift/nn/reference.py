@@ -167,20 +167,13 @@ def moments(
 
 
 def affine_with_stats(
-    x: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    channel_dim: int,
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> Tensor:
-    """``y = x·s + t`` with fixed per-channel statistics (8.1): BatchNorm's (and tracked
-    InstanceNorm's) eval. An affine map with constants, so plain differentiable ops
-    and autograd's own backward; nothing to gain from a hand-written one."""
+    """``y = x·s + t`` with fixed statistics per channel (dim 1), (8.1): BatchNorm's (and
+    tracked InstanceNorm's) eval. An affine map with constants, so plain differentiable
+    ops and autograd's own backward; nothing to gain from a hand-written one."""
     dtype = compute_dtype(x.dtype)
-    shape = [1] * x.dim()
-    shape[channel_dim] = x.shape[channel_dim]
+    shape = [1, x.shape[1], *[1] * (x.dim() - 2)]
     scale = torch.rsqrt(var.to(dtype) + eps)  # s = w / sqrt(running_var + ε)
     if weight is not None:
         scale = scale * weight.to(dtype)
