@@ -162,8 +162,7 @@ def convert_with_report(
     """Replace every normalization layer of ``model``; return ``(model, report)``.
 
     Args:
-        model: any module; changed in place (its children are replaced). When
-            ``model`` itself is a norm layer, its replacement is returned.
+        model: any module, changed in place (a norm itself: its replacement is returned).
         to: what to put in place of each norm layer:
 
             - ``"torch"`` / ``"covshift"``: the same kind and configuration in the
@@ -176,9 +175,8 @@ def convert_with_report(
             - a factory: ``factory(C, **kw)`` (plus ``dims=`` if it takes it);
             - a mapping from source classes (isinstance) or kinds (``"batch"``,
               ``"layer"``, ...) to any of the above; layers matching no key stay.
-        dims: the input's spatial rank (1, 2, 3) for targets that depend on it;
-            by default taken from the source (BatchNorm2d -> 2); a guess (noted in the
-            report) for LayerNorm/GroupNorm/RMSNorm sources.
+        dims: the input's spatial rank (1, 2, 3) for targets that depend on it; by
+            default the source's (BatchNorm2d: 2), else a guess the report notes.
         **kw: passed to every target constructor (e.g. ``num_groups=32``, ``eps=``).
 
     Subclasses (timm's) are matched too, their extra parameters or buffers reported as

@@ -19,16 +19,10 @@ class ConversionWarning(UserWarning):
 
 @dataclass
 class ConversionEntry:
-    """One replaced (or skipped) module.
-
-    Attributes:
-        path: its dotted path in the model (``""`` for the root).
-        source: the class name replaced, e.g. ``"BatchNorm2d"``.
-        target: the class name put in its place (``""`` when skipped).
-        carried: state carried over (``"weight"``, ``"running_mean"``, ``"eps"``, ...).
-        dropped: state that could not be carried, each with the reason.
-        notes: behaviour differences worth knowing (layout, guessed dims, ...).
-    """
+    """One replaced (or skipped) module: its dotted ``path`` (``""``: the root), the
+    ``source`` class name and the ``target`` one (``""`` when skipped), the state
+    ``carried`` (``"weight"``, ``"eps"``, ...) and ``dropped`` (each with the reason), and
+    ``notes`` on behaviour differences worth knowing (layout, guessed dims, ...)."""
 
     path: str
     source: str

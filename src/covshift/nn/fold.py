@@ -100,8 +100,7 @@ def _differs(out: object, reference: object, rtol: float, atol: float) -> float 
             return None
         return float((out - reference).abs().max())
     if isinstance(reference, dict) and isinstance(out, dict):
-        keys = reference.keys()
-        pairs = [(out.get(k), reference[k]) for k in keys]
+        pairs = [(out.get(k), v) for k, v in reference.items()]
     elif isinstance(reference, (tuple, list)) and isinstance(out, (tuple, list)):
         pairs = list(zip(out, reference, strict=False))
     else:
@@ -126,8 +125,7 @@ def fold_batchnorm_with_report(
     reference = None if check_input is None else _eval_output(model, check_input)
     pairing = find_pairs(model, _is_batch_norm, check_input=check_input, by_name=by_name)
     report = ConversionReport()
-    folded_layers: set[int] = set()
-    folded_norms: set[int] = set()
+    folded_layers, folded_norms = set(), set()  # ids
     reasons = dict(pairing.reasons)  # why a norm was not folded, by path
     for pair in pairing.pairs:
         layer, bn = model.get_submodule(pair.layer), model.get_submodule(pair.norm)
@@ -143,20 +141,18 @@ def fold_batchnorm_with_report(
             continue
         folded_layers.add(id(layer))
         folded_norms.add(id(bn))
-        into = [f"folded into {pair.layer} ({type(layer).__name__})"]
-        notes = []
+        entry = ConversionEntry(pair.norm, type(bn).__name__, "")
+        entry.carried.append(f"folded into {pair.layer} ({type(layer).__name__})")
         if pair.source in ("name", "sequential"):
-            notes.append(f"paired by {pair.source}: {pairing.method}")
+            entry.notes.append(f"paired by {pair.source}: {pairing.method}")
         kept = model.get_submodule(pair.norm)
-        target = type(kept).__name__
+        entry.target = type(kept).__name__
         if kept is bn:
-            notes.append(
+            entry.notes.append(
                 f"kept as an identity normalization: {type(bn).__name__} has its own "
                 "forward or child modules (e.g. a fused activation), which still run"
             )
-        report.entries.append(
-            ConversionEntry(pair.norm, type(bn).__name__, target, carried=into, notes=notes)
-        )
+        report.entries.append(entry)
     for path, m in model.named_modules():  # what is left unfolded
         if _is_batch_norm(m) and id(m) not in folded_norms:
             why = reasons.get(path, f"not applied to a Linear/Conv output ({pairing.method})")
@@ -236,10 +232,9 @@ def fold_batchnorm(
     Example: ``fold_batchnorm(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))[1]``
     is ``nn.Identity()``.
     """
-    folded, _ = fold_batchnorm_with_report(
+    return fold_batchnorm_with_report(
         model, inplace=inplace, by_name=by_name, check_input=check_input
-    )
-    return folded
+    )[0]
 
 
 def _stay_in_eval(module: nn.Module, args: object) -> None:

@@ -122,10 +122,8 @@ def batch_norm(
     scalar tensor) += 1 first, and ``momentum=None`` is then the cumulative average.
     Out of training the running statistics normalize (an affine map, §8).
 
-    Raises:
-        ValueError: one value per channel in training, bad eps, momentum=None
-            without a counter, running stats missing out of training.
-        RuntimeError: a parameter or buffer whose length is not C.
+    ValueError for one value per channel in training, a bad eps, momentum=None without
+    a counter or no running stats out of training; RuntimeError for a length not C.
     """
     if not training:
         checks.batch_norm(x, running_mean, running_var, weight, bias, training=False)

@@ -19,21 +19,12 @@ Dims = int | Sequence[int]
 
 @dataclass(frozen=True)
 class NormLayout:
-    """How ``x`` is viewed and reduced; resolved once from shapes by :func:`resolve_layout`.
-
-    Attributes:
-        shape: the shape of ``x``.
-        view_shape: ``x``'s shape with the channel dim split into (G, C // G) when
-            grouped, else ``shape``. All the math runs on this view.
-        stat_dims: the dims of the view that one statistic reduces over.
-        partial_dims: ``stat_dims`` minus the within-group channel dim, for per-channel
-            partial sums (derivations §5).
-        affine_shape: the shape ``weight``/``bias`` are viewed as to broadcast against
-            the view (left-padded with ones to its rank), or None without affine.
-        per_channel: the affine is constant over ``partial_dims`` (it folds into
-            per-group coefficients); False for LayerNorm's element-wise affine (§6).
-        count: M, the number of elements per statistic.
-        param_shape: the shape of ``weight``/``bias`` as given, or None.
+    """How ``x`` (``shape``) is viewed and reduced, from :func:`resolve_layout`: the math
+    runs on ``view_shape`` (the channel dim split into (G, C // G) when grouped), one
+    statistic over its ``stat_dims`` (``count`` = M elements; ``partial_dims``: less the
+    within-group channel dim, for per-channel partial sums, §5). ``weight``/``bias``
+    (``param_shape``, None without) broadcast as ``affine_shape``; ``per_channel``: the
+    affine is constant over ``partial_dims`` (False for LayerNorm's element-wise one, §6).
     """
 
     shape: tuple[int, ...]

@@ -147,11 +147,8 @@ def norm_names() -> list[str]:
 
 def create_norm(name: str, num_features: int, *, dims: int = 1, **kw: object) -> nn.Module:
     """Build the normalization layer registered as ``name`` for ``num_features`` channels
-    and inputs of spatial rank ``dims`` (1: (N, C) or (N, C, L); 2: (N, C, H, W); 3).
-
-    Raises:
-        ValueError: unknown name (the message lists the known ones) or bad ``dims``.
-    """
+    and inputs of spatial rank ``dims`` (1: (N, C) or (N, C, L); 2: (N, C, H, W); 3);
+    ValueError for an unknown name (the message lists the known ones) or bad ``dims``."""
     if dims not in (1, 2, 3):
         raise ValueError(f"dims must be 1, 2 or 3 (spatial rank of the input), got {dims!r}")
     try:
@@ -173,11 +170,8 @@ def create_norm(name: str, num_features: int, *, dims: int = 1, **kw: object) ->
 
 def _keywords(factory: NormFactory, num_features: int, dims: int) -> list[str]:
     """The keywords a factory's layer accepts, less the shapes the factory fills in."""
-    own = [
-        p.name
-        for p in inspect.signature(factory).parameters.values()
-        if p.kind is p.KEYWORD_ONLY and p.name != "dims"
-    ]
+    factory_params = inspect.signature(factory).parameters.values()
+    own = [p.name for p in factory_params if p.kind is p.KEYWORD_ONLY and p.name != "dims"]
     try:
         params = inspect.signature(type(factory(num_features, dims=dims))).parameters
     except Exception:  # e.g. a required keyword: the factory's own list is all there is

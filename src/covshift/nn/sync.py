@@ -146,8 +146,7 @@ def sync_batch_norm(
     the statistics of every rank in ``process_group`` (None: the world); the running
     buffers, when given, move by factor ``momentum`` with the global count (§7).
 
-    Raises:
-        ValueError: fewer than two values per channel over the whole group.
+    ValueError for fewer than two values per channel over the whole group.
     """
     if input.dim() < 2:
         raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
