@@ -65,9 +65,8 @@ def plan(
 
 
 def _pieces(t: Tensor | None, dim: int, step: int, count: int) -> Sequence[Tensor | None]:
-    """``t`` split along ``dim`` into ``count`` pieces in one call, or repeated if it
-    broadcasts along ``dim``. (Per-piece ``narrow`` calls would cost more than the
-    arithmetic on small pieces: every torch call is a few microseconds.)"""
+    """``t`` split along ``dim`` into ``count`` pieces in one call (one ``narrow`` per
+    piece would cost more than small pieces' arithmetic), or repeated if it broadcasts."""
     if t is None or t.dim() <= dim or t.shape[dim] == 1:
         return [t] * count
     return t.split(step, dim)

@@ -90,6 +90,5 @@ class NoisyNorm(nn.Module):
         return self.noise(self.norm(input))
 
 
-# The name this class had until 0.1.0's nn reshaping (it read too much like NoisyNorm);
-# kept so that code written against it runs unchanged.
+# TimeVaryingNoise's name until 0.1.0 (it read too much like NoisyNorm), still accepted.
 NormNoise = TimeVaryingNoise

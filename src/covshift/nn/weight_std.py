@@ -25,12 +25,10 @@ def standardize_weight(weight: Tensor, eps: float = 1e-6) -> Tensor:
 
 
 class _Standardized:
-    """``eps`` (checked, in ``extra_repr``) and the weight :meth:`forward` uses."""
+    """The weight :meth:`forward` uses, and ``eps`` (set by the constructors) in the repr."""
 
     weight: Tensor
-
-    def _set_eps(self, eps: float) -> None:
-        self.eps = checks.eps_arg(eps)
+    eps: float
 
     def standardized_weight(self) -> Tensor:
         """The weight actually used by ``forward``: the layer's, each filter standardized."""
@@ -62,7 +60,7 @@ class WSConv2d(_Standardized, nn.Conv2d):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        self._set_eps(eps)  # (before torch's constructor: a bad eps fails first)
+        self.eps = checks.eps_arg(eps)  # (before torch's constructor: a bad eps fails first)
         conv = (in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
         super().__init__(*conv, padding_mode, device, dtype)
 
@@ -71,11 +69,9 @@ class WSConv2d(_Standardized, nn.Conv2d):
 
 
 class WSLinear(_Standardized, nn.Linear):
-    """Linear layer whose rows are standardized before every use (Weight
-    Standardization, Qiao et al. 2019, for convolutions: a linear layer is a 1x1 conv):
-    ``y = x Ŵᵀ + b``, ``Ŵ[o] = (W[o] - mean W[o]) / sqrt(var W[o] + eps)``.
-    torch.nn.Linear's arguments, and ``eps`` (default 1e-6). Example: ``WSLinear(20, 5)``.
-    """
+    """Linear layer (a 1x1 conv) whose rows are standardized before every use (Qiao et al.
+    2019): ``y = x Ŵᵀ + b``, ``Ŵ[o] = (W[o] - mean W[o]) / sqrt(var W[o] + eps)``.
+    torch.nn.Linear's arguments, and ``eps`` (default 1e-6). Example: ``WSLinear(20, 5)``."""
 
     def __init__(
         self,
@@ -86,7 +82,7 @@ class WSLinear(_Standardized, nn.Linear):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        self._set_eps(eps)
+        self.eps = checks.eps_arg(eps)
         super().__init__(in_features, out_features, bias, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
