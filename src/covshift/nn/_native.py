@@ -149,11 +149,8 @@ _SOURCES = ("norm.cpp", "norm_kernels.h")
 def cache_dir() -> Path:
     """Where built extensions live: ``$COVSHIFT_CACHE_DIR``, else
     ``$XDG_CACHE_HOME/covshift/extensions`` (``~/.cache/covshift/extensions``)."""
-    root = os.environ.get("COVSHIFT_CACHE_DIR")
-    if root:
-        return Path(root)
     xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "covshift" / "extensions"
+    return Path(os.environ.get("COVSHIFT_CACHE_DIR") or Path(xdg) / "covshift" / "extensions")
 
 
 def _flags() -> list[str]:
@@ -168,14 +165,12 @@ def _openmp_flags() -> list[str]:
     # at::parallel_for is inline OpenMP code, one thread unless the extension is built
     # with -fopenmp; on Linux it then shares the wheel's libgomp.so.1 (the soname
     # matches), so torch.set_num_threads applies. Elsewhere: the calling thread.
-    if platform.system() == "Linux" and torch.backends.openmp.is_available():
-        return ["-fopenmp"]
-    return []
+    linux = platform.system() == "Linux"
+    return ["-fopenmp"] if linux and torch.backends.openmp.is_available() else []
 
 
 def _cpu_tag() -> str:
-    # The library is tuned for this CPU (-march=native): a cache shared between
-    # machines must not hand one machine's build to another.
+    # Tuned for this CPU (-march=native): a shared cache must not hand it to another.
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -190,9 +185,8 @@ def _name() -> str:
     h = hashlib.sha256()
     for src in _SOURCES:
         h.update((_CSRC / src).read_bytes())
-    # The sources' folder too: torch's build files name the sources by their path, so
-    # two checkouts sharing one cache folder would rebuild it for each other on every
-    # first use (40 s or more each time); each gets its own build instead.
+    # The sources' folder too: torch's build files name sources by path, so two
+    # checkouts sharing a cache would rebuild (40 s or more) for each other each time.
     for part in (torch.__version__, " ".join(_flags()), _cpu_tag(), str(_CSRC.resolve())):
         h.update(part.encode())
     return f"covshift_norm_{h.hexdigest()[:16]}"
