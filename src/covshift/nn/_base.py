@@ -20,9 +20,8 @@ __all__ = ["BatchNormForward", "BatchNormVariant", "NormVariant", "TorchNormArgs
 
 
 class TorchSignature:
-    """A mixin before a torch.nn class whose subclasses' ``__init__`` check some
-    arguments and pass the rest on (``def __init__(self, *args, own=1, **kwargs)``):
-    ``inspect.signature`` shows torch's signature and the subclass's keyword-only ones."""
+    """A mixin before a torch.nn class for an ``__init__(self, checked, *args, own=1,
+    **kwargs)``: ``inspect.signature`` shows torch's signature and the own keywords."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

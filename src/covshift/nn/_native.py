@@ -104,8 +104,7 @@ def declined(x: Tensor) -> str:
 
 def _compiled_autograd_on() -> bool:
     """Whether compiled autograd is on: the C++ node has no ``compiled_args`` (torch's
-    generic Function that has them costs as much as the kernels on small layers), so the
-    reference Function serves meanwhile. A module lookup: no dynamo import here."""
+    generic Function with them costs as much as small layers' kernels); no dynamo import."""
     ca = sys.modules.get("torch._dynamo.compiled_autograd")
     return ca is not None and bool(ca.compiled_autograd_enabled)
 

@@ -48,10 +48,9 @@ def _scratch(count: int, shape: Sequence[int], dtype: torch.dtype) -> list[Tenso
 def plan(
     layout: NormLayout, x: Tensor, dtype: torch.dtype, any_size: bool = False
 ) -> tuple[int, int] | None:
-    """``(dim, step)``: split the view along ``dim`` (not reduced, so pieces hold whole
-    statistics groups) in pieces of ``step``; None (the plain path) off the CPU, where
-    the caching allocator makes temporaries cheap, and under ``_MIN_BYTES`` unless
-    ``any_size`` (tests)."""
+    """``(dim, step)``: split the view along ``dim`` (not reduced: whole statistics groups)
+    in pieces of ``step``; None (the plain path) off the CPU, where the caching allocator
+    makes temporaries cheap, and under ``_MIN_BYTES`` unless ``any_size`` (tests)."""
     total = x.numel() * dtype.itemsize
     if x.device.type != "cpu" or total == 0 or (total < _MIN_BYTES and not any_size):
         return None
@@ -138,8 +137,7 @@ def backward(
     xv = x.reshape(layout.view_shape)
     dx = torch.empty_like(xv) if need_dx else None
     same = x.dtype == dtype and grad_out.dtype == dtype
-    dw_parts: list[Tensor] = []
-    db_parts: list[Tensor] = []
+    dw_parts, db_parts = [], []  # per piece
     pdims, sdims = layout.partial_dims, layout.stat_dims
     in_group = tuple(d for d in sdims if d not in pdims)
     xs, gs = xv.split(step, dim), grad_out.reshape(layout.view_shape).split(step, dim)

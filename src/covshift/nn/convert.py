@@ -1,7 +1,6 @@
 """Swap the normalization layers inside any model: ``convert(model, to=...)``, carrying
-the state that fits and reporting, never silently losing, the rest
-(:func:`convert_with_report`, docs/nn.md). Carrying the state is
-:mod:`.convert_carry`'s part.
+the state that fits (:mod:`.convert_carry`) and reporting, never silently losing, the
+rest (:func:`convert_with_report`, docs/nn.md).
 
 Example: ``convert(net, to="group", num_groups=32)`` puts GroupNorm(32, C) for every
 BatchNorm; ``convert(net, to="covshift")`` the same kinds in covshift's implementation.
@@ -71,14 +70,17 @@ def _same_kind_args(m: nn.Module, cls: type) -> dict[str, object]:
     return args
 
 
+def _params(f: Callable) -> list[str]:
+    try:
+        return list(inspect.signature(f).parameters)
+    except (TypeError, ValueError):  # builtins without a signature
+        return []
+
+
 def _build_for_class(cls: type, channels: int, source: nn.Module, kind: str, kw: dict) -> nn.Module:
     """``cls(channels, **kw)``, or ``cls(num_groups, channels, **kw)`` for GroupNorm-like
     classes (whose first constructor parameter is ``num_groups``)."""
-    kw = dict(kw)
-    try:
-        params = list(inspect.signature(cls).parameters)
-    except (TypeError, ValueError):  # builtins without a signature
-        params = []
+    kw, params = dict(kw), _params(cls)
     if params and params[0] == "num_groups":
         groups = kw.pop("num_groups", source.num_groups if kind == "group" else None)
         if groups is None:
@@ -123,10 +125,7 @@ def _build(
     if isinstance(target, type):
         return _build_for_class(target, channels, m, kind, kw)
     if callable(target):
-        try:
-            takes_dims = "dims" in inspect.signature(target).parameters
-        except (TypeError, ValueError):
-            takes_dims = False
+        takes_dims = "dims" in _params(target)
         return target(channels, dims=dims, **kw) if takes_dims else target(channels, **kw)
     raise TypeError(
         f"to must be a registry name, 'torch', 'covshift', a class, a factory or a "

@@ -64,7 +64,6 @@ def normalize(
         reduce_dims: the dims the statistics are taken over (negative ones allowed).
         weight, bias: the affine map, or None: ``(C,)`` along ``channel_dim``, or with
             ``channel_dim=None`` the trailing shape of ``x``.
-        eps: added to the variance; must be > 0.
         groups: split the channel dim into groups of ``C // groups`` channels, each
             normalized on its own over ``reduce_dims``, which must then include
             ``channel_dim`` (GroupNorm; ``channel_dim`` reduced without groups: one).
@@ -210,9 +209,8 @@ def instance_norm(
     eps: float = 1e-5,
 ) -> Tensor:
     """Instance Normalization (Ulyanov, Vedaldi & Lempitsky 2016, arXiv 1607.08022): each
-    (sample, channel) over its spatial dims. Running buffers, when given, track the batch
-    mean of the per-instance statistics, as torch's; without ``use_input_stats`` they
-    normalize."""
+    (sample, channel) over its spatial dims; running buffers track the batch mean of the
+    per-instance statistics (torch's rule) and normalize without ``use_input_stats``."""
     if x.dim() < 3:
         raise ValueError(f"instance_norm expects an input of shape (N, C, *), got {x.dim()}D")
     checks.per_channel(

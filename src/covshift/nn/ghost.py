@@ -35,9 +35,8 @@ class _GhostBatchNorm(BatchNormVariant):
     """
 
     def __init__(self, *args: Any, virtual_batch_size: int = 128, **kwargs: Any) -> None:
-        vbs = checks.positive_int(
-            virtual_batch_size, "virtual_batch_size", "samples per virtual batch"
-        )
+        what = "samples per virtual batch"
+        vbs = checks.positive_int(virtual_batch_size, "virtual_batch_size", what)
         super().__init__(*args, **kwargs)
         self.virtual_batch_size = vbs
 
@@ -47,9 +46,8 @@ class _GhostBatchNorm(BatchNormVariant):
         if n == 0 or (not self.training and self.track_running_stats):
             return super().forward(x)  # BatchNorm's eval, or nothing to split
         full, size, rest = (1, n, 0) if n <= vbs else (n // vbs, vbs, n % vbs)
-        spatial = x.numel() // (n * x.shape[1]) if x.numel() else 0  # per sample, channel
-        if x.numel():
-            smallest = min(size, rest or size) * spatial  # values per channel
+        if x.numel():  # the values per channel of the smallest virtual batch
+            smallest = min(size, rest or size) * (x.numel() // (n * x.shape[1]))
             checks.values_per_virtual_batch(tuple(x.shape), vbs, size, rest, smallest)
         y = self._normalize_chunks(x[: full * size], full, size)
         return torch.cat([y, self._normalize_chunks(x[full * size :], 1, rest)]) if rest else y

@@ -59,9 +59,8 @@ _MAX_LAYOUTS = 4096
 
 
 def remembered(key: tuple) -> NormLayout | None:
-    """The layout remembered for ``key`` (an argument set's shapes and ints) on an
-    earlier call, whose shape checks then passed; None the first time, and always under
-    torch.compile (symbolic shapes). Checks of values (eps) still run on every call."""
+    """The layout remembered for ``key`` (an argument set's shapes and ints), whose shape
+    checks passed then; None the first time, and under torch.compile (symbolic shapes)."""
     if torch.compiler.is_compiling():
         return None
     return _layouts.get(key)
@@ -219,9 +218,8 @@ def trailing_norm_layout(
 def group_norm_layout(
     x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None
 ) -> NormLayout:
-    """GroupNorm's layout, after :func:`.checks.group_norm` on the first call per
-    argument shapes (remembered for an int ``num_groups`` only: 2.0 hashes as 2, but
-    is refused)."""
+    """GroupNorm's layout, after :func:`.checks.group_norm` on the first call per shapes
+    (remembered for an int ``num_groups`` only: 2.0 hashes as 2, but is refused)."""
     w, b = shape_of(weight), shape_of(bias)
     key = ("group_norm", x.shape, num_groups, w, b)
     layout = remembered(key) if type(num_groups) is int else None

@@ -71,12 +71,9 @@ def backward(
     layout: NormLayout,
     needs: Needs = (True, True, True),
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Closed-form ``(dx, dweight, dbias)`` (None where ``needs`` is False).
-
-    g is ``grad_out``, h = g·w (1.6). Per channel, the coefficient form (5.3) from
-    per-channel partial sums (5.1); for LayerNorm's element-wise affine, (6.2)
-    directly. Without mean subtraction (``mean`` None) the Σh terms drop, (4.2).
-    """
+    """Closed-form ``(dx, dweight, dbias)`` (None where not ``needs``), g = ``grad_out``,
+    h = g·w (1.6): per channel (5.3) from partial sums (5.1); for LayerNorm's element-wise
+    affine (6.2); without mean subtraction (``mean`` None) the Σh terms drop (4.2)."""
     need_dx, need_dw, need_db = needs
     subtract_mean = mean is not None
     dtype = rstd.dtype

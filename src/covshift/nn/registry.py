@@ -124,10 +124,8 @@ def own_behaviour(module: nn.Module) -> str | None:
         return None
     if type(module).forward is not found.cls.forward:
         return f"{type(module).__name__} overrides {found.cls.__name__}'s forward"
-    children = [f"{name} ({type(c).__name__})" for name, c in module.named_children()]
-    if children:
-        return f"{type(module).__name__} has child modules: {', '.join(children)}"
-    return None
+    children = ", ".join(f"{name} ({type(c).__name__})" for name, c in module.named_children())
+    return f"{type(module).__name__} has child modules: {children}" if children else None
 
 
 def batch_kinds() -> frozenset[str]:

@@ -30,9 +30,7 @@ ProcessGroup = Any  # torch.distributed.ProcessGroup: Any keeps builds without i
 
 def _world_size(group: ProcessGroup | None) -> int:
     """Processes in ``group``, 1 when torch.distributed is absent or not initialized."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(group)
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
 class _AllReduceSum(torch.autograd.Function):
