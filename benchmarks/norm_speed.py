@@ -70,7 +70,7 @@ from torch import nn
 
 import covshift.nn as cn
 from covshift.models import build_mlp
-from covshift.nn import _native, _native_build, backend
+from covshift.nn import _native, backend
 
 
 @dataclass(frozen=True)
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     what = "compiled" if args.fresh_build else "built or loaded from cache"
     console.print(
         f"native extension: {'ready' if ok else 'UNAVAILABLE (native = pure)'}, "
-        f"{what} in {took:.1f} s (cache: {_native_build.cache_dir()})"
+        f"{what} in {took:.1f} s (cache: {_native.cache_dir()})"
     )
     thread_counts = args.threads or [torch.get_num_threads()]
     cases = [c for c in CASES if not args.only or c.name in args.only]

@@ -20,7 +20,7 @@ from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
 import covshift.nn as cn
-from covshift.nn import _native, _native_build, _native_plan, backend
+from covshift.nn import _native, backend
 from covshift.nn import functional as F
 
 
@@ -293,7 +293,7 @@ def test_plans() -> None:
     def plan(shape: tuple[int, ...], dims: tuple[int, ...], cl: bool = False, **kw: object):
         w = kw.pop("w", None)
         layout = F.resolve_layout(shape, dims, weight_shape=w, **kw)  # type: ignore[arg-type]
-        p = _native_plan._make_plan(layout, cl)
+        p = _native._make_plan(layout, cl)
         return None if p is None else (p.kind, p.sizes)
 
     assert plan((8, 4, 5, 6), (0, 2, 3), w=(4,)) == ("channel", (8, 4, 30))
@@ -365,7 +365,7 @@ def test_a_lock_left_by_a_killed_build_does_not_block_the_next_process(tmp_path)
 
     if _native.load() is None:
         pytest.skip("the native kernels do not build here")
-    built = _native_build.cache_dir() / _native_build._name()
+    built = _native.cache_dir() / _native._name()
     cache = tmp_path / "cache"
     shutil.copytree(built, cache / built.name)
     (cache / built.name / "lock").write_text("")  # as a SIGKILL mid-build leaves it

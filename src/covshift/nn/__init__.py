@@ -1,11 +1,7 @@
-"""The normalization family.
-
-torch.nn's layers with covshift's forward, as their subclasses (``BatchNorm1d/2d/3d``,
-``LayerNorm``, ``GroupNorm``, ``InstanceNorm1d/2d/3d``, ``RMSNorm``, ``SyncBatchNorm``),
-built on one statistics core with hand-derived backward passes
-(``covshift.nn.functional``); the variants torch.nn lacks (Batch Renorm, Ghost BN,
-Santurkar et al.'s noise, Weight Standardization, Dynamic Tanh); a name registry (``create_norm``)
-and tools to swap (``convert``), fold and freeze norm layers in any model.
+"""The normalization family: torch.nn's layers with covshift's forward, as their
+subclasses, on one statistics core with hand-derived backward passes (``functional``);
+the variants torch.nn lacks; a name registry (``create_norm``) and tools to swap
+(``convert``), fold and freeze norm layers in any model. docs/nn.md.
 """
 
 from covshift.nn import functional

@@ -1,15 +1,12 @@
-"""BatchNorm's covshift forward, shared by the plain BatchNorms and the BatchNorm
-variants, and the base of the variants, the layers torch.nn has no class for.
-
-The variants subclass :class:`NormVariant`, not a torch.nn norm class, on purpose:
-torch's and timm's helpers find norm layers by ``isinstance`` and rebuild them as their
-own (``SyncBatchNorm.convert_sync_batchnorm``, timm's ``freeze_batch_norm_2d``), which
-would make a Batch Renorm or a Ghost BN plain BatchNorm without a word; covshift's
-tools know them through :mod:`.registry`. How to add one: docs/nn.md.
+"""The constructor checks and BatchNorm forward the plain layers and the variants share,
+and the base of the variants (the layers torch.nn has no class for), which subclass
+:class:`NormVariant`, not a torch.nn class, so that no torch or timm helper finding
+norms by ``isinstance`` turns them into plain BatchNorm (docs/nn.md: why, how to add one).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -19,29 +16,43 @@ from torch.nn.modules.batchnorm import _NormBase
 from covshift.nn import checks
 from covshift.nn import functional as F
 
-__all__ = ["BatchNormForward", "BatchNormVariant", "NormVariant"]
+__all__ = ["BatchNormForward", "BatchNormVariant", "NormVariant", "TorchNormArgs", "TorchSignature"]
 
 
-class BatchNormForward:
-    """covshift's constructor checks and forward for a class with torch's BatchNorm
-    state (a mixin before torch.nn's BatchNorm classes, or torch's ``_NormBase``)."""
+class TorchSignature:
+    """A mixin before a torch.nn class for an ``__init__(self, checked, *args, own=1,
+    **kwargs)``: ``inspect.signature`` shows torch's signature and the own keywords."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        torch_cls = next((k for k in cls.__mro__ if k.__module__.startswith("torch.")), None)
+        if torch_cls is None:  # a mixin
+            return
+        own = inspect.signature(cls.__init__).parameters.values()
+        params = [*inspect.signature(torch_cls).parameters.values()]
+        params += [p for p in own if p.kind is p.KEYWORD_ONLY]
+        cls.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+
+
+class TorchNormArgs(TorchSignature):
+    """torch's BatchNorm/InstanceNorm constructor after covshift's checks of
+    ``num_features``, ``eps`` and ``momentum``."""
 
     def __init__(
         self,
         num_features: int,
         eps: float = 1e-5,
         momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
-        bias: bool = True,
+        *args: Any,
+        **kwargs: Any,
     ) -> None:
-        num_features, eps, momentum = checks.norm_args(num_features, eps, momentum)
-        super().__init__(  # type: ignore[call-arg]
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
-        )
+        checked = checks.norm_args(num_features, eps, momentum)
+        super().__init__(*checked, *args, **kwargs)  # type: ignore[call-arg]
+
+
+class BatchNormForward(TorchNormArgs):
+    """covshift's forward for a class with torch's BatchNorm state (a mixin before
+    torch.nn's BatchNorm classes, or torch's ``_NormBase``)."""
 
     def forward(self, input: Tensor) -> Tensor:
         # As torch.nn: batch statistics in training, and in eval when there are no
@@ -49,18 +60,10 @@ class BatchNormForward:
         m: Any = self
         m._check_input_dim(input)
         pass_buffers = not m.training or m.track_running_stats
-        counting = m.training and m.track_running_stats
-        return F.batch_norm(
-            input,
-            m.running_mean if pass_buffers else None,
-            m.running_var if pass_buffers else None,
-            m.weight,
-            m.bias,
-            training=m.training or (m.running_mean is None and m.running_var is None),
-            momentum=m.momentum,
-            eps=m.eps,
-            num_batches_tracked=m.num_batches_tracked if counting else None,
-        )
+        running = (m.running_mean, m.running_var) if pass_buffers else (None, None)
+        training = m.training or (m.running_mean is None and m.running_var is None)
+        counter = m.num_batches_tracked if m.training and m.track_running_stats else None
+        return F.batch_norm(input, *running, m.weight, m.bias, training, m.momentum, m.eps, counter)
 
 
 class NormVariant(nn.Module):
@@ -72,9 +75,8 @@ class NormVariant(nn.Module):
     def register_affine(
         self, shape: int | tuple[int, ...], affine: bool, bias: bool | None, factory: dict
     ) -> None:
-        """``weight`` (and ``bias``) parameters of ``shape``, None without ``affine``
-        (``bias=None``: no bias at all, False: a bias of None), set by
-        :meth:`reset_parameters`."""
+        """``weight`` (and ``bias``; ``bias=None``: no bias attribute) of ``shape``, None
+        without ``affine``, set by :meth:`reset_parameters`."""
         weight = nn.Parameter(torch.empty(shape, **factory)) if affine else None
         self.register_parameter("weight", weight)
         if bias is not None:
@@ -90,14 +92,9 @@ class NormVariant(nn.Module):
 
 
 class BatchNormVariant(BatchNormForward, _NormBase, NormVariant):  # type: ignore[misc]
-    """BatchNorm's arguments, state, ``state_dict``, ``repr`` (torch's ``_NormBase``, the
-    base torch's BatchNorm and InstanceNorm share, which no helper looks for) and forward.
-
-    Subclasses override ``forward`` where they differ from BatchNorm (calling
-    ``super().forward``, for eval usually) and give each public class its input rank
-    with ``dims`` (``class GhostBatchNorm2d(_GhostBatchNorm, dims=2)``), which also
-    fills ``_doc_template`` in as its docstring.
-    """
+    """BatchNorm's arguments, state, ``repr`` (torch's ``_NormBase``, which no helper
+    looks for) and forward; ``class GhostBatchNorm2d(_GhostBatchNorm, dims=2)`` gives a
+    public class its input rank and ``_doc_template`` filled in as its docstring."""
 
     _ranks: tuple[int, ...] = ()
     _doc_template = ""

@@ -1,11 +1,7 @@
-"""Which path computes a normalization, chosen once per call, and a way to see it.
-
-:func:`normalize` takes the native C++ node (:mod:`._native`) where it applies, else
-:class:`ReferenceFunction`, the forward and closed-form backward of
-:mod:`.reference`, which on the CPU runs in cache-sized pieces (:mod:`.chunked`, which
-docs/nn.md justifies with a benchmark column) and reuses the forward's choice in its
-backward; a ``create_graph`` backward is always the reference's plain ops (§9), and
-under torch.compile the Function runs unchunked. :func:`report_paths` records the
+"""Which path computes a normalization, chosen once per call: the native C++ node
+(:mod:`._native`) where it applies, else :class:`ReferenceFunction` (:mod:`.reference`,
+on the CPU in cache-sized pieces by :mod:`.chunked`, docs/nn.md; a ``create_graph``
+backward and torch.compile take the plain ops). :func:`report_paths` records the
 choices, :func:`force` imposes one (tests, debugging).
 """
 
@@ -89,9 +85,8 @@ def normalize(
     stats: bool = False,
     running: RunningStats | None = None,
 ) -> Any:
-    """``y``, or ``(y, mean, var)`` when ``stats`` (as
-    :func:`covshift.nn.functional.normalize_with_stats`); ``running``: the buffers to
-    update in the same call (BatchNorm in training)."""
+    """``y``, or ``(y, mean, var)`` when ``stats`` (as :func:`.functional.normalize_with_stats`),
+    updating ``running`` in the same call."""
     pieces = None
     if not torch.compiler.is_compiling():
         if _forced is None or _forced is Path.NATIVE:
@@ -122,12 +117,9 @@ def normalize(
 
 class ReferenceFunction(torch.autograd.Function):
     """``(y, mean, var) = normalize(x, weight, bias)`` by :mod:`.reference` (in pieces by
-    :mod:`.chunked` when ``pieces`` is given); ``mean``/``var`` carry no gradient.
-
-    Saves ``x``, ``weight``, ``mean`` and ``rstd``, nothing full-size but ``x``. Under
-    ``create_graph=True`` the saved statistics would be constants to the second
-    differentiation, so they are recomputed from ``x`` with differentiable ops (§9).
-    """
+    :mod:`.chunked` when ``pieces`` is given); ``mean``/``var`` carry no gradient. Saves
+    nothing full-size but ``x``; under ``create_graph`` the statistics are recomputed
+    from ``x`` with differentiable ops (§9)."""
 
     @staticmethod
     def forward(
@@ -140,12 +132,9 @@ class ReferenceFunction(torch.autograd.Function):
         subtract_mean: bool,
         pieces: tuple[int, int] | None,
     ) -> tuple[Tensor, Tensor | None, Tensor]:
-        if pieces is None:
-            y, mean, rstd, var = reference.forward(x, weight, bias, layout, eps, subtract_mean)
-        else:
-            y, mean, rstd, var = chunked.forward(
-                x, weight, bias, layout, eps, subtract_mean, pieces
-            )
+        args = (x, weight, bias, layout, eps, subtract_mean)
+        out = reference.forward(*args) if pieces is None else chunked.forward(*args, pieces)
+        y, mean, rstd, var = out
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.layout, ctx.eps, ctx.subtract_mean, ctx.pieces = layout, eps, subtract_mean, pieces
         ctx.mark_non_differentiable(*(t for t in (mean, var) if t is not None))

@@ -1,8 +1,6 @@
 """Argument checks of the normalization family: one function and one message per rule,
-with torch's exception type and wording where torch has one. The layers check their
-constructor arguments (``norm_args``, ``eps_arg``, ``positive_int``), which torch does
-not; the functional wrappers and :mod:`.layout` check shapes on the first call per
-argument shapes, values (eps) on every call.
+with torch's exception type and wording where torch has one: constructor arguments
+(which torch does not check), then shapes (first call per shapes) and values (each call).
 """
 
 from __future__ import annotations
@@ -91,11 +89,8 @@ def eps(value: float) -> None:
 def values_per_channel(
     size: Sequence[int], count: int, *, empty_ok: bool = True, where: str = ""
 ) -> None:
-    """Training statistics need more than one value per channel (torch's message).
-
-    ``count`` is the number of values per statistic; an empty batch passes when
-    ``empty_ok`` (torch's BatchNorm then returns an empty output).
-    """
+    """Training statistics need more than ``count`` = 1 value per channel (torch's
+    message); an empty batch passes when ``empty_ok`` (torch's BatchNorm returns one)."""
     if count == 1 or (count == 0 and not empty_ok):
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {size}{where}"

@@ -19,11 +19,8 @@ from covshift.nn.reference import affine_view, compute_dtype, param_grad, sum_di
 
 __all__ = ["backward", "forward", "plan"]
 
-# Chunks of about this many bytes (in the compute dtype). A chunk's temporaries
-# (x - μ, g · x̂, ...) stay in cache between the passes that use them, and they are
-# written with ``out=`` into a workspace reused across calls: fresh whole-size
-# temporaries would each cost a trip to memory and, once the allocator hands the
-# pages back to the OS, page faults that cost more than the arithmetic.
+# Chunks of about this many bytes (in the compute dtype), whose temporaries (x - μ,
+# g · x̂, ...) stay in cache between the passes that use them (module docstring).
 _CHUNK_BYTES = 2 * 2**20
 # Pieces never exceed this (the workspace holds four of them per thread and dtype);
 # inputs that cannot be cut that small take the plain path.
@@ -35,11 +32,8 @@ _workspace = threading.local()
 
 
 def _scratch(count: int, shape: Sequence[int], dtype: torch.dtype) -> list[Tensor]:
-    """``count`` contiguous buffers of ``shape`` in ``dtype``, reused across calls.
-
-    Per thread and dtype, grown to the largest piece seen: at most four pieces of
-    ``_MAX_PIECE_BYTES``, usually four of about ``_CHUNK_BYTES`` (8 MB).
-    """
+    """``count`` contiguous buffers of ``shape`` in ``dtype``, reused across calls: per
+    thread and dtype, grown to the largest piece seen (at most 4 x ``_MAX_PIECE_BYTES``)."""
     pool: dict[torch.dtype, list[Tensor]] = getattr(_workspace, "pool", None) or {}
     _workspace.pool = pool
     numel = math.prod(shape)
@@ -54,12 +48,9 @@ def _scratch(count: int, shape: Sequence[int], dtype: torch.dtype) -> list[Tenso
 def plan(
     layout: NormLayout, x: Tensor, dtype: torch.dtype, any_size: bool = False
 ) -> tuple[int, int] | None:
-    """``(dim, step)``: split the view along ``dim`` (not reduced) in pieces of ``step``.
-
-    Every piece holds whole statistics groups, so pieces are independent. None (use
-    the plain path) off the CPU, where the caching allocator makes temporaries cheap,
-    and, unless ``any_size`` (tests), for an ``x`` under ``_MIN_BYTES`` in ``dtype``.
-    """
+    """``(dim, step)``: split the view along ``dim`` (not reduced: whole statistics groups)
+    in pieces of ``step``; None (the plain path) off the CPU, where the caching allocator
+    makes temporaries cheap, and under ``_MIN_BYTES`` unless ``any_size`` (tests)."""
     total = x.numel() * dtype.itemsize
     if x.device.type != "cpu" or total == 0 or (total < _MIN_BYTES and not any_size):
         return None
@@ -73,9 +64,8 @@ def plan(
 
 
 def _pieces(t: Tensor | None, dim: int, step: int, count: int) -> Sequence[Tensor | None]:
-    """``t`` split along ``dim`` into ``count`` pieces in one call, or repeated if it
-    broadcasts along ``dim``. (Per-piece ``narrow`` calls would cost more than the
-    arithmetic on small pieces: every torch call is a few microseconds.)"""
+    """``t`` split along ``dim`` into ``count`` pieces in one call (one ``narrow`` per
+    piece would cost more than small pieces' arithmetic), or repeated if it broadcasts."""
     if t is None or t.dim() <= dim or t.shape[dim] == 1:
         return [t] * count
     return t.split(step, dim)
@@ -91,19 +81,13 @@ def forward(
     pieces: tuple[int, int],
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
     """:func:`covshift.nn.reference.forward` in the pieces ``(dim, step)`` of :func:`plan`."""
-    dtype = compute_dtype(x.dtype)
-    m = layout.count
-    sdims = layout.stat_dims
-    dim, step = pieces
+    dtype, m, sdims, (dim, step) = compute_dtype(x.dtype), layout.count, layout.stat_dims, pieces
     xv = x.reshape(layout.view_shape)
     y = torch.empty_like(xv)  # the one full-size allocation; keeps x's memory format
-    w = affine_view(weight, layout, dtype)
-    b = affine_view(bias, layout, dtype)
     same = x.dtype == dtype  # else: half input, float32 work in the workspace
-    means, rstds, variances = [], [], []
     xs, ys = xv.split(step, dim), y.split(step, dim)
-    ws, bs = _pieces(w, dim, step, len(xs)), _pieces(b, dim, step, len(xs))
-    bufs: list[Tensor] = []
+    ws, bs = (_pieces(affine_view(t, layout, dtype), dim, step, len(xs)) for t in (weight, bias))
+    stats, bufs = [], []  # (mean, rstd, var) per piece; the workspace
     for xin, out, wc, bc in zip(xs, ys, ws, bs, strict=True):
         if not bufs or bufs[0].shape != xin.shape:
             bufs = _scratch(3, xin.shape, dtype)
@@ -131,9 +115,8 @@ def forward(
             work.add_(bc)
         if work is not out:
             out.copy_(work)
-        means.append(mean)
-        rstds.append(rstd)
-        variances.append(var)
+        stats.append((mean, rstd, var))
+    means, rstds, variances = zip(*stats, strict=True)
     mean = None if means[0] is None else _join(means, dim)
     return y.reshape(layout.shape), mean, _join(rstds, dim), _join(variances, dim)
 
@@ -150,35 +133,26 @@ def backward(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """:func:`covshift.nn.reference.backward` in the pieces ``(dim, step)`` of :func:`plan`."""
     need_dx, need_dw, need_db = needs
-    dtype = rstd.dtype
-    m = layout.count
-    dim, step = pieces
+    dtype, m, (dim, step) = rstd.dtype, layout.count, pieces
     xv = x.reshape(layout.view_shape)
-    gv = grad_out.reshape(layout.view_shape)
-    w = affine_view(weight, layout, dtype)
     dx = torch.empty_like(xv) if need_dx else None
     same = x.dtype == dtype and grad_out.dtype == dtype
-    dw_parts: list[Tensor] = []
-    db_parts: list[Tensor] = []
+    dw_parts, db_parts = [], []  # per piece
     pdims, sdims = layout.partial_dims, layout.stat_dims
     in_group = tuple(d for d in sdims if d not in pdims)
-    xs, gs = xv.split(step, dim), gv.split(step, dim)
+    xs, gs = xv.split(step, dim), grad_out.reshape(layout.view_shape).split(step, dim)
     k = len(xs)
     outs = dx.split(step, dim) if dx is not None else [None] * k
-    mus, rss, wcs = (
-        _pieces(mean, dim, step, k),
-        _pieces(rstd, dim, step, k),
-        _pieces(w, dim, step, k),
-    )
+    w = affine_view(weight, layout, dtype)
+    mus, rss, wcs = (_pieces(t, dim, step, k) for t in (mean, rstd, w))
     bufs: list[Tensor] = []
     for xin, gin, out, mu, rs, wc in zip(xs, gs, outs, mus, rss, wcs, strict=True):
         if not bufs or bufs[0].shape != xin.shape:
             bufs = _scratch(4, xin.shape, dtype)
         prod, gw, work, gf = bufs
         # The deviations x - μ go into the dx piece (when it has the compute dtype),
-        # which later steps turn into dx in place.
-        if same and out is not None:
-            work = out
+        # which later steps turn into dx in place (else they are copied there at the end).
+        work = out if same and out is not None else work
         g = gin if gin.dtype == dtype else gf.copy_(gin)
         xc = torch.sub(xin, mu, out=work) if mu is not None else work.copy_(xin)
         if layout.per_channel:
@@ -198,9 +172,6 @@ def backward(
                     assert sum_g is not None
                     xc.sub_((rs / m) * sum_dims(sum_g if wc is None else sum_g * wc, in_group))
                 xc.addcmul_(g, a)
-                if xc is not out:
-                    assert out is not None
-                    out.copy_(xc)
         else:
             xhat = xc.mul_(rs)
             if need_db:
@@ -216,9 +187,8 @@ def backward(
                 if mu is not None:
                     xhat.sub_(sum_dims(gwc, sdims).mul_(rs / m))
                 xhat.addcmul_(gwc, rs)
-                if xhat is not out:
-                    assert out is not None
-                    out.copy_(xhat)
+        if out is not None and xc is not out:  # (x̂ is x - μ, scaled in place)
+            out.copy_(xc)
     dw = param_grad(_join_sum(dw_parts, dim, layout), layout) if need_dw else None
     db = param_grad(_join_sum(db_parts, dim, layout), layout) if need_db else None
     return (None if dx is None else dx.reshape(layout.shape)), dw, db
@@ -230,7 +200,7 @@ def _psum(t: Tensor, dims: tuple[int, ...]) -> Tensor:
     return t.sum(dims, keepdim=True) if dims else t.clone()
 
 
-def _join(parts: list[Tensor], dim: int) -> Tensor:
+def _join(parts: Sequence[Tensor], dim: int) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 

@@ -1,14 +1,6 @@
-"""Swap the normalization layers inside any model: ``convert(model, to=...)``.
-
-Every normalization layer (torch.nn's, subclasses of those such as timm's, covshift's
-variants) is replaced by another kind, carrying what fits: weight and bias (same
-shapes), running statistics (both tracking, same shape), eps and momentum (unless
-passed), ``requires_grad``, mode, device and dtype. What could not be carried is
-*reported*, never silently lost: one :class:`ConversionEntry` per layer in a
-:class:`ConversionReport`; :func:`convert` warns once (:class:`ConversionWarning`) for
-the entries that dropped something (``on_drop="raise"``: an error). An identity
-affine map carries no information, so losing it is not a drop. Building each
-replacement is :mod:`.convert_target`'s part, carrying the state :mod:`.convert_carry`'s.
+"""Swap the normalization layers inside any model: ``convert(model, to=...)``, carrying
+the state that fits (:mod:`.convert_carry`) and reporting, never silently losing, the
+rest (:func:`convert_with_report`, docs/nn.md).
 
 Example: ``convert(net, to="group", num_groups=32)`` puts GroupNorm(32, C) for every
 BatchNorm; ``convert(net, to="covshift")`` the same kinds in covshift's implementation.
@@ -16,16 +8,18 @@ BatchNorm; ``convert(net, to="covshift")`` the same kinds in covshift's implemen
 
 from __future__ import annotations
 
+import inspect
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 from torch import nn
 
+from covshift.nn import convert_carry as carry
 from covshift.nn import registry
-from covshift.nn.convert_carry import _carry, _place_like, _state_holder, replace_modules
-from covshift.nn.convert_report import ConversionEntry, ConversionReport, ConversionWarning
-from covshift.nn.convert_target import Target, _build, _dims, _trailing
+from covshift.nn.convert_carry import ConversionEntry, ConversionReport, ConversionWarning
+from covshift.nn.noise import NoisyNorm
+from covshift.nn.registry import create_norm
 
 __all__ = [
     "ConversionEntry",
@@ -34,6 +28,110 @@ __all__ = [
     "convert",
     "convert_with_report",
 ]
+
+# --- Building a replacement: a registry name, "torch"/"covshift", a class or a factory
+
+Target = str | type | Callable[..., nn.Module]
+
+
+def _trailing(kind: str) -> bool:
+    """Whether ``kind``'s statistics run over the trailing dims (not over dim 1)."""
+    return registry.get_kind(kind).trailing
+
+
+def _num_features(m: nn.Module, kind: str) -> int:
+    """The channel count of ``m``, which the target is built for."""
+    if kind == "group":
+        return int(m.num_channels)
+    if _trailing(kind):
+        # (C,) for features last; (C, H, W) for a LayerNorm over a whole NCHW sample.
+        return int(m.normalized_shape[0])
+    return int(m.num_features)
+
+
+def _dims(m: nn.Module, kind: str, dims: int | None) -> int | None:
+    """The input rank of ``m``: ``dims`` (its class's), or for a SyncBatchNorm, whose
+    class has none, that of its ``original_class`` (the class it was converted from)."""
+    if dims is None and kind == "sync_batch":
+        original = getattr(m, "original_class", None)
+        found = None if original is None else registry.match(original)
+        dims = None if found is None else found.dims
+    return dims
+
+
+def _same_kind_args(m: nn.Module, cls: type) -> dict[str, object]:
+    """The arguments of ``cls`` that rebuild ``m``'s configuration: each constructor
+    parameter ``m`` holds as an attribute (torch's names), and whether it has a bias."""
+    params = inspect.signature(cls).parameters
+    skip = ("bias", "device", "dtype")
+    args = {n: getattr(m, n) for n in params if n not in skip and hasattr(m, n)}
+    if "bias" in params:
+        args["bias"] = getattr(m, "bias", None) is not None
+    return args
+
+
+def _params(f: Callable) -> list[str]:
+    try:
+        return list(inspect.signature(f).parameters)
+    except (TypeError, ValueError):  # builtins without a signature
+        return []
+
+
+def _build_for_class(cls: type, channels: int, source: nn.Module, kind: str, kw: dict) -> nn.Module:
+    """``cls(channels, **kw)``, or ``cls(num_groups, channels, **kw)`` for GroupNorm-like
+    classes (whose first constructor parameter is ``num_groups``)."""
+    kw, params = dict(kw), _params(cls)
+    if params and params[0] == "num_groups":
+        groups = kw.pop("num_groups", source.num_groups if kind == "group" else None)
+        if groups is None:
+            raise ValueError(
+                f"to={cls.__name__} needs the number of groups: pass num_groups=..., e.g. "
+                f"convert(model, to={cls.__name__}, num_groups=32)"
+            )
+        return cls(groups, channels, **kw)
+    return cls(channels, **kw)
+
+
+def _build(
+    target: Target,
+    m: nn.Module,
+    kind: str,
+    base_dims: int | None,
+    dims: int | None,
+    kw: dict,
+    notes: list[str],
+) -> nn.Module | None:
+    """What ``m`` (of ``kind``, its registered class's rank ``base_dims``) becomes:
+    ``target`` built for its channels (and input rank ``dims``); None where ``"torch"``
+    or ``"covshift"`` has no class of that kind and rank (Batch Renorm, Ghost BN)."""
+    channels = _num_features(m, kind)
+    if isinstance(target, str) and target in ("torch", "covshift"):
+        entry = registry.get_kind(kind)
+        cls = (entry.torch_classes if target == "torch" else entry.classes).get(base_dims)
+        if cls is None:
+            return None
+        new = cls(**{**_same_kind_args(m, cls), **kw})
+        if kind == "sync_batch" and hasattr(new, "original_class"):
+            new.original_class = getattr(m, "original_class", None)
+        return new
+    if isinstance(target, str):
+        if dims is None:
+            dims = 1 if _trailing(kind) else 2
+            notes.append(
+                f"input rank unknown for {type(m).__name__}; assumed dims={dims} "
+                "(pass dims=... to choose)"
+            )
+        return create_norm(target, channels, dims=dims, **kw)
+    if isinstance(target, type):
+        return _build_for_class(target, channels, m, kind, kw)
+    if callable(target):
+        takes_dims = "dims" in _params(target)
+        return target(channels, dims=dims, **kw) if takes_dims else target(channels, **kw)
+    raise TypeError(
+        f"to must be a registry name, 'torch', 'covshift', a class, a factory or a "
+        f"mapping of those; got {target!r}"
+    )
+
 
 # --- The entry points
 
@@ -63,8 +161,7 @@ def convert_with_report(
     """Replace every normalization layer of ``model``; return ``(model, report)``.
 
     Args:
-        model: any module; changed in place (its children are replaced). When
-            ``model`` itself is a norm layer, its replacement is returned.
+        model: any module, changed in place (a norm itself: its replacement is returned).
         to: what to put in place of each norm layer:
 
             - ``"torch"`` / ``"covshift"``: the same kind and configuration in the
@@ -77,17 +174,13 @@ def convert_with_report(
             - a factory: ``factory(C, **kw)`` (plus ``dims=`` if it takes it);
             - a mapping from source classes (isinstance) or kinds (``"batch"``,
               ``"layer"``, ...) to any of the above; layers matching no key stay.
-        dims: the input's spatial rank (1, 2, 3) for targets that depend on it;
-            by default taken from the source (BatchNorm2d -> 2); a guess (noted in the
-            report) for LayerNorm/GroupNorm/RMSNorm sources.
+        dims: the input's spatial rank (1, 2, 3) for targets that depend on it; by
+            default the source's (BatchNorm2d: 2), else a guess the report notes.
         **kw: passed to every target constructor (e.g. ``num_groups=32``, ``eps=``).
 
-    Layers are matched by isinstance against torch.nn's and covshift's classes, so
-    subclasses (timm's) are converted too; a subclass's extra parameters or buffers
-    are reported as dropped. A subclass with its own ``forward`` or child modules
-    (timm's BatchNormAct2d, LayerNorm2d) is left as it is and reported as skipped:
-    no target would compute what its forward adds. Modules inside a replaced layer
-    are not visited; a module shared by several parents is converted once.
+    Subclasses (timm's) are matched too, their extra parameters or buffers reported as
+    dropped; one with its own ``forward`` or child modules (timm's BatchNormAct2d) stays,
+    reported as skipped. A module shared by several parents is converted once.
     """
     report = ConversionReport()
 
@@ -117,11 +210,11 @@ def convert_with_report(
                 f"{entry.source} and {entry.target} normalize different dims (trailing vs "
                 "dim 1); they agree on (N, C) inputs only"
             )
-        new = _place_like(m, new)  # first: copying float64 state into float32 would round
-        _carry(m, _state_holder(new), kw, entry)
+        new = carry.place_like(m, new)  # first: copying float64 state into float32 would round
+        carry.carry(m, new.norm if isinstance(new, NoisyNorm) else new, kw, entry)  # its norm
         return new
 
-    return replace_modules(model, swap), report
+    return carry.replace_modules(model, swap), report
 
 
 def convert(

@@ -1,20 +1,73 @@
-"""Replacing a model's layers (:func:`replace_modules`, the one walk of
-:func:`covshift.nn.convert` and :class:`covshift.nn.SyncBatchNorm`'s conversions), and
-carrying a replaced layer's state into its replacement: device, dtype and mode first;
-weight, bias and running statistics where shapes agree; eps and momentum unless
-passed; every drop recorded, with its reason, in the layer's :class:`ConversionEntry`
-(an identity affine or fresh statistics are not a drop).
+"""Replacing a model's layers (:func:`replace_modules`, the walk of convert and sync), and
+carrying a layer's state into its replacement: device, dtype and mode; weight, bias and
+running statistics where shapes agree; eps and momentum unless passed; every drop (not
+an identity affine, not fresh statistics) recorded in a :class:`ConversionEntry`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from covshift.nn.convert_report import ConversionEntry
-from covshift.nn.noise import NoisyNorm
+
+class ConversionWarning(UserWarning):
+    """Raised as a warning by :func:`convert` when a conversion loses state."""
+
+
+@dataclass
+class ConversionEntry:
+    """One replaced (or skipped) module: its dotted ``path`` (``""``: the root), the
+    ``source`` class name and the ``target`` one (``""`` when skipped), the state
+    ``carried`` (``"weight"``, ``"eps"``, ...) and ``dropped`` (each with the reason), and
+    ``notes`` on behaviour differences worth knowing (layout, guessed dims, ...)."""
+
+    path: str
+    source: str
+    target: str
+    carried: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        where = self.path or "<root>"
+        line = f"{where}: {self.source} -> {self.target or '(skipped)'}"
+        if self.dropped:
+            line += f"; dropped: {'; '.join(self.dropped)}"
+        if self.notes:
+            line += f"; notes: {'; '.join(self.notes)}"
+        return line
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion did: one :class:`ConversionEntry` per module touched."""
+
+    entries: list[ConversionEntry] = field(default_factory=list)
+
+    @property
+    def replaced(self) -> list[ConversionEntry]:
+        return [e for e in self.entries if e.target]
+
+    @property
+    def skipped(self) -> list[ConversionEntry]:
+        return [e for e in self.entries if not e.target]
+
+    @property
+    def lossy(self) -> list[ConversionEntry]:
+        """Entries that dropped state (or were skipped)."""
+        return [e for e in self.entries if e.dropped or not e.target]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __str__(self) -> str:
+        if not self.entries:
+            return "no normalization layer found"
+        return "\n".join(str(e) for e in self.entries)
+
 
 _CONSUMED = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
 
@@ -41,7 +94,8 @@ def replace_modules(
     return visit(root, "")
 
 
-def _carry(src: nn.Module, dst: nn.Module, kw: dict, entry: ConversionEntry) -> None:
+def carry(src: nn.Module, dst: nn.Module, kw: dict, entry: ConversionEntry) -> None:
+    """Carry ``src``'s state into ``dst`` (the module docstring), recorded in ``entry``."""
     with torch.no_grad():
         for name, identity in (("weight", 1.0), ("bias", 0.0)):
             s, d = getattr(src, name, None), getattr(dst, name, None)
@@ -91,12 +145,7 @@ def _is_fresh(m: nn.Module) -> bool:
     return bool(torch.all(m.running_mean == 0) and torch.all(m.running_var == 1))
 
 
-def _state_holder(new: nn.Module) -> nn.Module:
-    """Where the carried state goes: the wrapped norm of a NoisyNorm, else ``new``."""
-    return new.norm if isinstance(new, NoisyNorm) else new
-
-
-def _place_like(src: nn.Module, dst: nn.Module) -> nn.Module:
+def place_like(src: nn.Module, dst: nn.Module) -> nn.Module:
     ref = next((t for t in (*src.parameters(), *src.buffers()) if t.is_floating_point()), None)
     if ref is not None:
         dst = dst.to(device=ref.device, dtype=ref.dtype)

@@ -5,17 +5,10 @@ Normalization", arXiv 2503.10622): a normalization layer without statistics.
 
     DyT(x) = γ ⊙ tanh(α · x) + β
 
-α is one learned scalar, γ ones and β zeros over the trailing ``normalized_shape``, as
-LayerNorm's affine (:class:`DyT`). The paper's motivation: trained LayerNorms map their
-inputs to their outputs along tanh-like S-curves, so an element-wise squashing with a
-learned scale can replace them.
-
-The backward is hand-written (docs/derivations.md §18), computed in float32 at least
-as the rest of the family: with ``t = tanh(α x)``, ``h = g ⊙ γ`` and ``s = 1 - t²``,
-``dx = α · h · s``, ``dα = Σ h · s · x``, ``dγ = Σ g · t``, ``dβ = Σ g``. It saves
-nothing full-size but ``x`` (``t`` is recomputed) and is written in differentiable
-ops, so a ``create_graph`` backward differentiates it again. No native C++ kernel
-serves DyT: it is one element-wise pass (torch.compile fuses it).
+(:class:`DyT`). The hand-written backward (docs/derivations.md §18, float32 at least):
+with ``t = tanh(α x)``, ``h = g ⊙ γ``, ``s = 1 - t²``: ``dx = α · h · s``,
+``dα = Σ h · s · x``, ``dγ = Σ g · t``, ``dβ = Σ g``; it saves only ``x`` and is
+twice differentiable. No native kernel: one element-wise pass (torch.compile fuses it).
 """
 
 from __future__ import annotations
@@ -95,15 +88,9 @@ def dyt(
     bias: Tensor | None = None,
     normalized_shape: Sequence[int] | None = None,
 ) -> Tensor:
-    """Dynamic Tanh of ``x``: ``weight ⊙ tanh(alpha · x) + bias`` (module docstring).
-
-    Args:
-        x: input ``(*, *normalized_shape)``.
-        alpha: the scalar scale (a 0-d tensor).
-        weight, bias: ``normalized_shape`` each, or None.
-        normalized_shape: the trailing shape γ and β cover (default: theirs, or the
-            last dim of ``x`` without them).
-    """
+    """Dynamic Tanh of ``x`` ``(*, *normalized_shape)``: ``weight ⊙ tanh(alpha · x) +
+    bias``, ``alpha`` a 0-d tensor, ``weight``, ``bias`` of ``normalized_shape`` or None
+    (default ``normalized_shape``: theirs, else the last dim of ``x``)."""
     if alpha.dim() != 0:
         raise ValueError(f"alpha must be a 0-d tensor (one scalar), got shape {tuple(alpha.shape)}")
     affine = weight if weight is not None else bias
@@ -119,12 +106,8 @@ def dyt(
 
 
 def _alpha_init(value: float) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not (real and math.isfinite(value) and value > 0):
         raise ValueError(
             "alpha_init must be a positive finite float (the initial slope of tanh(alpha * x) "
             f"at 0; the paper uses 0.5, less for wide language models), got {value!r}"
@@ -135,18 +118,10 @@ def _alpha_init(value: float) -> float:
 class DyT(NormVariant):
     """Dynamic Tanh (Zhu et al. 2025, arXiv 2503.10622): ``γ ⊙ tanh(α x) + β``.
 
-    A drop-in for LayerNorm over the trailing ``normalized_shape`` that computes no
-    statistics: α is one learned scalar, γ (``weight``) ones and β (``bias``) zeros
-    element-wise over ``normalized_shape`` (torch's LayerNorm names, so a LayerNorm's
-    affine carries over). Half-precision inputs are computed in float32.
-
-    Args:
-        normalized_shape: the trailing shape of the input γ and β cover (an int: the
-            last dim, the model's features).
-        alpha_init: the initial α, a positive float. Default 0.5 (the paper's default;
-            it reports that language models need it tuned, smaller for wider models).
-        elementwise_affine: learn γ and β. Default True.
-        bias: learn β (with ``elementwise_affine``). Default True.
+    A drop-in for LayerNorm (its arguments and parameter names, so its affine carries
+    over) without statistics: α one learned scalar (initially ``alpha_init``, > 0; 0.5
+    is the paper's, smaller for wider language models), γ ones and β zeros over
+    ``normalized_shape``. Half-precision inputs are computed in float32.
 
     Example: ``DyT(768, alpha_init=0.5)(torch.randn(4, 10, 768))``.
     """

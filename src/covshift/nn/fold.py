@@ -1,12 +1,10 @@
 """BatchNorm at inference: fold it into the Linear/Conv before it, or freeze it.
 
-A BatchNorm in eval is a per-channel affine map, and after ``W x + b`` the two compose
-into one layer (torch's ``fuse_conv_bn_weights``, here in float64); ``nn.Identity()``
-takes the norm's place. Every BatchNorm kind folds, variants included; a subclass with
-its own forward stays, with identity statistics. Pairs come from the dataflow
-(:mod:`.fold_pairs`), every fold is checked and undone if an output changed, and the
-report says why for every norm left. Freezing: eval mode and no gradients, made to
-stick through ``model.train()``. docs/nn.md compares both with torch's and timm's.
+A BatchNorm in eval is a per-channel affine map that composes with the ``W x + b``
+before it (torch's ``fuse_conv_bn_weights``, in float64); ``nn.Identity()`` takes its
+place (a subclass with its own forward stays, with identity statistics). Pairs come from
+:mod:`.fold_pairs`, each fold is checked and undone if an output changed. docs/nn.md
+compares folding and freezing with torch's and timm's.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from covshift.nn import registry
 from covshift.nn.convert import ConversionEntry, ConversionReport
-from covshift.nn.fold_pairs import LAYER_TYPES, Pair, find_pairs
+from covshift.nn.fold_pairs import LAYER_TYPES, Pair, _eval_output, find_pairs
 
 __all__ = [
     "fold_batchnorm",
@@ -27,6 +25,10 @@ __all__ = [
     "freeze_batchnorm",
     "unfreeze_batchnorm",
 ]
+
+
+def _is_batch_norm(m: nn.Module) -> bool:
+    return registry.norm_kind(m) in registry.batch_kinds()
 
 
 def _why_not(layer: nn.Module, bn: nn.Module) -> str | None:
@@ -45,9 +47,8 @@ def _why_not(layer: nn.Module, bn: nn.Module) -> str | None:
 
 @torch.no_grad()
 def _fold_into(layer: nn.Module, bn: nn.Module) -> None:
-    """torch's arithmetic (``fuse_conv_bn_weights``, which serves a Linear's (O, I)
-    weight too) in float64, written into the layer's own parameters (an optimizer
-    built before keeps working)."""
+    """torch's ``fuse_conv_bn_weights`` (a Linear's weight too) in float64, written into
+    the layer's own parameters (an optimizer built before keeps working)."""
 
     def f64(t: Tensor | None) -> Tensor | None:
         return None if t is None else t.detach().to(torch.float64)
@@ -66,14 +67,11 @@ def _fold_into(layer: nn.Module, bn: nn.Module) -> None:
 
 @torch.no_grad()
 def _make_identity(bn: nn.Module) -> None:
-    """Statistics and affine for which ``bn``'s eval map is ``y = x`` (to float
-    rounding): what is left of a norm whose own forward must keep running."""
-    bn.running_mean.zero_()
-    bn.running_var.fill_(1.0 - bn.eps)
-    if bn.weight is not None:
-        bn.weight.fill_(1.0)
-    if bn.bias is not None:
-        bn.bias.zero_()
+    """Statistics and affine for which ``bn``'s eval map is ``y = x`` (to float rounding)."""
+    tensors = (bn.running_mean, bn.running_var, bn.weight, bn.bias)
+    for t, value in zip(tensors, (0.0, 1.0 - bn.eps, 1.0, 0.0), strict=True):
+        if t is not None:
+            t.fill_(value)
 
 
 def _local_input(layer: nn.Module) -> Tensor:
@@ -91,16 +89,6 @@ def _local_input(layer: nn.Module) -> Tensor:
     return x.to(device=layer.weight.device, dtype=layer.weight.dtype)
 
 
-def _eval_output(module: nn.Module, x: Tensor) -> Tensor:
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            return module(x)
-    finally:
-        module.train(was_training)
-
-
 def _differs(out: object, reference: object, rtol: float, atol: float) -> float | None:
     """The largest absolute difference when ``out`` and ``reference`` (tensors, or
     tuples/lists/dicts of them) are not close, else None."""
@@ -112,8 +100,7 @@ def _differs(out: object, reference: object, rtol: float, atol: float) -> float 
             return None
         return float((out - reference).abs().max())
     if isinstance(reference, dict) and isinstance(out, dict):
-        keys = reference.keys()
-        pairs = [(out.get(k), reference[k]) for k in keys]
+        pairs = [(out.get(k), v) for k, v in reference.items()]
     elif isinstance(reference, (tuple, list)) and isinstance(out, (tuple, list)):
         pairs = list(zip(out, reference, strict=False))
     else:
@@ -131,22 +118,14 @@ def fold_batchnorm_with_report(
     rtol: float = 1e-4,
     atol: float = 1e-5,
 ) -> tuple[nn.Module, ConversionReport]:
-    """:func:`fold_batchnorm`, also returning a report: one entry per BatchNorm-kind
-    layer, folded (``carried`` naming the layer it went into; target ``Identity``, or
-    the norm's own class when it was kept as an identity normalization) or not (no
-    target, a note saying why)."""
+    """:func:`fold_batchnorm`, and a report: one entry per BatchNorm-kind layer, folded
+    (``carried`` names the layer it went into) or not (no target, a note says why)."""
     if not inplace:
         model = copy.deepcopy(model)
     reference = None if check_input is None else _eval_output(model, check_input)
-    pairing = find_pairs(
-        model,
-        lambda m: registry.norm_kind(m) in registry.batch_kinds(),
-        check_input=check_input,
-        by_name=by_name,
-    )
+    pairing = find_pairs(model, _is_batch_norm, check_input=check_input, by_name=by_name)
     report = ConversionReport()
-    folded_layers: set[int] = set()
-    folded_norms: set[int] = set()
+    folded_layers, folded_norms = set(), set()  # ids
     reasons = dict(pairing.reasons)  # why a norm was not folded, by path
     for pair in pairing.pairs:
         layer, bn = model.get_submodule(pair.layer), model.get_submodule(pair.norm)
@@ -162,22 +141,20 @@ def fold_batchnorm_with_report(
             continue
         folded_layers.add(id(layer))
         folded_norms.add(id(bn))
-        into = [f"folded into {pair.layer} ({type(layer).__name__})"]
-        notes = []
+        entry = ConversionEntry(pair.norm, type(bn).__name__, "")
+        entry.carried.append(f"folded into {pair.layer} ({type(layer).__name__})")
         if pair.source in ("name", "sequential"):
-            notes.append(f"paired by {pair.source}: {pairing.method}")
+            entry.notes.append(f"paired by {pair.source}: {pairing.method}")
         kept = model.get_submodule(pair.norm)
-        target = type(kept).__name__
+        entry.target = type(kept).__name__
         if kept is bn:
-            notes.append(
+            entry.notes.append(
                 f"kept as an identity normalization: {type(bn).__name__} has its own "
                 "forward or child modules (e.g. a fused activation), which still run"
             )
-        report.entries.append(
-            ConversionEntry(pair.norm, type(bn).__name__, target, carried=into, notes=notes)
-        )
+        report.entries.append(entry)
     for path, m in model.named_modules():  # what is left unfolded
-        if registry.norm_kind(m) in registry.batch_kinds() and id(m) not in folded_norms:
+        if _is_batch_norm(m) and id(m) not in folded_norms:
             why = reasons.get(path, f"not applied to a Linear/Conv output ({pairing.method})")
             report.entries.append(ConversionEntry(path, type(m).__name__, "", notes=[why]))
     return model, report
@@ -193,8 +170,8 @@ def _fold_checked(
     rtol: float,
     atol: float,
 ) -> str | None:
-    """Fold ``pair`` and verify it: the pair alone on a random input, and the whole
-    model on ``check_input`` when given; undo it and return why when either differs."""
+    """Fold ``pair``; undo it and say why if the pair's output on a random input, or the
+    model's on ``check_input``, changed."""
     had_bias = layer.bias is not None
     backup = [{k: v.clone() for k, v in m.state_dict().items()} for m in (layer, bn)]
     x = _local_input(layer)
@@ -242,9 +219,8 @@ def fold_batchnorm(
     by_name: bool = False,
     check_input: Tensor | None = None,
 ) -> nn.Module:
-    """Fold every BatchNorm that directly follows a Linear/Conv into it, for inference:
-    the result computes the original's eval-mode output within float tolerance (see
-    the module docstring; :func:`fold_batchnorm_with_report` lists what stayed, and why).
+    """Fold every BatchNorm that directly follows a Linear/Conv into it, for inference
+    (the eval-mode output kept within float tolerance; the module docstring).
 
     Args:
         inplace: change ``model`` itself; by default a deep copy is folded.
@@ -256,10 +232,9 @@ def fold_batchnorm(
     Example: ``fold_batchnorm(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))[1]``
     is ``nn.Identity()``.
     """
-    folded, _ = fold_batchnorm_with_report(
+    return fold_batchnorm_with_report(
         model, inplace=inplace, by_name=by_name, check_input=check_input
-    )
-    return folded
+    )[0]
 
 
 def _stay_in_eval(module: nn.Module, args: object) -> None:
@@ -268,12 +243,10 @@ def _stay_in_eval(module: nn.Module, args: object) -> None:
 
 
 def freeze_batchnorm(model: nn.Module) -> nn.Module:
-    """Freeze every BatchNorm-kind layer, running statistics *and* affine, for good: eval
-    mode, ``requires_grad=False``, and a forward pre-hook that returns it to eval mode
-    whenever ``model.train()`` switched it back. Returns ``model``, changed in place
-    (timm's ``freeze_batch_norm_2d`` swaps the modules instead)."""
+    """Freeze every BatchNorm-kind layer, statistics and affine, in place: eval mode that
+    survives ``model.train()`` (a forward pre-hook), ``requires_grad=False``."""
     for m in model.modules():
-        if registry.norm_kind(m) not in registry.batch_kinds():
+        if not _is_batch_norm(m):
             continue
         m.train(False)
         for p in m.parameters(recurse=False):

@@ -1,9 +1,8 @@
 """Which BatchNorm consumes which Linear/Conv's output, alone: the pairs that can fold.
 
-The first source that works decides: the torch.fx graph (every user seen), else a
-forward trace on ``check_input`` (functional users unseen: each fold is then verified
-on it), else ``nn.Sequential`` order and, with ``by_name``, sibling names
-(``conv1``/``bn1``), an assumption the report states.
+The first source that works decides: the torch.fx graph, else a forward trace on
+``check_input`` (each fold then verified on it), else ``nn.Sequential`` order and, with
+``by_name``, sibling names (``conv1``/``bn1``).
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ import itertools
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
@@ -120,13 +120,9 @@ def _from_trace(model: nn.Module, is_norm: object, example: Tensor) -> Pairing:
             handles.append(m.register_forward_pre_hook(before_norm))
         elif isinstance(m, LAYER_TYPES):
             handles.append(m.register_forward_hook(after_layer))
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
-            model(example)
+        _eval_output(model, example)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     found = Pairing(method="a forward trace on check_input")
@@ -157,6 +153,16 @@ def _from_names(model: nn.Module, is_norm: object, by_name: bool) -> list[Pair]:
             if is_norm(getattr(parent, norm)):  # type: ignore[operator]
                 pairs.append(Pair(prefix + layer, prefix + norm, source))
     return pairs
+
+
+@torch.no_grad()
+def _eval_output(module: nn.Module, x: Tensor) -> Any:
+    """``module(x)`` in eval mode without gradients, the module's mode restored."""
+    was_training = module.training
+    try:
+        return module.eval()(x)
+    finally:
+        module.train(was_training)
 
 
 def find_pairs(

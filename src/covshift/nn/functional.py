@@ -1,12 +1,9 @@
 """The functional interface of the normalization family, with torch.nn.functional's names.
 
-Every function is one call of the same core (as flax does it),
-``x̂ = (x - μ) · rstd, rstd = 1 / sqrt(σ² + eps), y = x̂ · w + b``, over the axes each
-layer states (:mod:`.layout`); the math, forward and closed-form backward, is
-:mod:`.reference`. A call goes: checks on the first call per argument shapes
-(:mod:`.checks`), a remembered layout, then :func:`.backend.normalize`, which picks the
-path (the native node or the reference Function). Statistics in float32 at least, the
-biased variance by two passes, eps inside the square root.
+Every function is one call of one core, ``x̂ = (x - μ) · rstd, rstd = 1 / sqrt(σ² +
+eps), y = x̂ · w + b``, over the axes each layer states (:mod:`.layout`; the math:
+:mod:`.reference`): checks on the first call per argument shapes, a remembered layout,
+then :func:`.backend.normalize`, which picks the path.
 """
 
 from __future__ import annotations
@@ -67,7 +64,6 @@ def normalize(
         reduce_dims: the dims the statistics are taken over (negative ones allowed).
         weight, bias: the affine map, or None: ``(C,)`` along ``channel_dim``, or with
             ``channel_dim=None`` the trailing shape of ``x``.
-        eps: added to the variance; must be > 0.
         groups: split the channel dim into groups of ``C // groups`` channels, each
             normalized on its own over ``reduce_dims``, which must then include
             ``channel_dim`` (GroupNorm; ``channel_dim`` reduced without groups: one).
@@ -75,7 +71,8 @@ def normalize(
     Example: ``normalize(x, (0, 2, 3), eps=1e-5)`` is BatchNorm2d in training,
     ``normalize(x, (1, 2, 3), eps=1e-5, groups=2)`` GroupNorm(2, C).
     """
-    return _normalize(x, reduce_dims, weight, bias, eps, subtract_mean, groups, channel_dim, False)
+    layout = _layout(x, reduce_dims, weight, bias, eps, groups=groups, channel_dim=channel_dim)
+    return backend.normalize(x, weight, bias, layout, float(eps), subtract_mean)
 
 
 def normalize_with_stats(
@@ -93,27 +90,16 @@ def normalize_with_stats(
     the biased ``var`` detached, in the compute dtype, the reduced dims removed (the
     group dim for grouped inputs: GroupNorm on (N, C, H, W) gives (N, G)); ``mean`` None
     without ``subtract_mean`` (``var`` is then the mean of squares)."""
-    return _normalize(x, reduce_dims, weight, bias, eps, subtract_mean, groups, channel_dim, True)
+    layout = _layout(x, reduce_dims, weight, bias, eps, groups=groups, channel_dim=channel_dim)
+    return backend.normalize(x, weight, bias, layout, float(eps), subtract_mean, stats=True)
 
 
-def _normalize(
-    x: Tensor,
-    reduce_dims: Dims,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    subtract_mean: bool,
-    groups: int | None,
-    channel_dim: int | None,
-    stats: bool,
-) -> Any:
+def _layout(
+    x: Tensor, dims: Dims, w: Tensor | None, b: Tensor | None, eps: float, **kw: Any
+) -> NormLayout:
     checks.eps(eps)
-    w = None if weight is None else weight.shape
-    b = None if bias is None else bias.shape
-    layout = resolve_layout(
-        x.shape, reduce_dims, groups=groups, channel_dim=channel_dim, weight_shape=w, bias_shape=b
-    )
-    return backend.normalize(x, weight, bias, layout, float(eps), subtract_mean, stats=stats)
+    shapes = {"weight_shape": L.shape_of(w), "bias_shape": L.shape_of(b)}
+    return resolve_layout(x.shape, dims, **kw, **shapes)
 
 
 def batch_norm(
@@ -135,10 +121,8 @@ def batch_norm(
     scalar tensor) += 1 first, and ``momentum=None`` is then the cumulative average.
     Out of training the running statistics normalize (an affine map, §8).
 
-    Raises:
-        ValueError: one value per channel in training, bad eps, momentum=None
-            without a counter, running stats missing out of training.
-        RuntimeError: a parameter or buffer whose length is not C.
+    ValueError for one value per channel in training, a bad eps, momentum=None without
+    a counter or no running stats out of training; RuntimeError for a length not C.
     """
     if not training:
         checks.batch_norm(x, running_mean, running_var, weight, bias, training=False)
@@ -148,7 +132,7 @@ def batch_norm(
                 "batch_norm with training=False needs running_mean and running_var; "
                 "pass training=True to normalize with the batch statistics"
             )
-        return affine_with_stats(x, running_mean, running_var, weight, bias, eps, channel_dim=1)
+        return affine_with_stats(x, running_mean, running_var, weight, bias, eps)
 
     layout = L.batch_norm_layout(x, running_mean, running_var, weight, bias)
     checks.batch_norm_eps(eps, training=True)
@@ -225,9 +209,8 @@ def instance_norm(
     eps: float = 1e-5,
 ) -> Tensor:
     """Instance Normalization (Ulyanov, Vedaldi & Lempitsky 2016, arXiv 1607.08022): each
-    (sample, channel) over its spatial dims. Running buffers, when given, track the batch
-    mean of the per-instance statistics, as torch's; without ``use_input_stats`` they
-    normalize."""
+    (sample, channel) over its spatial dims; running buffers track the batch mean of the
+    per-instance statistics (torch's rule) and normalize without ``use_input_stats``."""
     if x.dim() < 3:
         raise ValueError(f"instance_norm expects an input of shape (N, C, *), got {x.dim()}D")
     checks.per_channel(
@@ -238,7 +221,7 @@ def instance_norm(
             raise ValueError(
                 "instance_norm with use_input_stats=False needs running_mean and running_var"
             )
-        return affine_with_stats(x, running_mean, running_var, weight, bias, eps, channel_dim=1)
+        return affine_with_stats(x, running_mean, running_var, weight, bias, eps)
     checks.spatial_size(x.shape)
     dims = tuple(range(2, x.dim()))
     y, mean, var = normalize_with_stats(x, dims, weight, bias, eps=eps, channel_dim=1)

@@ -1,13 +1,13 @@
 """Ghost Batch Normalization (Hoffer, Hubara & Soudry 2017, arXiv 1705.08741).
 
-BatchNorm over *virtual* batches: ``x.split(virtual_batch_size)`` in order (a shorter
-last chunk when N is not a multiple), each normalized on its own, one affine; running
-statistics move once per virtual batch, in order, so the state is that of a BatchNorm
-fed the chunks one by one; eval as BatchNorm. All full chunks run in one call of the
+BatchNorm over the virtual batches ``x.split(virtual_batch_size)``, their running
+statistics those of a BatchNorm fed them one by one; all full chunks in one call of the
 core over the ``(k, virtual_batch_size, C, *)`` view (docs/derivations.md §14).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,8 +21,7 @@ __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
 
 
 class _GhostBatchNorm(BatchNormVariant):
-    """Ghost BN's forward on top of BatchNorm's: the core's normalization over the
-    (k, v, C, *) view (derivations §14), running statistics per virtual batch."""
+    """BatchNorm over the (k, v, C, *) view in training (§14), tracked per virtual batch."""
 
     _doc_template = """Ghost Batch Normalization of {shape} inputs (Hoffer et al. 2017).
 
@@ -35,43 +34,23 @@ class _GhostBatchNorm(BatchNormVariant):
     Example: ``{name}(16, virtual_batch_size=4)``.
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
-        virtual_batch_size: int = 128,
-        bias: bool = True,
-    ) -> None:
-        vbs = checks.positive_int(
-            virtual_batch_size, "virtual_batch_size", "samples per virtual batch"
-        )
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
-        )
+    def __init__(self, *args: Any, virtual_batch_size: int = 128, **kwargs: Any) -> None:
+        what = "samples per virtual batch"
+        vbs = checks.positive_int(virtual_batch_size, "virtual_batch_size", what)
+        super().__init__(*args, **kwargs)
         self.virtual_batch_size = vbs
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training and self.track_running_stats:
-            return super().forward(x)  # BatchNorm eval
         self._check_input_dim(x)
         n, vbs = x.shape[0], self.virtual_batch_size
-        if n == 0:
-            return super().forward(x)  # nothing to split
+        if n == 0 or (not self.training and self.track_running_stats):
+            return super().forward(x)  # BatchNorm's eval, or nothing to split
         full, size, rest = (1, n, 0) if n <= vbs else (n // vbs, vbs, n % vbs)
-        spatial = x.numel() // (n * x.shape[1]) if x.numel() else 0  # per sample, channel
-        if x.numel():
-            smallest = min(size, rest or size) * spatial  # values per channel
+        if x.numel():  # the values per channel of the smallest virtual batch
+            smallest = min(size, rest or size) * (x.numel() // (n * x.shape[1]))
             checks.values_per_virtual_batch(tuple(x.shape), vbs, size, rest, smallest)
-        parts = [self._normalize_chunks(x[: full * size], full, size)]
-        if rest:
-            parts.append(self._normalize_chunks(x[full * size :], 1, rest))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        y = self._normalize_chunks(x[: full * size], full, size)
+        return torch.cat([y, self._normalize_chunks(x[full * size :], 1, rest)]) if rest else y
 
     def _normalize_chunks(self, x: Tensor, k: int, size: int) -> Tensor:
         """Normalize ``x`` (k * size, C, *) as k chunks of ``size``; track each chunk."""

@@ -1,10 +1,6 @@
-"""torch.nn's normalization layers with covshift's forward, as their subclasses.
-
-``covshift.nn.BatchNorm2d`` *is* a ``torch.nn.BatchNorm2d``: torch's constructor (after
-covshift's argument checks: eps > 0, momentum in [0, 1], positive sizes), parameters,
-buffers, ``state_dict`` and ``extra_repr``, and covshift's ``forward``
-(:mod:`covshift.nn.functional`: statistics in float32 at least, the hand-derived
-backward, the native kernels). docs/nn.md says what ``isinstance`` now reaches.
+"""torch.nn's normalization layers with covshift's forward (:mod:`.functional`), as their
+subclasses: torch's constructor (after covshift's argument checks), parameters, buffers,
+``state_dict`` and ``extra_repr``. docs/nn.md says what ``isinstance`` now reaches.
 """
 
 from __future__ import annotations
@@ -12,12 +8,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from covshift.nn import checks
 from covshift.nn import functional as F
-from covshift.nn._base import BatchNormForward
+from covshift.nn._base import BatchNormForward, TorchNormArgs, TorchSignature
 
 __all__ = [
     "BatchNorm1d",
@@ -30,8 +25,6 @@ __all__ = [
     "LayerNorm",
     "RMSNorm",
 ]
-
-Device = torch.device | str | None
 
 
 _BN_DOC = """Batch Normalization (Ioffe & Szegedy 2015, arXiv 1502.03167) of {shape}.
@@ -54,39 +47,16 @@ class BatchNorm3d(BatchNormForward, nn.BatchNorm3d):
     __doc__ = _BN_DOC.format(shape="(N, C, D, H, W)", name="BatchNorm3d", example="4, 16, 3, 5, 5")
 
 
-class _InstanceNorm:
+class _InstanceNorm(TorchNormArgs):
     """covshift's forward (and constructor checks) for torch.nn's InstanceNorm classes."""
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float = 0.1,
-        affine: bool = False,
-        track_running_stats: bool = False,
-        device: Device = None,
-        dtype: torch.dtype | None = None,
-        *,
-        bias: bool = True,
-    ) -> None:
-        num_features, eps, momentum = checks.norm_args(num_features, eps, momentum)
-        super().__init__(  # type: ignore[call-arg]
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
-        )
 
     def _apply_instance_norm(self, input: Tensor) -> Tensor:
         # torch's forward checks the channels and unsqueezes an unbatched input first.
         m: Any = self
-        return F.instance_norm(
-            input,
-            m.running_mean,
-            m.running_var,
-            m.weight,
-            m.bias,
-            use_input_stats=m.training or not m.track_running_stats,
-            momentum=m.momentum if m.momentum is not None else 0.0,
-            eps=m.eps,
-        )
+        use_input_stats = m.training or not m.track_running_stats
+        momentum = m.momentum if m.momentum is not None else 0.0
+        state = (m.running_mean, m.running_var, m.weight, m.bias)
+        return F.instance_norm(input, *state, use_input_stats, momentum, m.eps)
 
 
 _IN_DOC = """Instance Normalization (Ulyanov et al. 2016, arXiv 1607.08022) of {shape}.
@@ -111,7 +81,7 @@ class InstanceNorm3d(_InstanceNorm, nn.InstanceNorm3d):
     )
 
 
-class LayerNorm(nn.LayerNorm):
+class LayerNorm(TorchSignature, nn.LayerNorm):
     """Layer Normalization (Ba, Kiros & Hinton 2016, arXiv 1607.06450).
 
     ``y = (x - E[x]) / sqrt(Var[x] + eps) * γ + β``, statistics per sample over the
@@ -120,52 +90,29 @@ class LayerNorm(nn.LayerNorm):
     """
 
     def __init__(
-        self,
-        normalized_shape: int | Sequence[int],
-        eps: float = 1e-5,
-        elementwise_affine: bool = True,
-        bias: bool = True,
-        device: Device = None,
-        dtype: torch.dtype | None = None,
+        self, normalized_shape: int | Sequence[int], eps: float = 1e-5, *args: Any, **kwargs: Any
     ) -> None:
-        super().__init__(
-            checks.normalized_shape(normalized_shape),
-            checks.eps_arg(eps),
-            elementwise_affine,
-            bias,
-            device,
-            dtype,
-        )
+        shape = checks.normalized_shape(normalized_shape)
+        super().__init__(shape, checks.eps_arg(eps), *args, **kwargs)
 
     def forward(self, input: Tensor) -> Tensor:
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
-class GroupNorm(nn.GroupNorm):
+class GroupNorm(TorchSignature, nn.GroupNorm):
     """Group Normalization (Wu & He 2018, arXiv 1803.08494).
 
     ``y = (x - E[x]) / sqrt(Var[x] + eps) * γ + β``, statistics per sample and group of
     ``C / num_groups`` channels (and the spatial dims), ``γ``, ``β`` per channel:
-    ``torch.nn.GroupNorm`` with covshift's forward, :func:`.functional.group_norm` over
-    the (N, G, C/G, *) view (docs/derivations.md §5). ``GroupNorm(1, C)`` is LayerNorm
-    over (C, *) with a per-channel affine. Example: ``GroupNorm(4, 16)(x)``.
+    ``torch.nn.GroupNorm`` with covshift's forward (§5). Example: ``GroupNorm(4, 16)(x)``.
     """
 
     def __init__(
-        self,
-        num_groups: int,
-        num_channels: int,
-        eps: float = 1e-5,
-        affine: bool = True,
-        device: Device = None,
-        dtype: torch.dtype | None = None,
-        *,
-        bias: bool = True,
+        self, num_groups: int, num_channels: int, eps: float = 1e-5, *args: Any, **kwargs: Any
     ) -> None:
         groups = checks.positive_int(num_groups, "num_groups")
         channels = checks.positive_int(num_channels, "num_channels")
-        eps = checks.eps_arg(eps)
-        super().__init__(groups, channels, eps, affine, device, dtype, bias=bias)
+        super().__init__(groups, channels, checks.eps_arg(eps), *args, **kwargs)
 
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() >= 2 and input.shape[1] != self.num_channels:
@@ -176,7 +123,7 @@ class GroupNorm(nn.GroupNorm):
         return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
 
-class RMSNorm(nn.RMSNorm):
+class RMSNorm(TorchSignature, nn.RMSNorm):
     """Root-mean-square normalization (Zhang & Sennrich 2019, arXiv 1910.07467).
 
     ``y = x / sqrt(E[x²] + eps) * γ`` over the trailing ``normalized_shape``:
@@ -188,13 +135,11 @@ class RMSNorm(nn.RMSNorm):
         self,
         normalized_shape: int | Sequence[int],
         eps: float | None = None,
-        elementwise_affine: bool = True,
-        device: Device = None,
-        dtype: torch.dtype | None = None,
+        *args: Any,
+        **kwargs: Any,
     ) -> None:
         shape = checks.normalized_shape(normalized_shape)
-        eps = None if eps is None else checks.eps_arg(eps)
-        super().__init__(shape, eps, elementwise_affine, device, dtype)
+        super().__init__(shape, None if eps is None else checks.eps_arg(eps), *args, **kwargs)
 
     def forward(self, input: Tensor) -> Tensor:
         return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)

@@ -1,12 +1,8 @@
 """Layouts: how a norm views its input and which dims one statistic reduces over.
 
-Every layer of the family is the same computation (:mod:`covshift.nn.reference`)
-over a different :class:`NormLayout`, as flax states each layer's axes. A layout is
-resolved once from shapes (never from values) by :func:`resolve_layout`, after the
-checks of the layer's functional wrapper (:func:`batch_norm_layout`, ...), and
-remembered per argument set, since resolving costs more than a small normalization.
-
-docs/derivations.md §1 (one statistics group), §5 (groups, ``partial_dims``).
+Every layer is the same computation (:mod:`.reference`) over its own
+:class:`NormLayout`, resolved from shapes once per argument set (resolving costs more
+than a small normalization). docs/derivations.md §1 (one group), §5 (``partial_dims``).
 """
 
 from __future__ import annotations
@@ -23,24 +19,12 @@ Dims = int | Sequence[int]
 
 @dataclass(frozen=True)
 class NormLayout:
-    """How ``x`` is viewed and reduced; resolved once from shapes by :func:`resolve_layout`.
-
-    Attributes:
-        shape: the shape of ``x``.
-        view_shape: ``x``'s shape with the channel dim split into (G, C // G) when
-            grouped, else ``shape``. All the math runs on this view.
-        stat_dims: the dims of the view that one statistic reduces over.
-        partial_dims: ``stat_dims`` minus the within-group channel dim: per-channel
-            partial sums over them, then a sum over the channels of a group, give the
-            group sums without a full-size ``g · w`` temporary (derivations §5).
-        affine_shape: the shape ``weight``/``bias`` are viewed as to broadcast against
-            the view (left-padded with ones to its rank), or None without affine.
-        per_channel: the affine is constant over ``partial_dims``, so the forward
-            and backward can fold it into per-group coefficients (one fused pass);
-            False for a trailing-shape affine over reduced dims (LayerNorm), whose
-            backward works element-wise (derivations §6).
-        count: M, the number of elements per statistic.
-        param_shape: the shape of ``weight``/``bias`` as given, or None.
+    """How ``x`` (``shape``) is viewed and reduced, from :func:`resolve_layout`: the math
+    runs on ``view_shape`` (the channel dim split into (G, C // G) when grouped), one
+    statistic over its ``stat_dims`` (``count`` = M elements; ``partial_dims``: less the
+    within-group channel dim, for per-channel partial sums, §5). ``weight``/``bias``
+    (``param_shape``, None without) broadcast as ``affine_shape``; ``per_channel``: the
+    affine is constant over ``partial_dims`` (False for LayerNorm's element-wise one, §6).
     """
 
     shape: tuple[int, ...]
@@ -75,9 +59,8 @@ _MAX_LAYOUTS = 4096
 
 
 def remembered(key: tuple) -> NormLayout | None:
-    """The layout remembered for ``key`` (an argument set's shapes and ints) on an
-    earlier call, whose shape checks then passed; None the first time, and always under
-    torch.compile (symbolic shapes). Checks of values (eps) still run on every call."""
+    """The layout remembered for ``key`` (an argument set's shapes and ints), whose shape
+    checks passed then; None the first time, and under torch.compile (symbolic shapes)."""
     if torch.compiler.is_compiling():
         return None
     return _layouts.get(key)
@@ -105,20 +88,9 @@ def resolve_layout(
     bias_shape: Sequence[int] | None = None,
 ) -> NormLayout:
     """Check the arguments of :func:`~covshift.nn.functional.normalize` against ``x``'s
-    shape and resolve the view (remembered per argument set, see :func:`remembered`).
-
-    Raises:
-        ValueError: bad dims, groups that do not divide the channels, an affine whose
-            shape does not fit (the messages of :mod:`covshift.nn.checks`).
-    """
-    key = (
-        tuple(shape),
-        reduce_dims if isinstance(reduce_dims, int) else tuple(reduce_dims),
-        groups,
-        channel_dim,
-        _tuple(weight_shape),
-        _tuple(bias_shape),
-    )
+    shape (ValueError) and resolve the view, remembered per argument set."""
+    dims = reduce_dims if isinstance(reduce_dims, int) else tuple(reduce_dims)
+    key = (tuple(shape), dims, groups, channel_dim, _tuple(weight_shape), _tuple(bias_shape))
     return remembered(key) or remember(key, _resolve(*key))
 
 
@@ -130,8 +102,6 @@ def _resolve(
     weight_shape: tuple[int, ...] | None,
     bias_shape: tuple[int, ...] | None,
 ) -> NormLayout:
-    """The layout of :func:`resolve_layout` (its checks here, the general ones in
-    :mod:`.checks`)."""
     shape = tuple(int(n) for n in shape)
     ndim = len(shape)
     dims = checks.dims(reduce_dims, ndim, "reduce_dims")
@@ -141,6 +111,7 @@ def _resolve(
         )
     affine = weight_shape if weight_shape is not None else bias_shape
     affine_shape = None
+    view_shape, stat_dims, partial_dims = shape, dims, dims
     if channel_dim is None:
         if groups is not None:
             raise ValueError("groups splits the channel dim: pass channel_dim (an int) with it")
@@ -151,10 +122,10 @@ def _resolve(
                     f"dims of the input: got shape {affine} for input shape {shape}"
                 )
             affine_shape = (1,) * (ndim - len(affine)) + affine
-        view_shape, stat_dims, partial_dims = shape, dims, dims
     else:
         c = checks.dims(channel_dim, ndim, "channel_dim")[0]
         channels = shape[c]
+        channel_view: tuple[int, ...] = (channels,)
         if groups is None and c in dims:
             groups = 1  # the channel dim reduced without groups: one group
         if groups is not None:
@@ -171,10 +142,7 @@ def _resolve(
             view_shape = (*shape[:c], groups, channels // groups, *shape[c + 1 :])
             stat_dims = tuple(d if d < c else d + 1 for d in dims)
             partial_dims = tuple(d for d in stat_dims if d != c + 1)
-            channel_view: tuple[int, ...] = (groups, channels // groups)
-        else:
-            view_shape, stat_dims, partial_dims = shape, dims, dims
-            channel_view = (channels,)
+            channel_view = (groups, channels // groups)
         if affine is not None:
             if affine != (channels,):
                 raise ValueError(
@@ -203,7 +171,7 @@ def _tuple(shape: Sequence[int] | None) -> tuple[int, ...] | None:
     return None if shape is None else tuple(shape)
 
 
-def _shape(t: torch.Tensor | None) -> tuple[int, ...] | None:
+def shape_of(t: torch.Tensor | None) -> tuple[int, ...] | None:
     return None if t is None else tuple(t.shape)
 
 
@@ -216,8 +184,8 @@ def batch_norm_layout(
 ) -> NormLayout:
     """BatchNorm's layout in training (statistics over every dim but 1), after
     :func:`.checks.batch_norm` on the first call per argument shapes."""
-    w, b = _shape(weight), _shape(bias)
-    key = ("batch_norm", x.shape, _shape(running_mean), _shape(running_var), w, b)
+    w, b = shape_of(weight), shape_of(bias)
+    key = ("batch_norm", x.shape, shape_of(running_mean), shape_of(running_var), w, b)
     layout = remembered(key)
     if layout is None:
         checks.batch_norm(x, running_mean, running_var, weight, bias, training=True)
@@ -236,7 +204,7 @@ def trailing_norm_layout(
     """LayerNorm's (``rms`` False) or RMSNorm's layout over the trailing dims, after
     their checks on the first call per argument shapes."""
     ns = normalized_shape if isinstance(normalized_shape, (int, tuple)) else tuple(normalized_shape)
-    w, b = _shape(weight), _shape(bias)
+    w, b = shape_of(weight), shape_of(bias)
     key = ("rms_norm" if rms else "layer_norm", x.shape, ns, w, b)
     layout = remembered(key)
     if layout is None:
@@ -250,10 +218,9 @@ def trailing_norm_layout(
 def group_norm_layout(
     x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None
 ) -> NormLayout:
-    """GroupNorm's layout, after :func:`.checks.group_norm` on the first call per
-    argument shapes (remembered for an int ``num_groups`` only: 2.0 hashes as 2, but
-    is refused)."""
-    w, b = _shape(weight), _shape(bias)
+    """GroupNorm's layout, after :func:`.checks.group_norm` on the first call per shapes
+    (remembered for an int ``num_groups`` only: 2.0 hashes as 2, but is refused)."""
+    w, b = shape_of(weight), shape_of(bias)
     key = ("group_norm", x.shape, num_groups, w, b)
     layout = remembered(key) if type(num_groups) is int else None
     if layout is None:

@@ -15,16 +15,10 @@ __all__ = ["NoisyNorm", "NormNoise", "TimeVaryingNoise"]
 
 
 class TimeVaryingNoise(nn.Module):
-    """Santurkar et al.'s non-stationary noise ``a <- s * a + m``, to place after a norm
-    (see the module docstring); identity in eval mode.
-
-    Args:
-        mean_range: bounds of the per-step mean ``mu_t``. Default: (-0.5, 0.5).
-        scale_range: bounds of the per-step scale ``sigma_t``. Default: (1.0, 1.25).
-        mean_spread: half width of the per-element uniform around ``mu_t``. Default: 0.1.
-        scale_std: std of the per-element normal around ``sigma_t``. Default: 0.1.
-        generator: draws come from it when given (reproducible runs); it may live on
-            another device than the input (draws are then moved). Default: the global RNG.
+    """Santurkar et al.'s non-stationary noise ``a <- s * a + m`` (the module docstring:
+    ``mean_range`` bounds ``mu_t``, ``scale_range`` ``sigma_t``, ``mean_spread`` and
+    ``scale_std`` the per-element spreads), to place after a norm; identity in eval.
+    ``generator`` (any device; default the global RNG) makes runs reproducible.
 
     Example: ``nn.Sequential(nn.BatchNorm1d(4), TimeVaryingNoise(generator=gen))``.
     """
@@ -57,9 +51,8 @@ class TimeVaryingNoise(nn.Module):
         gen = self.generator
         # Draw where the generator lives (a CPU generator cannot feed a CUDA kernel),
         # in float32 at least (half-precision uniforms are coarse), then move and cast.
-        draw_device = gen.device if gen is not None else device
-        draw_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-        kw = {"generator": gen, "device": draw_device, "dtype": draw_dtype}
+        draw = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        kw = {"generator": gen, "device": device if gen is None else gen.device, "dtype": draw}
         u = torch.rand(2, **kw)  # (2,) the per-step scalars mu_t, sigma_t
         mu_t = self.mean_range[0] + (self.mean_range[1] - self.mean_range[0]) * u[0]
         sigma_t = self.scale_range[0] + (self.scale_range[1] - self.scale_range[0]) * u[1]
@@ -81,10 +74,9 @@ class TimeVaryingNoise(nn.Module):
 
 
 class NoisyNorm(nn.Module):
-    """A norm layer followed by :class:`TimeVaryingNoise` (Santurkar et al.'s "noisy BN"):
-    ``y = s * norm(x) + m`` in training, ``norm(x)`` in eval. The wrapped layer stays
-    reachable as ``.norm`` (state_dict keys ``norm.*``), so :func:`covshift.nn.convert`
-    and torch's helpers can swap it; ``**noise_kw`` are :class:`TimeVaryingNoise`'s arguments.
+    """A norm layer (``.norm``, which convert and torch's helpers can swap) followed by
+    :class:`TimeVaryingNoise(**noise_kw)`, Santurkar et al.'s "noisy BN":
+    ``y = s * norm(x) + m`` in training, ``norm(x)`` in eval.
 
     Example: ``NoisyNorm(nn.BatchNorm2d(3), generator=torch.Generator().manual_seed(0))``.
     """
@@ -98,6 +90,5 @@ class NoisyNorm(nn.Module):
         return self.noise(self.norm(input))
 
 
-# The name this class had until 0.1.0's nn reshaping (it read too much like NoisyNorm);
-# kept so that code written against it runs unchanged.
+# TimeVaryingNoise's name until 0.1.0 (it read too much like NoisyNorm), still accepted.
 NormNoise = TimeVaryingNoise

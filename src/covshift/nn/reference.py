@@ -1,15 +1,11 @@
-"""The reference math: what every layer of the family computes, forward and backward.
-
-The one place to read it: every layer is one call of this core over a
-:class:`~covshift.nn.layout.NormLayout`, with the symbols and equation numbers of
-docs/derivations.md::
+"""The reference math of every layer, forward and backward, over a
+:class:`~covshift.nn.layout.NormLayout`, numbered as docs/derivations.md::
 
     μ = Σx / M (1.1)   σ² = Σ(x - μ)² / M (1.2)   r = (σ² + ε)^(-1/2) (1.3)
     x̂ = (x - μ)·r (1.4)   y = x̂·w + b (1.5)          (μ = 0 for RMS, §4)
 
-The backward is the closed form of §3-§6 in plain out-of-place ops, so autograd
-differentiates it again (§9); written flat (tensor methods) for Dynamo. Statistics in
-float32 at least, the variance by two passes, ε inside the square root (§10).
+The backward: the closed form of §3-§6 in plain ops, which autograd differentiates
+again (§9). Statistics in float32 at least, two-pass variance, ε inside the root (§10).
 """
 
 from __future__ import annotations
@@ -31,11 +27,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def two_pass(
     xf: Tensor, dims: tuple[int, ...], m: int, subtract_mean: bool
 ) -> tuple[Tensor | None, Tensor, Tensor]:
-    """``(μ, x - μ, σ²)`` over ``dims`` (keepdim), by two passes; μ None for RMS.
-
-    The one implementation of the two-pass moments (§10): the mean first, then the
-    mean of squared deviations, which keeps the variance when |μ| ≫ σ.
-    """
+    """``(μ, x - μ, σ²)`` over ``dims`` (keepdim), μ None for RMS: the mean, then the
+    mean of squared deviations, which keeps the variance when |μ| ≫ σ (§10)."""
     if subtract_mean:
         mean = xf.sum(dims, keepdim=True) / m  # (1.1)
         xc = xf - mean
@@ -53,14 +46,9 @@ def forward(
     eps: float,
     subtract_mean: bool = True,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
-    """``(y, mean, rstd, var)`` of ``x`` over ``layout``; the statistics keepdim, in the
-    compute dtype. The backward needs ``x``, ``mean`` and ``rstd`` (and ``weight``),
-    nothing full-size beyond ``x`` itself.
-
-    Per channel (BatchNorm, GroupNorm, InstanceNorm) the normalization and the affine
-    fold into one scale ``y = (x - μ) · (r · w) + b``; for a trailing affine
-    (LayerNorm) ``y = ((x - μ) · r) · w + b``.
-    """
+    """``(y, mean, rstd, var)`` of ``x`` over ``layout``, the statistics keepdim in the
+    compute dtype: ``y = (x - μ) · (r · w) + b`` per channel, ``((x - μ) · r) · w + b``
+    for a trailing affine (LayerNorm)."""
     xf = x.reshape(layout.view_shape).to(torch.promote_types(x.dtype, torch.float32))
     mean, xc, var = two_pass(xf, layout.stat_dims, layout.count, subtract_mean)
     rstd = (var + eps).rsqrt()  # (1.3)
@@ -83,12 +71,9 @@ def backward(
     layout: NormLayout,
     needs: Needs = (True, True, True),
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Closed-form ``(dx, dweight, dbias)`` (None where ``needs`` is False).
-
-    g is ``grad_out``, h = g·w (1.6). Per channel, the coefficient form (5.3) from
-    per-channel partial sums (5.1); for LayerNorm's element-wise affine, (6.2)
-    directly. Without mean subtraction (``mean`` None) the Σh terms drop, (4.2).
-    """
+    """Closed-form ``(dx, dweight, dbias)`` (None where not ``needs``), g = ``grad_out``,
+    h = g·w (1.6): per channel (5.3) from partial sums (5.1); for LayerNorm's element-wise
+    affine (6.2); without mean subtraction (``mean`` None) the Σh terms drop (4.2)."""
     need_dx, need_dw, need_db = needs
     subtract_mean = mean is not None
     dtype = rstd.dtype
@@ -163,11 +148,8 @@ def moments(
     keepdim: bool = False,
     subtract_mean: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Mean and biased variance of ``x`` over ``reduce_dims``, in float32 at least.
-
-    Two passes, (1.1) then (1.2). Differentiable (plain torch ops). With
-    ``subtract_mean=False`` the second moment is ``mean(x²)`` and the returned mean is
-    zeros.
+    """Mean and biased variance of ``x`` over ``reduce_dims``, in float32 at least, by
+    (1.1) then (1.2), differentiable; ``subtract_mean=False``: ``mean(x²)`` and zeros.
 
     Example:
         >>> mean, var = moments(torch.randn(8, 3, 4, 4), (0, 2, 3))  # (3,), (3,)
@@ -182,20 +164,13 @@ def moments(
 
 
 def affine_with_stats(
-    x: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    channel_dim: int,
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> Tensor:
-    """``y = x·s + t`` with fixed per-channel statistics (8.1): BatchNorm's (and tracked
-    InstanceNorm's) eval. An affine map with constants, so plain differentiable ops
-    and autograd's own backward; nothing to gain from a hand-written one."""
+    """``y = x·s + t`` with fixed statistics per channel (dim 1), (8.1): BatchNorm's (and
+    tracked InstanceNorm's) eval. An affine map with constants, so plain differentiable
+    ops and autograd's own backward; nothing to gain from a hand-written one."""
     dtype = compute_dtype(x.dtype)
-    shape = [1] * x.dim()
-    shape[channel_dim] = x.shape[channel_dim]
+    shape = [1, x.shape[1], *[1] * (x.dim() - 2)]
     scale = torch.rsqrt(var.to(dtype) + eps)  # s = w / sqrt(running_var + ε)
     if weight is not None:
         scale = scale * weight.to(dtype)
@@ -207,8 +182,5 @@ def affine_with_stats(
 
 
 def sum_dims(t: Tensor, dims: tuple[int, ...]) -> Tensor:
-    """``t`` summed over ``dims``, keepdim; ``t`` itself for no dims."""
-    # torch sums every dim when given an empty dim list; here empty means "no sum".
-    if not dims:
-        return t
-    return t.sum(dims, keepdim=True)
+    """``t`` summed over ``dims``, keepdim; ``t`` itself for no dims (torch would sum all)."""
+    return t.sum(dims, keepdim=True) if dims else t

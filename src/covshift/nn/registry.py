@@ -1,10 +1,6 @@
 """The registry of normalization kinds: what a layer is (:func:`norm_kind`, :func:`match`),
 and how to build one by name (:func:`create_norm`, the channel count first, as in timm).
-
-A kind lists covshift's and torch.nn's classes by the input's spatial rank (None: every
-rank); its name is also a :func:`create_norm` name, and other names are factories
-registered with :func:`register_norm`. The base kinds are registered here, each variant
-where it is defined; ``covshift.nn`` imports them all before any query.
+The base kinds are registered here, each variant where it is defined.
 """
 
 from __future__ import annotations
@@ -41,10 +37,9 @@ NormFactory = Callable[..., nn.Module]
 
 @dataclass(frozen=True)
 class NormKind:
-    """One kind of normalization: its name (also a :func:`create_norm` name), covshift's
-    and torch.nn's classes by input rank, whether its statistics run over the trailing
-    dims (LayerNorm, RMSNorm) rather than dim 1, and whether it is a BatchNorm kind
-    (batch statistics in training, running ones in eval, so it folds)."""
+    """A kind: its name (also a :func:`create_norm` name), covshift's and torch.nn's
+    classes by spatial rank (None: any), whether its statistics run over the trailing
+    dims rather than dim 1, and whether it is a BatchNorm kind (it folds)."""
 
     name: str
     classes: Mapping[int | None, type[nn.Module]]
@@ -115,28 +110,22 @@ def match(cls: type) -> Match | None:
 
 
 def norm_kind(module: nn.Module) -> str | None:
-    """The kind of normalization ``module`` is (``"batch"``, ``"group"``, ``"layer"``,
-    ``"instance"``, ``"rms"``, ``"sync_batch"``, ``"batch_renorm"``,
-    ``"ghost_batch"``), for covshift's and torch.nn's classes and their subclasses;
-    None if it is not one."""
+    """The kind of normalization ``module`` is (``"batch"``, ``"layer"``, ...; docs/nn.md),
+    for covshift's, torch.nn's and their subclasses; None if it is not one."""
     found = match(type(module))
     return None if found is None else found.kind
 
 
 def own_behaviour(module: nn.Module) -> str | None:
-    """What ``module`` does beyond the registered class it is recognized as (None:
-    nothing, or not a norm): its own ``forward`` (timm's BatchNormAct2d, a fused
-    activation; LayerNorm2d, a permutation) or child modules. Replacing such a layer
-    by another norm, or folding it away, would change its outputs."""
+    """What ``module`` does beyond its registered class (its own ``forward``, as timm's
+    BatchNormAct2d, or child modules), which replacing it would lose; None: nothing."""
     found = match(type(module))
     if found is None:
         return None
     if type(module).forward is not found.cls.forward:
         return f"{type(module).__name__} overrides {found.cls.__name__}'s forward"
-    children = [f"{name} ({type(c).__name__})" for name, c in module.named_children()]
-    if children:
-        return f"{type(module).__name__} has child modules: {', '.join(children)}"
-    return None
+    children = ", ".join(f"{name} ({type(c).__name__})" for name, c in module.named_children())
+    return f"{type(module).__name__} has child modules: {children}" if children else None
 
 
 def batch_kinds() -> frozenset[str]:
@@ -156,11 +145,8 @@ def norm_names() -> list[str]:
 
 def create_norm(name: str, num_features: int, *, dims: int = 1, **kw: object) -> nn.Module:
     """Build the normalization layer registered as ``name`` for ``num_features`` channels
-    and inputs of spatial rank ``dims`` (1: (N, C) or (N, C, L); 2: (N, C, H, W); 3).
-
-    Raises:
-        ValueError: unknown name (the message lists the known ones) or bad ``dims``.
-    """
+    and inputs of spatial rank ``dims`` (1: (N, C) or (N, C, L); 2: (N, C, H, W); 3);
+    ValueError for an unknown name (the message lists the known ones) or bad ``dims``."""
     if dims not in (1, 2, 3):
         raise ValueError(f"dims must be 1, 2 or 3 (spatial rank of the input), got {dims!r}")
     try:
@@ -181,13 +167,9 @@ def create_norm(name: str, num_features: int, *, dims: int = 1, **kw: object) ->
 
 
 def _keywords(factory: NormFactory, num_features: int, dims: int) -> list[str]:
-    """The keywords a factory's layer accepts: the factory's own and its class's (less
-    the shape arguments the factory fills in)."""
-    own = [
-        p.name
-        for p in inspect.signature(factory).parameters.values()
-        if p.kind is p.KEYWORD_ONLY and p.name != "dims"
-    ]
+    """The keywords a factory's layer accepts, less the shapes the factory fills in."""
+    factory_params = inspect.signature(factory).parameters.values()
+    own = [p.name for p in factory_params if p.kind is p.KEYWORD_ONLY and p.name != "dims"]
     try:
         params = inspect.signature(type(factory(num_features, dims=dims))).parameters
     except Exception:  # e.g. a required keyword: the factory's own list is all there is

@@ -6,9 +6,8 @@ inference compute the same function in expectation (docs/derivations.md §13)::
     r = clip(σ_B / σ_run, 1/r_max, r_max)     d = clip((μ_B - μ_run) / σ_run, -d_max, d_max)
     y = γ · (x̂ · r + d) + β                   (r, d constants in backprop)
 
-r_max and d_max follow the paper's schedule, a warmup then linear ramps (the paper
-says "gradually"), counted by the layer's own ``num_batches_tracked``
-(:func:`renorm_limits`); eval is BatchNorm, and so is ``r_max = 1, d_max = 0``.
+r_max and d_max: a warmup then linear ramps (the paper's "gradually") over
+``num_batches_tracked`` (:func:`renorm_limits`); eval is BatchNorm.
 """
 
 from __future__ import annotations
@@ -53,74 +52,55 @@ def renorm_limits(
     return 1.0 + (r_max - 1.0) * ramp(r_max_ramp_steps), d_max * ramp(d_max_ramp_steps)
 
 
-def _check_schedule(r_max: float, d_max: float, steps: dict[str, int]) -> tuple[float, float]:
+_SCHEDULE = ("r_max", "d_max", "warmup_steps", "r_max_ramp_steps", "d_max_ramp_steps")
+
+
+def _check_schedule(r_max: float, d_max: float, *steps: int) -> tuple[Any, ...]:
     for name, value, low, what in (
         ("r_max", r_max, 1, "r is clipped to [1/r_max, r_max]; 1 disables the correction"),
         ("d_max", d_max, 0, "d is clipped to [-d_max, d_max]; 0 disables the correction"),
     ):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= low:
             raise ValueError(f"{name} must be a float >= {low} ({what}), got {value!r}")
-    for name, value in steps.items():
+    for name, value in zip(_SCHEDULE[2:], steps, strict=True):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
             raise ValueError(f"{name} must be an int >= 0 (a number of steps), got {value!r}")
-    return float(r_max), float(d_max)
+    return (float(r_max), float(d_max), *map(int, steps))
 
 
 class _BatchRenorm(BatchNormVariant):
-    """Batch Renorm's training forward on top of BatchNorm's: the core's normalization
-    (:func:`covshift.nn.functional.normalize`) with the per-channel affine w' = γ·r,
-    b' = γ·d + β, r and d constants, (13.1)-(13.3). Tests: tests/nn/test_variants.py."""
+    """BatchNorm's forward with the per-channel affine w' = γ·r, b' = γ·d + β in training,
+    r and d constants, (13.1)-(13.3)."""
 
     _doc_template = """Batch Renormalization of {shape} inputs (Ioffe 2017, arXiv 1702.03275).
 
     Training: ``y = γ · (x̂ · r + d) + β`` with x̂ BatchNorm's, ``r`` and ``d`` the
     clipped corrections towards the running statistics (constants in backprop); eval,
-    and training with ``track_running_stats=False``: BatchNorm. Arguments, parameters
-    and buffers are those of BatchNorm, and:
-
-    Args:
-        r_max: final clip of ``r``, >= 1. Default 3.
-        d_max: final clip of ``d``, >= 0. Default 5.
-        warmup_steps: batches with ``r_max = 1, d_max = 0``. Default 5000.
-        r_max_ramp_steps: batches of the linear ramp of ``r_max`` after the warmup.
-            Default 35000 (``r_max`` reached at step 40k); see :func:`renorm_limits`.
-        d_max_ramp_steps: same for ``d_max``. Default 20000 (reached at step 25k).
+    and training with ``track_running_stats=False``: BatchNorm. BatchNorm's arguments,
+    and the schedule of :func:`renorm_limits`: the final clips ``r_max`` (>= 1, default 3)
+    and ``d_max`` (>= 0, default 5), reached after ``warmup_steps`` (5000) and linear
+    ramps of ``r_max_ramp_steps`` (35000) and ``d_max_ramp_steps`` (20000) batches.
 
     Example: ``{name}(16, warmup_steps=0, r_max_ramp_steps=1000, d_max_ramp_steps=1000)``.
     """
 
     def __init__(
         self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
+        *args: Any,
         r_max: float = 3.0,
         d_max: float = 5.0,
         warmup_steps: int = 5000,
         r_max_ramp_steps: int = 35000,
         d_max_ramp_steps: int = 20000,
-        bias: bool = True,
+        **kwargs: Any,
     ) -> None:
-        steps = {
-            "warmup_steps": warmup_steps,
-            "r_max_ramp_steps": r_max_ramp_steps,
-            "d_max_ramp_steps": d_max_ramp_steps,
-        }
-        r_max, d_max = _check_schedule(r_max, d_max, steps)
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
-        )
-        self.r_max, self.d_max = r_max, d_max
-        self.warmup_steps, self.r_max_ramp_steps, self.d_max_ramp_steps = map(int, steps.values())
+        schedule = _check_schedule(r_max, d_max, warmup_steps, r_max_ramp_steps, d_max_ramp_steps)
+        super().__init__(*args, **kwargs)
+        self.r_max, self.d_max = schedule[:2]
+        self.warmup_steps, self.r_max_ramp_steps, self.d_max_ramp_steps = schedule[2:]
 
-    def _schedule(self) -> tuple[float, float, int, int, int]:
-        ramps = (self.warmup_steps, self.r_max_ramp_steps, self.d_max_ramp_steps)
-        return (self.r_max, self.d_max, *ramps)
+    def _schedule(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in _SCHEDULE)
 
     def current_limits(self) -> tuple[float, float]:
         """``(r_max, d_max)`` that the next training batch will use (reads the counter)."""
@@ -159,8 +139,7 @@ class _BatchRenorm(BatchNormVariant):
         return y
 
     def extra_repr(self) -> str:
-        names = ("r_max", "d_max", "warmup_steps", "r_max_ramp_steps", "d_max_ramp_steps")
-        own = ", ".join(f"{n}={v}" for n, v in zip(names, self._schedule(), strict=True))
+        own = ", ".join(f"{n}={v}" for n, v in zip(_SCHEDULE, self._schedule(), strict=True))
         return f"{super().extra_repr()}, {own}"
 
 

@@ -1,13 +1,10 @@
-"""The running-statistics rule, one owner for every layer that tracks statistics.
-
-With torch.nn's convention, so that state_dicts load both ways (derivations §7)::
+"""The running-statistics rule of every layer, torch.nn's (derivations §7)::
 
     running_mean ← (1 - m) · running_mean + m · μ_B                      (7.1)
     running_var  ← (1 - m) · running_var  + m · σ²_B · M / (M - 1)       (7.2)
 
-σ²_B the biased batch variance, Bessel's factor M / (M - 1) making running_var the
-unbiased one; ``momentum=None`` is the cumulative average m_k = 1/k, k the step counter
-after its increment (7.3). The native node applies the same rule in C++.
+σ²_B the biased batch variance; ``momentum=None``: m_k = 1/k, k the step counter after
+its increment (7.3). The native node applies the same rule in C++.
 """
 
 from __future__ import annotations
@@ -21,9 +18,8 @@ __all__ = ["RunningStats", "bessel", "step_factor", "track_batch", "update"]
 
 
 class RunningStats(NamedTuple):
-    """What a BatchNorm call in training updates besides its output, (7.1)-(7.3): the
-    running buffers (either may be None), the step counter ``num_batches_tracked``
-    (incremented first when given), m (None: ``1 / counter``) and M / (M - 1)."""
+    """What a BatchNorm call in training updates, (7.1)-(7.3): the buffers (either may
+    be None), the step counter (incremented first), m (None: ``1 / counter``), M/(M-1)."""
 
     mean: Tensor | None
     var: Tensor | None

@@ -1,12 +1,9 @@
-"""SyncBatchNorm on any torch.distributed backend (gloo on CPU included), and back.
-
-torch.nn.SyncBatchNorm runs only on GPUs and offers no way back to BatchNorm. This one
-shares the batch statistics across a process group with one ``all_reduce`` in forward
-(``[Σx, Σx², n]`` per channel, the counts with the sums, so unequal batch sizes are
-exact) and one in backward (``[Σdy, Σdy·x̂]``); parameter gradients are the local sums,
-as torch's (DDP reduces them). Each rank's moments are two-pass, in float32 at least,
-and the sums float64, so ``Σx²/N − μ²`` loses less than float32 rounding for |μ|/σ up to
-about 1e4. Derivation, double backward included: docs/derivations.md §12.
+"""SyncBatchNorm on any torch.distributed backend (gloo on CPU included), and back
+(torch's runs only on GPUs, one way). One ``all_reduce`` in forward (``[Σx, Σx², n]``
+per channel: unequal batch sizes are exact) and one in backward (``[Σdy, Σdy·x̂]``);
+parameter gradients are the local sums, as torch's (DDP reduces them). Moments two-pass
+per rank, sums in float64, so ``Σx²/N − μ²`` stays within float32 rounding for |μ|/σ up
+to about 1e4. Derivation, double backward included: docs/derivations.md §12.
 """
 
 from __future__ import annotations
@@ -33,9 +30,7 @@ ProcessGroup = Any  # torch.distributed.ProcessGroup: Any keeps builds without i
 
 def _world_size(group: ProcessGroup | None) -> int:
     """Processes in ``group``, 1 when torch.distributed is absent or not initialized."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(group)
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -55,10 +50,6 @@ class _AllReduceSum(torch.autograd.Function):
         return _AllReduceSum.apply(grad.contiguous(), ctx.group), None
 
 
-def _reduce_dims(x: Tensor) -> list[int]:
-    return [0, *range(2, x.dim())]  # every dim but the channels (dim 1)
-
-
 def _channel_view(v: Tensor, x: Tensor) -> Tensor:
     return v.view(1, -1, *([1] * (x.dim() - 2)))  # (C,) -> (1, C, 1, ...)
 
@@ -71,7 +62,7 @@ def _global_moments(x: Tensor, group: ProcessGroup | None) -> tuple[Tensor, Tens
     # The reduced sums in float64, except where the device has none (Apple MPS).
     sum_dtype = torch.float32 if x.device.type == "mps" else torch.float64
     if n > 0:
-        mean, var = CF.moments(x, _reduce_dims(x))  # (C,) local, two-pass, stat dtype
+        mean, var = CF.moments(x, [0, *range(2, x.dim())])  # (C,) local, two-pass
         mean = mean.to(sum_dtype)
         s1 = mean * n  # (12.1)
         s2 = (var.to(sum_dtype) + mean * mean) * n  # (12.1)
@@ -120,7 +111,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             # functions of x so that d(dx)/dx includes their dependence on x.
             mean, var, big_n = _global_moments(x, ctx.group)
             invstd = torch.rsqrt(var + ctx.eps)
-        dims, stat, c = _reduce_dims(x), mean.dtype, x.shape[1]
+        dims, stat, c = [0, *range(2, x.dim())], mean.dtype, x.shape[1]
         xhat = (x.to(stat) - _channel_view(mean, x)) * _channel_view(invstd, x)  # (N, C, *)
         dy_s = dy.to(stat)
         sum_dy, sum_dy_xhat = dy_s.sum(dims), (dy_s * xhat).sum(dims)  # (C,) local
@@ -150,14 +141,10 @@ def sync_batch_norm(
     process_group: ProcessGroup | None = None,
 ) -> Tensor:
     """Batch normalization of ``input`` ``(N, C, *)`` (N may differ between ranks) with
-    the batch statistics of every rank in ``process_group`` (None: the world).
+    the statistics of every rank in ``process_group`` (None: the world); the running
+    buffers, when given, move by factor ``momentum`` with the global count (§7).
 
-    Updates ``running_mean``/``running_var`` when given, with factor ``momentum`` (the
-    caller resolves None) and the global count's unbiased variance (§7). Without
-    torch.distributed initialized, or in a group of one, it is local batch norm.
-
-    Raises:
-        ValueError: fewer than two values per channel over the whole group.
+    ValueError for fewer than two values per channel over the whole group.
     """
     if input.dim() < 2:
         raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
@@ -178,15 +165,12 @@ def sync_batch_norm(
     )
 
 
-class SyncBatchNorm(nn.SyncBatchNorm):
-    """Batch normalization whose batch statistics span a torch.distributed group.
-
-    ``y = (x - E[x]) / sqrt(Var[x] + eps) * gamma + beta`` with ``E``, ``Var`` (biased)
-    per channel over the batch of *every* process in the group (Ioffe & Szegedy 2015,
-    arXiv 1502.03167). ``torch.nn.SyncBatchNorm`` (same arguments and state) with
-    covshift's forward, which runs on any backend and unequal batch sizes, where
-    torch's needs GPUs; alone (no process group, a group of one) or in eval mode it is
-    local BatchNorm.
+class SyncBatchNorm(BatchNormForward, nn.SyncBatchNorm):
+    """Batch normalization (Ioffe & Szegedy 2015, arXiv 1502.03167) whose statistics span
+    a torch.distributed group: ``y = (x - E[x]) / sqrt(Var[x] + eps) * gamma + beta``,
+    ``E``, ``Var`` (biased) per channel over every rank's batch. ``torch.nn.SyncBatchNorm``
+    with covshift's forward (any backend, see the module docstring); alone or in eval
+    mode, local BatchNorm.
 
     Example:
         >>> bn = SyncBatchNorm(16)  # shares statistics once dist.init_process_group ran
@@ -194,25 +178,9 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         torch.Size([4, 16, 8, 8])
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        process_group: ProcessGroup | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
-        bias: bool = True,
-    ) -> None:
-        num_features, eps, momentum = checks.norm_args(num_features, eps, momentum)
-        args = (num_features, eps, momentum, affine, track_running_stats, process_group)
-        super().__init__(*args, device, dtype, bias=bias)
-        # The class this layer replaced (set by convert_sync_batchnorm and the
-        # registry), so that revert_sync_batchnorm can restore it.
-        self.original_class: type[nn.Module] | None = None
+    # The class this layer replaced (set by convert_sync_batchnorm and the registry),
+    # so that revert_sync_batchnorm can restore it.
+    original_class: type[nn.Module] | None = None
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
@@ -227,32 +195,23 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         # As torch's SyncBatchNorm: synchronize only in training. Eval may run on one
         # rank alone (validation on rank 0) and must not wait for the others.
         if not (self.training and _world_size(self.process_group) > 1):
-            return BatchNormForward.forward(self, input)  # alone: exactly BatchNorm
+            return super().forward(input)  # alone: exactly BatchNorm
         self._check_input_dim(input)
         tracking = self.track_running_stats
         counter = self.num_batches_tracked if tracking else None
         factor = running_stats.step_factor(self.momentum, counter, tracking)
-        return sync_batch_norm(
-            input,
-            self.running_mean if tracking else None,
-            self.running_var if tracking else None,
-            self.weight,
-            self.bias,
-            factor,
-            self.eps,
-            self.process_group,
-        )
+        running = (self.running_mean, self.running_var) if tracking else (None, None)
+        affine = (self.weight, self.bias)
+        return sync_batch_norm(input, *running, *affine, factor, self.eps, self.process_group)
 
     @classmethod
     def convert_sync_batchnorm(
         cls, module: nn.Module, process_group: ProcessGroup | None = None
     ) -> nn.Module:
-        """Replace every BatchNorm1d/2d/3d (torch's, covshift's) and torch's
-        SyncBatchNorm in ``module`` by this class, as torch's classmethod (sharing their
-        parameter and buffer objects; ``module`` or its replacement returned), but the
-        result runs on any backend, a subclass with its own ``forward`` or child modules
-        (a fused activation) is left alone with a warning, and each layer records the
-        class it replaced for :meth:`revert_sync_batchnorm`.
+        """torch's classmethod for this class (BatchNorm1d/2d/3d and torch's SyncBatchNorm
+        replaced, sharing parameters and buffers), except that a subclass with its own
+        forward or children stays (with a warning) and each layer records the class it
+        replaced for :meth:`revert_sync_batchnorm` (docs/nn.md).
 
         Example:
             >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
@@ -278,13 +237,11 @@ class SyncBatchNorm(nn.SyncBatchNorm):
 
     @staticmethod
     def revert_sync_batchnorm(module: nn.Module, to: type[nn.Module] | None = None) -> nn.Module:
-        """Replace every SyncBatchNorm (covshift's or torch's) by the class recorded by
-        :meth:`convert_sync_batchnorm` or ``create_norm("sync_batch", dims=...)``, else
-        ``to``, sharing parameters and buffers; return ``module`` or its replacement.
+        """Replace every SyncBatchNorm by the class it recorded (else ``to``), sharing
+        parameters and buffers; return ``module`` or its replacement.
 
         Raises:
-            ValueError: no recorded class and no ``to`` (the input rank decides between
-                BatchNorm1d/2d/3d, and only the caller knows it).
+            ValueError: no recorded class and no ``to`` (only the caller knows the rank).
         """
 
         def build(m: nn.Module) -> nn.Module:

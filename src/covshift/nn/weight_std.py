@@ -1,9 +1,8 @@
 """Weight Standardization (Qiao et al. 2019, arXiv 1903.10520).
 
-Each output filter is standardized over its fan-in before every use,
-``Ŵ[o] = (W[o] - mean W[o]) / sqrt(var W[o] + eps)`` (biased variance, eps 1e-6 by
-default: a filter's variance is about 1 / (3 fan_in)), gradients flowing through it:
-the core's :func:`covshift.nn.functional.normalize` over each filter (§16).
+Each output filter standardized over its fan-in before every use by the core (§16),
+``Ŵ[o] = (W[o] - mean W[o]) / sqrt(var W[o] + eps)`` (biased; eps 1e-6: a filter's
+variance is about 1 / (3 fan_in)).
 """
 
 from __future__ import annotations
@@ -19,24 +18,17 @@ __all__ = ["WSConv2d", "WSLinear", "standardize_weight"]
 
 
 def standardize_weight(weight: Tensor, eps: float = 1e-6) -> Tensor:
-    """Standardize every output filter of ``weight`` ``(O, *)`` (a conv or linear weight)
-    over all its other dims, eps added to the biased variance; same shape and dtype.
-
-    Example: ``standardize_weight(torch.randn(8, 3, 3, 3)).flatten(1).mean(1)`` is ~0.
-    """
+    """Standardize every output filter of ``weight`` ``(O, *)`` over its fan-in, eps
+    added to the biased variance: ``standardize_weight(w).flatten(1).mean(1)`` is ~0."""
     flat = weight.reshape(weight.shape[0], -1)  # (O, fan_in)
-    # The shared core: statistics in float32 at least, hand-derived (and twice
-    # differentiable) backward, output in the weight's dtype.
     return F.normalize(flat, 1, eps=eps, channel_dim=None).view_as(weight)
 
 
 class _Standardized:
-    """``eps`` (checked, in ``extra_repr``) and the weight :meth:`forward` uses."""
+    """The weight :meth:`forward` uses, and ``eps`` (set by the constructors) in the repr."""
 
     weight: Tensor
-
-    def _set_eps(self, eps: float) -> None:
-        self.eps = checks.eps_arg(eps)
+    eps: float
 
     def standardized_weight(self) -> Tensor:
         """The weight actually used by ``forward``: the layer's, each filter standardized."""
@@ -50,7 +42,6 @@ class WSConv2d(_Standardized, nn.Conv2d):
     """Conv2d whose filters are standardized before every use (Qiao et al. 2019,
     arXiv 1903.10520): ``y = conv2d(x, (W - mean_o W) / sqrt(var_o W + eps), b)`` over
     each output filter ``o``. torch.nn.Conv2d's arguments, and ``eps`` (default 1e-6).
-
     Example: ``WSConv2d(3, 16, kernel_size=3, padding=1)(torch.randn(2, 3, 8, 8))``.
     """
 
@@ -69,7 +60,7 @@ class WSConv2d(_Standardized, nn.Conv2d):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        self._set_eps(eps)  # (before torch's constructor: a bad eps fails first)
+        self.eps = checks.eps_arg(eps)  # (before torch's constructor: a bad eps fails first)
         conv = (in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
         super().__init__(*conv, padding_mode, device, dtype)
 
@@ -78,11 +69,9 @@ class WSConv2d(_Standardized, nn.Conv2d):
 
 
 class WSLinear(_Standardized, nn.Linear):
-    """Linear layer whose rows are standardized before every use (Weight
-    Standardization, Qiao et al. 2019, for convolutions: a linear layer is a 1x1 conv):
-    ``y = x Ŵᵀ + b``, ``Ŵ[o] = (W[o] - mean W[o]) / sqrt(var W[o] + eps)``.
-    torch.nn.Linear's arguments, and ``eps`` (default 1e-6). Example: ``WSLinear(20, 5)``.
-    """
+    """Linear layer (a 1x1 conv) whose rows are standardized before every use (Qiao et al.
+    2019): ``y = x Ŵᵀ + b``, ``Ŵ[o] = (W[o] - mean W[o]) / sqrt(var W[o] + eps)``.
+    torch.nn.Linear's arguments, and ``eps`` (default 1e-6). Example: ``WSLinear(20, 5)``."""
 
     def __init__(
         self,
@@ -93,7 +82,7 @@ class WSLinear(_Standardized, nn.Linear):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        self._set_eps(eps)
+        self.eps = checks.eps_arg(eps)
         super().__init__(in_features, out_features, bias, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
