@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -202,6 +202,21 @@ def evaluate(
     return {"test_accuracy": correct.item() / count, "test_loss": loss.item() / count}
 
 
+def config_optimizer(
+    params: Iterable[torch.nn.Parameter], config: TrainConfig
+) -> torch.optim.Optimizer:
+    """The optimizer ``config`` trains with (:func:`~covshift.optimizers.make_optimizer`
+    of its kind, learning rate, momentum, weight decay and betas), over ``params``."""
+    return make_optimizer(
+        params,
+        config.optimizer,
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        betas=config.betas,
+    )
+
+
 def _call(callbacks: Sequence[object], method: str, *args: object) -> None:
     for cb in callbacks:
         fn = getattr(cb, method, None)
@@ -278,14 +293,7 @@ def train(
     dev = resolve_device(device)
     data = data if data.x_train.device == dev else data.to(dev)
     model.to(dev).train()
-    optimizer = make_optimizer(
-        model.parameters(),
-        config.optimizer,
-        lr=config.lr,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        betas=config.betas,
-    )
+    optimizer = config_optimizer(model.parameters(), config)
     sampler = BatchSampler(len(data.x_train), config.batch_size, config.seed)
     criterion = loss_function(data)
     bits = 1 / math.log(2) if is_text(data) else None  # nats -> bits per byte

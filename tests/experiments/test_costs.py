@@ -85,15 +85,16 @@ def test_the_optimizer_is_the_points_own_and_parts_of_the_cost(
     config = load_config(str(sweep_file(tmp_path, text)))
     points = expand_grid(config)
     made: list[str] = []
-    real = preflight_module.make_optimizer
+    real = preflight_module.config_optimizer
 
-    def spy(params, kind, **kw):
-        made.append(kind)
-        return real(params, kind, **kw)
+    def spy(params, config):
+        optimizer = real(params, config)
+        made.append(type(optimizer).__name__)
+        return optimizer
 
-    monkeypatch.setattr(preflight_module, "make_optimizer", spy)
+    monkeypatch.setattr(preflight_module, "config_optimizer", spy)
     costs = preflight(config, points, threads=1)
-    assert sorted(made) == ["adamw", "adamw", "sgd", "sgd"]  # 2 networks x 2 optimizers
+    assert sorted(made) == ["AdamW", "AdamW", "SGD", "SGD"]  # 2 networks x 2 optimizers
     by_kind = {(p.network, p.spec.optimizer.kind): costs[p.id] for p in points}
     assert by_kind[("bn", "sgd")] is not by_kind[("bn", "adamw")]
 

@@ -27,12 +27,11 @@ from covshift.experiments.metric_paths import TRAIN_MODE, parse_metric
 from covshift.experiments.model_size import available_bytes, model_size
 from covshift.experiments.point import build_model, dataset_for, point_measures, train_config
 from covshift.losses import loss_function
-from covshift.optimizers import make_optimizer
 from covshift.probe import GradientICSMonitor, ShiftProbe, SmoothnessMonitor
 from covshift.probe.batch_fluctuation import BatchStatsMonitor
 from covshift.probe.layer_gradients import GradientNormMonitor
 from covshift.probe.select import glob_match
-from covshift.training import TrainState, evaluate, resolve_device
+from covshift.training import TrainState, config_optimizer, evaluate, resolve_device
 
 __all__ = ["preflight"]
 
@@ -177,15 +176,7 @@ def _try(point: Point, data: Dataset, threads: int) -> tuple[Cost, list[str]]:
         except (ValueError, TypeError) as e:
             raise ConfigError(f"point {point.name}: probe.layers: {e}") from None
         built = time.perf_counter() - started
-        o = spec.optimizer
-        optimizer = make_optimizer(
-            model.parameters(),
-            o.kind,
-            lr=o.lr,
-            momentum=o.momentum,
-            weight_decay=o.weight_decay,
-            betas=o.betas,
-        )
+        optimizer = config_optimizer(model.parameters(), train_config(spec))
         sampler = BatchSampler(len(data.x_train), spec.batch_size, spec.seed)
         criterion = loss_function(data)
 
