@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from covshift.experiments.grid import Point
 
-__all__ = ["Cost", "estimate_seconds", "format_seconds"]
+__all__ = ["Cost", "estimate_seconds", "format_seconds", "spread_seconds"]
 
 
 @dataclass(frozen=True)
@@ -54,14 +54,20 @@ class Cost:
         )
 
 
-def estimate_seconds(points: Sequence[Point], costs: dict[str, Cost], workers: int) -> float:
-    """Wall-clock estimate: the points' costs spread over ``workers`` (longest first,
-    each to the least loaded worker), plus a few seconds to start each worker."""
-    loads = [0.0] * max(1, min(workers, len(points)))
-    for seconds in sorted((costs[p.id].of(p) for p in points), reverse=True):
-        loads[loads.index(min(loads))] += seconds
+def spread_seconds(seconds: Sequence[float], workers: int) -> float:
+    """Wall time of jobs of ``seconds`` spread over ``workers``, longest first, each to
+    the least loaded worker, plus a few seconds to start the workers' pool."""
+    loads = [0.0] * max(1, min(workers, len(seconds)))
+    for s in sorted(seconds, reverse=True):
+        loads[loads.index(min(loads))] += s
     startup = 3.0 if workers > 1 else 0.0
-    return (max(loads) if points else 0.0) + (startup if points else 0.0)
+    return max(loads) + startup if seconds else 0.0
+
+
+def estimate_seconds(points: Sequence[Point], costs: dict[str, Cost], workers: int) -> float:
+    """Wall-clock estimate: the points' costs spread over ``workers``
+    (:func:`spread_seconds`)."""
+    return spread_seconds([costs[p.id].of(p) for p in points], workers)
 
 
 def format_seconds(seconds: float) -> str:

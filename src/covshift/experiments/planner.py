@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from covshift.data import DatasetError
-from covshift.experiments.costs import Cost
+from covshift.experiments.costs import Cost, spread_seconds
 from covshift.experiments.grid import Point
 from covshift.experiments.member_costs import MemberCosts, time_members
 from covshift.experiments.members import batch_key, split_evenly
@@ -91,14 +91,9 @@ def group_seconds(
 def estimate_groups(
     groups: Sequence[Sequence[Point]], seconds: Sequence[float], lanes: int
 ) -> float:
-    """Wall time of ``groups`` (``seconds`` each) spread over ``lanes`` workers, longest
-    first, each to the least loaded (as :func:`~covshift.experiments.costs.
-    estimate_seconds`), plus a few seconds to start each pool."""
-    loads = [0.0] * max(1, min(lanes, len(groups)))
-    for s in sorted(seconds, reverse=True):
-        loads[loads.index(min(loads))] += s
-    startup = 3.0 if lanes > 1 and groups else 0.0
-    return (max(loads) if groups else 0.0) + startup
+    """Wall time of ``groups`` (``seconds`` each) spread over ``lanes`` workers
+    (:func:`~covshift.experiments.costs.spread_seconds`)."""
+    return spread_seconds(seconds, lanes)
 
 
 def _powers(limit: int) -> list[int]:
