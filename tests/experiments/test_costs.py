@@ -56,13 +56,22 @@ def test_a_points_seconds_count_every_part_as_often_as_the_run_does_it(tmp_path:
         batch_stats=1e6,
         checkpoint=1e7,
         setup=1e8,
+        epoch=1e9,
+        epoch_batches=15,
     )
-    # 40 steps; evaluations at 0, 10, ..., 40 and the final one: 40 // 10 + 2 = 6, each
-    # with its checkpoint; records at 0, 20, 40; ICS at 0, 20, 40; smoothness at 0, 40;
+    # 40 steps, 15 batches an epoch: permutations drawn at steps 0, 15 and 30;
+    # evaluations at 0, 10, ..., 40 and the final one: 40 // 10 + 2 = 6, each with its
+    # checkpoint; records at 0, 20, 40; ICS at 0, 20, 40; smoothness at 0, 40;
     # gradient norms at 0 and 10 (100 is past the end); batch stats at 0, 10, ..., 40.
-    expected = 40 * 1 + 6 * (10 + 1e7) + 3 * 100 + 3 * 1e3 + 2 * 1e4 + 2 * 1e5 + 5 * 1e6 + 1e8
+    expected = (
+        40 * 1 + 6 * (10 + 1e7) + 3 * 100 + 3 * 1e3 + 2 * 1e4 + 2 * 1e5 + 5 * 1e6 + 1e8 + 3 * 1e9
+    )
     assert cost.of(point) == pytest.approx(expected)
     assert Cost(1.0, 10.0, 100.0).of(point) == pytest.approx(40 + 6 * 10 + 3 * 100)
+    # an epoch that runs out exactly at the last step draws no further permutation
+    assert Cost(0.0, 0.0, 0.0, epoch=1.0, epoch_batches=20).of(point) == pytest.approx(
+        2 + 3 * 0 + 0
+    )
 
 
 def test_the_preflight_times_each_measurement_the_checkpoint_and_the_set_up(
@@ -74,6 +83,9 @@ def test_the_preflight_times_each_measurement_the_checkpoint_and_the_set_up(
     for field in ("gradient_ics", "smoothness", "gradient_norm", "batch_stats", "checkpoint"):
         assert getattr(cost, field) > 0, field
     assert cost.setup > 0 and cost.step > 0 and cost.record > 0
+    assert cost.epoch > 0
+    n_train = len(preflight_module._load(points[0]).x_train)
+    assert cost.epoch_batches == n_train // 20  # batch_size 20
 
 
 def test_the_optimizer_is_the_points_own_and_parts_of_the_cost(

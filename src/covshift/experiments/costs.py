@@ -16,8 +16,9 @@ __all__ = ["Cost", "estimate_seconds", "format_seconds", "spread_seconds"]
 @dataclass(frozen=True)
 class Cost:
     """Measured seconds of one architecture: a step, a full evaluation, a record, and
-    what a run does besides: building its network and probe (once), saving its
-    checkpoint (at each evaluation) and each measurement its probe asks for."""
+    what a run does besides: building its network and probe (once), drawing each
+    epoch's permutation (a text corpus has millions of windows), saving its checkpoint
+    (at each evaluation) and each measurement its probe asks for."""
 
     step: float
     evaluation: float
@@ -28,6 +29,8 @@ class Cost:
     batch_stats: float = 0.0  # one measurement of BatchNorm's batch statistics
     checkpoint: float = 0.0  # one checkpoint save with its digest
     setup: float = 0.0  # building the network and attaching its probe
+    epoch: float = 0.0  # drawing one epoch's permutation of the training set
+    epoch_batches: int = 0  # batches in one epoch (0: no epoch is ever drawn again)
 
     def of(self, point: Point) -> float:
         """Seconds of ``point``'s whole run."""
@@ -45,8 +48,11 @@ class Cost:
             if every:
                 measured += (spec.steps // every + 1) * seconds
         measured += sum(1 for s in p.gradient_norm_steps if s <= spec.steps) * self.gradient_norm
+        # an epoch is drawn at step 0 and whenever the last one's batches ran out
+        epochs = 1 + ((spec.steps - 1) // self.epoch_batches if self.epoch_batches else 0)
         return (
             self.setup
+            + epochs * self.epoch
             + spec.steps * self.step
             + evals * (self.evaluation + self.checkpoint)
             + records * self.record

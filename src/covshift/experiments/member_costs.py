@@ -146,7 +146,7 @@ def _time_at(point: Point, data: Dataset, k: int) -> tuple[float, float]:
 
     steps(1)  # allocations, kernel choices
     block = max(1, 8 // k)
-    step = statistics.median(steps(block) for _ in range(3))
+    step = statistics.fmean(steps(block) for _ in range(3))  # a run pays for hiccups too
     sample = min(_EVAL_SAMPLE, len(data.x_test))
     start = time.perf_counter()
     evaluate_members(model, k, stacked.members_first, data.x_test[:sample], data.y_test[:sample])

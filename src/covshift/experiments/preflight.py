@@ -35,7 +35,10 @@ from covshift.training import TrainState, config_optimizer, evaluate, resolve_de
 
 __all__ = ["preflight"]
 
-_TIMED_BLOCKS = 5  # blocks of _BLOCK_STEPS timed steps; the median block counts
+# Timed steps: the mean of _TIMED_BLOCKS blocks, not their median: a run's time is the
+# sum of its steps, hiccups included (a median of blocks left them out and priced a
+# 300-step transformer run 10% short).
+_TIMED_BLOCKS = 8
 _BLOCK_STEPS = 10
 _EVAL_SAMPLE = 1000  # examples evaluated for timing; scaled to the test set
 
@@ -178,6 +181,9 @@ def _try(point: Point, data: Dataset, threads: int) -> tuple[Cost, list[str]]:
         built = time.perf_counter() - started
         optimizer = config_optimizer(model.parameters(), train_config(spec))
         sampler = BatchSampler(len(data.x_train), spec.batch_size, spec.seed)
+        start = time.perf_counter()
+        sampler.next()  # draws the first epoch's permutation
+        epoch = time.perf_counter() - start
         criterion = loss_function(data)
 
         def steps(n: int) -> float:
@@ -200,7 +206,7 @@ def _try(point: Point, data: Dataset, threads: int) -> tuple[Cost, list[str]]:
                 probe.record_now(1)
                 record = time.perf_counter() - start
                 steps(5)  # the first steps pay for allocations (and kernel loading)
-                step = statistics.median(steps(_BLOCK_STEPS) for _ in range(_TIMED_BLOCKS))
+                step = statistics.fmean(steps(_BLOCK_STEPS) for _ in range(_TIMED_BLOCKS))
                 start = time.perf_counter()
                 evaluate(model, data.x_test[:_EVAL_SAMPLE], data.y_test[:_EVAL_SAMPLE])
                 evaluation = (
@@ -208,7 +214,7 @@ def _try(point: Point, data: Dataset, threads: int) -> tuple[Cost, list[str]]:
                     * min(len(data.x_test), spec.test_examples or len(data.x_test))
                     / min(_EVAL_SAMPLE, len(data.x_test))
                 )
-                measured = _measurement_costs(spec, model, optimizer, data)
+                measured = _measurement_costs(spec, model, optimizer, data, sampler)
             except MemoryError:
                 raise ConfigError(_too_big(point, "the machine ran out of memory")) from None
             except RuntimeError as e:
@@ -218,7 +224,16 @@ def _try(point: Point, data: Dataset, threads: int) -> tuple[Cost, list[str]]:
             layers = list(probe.layer_names)
     finally:
         torch.set_num_threads(previous)
-    return Cost(step, evaluation, record, setup=setup, **measured), layers
+    cost = Cost(
+        step,
+        evaluation,
+        record,
+        setup=setup,
+        epoch=epoch,
+        epoch_batches=len(data.x_train) // spec.batch_size,
+        **measured,
+    )
+    return cost, layers
 
 
 class _Discard:
@@ -244,7 +259,11 @@ _MONITOR_FIELDS: dict[type, str] = {
 
 
 def _measurement_costs(
-    spec: PointSpec, model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: Dataset
+    spec: PointSpec,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: Dataset,
+    sampler: BatchSampler,
 ) -> dict[str, float]:
     """Seconds of one measurement of each monitor the point runs (the monitors of its
     own run, at their first due step) and of one checkpoint's bytes and digest."""
@@ -263,7 +282,13 @@ def _measurement_costs(
         out[field] = time.perf_counter() - start
     # A checkpoint's bytes and their digest, in memory: the preflight writes no file
     # (a full disk is the run's to report, with what to do), and fsync is a small part.
-    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 0}
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "sampler": sampler.state_dict(),
+        "cpu_rng": torch.get_rng_state(),
+        "step": 0,
+    }
     start = time.perf_counter()
     buffer = io.BytesIO()
     torch.save(payload, buffer)
