@@ -131,16 +131,17 @@ def _profile(point: Point, members: int, tmp: Path) -> dict[str, float]:
 
     inner = max(1, 2000 // (spec.batch_size * members))
     train_b = _best(batched_step, inner=inner) / members
-    eval_b = (
-        _best(
-            lambda: evaluate_members(
-                stacked.model, members, stacked.members_first, data.x_test, data.y_test
-            ),
-            3,
+    if stacked.members_first:
+        eval_b = (
+            _best(
+                lambda: evaluate_members(stacked.model, members, True, data.x_test, data.y_test),
+                3,
+            )
+            / members
+            * per_eval
         )
-        / members
-        * per_eval
-    )
+    else:  # convolutional members evaluate one at a time, each its own network
+        eval_b = out["eval"]
     # A member is copied out at every evaluation and every probe record.
     sync_count = per_eval + 1 / spec.probe.every
     sync = _best(lambda: stacked.copy_out(0, model), 5, 20) * sync_count
