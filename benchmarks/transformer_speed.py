@@ -3,7 +3,7 @@ from torch.nn layers, and ms per step over a grid of sizes.
 
 Speed table (default): for each norm kind and size, three contenders train from the
 same weights on the same batches of the World English Bible (synthetic text if it is
-not installed) with AdamW:
+not installed) with AdamW (torch's fused implementation, as covshift's loop uses):
 
 - ``torch``: a nanoGPT-style model written here with torch.nn's LayerNorm / RMSNorm /
   BatchNorm1d (over the B*T tokens), in a plain loop (random offsets, forward,
@@ -130,7 +130,9 @@ class GPT(nn.Module):
 
 def plain_steps(model: nn.Module, data: TextDataset, batch: int) -> Callable[[int], float]:
     """nanoGPT's loop on ``model``; returns a function timing ``n`` steps (ms/step)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    # torch's fused AdamW, which covshift's loop trains with too: the contenders differ
+    # in their models and loops, not in their optimizers
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     sampler = BatchSampler(len(data.x_train), batch, seed=0)
 
     def run(n: int) -> float:

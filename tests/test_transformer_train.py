@@ -64,20 +64,34 @@ def test_adamw_with_warmup_matches_a_plain_loop(text: TextDataset) -> None:
     ours = build_transformer(**SMALL, norm="rms", seed=2)
     train(ours, text, config, device="cpu")
 
-    plain = build_transformer(**SMALL, norm="rms", seed=2)
-    opt = torch.optim.AdamW(plain.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / 10))
-    sampler = BatchSampler(len(text.x_train), 8, seed=5)
-    for _ in range(25):
-        idx = sampler.next()
-        logits = plain(text.x_train[idx])
-        loss = F.cross_entropy(logits.reshape(-1, 256), text.y_train[idx].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        warmup.step()
-    for (name, a), b in zip(ours.state_dict().items(), plain.state_dict().values(), strict=True):
+    def plain_loop(fused: bool | None, steps: int = 25) -> torch.nn.Module:
+        plain = build_transformer(**SMALL, norm="rms", seed=2)
+        opt = torch.optim.AdamW(
+            plain.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1, fused=fused
+        )
+        warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / 10))
+        sampler = BatchSampler(len(text.x_train), 8, seed=5)
+        for _ in range(steps):
+            idx = sampler.next()
+            logits = plain(text.x_train[idx])
+            loss = F.cross_entropy(logits.reshape(-1, 256), text.y_train[idx].reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            warmup.step()
+        return plain
+
+    # ours is torch's fused AdamW, to the bit ...
+    fused = plain_loop(True)
+    for (name, a), b in zip(ours.state_dict().items(), fused.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+    # ... which makes the update of torch's reference per-tensor AdamW: after one step
+    # to float rounding; after 25, within 1% of a step (lr 2e-3), as Adam's division by
+    # the root of near-zero second moments lets rounding grow
+    for steps, atol in ((1, 1e-7), (25, 2e-5)):
+        got, want = plain_loop(True, steps).state_dict(), plain_loop(None, steps).state_dict()
+        for name, value in got.items():
+            torch.testing.assert_close(value, want[name], rtol=0, atol=atol, msg=name)
 
 
 def test_warmup_schedule_seen_by_a_callback(text: TextDataset) -> None:
@@ -125,3 +139,14 @@ def test_divergence_is_detected_on_text(text: TextDataset) -> None:
 def test_config_errors(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         TrainConfig(steps=10, **kwargs)
+
+
+def test_adamw_is_fused_where_torch_fuses_it() -> None:
+    from covshift.optimizers import make_optimizer
+
+    params = list(build_transformer(**SMALL).parameters())
+    assert make_optimizer(params, "adamw", lr=1e-3).defaults["fused"] is True
+    groups = [{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.0}]
+    assert make_optimizer(groups, "adamw", lr=1e-3).defaults["fused"] is True
+    sgd = make_optimizer(params, "sgd", lr=0.1)  # the loop MemberSGD equals, to the bit
+    assert not sgd.defaults.get("fused")

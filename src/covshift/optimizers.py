@@ -23,9 +23,24 @@ def make_optimizer(
 ) -> torch.optim.Optimizer:
     """``torch.optim.SGD`` (``momentum``; ``weight_decay`` an L2 penalty) or
     ``torch.optim.AdamW`` (Loshchilov & Hutter 2019: ``betas``, eps 1e-8;
-    ``weight_decay`` decoupled from the gradient), over every parameter."""
+    ``weight_decay`` decoupled from the gradient), over every parameter.
+
+    AdamW is torch's fused implementation (``fused=True``: one kernel over every
+    parameter) where every parameter is a floating-point tensor on the CPU or a CUDA
+    device: the same update up to float rounding, and its step 5x faster than the
+    per-tensor loop (0.27 against 1.43 ms for norm-placement's 78 tensors, a tenth of a
+    transformer's training step). SGD stays torch's default loop, which the batched
+    members' optimizer (:class:`covshift.batched.optim.MemberSGD`) equals to the bit.
+    """
     if kind == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+        params = list(params)
+        tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
+        fused = bool(tensors) and all(
+            t.is_floating_point() and t.device.type in ("cpu", "cuda") for t in tensors
+        )
+        return torch.optim.AdamW(
+            params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused or None
+        )
     if kind == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {kind!r}")
