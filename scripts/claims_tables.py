@@ -62,7 +62,8 @@ Result = dict[str, Any]
 def load_results(path: Path) -> list[Result]:
     """The results of ``path``'s ``claims`` list, each with ``preset`` and ``kind`` set.
 
-    ``preset`` falls back to ``experiment`` (older files name the battery's own claim
+    ``preset`` falls back to the file's own top-level ``preset`` (one experiment's
+    claims.json) and then to ``experiment`` (older files name the battery's own claim
     only there); ``kind`` falls back to ``"hypothesis"`` (files written before checks
     existed judged every claim as one). Raises :class:`ClaimsFileError` naming the file
     and the field when a required field is missing or two results share one key.
@@ -85,7 +86,9 @@ def load_results(path: Path) -> list[Result]:
         for name in ("id", "verdict"):
             if not isinstance(raw.get(name), str):
                 raise ClaimsFileError(f"{path}: claims[{i}] has no string field '{name}'")
-        preset = raw.get("preset") or raw.get("experiment")
+        # one experiment's claims.json (``covshift run``'s) names its preset once, at
+        # the top level
+        preset = raw.get("preset") or payload.get("preset") or raw.get("experiment")
         if not isinstance(preset, str):
             raise ClaimsFileError(f"{path}: claims[{i}] ({raw['id']}) has no 'preset' field")
         kind = raw.get("kind") or "hypothesis"

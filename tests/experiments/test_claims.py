@@ -3,6 +3,7 @@ computations (SciPy, NumPy) on hand-made numbers."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -355,3 +356,41 @@ rule = "greater"
                 "bad.toml",
             )
         )
+
+
+def test_a_seed_without_any_bound_gives_no_estimate(tmp_path: Path) -> None:
+    # Steps to a target that neither network of seed 0 reaches: that seed's difference
+    # is known within no bound at all. Its placeholder value must not enter the
+    # estimate (a mean of the others and a made-up number) nor read as a value.
+    config, points = _grid(
+        tmp_path,
+        """
+[[claims]]
+text = "BN reaches 0.8 sooner"
+metric = "reach/test_accuracy/0.8"
+network = "plain"
+baseline = "bn"
+where = { "model.width" = 8, "optimizer.lr" = 0.1 }
+rule = "greater"
+""",
+    )
+
+    def table(stuck_seed: int | None) -> dict[str, PointNumbers]:
+        out = {}
+        for p in points:
+            if p.seed == stuck_seed:  # never reaches 0.8 in its 100 steps (evaluated every 50)
+                stuck = numbers({0: 0.1, 50: 0.3, 100: 0.5})
+                out[p.id] = dataclasses.replace(stuck, planned=(100, 50))
+            else:
+                reach = 50 if p.network == "bn" else 100
+                out[p.id] = numbers({0: 0.1, reach: 0.9, 100: 0.9})
+        return out
+
+    (r,) = evaluate_claims(config, "e", points, table(0))
+    assert r["per_seed_bounds"]["0"] == [-math.inf, math.inf]
+    assert r["per_seed"]["0"] is None and r["estimate"] is None
+    assert [r["per_seed"][s] for s in ("1", "2", "3")] == [50, 50, 50]
+    assert r["interval"] == [-math.inf, math.inf] and r["censored"]["side"] == "both"
+    assert r["verdict"] == "inconclusive"
+    (r,) = evaluate_claims(config, "e", points, table(None))  # every seed measured
+    assert r["estimate"] == pytest.approx(50)

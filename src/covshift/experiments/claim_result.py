@@ -82,7 +82,7 @@ class ClaimResult:
     interval: list[float] | None = None
     seeds: int = 0
     seeds_total: int = 0
-    per_seed: dict[str, float] = field(default_factory=dict)
+    per_seed: dict[str, float | None] = field(default_factory=dict)  # None: no bound
     per_seed_bounds: dict[str, list[float]] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     p_value: float | None = None

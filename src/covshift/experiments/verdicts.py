@@ -111,7 +111,14 @@ def judge(result: ClaimResult, outcomes: dict[str, SeedOutcome], stat: Any) -> C
     valued = {s: o for s, o in outcomes.items() if o.bounds is not None}
     seeds = [o.bounds for o in valued.values() if o.bounds is not None]
     result.data = {s: o.data for s, o in outcomes.items()}
-    result.per_seed = {s: o.bounds.value for s, o in valued.items() if o.bounds is not None}
+    # A seed known within no bound at all (a threshold neither network reached) has no
+    # value: its placeholder must not enter the estimate or read as a measurement.
+    unbounded = {s for s, o in valued.items() if o.bounds.censored_low and o.bounds.censored_high}
+    result.per_seed = {
+        s: None if s in unbounded else o.bounds.value
+        for s, o in valued.items()
+        if o.bounds is not None
+    }
     result.per_seed_bounds = {
         s: [o.bounds.lo, o.bounds.hi] for s, o in valued.items() if o.bounds is not None
     }
@@ -132,7 +139,8 @@ def judge(result: ClaimResult, outcomes: dict[str, SeedOutcome], stat: Any) -> C
     if not seeds:
         result.verdict = result.verdict_unadjusted = "not measured"
         return result
-    result.estimate = float(np.mean([s.value for s in seeds]))
+    mean = float(np.mean([s.value for s in seeds]))
+    result.estimate = None if unbounded else mean
     interval = bounded_interval(seeds)
     result.interval = list(interval) if interval is not None else None
     result.censored = _censoring(seeds, interval, stat)
@@ -147,8 +155,8 @@ def judge(result: ClaimResult, outcomes: dict[str, SeedOutcome], stat: Any) -> C
         and stat.value == 0.0
         and (len(ranks) == len(seeds))
     ):
-        up = spearman_permutation_p(ranks, result.estimate, True)
-        down = spearman_permutation_p(ranks, result.estimate, False)
+        up = spearman_permutation_p(ranks, mean, True)
+        down = spearman_permutation_p(ranks, mean, False)
         result.p_value, result.p_contradict = (up, down) if stat.rule == "greater" else (down, up)
         result.extra["p_method"] = f"permutation ({PERMUTATION_DRAWS:,} draws)"
     else:

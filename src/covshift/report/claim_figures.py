@@ -167,7 +167,7 @@ def _curve_panel(ax: Axes, result: dict[str, Any], config: ExperimentConfig) -> 
 
 
 def _statistic_panel(ax: Axes, result: dict[str, Any]) -> None:
-    values = list(result["per_seed"].values())
+    values = [v for v in result["per_seed"].values() if v is not None]  # (None: no bound)
     jitter = np.linspace(-0.08, 0.08, len(values)) if len(values) > 1 else np.zeros(len(values))
     ax.plot(jitter, values, "o", color="#555555", ms=5, label="per seed")
     if result["estimate"] is not None:

@@ -86,7 +86,9 @@ def _slug(result: dict[str, Any]) -> str:
 
 
 def _section(result: dict[str, Any], config: ExperimentConfig, image: str) -> str:
-    per_seed = ", ".join(f"seed {s}: {_num(v)}" for s, v in result["per_seed"].items())
+    per_seed = ", ".join(
+        f"seed {s}: {'no bound' if v is None else _num(v)}" for s, v in result["per_seed"].items()
+    )
     missing = [s for s in result["data"] if s not in result["per_seed"]]
     if missing:
         per_seed += f" (no value for seed {', '.join(missing)})"

@@ -78,6 +78,8 @@ def _row(ax: Any, r: dict[str, Any]) -> None:
     ax.axvline(v, color="#555555", ls="--", lw=0.8)
     if r["estimate"] is None or r["interval"] is None:
         text = r["verdict"] if r["estimate"] is None else "one seed"
+        if (r.get("censored") or {}).get("side") == "both":
+            text = f"{r['verdict']}: a seed without any bound"
         if r.get("measurable") is False:
             text = "not measurable"
         ax.text(
