@@ -360,3 +360,25 @@ def test_members_resuming_from_different_steps(tmp_path: Path, data, norm: str) 
     for ref, sink, start in zip(reference, sinks, (40, 20, 20), strict=True):
         tail = [r for r in _bits(ref) if r[0] == "end" or r[1] > start]
         assert [r for r in _bits(sink) if r[0] == "end" or r[1] > start] == tail
+
+
+@pytest.mark.parametrize("kind", ["cnn", "mlp"])
+def test_a_member_trains_to_the_same_bits_in_any_batch_of_two_or_more(
+    tmp_path: Path, data, kind: str
+) -> None:
+    # What lets the planner choose batch sizes from timings: in a batch of two or more
+    # a member's rows do not depend on which points share it, nor how many. (Alone in
+    # a batch of one, a grouped convolution of one group or a BatchNorm over one
+    # member's channels take other code paths: the planner leaves no point alone.)
+    text = CNN_CONFIG if kind == "cnn" else CONFIG
+    points = _points(tmp_path, "batch", text)[:4]
+    first, *others = points
+    runs = [
+        _together([first, others[0]], data),
+        _together([first, others[1]], data),
+        _together([first, *others], data),
+    ]
+    reference = _bits(runs[0][0])
+    assert runs[0][0].rows[-1] == ("end", "finished", True, None)
+    for sinks in runs[1:]:
+        assert _bits(sinks[0]) == reference

@@ -100,20 +100,33 @@ def test_the_planner_takes_the_k_of_highest_throughput_and_keeps_workers_busy(
     assert describe_plan(one_worker) == "18 points in 2 batches of 9"
 
 
-def test_the_planner_keeps_a_network_alone_when_batching_does_not_pay(
+def test_the_planner_leaves_no_point_alone_in_its_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A member alone in its batch trains to other bits than in any batch of two or
+    # more, so the planner, whose sizes follow timings, never leaves one alone where
+    # its set has company, even where batching does not pay: batches of one there
+    # would make a point's numbers depend on the timing.
     import covshift.experiments.planner as planner
 
-    points = _points(tmp_path)
+    points = _points(tmp_path)  # 9 points per network
 
-    def measured(point, data, threads, ks, *, one, lanes):
+    def measured(point, data, threads, ks, *, one, lanes, fit=64):
         steps = {1: one[0], **{k: one[0] * k * 1.5 for k in ks}}  # slower per member
-        return MemberCosts(steps, {1: one[1], **{k: one[1] * k for k in ks}}, 64)
+        return MemberCosts(steps, {1: one[1], **{k: one[1] * k for k in ks}}, fit)
 
     monkeypatch.setattr(planner, "time_members", measured)
     found = plan_members(points, _costs(points), lanes=2, threads=1)
-    assert all(len(g) == 1 for g in found.groups) and found.batched
+    assert found.batched and min(len(g) for g in found.groups) >= 2
+    assert sorted(p.id for g in found.groups for p in g) == sorted(p.id for p in points)
+    three = [p for p in points if p.network == "plain"][:3]  # 2 + 1 would leave one alone
+    assert [len(g) for g in plan_members(three, _costs(three), lanes=2, threads=1).groups] == [3]
+    # a fixed --members N is kept as given, and where two do not fit, one it is
+    fixed = plan_members(three, _costs(three), lanes=2, threads=1, members=2)
+    assert sorted(len(g) for g in fixed.groups) == [1, 2]
+    monkeypatch.setattr(planner, "time_members", lambda *a, **k: measured(*a, **k, fit=1))
+    tight = plan_members(three, _costs(three), lanes=2, threads=1)
+    assert [len(g) for g in tight.groups] == [1, 1, 1]
 
 
 def test_resumed_points_go_back_to_their_recorded_batch(tmp_path: Path) -> None:

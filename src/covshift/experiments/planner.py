@@ -22,6 +22,7 @@ fixes ``K = N`` instead (``--members 1``: every point alone, the one-at-a-time p
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -160,12 +161,36 @@ def plan_members(
     groups = [*alone, *again]
     for key, chosen in by_key.items():
         order = sorted(chosen, key=lambda p: (*_settings(p), p.position))
-        groups += split_evenly(order, sizes.get(key, 1))
+        groups += _split(order, sizes.get(key, 1), measured.get(key), members)
     seconds = [group_seconds(g, costs, measured.get(batch_key(g[0].spec) or "")) for g in groups]
     ranked = sorted(zip(seconds, range(len(groups)), strict=True), reverse=True)
     ordered = [groups[i] for _, i in ranked]
     total = estimate_groups(ordered, [s for s, _ in ranked], lanes)
     return MemberPlan(ordered, True, sizes, total, measured, notes)
+
+
+def _split(
+    points: Sequence[Point], size: int, found: MemberCosts | None, members: int | None
+) -> list[list[Point]]:
+    """``points`` (one batch key's) in batches of about ``size`` (:func:`split_evenly`),
+    and, where the planner chose the size, no batch of one while the set holds two or
+    more points and two fit in memory: fewer, larger batches instead.
+
+    A member alone in its batch trains to other bits than in any batch of two or more
+    (a grouped convolution of one group, a BatchNorm over one member's channels, take
+    other code paths in torch), while in a batch of two or more it trains to the same
+    bits whichever points share it (measured on every network of the battery that
+    batches). So the planner, whose sizes follow timings, must not leave a point alone
+    on one run and in company on the next: its numbers would depend on how busy the
+    machine was. ``--members N`` (``members``) is a fixed choice and kept as given."""
+    groups = split_evenly(points, size)
+    lone = members is None and len(points) >= 2 and any(len(g) == 1 for g in groups)
+    if not lone or found is None or found.why_alone:
+        return groups
+    largest = math.ceil(len(points) / (len(points) // 2))
+    if largest > found.max_members:  # two or more do not fit: a lone batch it is
+        return groups
+    return split_evenly(points, largest)
 
 
 def _longest(item: tuple[float, Point]) -> tuple[float, int]:
@@ -218,7 +243,8 @@ def _choose_sizes(
 
     def batches(key: str, k: int) -> list[float]:
         pts = sorted(by_key[key], key=lambda p: (*_settings(p), p.position))
-        return [group_seconds(g, costs, measured.get(key)) for g in split_evenly(pts, k)]
+        found = measured.get(key)
+        return [group_seconds(g, costs, found) for g in _split(pts, k, found, members)]
 
     def work(key: str, k: int) -> float:
         return sum(batches(key, k))
