@@ -322,8 +322,8 @@ class _BatchedLoop:
         Fully connected members evaluate in one batched forward. Convolutional members
         evaluate one at a time, each its own network (synced out of the batch) through
         the one-at-a-time path's :func:`~covshift.training.evaluate`: K plain
-        convolutions over the test images cost 1.2 to 3.6 times less than one grouped
-        convolution of K groups (``benchmarks/step_profile.py``), and their numbers are
+        convolutions over the test images cost 1.5 to 4.2 times less than one grouped
+        convolution of K groups (``benchmarks/member_eval.py``), and their numbers are
         the one-at-a-time evaluation's own.
         """
         active = self.active()
