@@ -3,11 +3,19 @@ across members: member ``k``'s numbers come from its own rows alone."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["evaluate_members", "gather_rows", "member_losses"]
+from covshift.training import evaluate
+
+if TYPE_CHECKING:
+    from covshift.batched.models import StackedModel
+
+__all__ = ["evaluate_each", "evaluate_members", "gather_rows", "member_losses"]
 
 
 def gather_rows(table: Tensor, idx: Tensor) -> Tensor:
@@ -77,3 +85,29 @@ def evaluate_members(
         return [{"test_loss": v} for v in losses]
     accuracies = (correct.double() / len(x)).tolist()
     return [{"test_accuracy": a, "test_loss": v} for a, v in zip(accuracies, losses, strict=True)]
+
+
+def evaluate_each(
+    stacked: StackedModel,
+    own_network: Callable[[int], nn.Module],
+    members: Iterable[int],
+    x: Tensor,
+    y: Tensor,
+) -> dict[int, dict[str, float]]:
+    """Each listed member's evaluation on ``(x, y)``: how batched members are evaluated,
+    in training (:mod:`covshift.batched.trainer`) and in the planner's timings
+    (:mod:`covshift.experiments.member_costs`) alike.
+
+    Fully connected members evaluate in one batched forward (:func:`evaluate_members`).
+    Convolutional members evaluate one at a time, each its own network
+    (``own_network(k)``, up to date with the batch) through the one-at-a-time path's
+    :func:`~covshift.training.evaluate`: K plain convolutions over the test images cost
+    1.5 to 4.2 times less than one grouped convolution of K groups
+    (``benchmarks/member_eval.py``), and their numbers are the one-at-a-time
+    evaluation's own.
+    """
+    members = list(members)
+    if stacked.members_first:
+        metrics = evaluate_members(stacked.model, stacked.members, True, x, y)
+        return {k: metrics[k] for k in members}
+    return {k: evaluate(own_network(k), x, y) for k in members}

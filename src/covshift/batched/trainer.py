@@ -33,14 +33,14 @@ from dataclasses import dataclass
 
 import torch
 
-from covshift.batched.evaluate import evaluate_members, gather_rows, member_losses
+from covshift.batched.evaluate import evaluate_each, gather_rows, member_losses
 from covshift.batched.member import Member, MemberRun
 from covshift.batched.models import StackedModel, stack_models
 from covshift.batched.optim import MemberSGD, SGDSettings
 from covshift.batched.slots import NotBatchable
 from covshift.data import Dataset
 from covshift.store.errors import StoreError
-from covshift.training import TrainResult, evaluate, resolve_device, train
+from covshift.training import TrainResult, resolve_device, train
 
 __all__ = ["MemberOutcome", "train_members"]
 
@@ -317,30 +317,15 @@ class _BatchedLoop:
             self.finish(k)
 
     def members_metrics(self) -> dict[int, dict[str, float]]:
-        """Each active member's evaluation on the test set.
+        """Each active member's evaluation on the test set (:func:`evaluate_each`)."""
 
-        Fully connected members evaluate in one batched forward. Convolutional members
-        evaluate one at a time, each its own network (synced out of the batch) through
-        the one-at-a-time path's :func:`~covshift.training.evaluate`: K plain
-        convolutions over the test images cost 1.5 to 4.2 times less than one grouped
-        convolution of K groups (``benchmarks/member_eval.py``), and their numbers are
-        the one-at-a-time evaluation's own.
-        """
-        active = self.active()
-        if self.stacked.members_first:
-            metrics = evaluate_members(
-                self.stacked.model,
-                self.stacked.members,
-                True,
-                self.data.x_test,
-                self.data.y_test,
-            )
-            return {k: metrics[k] for k in active}
-        out = {}
-        for k in active:
+        def own_network(k: int) -> torch.nn.Module:
             self.sync(k)
-            out[k] = evaluate(self.members[k].state.model, self.data.x_test, self.data.y_test)
-        return out
+            return self.members[k].state.model
+
+        return evaluate_each(
+            self.stacked, own_network, self.active(), self.data.x_test, self.data.y_test
+        )
 
     def end_all(self, status: str) -> None:
         for k in self.active():

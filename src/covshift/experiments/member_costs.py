@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from covshift.batched.evaluate import evaluate_members, gather_rows, member_losses
+from covshift.batched.evaluate import evaluate_each, gather_rows, member_losses
 from covshift.batched.models import stack_models
 from covshift.batched.optim import MemberSGD, SGDSettings
 from covshift.batched.slots import NotBatchable
@@ -25,7 +25,7 @@ from covshift.data import Dataset
 from covshift.experiments.grid import Point
 from covshift.experiments.model_size import available_bytes, model_size
 from covshift.experiments.point import build_model
-from covshift.training import evaluate, resolve_device
+from covshift.training import resolve_device
 
 __all__ = ["MemberCosts", "time_members"]
 
@@ -150,10 +150,6 @@ def _time_at(point: Point, data: Dataset, k: int) -> tuple[float, float]:
     sample = min(_EVAL_SAMPLE, len(data.x_test))
     start = time.perf_counter()
     x_test, y_test = data.x_test[:sample], data.y_test[:sample]
-    if stacked.members_first:
-        evaluate_members(model, k, True, x_test, y_test)
-    else:  # convolutional members evaluate one at a time (covshift.batched.trainer)
-        for k_model in models:
-            evaluate(k_model, x_test, y_test)
+    evaluate_each(stacked, models.__getitem__, range(k), x_test, y_test)
     evaluation = (time.perf_counter() - start) * len(data.x_test) / sample
     return step, evaluation
