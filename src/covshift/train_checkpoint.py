@@ -18,7 +18,7 @@ from covshift.store.errors import StoreError
 if TYPE_CHECKING:
     from covshift.training import TrainState
 
-__all__ = ["load_checkpoint", "save_checkpoint"]
+__all__ = ["checkpoint_payload", "load_checkpoint", "save_checkpoint"]
 
 
 def _callback_states(callbacks: Sequence[object]) -> dict[str, object]:
@@ -30,6 +30,29 @@ def _callback_states(callbacks: Sequence[object]) -> dict[str, object]:
     }
 
 
+def checkpoint_payload(
+    state: TrainState,
+    sampler: BatchSampler,
+    history: dict[int, dict[str, float]],
+    callbacks: Sequence[object],
+) -> dict[str, object]:
+    """What a checkpoint holds: the step, the model's and optimizer's state, the
+    sampler's position, the random states, the evaluation history, the declared outcome
+    and the state of every callback that has one. The preflight prices the same
+    payload (:mod:`covshift.experiments.preflight`)."""
+    return {
+        "step": state.step,
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "sampler": sampler.state_dict(),
+        "cpu_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "history": history,
+        "outcome": (state.outcome, state.outcome_step),
+        "callbacks": _callback_states(callbacks),
+    }
+
+
 def save_checkpoint(
     keeper: Checkpointer,
     state: TrainState,
@@ -37,19 +60,8 @@ def save_checkpoint(
     history: dict[int, dict[str, float]],
     callbacks: Sequence[object],
 ) -> None:
-    keeper.save(
-        {
-            "step": state.step,
-            "model": state.model.state_dict(),
-            "optimizer": state.optimizer.state_dict(),
-            "sampler": sampler.state_dict(),
-            "cpu_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "history": history,
-            "outcome": (state.outcome, state.outcome_step),
-            "callbacks": _callback_states(callbacks),
-        }
-    )
+    """Save :func:`checkpoint_payload` through ``keeper``."""
+    keeper.save(checkpoint_payload(state, sampler, history, callbacks))
 
 
 def load_checkpoint(

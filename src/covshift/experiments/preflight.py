@@ -31,6 +31,7 @@ from covshift.probe import GradientICSMonitor, ShiftProbe, SmoothnessMonitor
 from covshift.probe.batch_fluctuation import BatchStatsMonitor
 from covshift.probe.layer_gradients import GradientNormMonitor
 from covshift.probe.select import glob_match
+from covshift.train_checkpoint import checkpoint_payload
 from covshift.training import TrainState, config_optimizer, evaluate, resolve_device
 
 __all__ = ["preflight"]
@@ -269,7 +270,8 @@ def _measurement_costs(
     own run, at their first due step) and of one checkpoint's bytes and digest."""
     state = TrainState(model, optimizer, data, train_config(spec), torch.device("cpu"))
     out: dict[str, float] = {}
-    for monitor in point_measures(spec, model, data, _Discard(), background=False):
+    monitors = point_measures(spec, model, data, _Discard(), background=False)
+    for monitor in monitors:
         if isinstance(monitor, ShiftProbe):
             continue  # timed apart, as `record`
         field = _MONITOR_FIELDS.get(type(monitor))
@@ -282,13 +284,8 @@ def _measurement_costs(
         out[field] = time.perf_counter() - start
     # A checkpoint's bytes and their digest, in memory: the preflight writes no file
     # (a full disk is the run's to report, with what to do), and fsync is a small part.
-    payload = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "sampler": sampler.state_dict(),
-        "cpu_rng": torch.get_rng_state(),
-        "step": 0,
-    }
+    state.step = 0
+    payload = checkpoint_payload(state, sampler, {}, monitors)
     start = time.perf_counter()
     buffer = io.BytesIO()
     torch.save(payload, buffer)
