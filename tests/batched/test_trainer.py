@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from covshift.batched.optim import MemberSGD, SGDSettings
-from covshift.checkpoints import FileCheckpointer
+from covshift.checkpoints import CheckpointWarning, FileCheckpointer
 from covshift.data import load_dataset
 from covshift.experiments import load_config
 from covshift.experiments.grid import Point, expand_grid
@@ -334,13 +334,21 @@ class _InterruptAt:
             raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("norm", ["batch", "none"])
-def test_members_resuming_from_different_steps(tmp_path: Path, data, norm: str) -> None:
+@pytest.mark.parametrize(
+    ("norm", "config"),
+    [("batch", CONFIG), ("none", CONFIG), ("batch", CNN_CONFIG)],
+    ids=["mlp-bn", "mlp", "cnn-bn"],
+)
+def test_members_resuming_from_different_steps(
+    tmp_path: Path, data, norm: str, config: str
+) -> None:
     """A killed batch whose members were saved at different evaluations (a crash while
-    their checkpoints were written) resumes as batches of those at one step, with the
-    numbers of an uninterrupted batch (fully connected members: bitwise)."""
-    points = _points(tmp_path, norm)[:3]
-    text = CONFIG.replace("steps = 40", "steps = 80")
+    their checkpoints were written, or a damaged checkpoint that restarts its member)
+    resumes as batches of those at one step, with the numbers of an uninterrupted batch,
+    bitwise: a member left alone at its step trains beside a companion (a copy of
+    itself, recorded nowhere), since alone in a batch of one a grouped convolution or a
+    BatchNorm over one member's channels rounds otherwise."""
+    text = config.replace("steps = 40", "steps = 80")
     points = _points(tmp_path, norm, text)[:3]
     specs = [p.spec for p in points]
     reference = _together(points, data)
@@ -349,9 +357,16 @@ def test_members_resuming_from_different_steps(tmp_path: Path, data, norm: str) 
         train_point_members(
             specs, data, [Sink()] * 3, checkpoints=keepers, callbacks=[(_InterruptAt(30),), (), ()]
         )
-    with pytest.raises(KeyboardInterrupt):  # the first alone, on to its save at 40
+    for suffix in ("", ".sha256"):  # the second's state at 20, to keep the first company
+        spare = tmp_path / f"spare.pt{suffix}"
+        spare.write_bytes((tmp_path / f"1.pt{suffix}").read_bytes())
+    with pytest.raises(KeyboardInterrupt):  # the first, on to its save at 40
         train_point_members(
-            specs[:1], data, [Sink()], checkpoints=keepers[:1], callbacks=[(_InterruptAt(50),)]
+            specs[:2],
+            data,
+            [Sink()] * 2,
+            checkpoints=[keepers[0], FileCheckpointer(tmp_path / "spare.pt")],
+            callbacks=[(_InterruptAt(50),), ()],
         )
     assert [torch.load(k.path, weights_only=False)["step"] for k in keepers] == [40, 20, 20]
     sinks = [Sink() for _ in points]
@@ -360,6 +375,32 @@ def test_members_resuming_from_different_steps(tmp_path: Path, data, norm: str) 
     for ref, sink, start in zip(reference, sinks, (40, 20, 20), strict=True):
         tail = [r for r in _bits(ref) if r[0] == "end" or r[1] > start]
         assert [r for r in _bits(sink) if r[0] == "end" or r[1] > start] == tail
+
+
+def test_a_member_restarted_from_a_damaged_checkpoint_keeps_its_batchs_numbers(
+    tmp_path: Path, data
+) -> None:
+    """Two CNN members saved at step 20; the second's checkpoint is damaged (set aside,
+    it starts over): each trains alone at its own step beside a companion, and both
+    record, bitwise, what their uninterrupted batch recorded."""
+    points = _points(tmp_path, "batch", CNN_CONFIG.replace("steps = 40", "steps = 60"))[:2]
+    specs = [p.spec for p in points]
+    reference = _together(points, data)
+    keepers = [FileCheckpointer(tmp_path / f"{i}.pt") for i in range(2)]
+    with pytest.raises(KeyboardInterrupt):
+        train_point_members(
+            specs, data, [Sink()] * 2, checkpoints=keepers, callbacks=[(_InterruptAt(30),), ()]
+        )
+    damaged = tmp_path / "1.pt"
+    damaged.write_bytes(damaged.read_bytes()[:-100])
+    sinks = [Sink() for _ in points]
+    with pytest.warns(CheckpointWarning, match="1.pt"):
+        outcomes = train_point_members(specs, data, sinks, checkpoints=keepers)
+    assert {o.status for o in outcomes} == {"finished"}
+    assert [r for r in _bits(sinks[0]) if r[0] == "end" or r[1] > 20] == [
+        r for r in _bits(reference[0]) if r[0] == "end" or r[1] > 20
+    ]
+    assert _bits(sinks[1]) == _bits(reference[1])
 
 
 @pytest.mark.parametrize("kind", ["cnn", "mlp"])

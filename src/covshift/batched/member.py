@@ -12,6 +12,7 @@ path resumes the other's state.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +71,9 @@ class Member:
     active: bool = True
     error: BaseException | None = None
     error_trace: str | None = None
+    # A copy of a member left alone at its step, trained beside it and recorded nowhere
+    # (:func:`covshift.batched.trainer.train_members`): no callbacks, no checkpoint.
+    companion: bool = False
 
     @classmethod
     def start(cls, run: MemberRun, data: Dataset, device: torch.device) -> Member:
@@ -87,6 +91,22 @@ class Member:
         state = TrainState(model, optimizer, data, c, device)
         sampler = BatchSampler(len(data.x_train), c.batch_size, c.seed)
         return cls(run, state, sampler, cpu, on_device)
+
+    def companion_copy(self) -> Member:
+        """A companion for this member: its network, settings, random stream and
+        checkpoint to resume from (the one :meth:`peek` read), with no callbacks and
+        no checkpoint of its own, so that it trains to the same numbers and records
+        nothing."""
+        run = MemberRun(
+            copy.deepcopy(self.state.model),
+            self.run.config,
+            rng_seed=self.run.rng_seed,
+            name=f"{self.run.name} (companion)",
+        )
+        twin = Member.start(run, self.state.data, self.state.device)
+        twin.payload = self.payload
+        twin.companion = True
+        return twin
 
     @property
     def generator(self) -> torch.Generator:

@@ -18,8 +18,10 @@ step for all of them:
   recorded as it would be alone, and drops out: its parameters are zeroed and no
   longer stepped, so the shapes, and every other member's numbers, stay as they were;
 - members whose checkpoints stand at different steps train in separate batches, one
-  after another; a member whose checkpoint the one-at-a-time loop saved (it has no
-  batch) goes on one at a time.
+  after another, and one left alone at its step trains beside a companion (a copy of
+  itself, recorded nowhere), so that its numbers are those of its uninterrupted batch;
+  a member whose checkpoint the one-at-a-time loop saved (it has no batch) goes on one
+  at a time.
 
 Networks without a batched form (:class:`~covshift.batched.NotBatchable`) train one at
 a time through :func:`covshift.training.train`, as before.
@@ -102,8 +104,16 @@ def train_members(
             steps[i] = -1
     for start in sorted(set(steps) - {-1}):
         chosen = [i for i, s in enumerate(steps) if s == start]
+        group = [members[i] for i in chosen]
+        if len(group) == 1 and len(runs) > 1:
+            # Alone in a batch of one, a grouped convolution of one group or a
+            # BatchNorm over one member's channels round otherwise than in any batch of
+            # two or more, where a member's numbers do not depend on its company: a
+            # member left alone at its step (its batch's checkpoints stand at
+            # different steps, or its own was damaged) trains beside a copy of itself.
+            group.append(group[0].companion_copy())
         try:
-            done = _BatchedLoop([members[i] for i in chosen], data, dev).run()
+            done = _BatchedLoop(group, data, dev).run()[: len(chosen)]
         except NotBatchable:
             done = [_one_at_a_time(members[i], data, dev) for i in chosen]
         for i, outcome in zip(chosen, done, strict=True):
@@ -138,7 +148,7 @@ class _BatchedLoop:
         self.members = members
         self.data = data
         self.device = device
-        self.names = [m.run.name for m in members]
+        self.names = [m.run.name for m in members if not m.companion]
         self.stacked: StackedModel = stack_models([m.state.model for m in members])
         self.stacked.use_generators([m.generator for m in members])
         self.param_slots = self.stacked.parameter_slots()
@@ -229,7 +239,10 @@ class _BatchedLoop:
         self.results[k] = MemberOutcome(result)
 
     def active(self) -> list[int]:
-        return [k for k, m in enumerate(self.members) if m.active]
+        """The members still training, companions left out: a companion is stepped
+        with the batch, never evaluated, recorded or saved, and the loop ends when no
+        one else is left."""
+        return [k for k, m in enumerate(self.members) if m.active and not m.companion]
 
     # -- the loop -------------------------------------------------------------------
     def run(self) -> list[MemberOutcome]:
