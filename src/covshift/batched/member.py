@@ -23,7 +23,7 @@ from torch import nn
 from covshift.checkpoints import Checkpointer, CheckpointOwnerError
 from covshift.data import BatchSampler, Dataset
 from covshift.store.errors import StoreError
-from covshift.train_checkpoint import _callback_states
+from covshift.train_checkpoint import checkpoint_payload
 from covshift.training import TrainConfig, TrainState
 
 __all__ = ["Member", "MemberRun"]
@@ -172,20 +172,12 @@ class Member:
             cuda = torch.cuda.get_rng_state_all()
             if self.device_generator is not None:
                 cuda[_cuda_index(s.device)] = self.device_generator.get_state()
-        keeper.save(
-            {
-                "step": s.step,
-                "model": s.model.state_dict(),
-                "optimizer": s.optimizer.state_dict(),
-                "sampler": self.sampler.state_dict(),
-                "cpu_rng": self.cpu_generator.get_state(),
-                "cuda_rng": cuda,
-                "history": self.history,
-                "outcome": (s.outcome, s.outcome_step),
-                "callbacks": _callback_states(self.run.callbacks),
-                "batch": list(batch),
-            }
-        )
+        # The loop's payload, with this member's own random streams for the global ones.
+        payload = checkpoint_payload(s, self.sampler, self.history, self.run.callbacks)
+        payload["cpu_rng"] = self.cpu_generator.get_state()
+        payload["cuda_rng"] = cuda
+        payload["batch"] = list(batch)
+        keeper.save(payload)
 
     # -- its random stream as the global one ------------------------------------------
     @contextlib.contextmanager
