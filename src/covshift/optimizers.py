@@ -1,15 +1,17 @@
 """The optimizers of the training loop (:func:`make_optimizer`) and its learning-rate
-warm-up (:func:`learning_rate`)."""
+schedule (:func:`learning_rate`: linear warm-up, then constant or cosine decay)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
 
-__all__ = ["OPTIMIZERS", "learning_rate", "make_optimizer"]
+__all__ = ["DECAYS", "OPTIMIZERS", "learning_rate", "make_optimizer"]
 
 OPTIMIZERS = ("sgd", "adamw")
+DECAYS = ("none", "cosine")
 
 
 def make_optimizer(
@@ -46,10 +48,31 @@ def make_optimizer(
     raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {kind!r}")
 
 
-def learning_rate(lr: float, warmup_steps: int, step: int) -> float:
-    """The learning rate of step ``step`` (1, 2, ...): linear warm-up, ``lr * (step /
-    warmup_steps)`` over the first ``warmup_steps`` steps, then ``lr`` (the rates of
-    ``LambdaLR`` with ``lambda k: min(1, (k + 1) / warmup_steps)``, to the bit)."""
+def learning_rate(
+    lr: float, warmup_steps: int, step: int, steps: int = 0, decay: str = "none"
+) -> float:
+    """The learning rate of step ``step`` (1, 2, ..., ``steps``).
+
+    Linear warm-up, ``lr * (step / warmup_steps)`` over the first ``warmup_steps`` steps
+    (the rates of ``LambdaLR`` with ``lambda k: min(1, (k + 1) / warmup_steps)``, to the
+    bit); then ``lr`` (``decay="none"``) or, with ``decay="cosine"``, the cosine
+    schedule of Loshchilov & Hutter (SGDR, 2017) without restarts, from ``lr`` to 0
+    over the remaining ``T = steps - w`` steps (``w = warmup_steps``)::
+
+        lr_t = lr * (1 + cos(pi * (t - 1 - w) / T)) / 2        for t > w
+
+    (the closed form of ``torch.optim.lr_scheduler.CosineAnnealingLR`` with ``T_max =
+    T`` and ``eta_min = 0``: the first step after the warm-up takes ``lr``, the last
+    one ``lr * (1 + cos(pi (T - 1) / T)) / 2``, small but not 0).
+    """
     if warmup_steps and step < warmup_steps:
         return lr * (step / warmup_steps)
-    return lr
+    if decay == "none":
+        return lr
+    if decay != "cosine":
+        raise ValueError(f"decay must be one of {', '.join(DECAYS)}, got {decay!r}")
+    span = steps - warmup_steps
+    if span < 1:
+        raise ValueError(f"a cosine decay needs steps ({steps}) > warmup_steps ({warmup_steps})")
+    done = max(0, step - 1 - warmup_steps)
+    return lr * (1 + math.cos(math.pi * done / span)) / 2

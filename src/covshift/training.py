@@ -28,7 +28,7 @@ from torch import nn
 from covshift.checkpoints import Checkpointer, as_checkpointer
 from covshift.data import BatchSampler, Dataset, is_text
 from covshift.losses import loss_function, squared_error
-from covshift.optimizers import OPTIMIZERS, learning_rate, make_optimizer
+from covshift.optimizers import DECAYS, OPTIMIZERS, learning_rate, make_optimizer
 from covshift.train_checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = [
@@ -58,7 +58,9 @@ class TrainConfig:
         betas: AdamW's ``(beta1, beta2)``; AdamW only.
         warmup_steps: the learning rate rises linearly over the first this many steps,
             ``lr * min(1, step / warmup_steps)`` at step ``step = 1, 2, ...`` (0: none),
-            then stays at ``lr``.
+            then stays at ``lr`` or decays (``lr_decay``).
+        lr_decay: ``none`` (constant after the warm-up) or ``cosine`` (to 0 over the
+            steps after the warm-up: :func:`covshift.optimizers.learning_rate`).
         eval_every: evaluate on the full test set every this many steps (and at step
             0 and at the last step); 0 disables periodic evaluation.
         seed: seed of the batch sampler.
@@ -74,6 +76,7 @@ class TrainConfig:
     optimizer: Literal["sgd", "adamw"] = "sgd"
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
+    lr_decay: Literal["none", "cosine"] = "none"
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -102,6 +105,22 @@ class TrainConfig:
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0 (0: none), got {self.warmup_steps}")
+        if self.lr_decay not in DECAYS:
+            raise ValueError(f"lr_decay must be one of {', '.join(DECAYS)}, got {self.lr_decay!r}")
+        if self.lr_decay != "none" and self.warmup_steps >= self.steps:
+            raise ValueError(
+                f"a {self.lr_decay} decay needs steps ({self.steps}) > warmup_steps "
+                f"({self.warmup_steps})"
+            )
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether the learning rate changes during the run (warm-up or decay)."""
+        return bool(self.warmup_steps) or self.lr_decay != "none"
+
+    def lr_at(self, lr: float, step: int) -> float:
+        """``lr``'s rate at step ``step`` under this run's warm-up and decay."""
+        return learning_rate(lr, self.warmup_steps, step, self.steps, self.lr_decay)
 
 
 @dataclass
@@ -337,9 +356,9 @@ def train(
             loss = criterion(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if config.warmup_steps:
+            if config.scheduled:
                 for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(config.lr, config.warmup_steps, step)
+                    group["lr"] = config.lr_at(config.lr, step)
             optimizer.step()
             loss_sum += loss.detach()
             since_eval += 1

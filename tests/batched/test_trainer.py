@@ -148,6 +148,26 @@ def test_members_record_what_they_record_alone(tmp_path: Path, data, norm: str) 
         _assert_close(a, b)
 
 
+def test_members_with_a_cosine_decay_record_what_they_record_alone(tmp_path: Path, data) -> None:
+    # the batch's step takes each member's rate at that step (MemberSGD.step(lr_at)),
+    # as torch's SGD is given it in the member's one-at-a-time run, and a member's own
+    # SGD holds that rate when a record reads it (gradient ICS, smoothness). 50 steps:
+    # the smoothness record of step 40 then steps at 0.11 x lr (at the last step of a
+    # cosine, 0.0015 x lr, its differences of losses are rounding, batched or not)
+    text = CONFIG.replace("[model]", '[optimizer]\ndecay = "cosine"\n[model]')
+    text = text.replace("steps = 40", "steps = 50")
+    points = _points(tmp_path, "batch", text)
+    assert {p.spec.optimizer.decay for p in points} == {"cosine"}
+    together = _together(points, data)
+    for a, b in zip(_alone(points, data), together, strict=True):
+        assert a.rows[-1] == ("end", "finished", True, None)
+        _assert_close(a, b)
+    constant = _together(_points(tmp_path, "batch"), data)
+    last = [r for r in together[0].rows if r[0] == "scalars"][-1]
+    flat = [r for r in constant[0].rows if r[0] == "scalars"][-1]
+    assert abs(last[2]["train_loss"] - flat[2]["train_loss"]) > 1e-3  # decay applied
+
+
 def test_frozen_layers_and_weight_decay_per_member(tmp_path: Path, data) -> None:
     text = CONFIG.replace(
         "[sweep]",

@@ -123,7 +123,7 @@ def test_sweep_axes_from_toml_dotted_keys(tmp_path: Path) -> None:
         (
             ("optimizer.lr = [", "optimizer.lrr = ["),
             r"sweep\.optimizer\.lrr: 'lrr' is not a field that can be swept \(did you mean lr\?\);"
-            r" accepted: betas, kind, lr, lr_reference_batch, momentum, warmup_steps,"
+            r" accepted: betas, decay, kind, lr, lr_reference_batch, momentum, warmup_steps,"
             r" weight_decay",
         ),
         (

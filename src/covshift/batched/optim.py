@@ -18,7 +18,7 @@ per rate, and a grid of seeds one run in all.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -96,16 +96,25 @@ class MemberSGD:
         return tensor.view(self.members, -1)
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, lr_at: Callable[[float], float] | None = None) -> None:
+        """One SGD step of every active member.
+
+        ``lr_at`` maps a member's learning rate to this step's (its run's warm-up or
+        decay: :meth:`covshift.training.TrainConfig.lr_at`), the rate torch's SGD is
+        given at that step in the member's one-at-a-time run; None: the rate as set.
+        """
         for i, p in enumerate(self.params):
             if p.grad is None:
                 continue
             params = self.member_blocks(p)
             grads = p.grad.reshape(self.members, -1)
             for run in self._runs[i]:
-                self._step_run(i, params[run.start : run.stop], grads[run.start : run.stop], run)
+                lr = run.settings.lr if lr_at is None else lr_at(run.settings.lr)
+                self._step_run(
+                    i, params[run.start : run.stop], grads[run.start : run.stop], run, lr
+                )
 
-    def _step_run(self, i: int, param: Tensor, grad: Tensor, run: _Run) -> None:
+    def _step_run(self, i: int, param: Tensor, grad: Tensor, run: _Run, lr: float) -> None:
         s = run.settings
         if s.weight_decay != 0:
             grad = grad.add(param, alpha=s.weight_decay)
@@ -128,7 +137,7 @@ class MemberSGD:
                         buf[j].copy_(grad[j])
                         self.started[i][k] = True
             grad = buf
-        param.add_(grad, alpha=-s.lr)
+        param.add_(grad, alpha=-lr)
 
     def member_buffer(self, i: int, k: int) -> Tensor | None:
         """Member ``k``'s momentum buffer of parameter ``i`` (a flat view), or None

@@ -32,6 +32,7 @@ from __future__ import annotations
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -179,6 +180,12 @@ class _BatchedLoop:
     def sync(self, k: int) -> None:
         member = self.members[k]
         self.stacked.copy_out(k, member.state.model)
+        config = member.run.config
+        if config.scheduled and member.state.step >= 1:
+            # the rate its one-at-a-time run's SGD holds after this step (what a
+            # gradient-ICS measurement steps with, what a checkpoint saves)
+            for group in member.state.optimizer.param_groups:
+                group["lr"] = config.lr_at(config.lr, member.state.step)
         own = dict(member.state.model.named_parameters())
         state = member.state.optimizer.state
         for i, (name, _) in enumerate(self.param_slots):
@@ -254,6 +261,7 @@ class _BatchedLoop:
         loss_sum = torch.zeros(count, device=self.device)
         self.since_eval = 0
         first_step = self.members[0].state.step + 1
+        scheduled = config.scheduled
         try:
             for k in self.active():
                 self.sync(k)
@@ -269,7 +277,8 @@ class _BatchedLoop:
                 losses = member_losses(model(x), gather_rows(y_train, idx), regression)
                 self.optimizer.zero_grad()
                 losses.sum().backward()
-                self.optimizer.step()
+                # the members of a batch share steps, warm-up and decay (batch_key)
+                self.optimizer.step(partial(config.lr_at, step=step) if scheduled else None)
                 loss_sum += losses.detach()
                 self.since_eval += 1
                 for k in self.active():

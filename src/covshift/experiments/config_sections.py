@@ -184,7 +184,9 @@ class OptimizerSpec(Strict):
     batch size, ``lr * batch_size / lr_reference_batch`` (Goyal et al. 2017, the rule
     Wu & He 2018 use across batch sizes); a point records the scaled rate.
     ``warmup_steps``: the learning rate rises linearly from ``lr / warmup_steps`` to
-    ``lr`` over the first this many steps (0: none), then stays there.
+    ``lr`` over the first this many steps (0: none), then stays there, or with
+    ``decay = "cosine"`` falls to 0 along a half cosine over the remaining steps
+    (Loshchilov & Hutter 2017, no restarts: :func:`covshift.optimizers.learning_rate`).
     """
 
     lr: StrictFloat = Field(0.5, gt=0)
@@ -194,6 +196,7 @@ class OptimizerSpec(Strict):
     kind: Literal["sgd", "adamw"] = "sgd"
     betas: tuple[StrictFloat, StrictFloat] = (0.9, 0.999)
     warmup_steps: StrictInt = Field(0, ge=0)
+    decay: Literal["none", "cosine"] = "none"
 
     @model_validator(mode="after")
     def _fields_of_kind(self) -> OptimizerSpec:

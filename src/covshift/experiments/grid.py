@@ -56,6 +56,7 @@ _ADDED_FIELDS: tuple[tuple[str, str, Any], ...] = (
     ("probe", "gradient_norm_steps", []),
     ("probe", "batch_stats_every", 0),
     ("probe", "batch_stats_batches", 8),
+    ("optimizer", "decay", "none"),
 )
 
 

@@ -41,8 +41,8 @@ BATCHED_KINDS = frozenset({"mlp", "linear", "cnn", "vgg"})
 def batch_key(spec: PointSpec) -> str | None:
     """What the members of one batch share, as a string; None for a point that trains
     alone (a model kind without a batched form, or an optimizer other than plain SGD:
-    :class:`~covshift.batched.MemberSGD` is SGD with momentum and weight decay, no
-    warmup)."""
+    :class:`~covshift.batched.MemberSGD` is SGD with momentum, weight decay and the
+    run's learning-rate decay, no warmup)."""
     if spec.model.kind not in BATCHED_KINDS:
         return None
     if spec.optimizer.kind != "sgd" or spec.optimizer.warmup_steps:
@@ -54,6 +54,7 @@ def batch_key(spec: PointSpec) -> str | None:
             "data_dir": spec.data_dir,
             "device": spec.device,
             "steps": spec.steps,
+            "decay": spec.optimizer.decay,
             "batch_size": spec.batch_size,
             "eval_every": spec.eval_every,
             "test_examples": spec.test_examples,

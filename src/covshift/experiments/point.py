@@ -320,6 +320,7 @@ def train_config(spec: PointSpec) -> TrainConfig:
         optimizer=spec.optimizer.kind,
         betas=spec.optimizer.betas,
         warmup_steps=spec.optimizer.warmup_steps,
+        lr_decay=spec.optimizer.decay,
     )
 
 

@@ -69,6 +69,8 @@ def _network_text(m: ModelSpec) -> str:
 
 def _optimizer_text(o: OptimizerSpec) -> str:
     warmup = f", linear warm-up over {o.warmup_steps} steps" if o.warmup_steps else ""
+    if o.decay == "cosine":
+        warmup += ", cosine decay to 0 over the run"
     if o.kind == "adamw":
         return (
             f"AdamW, lr {o.lr:g}, betas ({o.betas[0]:g}, {o.betas[1]:g}), "
