@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from covshift.experiments import ConfigError, load_config, preset_names
 from covshift.experiments.config import ExperimentConfig
@@ -331,3 +332,46 @@ def test_a_claim_on_an_unmeasured_metric_is_refused(
     }[metric[:3]]
     fixed = SWEEP.replace("examples = 100", f"examples = 100\n{enable}") + claim
     assert load_config(write(tmp_path, fixed, "ok.toml")).claims[0].metric == metric
+
+
+def _ends_config(sweep: dict, where: dict, baseline_where: dict | None = None) -> ExperimentConfig:
+    claim = {
+        "id": "c",
+        "text": "t",
+        "margin_reason": "r",
+        "metric": "test_accuracy/final",
+        "network": "default",
+        "statistic": "value",
+        "where": where,
+        "rule": "greater",
+    }
+    if baseline_where is not None:
+        claim.update(statistic="difference", baseline_where=baseline_where)
+    return ExperimentConfig.model_validate(
+        {
+            "name": "e",
+            "title": "t",
+            "examples": 600,
+            "batch_size": 10,
+            "model": {"kind": "mlp", "width": 8, "depth": 1},
+            "sweep": sweep,
+            "claims": [claim],
+        }
+    )
+
+
+def test_a_claim_names_the_ends_of_an_axis() -> None:
+    # one claim for every size: "largest"/"smallest" become that size's axis ends
+    for values in ([300, 600], [600, 1200, 2400]):
+        config = _ends_config(
+            {"examples": values}, {"examples": "largest"}, {"examples": "smallest"}
+        )
+        (claim,) = config.claims
+        assert claim.where == {"examples": max(values)}
+        assert claim.baseline_where == {"examples": min(values)}
+    with pytest.raises(
+        ValidationError, match=r"where\.model\.norm = 'largest' needs a numeric axis"
+    ):
+        _ends_config({"model.norm": ["batch", "none"]}, {"model.norm": "largest"})
+    with pytest.raises(ValidationError, match=r"'examples' is not a sweep axis"):
+        _ends_config({"batch_size": [10, 20]}, {"examples": "largest"})

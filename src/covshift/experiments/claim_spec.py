@@ -32,7 +32,9 @@ Statistics (per seed ``s``; ``m(net, point)`` is a metric path, :mod:`.metrics`)
   thresholds (of ``log2`` thresholds with ``log_axis``).
 
 ``where`` fixes sweep axes to one value; a claim is judged separately on every
-combination of the axes it neither fixes nor runs along (one verdict per slice).
+combination of the axes it neither fixes nor runs along (one verdict per slice). A
+value ``"largest"`` or ``"smallest"`` names that end of a numeric axis, resolved when
+the configuration is read, so that one claim serves sizes that sweep other values.
 
 Rules, on the interval ``[lo, hi]`` against ``value`` (and ``margin`` m >= 0):
 

@@ -61,6 +61,37 @@ _DEFAULT_STEPS = 50_000
 _DEFAULT_EVAL_EVERY = 500
 
 
+# ``where = { axis = "largest" }``: the end of a numeric axis, whatever values a size
+# gives it (one claim serves every size of a preset).
+_AXIS_ENDS = {"largest": max, "smallest": min}
+
+
+def _axis_ends(claim: Any, sweep: dict[str, Any]) -> Any:
+    """A claim (as read) with ``where`` / ``baseline_where`` values ``"largest"`` and
+    ``"smallest"`` replaced by that end of their numeric axis; anything else as given
+    (a key that is not an axis is reported by the claim's own check)."""
+    if not isinstance(claim, dict):
+        return claim
+    claim = dict(claim)
+    for field in ("where", "baseline_where"):
+        table = claim.get(field)
+        if not isinstance(table, dict):
+            continue
+        resolved = {}
+        for key, value in table.items():
+            values = sweep.get(key)
+            if isinstance(value, str) and value in _AXIS_ENDS and values:
+                if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                    raise ValueError(
+                        f"claims: {field}.{key} = {value!r} needs a numeric axis; "
+                        f"{key} has {list(values)}"
+                    )
+                value = _AXIS_ENDS[value](values)
+            resolved[key] = value
+        claim[field] = resolved
+    return claim
+
+
 class ExperimentConfig(Strict):
     """A whole experiment, as read from a preset and overridden from the command line.
 
@@ -127,6 +158,8 @@ class ExperimentConfig(Strict):
             data["seeds"] = list(range(seeds))
         if "sweep" in data:
             data["sweep"] = flatten_sweep(data["sweep"], SWEEPABLE)
+        if "claims" in data and isinstance(data["claims"], (list, tuple)):
+            data["claims"] = [_axis_ends(c, data.get("sweep") or {}) for c in data["claims"]]
         return data
 
     @field_validator("seeds")
