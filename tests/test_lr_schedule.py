@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from covshift.data import BatchSampler, load_dataset
 from covshift.experiments.config import ExperimentConfig
-from covshift.experiments.grid import expand_grid
+from covshift.experiments.grid import expand_grid, experiment_id
 from covshift.experiments.point import train_config
 from covshift.models import build_mlp
 from covshift.optimizers import learning_rate
@@ -126,12 +126,15 @@ def _config(**optimizer: object) -> ExperimentConfig:
     )
 
 
-def test_a_configs_decay_reaches_the_training_loop_and_its_identity() -> None:
+def test_a_configs_decay_reaches_the_training_loop_and_its_identities() -> None:
     (flat,) = expand_grid(_config())
     (cosine,) = expand_grid(_config(decay="cosine"))
     assert train_config(flat.spec).lr_decay == "none"
     assert train_config(cosine.spec).lr_decay == "cosine"
     assert flat.id == "fd94bddc277ede7e"  # as before decay existed
     assert cosine.id != flat.id
+    # the experiment keeps its id too (and so its report folder), computed before
+    assert experiment_id(_config()) == "c-6084400d"
+    assert experiment_id(_config(decay="cosine")) != "c-6084400d"
     with pytest.raises(ValidationError, match=r"optimizer\.decay"):
         _config(decay="step")

@@ -181,7 +181,21 @@ def expand_grid(config: ExperimentConfig) -> list[Point]:
     return points
 
 
+# (section, field, default as JSON) of the configuration fields added since experiment
+# ids were last re-keyed (2026-12-06): left out of the id while they hold their default,
+# so that an experiment recorded before a field existed keeps its id (and its report).
+_ADDED_CONFIG_FIELDS: tuple[tuple[str, str, Any], ...] = (("optimizer", "decay", "none"),)
+
+
 def experiment_id(config: ExperimentConfig) -> str:
-    """``<name>-<8 hex digits>``: the same configuration always has the same id."""
-    payload = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    """``<name>-<8 hex digits>``: the same configuration always has the same id.
+
+    Fields added after an experiment was recorded are left out while they hold their
+    default (as a point's identity leaves them out, :meth:`PointSpec.identity`)."""
+    dumped = config.model_dump(mode="json")
+    for section, field, default in _ADDED_CONFIG_FIELDS:
+        table = dumped.get(section)
+        if isinstance(table, dict) and table.get(field) == default:
+            del table[field]
+    payload = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
     return f"{config.name}-{hashlib.sha256(payload.encode()).hexdigest()[:8]}"
