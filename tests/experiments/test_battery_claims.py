@@ -17,6 +17,7 @@ from covshift.experiments.battery import (
     shift_speed_correlation,
 )
 from covshift.experiments.claims import evaluate_claims
+from covshift.experiments.config_sections import ConfigError
 from covshift.experiments.numbers import PointNumbers
 from covshift.probe.figures import floor_figure
 
@@ -186,6 +187,39 @@ def test_pairs_and_correlation_against_scipy(tmp_path: Path) -> None:
     t_plain = plain.value("steps_to/test_accuracy/0.6")
     assert first["speedup"] == pytest.approx(np.log2(t_plain / t_bn))
     assert all(p["censored"] == [False, False] for p in pairs)  # every run reaches 0.6
+
+
+def test_battery_where_pairs_one_end_of_an_axis_only(tmp_path: Path) -> None:
+    # two training budgets of the same runs: only the larger's pairs enter the stratum
+    base = GRID.replace("model.depth = [2, 4, 8]", "model.depth = [2, 4, 8]\nsteps = [50, 100]")
+    config, points = _grid(
+        tmp_path, "", base=base.replace("[battery]\n", '[battery]\nwhere = { steps = "largest" }\n')
+    )
+    assert config.battery.where == {"steps": 100}
+    table = {p.id: fake({0: 0.3, 25: 0.7}, {"hidden.0.act": 1.0 + p.seed}) for p in points}
+    pairs = battery_pairs(config, points, table)
+    assert len(pairs) == 3 * 4  # one pair per depth and seed, at 100 steps
+    by_name = {p.name: p for p in points}
+    assert {by_name[p["point"]].axes["steps"] for p in pairs} == {100}
+    _, every = _grid(tmp_path, "", base=base)
+    assert (
+        len(
+            battery_pairs(
+                config.model_copy(
+                    update={"battery": config.battery.model_copy(update={"where": {}})}
+                ),
+                every,
+                table,
+            )
+        )
+        == 3 * 4 * 2
+    )
+    with pytest.raises(ConfigError, match=r"battery\.where: 'model\.width' is not a sweep axis"):
+        _grid(
+            tmp_path,
+            "",
+            base=base.replace("[battery]\n", '[battery]\nwhere = { "model.width" = 8 }\n'),
+        )
 
 
 def _pair(experiment: str, seed: int, drift: float, speed: float, censored=(False, False)):

@@ -172,6 +172,7 @@ def battery_pairs(
     spec = config.battery
     if spec is None or spec.target is None:
         return []
+    points = [p for p in points if all(p.axes.get(k) == v for k, v in spec.where.items())]
     bare = {_pair_key(p): p for p in points if p.spec.model.norm == "none"}
     lower = spec.metric.endswith("_loss")
     out = []

@@ -67,9 +67,9 @@ _AXIS_ENDS = {"largest": max, "smallest": min}
 
 
 def _axis_ends(claim: Any, sweep: dict[str, Any]) -> Any:
-    """A claim (as read) with ``where`` / ``baseline_where`` values ``"largest"`` and
-    ``"smallest"`` replaced by that end of their numeric axis; anything else as given
-    (a key that is not an axis is reported by the claim's own check)."""
+    """A claim or the battery table (as read) with ``where`` / ``baseline_where``
+    values ``"largest"`` and ``"smallest"`` replaced by that end of their numeric axis;
+    anything else as given (a key that is not an axis is reported by its own check)."""
     if not isinstance(claim, dict):
         return claim
     claim = dict(claim)
@@ -83,8 +83,7 @@ def _axis_ends(claim: Any, sweep: dict[str, Any]) -> Any:
             if isinstance(value, str) and value in _AXIS_ENDS and values:
                 if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
                     raise ValueError(
-                        f"claims: {field}.{key} = {value!r} needs a numeric axis; "
-                        f"{key} has {list(values)}"
+                        f"{field}.{key} = {value!r} needs a numeric axis; {key} has {list(values)}"
                     )
                 value = _AXIS_ENDS[value](values)
             resolved[key] = value
@@ -158,8 +157,11 @@ class ExperimentConfig(Strict):
             data["seeds"] = list(range(seeds))
         if "sweep" in data:
             data["sweep"] = flatten_sweep(data["sweep"], SWEEPABLE)
+        sweep = data.get("sweep") or {}
         if "claims" in data and isinstance(data["claims"], (list, tuple)):
-            data["claims"] = [_axis_ends(c, data.get("sweep") or {}) for c in data["claims"]]
+            data["claims"] = [_axis_ends(c, sweep) for c in data["claims"]]
+        if isinstance(data.get("battery"), dict):
+            data["battery"] = _axis_ends(data["battery"], sweep)
         return data
 
     @field_validator("seeds")
@@ -229,7 +231,22 @@ class ExperimentConfig(Strict):
         for i, claim in enumerate(self.claims):
             self._check_claim(i, claim)
         self._check_controls()
+        self._check_battery_where()
         return self
+
+    def _check_battery_where(self) -> None:
+        if self.battery is None:
+            return
+        for key, value in self.battery.where.items():
+            if key not in self.sweep:
+                raise ValueError(
+                    f"battery.where: {key!r} is not a sweep axis{closest(key, list(self.sweep))}; "
+                    f"axes: {', '.join(self.sweep) or 'none'}"
+                )
+            if value not in self.sweep[key]:
+                raise ValueError(
+                    f"battery.where: {key} = {value!r} is not on the axis {list(self.sweep[key])}"
+                )
 
     def _check_controls(self) -> None:
         """Every control a hypothesis names is a check of this experiment (or, written
@@ -271,7 +288,8 @@ class ExperimentConfig(Strict):
         network may override a swept model field (it would silently win)."""
         if not self.sweep:
             return
-        base = self.model_dump(exclude={"sweep", "claims"})
+        # (claims and the battery's where name axes: checked apart)
+        base = self.model_dump(exclude={"sweep", "claims", "battery"})
         for key, values in self.sweep.items():
             section, _, field = key.partition(".")
             if section == "model" and "." not in field:

@@ -311,7 +311,13 @@ class BatterySpec(Strict):
     """How the battery pairs this experiment's points for its across-experiment claim
     (does less shift go with faster training?): a point with a norm and the point
     that differs from it only in having none, compared on their drift and on the
-    steps they take to reach ``target`` of ``metric``. None: not part of it."""
+    steps they take to reach ``target`` of ``metric``. None: not part of it.
+
+    ``where`` pairs only the points at these axis values (``"largest"`` or
+    ``"smallest"``: that end of a numeric axis), where other values of an axis repeat
+    a condition rather than add one (two training budgets of the same runs: their
+    pairs would be counted as independent)."""
 
     metric: Literal["test_accuracy", "test_loss"] = "test_accuracy"
     target: StrictFloat | None = None
+    where: dict[str, Any] = Field(default_factory=dict)

@@ -123,7 +123,7 @@ def format_axes(axes: dict[str, Any]) -> str:
 def _point_spec(
     config: ExperimentConfig, network: str, axes: dict[str, Any], seed: int
 ) -> PointSpec:
-    raw = config.model_dump(exclude={"sweep", "claims"})
+    raw = config.model_dump(exclude={"sweep", "claims", "battery"})  # none in a point
     for key, value in axes.items():
         raw = set_dotted(raw, key, value)
     resolved = ExperimentConfig.model_validate({**raw, "seeds": [seed]})
