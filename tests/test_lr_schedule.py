@@ -136,5 +136,23 @@ def test_a_configs_decay_reaches_the_training_loop_and_its_identities() -> None:
     # the experiment keeps its id too (and so its report folder), computed before
     assert experiment_id(_config()) == "c-6084400d"
     assert experiment_id(_config(decay="cosine")) != "c-6084400d"
+    # ... as does one with a battery table and a claim (fields added with axis ends)
+    claim = {
+        "id": "x",
+        "text": "t",
+        "margin_reason": "r",
+        "metric": "test_accuracy/final",
+        "network": "default",
+        "statistic": "value",
+        "rule": "greater",
+    }
+    with_claim = ExperimentConfig.model_validate(
+        {
+            **_config().model_dump(exclude={"claims", "battery"}),
+            "battery": {"target": 0.6},
+            "claims": [claim],
+        }
+    )
+    assert experiment_id(with_claim) == "c-af4cd472"
     with pytest.raises(ValidationError, match=r"optimizer\.decay"):
         _config(decay="step")

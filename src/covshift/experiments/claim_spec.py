@@ -108,6 +108,10 @@ class ClaimSpec(BaseModel):
     baseline_metric: str | None = None
     where: dict[str, Any] = Field(default_factory=dict)
     baseline_where: dict[str, Any] = Field(default_factory=dict)
+    # Set when the configuration is read: "where.<axis>" -> "largest" / "smallest" for
+    # each axis end it resolved, so that the pre-registration hash sees the claim as
+    # written, the same at every size (covshift.experiments.preregistration).
+    axis_ends: dict[str, Literal["largest", "smallest"]] = Field(default_factory=dict)
     interaction: StrictBool = False
     axis: str | None = None
     method: Literal["spearman", "slope", "range"] = "spearman"

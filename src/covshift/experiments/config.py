@@ -66,13 +66,15 @@ _DEFAULT_EVAL_EVERY = 500
 _AXIS_ENDS = {"largest": max, "smallest": min}
 
 
-def _axis_ends(claim: Any, sweep: dict[str, Any]) -> Any:
+def _axis_ends(claim: Any, sweep: dict[str, Any], record: bool = True) -> Any:
     """A claim or the battery table (as read) with ``where`` / ``baseline_where``
     values ``"largest"`` and ``"smallest"`` replaced by that end of their numeric axis;
-    anything else as given (a key that is not an axis is reported by its own check)."""
+    anything else as given (a key that is not an axis is reported by its own check).
+    With ``record``, what was resolved goes to the claim's ``axis_ends``."""
     if not isinstance(claim, dict):
         return claim
     claim = dict(claim)
+    ends = dict(claim.get("axis_ends") or {})
     for field in ("where", "baseline_where"):
         table = claim.get(field)
         if not isinstance(table, dict):
@@ -85,9 +87,12 @@ def _axis_ends(claim: Any, sweep: dict[str, Any]) -> Any:
                     raise ValueError(
                         f"{field}.{key} = {value!r} needs a numeric axis; {key} has {list(values)}"
                     )
+                ends[f"{field}.{key}"] = value
                 value = _AXIS_ENDS[value](values)
             resolved[key] = value
         claim[field] = resolved
+    if record and ends:
+        claim["axis_ends"] = ends
     return claim
 
 
@@ -161,7 +166,7 @@ class ExperimentConfig(Strict):
         if "claims" in data and isinstance(data["claims"], (list, tuple)):
             data["claims"] = [_axis_ends(c, sweep) for c in data["claims"]]
         if isinstance(data.get("battery"), dict):
-            data["battery"] = _axis_ends(data["battery"], sweep)
+            data["battery"] = _axis_ends(data["battery"], sweep, record=False)
         return data
 
     @field_validator("seeds")

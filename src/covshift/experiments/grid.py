@@ -184,7 +184,10 @@ def expand_grid(config: ExperimentConfig) -> list[Point]:
 # (section, field, default as JSON) of the configuration fields added since experiment
 # ids were last re-keyed (2026-12-06): left out of the id while they hold their default,
 # so that an experiment recorded before a field existed keeps its id (and its report).
-_ADDED_CONFIG_FIELDS: tuple[tuple[str, str, Any], ...] = (("optimizer", "decay", "none"),)
+_ADDED_CONFIG_FIELDS: tuple[tuple[str, str, Any], ...] = (
+    ("optimizer", "decay", "none"),
+    ("battery", "where", {}),
+)
 
 
 def experiment_id(config: ExperimentConfig) -> str:
@@ -197,5 +200,8 @@ def experiment_id(config: ExperimentConfig) -> str:
         table = dumped.get(section)
         if isinstance(table, dict) and table.get(field) == default:
             del table[field]
+    for claim in dumped.get("claims", []):  # (added with axis ends; empty without one)
+        if claim.get("axis_ends") == {}:
+            del claim["axis_ends"]
     payload = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
     return f"{config.name}-{hashlib.sha256(payload.encode()).hexdigest()[:8]}"

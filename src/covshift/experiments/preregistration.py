@@ -7,8 +7,9 @@ claims included, with the time it was recorded (before any of its points ran), s
 the store itself is the register:
 
 - ``hash``: SHA-256 (first 16 hex digits) of the preset's claims as JSON (every field
-  of every claim, in order, keys sorted): any change of a claim, its rule, value,
-  margin, metric or kind changes it; the sizes, seeds and steps do not;
+  of every claim, in order, keys sorted, an axis end as written: ``"largest"``): any
+  change of a claim, its rule, value, margin, metric or kind changes it; the sizes,
+  seeds and steps do not;
 - ``first_recorded``: the earliest time an experiment of this preset with this hash
   was recorded in the store;
 - ``changes``: every earlier version of the preset's claims (another hash, recorded
@@ -34,8 +35,21 @@ def _claims_json(claims: list[dict[str, Any]]) -> str:
     return json.dumps(claims, sort_keys=True, separators=(",", ":"))
 
 
+def _as_written(claim: dict[str, Any]) -> dict[str, Any]:
+    """A claim as its preset writes it: an axis end resolved when the configuration
+    was read (``where = { examples = "largest" }``, 180000 at one size and 9600 at
+    another) goes back to its name, so that a size does not look like a new rule."""
+    claim = dict(claim)
+    for path, end in (claim.pop("axis_ends", None) or {}).items():
+        field, _, key = path.partition(".")
+        table = claim.get(field)
+        if isinstance(table, dict) and key in table:
+            claim[field] = {**table, key: end}
+    return claim
+
+
 def _dump(config: ExperimentConfig) -> list[dict[str, Any]]:
-    return [c.model_dump(mode="json") for c in config.claims]
+    return [_as_written(c.model_dump(mode="json")) for c in config.claims]
 
 
 def claims_hash(claims: list[dict[str, Any]] | ExperimentConfig) -> str:
@@ -52,7 +66,7 @@ def _normalized(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for claim in raw:
         try:
-            out.append(ClaimSpec.model_validate(claim).model_dump(mode="json"))
+            out.append(_as_written(ClaimSpec.model_validate(claim).model_dump(mode="json")))
         except ValueError:
             out.append(claim)  # a claim this version cannot read: kept as stored
     return out
