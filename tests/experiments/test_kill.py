@@ -40,14 +40,35 @@ def _live_workers(db: Path, driver: int) -> list[int]:
     return [p for p in pids if p and p != driver and pid_alive(p)]
 
 
+def _wait_for_training(db: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the driver has a point in training (a run row marked running), or ended."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:  # read-only: never create the store the driver is about to make
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
+            try:
+                running = con.execute("SELECT 1 FROM runs WHERE status = 'running'").fetchone()
+            finally:
+                con.close()
+            if running:
+                return
+        except sqlite3.Error:  # no store or no table yet
+            pass
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("members", [None, 4])  # the planner's batches; batches of 4
 def test_sigkill_of_the_driver_at_random_moments_loses_and_repeats_nothing(
     tmp_path: Path, members: int | None
 ) -> None:
     path = sweep_file(tmp_path, KILL_SWEEP)
     config = load_config(str(path))
+    started = time.perf_counter()
     with Store(tmp_path / "ref.db") as store:
         run_experiment(config, store, backend=InlineBackend(threads=1), members=members)
+    # Kills land at random moments of the training itself, scaled to how long it takes
+    # here (delays fixed in seconds let a fast machine finish before the second kill).
+    training = time.perf_counter() - started
     reference = dump(tmp_path / "ref.db")
     db = tmp_path / "c.db"
     command = [
@@ -71,7 +92,8 @@ def test_sigkill_of_the_driver_at_random_moments_loses_and_repeats_nothing(
         proc = subprocess.Popen(
             command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
-        time.sleep(rng.uniform(0.5, 9.0))
+        _wait_for_training(db, proc)
+        time.sleep(rng.uniform(0.02, 0.25) * training)
         if proc.poll() is not None:
             break  # the sweep finished before this kill
         proc.send_signal(signal.SIGKILL)
