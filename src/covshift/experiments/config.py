@@ -12,6 +12,7 @@ path in the message, before anything runs.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic import (
@@ -240,17 +241,21 @@ class ExperimentConfig(Strict):
         return self
 
     def _check_battery_where(self) -> None:
-        if self.battery is None:
-            return
-        for key, value in self.battery.where.items():
+        if self.battery is not None:
+            self._check_on_axes("battery.where", self.battery.where.items())
+
+    def _check_on_axes(self, label: str, pairs: Iterable[tuple[str, Any]]) -> None:
+        """Each ``(axis, value)`` names a sweep axis and one of its values."""
+        axes = list(self.sweep)
+        for key, value in pairs:
             if key not in self.sweep:
                 raise ValueError(
-                    f"battery.where: {key!r} is not a sweep axis{closest(key, list(self.sweep))}; "
-                    f"axes: {', '.join(self.sweep) or 'none'}"
+                    f"{label}: {key!r} is not a sweep axis{closest(key, axes)}; "
+                    f"axes: {', '.join(axes) or 'none'}"
                 )
             if value not in self.sweep[key]:
                 raise ValueError(
-                    f"battery.where: {key} = {value!r} is not on the axis {list(self.sweep[key])}"
+                    f"{label}: {key} = {value!r} is not on the axis {list(self.sweep[key])}"
                 )
 
     def _check_controls(self) -> None:
@@ -324,16 +329,7 @@ class ExperimentConfig(Strict):
             if path is not None:
                 self._check_measured(f"{where}.{role}", path)
         axes = list(self.sweep)
-        for key, value in [*claim.where.items(), *claim.baseline_where.items()]:
-            if key not in self.sweep:
-                raise ValueError(
-                    f"{where}.where: {key!r} is not a sweep axis{closest(key, axes)}; "
-                    f"axes: {', '.join(axes) or 'none'}"
-                )
-            if value not in self.sweep[key]:
-                raise ValueError(
-                    f"{where}.where: {key} = {value!r} is not on the axis {list(self.sweep[key])}"
-                )
+        self._check_on_axes(f"{where}.where", [*claim.where.items(), *claim.baseline_where.items()])
         if claim.axis is not None:
             if claim.axis not in self.sweep:
                 raise ValueError(
