@@ -60,6 +60,19 @@ _ADDED_FIELDS: tuple[tuple[str, str, Any], ...] = (
 )
 
 
+def _without_defaults(
+    dumped: dict[str, Any], added: tuple[tuple[str, str, Any], ...]
+) -> dict[str, Any]:
+    """``dumped`` (changed in place) without the ``added`` fields that hold their
+    default (section ``""``: the top level; a section that is absent or None is
+    skipped), so that what was recorded before a field existed keeps its hash."""
+    for section, field, default in added:
+        table = dumped if section == "" else dumped.get(section)
+        if isinstance(table, dict) and table.get(field) == default:
+            del table[field]
+    return dumped
+
+
 class PointSpec(BaseModel):
     """Everything that determines one run's numbers (and nothing else)."""
 
@@ -83,11 +96,7 @@ class PointSpec(BaseModel):
 
         Fields added after identity version 1 are left out while they hold their
         default, so the points recorded before they existed keep their identity."""
-        spec = self.model_dump(mode="json")
-        for section, field, default in _ADDED_FIELDS:
-            table = spec if section == "" else spec[section]
-            if table.get(field) == default:
-                del table[field]
+        spec = _without_defaults(self.model_dump(mode="json"), _ADDED_FIELDS)
         payload = json.dumps(
             {"v": _IDENTITY_VERSION, **spec},
             sort_keys=True,
@@ -195,11 +204,7 @@ def experiment_id(config: ExperimentConfig) -> str:
 
     Fields added after an experiment was recorded are left out while they hold their
     default (as a point's identity leaves them out, :meth:`PointSpec.identity`)."""
-    dumped = config.model_dump(mode="json")
-    for section, field, default in _ADDED_CONFIG_FIELDS:
-        table = dumped.get(section)
-        if isinstance(table, dict) and table.get(field) == default:
-            del table[field]
+    dumped = _without_defaults(config.model_dump(mode="json"), _ADDED_CONFIG_FIELDS)
     for claim in dumped.get("claims", []):  # (added with axis ends; empty without one)
         if claim.get("axis_ends") == {}:
             del claim["axis_ends"]
