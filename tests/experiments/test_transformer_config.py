@@ -14,7 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from covshift.experiments.config import ExperimentConfig, ModelSpec, OptimizerSpec
-from covshift.experiments.grid import expand_grid
+from covshift.experiments.grid import expand_grid, experiment_id
 
 LM = """
 name = "lm-test"
@@ -101,6 +101,32 @@ def test_text_and_transformer_go_together() -> None:
     mlp = {"label": "a", "kind": "mlp"}  # a network of another kind: its fields clash
     with pytest.raises(ValidationError, match=r"networks\.a: norm_position: before or after"):
         ExperimentConfig.model_validate({**lm, "networks": {"a": mlp}})
+
+
+def test_a_network_sets_its_own_init() -> None:
+    # transformer-norms' DyT control trains under the unit-scale init beside GPT-2's
+    lm = {"name": "x", "title": "t", "dataset": "synthetic-text"}
+    model = {"kind": "transformer", "norm": "dyt"}
+    networks = {"gpt2": {"label": "a"}, "unit": {"label": "b", "init": "unit"}}
+    config = ExperimentConfig.model_validate({**lm, "model": model, "networks": networks})
+    inits = {p.network: p.spec.model.init for p in expand_grid(config)}
+    assert inits == {"gpt2": "gpt2", "unit": "unit"}
+    # the network's init is the model's: GPT-2's init points keep their identity
+    plain = ExperimentConfig.model_validate({**lm, "model": model})
+    ids = {p.network: p.id for p in expand_grid(config)}
+    assert expand_grid(plain)[0].id == ids["gpt2"] != ids["unit"]
+    with pytest.raises(ValidationError, match=r"networks\.b: init: 'unit' is a transformer's init"):
+        ExperimentConfig.model_validate(
+            {"name": "x", "title": "t", "networks": {"b": {"label": "b", "init": "unit"}}}
+        )
+
+
+def test_experiment_ids_leave_out_a_network_without_its_own_init() -> None:
+    # (computed before NetworkSpec.init existed)
+    config = ExperimentConfig.model_validate(
+        {"name": "pin", "title": "t", "networks": {"a": {"label": "a", "norm": "batch"}}}
+    )
+    assert experiment_id(config) == "pin-01e07a57"
 
 
 def test_points_recorded_before_keep_their_identity() -> None:

@@ -51,5 +51,12 @@ def test_transformer_norms_measures_batchnorms_statistics(tmp_path: Path) -> Non
     assert [c["slice_text"] for c in fluct] == ["depth=2", "depth=6"]
     for c in fluct:
         assert len(c["per_seed"]) == 2 and all(v > 0 for v in c["per_seed"].values())
+    # DyT's second positive control: alpha0 0.5 under the unit-scale init, a check
+    unit = [c for c in claims if c["id"] == "dyt-trains-unit-init"]
+    assert [(c["slice_text"], c["kind"], c["network"]) for c in unit] == [
+        ("depth=2", "check", "dyt_unit"), ("depth=6", "check", "dyt_unit")
+    ]  # fmt: skip
+    dyt = [c for c in claims if c["id"] == "dyt-like-layer"]
+    assert all("dyt-trains-unit-init" in c["controls"] for c in dyt)
     for claim in claims:
         assert claim["verdict"] and (claim["estimate"] is not None or claim["reason"])

@@ -55,6 +55,7 @@ class Strict(BaseModel):
 Activation = Literal["sigmoid", "tanh", "relu", "identity", "linear"]
 ModelKind = Literal["mlp", "cnn", "vgg", "linear", "transformer"]
 NormPosition = Literal["before", "after", "pre", "post"]
+ModelInit = Literal["gaussian", "xavier", "he", "torch", "gpt2", "unit"]
 # The fields of the MLP/CNN builders a transformer has no use for, and the other way
 # round: each must keep its default, or the config would say something it does not do.
 _NOT_TRANSFORMER = ("activation", "init_std", "channels", "pool", "convs_per_stage")
@@ -88,7 +89,7 @@ class ModelSpec(Strict):
     activation: Activation = "sigmoid"
     norm: str = "none"
     norm_position: NormPosition = "before"
-    init: Literal["gaussian", "xavier", "he", "torch", "gpt2", "unit"] = "gaussian"
+    init: ModelInit = "gaussian"
     init_std: StrictFloat = Field(0.1, gt=0)
     norm_kwargs: dict[str, float | int | bool | str | None] = Field(default_factory=dict)
     freeze: tuple[str, ...] = ()
@@ -166,6 +167,7 @@ class NetworkSpec(Strict):
     norm: str | None = None
     norm_position: NormPosition | None = None
     activation: Activation | None = None
+    init: ModelInit | None = None
     init_std: StrictFloat | None = Field(None, gt=0)
     norm_kwargs: dict[str, float | int | bool | str | None] | None = None
     freeze: tuple[str, ...] | None = None

@@ -208,5 +208,8 @@ def experiment_id(config: ExperimentConfig) -> str:
     for claim in dumped.get("claims", []):  # (added with axis ends; empty without one)
         if claim.get("axis_ends") == {}:
             del claim["axis_ends"]
+    for network in (dumped.get("networks") or {}).values():  # (a network's init: added)
+        if network.get("init") is None:
+            network.pop("init", None)
     payload = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
     return f"{config.name}-{hashlib.sha256(payload.encode()).hexdigest()[:8]}"
