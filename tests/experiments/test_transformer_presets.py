@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from covshift.experiments.config_files import load_config
+
 from .helpers import covshift
 
 TINY = ["--dataset", "synthetic-text", "--set", "test_examples=32", "-q", "--json"]
@@ -60,3 +62,15 @@ def test_transformer_norms_measures_batchnorms_statistics(tmp_path: Path) -> Non
     assert all("dyt-trains-unit-init" in c["controls"] for c in dyt)
     for claim in claims:
         assert claim["verdict"] and (claim["estimate"] is not None or claim["reason"])
+
+
+@pytest.mark.parametrize("size", ["quick", "full"])
+def test_norm_placements_grid_checks_read_the_grids_ends(size: str) -> None:
+    # The full grid adds lr 0.001 below the quick one: a check that named 0.003 read
+    # the middle of the full grid, where post-norm does not train (seed 0: 4.46 bits
+    # per byte), and failed for that reason alone.
+    config = load_config("norm-placement", None, size=size)
+    rates = sorted(config.sweep["optimizer.lr"])
+    where = {c.id: c.where["optimizer.lr"] for c in config.claims if c.id.startswith("grid-")}
+    assert where == {"grid-top-pre": rates[-1], "grid-bottom-post": rates[0]}
+    assert rates[0] == {"quick": 0.003, "full": 0.001}[size]
