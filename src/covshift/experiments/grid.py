@@ -68,7 +68,7 @@ def _without_defaults(
     skipped), so that what was recorded before a field existed keeps its hash."""
     for section, field, default in added:
         table = dumped if section == "" else dumped.get(section)
-        if isinstance(table, dict) and table.get(field) == default:
+        if isinstance(table, dict) and field in table and table[field] == default:
             del table[field]
     return dumped
 
@@ -197,6 +197,9 @@ _ADDED_CONFIG_FIELDS: tuple[tuple[str, str, Any], ...] = (
     ("optimizer", "decay", "none"),
     ("battery", "where", {}),
 )
+# ... and of each claim (axis ends) and each network (its own init)
+_ADDED_CLAIM_FIELDS: tuple[tuple[str, str, Any], ...] = (("", "axis_ends", {}),)
+_ADDED_NETWORK_FIELDS: tuple[tuple[str, str, Any], ...] = (("", "init", None),)
 
 
 def experiment_id(config: ExperimentConfig) -> str:
@@ -205,11 +208,9 @@ def experiment_id(config: ExperimentConfig) -> str:
     Fields added after an experiment was recorded are left out while they hold their
     default (as a point's identity leaves them out, :meth:`PointSpec.identity`)."""
     dumped = _without_defaults(config.model_dump(mode="json"), _ADDED_CONFIG_FIELDS)
-    for claim in dumped.get("claims", []):  # (added with axis ends; empty without one)
-        if claim.get("axis_ends") == {}:
-            del claim["axis_ends"]
-    for network in (dumped.get("networks") or {}).values():  # (a network's init: added)
-        if network.get("init") is None:
-            network.pop("init", None)
+    for claim in dumped.get("claims", []):
+        _without_defaults(claim, _ADDED_CLAIM_FIELDS)
+    for network in (dumped.get("networks") or {}).values():
+        _without_defaults(network, _ADDED_NETWORK_FIELDS)
     payload = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
     return f"{config.name}-{hashlib.sha256(payload.encode()).hexdigest()[:8]}"
