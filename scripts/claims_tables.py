@@ -175,6 +175,11 @@ def verdict_cell(result: Result) -> str:
     excluded, units = result.get("excluded_units"), result.get("units")
     if excluded and units:
         text += f" ({excluded}/{units} units excluded)"
+    own, other = result.get("verdict_own_scale"), result.get("other_scale")
+    decided = {"supported", "contradicted"}
+    if other and own is not None and own != other["verdict"] and {own, other["verdict"]} & decided:
+        scale = other["metric"].split("/")[0]
+        text += f" (scales disagree: {own} here, {other['verdict']} in {scale})"
     return text
 
 

@@ -8,6 +8,7 @@ from rich.table import Table
 
 from covshift.experiments.config import ExperimentConfig
 from covshift.experiments.grid import format_axes
+from covshift.experiments.scale_check import scales_disagree
 from covshift.experiments.sweep import SweepPlan
 
 __all__ = ["claims_table", "plan_table", "summary_table"]
@@ -110,6 +111,8 @@ def claims_table(summary: dict[str, Any]) -> Table:
         verdict = c["verdict"] + (": one seed" if c["reason"].startswith("one seed") else "")
         if c.get("censored", {}).get("censored"):
             verdict += " (censored)"
+        if scales_disagree(c):
+            verdict += " (scales disagree)"
         kind = "check: " if c.get("kind") == "check" else ""
         table.add_row(
             f"{kind}{c['id']}{where}: {c['text']}",

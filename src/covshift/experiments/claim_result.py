@@ -20,6 +20,11 @@ Fields a reader's script can rely on, beyond the claim's own settings:
 - ``excluded_units``: where drift is involved, the units left out as degenerate
   (collapsed, saturated, dead) summed over the points the claim reads, and ``units``;
 - ``measurable`` (false with ``measurable_reason`` where no honest number exists);
+- ``other_scale`` (a drift or fluctuation hypothesis judged in both scales,
+  :mod:`covshift.experiments.scale_check`): the other scale's ``metric``, ``estimate``,
+  ``interval``, ``p_value``, ``p_contradict``, ``verdict`` (unadjusted) and ``reason``;
+  with ``p_own_scale`` and ``verdict_own_scale``, the claim's own before the two were
+  combined (absent where the other scale had no p-values);
 - ``verdict``: for hypotheses ``supported`` / ``contradicted`` / ``inconclusive`` /
   ``not measured`` / ``not measurable`` / ``not interpretable`` (a check it relies on
   failed), decided on the adjusted p-values; ``verdict_unadjusted`` beside it; for

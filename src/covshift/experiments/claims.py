@@ -8,8 +8,9 @@ mean over the seeds that have a value; its 95% interval is Student's t interval 
 the seeds, widened where a seed's value is known only to a resolution or as a bound
 (:mod:`covshift.experiments.significance`). The verdict comes from one-sided p-values
 against the rule, adjusted over the preset's hypotheses (Holm), and from its checks
-(:mod:`covshift.experiments.verdicts`). With one seed there is no interval and the
-verdict is ``inconclusive``; with none, ``not measured``.
+(:mod:`covshift.experiments.verdicts`); a drift hypothesis is decided only where both of
+the drift's scales agree (:mod:`covshift.experiments.scale_check`). With one seed there
+is no interval and the verdict is ``inconclusive``; with none, ``not measured``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from covshift.experiments.config import ExperimentConfig
 from covshift.experiments.grid import Point, format_axes
 from covshift.experiments.metric_paths import parse_metric
 from covshift.experiments.numbers import PointNumbers
+from covshift.experiments.scale_check import apply_other_scale, scale_twin
 from covshift.experiments.verdicts import judge, judge_family
 
 __all__ = ["INTERVAL_METHOD", "claim_result", "evaluate_claims", "t_interval"]
@@ -118,6 +120,28 @@ def claim_result(
     )
 
 
+def _judge_one(
+    table: PointTable,
+    config: ExperimentConfig,
+    claim: ClaimSpec,
+    index: int,
+    experiment_id: str,
+    where: dict[str, Any],
+    axes: dict[str, Any],
+) -> ClaimResult:
+    """One claim at one slice: its statistic per seed, then :func:`judge`."""
+    outcomes: dict[str, SeedOutcome] = {}
+    for seed in config.seeds:
+        outcome = STATISTICS[claim.statistic](table, config, claim, axes, seed)
+        bounds = outcome.bounds
+        if bounds is not None and not math.isfinite(bounds.value):
+            outcome.bounds = None  # a statistic that is not a number is no value
+        outcomes[str(seed)] = outcome
+    return judge(
+        claim_result(claim, index, experiment_id, where, len(config.seeds)), outcomes, claim
+    )
+
+
 def judge_claims(
     config: ExperimentConfig,
     experiment_id: str,
@@ -130,20 +154,13 @@ def judge_claims(
     for index, claim in enumerate(config.claims):
         for where in _slices(config, claim):
             axes = _axes(config, claim, where)
-            outcomes: dict[str, SeedOutcome] = {}
-            for seed in config.seeds:
-                outcome = STATISTICS[claim.statistic](table, config, claim, axes, seed)
-                bounds = outcome.bounds
-                if bounds is not None and not math.isfinite(bounds.value):
-                    outcome.bounds = None  # a statistic that is not a number is no value
-                outcomes[str(seed)] = outcome
-            result = judge(
-                claim_result(claim, index, experiment_id, where, len(config.seeds)),
-                outcomes,
-                claim,
-            )
+            result = _judge_one(table, config, claim, index, experiment_id, where, axes)
             if result.verdict == "not measured":
                 result.reason = _why_not_measured(claim, points, numbers)
+            twin = scale_twin(claim)
+            if twin is not None and result.verdict != "not measured":
+                other = _judge_one(table, config, twin, index, experiment_id, where, axes)
+                apply_other_scale(result, other)
             results.append(result)
     judge_family(results)
     return results

@@ -13,7 +13,8 @@ A metric path is ``/``-separated:
   unit whose spread shrinks cannot blow it up), over the same usable units;
 - ``fluct/<layer>``: its fluctuation, the same drift between consecutive records,
   averaged over the pairs of consecutive records (what moves from record to record,
-  which the first-to-last displacement ignores);
+  which the first-to-last displacement ignores); ``fluct_layer/<layer>`` in units of
+  the layer's typical width at the first record, as ``drift_layer``;
 - ``steps_to/<series>/<target>``: the first evaluation step at which the series
   reaches ``target`` (``>=``; for a ``*_loss`` or ``*_bpb`` series, ``<=``); missing
   when it never does;
@@ -93,6 +94,8 @@ FLOOR = "@floor"  # a second probe batch at the same weights (the noise floor)
 ICS_STATS = {"ics_cos": "grad_ics_cos", "ics_l2": "grad_ics_l2", "ics_rel": "grad_ics_rel"}
 SMOOTHNESS = ("loss_range", "grad_predictiveness", "beta_smoothness")
 BATCH_FIGURES = ("design_effect", "mean_sd", "var_cv")  # batch_stats/<figure>/<layer>
+# the layer-scale heads and the figure each measures in the layer's first-record width
+LAYER_SCALE: dict[str, Literal["drift", "fluct"]] = {"drift_layer": "drift", "fluct_layer": "fluct"}
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,7 @@ def parse_metric(path: str) -> MetricPath:
     """Parse a metric path; ``ValueError`` with what is accepted when it is malformed."""
     accepted = (
         "accepted: <series>/<step|final|max|min>, drift/<layer>, drift_layer/<layer>, "
-        "fluct/<layer>, floor/<layer>, "
+        "fluct/<layer>, fluct_layer/<layer>, floor/<layer>, "
         "ics_cos/<layer|mean>, ics_l2/<layer|mean>, ics_rel/<layer|mean>, smooth/<figure>, "
         "steps_to/<series>/<target>, reach/<series>/<target>, rise/<series>/<fraction>, "
         "grad_norm/<step>/<layer>, batch_stats/<figure>/<layer|mean>, "
@@ -150,11 +153,11 @@ def parse_metric(path: str) -> MetricPath:
         return MetricPath("log10", inner=inner)
     if path == "diverged":
         return MetricPath("diverged")
-    if head in ("drift", "floor", "fluct", "drift_layer"):
+    if head in ("drift", "floor", "fluct", "drift_layer", "fluct_layer"):
         if not rest:
             raise ValueError(f"metric {path!r}: {head} needs a layer ({head}/hidden.2.act)")
-        if head == "drift_layer":
-            return MetricPath("drift", layer=rest, scale="layer")
+        if head in LAYER_SCALE:
+            return MetricPath(LAYER_SCALE[head], layer=rest, scale="layer")
         return MetricPath(head, layer=rest)  # type: ignore[arg-type]
     if head in ICS_STATS:
         if not rest:

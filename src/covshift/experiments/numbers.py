@@ -48,6 +48,12 @@ def _quiet() -> np.errstate:
     return np.errstate(over="ignore", invalid="ignore", divide="ignore")
 
 
+def _figure_name(m: MetricPath) -> str:
+    """The key of a drift, fluctuation or floor in :attr:`PointNumbers.figures`:
+    ``drift_layer`` and ``fluct_layer`` for the layer scale."""
+    return f"{m.kind}_layer" if m.scale == "layer" else m.kind
+
+
 def _finite(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
 
@@ -160,8 +166,7 @@ class PointNumbers:
         return Reading(Bounds.exact(float(np.mean(values))), None, excluded, units)
 
     def _figure(self, m: MetricPath) -> Reading:
-        name = "drift_layer" if m.kind == "drift" and m.scale == "layer" else m.kind
-        figure = self.figures.get((name, self.layer(m.layer or "")))
+        figure = self.figures.get((_figure_name(m), self.layer(m.layer or "")))
         if figure is None:  # numbers made by hand (tests) or a layer not recorded
             found = self._value(m)
             return Reading(None if found is None else Bounds.exact(found))
@@ -194,10 +199,10 @@ class PointNumbers:
             return math.log10(inner) if inner is not None and inner > 0 else None
         if m.kind == "diverged":
             return 1.0 if self.diverged else 0.0
+        if m.kind in ("drift", "fluct") and m.scale == "layer":
+            figure = self.figures.get((_figure_name(m), self.layer(m.layer or "")))
+            return figure.value if figure is not None else None
         if m.kind == "drift":
-            if m.scale == "layer":
-                figure = self.figures.get(("drift_layer", self.layer(m.layer or "")))
-                return figure.value if figure is not None else None
             return self.drift.get(self.layer(m.layer or ""))
         if m.kind == "fluct":
             return self.fluct.get(self.layer(m.layer or ""))
@@ -357,6 +362,7 @@ def load_numbers(
             "drift": drift_figure(q, sat, activation=kind),
             "drift_layer": drift_figure(q, sat, activation=kind, scale="layer"),
             "fluct": fluctuation_figure(q, sat, activation=kind),
+            "fluct_layer": fluctuation_figure(q, sat, activation=kind, scale="layer"),
         }
         if layer + FLOOR in layers:
             f_steps, f_q, f_sat = _layer_records(store, run.id, layer + FLOOR, False)

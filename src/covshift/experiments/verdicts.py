@@ -203,19 +203,36 @@ def _fmt_p(p: float | None) -> str:
     return "-" if p is None else f"{p:.2g}"
 
 
+def _other_scale_note(result: ClaimResult) -> str:
+    """Where a drift hypothesis was judged in both scales
+    (:mod:`covshift.experiments.scale_check`): what the other one reads."""
+    other = result.extra.get("other_scale")
+    if not other or "p_own_scale" not in result.extra:
+        return ""
+    lo, hi = other["interval"] or (math.nan, math.nan)
+    estimate = other["estimate"]
+    shown = "-" if estimate is None else f"{estimate:+.4g}"
+    own = result.extra["verdict_own_scale"]
+    return (
+        f"; each p is the larger of two scales': in {other['metric']} {shown} "
+        f"[{lo:.4g}, {hi:.4g}] ({other['verdict']}), in its own {own}"
+    )
+
+
 def _reason(result: ClaimResult, adjusted: bool) -> str:
     lo, hi = result.interval or (math.nan, math.nan)
     where = f"95% interval [{lo:.4g}, {hi:.4g}]"
+    scales = _other_scale_note(result)
     if adjusted:
         return (
             f"{where}; p = {_fmt_p(result.p_value)} for the claim, {_fmt_p(result.p_contradict)}"
-            f" against it; {result.adjust_method}-adjusted over {result.family_size} "
+            f" against it{scales}; {result.adjust_method}-adjusted over {result.family_size} "
             f"hypotheses: {_fmt_p(result.p_adjusted)} and {_fmt_p(result.p_adjusted_contradict)}"
             f" (level {ALPHA} one-sided)"
         )
     return (
         f"{where}; p = {_fmt_p(result.p_value)} for the claim, "
-        f"{_fmt_p(result.p_contradict)} against it"
+        f"{_fmt_p(result.p_contradict)} against it{scales}"
     )
 
 

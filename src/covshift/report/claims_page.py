@@ -132,6 +132,20 @@ def _section(result: dict[str, Any], config: ExperimentConfig, image: str) -> st
             f"<tr><th>units</th><td>{result['excluded_units']} of {result['units']} excluded "
             "as degenerate (collapsed, saturated or dead), summed over the points read</td></tr>"
         )
+    other = result.get("other_scale")
+    if other:
+        own = result.get("verdict_own_scale")
+        judged = (
+            f"; {html.escape(str(own))} in its own scale, and each p-value above is the "
+            "larger of the two scales' (the verdict holds only where both agree)"
+            if own is not None
+            else " (no p-values: judged in its own scale only)"
+        )
+        extra += (
+            f"<tr><th>other scale</th><td><code>{html.escape(str(other['metric']))}</code>: "
+            f"{_num(other['estimate'])} {fmt_interval(other)}, "
+            f"{html.escape(str(other['verdict']))} unadjusted{judged}</td></tr>"
+        )
     if result.get("controls"):
         extra += (
             f"<tr><th>positive controls</th><td>{html.escape(', '.join(result['controls']))}"

@@ -22,6 +22,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 
+from covshift.experiments.scale_check import scales_disagree
 from covshift.report.figures import save_figure
 
 __all__ = ["VERDICT_COLORS", "forest_plot"]
@@ -129,6 +130,8 @@ def _numbers(r: dict[str, Any]) -> str:
         marks.append("censored")
     if r.get("excluded_units"):
         marks.append(f"{r['excluded_units']} units excluded")
+    if scales_disagree(r):
+        marks.append("scales disagree")
     return text + (f"  ({', '.join(marks)})" if marks else "")
 
 
