@@ -186,6 +186,7 @@ def test_pairs_and_correlation_against_scipy(tmp_path: Path) -> None:
     t_bn = bn.value("steps_to/test_accuracy/0.6")
     t_plain = plain.value("steps_to/test_accuracy/0.6")
     assert first["speedup"] == pytest.approx(np.log2(t_plain / t_bn))
+    assert first["drift_reduction_layer"] is None  # no layer-scale figures recorded
     assert all(p["censored"] == [False, False] for p in pairs)  # every run reaches 0.6
 
 
@@ -277,6 +278,38 @@ def test_correlation_is_stratified_by_preset() -> None:
         ]
         z = np.arctanh(np.clip(rhos, -0.999999, 0.999999))  # +-1 is taken as +-0.999999
         assert combined.per_seed[str(seed)] == pytest.approx(np.tanh(np.mean(z)))
+
+
+def test_correlation_is_decided_only_where_both_drift_scales_agree() -> None:
+    """Each pair carries its drift reduction in both scales; the claim's p-values are
+    the larger of the two scales' (scale_check): a layer-scale reduction that runs the
+    other way leaves the claim undecided, one that agrees keeps its verdict."""
+    rng = np.random.default_rng(5)
+    agree, disagree = [], []
+    for k, name in enumerate(("a", "b")):
+        for seed in range(5):
+            for i in range(6):
+                x = i + rng.normal(0, 0.2)
+                pair = _pair(name, seed, x, 2.0 * i + rng.normal(0, 0.5) + k)
+                agree.append({**pair, "drift_reduction_layer": 3.0 * x + 1.0})
+                disagree.append({**pair, "drift_reduction_layer": -x})
+    own, *_ = shift_speed_correlation(
+        [{k: v for k, v in p.items() if k != "drift_reduction_layer"} for p in agree], range(5)
+    )
+    assert own.verdict_unadjusted == "supported" and "p_own_scale" not in own.extra
+    assert own.extra["other_scale"]["verdict"] == "not measured"  # no layer-scale pairs
+    combined, *strata = shift_speed_correlation(agree, range(5))
+    assert combined.verdict_unadjusted == "supported"
+    other = combined.extra["other_scale"]
+    assert other["metric"] == "drift_layer/mean" and other["verdict"] == "supported"
+    assert other["estimate"] == pytest.approx(combined.estimate)  # ranks unchanged
+    assert combined.p_value == pytest.approx(max(own.p_value, other["p_value"]))
+    combined, *strata = shift_speed_correlation(disagree, range(5))
+    assert combined.extra["verdict_own_scale"] == "supported"
+    assert combined.extra["other_scale"]["verdict"] == "contradicted"
+    assert combined.extra["other_scale"]["estimate"] == pytest.approx(-combined.estimate)
+    assert combined.verdict_unadjusted == "inconclusive"
+    assert all(r.verdict_unadjusted == "inconclusive" for r in strata)
 
 
 def test_correlation_without_trained_pairs_is_not_measured() -> None:

@@ -27,6 +27,7 @@ from covshift.experiments.config import ConfigError, ExperimentConfig
 from covshift.experiments.config_files import load_config
 from covshift.experiments.grid import Point
 from covshift.experiments.numbers import PointNumbers
+from covshift.experiments.scale_check import apply_other_scale
 from covshift.experiments.sweep import SweepPlan, plan_sweep
 
 __all__ = [
@@ -150,8 +151,11 @@ def _add_cross_controls(
                     parts.append(BatteryPart(preset, config, plan_sweep(config, store_path)))
 
 
-def _mean_drift(numbers: PointNumbers, layers: list[str]) -> float | None:
-    values = [numbers.drift.get(layer) for layer in layers]
+def _mean_drift(numbers: PointNumbers, layers: list[str], scale: str = "drift") -> float | None:
+    """The mean over ``layers`` of their drift (``scale``: ``"drift"``, each unit's own
+    width, or ``"drift_layer"``, the layer's first-record width); None if one is
+    missing or not measurable."""
+    values = [numbers.value(f"{scale}/{layer}") for layer in layers]
     if not values or any(v is None for v in values):
         return None
     return float(np.mean(values))  # type: ignore[arg-type]
@@ -189,6 +193,7 @@ def battery_pairs(
         reached = a.value(metric), b.value(metric)
         if d_norm is None or d_bare is None or reached == (None, None):
             continue
+        l_norm, l_bare = (_mean_drift(n, layers, "drift_layer") for n in (a, b))
         censor = float(p.spec.steps + p.spec.eval_every)
         t_norm, t_bare = (censor if r is None else max(r, 1.0) for r in reached)
         out.append(
@@ -199,6 +204,9 @@ def battery_pairs(
                 "seed": p.seed,
                 "norm": p.spec.model.norm,
                 "drift_reduction": d_bare - d_norm,
+                "drift_reduction_layer": (
+                    None if l_norm is None or l_bare is None else l_bare - l_norm
+                ),
                 "speedup": math.log2(t_bare / t_norm),
                 "censored": [reached[0] is None, reached[1] is None],
                 "lower_is_better": lower,
@@ -336,7 +344,29 @@ def shift_speed_correlation(
     """The battery's across-experiment claim (module docstring, :data:`CORRELATION_CLAIM`):
     the combined result over every preset first, then one per preset (stratum), all on
     the pairs where both networks train; the secondary analysis over every pair is in
-    the combined result's ``secondary``."""
+    the combined result's ``secondary``. Each is judged in both of the drift's scales
+    and decided only where they agree (:mod:`covshift.experiments.scale_check`): the
+    drift reduction in units of each unit's width, and in units of each layer's
+    first-record width (``other_scale``)."""
+    results = _stratified_correlations(pairs, seeds)
+    in_layer_scale = [
+        {**p, "drift_reduction": p["drift_reduction_layer"]}
+        for p in pairs
+        if p.get("drift_reduction_layer") is not None
+    ]
+    twins = {r.slice_text: r for r in _stratified_correlations(in_layer_scale, seeds)}
+    for result in results:
+        twin = twins.get(result.slice_text)
+        if twin is not None and result.verdict != "not measured":
+            twin.metric = "drift_layer/mean"
+            apply_other_scale(result, twin)
+    return results
+
+
+def _stratified_correlations(
+    pairs: Sequence[dict[str, Any]], seeds: Sequence[int]
+) -> list[ClaimResult]:
+    """The combined correlation and one per preset, in one scale (``drift_reduction``)."""
     trained = [p for p in pairs if not any(p["censored"])]
     combined = _correlation_result("all presets (stratified)", trained, seeds, len(pairs))
     secondary = _by(pairs, "experiment")
