@@ -296,8 +296,8 @@ def test_correlation_is_decided_only_where_both_drift_scales_agree() -> None:
     own, *_ = shift_speed_correlation(
         [{k: v for k, v in p.items() if k != "drift_reduction_layer"} for p in agree], range(5)
     )
-    assert own.verdict_unadjusted == "supported" and "p_own_scale" not in own.extra
-    assert own.extra["other_scale"]["verdict"] == "not measured"  # no layer-scale pairs
+    # pairs without the field (made before it existed): the unit scale alone
+    assert own.verdict_unadjusted == "supported" and "other_scale" not in own.extra
     combined, *strata = shift_speed_correlation(agree, range(5))
     assert combined.verdict_unadjusted == "supported"
     other = combined.extra["other_scale"]
@@ -310,6 +310,12 @@ def test_correlation_is_decided_only_where_both_drift_scales_agree() -> None:
     assert combined.extra["other_scale"]["estimate"] == pytest.approx(-combined.estimate)
     assert combined.verdict_unadjusted == "inconclusive"
     assert all(r.verdict_unadjusted == "inconclusive" for r in strata)
+    # a pair whose layer-scale reduction was not measurable leaves both analyses
+    dropped = [{**p, "drift_reduction_layer": None} if p["experiment"] == "b" else p for p in agree]
+    combined, *strata = shift_speed_correlation(dropped, range(5))
+    assert [r.slice["preset"] for r in strata] == ["a"]
+    assert combined.extra["pairs"] == [p for p in agree if p["experiment"] == "a"]
+    assert combined.extra["other_scale"]["verdict"] == "supported"
 
 
 def test_correlation_without_trained_pairs_is_not_measured() -> None:

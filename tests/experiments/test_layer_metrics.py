@@ -57,6 +57,9 @@ def test_readings_of_gradient_norms_batch_stats_and_means() -> None:
     assert n.value("drift/mean") == pytest.approx(4.0)
     assert n.value("drift/mean:blocks.*.ln_1") == pytest.approx(2.0)
     assert n.value("drift/mean:blocks.*") == pytest.approx(6.0)  # one dotted part
+    # a layer whose name starts with "mean" is that layer, not an average
+    named = _numbers({"mean_pool": 2.0, "head": 6.0}, {})
+    assert named.value("drift/mean_pool") == 2.0 and named.value("drift/mean") == 4.0
 
 
 def test_a_mean_over_layers_is_not_measurable_if_one_layer_is_not() -> None:

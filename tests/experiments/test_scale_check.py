@@ -104,7 +104,8 @@ Pairs = list[tuple[float, float]]  # per seed: (unit-scale drift, layer-scale dr
 
 
 def _judge(tmp_path: Path, frozen: Pairs, everything: Pairs) -> dict[str, dict]:
-    config = load_config(write(tmp_path, GRID))
+    seeds = ", ".join(str(s) for s in range(len(frozen)))
+    config = load_config(write(tmp_path, GRID.replace("[0, 1, 2, 3, 4]", f"[{seeds}]")))
     points = expand_grid(config)
     table = {}
     for p in points:
@@ -171,8 +172,27 @@ def test_a_twin_without_values_leaves_the_claim_its_own(tmp_path: Path) -> None:
         del n.figures[("drift_layer", "head")]  # the layer scale was not computed
         table[p.id] = n
     r = {x["id"]: x for x in evaluate_claims(config, "e", points, table)}["freezing-lowers-drift"]
+    # no evidence from the other scale: the claim is not decided in one scale alone
     assert r["other_scale"]["verdict"] == "not measured"
-    assert "p_own_scale" not in r and r["verdict"] == "supported"
+    assert r["verdict_own_scale"] == "supported" and r["p_own_scale"][0] < 0.001
+    assert r["p_value"] == 1.0 and r["p_contradict"] == 1.0
+    assert r["verdict"] == "inconclusive" and scales_disagree(r)
+
+
+def test_a_twin_without_spread_does_not_decide(tmp_path: Path) -> None:
+    # the layer scale gives the same difference on every seed: its own rule gives it no
+    # verdict (no interval to judge), though its sign test's p is small; the unit scale
+    # alone would be supported; together they are undecided
+    everything = [(2.0 + 0.1 * s, 100.0 + s) for s in range(6)]
+    frozen = [(1.0 + 0.05 * s, 90.0 + s) for s in range(6)]
+    r = _judge(tmp_path, frozen, everything)["freezing-lowers-drift"]
+    assert r["other_scale"]["interval"] == [-10.0, -10.0]
+    assert r["other_scale"]["verdict"] == "inconclusive"
+    assert r["other_scale"]["p_value"] == pytest.approx(0.5**6)  # the sign test
+    assert r["p_value"] == pytest.approx(0.5**6)  # the larger of the two, below 0.025
+    assert r["verdict_own_scale"] == "supported"
+    assert r["verdict_unadjusted"] == "inconclusive" and r["verdict"] == "inconclusive"
+    assert "the other scale alone is inconclusive" in r["reason"]
 
 
 def test_layer_scale_fluctuation_from_the_store(tmp_path: Path) -> None:
@@ -194,3 +214,20 @@ def test_layer_scale_fluctuation_from_the_store(tmp_path: Path) -> None:
     assert numbers.value("fluct_layer/hidden.0.linear") == pytest.approx(np.mean(steps))
     assert numbers.value("drift_layer/hidden.0.linear") == pytest.approx(drift)
     assert numbers.value("fluct/hidden.0.linear") != pytest.approx(np.mean(steps))
+
+
+def test_the_battery_presets_twins() -> None:
+    """Every drift hypothesis of the battery's presets has its twin; no check has one."""
+    twins = {}
+    for name in ("shift-causes", "depth", "santurkar2018", "transformer-shift"):
+        for claim in load_config(name, size="quick").claims:
+            twin = scale_twin(claim)
+            drift = claim.metric.split("/")[0] in ("drift", "drift_layer", "fluct")
+            assert (twin is not None) == (drift and claim.kind == "hypothesis"), claim.id
+            if twin is not None:
+                twins[claim.id] = twin.metric
+    assert twins["cause-layer2"] == "drift_layer/head"
+    assert twins["drift-grows-along-layers"] == "drift_layer/*"  # a layer trend
+    assert twins["depth-amplifies-layer-scale"] == "drift/last"
+    assert twins["noisy-fluctuates-more"] == "fluct_layer/last@train"
+    assert twins["pre-sublayer-inputs-drift-less"] == "drift_layer/mean:blocks.*.ln_?"

@@ -155,7 +155,11 @@ def _mean_drift(numbers: PointNumbers, layers: list[str], scale: str = "drift") 
     """The mean over ``layers`` of their drift (``scale``: ``"drift"``, each unit's own
     width, or ``"drift_layer"``, the layer's first-record width); None if one is
     missing or not measurable."""
-    values = [numbers.value(f"{scale}/{layer}") for layer in layers]
+    if scale == "drift":
+        values = [numbers.drift.get(layer) for layer in layers]
+    else:
+        figures = [numbers.figures.get((scale, layer)) for layer in layers]
+        values = [f.value if f is not None and f.measurable else None for f in figures]
     if not values or any(v is None for v in values):
         return None
     return float(np.mean(values))  # type: ignore[arg-type]
@@ -348,16 +352,19 @@ def shift_speed_correlation(
     and decided only where they agree (:mod:`covshift.experiments.scale_check`): the
     drift reduction in units of each unit's width, and in units of each layer's
     first-record width (``other_scale``)."""
-    results = _stratified_correlations(pairs, seeds)
-    in_layer_scale = [
-        {**p, "drift_reduction": p["drift_reduction_layer"]}
-        for p in pairs
-        if p.get("drift_reduction_layer") is not None
-    ]
+    # Both scales read the same pairs: a pair whose layer-scale reduction could not be
+    # measured leaves both. Pairs without the field at all (made before it existed, or
+    # by hand) are judged in the unit scale alone.
+    scaled = [p for p in pairs if "drift_reduction_layer" in p]
+    if not scaled:
+        return _stratified_correlations(pairs, seeds)
+    both = [p for p in scaled if p["drift_reduction_layer"] is not None]
+    results = _stratified_correlations(both, seeds)
+    in_layer_scale = [{**p, "drift_reduction": p["drift_reduction_layer"]} for p in both]
     twins = {r.slice_text: r for r in _stratified_correlations(in_layer_scale, seeds)}
     for result in results:
-        twin = twins.get(result.slice_text)
-        if twin is not None and result.verdict != "not measured":
+        twin = twins[result.slice_text]  # the same pairs, so the same strata
+        if result.verdict != "not measured":
             twin.metric = "drift_layer/mean"
             apply_other_scale(result, twin)
     return results

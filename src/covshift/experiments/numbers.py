@@ -136,7 +136,8 @@ class PointNumbers:
         if m.kind in ("steps_to", "reach"):
             return self._time_to_target(m)
         if m.kind in ("drift", "fluct", "floor") and self.run is not None:
-            if (m.layer or "").startswith(MEAN):
+            base = (m.layer or "").removesuffix(TRAIN_MODE)
+            if base == MEAN or base.startswith(MEAN + ":"):  # not a layer named "mean_x"
                 return self._mean_figure(m)
             return self._figure(m)
         found = self._value(m)

@@ -79,10 +79,13 @@ def scale_twin(claim: ClaimSpec) -> ClaimSpec | None:
 
 def apply_other_scale(result: ClaimResult, twin: ClaimResult) -> ClaimResult:
     """Record ``twin`` (the same claim and slice, judged in the other scale) in
-    ``result.other_scale`` and, where both have p-values, make ``result``'s p-values on
-    each side the larger of the two and decide it again (the intersection-union test
-    of the module docstring). Where the twin has none (not measured, not measurable,
-    one seed) the result keeps its own, and ``other_scale`` says why."""
+    ``result.other_scale``, make ``result``'s p-values on each side the larger of the
+    two and decide it again (the intersection-union test of the module docstring).
+
+    A twin without p-values (not measured, not measurable) gives no evidence: the
+    result's p-values become 1 and it is undecided. A combined verdict the twin does
+    not reach on its own (its interval has zero width, so its rule gave it none) is
+    undecided too. A result without p-values of its own is left as it is."""
     result.extra["other_scale"] = {
         "metric": twin.metric,
         "baseline_metric": twin.baseline_metric,
@@ -93,19 +96,32 @@ def apply_other_scale(result: ClaimResult, twin: ClaimResult) -> ClaimResult:
         "verdict": twin.verdict_unadjusted,
         "reason": twin.reason,
     }
-    if result.p_value is None or twin.p_value is None:
+    if result.p_value is None:
         return result
     result.extra["p_own_scale"] = [result.p_value, result.p_contradict]
     result.extra["verdict_own_scale"] = result.verdict_unadjusted
-    result.p_value = max(result.p_value, twin.p_value)
-    if result.p_contradict is not None and twin.p_contradict is not None:
-        result.p_contradict = max(result.p_contradict, twin.p_contradict)
+    result.p_value = _larger(result.p_value, twin.p_value)
+    result.p_contradict = _larger(result.p_contradict, twin.p_contradict)
     method = result.extra.get("p_method", "")
     result.extra["p_method"] = (
         f"{method}; the larger of the unit- and layer-scale p-values (intersection-union)"
     )
     result.reason = ""
-    return decide_unadjusted(result)
+    decide_unadjusted(result)
+    decided = result.verdict_unadjusted
+    if decided in ("supported", "contradicted") and twin.verdict_unadjusted != decided:
+        result.verdict = result.verdict_unadjusted = "inconclusive"
+        result.reason = (
+            f"{result.reason}; undecided: the other scale alone is {twin.verdict_unadjusted} "
+            f"({twin.reason})"
+        )
+    return result
+
+
+def _larger(own: float | None, other: float | None) -> float:
+    """The intersection-union p-value of one side: a scale without a p-value gives no
+    evidence (1)."""
+    return max(1.0 if own is None else own, 1.0 if other is None else other)
 
 
 def scales_disagree(result: dict[str, Any]) -> bool:
