@@ -17,7 +17,7 @@ from covshift.experiments.claims import evaluate_claims
 from covshift.experiments.numbers import PointNumbers, load_numbers
 from covshift.experiments.scale_check import other_scale_metric, scale_twin, scales_disagree
 from covshift.probe.figures import Figure
-from covshift.report.claims_page import write_claims
+from covshift.report.claims_page import claims_table_html, write_claims
 from covshift.store import Store
 
 from .test_claims import run_info
@@ -151,6 +151,9 @@ def test_scales_that_disagree_leave_the_hypothesis_undecided(tmp_path: Path) -> 
     text = page.read_text()
     assert "<th>other scale</th><td><code>drift_layer/head</code>" in text
     assert "supported unadjusted; contradicted in its own scale" in text
+    row = claims_table_html([r])
+    assert "<small>scales disagree: contradicted here, supported in drift_layer</small>" in row
+    assert "scales disagree" not in claims_table_html([loss])
 
 
 def test_scales_that_agree_keep_the_verdict(tmp_path: Path) -> None:

@@ -306,7 +306,10 @@ its margin (grey) and the side that supports the claim (green band); the colour 
 adjusted verdict: <span class="supported">supported</span>,
 <span class="contradicted">contradicted</span>,
 <span class="inconclusive">inconclusive</span>, not interpretable (a check failed),
-not measurable; arrows mark a censored side.</p>
+not measurable; arrows mark a censored side. A drift hypothesis is decided only where
+its two drift scales (each unit's width, the layer's first-record width) agree: each
+p-value is the larger of the two, and its row says "scales disagree" where they read
+differently.</p>
 {forest_html}
 <h2>Checks</h2>
 {_checks_html(checks)}

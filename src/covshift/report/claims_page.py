@@ -18,6 +18,7 @@ from typing import Any
 from covshift.experiments.claims import INTERVAL_METHOD
 from covshift.experiments.config import ExperimentConfig
 from covshift.experiments.experiment_summary import json_safe
+from covshift.experiments.scale_check import scales_disagree
 from covshift.report.claim_figures import claim_figure, describe_statistic
 from covshift.report.figures import save_figure
 
@@ -70,10 +71,27 @@ def claims_table_html(results: Sequence[dict[str, Any]], link: str | None = None
         rows.append(
             f"<tr><td>{name}</td><td>{html.escape(r['text'])}</td>"
             f'<td class="num">{_num(r["estimate"])}</td><td class="num">{fmt_interval(r)}</td>'
-            f'<td class="num">{r["seeds"]}</td><td>{_verdict(r)}</td></tr>'
+            f'<td class="num">{r["seeds"]}</td><td>{_verdict(r)}{_marks(r)}</td></tr>'
         )
     head = "<tr><th>claim</th><th>text</th><th>estimate</th><th>95% interval</th><th>seeds</th>"
     return f"<table>{head}<th>verdict</th></tr>{''.join(rows)}</table>"
+
+
+def _marks(result: dict[str, Any]) -> str:
+    """What qualifies a verdict in the table: units left out, a censored side, two
+    drift scales that read differently."""
+    marks = []
+    if result.get("excluded_units"):
+        marks.append(f"{result['excluded_units']} of {result.get('units')} units excluded")
+    if (result.get("censored") or {}).get("censored"):
+        marks.append(f"censored {result['censored'].get('side')}")
+    if scales_disagree(result):
+        other = result["other_scale"]
+        marks.append(
+            f"scales disagree: {result['verdict_own_scale']} here, {other['verdict']} in "
+            f"{str(other['metric']).split('/')[0]}"
+        )
+    return "".join(f"<br><small>{html.escape(m)}</small>" for m in marks)
 
 
 def _anchor(result: dict[str, Any]) -> str:
