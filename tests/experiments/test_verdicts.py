@@ -185,6 +185,40 @@ def test_combined_verdict_over_slices(tmp_path: Path) -> None:
     )
 
 
+def test_combined_verdict_names_the_slices_it_could_not_judge(tmp_path: Path) -> None:
+    config, points = _grid(tmp_path, TWO)
+    rng = np.random.default_rng(4)
+    table = {}
+    for p in points:  # BN helps at every rate
+        bn = 0.1 if p.network == "bn" else 0.0
+        table[p.id] = numbers({0: 0.0, 100: 0.6 + bn + rng.normal(0, 0.005)})
+    results = judge_claims(config, "e", points, table)
+    hypotheses = [r for r in results if r.id == "bn-better"]
+    assert [r.verdict for r in hypotheses] == ["supported"] * 4
+    (combined,) = combine_slices(results)
+    assert combined["combined"] == "supported at every optimizer.lr"
+    # a failed control at two rates: "every" is every rate that could be judged
+    for r in hypotheses[:2]:
+        r.verdict = "not interpretable"
+    hypotheses[2].verdict = "inconclusive"
+    (combined,) = combine_slices(results)
+    assert combined["combined"] == (
+        "depends on optimizer.lr: supported at lr=6.4 only, inconclusive at lr=1.6; "
+        "not interpretable at lr=0.1, lr=0.4"
+    )
+    assert [x["verdict"] for x in combined["slices"]] == [
+        "not interpretable",
+        "not interpretable",
+        "inconclusive",
+        "supported",
+    ]
+    hypotheses[2].verdict = "supported"
+    (combined,) = combine_slices(results)
+    assert combined["combined"] == (
+        "supported at every optimizer.lr judged; not interpretable at lr=0.1, lr=0.4"
+    )
+
+
 def test_range_statistic(tmp_path: Path) -> None:
     config, points = _grid(
         tmp_path,

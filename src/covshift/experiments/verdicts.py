@@ -292,11 +292,16 @@ def _guards(check: ClaimResult, check_group: str, hypothesis: ClaimResult, group
     return all(hypothesis.slice.get(k, v) == v for k, v in check.slice.items())
 
 
+_JUDGED = ("supported", "contradicted", "inconclusive")
+
+
 def combine_slices(results: Sequence[ClaimResult]) -> list[dict[str, Any]]:
     """For each hypothesis judged on several slices: do the slices agree?
     ``supported at every ...``, ``contradicted at every ...``, ``depends on ...``
     (some supported and some contradicted, or some supported and others not), or
-    ``inconclusive``."""
+    ``not established at any ...``, over the slices that could be judged; the slices
+    that could not (not interpretable, not measurable, not measured) are named after
+    it, so that "every" never hides them."""
     by: dict[tuple[str, str], list[ClaimResult]] = {}
     for r in results:
         if r.kind == "hypothesis" and r.slice and r.experiment != "battery":
@@ -306,32 +311,45 @@ def combine_slices(results: Sequence[ClaimResult]) -> list[dict[str, Any]]:
         if len(group) < 2:
             continue
         axes = sorted({k for r in group for k in r.slice})
-        verdicts = [r.verdict for r in group]
         every = " and ".join(axes)
+        every_slice = list(group)
+        unjudged = [r for r in group if r.verdict not in _JUDGED]
+        group = [r for r in group if r.verdict in _JUDGED]
+        verdicts = [r.verdict for r in group]
 
         def at(name: str, group: list[ClaimResult] = group) -> str:
             return ", ".join(r.slice_text for r in group if r.verdict == name)
 
-        if all(v == "supported" for v in verdicts):
-            combined = f"supported at every {every}"
+        if not verdicts:
+            combined = f"judged at no {every}"
+        elif all(v == "supported" for v in verdicts):
+            combined = f"supported at every {every}" + (" judged" if unjudged else "")
         elif all(v == "contradicted" for v in verdicts):
-            combined = f"contradicted at every {every}"
+            combined = f"contradicted at every {every}" + (" judged" if unjudged else "")
         elif "supported" in verdicts and "contradicted" in verdicts:
             combined = (
                 f"depends on {every}: supported at {at('supported')}, "
                 f"contradicted at {at('contradicted')}"
             )
+            if "inconclusive" in verdicts:
+                combined += f", inconclusive at {at('inconclusive')}"
         elif "supported" in verdicts or "contradicted" in verdicts:
             shown = "supported" if "supported" in verdicts else "contradicted"
-            combined = f"depends on {every}: {shown} at {at(shown)} only, not elsewhere"
+            combined = (
+                f"depends on {every}: {shown} at {at(shown)} only, "
+                f"inconclusive at {at('inconclusive')}"
+            )
         else:
             combined = f"not established at any {every}"
+        for name in dict.fromkeys(r.verdict for r in unjudged):
+            where = ", ".join(r.slice_text for r in unjudged if r.verdict == name)
+            combined += f"; {name} at {where}"
         out.append(
             {
                 "experiment": experiment,
                 "id": claim_id,
                 "axes": axes,
-                "slices": [{"slice": r.slice_text, "verdict": r.verdict} for r in group],
+                "slices": [{"slice": r.slice_text, "verdict": r.verdict} for r in every_slice],
                 "combined": combined,
             }
         )
