@@ -14,6 +14,7 @@ from scipy import stats
 from covshift.experiments import expand_grid, load_config
 from covshift.experiments.claim_spec import ClaimSpec
 from covshift.experiments.claims import evaluate_claims
+from covshift.experiments.metric_paths import FLOOR
 from covshift.experiments.numbers import PointNumbers, load_numbers
 from covshift.experiments.scale_check import other_scale_metric, scale_twin, scales_disagree
 from covshift.probe.figures import Figure
@@ -60,7 +61,8 @@ def test_the_other_scale_of_each_metric() -> None:
     assert other_scale_metric("drift_layer/hidden.2.act@train") == "drift/hidden.2.act@train"
     assert other_scale_metric("fluct/mean:blocks.*") == "fluct_layer/mean:blocks.*"
     assert other_scale_metric("fluct_layer/last") == "fluct/last"
-    for path in ("floor/head", "test_accuracy/final", "drift", "log10/test_loss/final", None):
+    assert other_scale_metric("floor/head") == "floor_layer/head"
+    for path in ("test_accuracy/final", "drift", "log10/test_loss/final", None):
         assert other_scale_metric(path) is None
 
 
@@ -80,12 +82,17 @@ def test_which_claims_have_a_twin() -> None:
     assert twin is not None and twin.metric == "drift_layer/head" and twin.rule == "less"
     twin = scale_twin(_claim(metric="fluct/last", baseline_metric="fluct/first"))
     assert twin is not None and twin.baseline_metric == "fluct_layer/first"
-    # a check tests the instrument in its own unit; a value or margin is in that unit;
-    # a baseline that is not a drift (the noise floor) has no layer-scale twin here
-    assert scale_twin(_claim(kind="check", margin_reason="a check")) is None
+    # a check of the same form too: the drift above its noise floor in both scales
+    twin = scale_twin(_claim(kind="check", baseline_metric="floor/head", baseline=None))
+    assert twin is not None and twin.kind == "check"
+    assert (twin.metric, twin.baseline_metric) == ("drift_layer/head", "floor_layer/head")
+    # a value or margin is in the claim's unit; a floor is no claim's own metric; a
+    # baseline that is no drift has no twin
     assert scale_twin(_claim(value=0.5, margin_reason="half a width")) is None
     assert scale_twin(_claim(margin=0.1, margin_reason="a tenth")) is None
-    assert scale_twin(_claim(baseline_metric="floor/head", baseline=None)) is None
+    assert scale_twin(_claim(rule="within", margin=1e-6, margin_reason="rounding")) is None
+    assert scale_twin(_claim(metric="floor/head")) is None
+    assert scale_twin(_claim(baseline_metric="test_loss/final", baseline=None)) is None
     assert scale_twin(_claim(metric="test_accuracy/final")) is None
 
 
@@ -208,6 +215,9 @@ def test_layer_scale_fluctuation_from_the_store(tmp_path: Path) -> None:
         run_id = store.start_run("r", config={"point": {"model": {"norm": "none"}}})
         for r, q in enumerate(quantiles):
             store.log_probe(run_id, 10 * r, "hidden.0.linear", {"quantiles": q})
+        second = [np.sort(q + rng.normal(0, 0.03, q.shape), axis=0) for q in quantiles]
+        for r in (0, records - 1):  # the noise floor's second batch, first and last record
+            store.log_probe(run_id, 10 * r, "hidden.0.linear" + FLOOR, {"quantiles": second[r]})
         store.finish_run(run_id, "finished")
         numbers = load_numbers(store, store.run(run_id))
     q = np.stack(quantiles)  # (R, Q, U)
@@ -217,18 +227,25 @@ def test_layer_scale_fluctuation_from_the_store(tmp_path: Path) -> None:
     assert numbers.value("fluct_layer/hidden.0.linear") == pytest.approx(np.mean(steps))
     assert numbers.value("drift_layer/hidden.0.linear") == pytest.approx(drift)
     assert numbers.value("fluct/hidden.0.linear") != pytest.approx(np.mean(steps))
+    floor = np.mean([np.abs(second[r] - q[r]).mean(axis=0).mean() / s0 for r in (0, records - 1)])
+    assert numbers.value("floor_layer/hidden.0.linear") == pytest.approx(floor)
+    assert numbers.value("floor/hidden.0.linear") != pytest.approx(floor)
 
 
 def test_the_battery_presets_twins() -> None:
-    """Every drift hypothesis of the battery's presets has its twin; no check has one."""
+    """Every drift claim of the battery's presets whose rule is a sign has its twin,
+    hypothesis or check; the frozen layers' exact zero (a margin) has none."""
     twins = {}
     for name in ("shift-causes", "depth", "santurkar2018", "transformer-shift"):
         for claim in load_config(name, size="quick").claims:
             twin = scale_twin(claim)
             drift = claim.metric.split("/")[0] in ("drift", "drift_layer", "fluct")
-            assert (twin is not None) == (drift and claim.kind == "hypothesis"), claim.id
+            assert (twin is not None) == (drift and claim.rule != "within"), claim.id
             if twin is not None:
                 twins[claim.id] = twin.metric
+    assert "control-zero" not in twins
+    assert twins["exists-head"] == "drift_layer/head"
+    assert twins["noise-visible"] == "fluct_layer/last@train"
     assert twins["cause-layer2"] == "drift_layer/head"
     assert twins["drift-grows-along-layers"] == "drift_layer/*"  # a layer trend
     assert twins["depth-amplifies-layer-scale"] == "drift/last"

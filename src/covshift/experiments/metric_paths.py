@@ -25,7 +25,8 @@ A metric path is ``/``-separated:
 - ``floor/<layer>``: the measurement's noise floor, the same drift formula between
   two different probe batches at the same weights (``probe.noise_floor``): mean over
   the first and last probe steps of ``(1/U) sum_u (1/|Q|) sum_q |Q^B_{u,q} - Q^A_{u,q}|
-  / w_u`` with the drift's own widths ``w_u``;
+  / w_u`` with the drift's own widths ``w_u``; ``floor_layer/<layer>`` in units of the
+  layer's first-record width, the floor of ``drift_layer``;
 - ``ics_cos/<layer>``, ``ics_l2/<layer>``, ``ics_rel/<layer>``: gradient ICS
   (Santurkar et al. 2018, Def. 2.1) of a weight layer, ``cos(G, G')``, ``||G - G'||``
   and ``||G - G'|| / ||G||`` (the relative form, which does not grow with the
@@ -95,7 +96,11 @@ ICS_STATS = {"ics_cos": "grad_ics_cos", "ics_l2": "grad_ics_l2", "ics_rel": "gra
 SMOOTHNESS = ("loss_range", "grad_predictiveness", "beta_smoothness")
 BATCH_FIGURES = ("design_effect", "mean_sd", "var_cv")  # batch_stats/<figure>/<layer>
 # the layer-scale heads and the figure each measures in the layer's first-record width
-LAYER_SCALE: dict[str, Literal["drift", "fluct"]] = {"drift_layer": "drift", "fluct_layer": "fluct"}
+LAYER_SCALE: dict[str, Literal["drift", "fluct", "floor"]] = {
+    "drift_layer": "drift",
+    "fluct_layer": "fluct",
+    "floor_layer": "floor",
+}
 
 
 @dataclass(frozen=True)
@@ -135,7 +140,7 @@ def parse_metric(path: str) -> MetricPath:
     """Parse a metric path; ``ValueError`` with what is accepted when it is malformed."""
     accepted = (
         "accepted: <series>/<step|final|max|min>, drift/<layer>, drift_layer/<layer>, "
-        "fluct/<layer>, fluct_layer/<layer>, floor/<layer>, "
+        "fluct/<layer>, fluct_layer/<layer>, floor/<layer>, floor_layer/<layer>, "
         "ics_cos/<layer|mean>, ics_l2/<layer|mean>, ics_rel/<layer|mean>, smooth/<figure>, "
         "steps_to/<series>/<target>, reach/<series>/<target>, rise/<series>/<fraction>, "
         "grad_norm/<step>/<layer>, batch_stats/<figure>/<layer|mean>, "
@@ -153,7 +158,7 @@ def parse_metric(path: str) -> MetricPath:
         return MetricPath("log10", inner=inner)
     if path == "diverged":
         return MetricPath("diverged")
-    if head in ("drift", "floor", "fluct", "drift_layer", "fluct_layer"):
+    if head in ("drift", "floor", "fluct", *LAYER_SCALE):
         if not rest:
             raise ValueError(f"metric {path!r}: {head} needs a layer ({head}/hidden.2.act)")
         if head in LAYER_SCALE:

@@ -200,7 +200,7 @@ class PointNumbers:
             return math.log10(inner) if inner is not None and inner > 0 else None
         if m.kind == "diverged":
             return 1.0 if self.diverged else 0.0
-        if m.kind in ("drift", "fluct") and m.scale == "layer":
+        if m.kind in ("drift", "fluct", "floor") and m.scale == "layer":
             figure = self.figures.get((_figure_name(m), self.layer(m.layer or "")))
             return figure.value if figure is not None else None
         if m.kind == "drift":
@@ -368,6 +368,9 @@ def load_numbers(
         if layer + FLOOR in layers:
             f_steps, f_q, f_sat = _layer_records(store, run.id, layer + FLOOR, False)
             figures["floor"] = floor_figure(q, steps, f_q, f_steps, sat, f_sat, activation=kind)
+            figures["floor_layer"] = floor_figure(
+                q, steps, f_q, f_steps, sat, f_sat, activation=kind, scale="layer"
+            )
         for name, figure in figures.items():
             numbers.figures[(name, layer)] = figure
         numbers.drift[layer] = figures["drift"].value

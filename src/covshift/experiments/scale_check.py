@@ -24,9 +24,12 @@ means the same in either unit) is judged under both scales as an intersection-un
 test: its p-value on each side is the larger of the two scales' p-values (Berger 1982,
 Technometrics 24: rejecting only where every component test rejects keeps the level).
 It is supported, or contradicted, only where both scales are. The estimate and interval
-stay in the claim's own scale; the other scale's are in ``other_scale``. Checks keep
-their one scale: they test the instrument, and their rules (a floor, exactly zero) are
-in the claim's unit.
+stay in the claim's own scale; the other scale's are in ``other_scale``. A check of the
+same form (a drift above its noise floor, ``exists-*``; noisy BN's fluctuation above
+BN's) passes only where it passes in both scales, so that the instrument is shown to
+resolve the drift in the scale every hypothesis is also read in; the noise floor has
+both scales (``floor/``, ``floor_layer/``). A rule with a value or a margin keeps its
+one scale: they are in the claim's unit (a frozen layer's drift within 1e-6 of 0).
 """
 
 from __future__ import annotations
@@ -44,12 +47,15 @@ _OTHER_SCALE = {
     "drift_layer": "drift",
     "fluct": "fluct_layer",
     "fluct_layer": "fluct",
+    "floor": "floor_layer",
+    "floor_layer": "floor",
 }
+_MEASURED = ("drift", "drift_layer", "fluct", "fluct_layer")  # a claim's own metric
 
 
 def other_scale_metric(path: str | None) -> str | None:
-    """``path`` with a drift's or fluctuation's scale swapped (``drift/head`` ->
-    ``drift_layer/head`` and back); None for any other metric."""
+    """``path`` with a drift's, fluctuation's or noise floor's scale swapped
+    (``drift/head`` -> ``drift_layer/head`` and back); None for any other metric."""
     if not path:
         return None
     head, sep, rest = path.partition("/")
@@ -58,12 +64,13 @@ def other_scale_metric(path: str | None) -> str | None:
 
 
 def scale_twin(claim: ClaimSpec) -> ClaimSpec | None:
-    """The same hypothesis read in the other scale, or None where the rule does not
-    apply: a check, a rule with a value or a margin (they are in the claim's unit), or
-    a metric (or baseline metric) that is not a drift or a fluctuation."""
-    if claim.kind != "hypothesis" or claim.rule not in ("greater", "less"):
+    """The same claim (hypothesis or check) read in the other scale, or None where the
+    rule does not apply: a rule with a value or a margin (they are in the claim's
+    unit: a frozen layer's drift within 1e-6 of 0), or a metric that is not a drift or
+    a fluctuation, or a baseline metric that is not one of those or a noise floor."""
+    if claim.rule not in ("greater", "less") or claim.value != 0.0 or claim.margin != 0.0:
         return None
-    if claim.value != 0.0 or claim.margin != 0.0:
+    if claim.metric.split("/")[0] not in _MEASURED:
         return None
     metric = other_scale_metric(claim.metric)
     if metric is None:
