@@ -327,6 +327,12 @@ def test_correlation_without_trained_pairs_is_not_measured() -> None:
     (combined,) = shift_speed_correlation(pairs, range(3))
     assert combined.verdict == "not measured"
     assert "0 such pairs of 15" in combined.reason
+    # every pair reaches the target at the same evaluation: no spread, no correlation,
+    # and the reason says so (not that too few pairs train)
+    tied = [_pair("a", s, float(i), 0.0) for s in range(3) for i in range(5)]
+    combined, stratum = shift_speed_correlation(tied, range(3))
+    assert combined.verdict == stratum.verdict == "not measured"
+    assert "a: 15 pairs, every speed-up +0 (both networks of every pair reach" in combined.reason
 
 
 def test_attribution_matrix(tmp_path: Path) -> None:

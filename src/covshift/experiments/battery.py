@@ -227,6 +227,19 @@ def _rho(pairs: Sequence[dict[str, Any]]) -> float | None:
     return float(scipy_stats.spearmanr(xs, ys).statistic)
 
 
+def _why_no_rho(pairs: Sequence[dict[str, Any]]) -> str:
+    """Why a stratum has no rank correlation, in words."""
+    if len(pairs) < MIN_PAIRS:
+        return f"{len(pairs)} pairs (a correlation needs {MIN_PAIRS})"
+    speedups = {p["speedup"] for p in pairs}
+    if len(speedups) == 1:
+        return (
+            f"{len(pairs)} pairs, every speed-up {next(iter(speedups)):+g} (both networks "
+            "of every pair reach the target at the same evaluation)"
+        )
+    return f"{len(pairs)} pairs, every drift reduction the same"
+
+
 def _combined(strata: dict[str, list[dict[str, Any]]]) -> float | None:
     """``tanh`` of the (n - 3)-weighted mean of ``atanh(rho)`` over the strata that
     have a correlation."""
@@ -324,9 +337,11 @@ def _correlation_result(
     result.data = {str(s): {"pairs": len(v)} for s, v in _by(pairs, "seed").items()}
     if estimate is None:
         result.verdict = result.verdict_unadjusted = "not measured"
+        why = "; ".join(f"{k}: {_why_no_rho(v)}" for k, v in sorted(strata.items()))
         result.reason = (
             f"no preset has {MIN_PAIRS} or more pairs in which both networks reach the target "
-            f"({len(pairs)} such pairs of {all_pairs})"
+            f"with speed-ups and drift reductions that vary ({len(pairs)} such pairs of "
+            f"{all_pairs}{'; ' + why if why else ''})"
         )
         return result
     result.estimate = estimate
