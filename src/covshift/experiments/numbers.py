@@ -50,7 +50,7 @@ def _quiet() -> np.errstate:
 
 def _figure_name(m: MetricPath) -> str:
     """The key of a drift, fluctuation or floor in :attr:`PointNumbers.figures`:
-    ``drift_layer`` and ``fluct_layer`` for the layer scale."""
+    ``drift_layer``, ``fluct_layer`` and ``floor_layer`` for the layer scale."""
     return f"{m.kind}_layer" if m.scale == "layer" else m.kind
 
 

@@ -38,19 +38,15 @@ from typing import Any
 
 from covshift.experiments.claim_result import ClaimResult
 from covshift.experiments.claim_spec import ClaimSpec
+from covshift.experiments.metric_paths import LAYER_SCALE
 from covshift.experiments.verdicts import decide_unadjusted
 
 __all__ = ["apply_other_scale", "other_scale_metric", "scale_twin", "scales_disagree"]
 
-_OTHER_SCALE = {
-    "drift": "drift_layer",
-    "drift_layer": "drift",
-    "fluct": "fluct_layer",
-    "fluct_layer": "fluct",
-    "floor": "floor_layer",
-    "floor_layer": "floor",
-}
-_MEASURED = ("drift", "drift_layer", "fluct", "fluct_layer")  # a claim's own metric
+# each head to its other scale, both ways, from the metric paths' own pairing
+_OTHER_SCALE = {**LAYER_SCALE, **{unit: layer for layer, unit in LAYER_SCALE.items()}}
+# what a claim's own metric may be (a floor is only ever a baseline)
+_MEASURED = tuple(h for h in _OTHER_SCALE if not h.startswith("floor"))
 
 
 def other_scale_metric(path: str | None) -> str | None:
