@@ -33,6 +33,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from covshift.experiments.claim_result import verdict_p_adjusted
+from covshift.experiments.scale_check import scales_disagree
+
 DASH = "–"
 TABLE_HEAD = (
     "| claim | kind | estimate | 95% interval | p | p (Holm) | verdict | unadjusted |\n"
@@ -161,13 +164,6 @@ def fmt_p(p: float | None) -> str:
     return f"{p:.1e}" if 0 < p < 1e-4 else f"{p:.2g}"
 
 
-def holm_p(result: Result) -> float | None:
-    """The adjusted p-value of the verdict's side (the claim's, unless contradicted)."""
-    if result["verdict"] == "contradicted":
-        return result.get("p_adjusted_contradict")
-    return result.get("p_adjusted")
-
-
 def verdict_cell(result: Result) -> str:
     """The verdict, bold where decisive, with the units left out as degenerate."""
     verdict = result["verdict"]
@@ -175,9 +171,8 @@ def verdict_cell(result: Result) -> str:
     excluded, units = result.get("excluded_units"), result.get("units")
     if excluded and units:
         text += f" ({excluded}/{units} units excluded)"
-    own, other = result.get("verdict_own_scale"), result.get("other_scale")
-    decided = {"supported", "contradicted"}
-    if other and own is not None and own != other["verdict"] and {own, other["verdict"]} & decided:
+    if scales_disagree(result):
+        own, other = result["verdict_own_scale"], result["other_scale"]
         scale = other["metric"].split("/")[0]
         text += f" (scales disagree: {own} here, {other['verdict']} in {scale})"
     return text
@@ -193,7 +188,7 @@ def result_row(result: Result) -> str:
         fmt_value(result.get("estimate")),
         fmt_interval(result.get("interval")),
         fmt_p(result.get("p_value")),
-        DASH if check else fmt_p(holm_p(result)),
+        DASH if check else fmt_p(verdict_p_adjusted(result)),
         verdict_cell(result),
         unadjusted,
     ]

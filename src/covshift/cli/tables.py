@@ -6,6 +6,7 @@ from typing import Any
 
 from rich.table import Table
 
+from covshift.experiments.claim_result import verdict_p_adjusted
 from covshift.experiments.config import ExperimentConfig
 from covshift.experiments.grid import format_axes
 from covshift.experiments.scale_check import scales_disagree
@@ -103,9 +104,7 @@ def claims_table(summary: dict[str, Any]) -> Table:
         where = f" [{c['slice_text']}]" if c["slice_text"] else ""
         interval = f"[{c['interval'][0]:.4g}, {c['interval'][1]:.4g}]" if c["interval"] else "-"
         estimate = f"{c['estimate']:.4g}" if c["estimate"] is not None else "-"
-        adjusted = c.get("p_adjusted")
-        if c["verdict"] == "contradicted":
-            adjusted = c.get("p_adjusted_contradict")
+        adjusted = verdict_p_adjusted(c)
         p = f"{adjusted:.2g}" if adjusted is not None else "-"
         style = _VERDICT_STYLE.get(c["verdict"], "")
         verdict = c["verdict"] + (": one seed" if c["reason"].startswith("one seed") else "")

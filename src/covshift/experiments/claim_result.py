@@ -113,3 +113,13 @@ class ClaimResult:
         extra = out.pop("extra")
         out.update(extra)
         return out
+
+
+def verdict_p_adjusted(result: dict[str, Any]) -> float | None:
+    """The adjusted p-value behind a result's verdict (its JSON object): the
+    contradicting side's (``p_adjusted_contradict``) for a contradicted hypothesis,
+    the claim's own (``p_adjusted``) otherwise; None where there is none (checks,
+    results without an interval, files written before the battery adjusted)."""
+    if result.get("verdict") == "contradicted":
+        return result.get("p_adjusted_contradict")
+    return result.get("p_adjusted")

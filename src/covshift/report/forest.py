@@ -22,6 +22,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 
+from covshift.experiments.claim_result import verdict_p_adjusted
 from covshift.experiments.scale_check import scales_disagree
 from covshift.report.figures import save_figure
 
@@ -122,7 +123,7 @@ def _numbers(r: dict[str, Any]) -> str:
     text = _fmt(r["estimate"])
     if r["interval"] is not None:
         text += f" [{_fmt(r['interval'][0])}, {_fmt(r['interval'][1])}]"
-    p = r["p_adjusted_contradict"] if r["verdict"] == "contradicted" else r.get("p_adjusted")
+    p = verdict_p_adjusted(r)
     if p is not None:
         text += f"  p adj {p:.2g}"
     marks = []
