@@ -394,3 +394,25 @@ rule = "greater"
     assert r["verdict"] == "inconclusive"
     (r,) = evaluate_claims(config, "e", points, table(None))  # every seed measured
     assert r["estimate"] == pytest.approx(50)
+
+
+@pytest.mark.parametrize("status", ["running", "interrupted", "failed"])
+def test_a_run_that_has_not_ended_answers_no_metric(status: str) -> None:
+    """Its curves are a prefix: no final value, no drift, and not "did not diverge"."""
+    found = numbers({20: 0.4, 40: 0.6}, status=status, drift=0.5)
+    assert not found.complete
+    for metric in (
+        "test_accuracy/final",
+        "test_accuracy/20",
+        "drift/hidden.0.act",
+        "steps_to/test_accuracy/0.5",
+        "diverged",
+        "log10/test_loss/final",
+    ):
+        assert found.value(metric) is None, metric
+    headline = found.headline((20,))
+    assert headline["status"] == status and headline["final_step"] == 40
+    assert headline["test_accuracy"] == {"20": None, "final": None} and headline["drift"] == {}
+    done = numbers({20: 0.4, 40: 0.6}, status="finished", drift=0.5)
+    assert done.complete and done.value("test_accuracy/final") == 0.6
+    assert done.value("diverged") == 0.0

@@ -15,7 +15,7 @@ from covshift.experiments.backends import InlineBackend
 from covshift.report import write_report
 from covshift.store import Store
 
-from .helpers import SMALL_SWEEP, sweep_file
+from .helpers import SMALL_SWEEP, covshift, sweep_file
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +121,71 @@ def test_drift_table_says_which_axis_held_each_layers_units(reported) -> None:
     (first, *_) = store.probe_units(run_id, layer)
     assert first.dim == 1 and first.source in ("layer", "producer")  # an MLP's features
     assert f"axis 1 ({first.source})</span>" in index
+
+
+def _copy_with_one_run_cut_short(store: Store, point: str, dest: Path) -> Path:
+    """A copy of ``store`` in which ``point``'s run was interrupted after its first
+    evaluation: status ``interrupted``, scalars and probe records after it removed
+    (what a killed run leaves behind)."""
+    import sqlite3
+
+    target = sqlite3.connect(dest)
+    source = sqlite3.connect(store.path)
+    source.backup(target)
+    source.close()
+    run_id = target.execute("SELECT id FROM runs WHERE point = ?", (point,)).fetchone()[0]
+    first = target.execute(
+        "SELECT MIN(step) FROM scalars WHERE run_id = ? AND name = 'test_accuracy' AND step > 0",
+        (run_id,),
+    ).fetchone()[0]
+    target.execute("DELETE FROM scalars WHERE run_id = ? AND step > ?", (run_id, first))
+    target.execute("DELETE FROM probe_records WHERE run_id = ? AND step > ?", (run_id, first))
+    target.execute(
+        "UPDATE runs SET status = 'interrupted', last_step = ? WHERE id = ?", (first, run_id)
+    )
+    target.commit()
+    target.close()
+    return dest
+
+
+def test_a_run_that_has_not_finished_gives_no_number(reported, tmp_path: Path) -> None:
+    """An interrupted run holds a prefix of its curves: its last evaluation is not its
+    final accuracy, nor its last record the end of its drift. The tables, the CSV and
+    the claims leave it out (the claim judged on the seeds that finished) and the
+    report says so, where before the prefix was read as the run's result."""
+    store, config, experiment, summary, _ = reported
+    cut = next(p for p in summary["points"] if p["network"] == "bn" and p["seed"] == 1)
+    copy = _copy_with_one_run_cut_short(store, cut["point"], tmp_path / "cut.db")
+    with Store(copy, create=False) as short:
+        again = summarize(short, experiment, config)
+        index = write_report(short, experiment, config, again, tmp_path / "rep")
+    row = next(p for p in again["points"] if p["point"] == cut["point"])
+    assert row["status"] == "interrupted" and not row["complete"]
+    assert row["test_accuracy"]["final"] is None and row["drift"] == {}
+    assert again["grid"]["unfinished"] == 1
+
+    # The claim compares bn with plain per seed at each lr: seed 1 at this lr is gone.
+    lr = cut["axes"]["optimizer.lr"]
+    before = next(c for c in summary["claims"] if c["slice"] == {"optimizer.lr": lr})
+    after = next(c for c in again["claims"] if c["slice"] == {"optimizer.lr": lr})
+    assert sorted(before["per_seed"]) == ["0", "1"]
+    assert list(after["per_seed"]) == ["0"]
+    assert after["seeds"] == 1
+    seed0 = next(
+        p
+        for p in summary["points"]
+        if p["network"] == "bn" and p["seed"] == 0 and p["axes"] == cut["axes"]
+    )
+    cell = next(c for c in again["cells"] if c["network"] == "bn" and c["axes"] == cut["axes"])
+    assert cell["test_accuracy"]["final"] == seed0["test_accuracy"]["final"]
+
+    page = index.read_text()
+    assert "1 of 12 points have not finished (1 interrupted)" in page
+    assert f"covshift run --resume {experiment}" in page
+    with (tmp_path / "rep" / "points.csv").open() as f:
+        rows = {r["point"]: r for r in csv.DictReader(f)}
+    assert rows[cut["point"]]["status"] == "interrupted"
+    assert rows[cut["point"]]["test_accuracy_final"] == ""
+    shown = covshift("report", experiment, "--db", str(copy), "--out", "again", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "1 of 12 points have not finished (1 interrupted)" in " ".join(shown.stderr.split())

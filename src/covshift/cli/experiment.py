@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from covshift.cli.app import (
     AddressOption,
@@ -114,7 +115,12 @@ def run(
     """
     from covshift.cli.tables import claims_table, plan_table, summary_table
     from covshift.experiments.costs import format_seconds
-    from covshift.experiments.experiment_summary import json_safe, stored_config, summarize
+    from covshift.experiments.experiment_summary import (
+        json_safe,
+        stored_config,
+        summarize,
+        unfinished_note,
+    )
     from covshift.experiments.members import recorded_batches
     from covshift.experiments.planner import describe_plan, plan_members
     from covshift.experiments.preflight import preflight
@@ -243,5 +249,8 @@ def run(
     unfinished = [o for o in result.outcomes if o.status in ("failed", "busy")]
     for o in unfinished:
         err_console.print(f"[red]{o.status}[/]: point {o.point}: {o.error}", highlight=False)
+    note = unfinished_note(summary, plan.experiment_id, store.path)
+    if note:
+        err_console.print(f"[yellow]Note:[/] {escape(note)}", highlight=False)
     if any(o.status == "failed" for o in result.outcomes):
         raise typer.Exit(1)  # the report holds what was measured; a point did not train

@@ -9,9 +9,10 @@ from typing import Annotated, Any
 
 import numpy as np
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from covshift.cli.app import DbOption, existing_store, out_console, report_dir
+from covshift.cli.app import DbOption, err_console, existing_store, out_console, report_dir
 from covshift.experiments.config_files import load_config, preset_names
 from covshift.store import DEFAULT_DB, Event, RunInfo
 
@@ -150,7 +151,7 @@ def report(
 
     Example: covshift report ioffe2015-3f2a9c1b
     """
-    from covshift.experiments.experiment_summary import stored_config, summarize
+    from covshift.experiments.experiment_summary import stored_config, summarize, unfinished_note
     from covshift.report import write_report
 
     with existing_store(db) as store:
@@ -159,4 +160,7 @@ def report(
         index = write_report(
             store, experiment, config, summary, report_dir(store.path, experiment, out)
         )
+        note = unfinished_note(summary, experiment, store.path)
+    if note:
+        err_console.print(f"[yellow]Note:[/] {escape(note)}", highlight=False)
     out_console.print(f"Report: {index}")

@@ -189,7 +189,7 @@ def battery_pairs(
         if twin is None:
             continue
         a, b = numbers[p.id], numbers[twin.id]
-        if a.run is None or b.run is None:
+        if not (a.complete and b.complete):
             continue
         layers = [x for x in b.layers() if x in a.drift]
         d_norm, d_bare = _mean_drift(a, layers), _mean_drift(b, layers)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -73,6 +74,13 @@ def _why_not_measured(
     mine = [p for p in points if p.network in claim.networks]
     if not any(numbers[p.id].run is not None for p in mine):
         return "no seed has a value: the claim's points have not been run"
+    if not any(numbers[p.id].complete for p in mine):
+        open_runs = Counter(numbers[p.id].status for p in mine if numbers[p.id].run is not None)
+        states = ", ".join(f"{n} {status}" for status, n in sorted(open_runs.items()))
+        return (
+            f"no seed has a value: none of the claim's points has finished ({states}); "
+            "the command that recorded them resumes them"
+        )
     longest = max(p.spec.steps for p in mine)
     for path in (claim.metric, claim.baseline_metric):
         metric = parse_metric(path) if path else None

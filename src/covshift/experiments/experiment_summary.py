@@ -21,7 +21,7 @@ import numpy as np
 from covshift.experiments.claims import evaluate_claims
 from covshift.experiments.config import ConfigError, ExperimentConfig
 from covshift.experiments.grid import Point, expand_grid, format_axes
-from covshift.experiments.numbers import PointNumbers, load_numbers
+from covshift.experiments.numbers import COMPLETE_STATUSES, PointNumbers, load_numbers
 from covshift.probe.shift_metrics import unit_quantile_drift
 from covshift.store import Store
 
@@ -31,6 +31,7 @@ __all__ = [
     "stored_config",
     "summarize",
     "typical_unit",
+    "unfinished_note",
     "write_points_csv",
 ]
 
@@ -144,6 +145,7 @@ def summarize(
             "seeds": len(config.seeds),
             "points": len(points),
             "status": dict(Counter(r["status"] for r in rows)),
+            "unfinished": sum(1 for r in rows if r["run_id"] is not None and not r["complete"]),
         },
         "claims": evaluate_claims(config, experiment_id, points, numbers),
         "cells": cell_list,
@@ -152,6 +154,27 @@ def summarize(
     if not config.sweep:  # one cell per network: keyed by network, as before sweeps
         summary["networks"] = {c["network"]: c for c in cell_list}
     return summary
+
+
+def unfinished_note(summary: dict[str, Any], experiment_id: str, store_path: Path) -> str | None:
+    """What a report must say when some points' runs have not ended (running,
+    interrupted, failed): they are left out of every number, and how to complete them;
+    None when every recorded run has ended."""
+    grid = summary["grid"]
+    if not grid.get("unfinished"):
+        return None
+    open_states = {
+        status: n
+        for status, n in grid["status"].items()
+        if status not in COMPLETE_STATUSES and status != "not started"
+    }
+    states = ", ".join(f"{n} {status}" for status, n in sorted(open_states.items()))
+    return (
+        f"{grid['unfinished']} of {grid['points']} points have not finished ({states}): "
+        "their numbers are left out of the tables and claims, which use the finished "
+        f"seeds only; `covshift run --resume {experiment_id} --db {store_path}` "
+        "completes them"
+    )
 
 
 def json_safe(value: Any) -> Any:

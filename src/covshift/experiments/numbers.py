@@ -34,8 +34,10 @@ from covshift.probe.layer_gradients import GRAD_NORM_STAT
 from covshift.probe.select import glob_match
 from covshift.store import RunInfo, Store
 
-__all__ = ["PointNumbers", "Reading", "load_numbers", "probed_layers"]
+__all__ = ["COMPLETE_STATUSES", "PointNumbers", "Reading", "load_numbers", "probed_layers"]
 
+# The statuses of a run that has ended as planned (PointNumbers.complete).
+COMPLETE_STATUSES = ("finished", "diverged")
 MEAN = "mean"  # drift/mean, drift/mean:<glob>: the mean over probed layers
 SMOOTHNESS_LAYER = "(model)"  # the layer name of smoothness records (SmoothnessMonitor)
 MEASURED = {"grad_ics_cos", "grad_ics_l2", *SMOOTHNESS, *BATCH_STATS.values()}
@@ -120,6 +122,15 @@ class PointNumbers:
         return self.run.status if self.run is not None else "not started"
 
     @property
+    def complete(self) -> bool:
+        """Whether the point's run has ended as planned: ``finished``, or ``diverged``
+        (stopped by the divergence rule, which is an outcome). A ``running``,
+        ``interrupted`` or ``failed`` run holds a prefix of its curves and records, so
+        its "final" accuracy or first-to-last drift would be that of an earlier step:
+        it gives no numbers until it is resumed to its end."""
+        return self.run is not None and self.run.status in COMPLETE_STATUSES
+
+    @property
     def diverged(self) -> bool:
         return self.status == "diverged"
 
@@ -133,6 +144,8 @@ class PointNumbers:
         censored one (``reach/``, never reached) only as at least the last evaluation;
         everything else is exact."""
         m = parse_metric(metric) if isinstance(metric, str) else metric
+        if not self.complete:
+            return Reading(None)  # not measured yet (no run, or one that has not ended)
         if m.kind in ("steps_to", "reach"):
             return self._time_to_target(m)
         if m.kind in ("drift", "fluct", "floor") and self.run is not None:
@@ -266,6 +279,7 @@ class PointNumbers:
         bits = {"test_bpb": {"final": self.value("test_bpb/final")}} if text else {}
         return {
             "status": self.status,
+            "complete": self.complete,
             "run_id": self.run.id if self.run is not None else None,
             "diverged_at": self.run.diverged_at if self.run is not None else None,
             "final_step": int(steps[-1]) if len(steps) else 0,
@@ -275,7 +289,7 @@ class PointNumbers:
             },
             "test_loss": {"final": self.value("test_loss/final")},
             **bits,
-            "drift": dict(self.drift),
+            "drift": dict(self.drift) if self.complete else {},
         }
 
 
@@ -323,15 +337,19 @@ def load_numbers(
     Drift, fluctuation and noise floor are computed over the units that are usable at
     the records they compare (:mod:`covshift.probe.figures`): a layer whose units
     collapsed, saturated or died reads "not measurable" with the reason, never a
-    number. A normalized network recorded before the probe used the probe batch's own
-    statistics for norms that had seen no batch has its step-0 record left out (it went
-    through the initial running statistics, not what the network computes)."""
+    number. A run that has not ended (running, interrupted, failed) gives its curves
+    and nothing else (:attr:`PointNumbers.complete`). A normalized network recorded
+    before the probe used the probe batch's own statistics for norms that had seen no
+    batch has its step-0 record left out (it went through the initial running
+    statistics, not what the network computes)."""
     if run is None:
         return PointNumbers(None, planned=planned)
     model = (run.config or {}).get("point", {}).get("model", {})
     activation = _ACTIVATIONS.get(str(model.get("activation")))
     series = {name: store.scalars(run.id, name) for name in SERIES}
     numbers = PointNumbers(run, series, planned=planned)
+    if not numbers.complete:  # its curves are drawn; no figure is read from a prefix
+        return numbers
     layers = store.probe_layers(run.id)
     for layer in layers:
         stats = store.probe_stats(run.id, layer)

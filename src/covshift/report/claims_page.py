@@ -41,6 +41,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: now
 img { max-width: 100%; border: 1px solid #eee; }
 code { background: #f5f5f5; padding: 0 0.2em; }
 section.claim { border-top: 1px solid #ddd; margin-top: 1.5em; }
+p.warning { background: #fff4e5; border-left: 4px solid #b54708; padding: 0.5em 0.8em; }
 """
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from covshift.experiments.config import ExperimentConfig, ModelSpec, OptimizerSpec
-from covshift.experiments.experiment_summary import json_safe, write_points_csv
+from covshift.experiments.experiment_summary import json_safe, unfinished_note, write_points_csv
 from covshift.experiments.grid import format_axes
 from covshift.report.claims_page import CLAIMS_CSS, claims_table_html, write_claims
 from covshift.report.figures import experiment_figure, percentile_panels, save_figure
@@ -200,6 +200,8 @@ def write_report(
         for r in summary["points"]
     ]
     seeds = f"{n_seeds} seed{'s' * (n_seeds > 1)}"
+    note = unfinished_note(summary, experiment_id, store.path)
+    warning = f'<p class="warning">{html.escape(note)}</p>\n' if note else ""
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>{html.escape(config.title)}</title><style>{CLAIMS_CSS}</style></head><body>
@@ -213,7 +215,7 @@ def write_report(
         if config.sweep
         else ""
     }x {seeds}).</p>
-<h2>Claims</h2>
+{warning}<h2>Claims</h2>
 <p>Each claim's statistic is computed per seed and judged by the rule its preset wrote
 down before the run: the details, figures and rules are in
 <a href="claims.html">claims.html</a> (numbers in <a href="claims.json">claims.json</a>).</p>
