@@ -85,6 +85,34 @@ def test_claims_writes_one_report_and_a_second_call_runs_nothing(tmp_path: Path)
     assert _runs(db) == runs
     assert "estimated 0s to run" in second.stdout
 
+    # A point whose run is held by a live process elsewhere (here: this one) has not
+    # ended: the battery leaves its numbers out and both pages say so.
+    import os
+    import socket
+
+    with sqlite3.connect(db) as con:
+        held = con.execute(
+            "SELECT id FROM runs WHERE preset = 'santurkar2018-linear' ORDER BY id LIMIT 1"
+        ).fetchone()[0]
+        con.execute(
+            "UPDATE runs SET status = 'running', host = ?, pid = ? WHERE id = ?",
+            (socket.gethostname(), os.getpid(), held),
+        )
+    third = covshift("claims", *SMALL, "--db", str(db), cwd=tmp_path)
+    page = json.loads((out / "claims.json").read_text())
+    linear = next(p for p in page["presets"] if p["preset"] == "santurkar2018-linear")
+    assert linear["unfinished"].startswith("1 of 4 points have not finished (1 running)")
+    assert "the same `covshift claims` completes them" in linear["unfinished"]
+    assert next(p for p in page["presets"] if p["preset"] == "shift-causes")["unfinished"] is None
+    html = (out / "claims.html").read_text()
+    assert html.count("have not finished") == 2  # at the top and in the preset's part
+    own = (out / linear["experiment"] / "index.html").read_text()
+    assert "1 of 4 points have not finished (1 running)" in own
+    claims = [c for c in page["claims"] if c.get("preset") == "santurkar2018-linear"]
+    assert any(c["seeds"] == 1 for c in claims)  # judged on the seed that finished
+    assert third.returncode == 0, third.stderr
+    assert "santurkar2018-linear: 1 of 4 points have not finished" in " ".join(third.stderr.split())
+
 
 def test_claims_and_presets_refuse_bad_input(tmp_path: Path) -> None:
     bad = covshift("claims", "--only", "nope", "--db", str(tmp_path / "c.db"), cwd=tmp_path)

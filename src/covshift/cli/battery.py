@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from covshift.cli.app import (
     AddressOption,
@@ -108,9 +109,11 @@ def claims(
     if dry_run:
         return
     out_dir = out if out is not None else db.parent / "reports" / f"battery-{size}"
-    results, page = report_battery(parts, db, out_dir, size=size)
+    results, page, notes = report_battery(parts, db, out_dir, size=size)
     if as_json:
         print(json.dumps(json_safe({"claims": results}), indent=2, allow_nan=False))
     else:
         console.print(claims_table({"claims": results}))
         console.print(f"Report: {page}")
+    for note in notes:
+        err_console.print(f"[yellow]Note:[/] {escape(note)}", highlight=False)

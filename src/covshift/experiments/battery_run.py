@@ -25,7 +25,11 @@ from covshift.experiments.battery import (
 from covshift.experiments.claim_result import ClaimResult
 from covshift.experiments.claims import judge_claims
 from covshift.experiments.costs import format_seconds
-from covshift.experiments.experiment_summary import load_experiment_numbers, summarize
+from covshift.experiments.experiment_summary import (
+    load_experiment_numbers,
+    summarize,
+    unfinished_note,
+)
 from covshift.experiments.members import recorded_batches
 from covshift.experiments.planner import MemberPlan, plan_members
 from covshift.experiments.preflight import preflight
@@ -117,10 +121,11 @@ def run_battery(
 
 def report_battery(
     parts: list[BatteryPart], store_path: str | Path, out_dir: Path, *, size: str
-) -> tuple[list[dict[str, Any]], Path]:
+) -> tuple[list[dict[str, Any]], Path, list[str]]:
     """Each part's report (under ``out_dir/<experiment id>``, its claims adjusted over
     its own hypotheses) and the battery's page (every hypothesis adjusted over the whole
-    battery); returns every claim result (the correlation claims last) and the page."""
+    battery); returns every claim result (the correlation claims last), the page, and
+    per preset with runs that have not ended, what the pages say of them."""
     from covshift.report import write_report
     from covshift.report.battery_page import BatterySection, write_battery
 
@@ -153,6 +158,9 @@ def report_battery(
                     judged,  # type: ignore[arg-type]  # JSON objects once judged below
                     report_dir,
                     attribution_matrix(config, points, numbers),
+                    unfinished_note(
+                        summary, part.experiment_id, store.path, "the same `covshift claims`"
+                    ),
                 )
             )
     correlation = shift_speed_correlation(pairs, seeds)
@@ -166,4 +174,5 @@ def report_battery(
     _, page = write_battery(
         sections, corr, out_dir, size=size, combined=combined, preregistration=records
     )
-    return [c for s in sections for c in s.claims] + corr, page
+    notes = [f"{s.preset}: {s.unfinished}" for s in sections if s.unfinished]
+    return [c for s in sections for c in s.claims] + corr, page, notes

@@ -156,10 +156,13 @@ def summarize(
     return summary
 
 
-def unfinished_note(summary: dict[str, Any], experiment_id: str, store_path: Path) -> str | None:
+def unfinished_note(
+    summary: dict[str, Any], experiment_id: str, store_path: Path, resume: str | None = None
+) -> str | None:
     """What a report must say when some points' runs have not ended (running,
-    interrupted, failed): they are left out of every number, and how to complete them;
-    None when every recorded run has ended."""
+    interrupted, failed): they are left out of every number, and how to complete them
+    (``resume``: the command that does; by default ``covshift run --resume``); None when
+    every recorded run has ended."""
     grid = summary["grid"]
     if not grid.get("unfinished"):
         return None
@@ -169,11 +172,11 @@ def unfinished_note(summary: dict[str, Any], experiment_id: str, store_path: Pat
         if status not in COMPLETE_STATUSES and status != "not started"
     }
     states = ", ".join(f"{n} {status}" for status, n in sorted(open_states.items()))
+    resume = resume or f"`covshift run --resume {experiment_id} --db {store_path}`"
     return (
         f"{grid['unfinished']} of {grid['points']} points have not finished ({states}): "
         "their numbers are left out of the tables and claims, which use the finished "
-        f"seeds only; `covshift run --resume {experiment_id} --db {store_path}` "
-        "completes them"
+        f"seeds only; {resume} completes them"
     )
 
 

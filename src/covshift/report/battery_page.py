@@ -52,6 +52,7 @@ class BatterySection:
         claims: list[dict[str, Any]],
         report_dir: Path,
         matrix: dict[str, Any] | None = None,
+        unfinished: str | None = None,
     ) -> None:
         self.preset = preset
         self.config = config
@@ -59,6 +60,13 @@ class BatterySection:
         self.claims = claims
         self.report_dir = report_dir
         self.matrix = matrix
+        # What to say when some of the preset's runs have not ended (left out of
+        # every number): experiment_summary.unfinished_note; None when all have.
+        self.unfinished = unfinished
+
+
+def _warning(text: str | None) -> str:
+    return f'<p class="warning">{html.escape(text)}</p>' if text else ""
 
 
 def _image(path: Path) -> str:
@@ -240,7 +248,8 @@ def write_battery(
             f"<p>Experiment <code>{html.escape(s.experiment_id)}</code>, seeds "
             f"{', '.join(str(x) for x in s.config.seeds)}; its full report: "
             f'<a href="{html.escape(str(report))}">{html.escape(str(report))}</a>.</p>'
-            f"<p>{html.escape(s.config.description)}</p>{matrix}{''.join(body)}"
+            f"<p>{html.escape(s.config.description)}</p>{_warning(s.unfinished)}"
+            f"{matrix}{''.join(body)}"
         )
     corr_html = ""
     if correlation:
@@ -265,6 +274,7 @@ def write_battery(
                 "title": s.config.title,
                 "seeds": list(s.config.seeds),
                 "attribution_matrix": s.matrix,
+                "unfinished": s.unfinished,
             }
             for s in sections
         ],
@@ -288,6 +298,7 @@ def write_battery(
         if forest
         else ""
     )
+    unfinished = "".join(_warning(f"{s.preset}: {s.unfinished}") for s in sections if s.unfinished)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>covshift battery ({html.escape(size)})</title><style>{CLAIMS_CSS}</style></head><body>
@@ -300,7 +311,7 @@ findings). Each statistic is computed once per seed; the estimate is the
 beside them in claims.json); a preset's own report adjusts over its own hypotheses
 only. Every rule was written in the presets before the run (pre-registration below).
 Numbers: <a href="claims.json">claims.json</a>.</p>
-<h2>Every hypothesis against its rule</h2>
+{unfinished}<h2>Every hypothesis against its rule</h2>
 <p>Per row: the 95% interval (line), the estimate (dot), the rule's value (dashed) with
 its margin (grey) and the side that supports the claim (green band); the colour is the
 adjusted verdict: <span class="supported">supported</span>,
