@@ -189,3 +189,19 @@ def test_a_run_that_has_not_finished_gives_no_number(reported, tmp_path: Path) -
     shown = covshift("report", experiment, "--db", str(copy), "--out", "again", cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     assert "1 of 12 points have not finished (1 interrupted)" in " ".join(shown.stderr.split())
+
+
+def test_the_figures_draw_runs_that_have_ended() -> None:
+    """The percentile panels show a network's first run that has ended, not one that
+    holds a prefix of its records."""
+    from covshift.report.figures import _first_runs
+
+    rows = [
+        {"network": "bn", "run_id": 3, "complete": False},
+        {"network": "bn", "run_id": 4, "complete": True},
+        {"network": "plain", "run_id": None, "complete": False},
+        {"network": "plain", "run_id": 7, "complete": True},
+        {"network": "old", "run_id": 9},  # a summary written before `complete` existed
+    ]
+    first = _first_runs({"points": rows})
+    assert {k: v["run_id"] for k, v in first.items()} == {"bn": 4, "plain": 7, "old": 9}

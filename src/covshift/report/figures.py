@@ -48,10 +48,12 @@ class PercentilePanel:
 
 
 def _first_runs(summary: dict) -> dict[str, dict]:
-    """Per network, the point row of its first seed at the first axis values."""
+    """Per network, the point row of its first seed at the first axis values whose run
+    has ended (one that has not holds a prefix of its records)."""
     first: dict[str, dict] = {}
     for row in summary["points"]:
-        if row["run_id"] is not None and row["network"] not in first:
+        ended = row["run_id"] is not None and row.get("complete", True)
+        if ended and row["network"] not in first:
             first[row["network"]] = row
     return first
 
@@ -90,13 +92,19 @@ def _cell_label(config: ExperimentConfig, cell: dict) -> str:
 
 def _accuracy_panel(ax: Axes, store: Store, config: ExperimentConfig, summary: dict) -> None:
     """Test accuracy against steps: mean over seeds per cell, the seeds' range shaded
-    (the test loss, on a log scale, for a regression task, which has no accuracy)."""
-    runs = [r for cell in summary["cells"] for r in cell["run_ids"] if r is not None]
+    (the test loss, on a log scale, for a regression task, which has no accuracy).
+    Runs that have not ended are left out: their curves would cut the cell's short."""
+    ended = {
+        p["run_id"]
+        for p in summary["points"]
+        if p["run_id"] is not None and p.get("complete", True)
+    }
+    runs = [r for cell in summary["cells"] for r in cell["run_ids"] if r in ended]
     series = "test_accuracy"
     if runs and not any(len(store.scalars(r, series)[0]) for r in runs[:4]):
         series = "test_loss"
     for i, cell in enumerate(summary["cells"][:_MAX_CELLS]):
-        curves = [store.scalars(r, series) for r in cell["run_ids"] if r is not None]
+        curves = [store.scalars(r, series) for r in cell["run_ids"] if r in ended]
         curves = [c for c in curves if len(c[0])]
         if not curves:
             continue
