@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from covshift._version import __version__
 from covshift.store import Store
@@ -96,6 +97,12 @@ def parse_sets(items: list[str]) -> dict[str, str]:
             raise UserError(f"--set expects KEY=VALUE (e.g. --set optimizer.lr=0.1), got {item!r}")
         out[key.strip()] = value.strip()
     return out
+
+
+def print_note(text: str) -> None:
+    """A note on stderr that qualifies the output (e.g. points whose runs have not
+    ended), printed as written: its brackets and paths are not rich markup."""
+    err_console.print(f"[yellow]Note:[/] {escape(text)}", highlight=False)
 
 
 def existing_store(db: Path) -> Store:

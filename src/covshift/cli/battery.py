@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from covshift.cli.app import (
     AddressOption,
@@ -21,6 +20,7 @@ from covshift.cli.app import (
     err_console,
     out_console,
     parse_sets,
+    print_note,
 )
 from covshift.experiments.config import MAX_SEED_COUNT
 from covshift.store import DEFAULT_DB
@@ -116,4 +116,4 @@ def claims(
         console.print(claims_table({"claims": results}))
         console.print(f"Report: {page}")
     for note in notes:
-        err_console.print(f"[yellow]Note:[/] {escape(note)}", highlight=False)
+        print_note(note)

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from covshift.cli.app import (
     AddressOption,
@@ -22,6 +21,7 @@ from covshift.cli.app import (
     existing_store,
     out_console,
     parse_sets,
+    print_note,
     report_dir,
 )
 from covshift.data import dataset_names
@@ -251,6 +251,6 @@ def run(
         err_console.print(f"[red]{o.status}[/]: point {o.point}: {o.error}", highlight=False)
     note = unfinished_note(summary, plan.experiment_id, store.path)
     if note:
-        err_console.print(f"[yellow]Note:[/] {escape(note)}", highlight=False)
+        print_note(note)
     if any(o.status == "failed" for o in result.outcomes):
         raise typer.Exit(1)  # the report holds what was measured; a point did not train

@@ -9,10 +9,9 @@ from typing import Annotated, Any
 
 import numpy as np
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from covshift.cli.app import DbOption, err_console, existing_store, out_console, report_dir
+from covshift.cli.app import DbOption, existing_store, out_console, print_note, report_dir
 from covshift.experiments.config_files import load_config, preset_names
 from covshift.store import DEFAULT_DB, Event, RunInfo
 
@@ -162,5 +161,5 @@ def report(
         )
         note = unfinished_note(summary, experiment, store.path)
     if note:
-        err_console.print(f"[yellow]Note:[/] {escape(note)}", highlight=False)
+        print_note(note)
     out_console.print(f"Report: {index}")
