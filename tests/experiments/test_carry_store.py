@@ -1,0 +1,129 @@
+"""scripts/carry_store.py: a store and its unfinished runs' checkpoints, carried to
+another folder, resume there to the numbers of a run never interrupted."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from covshift.experiments import load_config, plan_sweep, run_experiment
+from covshift.experiments.backends import InlineBackend
+from covshift.store import Store
+
+from .helpers import dump, integrity, statuses, sweep_file
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "carry_store.py"
+
+
+def _load_script() -> Any:
+    spec = importlib.util.spec_from_file_location("carry_store", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+carry_store = _load_script()
+
+
+class _Interrupt:
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, state) -> None:
+        if state.step == self.at:
+            raise KeyboardInterrupt
+
+
+def test_a_carried_store_resumes_to_the_numbers_of_an_uninterrupted_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import covshift.experiments.backends.base as base
+
+    config = load_config(str(sweep_file(tmp_path)))
+    with Store(tmp_path / "ref.db") as store:
+        run_experiment(config, store, backend=InlineBackend(threads=1), members=1)
+    reference = dump(tmp_path / "ref.db")
+
+    real = base.train_point
+    calls = {"n": 0}
+
+    def interrupted_in_the_fifth_point(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            kwargs["callbacks"] = (*kwargs["callbacks"], _Interrupt(45))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(base, "train_point", interrupted_in_the_fifth_point)
+    first = tmp_path / "first-machine"
+    first.mkdir()
+    with Store(first / "covshift.db") as store:
+        with pytest.raises(KeyboardInterrupt):
+            run_experiment(config, store, backend=InlineBackend(threads=1), members=1)
+    monkeypatch.setattr(base, "train_point", real)
+
+    archive = tmp_path / "carried.tar.xz"
+    said = carry_store.pack(first / "covshift.db", archive)
+    assert "4 finished" in said and "1 interrupted" in said and "1 checkpoint(s)" in said
+    shutil.rmtree(first)  # the first machine is gone
+
+    second = tmp_path / "second-machine"
+    said = carry_store.unpack(archive, second)
+    assert "4 finished, 1 interrupted" in said
+    db = second / "covshift.db"
+    assert integrity(db) == "ok"
+    assert len(list((second / "checkpoints").glob("*.pt"))) == 1
+    with Store(db) as store:
+        interrupted = next(r for r in store.runs() if r.status == "interrupted")
+        assert store.checkpoint_path(interrupted.id).is_file()  # found under the copy's id
+        plan = plan_sweep(config, db)
+        assert len(plan.to_run) == 14  # 13 new and the interrupted one, resumed
+        run_experiment(config, store, backend=InlineBackend(threads=1), members=1)
+    assert dump(db) == reference
+    assert {s for _, s in statuses(db)} == {"finished"} and len(statuses(db)) == 18
+
+
+def test_a_store_with_a_running_run_is_not_packed(tmp_path: Path) -> None:
+    with Store(tmp_path / "covshift.db") as store:
+        store.start_run("busy", config={"lr": 0.1}, seed=0)
+    with pytest.raises(SystemExit, match=r"runs marked running \(ids 1\).*covshift clean"):
+        carry_store.pack(tmp_path / "covshift.db", tmp_path / "a.tar.xz")
+    assert not (tmp_path / "a.tar.xz").exists()
+
+
+def test_unpack_never_overwrites_a_store(tmp_path: Path) -> None:
+    with Store(tmp_path / "src" / "covshift.db") as store:
+        run = store.start_run("done", config={"lr": 0.1}, seed=0)
+        store.finish_run(run, "finished")
+    archive = tmp_path / "a.tar.xz"
+    carry_store.pack(tmp_path / "src" / "covshift.db", archive)
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "covshift.db").write_bytes(b"results of something else")
+    with pytest.raises(SystemExit, match="exists; unpack into another folder"):
+        carry_store.unpack(archive, target)
+    assert (target / "covshift.db").read_bytes() == b"results of something else"
+    with pytest.raises(SystemExit, match="exists; give a new archive name"):
+        carry_store.pack(tmp_path / "src" / "covshift.db", archive)
+
+
+def test_the_copy_holds_what_the_store_held_while_it_is_open(tmp_path: Path) -> None:
+    """VACUUM INTO reads one snapshot, WAL included: rows written but not yet
+    checkpointed into the main file are in the copy."""
+    db = tmp_path / "src" / "covshift.db"
+    with Store(db) as store:
+        run = store.start_run("done", config={"lr": 0.1}, seed=0)
+        store.log_scalars(run, step=10, values={"loss": 0.5})
+        store.finish_run(run, "finished")
+        carry_store.pack(db, tmp_path / "a.tar.xz")  # the store still open
+    carry_store.unpack(tmp_path / "a.tar.xz", tmp_path / "out")
+    con = sqlite3.connect(tmp_path / "out" / "covshift.db")
+    assert con.execute("SELECT name, step, value FROM scalars").fetchall() == [("loss", 10, 0.5)]
+    con.close()
