@@ -1,11 +1,20 @@
-"""Helpers of the sweep tests: a small synthetic sweep, a CLI runner, store dumps."""
+"""Helpers of the sweep tests: a small synthetic sweep, a CLI runner, store dumps,
+Ctrl-C at a given step, and the repository's scripts as modules."""
 
 from __future__ import annotations
 
+import importlib.util
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 # 3 learning rates x 2 networks x 3 seeds = 18 points, each a few seconds at most.
 SMALL_SWEEP = """
@@ -87,12 +96,43 @@ def integrity(db: Path) -> str:
     return result
 
 
-class InterruptAt170:
-    """A training callback that presses Ctrl-C at step 170."""
+class InterruptAt:
+    """A training callback that presses Ctrl-C at step ``at``."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
 
     def on_step_end(self, state: object) -> None:
-        if state.step == 170:  # type: ignore[attr-defined]
+        if state.step == self.at:  # type: ignore[attr-defined]
             raise KeyboardInterrupt
+
+
+def interrupt_nth_point(monkeypatch: pytest.MonkeyPatch, n: int, at: int) -> Callable[[], None]:
+    """Makes the ``n``-th point trained one at a time (``--members 1``) stop with
+    Ctrl-C at step ``at``; returns what undoes it."""
+    import covshift.experiments.backends.base as base
+
+    real = base.train_point
+    calls = {"n": 0}
+
+    def interrupted_in_the_nth_point(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == n:
+            kwargs["callbacks"] = (*kwargs["callbacks"], InterruptAt(at))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(base, "train_point", interrupted_in_the_nth_point)
+    return lambda: monkeypatch.setattr(base, "train_point", real)
+
+
+def load_script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` imported as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # a dataclass looks its module up while defined
+    spec.loader.exec_module(module)
+    return module
 
 
 class SilentProgress:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sqlite3
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -15,21 +12,9 @@ from covshift.experiments import load_config, run_experiment
 from covshift.experiments.backends import InlineBackend
 from covshift.store import Store
 
-from .helpers import SMALL_SWEEP, sweep_file
+from .helpers import SMALL_SWEEP, load_script, sweep_file
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "battery_time.py"
-
-
-def _load_script() -> Any:
-    spec = importlib.util.spec_from_file_location("battery_time", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up while defined
-    spec.loader.exec_module(module)
-    return module
-
-
-battery_time = _load_script()
+battery_time = load_script("battery_time")
 MIN = 60.0
 
 

@@ -3,12 +3,9 @@ another folder, resume there to the numbers of a run never interrupted."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import sqlite3
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -16,58 +13,26 @@ from covshift.experiments import load_config, plan_sweep, run_experiment
 from covshift.experiments.backends import InlineBackend
 from covshift.store import Store
 
-from .helpers import dump, integrity, statuses, sweep_file
+from .helpers import dump, integrity, interrupt_nth_point, load_script, statuses, sweep_file
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "carry_store.py"
-
-
-def _load_script() -> Any:
-    spec = importlib.util.spec_from_file_location("carry_store", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-carry_store = _load_script()
-
-
-class _Interrupt:
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_step_end(self, state) -> None:
-        if state.step == self.at:
-            raise KeyboardInterrupt
+carry_store = load_script("carry_store")
 
 
 def test_a_carried_store_resumes_to_the_numbers_of_an_uninterrupted_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import covshift.experiments.backends.base as base
-
     config = load_config(str(sweep_file(tmp_path)))
     with Store(tmp_path / "ref.db") as store:
         run_experiment(config, store, backend=InlineBackend(threads=1), members=1)
     reference = dump(tmp_path / "ref.db")
 
-    real = base.train_point
-    calls = {"n": 0}
-
-    def interrupted_in_the_fifth_point(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            kwargs["callbacks"] = (*kwargs["callbacks"], _Interrupt(45))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(base, "train_point", interrupted_in_the_fifth_point)
+    undo = interrupt_nth_point(monkeypatch, 5, at=45)
     first = tmp_path / "first-machine"
     first.mkdir()
     with Store(first / "covshift.db") as store:
         with pytest.raises(KeyboardInterrupt):
             run_experiment(config, store, backend=InlineBackend(threads=1), members=1)
-    monkeypatch.setattr(base, "train_point", real)
+    undo()
 
     archive = tmp_path / "carried.tar.xz"
     said = carry_store.pack(first / "covshift.db", archive)

@@ -24,7 +24,7 @@ from covshift.store import Store
 
 from .helpers import (
     SMALL_SWEEP,
-    InterruptAt170,
+    InterruptAt,
     SilentProgress,
     covshift,
     dump,
@@ -93,7 +93,7 @@ def _interrupted_sweep(tmp_path: Path) -> tuple[Path, list[Path]]:
                 threads=1,
                 events=SilentProgress(),
                 background=None,
-                callbacks=(InterruptAt170(),),
+                callbacks=(InterruptAt(170),),
             )
             assert outcome.status == "interrupted"
         paths = [store.checkpoint_path(r.id) for r in store.runs()]

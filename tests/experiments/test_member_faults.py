@@ -24,7 +24,7 @@ from covshift.store import StorageFault, Store
 
 from .helpers import (
     SMALL_SWEEP,
-    InterruptAt170,
+    InterruptAt,
     SilentProgress,
     dump,
     integrity,
@@ -69,7 +69,7 @@ def _interrupted_batches(tmp_path: Path) -> tuple[Path, list[Path]]:
                 threads=1,
                 events=SilentProgress(),
                 background=None,
-                callbacks=(InterruptAt170(),),
+                callbacks=(InterruptAt(170),),
             )
             assert {o.status for o in outcomes} == {"interrupted"}
         paths = [store.checkpoint_path(r.id) for r in store.runs()]
@@ -164,7 +164,7 @@ def test_a_run_started_one_at_a_time_goes_on_one_at_a_time(tmp_path: Path) -> No
             threads=1,
             events=SilentProgress(),
             background=None,
-            callbacks=(InterruptAt170(),),
+            callbacks=(InterruptAt(170),),
         )
         assert outcome.status == "interrupted"
     _resume(db)

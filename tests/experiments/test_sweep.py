@@ -16,7 +16,16 @@ from covshift.experiments import load_config, plan_sweep, run_experiment
 from covshift.experiments.backends import InlineBackend, PoolBackend
 from covshift.store import Store
 
-from .helpers import SMALL_SWEEP, covshift, dump, integrity, statuses, sweep_file
+from .helpers import (
+    SMALL_SWEEP,
+    InterruptAt,
+    covshift,
+    dump,
+    integrity,
+    interrupt_nth_point,
+    statuses,
+    sweep_file,
+)
 
 
 @pytest.fixture(scope="module")
@@ -102,32 +111,12 @@ def test_dry_run_prints_the_points_and_writes_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "covshift-out").exists()
 
 
-class _Interrupt:
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_step_end(self, state) -> None:
-        if state.step == self.at:
-            raise KeyboardInterrupt
-
-
 def test_interrupted_sweep_resumes_to_the_same_numbers(
     tmp_path: Path, one_at_a_time_reference: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The one-at-a-time path (--members 1), interrupted in its fifth point."""
-    import covshift.experiments.backends.base as base
-
     config = load_config(str(sweep_file(tmp_path)))
-    real = base.train_point
-    calls = {"n": 0}
-
-    def interrupted_in_the_fifth_point(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            kwargs["callbacks"] = (*kwargs["callbacks"], _Interrupt(45))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(base, "train_point", interrupted_in_the_fifth_point)
+    undo = interrupt_nth_point(monkeypatch, 5, at=45)
     db = tmp_path / "c.db"
     with Store(db) as store:
         with pytest.raises(KeyboardInterrupt):
@@ -135,7 +124,7 @@ def test_interrupted_sweep_resumes_to_the_same_numbers(
         runs = store.runs()
         assert sorted(r.status for r in runs) == ["finished"] * 4 + ["interrupted"]
         assert next(r for r in runs if r.status == "interrupted").last_step == 40
-        monkeypatch.setattr(base, "train_point", real)
+        undo()
         plan = plan_sweep(config, db)
         assert len(plan.to_run) == 14  # 13 new and the interrupted one
         run_experiment(config, store, backend=InlineBackend(threads=1), members=1)
@@ -158,7 +147,7 @@ def test_an_interrupted_batch_resumes_to_the_same_numbers(
         calls["n"] += 1
         if calls["n"] == 2:
             first = kwargs["callbacks"][0]
-            kwargs["callbacks"] = [(*first, _Interrupt(45)), *kwargs["callbacks"][1:]]
+            kwargs["callbacks"] = [(*first, InterruptAt(45)), *kwargs["callbacks"][1:]]
         return real(*args, **kwargs)
 
     monkeypatch.setattr(group, "train_point_members", interrupted_in_the_second_batch)
