@@ -83,10 +83,17 @@ def pack(store: Path, archive: Path) -> str:
                 path = folder / f"{prefix}-run-{run_id}{suffix}"
                 if path.is_file():
                     files.append(path)
-        with tarfile.open(archive, "w:xz") as tar:
-            tar.add(copy, arcname="covshift.db")
-            for path in files:
-                tar.add(path, arcname=f"checkpoints/{path.name}")
+        # Written under a temporary name and renamed when whole: an interrupted pack
+        # leaves no archive that looks complete.
+        partial = archive.with_name(archive.name + ".partial")
+        try:
+            with tarfile.open(partial, "w:xz") as tar:
+                tar.add(copy, arcname="covshift.db")
+                for path in files:
+                    tar.add(path, arcname=f"checkpoints/{path.name}")
+            partial.replace(archive)
+        finally:
+            partial.unlink(missing_ok=True)
     counts = ", ".join(f"{len(ids)} {s}" for s, ids in sorted(statuses.items()))
     checkpoints = sum(f.suffix == ".pt" for f in files)
     return (

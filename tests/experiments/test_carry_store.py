@@ -92,3 +92,19 @@ def test_the_copy_holds_what_the_store_held_while_it_is_open(tmp_path: Path) -> 
     con = sqlite3.connect(tmp_path / "out" / "covshift.db")
     assert con.execute("SELECT name, step, value FROM scalars").fetchall() == [("loss", 10, 0.5)]
     con.close()
+
+
+def test_a_pack_that_fails_leaves_no_archive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Store(tmp_path / "src" / "covshift.db") as store:
+        run = store.start_run("done", config={"lr": 0.1}, seed=0)
+        store.finish_run(run, "finished")
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(carry_store.tarfile.TarFile, "add", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        carry_store.pack(tmp_path / "src" / "covshift.db", tmp_path / "a.tar.xz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no archive, no .partial
