@@ -36,24 +36,20 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-_ENDED = ("finished", "diverged")
+from covshift.checkpoint_files import digest_file
+from covshift.experiments.numbers import COMPLETE_STATUSES
+from covshift.store import Store
 
 
-def _runs_by_status(db: Path) -> dict[str, list[int]]:
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
-        rows = con.execute("SELECT id, status FROM runs").fetchall()
+def _runs_by_status(store: Store) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
-    for run_id, status in rows:
-        out.setdefault(status, []).append(run_id)
+    for run in store.runs():
+        out.setdefault(run.status, []).append(run.id)
     return out
 
 
-def _store_id(db: Path) -> str:
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
-        row = con.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
-    if row is None:
-        raise SystemExit(f"error: {db} has no store identity: is it a covshift store?")
-    return str(row[0])
+def _counts(statuses: dict[str, list[int]]) -> str:
+    return ", ".join(f"{len(ids)} {s}" for s, ids in sorted(statuses.items()))
 
 
 def pack(store: Path, archive: Path) -> str:
@@ -66,23 +62,28 @@ def pack(store: Path, archive: Path) -> str:
         copy = Path(tmp) / "covshift.db"
         with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as con:
             con.execute("VACUUM INTO ?", (str(copy),))
-        statuses = _runs_by_status(copy)
-        if statuses.get("running"):
-            ids = ", ".join(map(str, statuses["running"][:10]))
-            raise SystemExit(
-                f"error: {store} has runs marked running (ids {ids}): stop the sweep first "
-                "(Ctrl-C or SIGTERM), or run `covshift clean --db STORE` if its process "
-                "is gone; then pack again"
+        with Store(copy, create=False) as copied:
+            statuses = _runs_by_status(copied)
+            if statuses.get("running"):
+                ids = ", ".join(map(str, statuses["running"][:10]))
+                raise SystemExit(
+                    f"error: {store} has runs marked running (ids {ids}): stop the sweep "
+                    "first (Ctrl-C or SIGTERM), or run `covshift clean --db STORE` if its "
+                    "process is gone; then pack again"
+                )
+            unfinished = sorted(
+                i for s, ids in statuses.items() if s not in COMPLETE_STATUSES for i in ids
             )
-        prefix = _store_id(copy)[:12]
-        unfinished = [i for s, ids in statuses.items() if s not in _ENDED for i in ids]
-        folder = store.parent / "checkpoints"
-        files = []
-        for run_id in sorted(unfinished):
-            for suffix in (".pt", ".pt.sha256"):
-                path = folder / f"{prefix}-run-{run_id}{suffix}"
-                if path.is_file():
-                    files.append(path)
+            # The copy keeps the store's identity, so its checkpoint names are the
+            # original's; the files themselves lie beside the original.
+            names = [copied.checkpoint_path(i).name for i in unfinished]
+        checkpoint_files = [store.parent / "checkpoints" / name for name in names]
+        files = [
+            path
+            for checkpoint in checkpoint_files
+            for path in (checkpoint, digest_file(checkpoint))
+            if path.is_file()
+        ]
         # Written under a temporary name and renamed when whole: an interrupted pack
         # leaves no archive that looks complete.
         partial = archive.with_name(archive.name + ".partial")
@@ -94,10 +95,10 @@ def pack(store: Path, archive: Path) -> str:
             partial.replace(archive)
         finally:
             partial.unlink(missing_ok=True)
-    counts = ", ".join(f"{len(ids)} {s}" for s, ids in sorted(statuses.items()))
-    checkpoints = sum(f.suffix == ".pt" for f in files)
+    checkpoints = sum(path in checkpoint_files for path in files)
     return (
-        f"packed {store} into {archive} ({archive.stat().st_size / 2**20:.1f} MB): runs {counts}; "
+        f"packed {store} into {archive} ({archive.stat().st_size / 2**20:.1f} MB): "
+        f"runs {_counts(statuses)}; "
         f"{checkpoints} checkpoint(s) of {len(unfinished)} unfinished run(s)"
     )
 
@@ -114,8 +115,8 @@ def unpack(archive: Path, folder: Path) -> str:
         if stray or "covshift.db" not in names:
             raise SystemExit(f"error: {archive} is not an archive of carry_store.py pack")
         tar.extractall(folder, filter="data")
-    statuses = _runs_by_status(folder / "covshift.db")
-    counts = ", ".join(f"{len(ids)} {s}" for s, ids in sorted(statuses.items()))
+    with Store(folder / "covshift.db", create=False) as unpacked:
+        counts = _counts(_runs_by_status(unpacked))
     return f"unpacked {archive} into {folder}: runs {counts}"
 
 
