@@ -38,7 +38,7 @@ from pathlib import Path
 
 from covshift.checkpoint_files import digest_file
 from covshift.experiments.numbers import COMPLETE_STATUSES
-from covshift.store import Store
+from covshift.store import Store, StoreError
 
 
 def _runs_by_status(store: Store) -> dict[str, list[int]]:
@@ -60,8 +60,11 @@ def pack(store: Path, archive: Path) -> str:
         raise SystemExit(f"error: {archive} exists; give a new archive name")
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "covshift.db"
-        with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as con:
-            con.execute("VACUUM INTO ?", (str(copy),))
+        try:
+            with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as con:
+                con.execute("VACUUM INTO ?", (str(copy),))
+        except sqlite3.DatabaseError as e:
+            raise SystemExit(f"error: {store}: {e}; is it a covshift store?") from None
         with Store(copy, create=False) as copied:
             statuses = _runs_by_status(copied)
             if statuses.get("running"):
@@ -130,10 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("archive", type=Path)
     u.add_argument("folder", type=Path)
     args = parser.parse_args(argv)
-    if args.command == "pack":
-        print(pack(args.store, args.archive))
-    else:
-        print(unpack(args.archive, args.folder))
+    try:
+        if args.command == "pack":
+            print(pack(args.store, args.archive))
+        else:
+            print(unpack(args.archive, args.folder))
+    except StoreError as e:  # not a covshift store, or a damaged one: the store says
+        raise SystemExit(f"error: {e}") from None
     return 0
 
 
