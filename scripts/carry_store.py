@@ -90,6 +90,8 @@ def pack(store: Path, archive: Path) -> str:
         # Written under a temporary name and renamed when whole: an interrupted pack
         # leaves no archive that looks complete.
         partial = archive.with_name(archive.name + ".partial")
+        # Its folder may be gone: `git rm` of the last archive in it removes it too.
+        archive.parent.mkdir(parents=True, exist_ok=True)
         try:
             with tarfile.open(partial, "w:xz") as tar:
                 tar.add(copy, arcname="covshift.db")

@@ -79,6 +79,19 @@ def test_unpack_never_overwrites_a_store(tmp_path: Path) -> None:
         carry_store.pack(tmp_path / "src" / "covshift.db", archive)
 
 
+def test_pack_makes_the_archive_s_folder(tmp_path: Path) -> None:
+    """`git rm` of the last archive in a folder removes the folder: packing the next one
+    to the same path must not fail for it."""
+    with Store(tmp_path / "src" / "covshift.db") as store:
+        run = store.start_run("done", config={"lr": 0.1}, seed=0)
+        store.finish_run(run, "finished")
+    archive = tmp_path / "results" / "full-run" / "a.tar.xz"
+    said = carry_store.pack(tmp_path / "src" / "covshift.db", archive)
+    assert said.startswith(f"packed {tmp_path / 'src' / 'covshift.db'} into {archive}")
+    assert "runs 1 finished" in said
+    assert carry_store.unpack(archive, tmp_path / "out").endswith("runs 1 finished")
+
+
 def test_the_copy_holds_what_the_store_held_while_it_is_open(tmp_path: Path) -> None:
     """VACUUM INTO reads one snapshot, WAL included: rows written but not yet
     checkpointed into the main file are in the copy."""
